@@ -1,0 +1,3 @@
+from kurrier.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""The `kurrier` command: every service's entrypoint plus the local tools.
+
+Every service flag can also come from a KURRIER_* environment variable (the
+flag's name upper-cased, dashes as underscores), as containers prefer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from kurrier.core.addresses import parse_host_port
+from kurrier.core.durations import parse_duration
+from kurrier.core.logs import setup_logging
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_DATA_DIR = Path.home() / ".local" / "state" / "kurrier"
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors are one line and exit code 2, never a traceback."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _env(flag: str, default: str | None = None) -> str | None:
+    return os.environ.get("KURRIER_" + flag.lstrip("-").upper().replace("-", "_"), default)
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+    """A flag whose default comes from its KURRIER_* variable when set."""
+    default = kwargs.pop("default", None)
+    kwargs["default"] = _env(flag, default)
+    if kwargs["default"] is not None and "type" in kwargs:
+        kwargs["default"] = kwargs["type"](kwargs["default"])
+    parser.add_argument(flag, **kwargs)
+
+
+def _host_port(text: str) -> str:
+    try:
+        parse_host_port(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _duration(text: str) -> str:
+    try:
+        parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--nats-url", default=DEFAULT_NATS_URL, help="NATS server URL(s), comma separated")
+    _add(parser, "--nats-replicas", type=int, default="1", help="replicas of streams and buckets")
+    _add(parser, "--hostname", default=socket.getfqdn(), help="name in banners and Received")
+    _add(parser, "--log-level", default="INFO")
+
+
+def _add_retry_flags(parser: argparse.ArgumentParser) -> None:
+    _add(parser, "--min-backoff", type=_duration, default="5m", help="first retry delay")
+    _add(parser, "--max-backoff", type=_duration, default="1h", help="longest retry delay")
+    _add(parser, "--max-lifetime", type=_duration, default="5d", help="bounce after this long")
+
+
+def _add_listener_flags(parser: argparse.ArgumentParser, smtp_default: str) -> None:
+    _add(parser, "--smtp", type=_host_port, default=smtp_default, help="SMTP (port 25) listener")
+    _add(parser, "--submission", type=_host_port, help="submission (port 587) listener")
+    _add(parser, "--smtps", type=_host_port, help="implicit TLS (port 465) listener")
+    _add(parser, "--tls-cert", type=_existing_file, help="PEM certificate chain for TLS")
+    _add(parser, "--tls-key", type=_existing_file, help="PEM private key for TLS")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="kurrier", description="A Kubernetes-native SMTP relay.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    up = commands.add_parser("up", help="run the whole relay locally")
+    up.add_argument("--config", type=_existing_file, required=True, help="resource YAML file")
+    up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    _add_listener_flags(up, "127.0.0.1:2525")
+    up.add_argument("--hostname", default=socket.getfqdn())
+    up.add_argument("--tls-ca-file", type=_existing_file, help="CA bundle for 'verify' routes")
+    up.add_argument("--log-level", default="INFO")
+    _add_retry_flags(up)
+
+    ingress = commands.add_parser("ingress", help="run the SMTP ingress service")
+    _add_common(ingress)
+    _add_listener_flags(ingress, "0.0.0.0:2525")
+    _add(ingress, "--queue-address", default="127.0.0.1:7070", help="the queue's gRPC address")
+
+    queue = commands.add_parser("queue", help="run the queue service")
+    _add_common(queue)
+    _add(queue, "--listen", default="0.0.0.0:7070", help="gRPC listen address (or unix:PATH)")
+    _add_retry_flags(queue)
+
+    delivery = commands.add_parser("delivery", help="run the delivery service")
+    _add_common(delivery)
+    _add(delivery, "--concurrency", type=int, default="32", help="transactions in flight")
+    _add(delivery, "--tls-ca-file", type=_existing_file, help="CA bundle for 'verify' routes")
+
+    sink = commands.add_parser("sink", help="a development SMTP server that files mail")
+    sink.add_argument("--listen", type=_host_port, default="127.0.0.1:2526")
+    sink.add_argument("--dir", type=Path, required=True)
+
+    validate = commands.add_parser("validate", help="check a resource file offline")
+    validate.add_argument("file", type=_existing_file)
+    return parser
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from kurrier.cli.up import UpSettings, run_up
+
+    settings = UpSettings(
+        config=args.config,
+        data_dir=args.data_dir,
+        smtp=args.smtp,
+        submission=args.submission,
+        smtps=args.smtps,
+        tls_cert=str(args.tls_cert) if args.tls_cert else None,
+        tls_key=str(args.tls_key) if args.tls_key else None,
+        hostname=args.hostname,
+        min_backoff=args.min_backoff,
+        max_backoff=args.max_backoff,
+        max_lifetime=args.max_lifetime,
+        tls_ca_file=str(args.tls_ca_file) if args.tls_ca_file else None,
+    )
+    return asyncio.run(run_up(settings))
+
+
+def _run_ingress(args: argparse.Namespace) -> int:
+    from kurrier.ingress.main import IngressSettings, serve_ingress
+
+    settings = IngressSettings(
+        nats_url=args.nats_url,
+        queue_address=args.queue_address,
+        hostname=args.hostname,
+        smtp=args.smtp,
+        submission=args.submission,
+        smtps=args.smtps,
+        tls_cert=str(args.tls_cert) if args.tls_cert else None,
+        tls_key=str(args.tls_key) if args.tls_key else None,
+        replicas=args.nats_replicas,
+    )
+    asyncio.run(serve_ingress(settings))
+    return 0
+
+
+def _run_queue(args: argparse.Namespace) -> int:
+    from kurrier.queue.main import QueueSettings, serve_queue
+    from kurrier.queue.retry_schedule import RetrySchedule
+
+    schedule = RetrySchedule(
+        min_backoff=parse_duration(args.min_backoff),
+        max_backoff=parse_duration(args.max_backoff),
+        max_lifetime=parse_duration(args.max_lifetime),
+    )
+    settings = QueueSettings(
+        nats_url=args.nats_url, listen=args.listen, replicas=args.nats_replicas, schedule=schedule
+    )
+    asyncio.run(serve_queue(settings))
+    return 0
+
+
+def _run_delivery(args: argparse.Namespace) -> int:
+    from kurrier.delivery.main import serve_delivery
+    from kurrier.delivery.worker import DeliverySettings
+
+    settings = DeliverySettings(
+        helo_name=args.hostname,
+        concurrency=args.concurrency,
+        tls_ca_file=str(args.tls_ca_file) if args.tls_ca_file else None,
+    )
+    asyncio.run(serve_delivery(args.nats_url, args.nats_replicas, settings))
+    return 0
+
+
+def _run_sink(args: argparse.Namespace) -> int:
+    from kurrier.cli.sink import run_sink
+
+    asyncio.run(run_sink(args.listen, args.dir))
+    return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from kurrier.core.loader import ResourceError, load_resources
+    from kurrier.core.routing import compile_table
+
+    try:
+        resources = load_resources(args.file)
+    except ResourceError as error:
+        print(error, file=sys.stderr)
+        return 1
+    _, problems = compile_table(resources)
+    for problem in problems:
+        print(f"{args.file}: {problem.kind} {problem.name!r}: {problem.message}", file=sys.stderr)
+    print(f"{args.file}: {len(resources)} resources, {len(problems)} problems")
+    return 1 if problems else 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "up": _run_up,
+    "ingress": _run_ingress,
+    "queue": _run_queue,
+    "delivery": _run_delivery,
+    "sink": _run_sink,
+    "validate": _run_validate,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command not in ("validate", "sink"):
+        setup_logging(f"kurrier-{args.command}", args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        return 130

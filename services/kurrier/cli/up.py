@@ -1,0 +1,177 @@
+"""`kurrier up`: the whole relay on one machine, under one supervisor.
+
+Starts an embedded nats-server (JetStream store under the data dir), publishes
+the routing table compiled from the resource file, then runs queue, delivery
+and ingress as child processes of this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from kurrier.cli.nats_server import free_port, nats_server_argv, wait_for_port
+from kurrier.cli.supervisor import Supervisor
+from kurrier.core.addresses import parse_host_port
+from kurrier.core.jetstream import connect, ensure_layout
+from kurrier.core.lifecycle import stop_event
+from kurrier.core.loader import ResourceError, load_resources
+from kurrier.core.routing import compile_table
+from kurrier.core.table_store import publish_table
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+READY_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class UpSettings:
+    config: Path
+    data_dir: Path
+    smtp: str
+    submission: str | None
+    smtps: str | None
+    tls_cert: str | None
+    tls_key: str | None
+    hostname: str
+    min_backoff: str
+    max_backoff: str
+    max_lifetime: str
+    tls_ca_file: str | None
+
+
+def _child(command: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "kurrier.cli", command, *args]
+
+
+def _optional(flag: str, value: str | None) -> list[str]:
+    return [flag, value] if value else []
+
+
+async def _publish_config(nats_url: str, config: Path) -> None:
+    resources = load_resources(config)
+    table, problems = compile_table(resources)
+    for problem in problems:
+        log.warning("%s %s: %s", problem.kind, problem.name, problem.message)
+    nc = await connect(nats_url, "kurrier-up")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        revision = await publish_table(js, table)
+    finally:
+        await nc.close()
+    log.info("routing table revision %d published from %s", revision, config)
+
+
+async def _wait_for_smtp(address: str, timeout: float) -> None:
+    """Ready means an SMTP banner, not just an open port."""
+    host, port = parse_host_port(address, default_host="127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            banner = await asyncio.wait_for(reader.readline(), timeout=5)
+            writer.write(b"QUIT\r\n")
+            writer.close()
+            if banner.startswith(b"220"):
+                return
+        except (OSError, TimeoutError):
+            pass
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"ingress did not answer on {address} within {timeout}s")
+        await asyncio.sleep(0.1)
+
+
+async def run_up(settings: UpSettings) -> int:
+    load_resources(settings.config)  # fail before starting anything if the file is bad
+    stop = stop_event()
+    reload = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload.set)
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    nats_port = free_port()
+    nats_url = f"nats://127.0.0.1:{nats_port}"
+    queue_address = f"unix:{data_dir / 'queue.sock'}"
+    ready = False
+
+    def write_state() -> None:
+        # Tests and `kurrier queue --data-dir` find the live processes here.
+        state = {
+            "nats_url": nats_url,
+            "queue_address": queue_address,
+            "smtp": settings.smtp,
+            "ready": ready,
+            "pids": {child.name: child.pid for child in supervisor.children},
+        }
+        partial = data_dir / (STATE_FILE + ".part")
+        partial.write_text(json.dumps(state))
+        partial.replace(data_dir / STATE_FILE)
+
+    supervisor = Supervisor(on_spawn=write_state)
+    try:
+        await supervisor.start("nats-server", nats_server_argv(data_dir / "nats", nats_port))
+        await wait_for_port("127.0.0.1", nats_port, timeout=30)
+        await _publish_config(nats_url, settings.config)
+        common = ["--nats-url", nats_url, "--hostname", settings.hostname]
+        await supervisor.start(
+            "queue",
+            _child(
+                "queue",
+                *common,
+                "--listen",
+                queue_address,
+                "--min-backoff",
+                settings.min_backoff,
+                "--max-backoff",
+                settings.max_backoff,
+                "--max-lifetime",
+                settings.max_lifetime,
+            ),
+        )
+        await supervisor.start(
+            "delivery",
+            _child("delivery", *common, *_optional("--tls-ca-file", settings.tls_ca_file)),
+        )
+        await supervisor.start(
+            "ingress",
+            _child(
+                "ingress",
+                *common,
+                "--queue-address",
+                queue_address,
+                "--smtp",
+                settings.smtp,
+                *_optional("--submission", settings.submission),
+                *_optional("--smtps", settings.smtps),
+                *_optional("--tls-cert", settings.tls_cert),
+                *_optional("--tls-key", settings.tls_key),
+            ),
+        )
+        await _wait_for_smtp(settings.smtp, READY_TIMEOUT)
+        ready = True
+        write_state()
+        print(f"kurrier ready smtp={settings.smtp} nats={nats_url} data-dir={data_dir}", flush=True)
+        while not stop.is_set():
+            stopped = asyncio.create_task(stop.wait())
+            reloaded = asyncio.create_task(reload.wait())
+            await asyncio.wait([stopped, reloaded], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            reloaded.cancel()
+            if reload.is_set():
+                reload.clear()
+                try:
+                    await _publish_config(nats_url, settings.config)
+                except ResourceError as error:
+                    log.error("config not reloaded, keeping the live table:\n%s", error)
+        return 0
+    finally:
+        log.info("stopping: draining ingress, delivery, queue, then NATS")
+        await supervisor.stop_all()
+        (data_dir / STATE_FILE).unlink(missing_ok=True)

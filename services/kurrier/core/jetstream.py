@@ -1,0 +1,144 @@
+"""The JetStream layout kurrier keeps its state in, and the connection to NATS.
+
+Every service calls `ensure_layout` at start; it is idempotent, so no service
+has to start first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+# Bodies up to this size are one stream message; larger ones go to the object
+# store in chunks. It stays under NATS's default 1 MiB max_payload.
+INLINE_BODY_LIMIT = 900 * 1024
+
+BODIES_STREAM = "KURRIER_BODIES"
+JOBS_STREAM = "KURRIER_JOBS"
+RESULTS_STREAM = "KURRIER_RESULTS"
+MESSAGES_BUCKET = "kurrier-messages"
+OBJECT_BUCKET = "kurrier-bodies"
+CONFIG_BUCKET = "kurrier-config"
+ROUTING_TABLE_KEY = "routing-table"
+DELIVERY_CONSUMER = "delivery"
+RESULTS_CONSUMER = "queue-results"
+
+
+def body_subject(queue_id: str) -> str:
+    return f"kurrier.body.{queue_id}"
+
+
+def job_subject(queue_id: str) -> str:
+    return f"kurrier.job.{queue_id}"
+
+
+def result_subject(queue_id: str) -> str:
+    return f"kurrier.result.{queue_id}"
+
+
+async def connect(url: str, name: str) -> NATS:
+    """Connect with endless reconnects and no client-side publish buffer.
+
+    A buffered publish would look sent while NATS is away; with the buffer off
+    a publish during an outage fails at once, so ingress answers 451 instead of
+    pretending.
+    """
+
+    async def on_error(error: Exception) -> None:
+        # One line per failed (re)connect; nats-py's default logs a whole traceback.
+        log.warning("NATS: %r", error)
+
+    async def on_disconnect() -> None:
+        log.warning("NATS connection lost; reconnecting")
+
+    async def on_reconnect() -> None:
+        log.info("NATS connection restored")
+
+    return await nats.connect(
+        servers=url.split(","),
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        pending_size=0,
+        connect_timeout=2,
+        allow_reconnect=True,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+
+
+async def disconnect(nc: NATS, timeout: float = 5.0) -> None:
+    """Drain (flush what is in flight), but never hang a shutdown on an absent server."""
+    try:
+        await asyncio.wait_for(nc.drain(), timeout=timeout)
+    except (TimeoutError, nats.errors.Error):
+        await nc.close()
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        # Exists with another configuration (e.g. replicas changed): converge on ours.
+        await js.update_stream(config)
+
+
+async def ensure_layout(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create kurrier's streams, KV buckets and object store if missing."""
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=BODIES_STREAM,
+            subjects=["kurrier.body.*"],
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_msgs_per_subject=1,
+            allow_direct=True,
+            discard=DiscardPolicy.NEW,
+        ),
+    )
+    for name, subject in ((JOBS_STREAM, "kurrier.job.*"), (RESULTS_STREAM, "kurrier.result.*")):
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=name,
+                subjects=[subject],
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+                retention=RetentionPolicy.WORK_QUEUE,
+                discard=DiscardPolicy.NEW,
+            ),
+        )
+    for bucket in (MESSAGES_BUCKET, CONFIG_BUCKET):
+        try:
+            await js.key_value(bucket)
+        except NotFoundError:
+            await js.create_key_value(
+                KeyValueConfig(
+                    bucket=bucket, storage=StorageType.FILE, replicas=replicas, history=1
+                )
+            )
+    try:
+        await js.object_store(OBJECT_BUCKET)
+    except NotFoundError:
+        await js.create_object_store(
+            OBJECT_BUCKET,
+            ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas),
+        )

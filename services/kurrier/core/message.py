@@ -1,0 +1,81 @@
+"""The queue's records of a message, and the jobs and results that move between services."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+RecipientStatus = Literal["queued", "deferred", "delivered", "bounced", "expired"]
+FINAL_STATUSES: frozenset[str] = frozenset({"delivered", "bounced", "expired"})
+BodyStore = Literal["stream", "object"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def new_queue_id() -> str:
+    """A 20-character id that sorts by arrival time, like Postfix's long queue ids."""
+    return f"{time.time_ns() // 1_000_000:012X}{os.urandom(4).hex().upper()}"
+
+
+class RecipientState(_Model):
+    address: str
+    status: RecipientStatus = "queued"
+    attempts: int = 0
+    last_reply: str = ""
+    next_attempt: float = 0.0
+
+
+class MessageRecord(_Model):
+    """Everything the queue knows about one accepted message, kept in NATS KV."""
+
+    queue_id: str
+    mail_from: str
+    recipients: list[RecipientState]
+    received_at: float
+    size: int
+    body_store: BodyStore
+    client_address: str = ""
+    client_helo: str = ""
+    authenticated_as: str = ""
+    smtputf8: bool = False
+    body_type: str = ""
+    message_id_header: str = ""
+    # How many times jobs were published for this message; part of each job's
+    # dedup id so a re-dispatch is never mistaken for a duplicate.
+    dispatches: int = 0
+
+    def pending(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.status not in FINAL_STATUSES]
+
+
+class DeliveryJob(_Model):
+    """One delivery attempt of a message to a group of its recipients."""
+
+    queue_id: str
+    attempt: int
+    mail_from: str
+    recipients: list[str]
+    size: int
+    body_store: BodyStore
+    smtputf8: bool = False
+    body_type: str = ""
+
+
+Outcome = Literal["delivered", "deferred", "bounced"]
+
+
+class RecipientOutcome(_Model):
+    address: str
+    outcome: Outcome
+    reply: str
+
+
+class DeliveryResult(_Model):
+    queue_id: str
+    attempt: int
+    outcomes: list[RecipientOutcome]

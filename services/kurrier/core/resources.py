@@ -1,0 +1,236 @@
+"""Typed models of kurrier's custom resources (group kurrier.io, v1alpha1).
+
+Field names follow the Kubernetes (camelCase) spelling so that a model
+validates exactly the YAML a user applies with kubectl. The models are the
+single source for the CRD schemas' field set (a test checks they agree).
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+API_GROUP = "kurrier.io"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+
+# An RFC 1123 host name (letters, digits, hyphens; labels up to 63 octets).
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+DOMAIN_PATTERN_RE = re.compile(rf"^(\*|(\*\.)?{_LABEL}(\.{_LABEL})*)$")
+_K8S_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def normalise_domain(domain: str) -> str:
+    """Lower-case a domain and turn an internationalised one into A-labels."""
+    domain = domain.strip().rstrip(".").lower()
+    if not domain.isascii():
+        domain = domain.encode("idna").decode("ascii")
+    return domain
+
+
+def _check_domain(value: str) -> str:
+    normalised = normalise_domain(value)
+    if not DOMAIN_RE.match(normalised):
+        raise ValueError(f"{value!r} is not a valid domain name")
+    return normalised
+
+
+def _check_domain_pattern(value: str) -> str:
+    normalised = value.strip().lower()
+    if normalised not in ("*",):
+        prefix = "*." if normalised.startswith("*.") else ""
+        normalised = prefix + normalise_domain(normalised.removeprefix("*."))
+    if not DOMAIN_PATTERN_RE.match(normalised):
+        raise ValueError(
+            f"{value!r} is not a domain pattern (use 'example.com', '*.example.com' or '*')"
+        )
+    return normalised
+
+
+class ObjectMeta(_Model):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    namespace: str | None = None
+    generation: int | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_dns_subdomain(cls, value: str) -> str:
+        if not _K8S_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid Kubernetes object name")
+        return value
+
+
+class SecretRef(_Model):
+    name: str = Field(min_length=1)
+
+
+class SecretKeyRef(_Model):
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+
+
+class DkimSpec(_Model):
+    selector: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    secretRef: SecretKeyRef
+
+
+class RelayDomainSpec(_Model):
+    domain: str
+    acceptInbound: bool = False
+    dkim: DkimSpec | None = None
+
+    _domain = field_validator("domain")(_check_domain)
+
+
+class SmarthostDestination(_Model):
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(default=25, ge=1, le=65535)
+
+
+class MxDestination(_Model):
+    pass
+
+
+class Destination(_Model):
+    smarthost: SmarthostDestination | None = None
+    mx: MxDestination | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Destination:
+        if (self.smarthost is None) == (self.mx is None):
+            raise ValueError("exactly one of 'smarthost' or 'mx' must be set")
+        return self
+
+
+TlsMode = Literal["none", "opportunistic", "required", "verify"]
+
+
+class TlsSpec(_Model):
+    mode: TlsMode = "opportunistic"
+
+
+class RouteAuth(_Model):
+    secretRef: SecretRef
+
+
+class RouteMatch(_Model):
+    recipientDomains: list[str] = Field(min_length=1)
+    senderDomains: list[str] = Field(default_factory=list)
+
+    _patterns = field_validator("recipientDomains", "senderDomains")(
+        lambda values: [_check_domain_pattern(value) for value in values]
+    )
+
+
+class RelayRouteSpec(_Model):
+    priority: int = 0
+    match: RouteMatch
+    destination: Destination
+    tls: TlsSpec = TlsSpec()
+    auth: RouteAuth | None = None
+    maxConnections: int = Field(default=10, ge=1, le=1000)
+
+
+class PolicyAuth(_Model):
+    usersSecretRef: SecretRef | None = None
+    serviceAccountAudience: str | None = None
+
+
+class SenderRule(_Model):
+    identity: str = Field(min_length=1)
+    domains: list[str] = Field(min_length=1)
+
+    _patterns = field_validator("domains")(
+        lambda values: [_check_domain_pattern(value) for value in values]
+    )
+
+
+class RateLimit(_Model):
+    perClientPerMinute: int = Field(ge=1)
+
+
+class RelayPolicySpec(_Model):
+    trustedNetworks: list[str] = Field(default_factory=list)
+    requireTLSForAuth: bool = True
+    auth: PolicyAuth | None = None
+    senderRules: list[SenderRule] = Field(default_factory=list)
+    maxMessageSize: int = Field(default=26214400, ge=1024)
+    maxRecipients: int = Field(default=100, ge=1)
+    rateLimit: RateLimit | None = None
+
+    @field_validator("trustedNetworks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        checked = []
+        for value in values:
+            try:
+                checked.append(str(ipaddress.ip_network(value, strict=False)))
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IP network in CIDR notation") from None
+        return checked
+
+
+class RelayDomain(_Model):
+    apiVersion: Literal["kurrier.io/v1alpha1"]
+    kind: Literal["RelayDomain"]
+    metadata: ObjectMeta
+    spec: RelayDomainSpec
+
+
+class RelayRoute(_Model):
+    apiVersion: Literal["kurrier.io/v1alpha1"]
+    kind: Literal["RelayRoute"]
+    metadata: ObjectMeta
+    spec: RelayRouteSpec
+
+
+class RelayPolicy(_Model):
+    apiVersion: Literal["kurrier.io/v1alpha1"]
+    kind: Literal["RelayPolicy"]
+    metadata: ObjectMeta
+    spec: RelayPolicySpec
+
+
+class Secret(_Model):
+    """A core/v1 Secret, as referenced by the kinds above."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    apiVersion: Literal["v1"]
+    kind: Literal["Secret"]
+    metadata: ObjectMeta
+    type: str = "Opaque"
+    data: dict[str, str] = Field(default_factory=dict)
+    stringData: dict[str, str] = Field(default_factory=dict)
+
+    def value(self, key: str) -> bytes | None:
+        """The decoded value under key; stringData wins, as in the API server."""
+        if key in self.stringData:
+            return self.stringData[key].encode()
+        if key in self.data:
+            return base64.b64decode(self.data[key], validate=True)
+        return None
+
+    @field_validator("data")
+    @classmethod
+    def _base64(cls, values: dict[str, str]) -> dict[str, str]:
+        for key, value in values.items():
+            try:
+                base64.b64decode(value, validate=True)
+            except ValueError:
+                raise ValueError(f"data.{key} is not valid base64") from None
+        return values
+
+
+Resource = Annotated[RelayDomain | RelayRoute | RelayPolicy | Secret, Field(discriminator="kind")]
+KINDS = ("RelayDomain", "RelayRoute", "RelayPolicy", "Secret")

@@ -1,0 +1,320 @@
+"""The routing table: compiled from resources by one pure function, used by every service.
+
+The operator (cluster) and `kurrier up` (file) both call `compile_table`; the
+result is published as JSON in NATS KV and every service swaps it in whole.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from typing import Any
+
+from kurrier.core.resources import (
+    RelayDomain,
+    RelayPolicy,
+    RelayRoute,
+    Resource,
+    Secret,
+    normalise_domain,
+)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+DEFAULT_MAX_MESSAGE_SIZE = 26214400
+DEFAULT_MAX_RECIPIENTS = 100
+_ROUTE_MEMO_LIMIT = 65536
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Problem(_Frozen):
+    """Something wrong with one resource, for its status and for logs."""
+
+    kind: str
+    namespace: str
+    name: str
+    reason: str
+    message: str
+
+
+class CompiledRoute(_Frozen):
+    name: str
+    priority: int
+    recipient_domains: tuple[str, ...]
+    sender_domains: tuple[str, ...] = ()
+    smarthost: tuple[str, int] | None = None
+    mx: bool = False
+    tls_mode: str = "opportunistic"
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    max_connections: int = 10
+    # Set when the route is declared but cannot be used (e.g. its auth Secret is
+    # missing). Mail for it is deferred rather than falling through to a route
+    # the user did not choose for it.
+    problem: str | None = None
+
+    @property
+    def destination(self) -> str:
+        """A stable name of where this route sends mail, for connection pools and logs."""
+        if self.smarthost is not None:
+            return f"smarthost:{self.smarthost[0]}:{self.smarthost[1]}"
+        return "mx"
+
+
+class CompiledDomain(_Frozen):
+    domain: str
+    accept_inbound: bool
+    dkim_selector: str | None = None
+    dkim_private_key: str | None = Field(default=None, repr=False)
+
+
+class CompiledPolicy(_Frozen):
+    trusted_networks: tuple[str, ...] = ()
+    require_tls_for_auth: bool = True
+    users: dict[str, str] = Field(default_factory=dict, repr=False)
+    service_account_audience: str | None = None
+    sender_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_recipients: int = DEFAULT_MAX_RECIPIENTS
+    rate_per_minute: int | None = None
+
+
+def domain_matches(pattern: str, domain: str) -> bool:
+    """'*' matches everything, '*.x.org' matches subdomains of x.org, else exact."""
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return domain.endswith(pattern[1:])
+    return domain == pattern
+
+
+def domain_of(address: str) -> str:
+    """The normalised domain of a mailbox; '' for the null sender or a bare local part."""
+    _, at, domain = address.rpartition("@")
+    return normalise_domain(domain) if at and domain else ""
+
+
+class RoutingTable(_Frozen):
+    revision: int = 0
+    routes: tuple[CompiledRoute, ...] = ()
+    domains: tuple[CompiledDomain, ...] = ()
+    policy: CompiledPolicy = CompiledPolicy()
+
+    # Indexes derived once per table, so lookups stay off the per-recipient hot path.
+    _domains_by_name: dict[str, CompiledDomain] = PrivateAttr(default_factory=dict)
+    _networks: tuple[IPNetwork, ...] = PrivateAttr(default=())
+    _route_memo: dict[tuple[str, str], CompiledRoute | None] = PrivateAttr(default_factory=dict)
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._domains_by_name = {entry.domain: entry for entry in self.domains}
+        self._networks = tuple(ipaddress.ip_network(n) for n in self.policy.trusted_networks)
+
+    def route_for(self, recipient_domain: str, sender_domain: str = "") -> CompiledRoute | None:
+        """The first matching route; compile_table keeps them in priority order."""
+        key = (recipient_domain, sender_domain)
+        if key not in self._route_memo:
+            if len(self._route_memo) > _ROUTE_MEMO_LIMIT:
+                self._route_memo.clear()
+            self._route_memo[key] = self._match(recipient_domain, sender_domain)
+        return self._route_memo[key]
+
+    def _match(self, recipient_domain: str, sender_domain: str) -> CompiledRoute | None:
+        for route in self.routes:
+            if not any(domain_matches(p, recipient_domain) for p in route.recipient_domains):
+                continue
+            if route.sender_domains and not any(
+                domain_matches(p, sender_domain) for p in route.sender_domains
+            ):
+                continue
+            return route
+        return None
+
+    def domain(self, name: str) -> CompiledDomain | None:
+        return self._domains_by_name.get(name)
+
+    def accepts_inbound(self, recipient_domain: str) -> bool:
+        entry = self._domains_by_name.get(recipient_domain)
+        return entry is not None and entry.accept_inbound
+
+    def is_trusted(self, client_ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client_ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+
+def _namespace(resource: RelayDomain | RelayRoute | RelayPolicy | Secret) -> str:
+    return resource.metadata.namespace or "default"
+
+
+def _display_name(resource: RelayDomain | RelayRoute | RelayPolicy) -> str:
+    namespace = resource.metadata.namespace
+    return f"{namespace}/{resource.metadata.name}" if namespace else resource.metadata.name
+
+
+def _compile_route(
+    route: RelayRoute, secrets: dict[tuple[str, str], Secret], problems: list[Problem]
+) -> CompiledRoute:
+    spec = route.spec
+    username = password = problem = None
+    if spec.auth is not None:
+        secret = secrets.get((_namespace(route), spec.auth.secretRef.name))
+        user_bytes = secret.value("username") if secret else None
+        password_bytes = secret.value("password") if secret else None
+        if secret is None:
+            problem = f"auth Secret {spec.auth.secretRef.name!r} not found"
+        elif user_bytes is None or password_bytes is None:
+            problem = f"auth Secret {spec.auth.secretRef.name!r} lacks 'username' or 'password'"
+        else:
+            username, password = user_bytes.decode(), password_bytes.decode()
+    if problem:
+        problems.append(_problem(route, "SecretInvalid", problem))
+    smarthost = spec.destination.smarthost
+    return CompiledRoute(
+        name=_display_name(route),
+        priority=spec.priority,
+        recipient_domains=tuple(spec.match.recipientDomains),
+        sender_domains=tuple(spec.match.senderDomains),
+        smarthost=(smarthost.host, smarthost.port) if smarthost else None,
+        mx=spec.destination.mx is not None,
+        tls_mode=spec.tls.mode,
+        username=username,
+        password=password,
+        max_connections=spec.maxConnections,
+        problem=problem,
+    )
+
+
+def _compile_domain(
+    domain: RelayDomain, secrets: dict[tuple[str, str], Secret], problems: list[Problem]
+) -> CompiledDomain:
+    dkim = domain.spec.dkim
+    if dkim is None:
+        return CompiledDomain(domain=domain.spec.domain, accept_inbound=domain.spec.acceptInbound)
+    secret = secrets.get((_namespace(domain), dkim.secretRef.name))
+    key = secret.value(dkim.secretRef.key) if secret else None
+    if key is None or b"PRIVATE KEY-----" not in key:
+        problems.append(
+            _problem(
+                domain,
+                "SecretInvalid",
+                f"DKIM Secret {dkim.secretRef.name!r} has no PEM private key "
+                f"under {dkim.secretRef.key!r}",
+            )
+        )
+        return CompiledDomain(domain=domain.spec.domain, accept_inbound=domain.spec.acceptInbound)
+    return CompiledDomain(
+        domain=domain.spec.domain,
+        accept_inbound=domain.spec.acceptInbound,
+        dkim_selector=dkim.selector,
+        dkim_private_key=key.decode(),
+    )
+
+
+def _compile_policy(
+    policies: list[RelayPolicy], secrets: dict[tuple[str, str], Secret], problems: list[Problem]
+) -> CompiledPolicy:
+    """Several policies merge: networks, users and rules add up; limits take the strictest."""
+    if not policies:
+        return CompiledPolicy()
+    networks: list[str] = []
+    users: dict[str, str] = {}
+    rules: list[tuple[str, tuple[str, ...]]] = []
+    audience = None
+    rates = []
+    for policy in policies:
+        spec = policy.spec
+        networks.extend(n for n in spec.trustedNetworks if n not in networks)
+        rules.extend((rule.identity, tuple(rule.domains)) for rule in spec.senderRules)
+        if spec.rateLimit is not None:
+            rates.append(spec.rateLimit.perClientPerMinute)
+        if spec.auth is None:
+            continue
+        audience = audience or spec.auth.serviceAccountAudience
+        if spec.auth.usersSecretRef is not None:
+            ref = spec.auth.usersSecretRef.name
+            secret = secrets.get((_namespace(policy), ref))
+            if secret is None:
+                problems.append(
+                    _problem(policy, "SecretInvalid", f"users Secret {ref!r} not found")
+                )
+                continue
+            for user in {*secret.data, *secret.stringData}:
+                value = secret.value(user)
+                if value is not None:
+                    users[user] = value.decode()
+    return CompiledPolicy(
+        trusted_networks=tuple(networks),
+        require_tls_for_auth=all(p.spec.requireTLSForAuth for p in policies),
+        users=users,
+        service_account_audience=audience,
+        sender_rules=tuple(rules),
+        max_message_size=min(p.spec.maxMessageSize for p in policies),
+        max_recipients=min(p.spec.maxRecipients for p in policies),
+        rate_per_minute=min(rates) if rates else None,
+    )
+
+
+def _problem(
+    resource: RelayDomain | RelayRoute | RelayPolicy, reason: str, message: str
+) -> Problem:
+    return Problem(
+        kind=resource.kind,
+        namespace=_namespace(resource),
+        name=resource.metadata.name,
+        reason=reason,
+        message=message,
+    )
+
+
+def compile_table(
+    resources: Iterable[Resource], revision: int = 0
+) -> tuple[RoutingTable, list[Problem]]:
+    """Compile resources (with the Secrets they reference) into one routing table."""
+    resources = list(resources)
+    secrets = {(_namespace(r), r.metadata.name): r for r in resources if isinstance(r, Secret)}
+    problems: list[Problem] = []
+    routes = sorted(
+        (_compile_route(r, secrets, problems) for r in resources if isinstance(r, RelayRoute)),
+        key=lambda route: (-route.priority, route.name),
+    )
+    domains: dict[str, CompiledDomain] = {}
+    for resource in resources:
+        if isinstance(resource, RelayDomain):
+            if resource.spec.domain in domains:
+                problems.append(
+                    _problem(
+                        resource,
+                        "Conflict",
+                        f"domain {resource.spec.domain!r} is declared by more than one RelayDomain",
+                    )
+                )
+                continue
+            domains[resource.spec.domain] = _compile_domain(resource, secrets, problems)
+    for domain in domains.values():
+        if domain.accept_inbound and not any(
+            any(domain_matches(p, domain.domain) for p in route.recipient_domains)
+            for route in routes
+        ):
+            problems.append(
+                Problem(
+                    kind="RelayDomain",
+                    namespace="",
+                    name=domain.domain,
+                    reason="NoRoute",
+                    message=f"mail for {domain.domain} is accepted but no RelayRoute matches it",
+                )
+            )
+    policies = [r for r in resources if isinstance(r, RelayPolicy)]
+    table = RoutingTable(
+        revision=revision,
+        routes=tuple(routes),
+        domains=tuple(domains.values()),
+        policy=_compile_policy(policies, secrets, problems),
+    )
+    return table, problems

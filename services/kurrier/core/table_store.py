@@ -1,0 +1,59 @@
+"""The routing table's home in NATS KV: publish a new revision, or follow the live one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY
+from kurrier.core.routing import RoutingTable
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+async def publish_table(js: JetStreamContext, table: RoutingTable) -> int:
+    """Store table as the next revision; returns it. Safe against concurrent publishers."""
+    kv = await js.key_value(CONFIG_BUCKET)
+    while True:
+        try:
+            entry = await kv.get(ROUTING_TABLE_KEY)
+        except KeyNotFoundError:
+            entry = None
+        previous = RoutingTable.model_validate_json(entry.value) if entry and entry.value else None
+        revision = previous.revision + 1 if previous else 1
+        document = table.model_copy(update={"revision": revision}).model_dump_json().encode()
+        try:
+            if entry is None:
+                await kv.create(ROUTING_TABLE_KEY, document)
+            else:
+                await kv.update(ROUTING_TABLE_KEY, document, last=entry.revision)
+        except KeyWrongLastSequenceError:
+            continue  # another publisher won the race; recompute the revision on top of theirs
+        return revision
+
+
+class TableFollower:
+    """Holds the live routing table; `run` swaps in each new revision whole."""
+
+    def __init__(self) -> None:
+        self.table = RoutingTable()
+        self.loaded = asyncio.Event()
+
+    async def run(self, js: JetStreamContext) -> None:
+        kv = await js.key_value(CONFIG_BUCKET)
+        watcher = await kv.watch(ROUTING_TABLE_KEY)
+        async for entry in watcher:
+            if entry is None or not entry.value:
+                continue  # the end-of-history marker, or a deleted key: keep what we have
+            try:
+                table = RoutingTable.model_validate_json(entry.value)
+            except ValidationError as error:
+                log.error("ignoring an unreadable routing table: %s", error)
+                continue
+            if table.revision >= self.table.revision:
+                self.table = table
+                self.loaded.set()
+                log.info("routing table revision %d in use", table.revision)

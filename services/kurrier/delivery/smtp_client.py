@@ -1,0 +1,227 @@
+"""A small asyncio SMTP client: one session that can carry many transactions.
+
+Written for delivery's needs rather than taken from smtplib/aiosmtplib: it
+pipelines MAIL/RCPT/DATA when the server offers PIPELINING, reports a reply
+per recipient, sends a body that is already in wire form with one write, and
+keeps the session open for the next message (RSET between transactions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass, field
+
+MAX_REPLY_LINES = 100
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}"
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+class SmtpTemporaryError(Exception):
+    """The session failed in a way worth retrying later (network, TLS, 4xx greeting)."""
+
+
+@dataclass
+class TransactionResult:
+    mail: Reply
+    recipients: dict[str, Reply]
+    data: Reply | None
+
+    def reply_for(self, recipient: str) -> Reply:
+        """The reply that decides a recipient's fate."""
+        if not self.mail.ok:
+            return self.mail
+        rcpt = self.recipients[recipient]
+        if not rcpt.ok or self.data is None:
+            return rcpt
+        return self.data
+
+
+def to_wire_body(body: bytes) -> bytes:
+    """Dot-stuff a CRLF body and append the end-of-data marker (RFC 5321 4.5.2)."""
+    if not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    stuffed = body.replace(b"\r\n.", b"\r\n..")
+    if stuffed.startswith(b"."):
+        stuffed = b"." + stuffed
+    return stuffed + b".\r\n"
+
+
+@dataclass
+class SmtpSession:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    timeout: float
+    extensions: dict[str, str] = field(default_factory=dict)
+    tls: bool = False
+    transactions: int = 0
+
+    @classmethod
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        helo_name: str,
+        tls_mode: str,
+        tls_context: ssl.SSLContext | None,
+        timeout: float,
+    ) -> SmtpSession:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), timeout=timeout
+            )
+        except (OSError, TimeoutError) as error:
+            raise SmtpTemporaryError(f"cannot connect to {host}:{port}: {error}") from error
+        session = cls(reader, writer, timeout)
+        try:
+            greeting = await session.read_reply()
+            if greeting.code != 220:
+                raise SmtpTemporaryError(f"{host}:{port} greeted with {greeting}")
+            await session.ehlo(helo_name)
+            if tls_mode != "none":
+                await session._negotiate_tls(host, helo_name, tls_mode, tls_context)
+        except BaseException:
+            session.abort()
+            raise
+        return session
+
+    async def _negotiate_tls(
+        self, host: str, helo_name: str, tls_mode: str, tls_context: ssl.SSLContext | None
+    ) -> None:
+        if "STARTTLS" not in self.extensions:
+            if tls_mode == "opportunistic":
+                return
+            raise SmtpTemporaryError(f"{host} does not offer STARTTLS (route requires TLS)")
+        reply = await self.command("STARTTLS")
+        if reply.code != 220:
+            raise SmtpTemporaryError(f"STARTTLS refused by {host}: {reply}")
+        context = tls_context or ssl.create_default_context()
+        try:
+            await asyncio.wait_for(
+                self.writer.start_tls(context, server_hostname=host), timeout=self.timeout
+            )
+        except (ssl.SSLError, OSError, TimeoutError) as error:
+            raise SmtpTemporaryError(f"TLS handshake with {host} failed: {error}") from error
+        self.tls = True
+        await self.ehlo(helo_name)  # RFC 3207: forget what was learnt before TLS
+
+    async def ehlo(self, helo_name: str) -> None:
+        reply = await self.command(f"EHLO {helo_name}")
+        if reply.code != 250:
+            raise SmtpTemporaryError(f"EHLO refused: {reply}")
+        self.extensions = {}
+        for line in reply.text.split("\n")[1:]:
+            keyword, _, params = line.partition(" ")
+            self.extensions[keyword.upper()] = params
+
+    async def read_reply(self) -> Reply:
+        lines: list[str] = []
+        while True:
+            try:
+                raw = await asyncio.wait_for(self.reader.readline(), timeout=self.timeout)
+            except (OSError, TimeoutError, ValueError) as error:
+                raise SmtpTemporaryError(f"reading reply failed: {error!r}") from error
+            if not raw:
+                raise SmtpTemporaryError("connection closed by the server")
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            if len(line) < 3 or not line[:3].isdigit() or len(lines) > MAX_REPLY_LINES:
+                raise SmtpTemporaryError(f"malformed reply line {line[:80]!r}")
+            lines.append(line[4:])
+            if len(line) == 3 or line[3] == " ":
+                return Reply(int(line[:3]), "\n".join(lines))
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            self.writer.write(data)
+            await asyncio.wait_for(self.writer.drain(), timeout=self.timeout)
+        except (OSError, TimeoutError) as error:
+            raise SmtpTemporaryError(f"sending failed: {error!r}") from error
+
+    async def command(self, line: str) -> Reply:
+        await self._send(line.encode() + b"\r\n")
+        return await self.read_reply()
+
+    def _mail_command(self, mail_from: str, smtputf8: bool, body_type: str, size: int) -> str:
+        params = []
+        if "SIZE" in self.extensions:
+            params.append(f"SIZE={size}")
+        if body_type == "8BITMIME" and "8BITMIME" in self.extensions:
+            params.append("BODY=8BITMIME")
+        if smtputf8 and "SMTPUTF8" in self.extensions:
+            params.append("SMTPUTF8")
+        return " ".join([f"MAIL FROM:<{mail_from}>", *params])
+
+    async def send(
+        self,
+        mail_from: str,
+        recipients: list[str],
+        wire_body: bytes,
+        *,
+        smtputf8: bool = False,
+        body_type: str = "",
+    ) -> TransactionResult:
+        """One transaction; wire_body comes from to_wire_body."""
+        if smtputf8 and "SMTPUTF8" not in self.extensions:
+            # RFC 6531 3.4: without the extension we must not send UTF-8 envelopes.
+            reply = Reply(553, "5.6.7 the next hop does not support SMTPUTF8")
+            return TransactionResult(reply, dict.fromkeys(recipients, reply), None)
+        self.transactions += 1
+        mail_line = self._mail_command(mail_from, smtputf8, body_type, len(wire_body))
+        commands = [mail_line] + [f"RCPT TO:<{r}>" for r in recipients]
+        if "PIPELINING" in self.extensions:
+            await self._send("".join(f"{c}\r\n" for c in [*commands, "DATA"]).encode())
+            mail = await self.read_reply()
+            replies = {r: await self.read_reply() for r in recipients}
+            data_go = await self.read_reply()
+        else:
+            mail = await self.command(mail_line)
+            if not mail.ok:
+                return TransactionResult(mail, dict.fromkeys(recipients, mail), None)
+            replies = {r: await self.command(f"RCPT TO:<{r}>") for r in recipients}
+            if not any(reply.ok for reply in replies.values()):
+                await self.reset()
+                return TransactionResult(mail, replies, None)
+            data_go = await self.command("DATA")
+        if data_go.code != 354:
+            await self.reset()
+            if mail.ok and any(reply.ok for reply in replies.values()):
+                # DATA refused although recipients were accepted: that reply decides.
+                return TransactionResult(mail, replies, data_go)
+            return TransactionResult(mail, replies, None)
+        if not mail.ok or not any(reply.ok for reply in replies.values()):
+            # Pipelined DATA was accepted with nothing to deliver to: end it empty.
+            await self._send(b".\r\n")
+            await self.read_reply()
+            return TransactionResult(mail, replies, None)
+        await self._send(wire_body)
+        return TransactionResult(mail, replies, await self.read_reply())
+
+    async def reset(self) -> None:
+        reply = await self.command("RSET")
+        if reply.code != 250:
+            raise SmtpTemporaryError(f"RSET refused: {reply}")
+
+    async def quit(self) -> None:
+        with contextlib.suppress(SmtpTemporaryError):
+            await self.command("QUIT")
+        self.abort()
+
+    def abort(self) -> None:
+        self.writer.close()

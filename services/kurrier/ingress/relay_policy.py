@@ -1,0 +1,54 @@
+"""Who may send where: the anti-open-relay decision at RCPT time (pure)."""
+
+from __future__ import annotations
+
+import re
+
+from kurrier.core.resources import DOMAIN_RE, normalise_domain
+from kurrier.core.routing import RoutingTable
+
+# Local parts we will carry: RFC 5321 dot-atoms or quoted strings, but never
+# the source-routing characters that let old relays forward mail onward.
+_LOCAL_PART_RE = re.compile(r'^([^\s@"<>()\[\]\\,;:%!]+|"[^"\\\r\n]*")$')
+
+
+def split_address(address: str) -> tuple[str, str] | None:
+    """(local part, normalised domain) of a mailbox, or None if it is not one."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or len(address) > 254:
+        return None
+    if local.startswith("@") or not _LOCAL_PART_RE.match(local):
+        return None
+    try:
+        domain = normalise_domain(domain)
+    except UnicodeError:
+        return None
+    if not DOMAIN_RE.match(domain):
+        return None
+    return local, domain
+
+
+def check_recipient(
+    table: RoutingTable,
+    client_ip: str,
+    authenticated: bool,
+    recipient: str,
+    sender_domain: str,
+) -> str | None:
+    """None if the recipient is acceptable, else the SMTP reply refusing it."""
+    parts = split_address(recipient)
+    if parts is None:
+        return f"501 5.1.3 <{recipient}>: bad recipient address syntax"
+    domain = parts[1]
+    if not (authenticated or table.accepts_inbound(domain) or table.is_trusted(client_ip)):
+        return f"554 5.7.1 <{recipient}>: relay access denied"
+    if table.route_for(domain, sender_domain) is None:
+        return f"451 4.4.0 <{recipient}>: no route to the recipient's domain, try again later"
+    return None
+
+
+def check_sender(address: str) -> str | None:
+    """None if MAIL FROM is acceptable: the null sender or a mailbox."""
+    if address == "" or split_address(address) is not None:
+        return None
+    return f"501 5.1.7 <{address}>: bad sender address syntax"

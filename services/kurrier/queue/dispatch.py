@@ -1,0 +1,57 @@
+"""Turning a message's due recipients into delivery jobs, one per route."""
+
+from __future__ import annotations
+
+from kurrier.core.jetstream import JOBS_STREAM, job_subject
+from kurrier.core.message import DeliveryJob, MessageRecord
+from kurrier.core.routing import RoutingTable, domain_of
+from nats.js import JetStreamContext
+
+# How long a dispatched recipient may go without a result before the queue
+# dispatches it again. It covers a job lost in a crash between storing a
+# record and publishing its job; it must exceed the longest backlog wait.
+JOB_LEASE = 900.0
+
+
+def group_by_route(table: RoutingTable, mail_from: str, recipients: list[str]) -> list[list[str]]:
+    """Recipients split so that each group goes to one route (unrouted ones together)."""
+    sender_domain = domain_of(mail_from)
+    groups: dict[str, list[str]] = {}
+    for recipient in recipients:
+        route = table.route_for(domain_of(recipient), sender_domain)
+        groups.setdefault(route.name if route else "", []).append(recipient)
+    return list(groups.values())
+
+
+def mark_dispatched(record: MessageRecord, recipients: list[str], now: float) -> None:
+    """Count an attempt for each recipient and lease it to the job about to be sent."""
+    chosen = set(recipients)
+    record.dispatches += 1
+    for state in record.recipients:
+        if state.address in chosen:
+            state.status = "queued"
+            state.attempts += 1
+            state.next_attempt = now + JOB_LEASE
+
+
+async def publish_jobs(
+    js: JetStreamContext, table: RoutingTable, record: MessageRecord, recipients: list[str]
+) -> None:
+    """Publish the jobs of the record's latest dispatch; idempotent under JetStream dedup."""
+    for index, group in enumerate(group_by_route(table, record.mail_from, recipients)):
+        job = DeliveryJob(
+            queue_id=record.queue_id,
+            attempt=record.dispatches,
+            mail_from=record.mail_from,
+            recipients=group,
+            size=record.size,
+            body_store=record.body_store,
+            smtputf8=record.smtputf8,
+            body_type=record.body_type,
+        )
+        await js.publish(
+            job_subject(record.queue_id),
+            job.model_dump_json().encode(),
+            stream=JOBS_STREAM,
+            headers={"Nats-Msg-Id": f"job:{record.queue_id}:{record.dispatches}:{index}"},
+        )

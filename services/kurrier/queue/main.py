@@ -1,0 +1,57 @@
+"""`kurrier queue`: the queue service process."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from kurrier.core.jetstream import connect, disconnect, ensure_layout
+from kurrier.core.lifecycle import run_until, stop_event
+from kurrier.core.table_store import TableFollower
+from kurrier.queue.records import RecordStore
+from kurrier.queue.retry_schedule import RetrySchedule
+from kurrier.queue.scheduler import QueueManager
+from kurrier.queue.service import QueueService
+from kurrier.v1 import queue_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    nats_url: str
+    listen: str
+    replicas: int
+    schedule: RetrySchedule
+
+
+async def serve_queue(settings: QueueSettings) -> None:
+    stop = stop_event()
+    nc = await connect(settings.nats_url, "kurrier-queue")
+    js = nc.jetstream()
+    await ensure_layout(js, settings.replicas)
+    tables = TableFollower()
+    records = await RecordStore.open(js)
+    manager = QueueManager(js, records, tables, settings.schedule)
+    loaded = await manager.load()
+    log.info("%d queued messages loaded", loaded)
+
+    server = grpc.aio.server()
+    queue_pb2_grpc.add_QueueServiceServicer_to_server(
+        QueueService(js, records, tables, manager), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_insecure_port(settings.listen)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("queue listening on %s", settings.listen)
+    try:
+        await run_until(stop, tables.run(js), manager.run_results(), manager.run_retries())
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        # Let Enqueue calls in flight finish: their clients are waiting for a 250.
+        await server.stop(grace=10)
+        await disconnect(nc)

@@ -1,0 +1,24 @@
+"""When to try a deferred recipient again: exponential backoff with jitter (pure)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RetrySchedule:
+    min_backoff: float = 300.0
+    max_backoff: float = 3600.0
+    max_lifetime: float = 5 * 86400.0
+    jitter: float = 0.1
+
+    def delay(self, attempts: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after the given number of failed attempts (1 = first failure)."""
+        base = min(self.max_backoff, self.min_backoff * 2 ** max(0, attempts - 1))
+        spread = base * self.jitter
+        jittered: float = base + (rng or random).uniform(-spread, spread)
+        return max(0.0, jittered)
+
+    def expired(self, received_at: float, now: float) -> bool:
+        return now - received_at >= self.max_lifetime
