@@ -31,7 +31,7 @@ test: install lint typecheck
 	$(BIN)/pytest
 
 up: install
-	$(BIN)/kurrier up --config examples/local.yaml
+	scripts/demo.sh
 
 bench: install
 	$(BIN)/python -m bench.run

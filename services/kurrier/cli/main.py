@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.durations import parse_duration
+from kurrier.core.http_endpoint import DEFAULT_METRICS_LISTEN
 from kurrier.core.logs import setup_logging
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -51,6 +52,10 @@ def _host_port(text: str) -> str:
     return text
 
 
+def _optional_host_port(text: str) -> str | None:
+    return None if text in ("", "off") else _host_port(text)
+
+
 def _duration(text: str) -> str:
     try:
         parse_duration(text)
@@ -71,6 +76,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--nats-replicas", type=int, default="1", help="replicas of streams and buckets")
     _add(parser, "--hostname", default=socket.getfqdn(), help="name in banners and Received")
     _add(parser, "--log-level", default="INFO")
+    _add(
+        parser,
+        "--metrics-listen",
+        type=_optional_host_port,
+        default=DEFAULT_METRICS_LISTEN,
+        help="HTTP /healthz and /metrics listener ('off' to disable)",
+    )
 
 
 def _add_retry_flags(parser: argparse.ArgumentParser) -> None:
@@ -157,6 +169,7 @@ def _run_ingress(args: argparse.Namespace) -> int:
         tls_cert=str(args.tls_cert) if args.tls_cert else None,
         tls_key=str(args.tls_key) if args.tls_key else None,
         replicas=args.nats_replicas,
+        metrics_listen=args.metrics_listen,
     )
     asyncio.run(serve_ingress(settings))
     return 0
@@ -172,7 +185,11 @@ def _run_queue(args: argparse.Namespace) -> int:
         max_lifetime=parse_duration(args.max_lifetime),
     )
     settings = QueueSettings(
-        nats_url=args.nats_url, listen=args.listen, replicas=args.nats_replicas, schedule=schedule
+        nats_url=args.nats_url,
+        listen=args.listen,
+        replicas=args.nats_replicas,
+        schedule=schedule,
+        metrics_listen=args.metrics_listen,
     )
     asyncio.run(serve_queue(settings))
     return 0
@@ -187,7 +204,7 @@ def _run_delivery(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         tls_ca_file=str(args.tls_ca_file) if args.tls_ca_file else None,
     )
-    asyncio.run(serve_delivery(args.nats_url, args.nats_replicas, settings))
+    asyncio.run(serve_delivery(args.nats_url, args.nats_replicas, settings, args.metrics_listen))
     return 0
 
 

@@ -119,7 +119,15 @@ async def run_up(settings: UpSettings) -> int:
         await supervisor.start("nats-server", nats_server_argv(data_dir / "nats", nats_port))
         await wait_for_port("127.0.0.1", nats_port, timeout=30)
         await _publish_config(nats_url, settings.config)
-        common = ["--nats-url", nats_url, "--hostname", settings.hostname]
+        # Children share one host: no fixed metrics ports that would collide.
+        common = [
+            "--nats-url",
+            nats_url,
+            "--hostname",
+            settings.hostname,
+            "--metrics-listen",
+            "off",
+        ]
         await supervisor.start(
             "queue",
             _child(

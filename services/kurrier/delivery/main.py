@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from kurrier.core.http_endpoint import HttpEndpoint
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.lifecycle import stop_event
 from kurrier.core.table_store import TableFollower
@@ -13,13 +14,17 @@ from kurrier.delivery.worker import DeliverySettings, DeliveryWorker
 log = logging.getLogger(__name__)
 
 
-async def serve_delivery(nats_url: str, replicas: int, settings: DeliverySettings) -> None:
+async def serve_delivery(
+    nats_url: str, replicas: int, settings: DeliverySettings, metrics_listen: str | None
+) -> None:
     stop = stop_event()
     nc = await connect(nats_url, "kurrier-delivery")
     js = nc.jetstream()
     await ensure_layout(js, replicas)
     tables = TableFollower()
     worker = DeliveryWorker(js, tables, settings)
+    if metrics_listen:
+        await HttpEndpoint(lambda: nc.is_connected).serve(metrics_listen)
     following = asyncio.create_task(tables.run(js))
     reaper = asyncio.create_task(worker.pool.run_reaper())
     try:

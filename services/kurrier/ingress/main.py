@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from aiosmtpd.smtp import SMTP
 from kurrier.core.addresses import parse_host_port
+from kurrier.core.http_endpoint import HttpEndpoint
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.lifecycle import stop_event
 from kurrier.core.table_store import TableFollower
@@ -33,6 +34,7 @@ class IngressSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
     replicas: int = 1
+    metrics_listen: str | None = None
 
 
 def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -57,6 +59,8 @@ async def serve_ingress(settings: IngressSettings) -> None:
         else None
     )
     sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+    if settings.metrics_listen:
+        await HttpEndpoint(lambda: nc.is_connected).serve(settings.metrics_listen)
 
     def session_factory() -> SMTP:
         session = SMTP(

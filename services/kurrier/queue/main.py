@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from kurrier.core.http_endpoint import HttpEndpoint
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.lifecycle import run_until, stop_event
 from kurrier.core.table_store import TableFollower
@@ -25,6 +26,7 @@ class QueueSettings:
     listen: str
     replicas: int
     schedule: RetrySchedule
+    metrics_listen: str | None = None
 
 
 async def serve_queue(settings: QueueSettings) -> None:
@@ -38,6 +40,8 @@ async def serve_queue(settings: QueueSettings) -> None:
     loaded = await manager.load()
     log.info("%d queued messages loaded", loaded)
 
+    if settings.metrics_listen:
+        await HttpEndpoint(lambda: nc.is_connected).serve(settings.metrics_listen)
     server = grpc.aio.server()
     queue_pb2_grpc.add_QueueServiceServicer_to_server(
         QueueService(js, records, tables, manager), server

@@ -1,0 +1,41 @@
+"""A real nats-server with JetStream on a free port and a temporary store."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from kurrier.cli.nats_server import nats_server_argv
+
+from tests.support.processes import free_port, port_open, wait_until
+
+
+class NatsServer:
+    def __init__(self, store_dir: Path, log_dir: Path) -> None:
+        self.store_dir = store_dir
+        self.port = free_port()
+        self._log = log_dir / "nats-server.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start (or restart) on the same port with the same store."""
+        with self._log.open("ab") as log:
+            self._process = subprocess.Popen(
+                nats_server_argv(self.store_dir, self.port), stdout=log, stderr=log
+            )
+        wait_until(lambda: port_open(self.port), 30, "nats-server to listen")
+
+    def stop(self, kill: bool = False) -> None:
+        if self._process is None:
+            return
+        if kill:
+            self._process.kill()
+        else:
+            self._process.terminate()
+        self._process.wait(timeout=30)
+        self._process = None
+        wait_until(lambda: not port_open(self.port), 10, "nats-server to stop listening")

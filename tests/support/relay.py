@@ -1,0 +1,195 @@
+"""Running kurrier for tests: the whole `kurrier up`, or the services one by one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import textwrap
+from pathlib import Path
+
+import yaml
+from kurrier.core.jetstream import MESSAGES_BUCKET, connect, disconnect, ensure_layout
+from kurrier.core.loader import parse_documents
+from kurrier.core.routing import compile_table
+from kurrier.core.table_store import publish_table
+from nats.js.errors import NoKeysError
+
+from tests.support.processes import (
+    free_port,
+    kurrier_argv,
+    smtp_banner,
+    stop_process,
+    wait_until,
+)
+
+FAST_RETRIES = ("--min-backoff", "1s", "--max-backoff", "2s")
+
+
+def route(name: str, domains: list[str], port: int, priority: int = 100, **extra: str) -> str:
+    options = "".join(f"\n  {key}: {value}" for key, value in extra.items())
+    return (
+        textwrap.dedent(f"""\
+        apiVersion: kurrier.io/v1alpha1
+        kind: RelayRoute
+        metadata: {{name: {name}}}
+        spec:
+          priority: {priority}
+          match: {{recipientDomains: {json.dumps(domains)}}}
+          destination: {{smarthost: {{host: 127.0.0.1, port: {port}}}}}
+          tls: {{mode: none}}""")
+        + options
+    )
+
+
+def inbound_domain(domain: str) -> str:
+    return textwrap.dedent(f"""\
+        apiVersion: kurrier.io/v1alpha1
+        kind: RelayDomain
+        metadata: {{name: {domain.replace(".", "-")}}}
+        spec: {{domain: {domain}, acceptInbound: true}}""")
+
+
+def trusting(*networks: str) -> str:
+    return textwrap.dedent(f"""\
+        apiVersion: kurrier.io/v1alpha1
+        kind: RelayPolicy
+        metadata: {{name: default}}
+        spec: {{trustedNetworks: {json.dumps(list(networks))}}}""")
+
+
+def documents(*parts: str) -> str:
+    return "\n---\n".join(parts) + "\n"
+
+
+async def _queued_count(nats_url: str) -> int:
+    nc = await connect(nats_url, "test-inspector")
+    try:
+        kv = await nc.jetstream().key_value(MESSAGES_BUCKET)
+        try:
+            return len(await kv.keys())
+        except NoKeysError:
+            return 0
+    finally:
+        await disconnect(nc)
+
+
+def queued_count(nats_url: str) -> int:
+    """Messages the queue still holds (not yet delivered or bounced)."""
+    return asyncio.run(_queued_count(nats_url))
+
+
+class UpRelay:
+    """`kurrier up` as a subprocess, as a user runs it."""
+
+    def __init__(self, workdir: Path, config: str, *extra: str) -> None:
+        self.workdir = workdir
+        self.config = workdir / "resources.yaml"
+        self.config.write_text(config)
+        self.data_dir = workdir / "data"
+        self.smtp_port = free_port()
+        self.extra = extra
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ready_line = ""
+
+    def __enter__(self) -> UpRelay:
+        self.log = (self.workdir / "up.log").open("ab")
+        argv = kurrier_argv(
+            "up",
+            "--config",
+            str(self.config),
+            "--data-dir",
+            str(self.data_dir),
+            "--smtp",
+            f"127.0.0.1:{self.smtp_port}",
+            *FAST_RETRIES,
+            *self.extra,
+        )
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log)
+        assert self.process.stdout is not None
+        # `up` prints exactly one line, when SMTP accepts; EOF first means it died.
+        self.ready_line = self.process.stdout.readline().decode()
+        assert self.ready_line.startswith("kurrier ready"), (
+            f"kurrier up did not become ready: {self.ready_line!r}; see {self.workdir}/up.log"
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        stop_process(self.process, timeout=60)
+        self.log.close()
+
+    @property
+    def state(self) -> dict[str, object]:
+        loaded: dict[str, object] = json.loads((self.data_dir / "state.json").read_text())
+        return loaded
+
+    def pid(self, child: str) -> int:
+        pids = self.state["pids"]
+        assert isinstance(pids, dict)
+        return int(pids[child])
+
+    @property
+    def nats_url(self) -> str:
+        return str(self.state["nats_url"])
+
+
+class ServiceRelay:
+    """queue, delivery and ingress as separate processes on a NATS the test controls."""
+
+    def __init__(self, workdir: Path, nats_url: str) -> None:
+        self.workdir = workdir
+        self.nats_url = nats_url
+        self.smtp_port = free_port()
+        self.queue_address = f"127.0.0.1:{free_port()}"
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def publish(self, config: str) -> None:
+        table, problems = compile_table(parse_documents(yaml.safe_load_all(config), "test"))
+        assert not problems, problems
+
+        async def run() -> None:
+            nc = await connect(self.nats_url, "test-publisher")
+            try:
+                await ensure_layout(nc.jetstream())
+                await publish_table(nc.jetstream(), table)
+            finally:
+                await disconnect(nc)
+
+        asyncio.run(run())
+
+    def start(self, name: str) -> None:
+        common = [
+            "--nats-url",
+            self.nats_url,
+            "--hostname",
+            "relay.test",
+            "--metrics-listen",
+            "off",
+        ]
+        args = {
+            "queue": ["--listen", self.queue_address, *FAST_RETRIES],
+            "delivery": [],
+            "ingress": [
+                "--queue-address",
+                self.queue_address,
+                "--smtp",
+                f"127.0.0.1:{self.smtp_port}",
+            ],
+        }[name]
+        log = (self.workdir / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            kurrier_argv(name, *common, *args), stdout=log, stderr=log
+        )
+        if name == "ingress":
+            wait_until(lambda: smtp_banner(self.smtp_port), 30, "ingress to answer SMTP")
+
+    def __enter__(self) -> ServiceRelay:
+        for name in ("queue", "delivery", "ingress"):
+            self.start(name)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in ("ingress", "delivery", "queue"):
+            if name in self.processes:
+                stop_process(self.processes[name])

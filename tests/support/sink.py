@@ -1,0 +1,150 @@
+"""A programmable SMTP sink standing in for the next hop: real aiosmtpd on a real socket.
+
+It runs in its own thread (aiosmtpd's Controller), records every message, and
+can be told to misbehave: answer 451 a number of times, refuse chosen
+recipients, or drop the connection in the middle of DATA. It also tracks how
+many connections are open at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from tests.support.processes import free_port
+
+
+@dataclass(frozen=True)
+class Received:
+    mail_from: str
+    recipients: tuple[str, ...]
+    content: bytes
+    connection: int
+
+
+@dataclass
+class Behaviour:
+    temp_failures: int = 0
+    temp_failure_reply: str = "451 4.3.0 try again later"
+    rejected: dict[str, str] = field(default_factory=dict)
+    drops_mid_data: int = 0
+
+
+class _CountingSMTP(SMTP):
+    def __init__(self, sink: Sink, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sink = sink
+        self.connection_number = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.connection_number = self._sink.connection_opened()
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._sink.connection_closed()
+        super().connection_lost(error)
+
+
+class _Handler:
+    def __init__(self, sink: Sink) -> None:
+        self._sink = sink
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self._sink.behaviour.rejected.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return self._sink.take(server, envelope)
+
+
+class Sink:
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = port or free_port()
+        self.behaviour = Behaviour()
+        self.messages: list[Received] = []
+        self.connections_total = 0
+        self.connections_open = 0
+        self.max_connections_open = 0
+        self._changed = threading.Condition()
+        sink = self
+
+        class _Controller(Controller):
+            def factory(self) -> SMTP:
+                return _CountingSMTP(
+                    sink,
+                    self.handler,
+                    hostname="sink.test",
+                    decode_data=False,
+                    enable_SMTPUTF8=True,
+                    data_size_limit=None,
+                )
+
+        self._controller = _Controller(_Handler(self), hostname=host, port=self.port)
+
+    def __enter__(self) -> Sink:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._controller.stop()
+
+    def connection_opened(self) -> int:
+        with self._changed:
+            self.connections_total += 1
+            self.connections_open += 1
+            self.max_connections_open = max(self.max_connections_open, self.connections_open)
+            return self.connections_total
+
+    def connection_closed(self) -> None:
+        with self._changed:
+            self.connections_open -= 1
+            self._changed.notify_all()
+
+    def take(self, server: SMTP, envelope: Envelope) -> str:
+        with self._changed:
+            behaviour = self.behaviour
+            if behaviour.drops_mid_data > 0:
+                behaviour.drops_mid_data -= 1
+                if isinstance(server.transport, asyncio.Transport):
+                    server.transport.abort()
+                return "421 4.4.2 connection dropped"
+            if behaviour.temp_failures > 0:
+                behaviour.temp_failures -= 1
+                return behaviour.temp_failure_reply
+            assert isinstance(envelope.original_content, bytes)
+            connection = server.connection_number if isinstance(server, _CountingSMTP) else 0
+            self.messages.append(
+                Received(
+                    mail_from=envelope.mail_from or "",
+                    recipients=tuple(envelope.rcpt_tos),
+                    content=envelope.original_content,
+                    connection=connection,
+                )
+            )
+            self._changed.notify_all()
+        return "250 2.0.0 Ok: sunk"
+
+    def wait_for(self, count: int, timeout: float = 60) -> list[Received]:
+        """Block until at least count messages arrived; fail the test otherwise."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(self.messages) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"sink got {len(self.messages)} of {count} messages in {timeout}s"
+                    )
+                self._changed.wait(remaining)
+            return list(self.messages)
