@@ -3,9 +3,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STUBS := services/kurrier/v1
 
-.PHONY: install test lint typecheck unit proto proto-check up bench clean
+.PHONY: install test lint typecheck testbin proto up bench clean
 
 $(BIN)/kurrier: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +25,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy services operator tests
 
-# The full suite: lint, types, stub freshness, then every test.
-test: install lint typecheck
+# kube-apiserver, etcd and helm for the operator and chart tests, built from
+# the Go module proxy once and cached in ~/.cache/kurrier/bin.
+testbin:
+	scripts/testbin.sh >/dev/null
+
+# The full suite: lint, types, then every test (stub freshness included).
+test: install lint typecheck testbin
 	$(BIN)/pytest
 
 up: install
