@@ -1,0 +1,32 @@
+{{/* The bundled NATS server configuration (nats.conf). */}}
+{{- define "kurrier.nats.config" -}}
+{{- $n := .Values.nats -}}
+{{- $name := include "kurrier.nats.name" . -}}
+{{- $headless := include "kurrier.nats.headlessName" . -}}
+{{- $replicas := int $n.replicas -}}
+# Rendered by the kurrier chart. $SERVER_NAME comes from the pod name.
+pid_file: /var/run/nats/nats.pid
+server_name: $SERVER_NAME
+listen: 0.0.0.0:4222
+http: 0.0.0.0:8222
+max_payload: {{ $n.maxPayload }}
+lame_duck_duration: 30s
+lame_duck_grace_period: 10s
+jetstream {
+  store_dir: /data
+  max_memory_store: {{ $n.jetstream.maxMemoryStore }}
+  max_file_store: {{ $n.jetstream.maxFileStore }}
+}
+{{- if gt $replicas 1 }}
+cluster {
+  name: {{ $n.clusterName }}
+  listen: 0.0.0.0:6222
+  no_advertise: true
+  routes: [
+    {{- range $i := until $replicas }}
+    nats://{{ $name }}-{{ $i }}.{{ $headless }}:6222
+    {{- end }}
+  ]
+}
+{{- end }}
+{{- end -}}
