@@ -99,6 +99,34 @@ def _add_listener_flags(parser: argparse.ArgumentParser, smtp_default: str) -> N
     _add(parser, "--tls-key", type=_existing_file, help="PEM private key for TLS")
 
 
+def _add_queue_admin(queue: argparse.ArgumentParser) -> None:
+    admin = queue.add_subparsers(dest="action", parser_class=Parser, metavar="ACTION")
+    where = Parser(add_help=False)
+    _add(where, "--queue-address", help="the queue's gRPC address (default: from --data-dir)")
+    where.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="a `kurrier up`")
+    where.add_argument("--json", action="store_true", help="machine-readable output")
+    filters = Parser(add_help=False)
+    filters.add_argument("--state", choices=("active", "deferred", "held"))
+    filters.add_argument("--domain", help="messages with a pending recipient in this domain")
+    filters.add_argument("--sender", help="exact sender address ('<>' for bounces)")
+    listing = admin.add_parser("list", parents=[where, filters], help="list queued messages")
+    listing.set_defaults(queue_ids=[])
+    show = admin.add_parser("show", parents=[where], help="one message in detail")
+    show.add_argument("queue_id")
+    for action, text in (
+        ("hold", "stop delivering messages until released"),
+        ("release", "release held messages"),
+        ("delete", "delete messages without delivering or bouncing them"),
+        ("retry", "retry deferred messages now"),
+    ):
+        command = admin.add_parser(action, parents=[where, filters], help=text)
+        command.add_argument("queue_ids", nargs="*", metavar="QUEUE_ID")
+        command.add_argument("--all", action="store_true", help="every message the filters match")
+        if action == "delete":
+            command.add_argument("--yes", action="store_true", help="confirm deleting with --all")
+    admin.add_parser("flush", parents=[where], help="retry every deferred message now")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="kurrier", description="A Kubernetes-native SMTP relay.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -117,10 +145,13 @@ def build_parser() -> Parser:
     _add_listener_flags(ingress, "0.0.0.0:2525")
     _add(ingress, "--queue-address", default="127.0.0.1:7070", help="the queue's gRPC address")
 
-    queue = commands.add_parser("queue", help="run the queue service")
+    queue = commands.add_parser(
+        "queue", help="run the queue service, or administer the queue (list, show, hold, ...)"
+    )
     _add_common(queue)
     _add(queue, "--listen", default="0.0.0.0:7070", help="gRPC listen address (or unix:PATH)")
     _add_retry_flags(queue)
+    _add_queue_admin(queue)
 
     delivery = commands.add_parser("delivery", help="run the delivery service")
     _add_common(delivery)
@@ -176,6 +207,11 @@ def _run_ingress(args: argparse.Namespace) -> int:
 
 
 def _run_queue(args: argparse.Namespace) -> int:
+    if args.action is not None:
+        from kurrier.cli.queue_admin import run_admin
+
+        return run_admin(args)
+
     from kurrier.queue.main import QueueSettings, serve_queue
     from kurrier.queue.retry_schedule import RetrySchedule
 
@@ -189,6 +225,7 @@ def _run_queue(args: argparse.Namespace) -> int:
         listen=args.listen,
         replicas=args.nats_replicas,
         schedule=schedule,
+        hostname=args.hostname,
         metrics_listen=args.metrics_listen,
     )
     asyncio.run(serve_queue(settings))
@@ -243,7 +280,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command not in ("validate", "sink"):
+    if args.command not in ("validate", "sink") and getattr(args, "action", None) is None:
         setup_logging(f"kurrier-{args.command}", args.log_level)
     try:
         return COMMANDS[args.command](args)

@@ -9,7 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 RecipientStatus = Literal["queued", "deferred", "delivered", "bounced", "expired"]
-FINAL_STATUSES: frozenset[str] = frozenset({"delivered", "bounced", "expired"})
+FAILED_STATUSES: frozenset[str] = frozenset({"bounced", "expired"})
+FINAL_STATUSES: frozenset[str] = FAILED_STATUSES | {"delivered"}
 BodyStore = Literal["stream", "object"]
 
 
@@ -22,12 +23,27 @@ def new_queue_id() -> str:
     return f"{time.time_ns() // 1_000_000:012X}{os.urandom(4).hex().upper()}"
 
 
+# Enough attempts to see a pattern in `kurrier queue show`, bounded so a
+# message retried for days does not grow its record without limit.
+HISTORY_LIMIT = 10
+
+
+class Attempt(_Model):
+    at: float
+    reply: str
+
+
 class RecipientState(_Model):
     address: str
     status: RecipientStatus = "queued"
     attempts: int = 0
     last_reply: str = ""
     next_attempt: float = 0.0
+    history: list[Attempt] = []
+
+    def record_attempt(self, at: float, reply: str) -> None:
+        self.last_reply = reply
+        self.history = [*self.history[-(HISTORY_LIMIT - 1) :], Attempt(at=at, reply=reply)]
 
 
 class MessageRecord(_Model):
@@ -48,9 +64,22 @@ class MessageRecord(_Model):
     # How many times jobs were published for this message; part of each job's
     # dedup id so a re-dispatch is never mistaken for a duplicate.
     dispatches: int = 0
+    held: bool = False
+    # Delivery status notifications sent for this message so far; part of each
+    # notification's queue id, so re-applying a result cannot bounce twice.
+    notices: int = 0
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.status not in FINAL_STATUSES]
+
+    @property
+    def state(self) -> str:
+        """As postqueue shows it: held, active (a job is out) or deferred (waiting)."""
+        if self.held:
+            return "held"
+        if any(r.status == "queued" for r in self.pending()):
+            return "active"
+        return "deferred"
 
 
 class DeliveryJob(_Model):

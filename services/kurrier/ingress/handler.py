@@ -55,7 +55,9 @@ class RelayHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        refusal = check_sender(address)
+        # aiosmtpd spells the null reverse-path "<>" and needs it truthy to know
+        # MAIL was given; the queue gets "" (see reverse_path).
+        refusal = check_sender(reverse_path(address))
         if refusal:
             return refusal
         envelope.mail_from = address
@@ -110,7 +112,7 @@ class RelayHandler:
         )
         request = queue_pb2.Envelope(
             queue_id=queue_id,
-            mail_from=envelope.mail_from or "",
+            mail_from=reverse_path(envelope.mail_from),
             recipients=envelope.rcpt_tos,
             client_address=client_ip,
             client_helo=session.host_name or "",
@@ -126,6 +128,11 @@ class RelayHandler:
             log.warning("not accepted, queue unavailable: %s", error, extra={"queue_id": queue_id})
             return "451 4.3.0 Queue temporarily unavailable, try again later"
         return f"250 2.0.0 Ok: queued as {queue_id}"
+
+
+def reverse_path(mail_from: str | None) -> str:
+    """The sender as the queue stores it: "" for the null sender."""
+    return "" if mail_from in (None, "<>") else mail_from
 
 
 def peer_ip(session: Session) -> str:

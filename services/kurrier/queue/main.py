@@ -26,6 +26,7 @@ class QueueSettings:
     listen: str
     replicas: int
     schedule: RetrySchedule
+    hostname: str
     metrics_listen: str | None = None
 
 
@@ -36,16 +37,14 @@ async def serve_queue(settings: QueueSettings) -> None:
     await ensure_layout(js, settings.replicas)
     tables = TableFollower()
     records = await RecordStore.open(js)
-    manager = QueueManager(js, records, tables, settings.schedule)
+    manager = QueueManager(js, records, tables, settings.schedule, settings.hostname)
     loaded = await manager.load()
     log.info("%d queued messages loaded", loaded)
 
     if settings.metrics_listen:
         await HttpEndpoint(lambda: nc.is_connected).serve(settings.metrics_listen)
     server = grpc.aio.server()
-    queue_pb2_grpc.add_QueueServiceServicer_to_server(
-        QueueService(js, records, tables, manager), server
-    )
+    queue_pb2_grpc.add_QueueServiceServicer_to_server(QueueService(js, records, manager), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     server.add_insecure_port(settings.listen)

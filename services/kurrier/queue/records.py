@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from kurrier.core.jetstream import MESSAGES_BUCKET
 from kurrier.core.message import MessageRecord
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 
@@ -53,11 +53,13 @@ class RecordStore:
         await self._kv.purge(queue_id)
 
     async def all(self) -> AsyncIterator[MessageRecord]:
+        """Every record, in one streamed pass over the bucket (not a request per key)."""
+        watcher = await self._kv.watchall(ignore_deletes=True)
         try:
-            keys = await self._kv.keys()
-        except NoKeysError:
-            return
-        for key in keys:
-            found = await self.get(key)
-            if found is not None:
-                yield found[0]
+            async for entry in watcher:
+                if entry is None:
+                    return  # the end-of-history marker: everything stored has been seen
+                if entry.value:
+                    yield MessageRecord.model_validate_json(entry.value)
+        finally:
+            await watcher.stop()  # type: ignore[no-untyped-call]

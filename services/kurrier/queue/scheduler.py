@@ -1,4 +1,5 @@
-"""The queue manager's loop: apply delivery results, re-dispatch deferred mail when due.
+"""The queue manager's loop: apply delivery results, re-dispatch deferred mail when due,
+bounce what failed, and carry out admin actions.
 
 One heap of (due time, queue id) in memory, rebuilt from the KV records at
 start, so retry timing survives restarts: the times themselves live in KV.
@@ -9,15 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import io
 import logging
 import time
 from collections.abc import Callable
 
-from kurrier.core.body_store import delete_body
+from kurrier.core.body_store import delete_body, load_body
 from kurrier.core.jetstream import RESULTS_CONSUMER, RESULTS_STREAM
-from kurrier.core.message import DeliveryResult, MessageRecord
+from kurrier.core.message import (
+    FAILED_STATUSES,
+    DeliveryResult,
+    MessageRecord,
+    RecipientState,
+)
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.dispatch import mark_dispatched, publish_jobs
+from kurrier.queue.dsn import render_dsn
+from kurrier.queue.intake import Intake
 from kurrier.queue.records import RecordConflict, RecordStore
 from kurrier.queue.retry_schedule import RetrySchedule
 from nats.js import JetStreamContext
@@ -26,7 +35,8 @@ from nats.js.errors import FetchTimeoutError
 
 log = logging.getLogger(__name__)
 
-# A change to a record: returns the recipients to dispatch now, or None if it changed nothing.
+# A change to a record: returns the recipients to dispatch now, or None if it
+# changed nothing (then nothing is written).
 Mutation = Callable[[MessageRecord, float], list[str] | None]
 
 
@@ -37,18 +47,21 @@ class QueueManager:
         records: RecordStore,
         tables: TableFollower,
         schedule: RetrySchedule,
+        hostname: str,
     ) -> None:
         self._js = js
         self._records = records
         self._tables = tables
         self._schedule = schedule
+        self._hostname = hostname
+        self.intake = Intake(js, records, tables)
         self._due: list[tuple[float, str]] = []
         self._wakeup = asyncio.Event()
 
     def watch(self, record: MessageRecord) -> None:
         """Remember when the record next needs attention."""
         pending = record.pending()
-        if pending:
+        if pending and not record.held:
             heapq.heappush(self._due, (min(r.next_attempt for r in pending), record.queue_id))
             self._wakeup.set()
 
@@ -59,17 +72,27 @@ class QueueManager:
             count += 1
         return count
 
-    async def _mutate(self, queue_id: str, change: Mutation) -> MessageRecord | None:
-        """Read-modify-write with optimistic concurrency; change returns recipients to dispatch."""
+    async def mutate(self, queue_id: str, change: Mutation) -> MessageRecord | None:
+        """Read-modify-write with optimistic concurrency; None if there is no such message."""
         while True:
             found = await self._records.get(queue_id)
             if found is None:
                 return None
             record, revision = found
+            failed_before = {r.address for r in record.recipients if r.status in FAILED_STATUSES}
             now = time.time()
             to_dispatch = change(record, now)
             if to_dispatch is None:
                 return record
+            newly_failed = [
+                r
+                for r in record.recipients
+                if r.status in FAILED_STATUSES and r.address not in failed_before
+            ]
+            if newly_failed:
+                # The notification is stored before the record moves on, so a
+                # crash in between re-applies the change and finds it stored.
+                await self._notify_sender(record, newly_failed, now)
             if not record.pending():
                 # Record first: a crash in between leaves an orphan body, never a
                 # live record whose body is gone.
@@ -85,48 +108,119 @@ class QueueManager:
             self.watch(record)
             return record
 
+    async def delete(self, queue_id: str) -> bool:
+        found = await self._records.get(queue_id)
+        if found is None:
+            return False
+        await self._records.delete(queue_id)
+        await delete_body(self._js, queue_id, found[0].body_store)
+        log.info("deleted by the administrator", extra={"queue_id": queue_id})
+        return True
+
+    async def _notify_sender(
+        self, record: MessageRecord, failed: list[RecipientState], now: float
+    ) -> None:
+        if not record.mail_from:
+            # RFC 5321 6.1: never bounce a bounce; log it and let it go.
+            for recipient in failed:
+                log.warning(
+                    "undeliverable notification to %s dropped: %s",
+                    recipient.address,
+                    recipient.last_reply,
+                    extra={"queue_id": record.queue_id},
+                )
+            return
+        original = await load_body(self._js, record.queue_id, record.body_store)
+        notice = render_dsn(record, failed, original, self._hostname, now)
+        record.notices += 1
+        template = MessageRecord(
+            queue_id=notice.queue_id,
+            mail_from="",
+            recipients=[RecipientState(address=notice.recipient)],
+            received_at=now,
+            size=len(notice.content),
+            body_store="stream",
+            smtputf8=not notice.recipient.isascii(),
+            body_type="8BITMIME",
+            message_id_header=f"<{notice.queue_id}@{self._hostname}>",
+        )
+        stored = await self.intake.accept(template, io.BytesIO(notice.content), len(notice.content))
+        if stored is not None:
+            self.watch(stored)
+        log.info(
+            "sender notified of %d failed recipient(s) in %s",
+            len(failed),
+            notice.queue_id,
+            extra={"queue_id": record.queue_id},
+        )
+
     def _apply_result(self, result: DeliveryResult) -> Mutation:
         def change(record: MessageRecord, now: float) -> list[str] | None:
             outcomes = {o.address: o for o in result.outcomes}
-            for state in record.recipients:
+            changed = False
+            for state in record.pending():
                 outcome = outcomes.get(state.address)
-                if outcome is None or state.status in ("delivered", "bounced", "expired"):
+                if outcome is None:
                     continue
-                state.last_reply = outcome.reply
-                if outcome.outcome == "deferred":
+                changed = True
+                state.record_attempt(now, outcome.reply)
+                if outcome.outcome != "deferred":
+                    state.status = outcome.outcome
+                elif self._schedule.expired(record.received_at, now):
+                    state.status = "expired"
+                else:
                     state.status = "deferred"
                     state.next_attempt = now + self._schedule.delay(state.attempts)
-                else:
-                    state.status = outcome.outcome
                 log.info(
-                    "%s %s: %s",
+                    "to=<%s> status=%s attempts=%d reply=%s",
                     state.address,
                     state.status,
+                    state.attempts,
                     outcome.reply,
                     extra={"queue_id": record.queue_id},
                 )
-            return []
+            return [] if changed else None
 
         return change
 
     def _retry_due(self, record: MessageRecord, now: float) -> list[str] | None:
+        if record.held:
+            return None
         due = [r for r in record.pending() if r.next_attempt <= now]
         if not due:
             return None
         if self._schedule.expired(record.received_at, now):
             for state in due:
                 state.status = "expired"
-                log.error(
-                    "%s expired after %d attempts: %s",
-                    state.address,
-                    state.attempts,
-                    state.last_reply,
-                    extra={"queue_id": record.queue_id},
-                )
             return []
         addresses = [r.address for r in due]
         mark_dispatched(record, addresses, now)
         return addresses
+
+    @staticmethod
+    def hold(record: MessageRecord, now: float) -> list[str] | None:
+        if record.held:
+            return None
+        record.held = True
+        return []
+
+    @staticmethod
+    def release(record: MessageRecord, now: float) -> list[str] | None:
+        if not record.held:
+            return None
+        record.held = False
+        for state in record.pending():
+            state.next_attempt = min(state.next_attempt, now)
+        return []
+
+    @staticmethod
+    def retry_now(record: MessageRecord, now: float) -> list[str] | None:
+        deferred = [r for r in record.pending() if r.status == "deferred"]
+        if record.held or not deferred:
+            return None
+        for state in deferred:
+            state.next_attempt = now
+        return []
 
     async def run_results(self) -> None:
         """Consume delivery results; each is acked only once its record reflects it."""
@@ -148,7 +242,7 @@ class QueueManager:
                     log.error("dropping an unreadable delivery result: %s", error)
                     await message.term()
                     continue
-                await self._mutate(result.queue_id, self._apply_result(result))
+                await self.mutate(result.queue_id, self._apply_result(result))
                 await message.ack()
 
     async def run_retries(self) -> None:
@@ -156,7 +250,7 @@ class QueueManager:
             now = time.time()
             while self._due and self._due[0][0] <= now:
                 _, queue_id = heapq.heappop(self._due)
-                await self._mutate(queue_id, self._retry_due)
+                await self.mutate(queue_id, self._retry_due)
             self._wakeup.clear()
             timeout = self._due[0][0] - now if self._due else 60.0
             with contextlib.suppress(TimeoutError):

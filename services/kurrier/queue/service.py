@@ -1,23 +1,23 @@
-"""The QueueService gRPC API: Enqueue stores a message durably before it answers."""
+"""The QueueService gRPC API: Enqueue stores a message durably before it answers;
+the admin calls list, show, hold, release, delete and retry."""
 
 from __future__ import annotations
 
 import logging
 import re
 import tempfile
-import time
 from collections.abc import AsyncIterator
 
 import grpc
 import nats.errors
 import nats.js.errors
-from kurrier.core.body_store import store_body
+from kurrier.core.body_store import load_body
 from kurrier.core.jetstream import INLINE_BODY_LIMIT
 from kurrier.core.message import MessageRecord, RecipientState
-from kurrier.core.table_store import TableFollower
-from kurrier.queue.dispatch import mark_dispatched, publish_jobs
+from kurrier.core.routing import domain_of
+from kurrier.queue.dsn import header_section
 from kurrier.queue.records import RecordStore
-from kurrier.queue.scheduler import QueueManager
+from kurrier.queue.scheduler import Mutation, QueueManager
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 from nats.js import JetStreamContext
 
@@ -26,32 +26,62 @@ log = logging.getLogger(__name__)
 # Queue ids become NATS subject tokens and KV keys: keep them to a safe alphabet.
 QUEUE_ID_RE = re.compile(r"^[A-Za-z0-9]{8,64}$")
 NATS_FAILURES = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+SHOWN_HEADERS_LIMIT = 64 * 1024
+STATES = ("active", "deferred", "held")
 
 
-class InvalidEnqueue(Exception):
+class InvalidRequest(Exception):
     pass
 
 
 def check_envelope(envelope: queue_pb2.Envelope) -> None:
     if not QUEUE_ID_RE.match(envelope.queue_id):
-        raise InvalidEnqueue("queue_id must be 8-64 letters or digits")
+        raise InvalidRequest("queue_id must be 8-64 letters or digits")
     if not envelope.recipients:
-        raise InvalidEnqueue("at least one recipient is required")
+        raise InvalidRequest("at least one recipient is required")
     if envelope.size < 0:
-        raise InvalidEnqueue("size must not be negative")
+        raise InvalidRequest("size must not be negative")
+
+
+def matches(record: MessageRecord, selector: queue_pb2.MessageFilter) -> bool:
+    if selector.queue_ids:
+        return record.queue_id in selector.queue_ids
+    if selector.state and record.state != selector.state:
+        return False
+    if selector.null_sender and record.mail_from:
+        return False
+    if selector.sender and record.mail_from.lower() != selector.sender.lower():
+        return False
+    domain = selector.recipient_domain.lower()
+    return not domain or any(domain_of(r.address) == domain for r in record.pending())
+
+
+def _recipient_status(state: RecipientState) -> queue_pb2.RecipientStatus:
+    return queue_pb2.RecipientStatus(
+        address=state.address,
+        status=state.status,
+        attempts=state.attempts,
+        last_reply=state.last_reply,
+        next_attempt=state.next_attempt if state.status == "deferred" else 0.0,
+        history=[queue_pb2.Attempt(at=a.at, reply=a.reply) for a in state.history],
+    )
+
+
+def summary_of(record: MessageRecord) -> queue_pb2.MessageSummary:
+    return queue_pb2.MessageSummary(
+        queue_id=record.queue_id,
+        sender=record.mail_from,
+        received_at=record.received_at,
+        size=record.size,
+        state=record.state,
+        recipients=[_recipient_status(r) for r in record.recipients],
+    )
 
 
 class QueueService(queue_pb2_grpc.QueueServiceServicer):
-    def __init__(
-        self,
-        js: JetStreamContext,
-        records: RecordStore,
-        tables: TableFollower,
-        manager: QueueManager,
-    ) -> None:
+    def __init__(self, js: JetStreamContext, records: RecordStore, manager: QueueManager) -> None:
         self._js = js
         self._records = records
-        self._tables = tables
         self._manager = manager
 
     async def Enqueue(
@@ -69,25 +99,39 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                     part = request.WhichOneof("part")
                     if envelope is None:
                         if part != "envelope":
-                            raise InvalidEnqueue("the first request must carry the envelope")
+                            raise InvalidRequest("the first request must carry the envelope")
                         envelope = request.envelope
                         check_envelope(envelope)
                     elif part == "chunk":
                         size += len(request.chunk)
                         if size > envelope.size:
-                            raise InvalidEnqueue("body is longer than the envelope's size")
+                            raise InvalidRequest("body is longer than the envelope's size")
                         body.write(request.chunk)
                     else:
-                        raise InvalidEnqueue("only body chunks may follow the envelope")
+                        raise InvalidRequest("only body chunks may follow the envelope")
                 if envelope is None:
-                    raise InvalidEnqueue("empty request stream")
+                    raise InvalidRequest("empty request stream")
                 if size != envelope.size:
-                    raise InvalidEnqueue(f"body has {size} bytes, envelope says {envelope.size}")
-            except InvalidEnqueue as error:
+                    raise InvalidRequest(f"body has {size} bytes, envelope says {envelope.size}")
+            except InvalidRequest as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
                 raise  # abort() raises; this keeps type checkers aware
+            template = MessageRecord(
+                queue_id=envelope.queue_id,
+                mail_from=envelope.mail_from,
+                recipients=[RecipientState(address=r) for r in envelope.recipients],
+                received_at=0.0,
+                size=size,
+                body_store="stream",
+                client_address=envelope.client_address,
+                client_helo=envelope.client_helo,
+                authenticated_as=envelope.authenticated_as,
+                smtputf8=envelope.smtputf8,
+                body_type=envelope.body_type,
+                message_id_header=envelope.message_id_header,
+            )
             try:
-                await self._store(envelope, body, size)
+                record = await self._manager.intake.accept(template, body, size)
             except NATS_FAILURES as error:
                 log.warning(
                     "enqueue failed, the client will retry: %r",
@@ -96,42 +140,79 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                 )
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "message store unavailable")
                 raise
+        if record is not None:
+            self._manager.watch(record)
         return queue_pb2.EnqueueResponse(queue_id=envelope.queue_id)
 
-    async def _store(
-        self, envelope: queue_pb2.Envelope, body: tempfile.SpooledTemporaryFile[bytes], size: int
-    ) -> None:
-        now = time.time()
-        body_store = await store_body(self._js, envelope.queue_id, body, size)
-        recipients = list(envelope.recipients)
-        record = MessageRecord(
-            queue_id=envelope.queue_id,
-            mail_from=envelope.mail_from,
-            recipients=[RecipientState(address=r) for r in recipients],
-            received_at=now,
-            size=size,
-            body_store=body_store,
-            client_address=envelope.client_address,
-            client_helo=envelope.client_helo,
-            authenticated_as=envelope.authenticated_as,
-            smtputf8=envelope.smtputf8,
-            body_type=envelope.body_type,
-            message_id_header=envelope.message_id_header,
+    async def _select(self, selector: queue_pb2.MessageFilter) -> list[MessageRecord]:
+        if selector.state and selector.state not in STATES:
+            raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
+        if selector.queue_ids:
+            found = [await self._records.get(queue_id) for queue_id in selector.queue_ids]
+            return [entry[0] for entry in found if entry is not None]
+        selected = [r async for r in self._records.all() if matches(r, selector)]
+        return sorted(selected, key=lambda r: r.received_at)
+
+    async def ListMessages(
+        self, request: queue_pb2.ListMessagesRequest, context: grpc.aio.ServicerContext
+    ) -> queue_pb2.ListMessagesResponse:
+        try:
+            selected = await self._select(request.filter)
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise
+        shown = selected[: request.limit] if request.limit > 0 else selected
+        return queue_pb2.ListMessagesResponse(
+            messages=[summary_of(r) for r in shown], total=len(selected)
         )
-        mark_dispatched(record, recipients, now)
-        if not await self._records.create(record):
-            # A retried Enqueue: the record is stored; publishing its first jobs
-            # again is harmless (deduplicated by JetStream).
-            found = await self._records.get(envelope.queue_id)
-            if found is None or found[0].dispatches != 1:
-                return
-            record = found[0]
-        await publish_jobs(self._js, self._tables.table, record, recipients)
-        self._manager.watch(record)
-        log.info(
-            "queued from=<%s> nrcpt=%d size=%d",
-            envelope.mail_from,
-            len(recipients),
-            size,
-            extra={"queue_id": envelope.queue_id},
+
+    async def GetMessage(
+        self, request: queue_pb2.GetMessageRequest, context: grpc.aio.ServicerContext
+    ) -> queue_pb2.MessageDetail:
+        found = await self._records.get(request.queue_id)
+        if found is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no message {request.queue_id}")
+            raise InvalidRequest(request.queue_id)
+        record = found[0]
+        try:
+            body = await load_body(self._js, record.queue_id, record.body_store)
+        except nats.js.errors.NotFoundError:
+            body = b""
+        return queue_pb2.MessageDetail(
+            summary=summary_of(record),
+            client_address=record.client_address,
+            client_helo=record.client_helo,
+            authenticated_as=record.authenticated_as,
+            message_id_header=record.message_id_header,
+            headers=header_section(body[:SHOWN_HEADERS_LIMIT]),
         )
+
+    async def ApplyAction(
+        self, request: queue_pb2.ActionRequest, context: grpc.aio.ServicerContext
+    ) -> queue_pb2.ActionResponse:
+        mutations: dict[int, Mutation] = {
+            queue_pb2.ACTION_HOLD: QueueManager.hold,
+            queue_pb2.ACTION_RELEASE: QueueManager.release,
+            queue_pb2.ACTION_RETRY: QueueManager.retry_now,
+        }
+        try:
+            if request.action not in (*mutations, queue_pb2.ACTION_DELETE):
+                raise InvalidRequest("action must be hold, release, delete or retry")
+            if not request.filter.queue_ids and not request.all_matching:
+                raise InvalidRequest("name queue ids, or set all_matching to act on a filter")
+            selected = await self._select(request.filter)
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise
+        changed = []
+        for record in selected:
+            if request.action == queue_pb2.ACTION_DELETE:
+                if await self._manager.delete(record.queue_id):
+                    changed.append(record.queue_id)
+                continue
+            before = record.model_dump()
+            after = await self._manager.mutate(record.queue_id, mutations[request.action])
+            if after is not None and after.model_dump() != before:
+                changed.append(record.queue_id)
+        log.info("admin %s on %d message(s)", queue_pb2.Action.Name(request.action), len(changed))
+        return queue_pb2.ActionResponse(queue_ids=changed)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +18,27 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Action:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Action.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ACTION_UNSPECIFIED: _Action.ValueType  # 0
+    ACTION_HOLD: _Action.ValueType  # 1
+    ACTION_RELEASE: _Action.ValueType  # 2
+    ACTION_DELETE: _Action.ValueType  # 3
+    ACTION_RETRY: _Action.ValueType  # 4
+
+class Action(_Action, metaclass=_ActionEnumTypeWrapper): ...
+
+ACTION_UNSPECIFIED: Action.ValueType  # 0
+ACTION_HOLD: Action.ValueType  # 1
+ACTION_RELEASE: Action.ValueType  # 2
+ACTION_DELETE: Action.ValueType  # 3
+ACTION_RETRY: Action.ValueType  # 4
+Global___Action: _TypeAlias = Action  # noqa: Y015
 
 @_typing.final
 class Envelope(_message.Message):
@@ -119,3 +141,291 @@ class EnqueueResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnqueueResponse: _TypeAlias = EnqueueResponse  # noqa: Y015
+
+@_typing.final
+class MessageFilter(_message.Message):
+    """Which messages an admin call applies to. Empty fields match everything."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_IDS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RECIPIENT_DOMAIN_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    NULL_SENDER_FIELD_NUMBER: _builtins.int
+    state: _builtins.str
+    """"active", "deferred" or "held"."""
+    recipient_domain: _builtins.str
+    """Matches messages with at least one pending recipient in this domain."""
+    sender: _builtins.str
+    """Exact reverse path ("" matches all; use null_sender for <>)."""
+    null_sender: _builtins.bool
+    @_builtins.property
+    def queue_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Exact queue ids; when set, the other fields are ignored."""
+
+    def __init__(
+        self,
+        *,
+        queue_ids: _abc.Iterable[_builtins.str] | None = ...,
+        state: _builtins.str = ...,
+        recipient_domain: _builtins.str = ...,
+        sender: _builtins.str = ...,
+        null_sender: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["null_sender", b"null_sender", "queue_ids", b"queue_ids", "recipient_domain", b"recipient_domain", "sender", b"sender", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessageFilter: _TypeAlias = MessageFilter  # noqa: Y015
+
+@_typing.final
+class RecipientStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_REPLY_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    status: _builtins.str
+    """queued, deferred, delivered, bounced, expired"""
+    attempts: _builtins.int
+    last_reply: _builtins.str
+    next_attempt: _builtins.float
+    """Unix time of the next attempt; 0 when none is planned."""
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]: ...
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        status: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        last_reply: _builtins.str = ...,
+        next_attempt: _builtins.float = ...,
+        history: _abc.Iterable[Global___Attempt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attempts", b"attempts", "history", b"history", "last_reply", b"last_reply", "next_attempt", b"next_attempt", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecipientStatus: _TypeAlias = RecipientStatus  # noqa: Y015
+
+@_typing.final
+class Attempt(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    at: _builtins.float
+    reply: _builtins.str
+    def __init__(
+        self,
+        *,
+        at: _builtins.float = ...,
+        reply: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "reply", b"reply"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attempt: _TypeAlias = Attempt  # noqa: Y015
+
+@_typing.final
+class MessageSummary(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_ID_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    queue_id: _builtins.str
+    sender: _builtins.str
+    received_at: _builtins.float
+    size: _builtins.int
+    state: _builtins.str
+    """active, deferred or held (as in postqueue -p)."""
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecipientStatus]: ...
+    def __init__(
+        self,
+        *,
+        queue_id: _builtins.str = ...,
+        sender: _builtins.str = ...,
+        received_at: _builtins.float = ...,
+        size: _builtins.int = ...,
+        state: _builtins.str = ...,
+        recipients: _abc.Iterable[Global___RecipientStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue_id", b"queue_id", "received_at", b"received_at", "recipients", b"recipients", "sender", b"sender", "size", b"size", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessageSummary: _TypeAlias = MessageSummary  # noqa: Y015
+
+@_typing.final
+class ListMessagesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """At most this many (0 = no limit), oldest first."""
+    @_builtins.property
+    def filter(self) -> Global___MessageFilter: ...
+    def __init__(
+        self,
+        *,
+        filter: Global___MessageFilter | None = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMessagesRequest: _TypeAlias = ListMessagesRequest  # noqa: Y015
+
+@_typing.final
+class ListMessagesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """How many matched in all (messages may be cut by limit)."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___MessageSummary]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___MessageSummary] | None = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMessagesResponse: _TypeAlias = ListMessagesResponse  # noqa: Y015
+
+@_typing.final
+class GetMessageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_ID_FIELD_NUMBER: _builtins.int
+    queue_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        queue_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue_id", b"queue_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMessageRequest: _TypeAlias = GetMessageRequest  # noqa: Y015
+
+@_typing.final
+class MessageDetail(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    CLIENT_ADDRESS_FIELD_NUMBER: _builtins.int
+    CLIENT_HELO_FIELD_NUMBER: _builtins.int
+    AUTHENTICATED_AS_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_HEADER_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    client_address: _builtins.str
+    client_helo: _builtins.str
+    authenticated_as: _builtins.str
+    message_id_header: _builtins.str
+    headers: _builtins.bytes
+    """The message's header section as stored (up to 64 KiB)."""
+    @_builtins.property
+    def summary(self) -> Global___MessageSummary: ...
+    def __init__(
+        self,
+        *,
+        summary: Global___MessageSummary | None = ...,
+        client_address: _builtins.str = ...,
+        client_helo: _builtins.str = ...,
+        authenticated_as: _builtins.str = ...,
+        message_id_header: _builtins.str = ...,
+        headers: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "client_address", b"client_address", "client_helo", b"client_helo", "headers", b"headers", "message_id_header", b"message_id_header", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessageDetail: _TypeAlias = MessageDetail  # noqa: Y015
+
+@_typing.final
+class ActionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    ALL_MATCHING_FIELD_NUMBER: _builtins.int
+    action: Global___Action.ValueType
+    all_matching: _builtins.bool
+    """Required to act on a filter that names no queue ids: a guard against
+    deleting the whole queue by accident.
+    """
+    @_builtins.property
+    def filter(self) -> Global___MessageFilter: ...
+    def __init__(
+        self,
+        *,
+        action: Global___Action.ValueType = ...,
+        filter: Global___MessageFilter | None = ...,
+        all_matching: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "all_matching", b"all_matching", "filter", b"filter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActionRequest: _TypeAlias = ActionRequest  # noqa: Y015
+
+@_typing.final
+class ActionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queue_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Queue ids the action changed."""
+
+    def __init__(
+        self,
+        *,
+        queue_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue_ids", b"queue_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActionResponse: _TypeAlias = ActionResponse  # noqa: Y015

@@ -40,6 +40,21 @@ class QueueServiceStub:
                 request_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueRequest.SerializeToString,
                 response_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
                 _registered_method=True)
+        self.ListMessages = channel.unary_unary(
+                '/kurrier.v1.QueueService/ListMessages',
+                request_serializer=kurrier_dot_v1_dot_queue__pb2.ListMessagesRequest.SerializeToString,
+                response_deserializer=kurrier_dot_v1_dot_queue__pb2.ListMessagesResponse.FromString,
+                _registered_method=True)
+        self.GetMessage = channel.unary_unary(
+                '/kurrier.v1.QueueService/GetMessage',
+                request_serializer=kurrier_dot_v1_dot_queue__pb2.GetMessageRequest.SerializeToString,
+                response_deserializer=kurrier_dot_v1_dot_queue__pb2.MessageDetail.FromString,
+                _registered_method=True)
+        self.ApplyAction = channel.unary_unary(
+                '/kurrier.v1.QueueService/ApplyAction',
+                request_serializer=kurrier_dot_v1_dot_queue__pb2.ActionRequest.SerializeToString,
+                response_deserializer=kurrier_dot_v1_dot_queue__pb2.ActionResponse.FromString,
+                _registered_method=True)
 
 
 class QueueServiceServicer:
@@ -55,6 +70,26 @@ class QueueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMessages(self, request, context):
+        """Admin: the postqueue/postsuper of kurrier.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMessage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyAction(self, request, context):
+        """Hold, release, delete or retry now the selected messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueueServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +97,21 @@ def add_QueueServiceServicer_to_server(servicer, server):
                     servicer.Enqueue,
                     request_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueRequest.FromString,
                     response_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.SerializeToString,
+            ),
+            'ListMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMessages,
+                    request_deserializer=kurrier_dot_v1_dot_queue__pb2.ListMessagesRequest.FromString,
+                    response_serializer=kurrier_dot_v1_dot_queue__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'GetMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMessage,
+                    request_deserializer=kurrier_dot_v1_dot_queue__pb2.GetMessageRequest.FromString,
+                    response_serializer=kurrier_dot_v1_dot_queue__pb2.MessageDetail.SerializeToString,
+            ),
+            'ApplyAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyAction,
+                    request_deserializer=kurrier_dot_v1_dot_queue__pb2.ActionRequest.FromString,
+                    response_serializer=kurrier_dot_v1_dot_queue__pb2.ActionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +142,87 @@ class QueueService:
             '/kurrier.v1.QueueService/Enqueue',
             kurrier_dot_v1_dot_queue__pb2.EnqueueRequest.SerializeToString,
             kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kurrier.v1.QueueService/ListMessages',
+            kurrier_dot_v1_dot_queue__pb2.ListMessagesRequest.SerializeToString,
+            kurrier_dot_v1_dot_queue__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kurrier.v1.QueueService/GetMessage',
+            kurrier_dot_v1_dot_queue__pb2.GetMessageRequest.SerializeToString,
+            kurrier_dot_v1_dot_queue__pb2.MessageDetail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kurrier.v1.QueueService/ApplyAction',
+            kurrier_dot_v1_dot_queue__pb2.ActionRequest.SerializeToString,
+            kurrier_dot_v1_dot_queue__pb2.ActionResponse.FromString,
             options,
             channel_credentials,
             insecure,

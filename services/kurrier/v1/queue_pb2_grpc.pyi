@@ -38,6 +38,11 @@ class QueueServiceStub:
     the following ones carry the body in chunks. The reply comes only after
     the message is durably stored in JetStream.
     """
+    ListMessages: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListMessagesRequest, _queue_pb2.ListMessagesResponse]
+    """Admin: the postqueue/postsuper of kurrier."""
+    GetMessage: _grpc.UnaryUnaryMultiCallable[_queue_pb2.GetMessageRequest, _queue_pb2.MessageDetail]
+    ApplyAction: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ActionRequest, _queue_pb2.ActionResponse]
+    """Hold, release, delete or retry now the selected messages."""
 
 @_typing.type_check_only
 class QueueServiceAsyncStub(QueueServiceStub):
@@ -49,6 +54,11 @@ class QueueServiceAsyncStub(QueueServiceStub):
     the following ones carry the body in chunks. The reply comes only after
     the message is durably stored in JetStream.
     """
+    ListMessages: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListMessagesRequest, _queue_pb2.ListMessagesResponse]  # type: ignore[assignment]
+    """Admin: the postqueue/postsuper of kurrier."""
+    GetMessage: _aio.UnaryUnaryMultiCallable[_queue_pb2.GetMessageRequest, _queue_pb2.MessageDetail]  # type: ignore[assignment]
+    ApplyAction: _aio.UnaryUnaryMultiCallable[_queue_pb2.ActionRequest, _queue_pb2.ActionResponse]  # type: ignore[assignment]
+    """Hold, release, delete or retry now the selected messages."""
 
 class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
     """QueueService stores accepted mail durably and administers the queue."""
@@ -63,5 +73,28 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         the following ones carry the body in chunks. The reply comes only after
         the message is durably stored in JetStream.
         """
+
+    @_abc_1.abstractmethod
+    def ListMessages(
+        self,
+        request: _queue_pb2.ListMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.ListMessagesResponse, _abc.Awaitable[_queue_pb2.ListMessagesResponse]]:
+        """Admin: the postqueue/postsuper of kurrier."""
+
+    @_abc_1.abstractmethod
+    def GetMessage(
+        self,
+        request: _queue_pb2.GetMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.MessageDetail, _abc.Awaitable[_queue_pb2.MessageDetail]]: ...
+
+    @_abc_1.abstractmethod
+    def ApplyAction(
+        self,
+        request: _queue_pb2.ActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.ActionResponse, _abc.Awaitable[_queue_pb2.ActionResponse]]:
+        """Hold, release, delete or retry now the selected messages."""
 
 def add_QueueServiceServicer_to_server(servicer: QueueServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,168 @@
+"""`kurrier queue list|show|hold|release|delete|retry|flush`: postqueue/postsuper for kurrier."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from kurrier.v1 import queue_pb2, queue_pb2_grpc
+
+ACTIONS = {
+    "hold": queue_pb2.ACTION_HOLD,
+    "release": queue_pb2.ACTION_RELEASE,
+    "delete": queue_pb2.ACTION_DELETE,
+    "retry": queue_pb2.ACTION_RETRY,
+    "flush": queue_pb2.ACTION_RETRY,
+}
+# Like postqueue -p: '*' marks a message being delivered, '!' one on hold.
+STATE_MARK = {"active": "*", "held": "!", "deferred": " "}
+RPC_TIMEOUT = 60.0
+
+
+class AdminError(Exception):
+    """A failure to tell the user in one line (exit code 1)."""
+
+
+def queue_address(args: argparse.Namespace) -> str:
+    if args.queue_address:
+        return str(args.queue_address)
+    state_file = Path(args.data_dir) / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        raise AdminError(
+            f"no running `kurrier up` in {args.data_dir} (give --data-dir or --queue-address)"
+        ) from None
+    return str(state["queue_address"])
+
+
+def _filter(args: argparse.Namespace) -> queue_pb2.MessageFilter:
+    sender = getattr(args, "sender", None)
+    return queue_pb2.MessageFilter(
+        queue_ids=getattr(args, "queue_ids", None) or [],
+        state=getattr(args, "state", None) or "",
+        recipient_domain=getattr(args, "domain", None) or "",
+        sender="" if sender in (None, "<>") else sender,
+        null_sender=sender == "<>",
+    )
+
+
+def format_listing(response: queue_pb2.ListMessagesResponse) -> str:
+    if not response.messages:
+        return "Mail queue is empty"
+    lines = ["-Queue ID-            --Size-- ----Arrival Time---- -Sender/Recipient-------"]
+    total_size = 0
+    for message in response.messages:
+        total_size += message.size
+        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(message.received_at))
+        mark = STATE_MARK.get(message.state, " ")
+        lines.append(
+            f"{message.queue_id}{mark} {message.size:8d} {arrival}  {message.sender or '<>'}"
+        )
+        for recipient in message.recipients:
+            if recipient.status in ("delivered", "bounced", "expired"):
+                continue
+            if recipient.last_reply:
+                lines.append(f"{'':22}({recipient.last_reply})")
+            lines.append(f"{'':51}{recipient.address}")
+        lines.append("")
+    kbytes = (total_size + 1023) // 1024
+    lines.append(
+        f"-- {kbytes} Kbytes in {response.total} Request{'s' if response.total != 1 else ''}."
+    )
+    return "\n".join(lines)
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def format_detail(detail: queue_pb2.MessageDetail) -> str:
+    summary = detail.summary
+    lines = [
+        f"Queue ID:     {summary.queue_id}",
+        f"State:        {summary.state}",
+        f"Sender:       <{summary.sender}>",
+        f"Arrival:      {_when(summary.received_at)}",
+        f"Size:         {summary.size}",
+        f"Client:       {detail.client_address} (HELO {detail.client_helo or '-'})",
+        f"Auth:         {detail.authenticated_as or '-'}",
+        f"Message-ID:   {detail.message_id_header or '-'}",
+        "",
+        "Recipients:",
+    ]
+    for recipient in summary.recipients:
+        lines.append(f"  <{recipient.address}> {recipient.status}, {recipient.attempts} attempt(s)")
+        if recipient.next_attempt:
+            lines.append(f"    next attempt {_when(recipient.next_attempt)}")
+        for attempt in recipient.history:
+            lines.append(f"    {_when(attempt.at)}  {attempt.reply}")
+    lines += ["", "Headers:", detail.headers.decode("utf-8", errors="replace").rstrip("\r\n")]
+    return "\n".join(lines).replace("\r\n", "\n")
+
+
+def _as_json(message: Any) -> str:
+    return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2)
+
+
+async def _call(args: argparse.Namespace) -> str:
+    address = queue_address(args)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = queue_pb2_grpc.QueueServiceStub(channel)
+        try:
+            if args.action == "list":
+                listing = await stub.ListMessages(
+                    queue_pb2.ListMessagesRequest(filter=_filter(args)), timeout=RPC_TIMEOUT
+                )
+                return _as_json(listing) if args.json else format_listing(listing)
+            if args.action == "show":
+                detail = await stub.GetMessage(
+                    queue_pb2.GetMessageRequest(queue_id=args.queue_id), timeout=RPC_TIMEOUT
+                )
+                return _as_json(detail) if args.json else format_detail(detail)
+            selector = _filter(args)
+            if args.action == "flush":
+                selector = queue_pb2.MessageFilter(state="deferred")
+            response = await stub.ApplyAction(
+                queue_pb2.ActionRequest(
+                    action=ACTIONS[args.action],
+                    filter=selector,
+                    all_matching=args.action == "flush" or bool(getattr(args, "all", False)),
+                ),
+                timeout=RPC_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                raise AdminError(f"cannot reach the queue at {address}") from None
+            raise AdminError(error.details() or error.code().name) from None
+    if args.json:
+        return _as_json(response)
+    verb = {"flush": "scheduled for retry", "retry": "scheduled for retry"}.get(
+        args.action, f"{args.action}{'d' if args.action.endswith('e') else 'ed'}"
+    )
+    return f"{len(response.queue_ids)} message(s) {verb}" + "".join(
+        f"\n  {queue_id}" for queue_id in response.queue_ids
+    )
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    if args.action in ("hold", "release", "delete", "retry"):
+        if bool(args.queue_ids) == bool(args.all):
+            print(f"kurrier queue {args.action}: give queue ids or --all", file=sys.stderr)
+            return 2
+        if args.action == "delete" and args.all and not args.yes:
+            print("kurrier queue delete --all: add --yes to delete every match", file=sys.stderr)
+            return 2
+    try:
+        print(asyncio.run(_call(args)))
+    except AdminError as error:
+        print(f"kurrier queue {args.action}: {error}", file=sys.stderr)
+        return 1
+    return 0

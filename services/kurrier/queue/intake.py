@@ -1,0 +1,64 @@
+"""Taking a message into the queue durably: body, record, first jobs — in that order.
+
+Used by Enqueue (mail from ingress) and by the queue itself for delivery
+status notifications, so both take exactly the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import IO
+
+from kurrier.core.body_store import store_body
+from kurrier.core.message import MessageRecord, RecipientState
+from kurrier.core.table_store import TableFollower
+from kurrier.queue.dispatch import mark_dispatched, publish_jobs
+from kurrier.queue.records import RecordStore
+from nats.js import JetStreamContext
+
+log = logging.getLogger(__name__)
+
+
+class Intake:
+    def __init__(self, js: JetStreamContext, records: RecordStore, tables: TableFollower) -> None:
+        self._js = js
+        self._records = records
+        self._tables = tables
+
+    async def accept(
+        self, template: MessageRecord, body: IO[bytes], size: int
+    ) -> MessageRecord | None:
+        """Store the message; returns its record, or None if a retry found it already progressed.
+
+        template carries the envelope; body store, sizes and dispatch state are
+        filled in here. Idempotent per queue id: the body is deduplicated by
+        JetStream, the record is created only once, and the first jobs carry
+        the same dedup ids on every retry.
+        """
+        now = time.time()
+        body_store = await store_body(self._js, template.queue_id, body, size)
+        record = template.model_copy(
+            update={
+                "received_at": now,
+                "size": size,
+                "body_store": body_store,
+                "recipients": [RecipientState(address=r.address) for r in template.recipients],
+            }
+        )
+        addresses = [r.address for r in record.recipients]
+        mark_dispatched(record, addresses, now)
+        if not await self._records.create(record):
+            found = await self._records.get(record.queue_id)
+            if found is None or found[0].dispatches != 1:
+                return None
+            record = found[0]
+        await publish_jobs(self._js, self._tables.table, record, addresses)
+        log.info(
+            "queued from=<%s> nrcpt=%d size=%d",
+            record.mail_from,
+            len(addresses),
+            size,
+            extra={"queue_id": record.queue_id},
+        )
+        return record

@@ -1,0 +1,216 @@
+"""The queue behaves like an MTA's: retries, bounces (RFC 3464), expiry, admin, connection reuse.
+
+Every test runs the real `kurrier up` against programmable sinks on real sockets.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import json
+import smtplib
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.processes import kurrier_argv, wait_until
+from tests.support.relay import UpRelay, documents, queued_count, route, trusting
+from tests.support.sink import Received, Sink
+
+
+def _message(subject: str) -> bytes:
+    return f"From: s@senders.test\r\nSubject: {subject}\r\n\r\nbody of {subject}\r\n".encode()
+
+
+@pytest.fixture
+def bounce_sink() -> Iterator[Sink]:
+    """Where mail for senders.test (i.e. the notifications) goes."""
+    with Sink() as running:
+        yield running
+
+
+def _config(sink: Sink, bounce_sink: Sink, **route_options: str) -> str:
+    return documents(
+        route("to-sink", ["example.com"], sink.port, 100, **route_options),
+        route("to-senders", ["senders.test"], bounce_sink.port),
+        trusting("127.0.0.0/8"),
+    )
+
+
+def _send(relay: UpRelay, sender: str, recipients: list[str], message: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=60) as smtp:
+        smtp.sendmail(sender, recipients, message)
+
+
+def _admin(relay: UpRelay, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        kurrier_argv("queue", *args, "--data-dir", str(relay.data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _listing(relay: UpRelay, *filters: str) -> list[dict[str, Any]]:
+    result = _admin(relay, "list", "--json", *filters)
+    assert result.returncode == 0, result.stderr
+    messages: list[dict[str, Any]] = json.loads(result.stdout).get("messages", [])
+    return messages
+
+
+def _report(notice: Received) -> tuple[email.message.Message, list[email.message.Message]]:
+    """The parsed DSN and its delivery-status field groups (per-message, per-recipient...)."""
+    dsn = email.message_from_bytes(notice.content)
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    [human, status, original] = _parts(dsn)
+    assert human.get_content_type() == "text/plain"
+    assert status.get_content_type() == "message/delivery-status"
+    assert original.get_content_type() in ("message/rfc822", "text/rfc822-headers")
+    return dsn, _parts(status)
+
+
+def _parts(message: email.message.Message) -> list[email.message.Message]:
+    parts = message.get_payload()
+    assert isinstance(parts, list)
+    assert all(isinstance(part, email.message.Message) for part in parts)
+    return [part for part in parts if isinstance(part, email.message.Message)]
+
+
+def test_deferred_then_delivered_exactly_once(
+    tmp_path: Path, sink: Sink, bounce_sink: Sink
+) -> None:
+    sink.behaviour.temp_failures = 2
+    with UpRelay(tmp_path, _config(sink, bounce_sink)) as relay:
+        _send(relay, "s@senders.test", ["r@example.com"], _message("retried"))
+        [delivered] = sink.wait_for(1, timeout=60)
+        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+    assert len(sink.messages) == 1
+    assert sink.behaviour.temp_failures == 0
+    assert b"Subject: retried" in delivered.content
+    assert bounce_sink.messages == []
+
+
+def test_550_for_one_recipient_bounces_it_and_delivers_the_other(
+    tmp_path: Path, sink: Sink, bounce_sink: Sink
+) -> None:
+    sink.behaviour.rejected["gone@example.com"] = "550 5.1.1 <gone@example.com>: user unknown"
+    with UpRelay(tmp_path, _config(sink, bounce_sink)) as relay:
+        _send(relay, "s@senders.test", ["gone@example.com", "ok@example.com"], _message("mixed"))
+        [delivered] = sink.wait_for(1)
+        [notice] = bounce_sink.wait_for(1)
+        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+    assert delivered.recipients == ("ok@example.com",)
+    assert notice.mail_from == "<>"  # notifications come from the null sender
+    assert notice.recipients == ("s@senders.test",)
+    dsn, groups = _report(notice)
+    assert dsn["Auto-Submitted"] == "auto-replied"
+    per_message, per_recipient = groups
+    assert per_message["Reporting-MTA"].startswith("dns; ")
+    assert per_recipient["Final-Recipient"] == "rfc822; gone@example.com"
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"] == "5.1.1"
+    assert per_recipient["Diagnostic-Code"] == "smtp; 550 5.1.1 <gone@example.com>: user unknown"
+    assert b"Subject: mixed" in notice.content  # the original comes back
+
+
+def test_expired_message_bounces_with_the_last_reply(
+    tmp_path: Path, sink: Sink, bounce_sink: Sink
+) -> None:
+    sink.behaviour.temp_failures = 10_000
+    sink.behaviour.temp_failure_reply = "451 4.7.1 greylisted, come back later"
+    config = _config(sink, bounce_sink)
+    with UpRelay(tmp_path, config, "--max-lifetime", "3s") as relay:
+        _send(relay, "s@senders.test", ["slow@example.com"], _message("expiring"))
+        [notice] = bounce_sink.wait_for(1, timeout=60)
+        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+    assert sink.messages == []
+    _, [_, per_recipient] = _report(notice)
+    assert per_recipient["Final-Recipient"] == "rfc822; slow@example.com"
+    assert per_recipient["Status"] == "4.7.1"
+    assert "greylisted" in per_recipient["Diagnostic-Code"]
+
+
+def test_failing_notifications_are_never_bounced_again(
+    tmp_path: Path, sink: Sink, bounce_sink: Sink
+) -> None:
+    sink.behaviour.rejected["gone@example.com"] = "550 5.1.1 user unknown"
+    bounce_sink.behaviour.rejected["s@senders.test"] = "550 5.1.1 the sender is gone too"
+    with UpRelay(tmp_path, _config(sink, bounce_sink)) as relay:
+        # A bounce that bounces, and a message from <> that fails: both end here.
+        _send(relay, "s@senders.test", ["gone@example.com"], _message("double"))
+        _send(relay, "", ["gone@example.com"], _message("from-null-sender"))
+        wait_until(lambda: queued_count(relay.nats_url) == 0, 60, "the queue to drain")
+        log = (tmp_path / "up.log").read_text()
+    assert sink.messages == [] and bounce_sink.messages == []
+    assert log.count("undeliverable notification to") == 2
+
+
+def test_admin_commands(tmp_path: Path, sink: Sink, bounce_sink: Sink) -> None:
+    sink.behaviour.temp_failures = 10_000
+    config = _config(sink, bounce_sink)
+    # Long backoff: messages stay deferred until the admin says otherwise.
+    with UpRelay(tmp_path, config, "--min-backoff", "1h", "--max-backoff", "1h") as relay:
+        for number in range(3):
+            _send(relay, "s@senders.test", [f"r{number}@example.com"], _message(f"m{number}"))
+        wait_until(
+            lambda: len(_listing(relay, "--state", "deferred")) == 3, 30, "three deferred messages"
+        )
+        listing = _listing(relay)
+        ids = [m["queue_id"] for m in listing]
+        assert listing[0]["recipients"][0]["last_reply"] == "451 4.3.0 try again later"
+
+        text = _admin(relay, "list")
+        assert text.returncode == 0
+        assert "(451 4.3.0 try again later)" in text.stdout
+        assert text.stdout.rstrip().endswith("in 3 Requests.")
+
+        shown = _admin(relay, "show", ids[0])
+        assert shown.returncode == 0
+        assert f"Queue ID:     {ids[0]}" in shown.stdout
+        assert "Subject: m0" in shown.stdout
+        assert _admin(relay, "show", "NOSUCHID0000").returncode == 1
+
+        assert _admin(relay, "hold", ids[0]).returncode == 0
+        assert [m["queue_id"] for m in _listing(relay, "--state", "held")] == [ids[0]]
+        assert _admin(relay, "delete", "--all").returncode == 2  # needs --yes too
+        assert _admin(relay, "hold").returncode == 2  # ids or --all
+        assert _admin(relay, "delete", ids[1]).returncode == 0
+        assert {m["queue_id"] for m in _listing(relay)} == {ids[0], ids[2]}
+
+        # Now let mail through: retry one, flush the rest; the held one stays.
+        sink.behaviour.temp_failures = 0
+        assert _admin(relay, "retry", ids[2]).returncode == 0
+        [first] = sink.wait_for(1)
+        assert first.recipients == ("r2@example.com",)
+        flushed = _admin(relay, "flush")
+        assert flushed.returncode == 0
+        assert [m["queue_id"] for m in _listing(relay)] == [ids[0]]
+        assert _admin(relay, "release", ids[0]).returncode == 0
+        sink.wait_for(2)
+        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+    assert sorted(m.recipients[0] for m in sink.messages) == ["r0@example.com", "r2@example.com"]
+
+
+def test_connections_are_reused_and_capped_per_destination(
+    tmp_path: Path, sink: Sink, bounce_sink: Sink
+) -> None:
+    config = _config(sink, bounce_sink, maxConnections="3")
+    with UpRelay(tmp_path, config) as relay:
+
+        def client(worker: int) -> None:
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=60) as smtp:
+                for number in range(20):
+                    smtp.sendmail(
+                        "s@senders.test", ["r@example.com"], _message(f"{worker}-{number}")
+                    )
+
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            list(pool.map(client, range(10)))
+        sink.wait_for(200, timeout=120)
+    assert sink.max_connections_open <= 3
+    assert sink.connections_total <= 20, sink.connections_total
