@@ -1,0 +1,37 @@
+"""Fixtures for the chart, image and Tiltfile tests: a real helm, a real API server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.chart.support import Api, chart_crds, third_party_crds
+from tests.kube_fixtures import TestCluster, start_test_cluster, testbin_dir
+
+
+@pytest.fixture(scope="session")
+def helm_bin() -> Path:
+    """The helm binary from scripts/testbin.sh (built once, cached outside the repo)."""
+    return testbin_dir() / "helm"
+
+
+@pytest.fixture(scope="session")
+def chart_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
+    """One kube-apiserver (with etcd) for every chart test of the session."""
+    with start_test_cluster(tmp_path_factory.mktemp("chart-kube")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def api(chart_cluster: TestCluster) -> Api:
+    return Api(chart_cluster.server, chart_cluster.token, chart_cluster.ssl_context())
+
+
+@pytest.fixture(scope="session")
+def crds(api: Api) -> Api:
+    """The API server with the chart's CRDs and the third-party stand-ins installed."""
+    for crd in [*chart_crds(), *third_party_crds()]:
+        api.install_crd(crd)
+    return api

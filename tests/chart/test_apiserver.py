@@ -1,0 +1,228 @@
+"""A real kube-apiserver accepts everything the chart renders (server-side dry run,
+strict field validation), `helm install`/`upgrade`/`uninstall` work against it,
+and the operator's RBAC grants exactly what it needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.chart.support import (
+    CHART,
+    CHART_CRDS,
+    RELEASE,
+    SCENARIOS,
+    Api,
+    Scenario,
+    by_kind,
+    chart_crds,
+    helm,
+    render,
+)
+from tests.kube_fixtures import TestCluster
+
+RELAY_KINDS = {"RelayDomain", "RelayRoute", "RelayPolicy"}
+RESTRICTED = {
+    f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn", "audit")
+}
+
+
+def test_chart_ships_the_relay_crds() -> None:
+    crds = chart_crds()
+    kinds = {crd["spec"]["names"]["kind"] for crd in crds}
+    assert kinds >= RELAY_KINDS, f"{CHART_CRDS} must hold CRDs for {sorted(RELAY_KINDS)}"
+    for crd in crds:
+        assert crd["kind"] == "CustomResourceDefinition"
+        assert crd["spec"]["group"] == "kurrier.io"
+        assert crd["spec"]["scope"] == "Namespaced"
+
+
+@pytest.mark.parametrize("s", SCENARIOS, ids=lambda s: s.name)
+def test_server_side_dry_run_accepts_every_object(
+    helm_bin: Path, crds: Api, s: Scenario, tmp_path: Path
+) -> None:
+    api = crds
+    objects = render(helm_bin, s, tmp_path, include_crds=True)
+
+    # helm passes the CRDs through unchanged; the `crds` fixture created them
+    # for real (after a dry run), as custom resources can only be checked then.
+    rendered_crds = by_kind(objects, "CustomResourceDefinition")
+    assert sorted(c["metadata"]["name"] for c in rendered_crds) == sorted(
+        c["metadata"]["name"] for c in chart_crds()
+    )
+    others = [o for o in objects if o["kind"] != "CustomResourceDefinition"]
+
+    # The API server's own Pod Security admission, at the "restricted" level,
+    # rejects non-compliant Pods and warns about non-compliant workloads.
+    namespaces = {o["metadata"]["namespace"] for o in others if "namespace" in o["metadata"]}
+    for namespace in sorted(namespaces):
+        api.ensure_namespace(namespace, RESTRICTED)
+
+    failures = []
+    for obj in others:
+        resp = api.create(obj, dry_run=True)
+        what = f"{obj['kind']}/{obj['metadata']['name']}"
+        if resp.status != 201:
+            failures.append(f"{what}: {resp.status} {resp.message}")
+        failures += [f"{what}: warning: {w}" for w in resp.warnings]
+    assert failures == []
+
+
+def test_dry_run_rejects_a_broken_object(crds: Api) -> None:
+    """The check has teeth: a typo in a field is refused under strict validation."""
+    crds.ensure_namespace("kurrier-broken")
+    broken = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "broken", "namespace": "kurrier-broken"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "x"}},
+            "template": {
+                "metadata": {"labels": {"app": "x"}},
+                "spec": {
+                    "containers": [
+                        {"name": "x", "image": "x:1", "imagePullPolicy": "Sometimes", "portz": []}
+                    ]
+                },
+            },
+        },
+    }
+    resp = crds.create(broken, dry_run=True)
+    assert resp.status in (400, 422), resp
+    assert "portz" in resp.message or "imagePullPolicy" in resp.message, resp.message
+
+
+def test_pod_security_admission_has_teeth(helm_bin: Path, crds: Api, tmp_path: Path) -> None:
+    """Loosened security values make the restricted namespace refuse the test Pod."""
+    loose = Scenario(
+        "loose",
+        {"containerSecurityContext": {"allowPrivilegeEscalation": True, "capabilities": None}},
+    )
+    objects = render(helm_bin, loose, tmp_path)
+    crds.ensure_namespace(loose.namespace, RESTRICTED)
+    resp = crds.create(by_kind(objects, "Pod")[0], dry_run=True)
+    assert resp.status == 403, resp
+    assert "violates PodSecurity" in resp.message, resp.message
+    deployment = crds.create(by_kind(objects, "Deployment")[0], dry_run=True)
+    assert deployment.status == 201, deployment
+    assert any("allowPrivilegeEscalation" in w for w in deployment.warnings), deployment.warnings
+
+
+def test_relay_crs_are_validated_by_their_crds(crds: Api) -> None:
+    crds.ensure_namespace("kurrier-crs")
+    bad_route = {
+        "apiVersion": "kurrier.io/v1alpha1",
+        "kind": "RelayRoute",
+        "metadata": {"name": "bad", "namespace": "kurrier-crs"},
+        "spec": {"priority": "high", "match": {"recipientDomains": ["*"]}},
+    }
+    resp = crds.create(bad_route, dry_run=True)
+    assert resp.status in (400, 422), resp
+
+
+def subject_can(
+    api: Api,
+    namespace: str,
+    account: str,
+    verb: str,
+    resource: str,
+    group: str = "",
+    subresource: str = "",
+    in_namespace: str | None = None,
+) -> bool:
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SubjectAccessReview",
+        "spec": {
+            "user": f"system:serviceaccount:{namespace}:{account}",
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"],
+            "resourceAttributes": {
+                "namespace": in_namespace if in_namespace is not None else namespace,
+                "verb": verb,
+                "group": group,
+                "resource": resource,
+                "subresource": subresource,
+            },
+        },
+    }
+    resp = api.request("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews", review)
+    assert resp.status == 201, resp
+    allowed: bool = resp.body["status"].get("allowed", False)
+    return allowed
+
+
+def test_helm_install_upgrade_uninstall(
+    helm_bin: Path, chart_cluster: TestCluster, crds: Api, tmp_path: Path
+) -> None:
+    api = crds
+    ns = "kurrier-install"
+    env = chart_cluster.env()
+    api.ensure_namespace(ns, RESTRICTED)
+    out = helm(helm_bin, "install", RELEASE, str(CHART), "--namespace", ns, env=env)
+    assert "STATUS: deployed" in out, out
+    # NOTES.txt tells how to send a test mail.
+    assert f"kubectl port-forward -n {ns} svc/kurrier-ingress 2525:25" in out, out
+    assert f"helm test {RELEASE} -n {ns}" in out, out
+
+    got = api.request("GET", f"/apis/apps/v1/namespaces/{ns}/deployments")
+    assert sorted(d["metadata"]["name"] for d in got.body["items"]) == [
+        "kurrier-delivery",
+        "kurrier-ingress",
+        "kurrier-operator",
+        "kurrier-queue",
+    ]
+
+    # The operator's RBAC, as the API server's authorizer sees it.
+    op = "kurrier-operator"
+    for verb in ("get", "list", "watch", "patch"):
+        assert subject_can(api, ns, op, verb, "relayroutes", "kurrier.io")
+    assert subject_can(api, ns, op, "patch", "relaydomains", "kurrier.io", "status")
+    assert subject_can(api, ns, op, "update", "relaypolicies", "kurrier.io", "status")
+    assert subject_can(api, ns, op, "get", "secrets", in_namespace="apps")  # cluster-wide
+    assert subject_can(api, ns, op, "create", "events")
+    assert subject_can(api, ns, op, "create", "events", "events.k8s.io")
+    assert not subject_can(api, ns, op, "create", "secrets")
+    assert not subject_can(api, ns, op, "delete", "relayroutes", "kurrier.io")
+    assert not subject_can(api, ns, op, "create", "relayroutes", "kurrier.io")
+    assert not subject_can(api, ns, op, "list", "pods")
+    for account in ("kurrier-ingress", "kurrier-queue", "kurrier-delivery", "kurrier-nats"):
+        for verb, resource, group in (
+            ("get", "secrets", ""),
+            ("list", "relayroutes", "kurrier.io"),
+            ("create", "events", ""),
+        ):
+            assert not subject_can(api, ns, account, verb, resource, group), (account, verb)
+
+    # Going to a 3-node NATS cluster and back is an in-place upgrade (no
+    # immutable field changes), and scoping the operator to namespaces swaps
+    # its ClusterRole for Roles.
+    values = tmp_path / "upgrade.yaml"
+    values.write_text(yaml.safe_dump({"nats": {"replicas": 3}, "operator": {"namespaces": [ns]}}))
+    out = helm(
+        helm_bin,
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        ns,
+        "--values",
+        str(values),
+        env=env,
+    )
+    assert "STATUS: deployed" in out, out
+    sts = api.request("GET", f"/apis/apps/v1/namespaces/{ns}/statefulsets/kurrier-nats")
+    assert sts.body["spec"]["replicas"] == 3
+    assert subject_can(api, ns, op, "list", "relayroutes", "kurrier.io")
+    assert not subject_can(api, ns, op, "list", "relayroutes", "kurrier.io", in_namespace="other")
+    assert not subject_can(api, ns, op, "get", "secrets", in_namespace="other")
+
+    out = helm(helm_bin, "upgrade", RELEASE, str(CHART), "--namespace", ns, env=env)
+    assert "STATUS: deployed" in out, out
+
+    helm(helm_bin, "uninstall", RELEASE, "--namespace", ns, env=env)
+    got = api.request("GET", f"/apis/apps/v1/namespaces/{ns}/deployments")
+    assert got.body["items"] == []
+    roles = api.request("GET", "/apis/rbac.authorization.k8s.io/v1/clusterroles")
+    assert not [r for r in roles.body["items"] if r["metadata"]["name"].startswith(ns)]

@@ -1,0 +1,235 @@
+"""Wrong values fail `helm template` (and so `helm install`) with a message naming the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.chart.support import HelmError, Scenario, render
+
+SCHEMA_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
+    ("unknown-top-level", {"replicas": 3}, ["additional properties 'replicas' not allowed"]),
+    (
+        "typo-in-nats",
+        {"nats": {"replicass": 3}},
+        ["at '/nats'", "additional properties 'replicass' not allowed"],
+    ),
+    ("negative-replicas", {"ingress": {"replicas": -1}}, ["at '/ingress/replicas'", "minimum"]),
+    ("even-nats-cluster", {"nats": {"replicas": 2}}, ["at '/nats/replicas'", "1, 3, 5"]),
+    (
+        "service-type",
+        {"ingress": {"service": {"type": "Ingress"}}},
+        ["at '/ingress/service/type'", "'ClusterIP', 'NodePort', 'LoadBalancer'"],
+    ),
+    (
+        "traffic-policy",
+        {"ingress": {"service": {"externalTrafficPolicy": "local"}}},
+        ["at '/ingress/service/externalTrafficPolicy'", "'Cluster', 'Local'"],
+    ),
+    (
+        "privileged-container-port",
+        {"ingress": {"ports": {"smtp": {"containerPort": 25}}}},
+        ["at '/ingress/ports/smtp/containerPort'", "minimum"],
+    ),
+    (
+        "node-port-range",
+        {"ingress": {"ports": {"smtp": {"nodePort": 25}}}},
+        ["at '/ingress/ports/smtp/nodePort'", "minimum"],
+    ),
+    (
+        "duration",
+        {"queue": {"minBackoff": "5 minutes"}},
+        ["at '/queue/minBackoff'", "does not match pattern"],
+    ),
+    (
+        "quantity",
+        {"delivery": {"resources": {"requests": {"cpu": "lots"}}}},
+        ["at '/delivery/resources/requests/cpu'"],
+    ),
+    (
+        "resources-required",
+        {"queue": {"resources": {"requests": None}}},
+        ["at '/queue/resources'", "missing property 'requests'"],
+    ),
+    (
+        "requests-need-cpu-and-memory",
+        {"operator": {"resources": {"requests": {"cpu": None}}}},
+        ["at '/operator/resources/requests'", "missing property 'cpu'"],
+    ),
+    ("log-level", {"logLevel": "verbose"}, ["at '/logLevel'", "'DEBUG', 'INFO'"]),
+    (
+        "nats-url-scheme",
+        {"nats": {"external": {"url": "http://nats:4222"}}},
+        ["at '/nats/external/url'", "does not match pattern"],
+    ),
+    (
+        "stream-replicas",
+        {"nats": {"external": {"streamReplicas": 2}}},
+        ["at '/nats/external/streamReplicas'"],
+    ),
+    (
+        "test-recipient",
+        {"tests": {"recipient": "not-an-address"}},
+        ["at '/tests/recipient'", "does not match pattern"],
+    ),
+    ("digest", {"image": {"digest": "sha256:abc"}}, ["at '/image/digest'"]),
+    (
+        "namespace-name",
+        {"operator": {"namespaces": ["Bad_NS"]}},
+        ["at '/operator/namespaces/0'", "does not match pattern"],
+    ),
+    (
+        "relay-resource-without-spec",
+        {"relayResources": {"routes": [{"name": "r"}]}},
+        ["at '/relayResources/routes/0'", "missing property 'spec'"],
+    ),
+    (
+        "relay-resource-name",
+        {"relayResources": {"domains": [{"name": "Example.com", "spec": {}}]}},
+        ["at '/relayResources/domains/0/name'"],
+    ),
+    ("metrics-port", {"metrics": {"port": 80}}, ["at '/metrics/port'", "minimum"]),
+    (
+        "boolean",
+        {"ingress": {"autoscaling": {"enabled": "yes"}}},
+        ["at '/ingress/autoscaling/enabled'", "want boolean"],
+    ),
+    (
+        "anti-affinity",
+        {"delivery": {"podAntiAffinity": "always"}},
+        ["at '/delivery/podAntiAffinity'", "'soft', 'hard', 'none'"],
+    ),
+    (
+        "probe-keys",
+        {"queue": {"probes": {"liveness": {"periodSecond": 5}}}},
+        ["at '/queue/probes/liveness'", "additional properties 'periodSecond' not allowed"],
+    ),
+    (
+        "env-entry",
+        {"extraEnv": [{"value": "x"}]},
+        ["at '/extraEnv/0'", "missing property 'name'"],
+    ),
+    (
+        "otlp-endpoint",
+        {"telemetry": {"otlp": {"endpoint": "collector:4317"}}},
+        ["at '/telemetry/otlp/endpoint'", "does not match pattern"],
+    ),
+]
+
+# Consistency rules between several values, enforced by templates/validate.yaml.
+TEMPLATE_CASES: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "tls-without-certificate",
+        {"ingress": {"tls": {"enabled": True}}},
+        "ingress.tls.enabled needs a certificate",
+    ),
+    (
+        "tls-two-sources",
+        {
+            "ingress": {
+                "tls": {
+                    "enabled": True,
+                    "existingSecret": "x",
+                    "certManager": {"enabled": True, "issuerRef": {"name": "i"}},
+                }
+            }
+        },
+        "set either existingSecret or certManager.enabled, not both",
+    ),
+    (
+        "cert-manager-without-issuer",
+        {
+            "hostname": "mx.example.com",
+            "ingress": {"tls": {"enabled": True, "certManager": {"enabled": True}}},
+        },
+        "needs ingress.tls.certManager.issuerRef.name",
+    ),
+    (
+        "cert-manager-without-names",
+        {
+            "ingress": {
+                "tls": {
+                    "enabled": True,
+                    "certManager": {"enabled": True, "issuerRef": {"name": "i"}},
+                }
+            }
+        },
+        "needs ingress.tls.certManager.dnsNames or hostname",
+    ),
+    (
+        "smtps-without-tls",
+        {"ingress": {"ports": {"smtps": {"enabled": True}}}},
+        "ingress.ports.smtps.enabled (implicit TLS, port 465) needs ingress.tls.enabled",
+    ),
+    (
+        "no-smtp-port",
+        {"ingress": {"ports": {"smtp": {"enabled": False}, "submission": {"enabled": False}}}},
+        "enable at least one of smtp, submission, smtps",
+    ),
+    (
+        "local-traffic-policy-on-cluster-ip",
+        {"ingress": {"service": {"externalTrafficPolicy": "Local"}}},
+        "externalTrafficPolicy=Local needs ingress.service.type NodePort or LoadBalancer",
+    ),
+    (
+        "autoscaling-bounds",
+        {"delivery": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+        "delivery.autoscaling.minReplicas (5) is greater than maxReplicas (2)",
+    ),
+    (
+        "nats-credentials-without-url",
+        {"nats": {"external": {"credentials": {"secretName": "creds"}}}},
+        "nats.external.credentials.secretName is only used with nats.external.url",
+    ),
+]
+
+
+def rejection(helm_bin: Path, values: dict[str, Any], tmp_path: Path) -> str:
+    with pytest.raises(HelmError) as error:
+        render(helm_bin, Scenario("bad", values), tmp_path)
+    return str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "expected"), SCHEMA_CASES, ids=[c[0] for c in SCHEMA_CASES]
+)
+def test_schema_rejects(
+    helm_bin: Path, name: str, values: dict[str, Any], expected: list[str], tmp_path: Path
+) -> None:
+    message = rejection(helm_bin, values, tmp_path)
+    assert "values don't meet the specifications of the schema" in message, message
+    for text in expected:
+        assert text in message, message
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "expected"), TEMPLATE_CASES, ids=[c[0] for c in TEMPLATE_CASES]
+)
+def test_template_rejects(
+    helm_bin: Path, name: str, values: dict[str, Any], expected: str, tmp_path: Path
+) -> None:
+    message = rejection(helm_bin, values, tmp_path)
+    assert expected in message, message
+
+
+def test_good_values_pass(helm_bin: Path, tmp_path: Path) -> None:
+    """The counterpart of the cases above: near-identical but valid values render."""
+    render(
+        helm_bin,
+        Scenario(
+            "good",
+            {
+                "nats": {"replicas": 5, "external": {"streamReplicas": 3}},
+                "queue": {"minBackoff": "1h30m", "probes": {"liveness": {"periodSeconds": 5}}},
+                "ingress": {"ports": {"smtp": {"nodePort": 30025}}},
+                "delivery": {"resources": {"requests": {"cpu": 0.5, "memory": "1Gi"}}},
+                "tests": {"recipient": "postmaster@mail.example.org"},
+                "image": {"digest": "sha256:" + "a" * 64},
+                "operator": {"namespaces": ["mail-1"]},
+                "telemetry": {"otlp": {"endpoint": "https://otel.example.com:4318"}},
+            },
+        ),
+        tmp_path,
+    )
