@@ -132,6 +132,12 @@ class RouteMatch(_Model):
     )
 
 
+class RouteRateLimit(_Model):
+    """Transactions a route starts per minute, counted by each delivery process."""
+
+    perMinute: int = Field(ge=1, le=100000)
+
+
 class RelayRouteSpec(_Model):
     priority: int = 0
     match: RouteMatch
@@ -139,6 +145,16 @@ class RelayRouteSpec(_Model):
     tls: TlsSpec = TlsSpec()
     auth: RouteAuth | None = None
     maxConnections: int = Field(default=10, ge=1, le=1000)
+    rateLimit: RouteRateLimit | None = None
+
+    @model_validator(mode="after")
+    def _auth_only_to_a_smarthost_over_tls(self) -> RelayRouteSpec:
+        # Credentials go to the one host the user named, and never in clear text.
+        if self.auth is not None and self.destination.smarthost is None:
+            raise ValueError("'auth' needs a 'smarthost' destination (MX hosts get no credentials)")
+        if self.auth is not None and self.tls.mode == "none":
+            raise ValueError("'auth' needs TLS: tls.mode 'none' would send the password in clear")
+        return self
 
 
 class PolicyAuth(_Model):
@@ -156,7 +172,10 @@ class SenderRule(_Model):
 
 
 class RateLimit(_Model):
-    perClientPerMinute: int = Field(ge=1)
+    """Messages (MAIL commands) per minute, a token bucket per client IP and per identity."""
+
+    perClientPerMinute: int | None = Field(default=None, ge=1)
+    perIdentityPerMinute: int | None = Field(default=None, ge=1)
 
 
 class RelayPolicySpec(_Model):
@@ -166,6 +185,8 @@ class RelayPolicySpec(_Model):
     senderRules: list[SenderRule] = Field(default_factory=list)
     maxMessageSize: int = Field(default=26214400, ge=1024)
     maxRecipients: int = Field(default=100, ge=1)
+    # Per ingress replica: each pod counts its own connections.
+    maxConnectionsPerClient: int = Field(default=20, ge=1)
     rateLimit: RateLimit | None = None
 
     @field_validator("trustedNetworks")

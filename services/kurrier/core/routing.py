@@ -10,6 +10,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
+from kurrier.core.dkim_keys import DkimKeyError, signing_key_pem
 from kurrier.core.resources import (
     RelayDomain,
     RelayPolicy,
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 DEFAULT_MAX_MESSAGE_SIZE = 26214400
 DEFAULT_MAX_RECIPIENTS = 100
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 20
 _ROUTE_MEMO_LIMIT = 65536
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -52,6 +54,7 @@ class CompiledRoute(_Frozen):
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
     max_connections: int = 10
+    rate_per_minute: int | None = None
     # Set when the route is declared but cannot be used (e.g. its auth Secret is
     # missing). Mail for it is deferred rather than falling through to a route
     # the user did not choose for it.
@@ -81,6 +84,24 @@ class CompiledPolicy(_Frozen):
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_recipients: int = DEFAULT_MAX_RECIPIENTS
     rate_per_minute: int | None = None
+    identity_rate_per_minute: int | None = None
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+
+
+# Modular-crypt prefixes of the password hashes a users Secret may hold.
+_HASH_SCHEMES = {
+    "$2a$": "bcrypt",
+    "$2b$": "bcrypt",
+    "$2y$": "bcrypt",
+    "$argon2id$": "argon2",
+    "$argon2i$": "argon2",
+    "$argon2d$": "argon2",
+}
+
+
+def password_hash_scheme(value: str) -> str | None:
+    """'bcrypt' or 'argon2' for a hash in modular-crypt form; None for anything else."""
+    return next((name for prefix, name in _HASH_SCHEMES.items() if value.startswith(prefix)), None)
 
 
 def domain_matches(pattern: str, domain: str) -> bool:
@@ -186,6 +207,7 @@ def _compile_route(
         username=username,
         password=password,
         max_connections=spec.maxConnections,
+        rate_per_minute=spec.rateLimit.perMinute if spec.rateLimit else None,
         problem=problem,
     )
 
@@ -208,6 +230,13 @@ def _compile_domain(
             )
         )
         return CompiledDomain(domain=domain.spec.domain, accept_inbound=domain.spec.acceptInbound)
+    try:
+        signing_key_pem(key)
+    except DkimKeyError as error:
+        problems.append(
+            _problem(domain, "SecretInvalid", f"DKIM Secret {dkim.secretRef.name!r}: {error}")
+        )
+        return CompiledDomain(domain=domain.spec.domain, accept_inbound=domain.spec.acceptInbound)
     return CompiledDomain(
         domain=domain.spec.domain,
         accept_inbound=domain.spec.acceptInbound,
@@ -226,13 +255,17 @@ def _compile_policy(
     users: dict[str, str] = {}
     rules: list[tuple[str, tuple[str, ...]]] = []
     audience = None
-    rates = []
+    rates: list[int] = []
+    identity_rates: list[int] = []
     for policy in policies:
         spec = policy.spec
         networks.extend(n for n in spec.trustedNetworks if n not in networks)
         rules.extend((rule.identity, tuple(rule.domains)) for rule in spec.senderRules)
-        if spec.rateLimit is not None:
-            rates.append(spec.rateLimit.perClientPerMinute)
+        limit = spec.rateLimit
+        if limit is not None and limit.perClientPerMinute is not None:
+            rates.append(limit.perClientPerMinute)
+        if limit is not None and limit.perIdentityPerMinute is not None:
+            identity_rates.append(limit.perIdentityPerMinute)
         if spec.auth is None:
             continue
         audience = audience or spec.auth.serviceAccountAudience
@@ -244,10 +277,19 @@ def _compile_policy(
                     _problem(policy, "SecretInvalid", f"users Secret {ref!r} not found")
                 )
                 continue
-            for user in {*secret.data, *secret.stringData}:
-                value = secret.value(user)
-                if value is not None:
-                    users[user] = value.decode()
+            for user in sorted({*secret.data, *secret.stringData}):
+                value = (secret.value(user) or b"").decode(errors="replace").strip()
+                if password_hash_scheme(value) is None:
+                    # Never a plaintext password: the user is left out, and told why.
+                    problems.append(
+                        _problem(
+                            policy,
+                            "SecretInvalid",
+                            f"users Secret {ref!r}: {user!r} is not a bcrypt or argon2 hash",
+                        )
+                    )
+                    continue
+                users[user] = value
     return CompiledPolicy(
         trusted_networks=tuple(networks),
         require_tls_for_auth=all(p.spec.requireTLSForAuth for p in policies),
@@ -257,6 +299,8 @@ def _compile_policy(
         max_message_size=min(p.spec.maxMessageSize for p in policies),
         max_recipients=min(p.spec.maxRecipients for p in policies),
         rate_per_minute=min(rates) if rates else None,
+        identity_rate_per_minute=min(identity_rates) if identity_rates else None,
+        max_connections_per_client=min(p.spec.maxConnectionsPerClient for p in policies),
     )
 
 
