@@ -214,3 +214,30 @@ def test_connections_are_reused_and_capped_per_destination(
         sink.wait_for(200, timeout=120)
     assert sink.max_connections_open <= 3
     assert sink.connections_total <= 20, sink.connections_total
+
+
+def test_orderly_shutdown_with_mail_in_flight_delivers_everything_once(
+    tmp_path: Path, sink: Sink, bounce_sink: Sink
+) -> None:
+    sink.behaviour.data_delay = 0.05  # a slow next hop: deliveries are in flight at SIGTERM
+    config = _config(sink, bounce_sink, maxConnections="2")
+    accepted = []
+    with UpRelay(tmp_path, config) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=60) as smtp:
+            for number in range(100):
+                smtp.sendmail("s@senders.test", ["r@example.com"], _message(f"drain-{number}"))
+                accepted.append(f"drain-{number}")
+        sink.wait_for(5)
+    assert relay.process is not None and relay.process.returncode == 0
+    assert len(sink.messages) < 100, "the drain should have interrupted a backlog"
+    # The same data dir again: whatever was left is delivered, nothing twice.
+    with UpRelay(tmp_path, config) as relay:
+        sink.wait_for(100, timeout=120)
+        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+    subjects = [
+        line.removeprefix(b"Subject: ").decode()
+        for message in sink.messages
+        for line in message.content.split(b"\r\n")
+        if line.startswith(b"Subject: ")
+    ]
+    assert sorted(subjects) == sorted(accepted)

@@ -3,19 +3,21 @@
 It runs in its own thread (aiosmtpd's Controller), records every message, and
 can be told to misbehave: answer 451 a number of times, refuse chosen
 recipients, or drop the connection in the middle of DATA. It also tracks how
-many connections are open at once.
+many connections are open at once. Given a TLS context it offers STARTTLS;
+given users it offers AUTH (PLAIN and LOGIN) and records who logged in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from tests.support.processes import free_port
 
@@ -26,6 +28,8 @@ class Received:
     recipients: tuple[str, ...]
     content: bytes
     connection: int
+    tls: bool = False
+    auth_user: str = ""
 
 
 @dataclass
@@ -34,6 +38,8 @@ class Behaviour:
     temp_failure_reply: str = "451 4.3.0 try again later"
     rejected: dict[str, str] = field(default_factory=dict)
     drops_mid_data: int = 0
+    # Seconds each DATA takes to answer: a slow next hop, so work is in flight.
+    data_delay: float = 0.0
 
 
 class _CountingSMTP(SMTP):
@@ -65,15 +71,28 @@ class _Handler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self._sink.behaviour.data_delay:
+            await asyncio.sleep(self._sink.behaviour.data_delay)
         return self._sink.take(server, envelope)
 
 
 class Sink:
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        *,
+        tls_context: ssl.SSLContext | None = None,
+        users: dict[str, str] | None = None,
+        auth_over_plaintext: bool = False,
+        auth_exclude: tuple[str, ...] = (),
+    ) -> None:
         self.host = host
         self.port = port or free_port()
         self.behaviour = Behaviour()
         self.messages: list[Received] = []
+        # (mechanism, login, whether TLS was on) of every AUTH the sink was sent.
+        self.auth_attempts: list[tuple[str, str, bool]] = []
         self.connections_total = 0
         self.connections_open = 0
         self.max_connections_open = 0
@@ -89,6 +108,10 @@ class Sink:
                     decode_data=False,
                     enable_SMTPUTF8=True,
                     data_size_limit=None,
+                    tls_context=tls_context,
+                    authenticator=sink._authenticator(users) if users is not None else None,
+                    auth_require_tls=not auth_over_plaintext,
+                    auth_exclude_mechanism=auth_exclude,
                 )
 
         self._controller = _Controller(_Handler(self), hostname=host, port=self.port)
@@ -99,6 +122,20 @@ class Sink:
 
     def __exit__(self, *exc: object) -> None:
         self._controller.stop()
+
+    def _authenticator(self, users: dict[str, str]) -> Any:
+        def authenticate(
+            server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+        ) -> AuthResult:
+            if not isinstance(data, LoginPassword):
+                return AuthResult(success=False, handled=False)
+            login, password = data.login.decode(), data.password.decode()
+            with self._changed:
+                self.auth_attempts.append((mechanism, login, session.ssl is not None))
+            success = users.get(login) == password
+            return AuthResult(success=success, handled=False, auth_data=login if success else None)
+
+        return authenticate
 
     def connection_opened(self) -> int:
         with self._changed:
@@ -125,12 +162,15 @@ class Sink:
                 return behaviour.temp_failure_reply
             assert isinstance(envelope.original_content, bytes)
             connection = server.connection_number if isinstance(server, _CountingSMTP) else 0
+            assert server.session is not None
             self.messages.append(
                 Received(
                     mail_from=envelope.mail_from or "",
                     recipients=tuple(envelope.rcpt_tos),
                     content=envelope.original_content,
                     connection=connection,
+                    tls=server.session.ssl is not None,
+                    auth_user=str(server.session.auth_data or ""),
                 )
             )
             self._changed.notify_all()

@@ -32,9 +32,13 @@ RESULTS_STREAM = "KURRIER_RESULTS"
 MESSAGES_BUCKET = "kurrier-messages"
 OBJECT_BUCKET = "kurrier-bodies"
 CONFIG_BUCKET = "kurrier-config"
+LEASES_BUCKET = "kurrier-leases"
+# A lease not refreshed for this long is free for another process to take.
+LEASE_TTL = 30.0
 ROUTING_TABLE_KEY = "routing-table"
 DELIVERY_CONSUMER = "delivery"
 RESULTS_CONSUMER = "queue-results"
+DUE_CONSUMER = "queue-due"
 
 
 def body_subject(queue_id: str) -> str:
@@ -47,6 +51,16 @@ def job_subject(queue_id: str) -> str:
 
 def result_subject(queue_id: str) -> str:
     return f"kurrier.result.{queue_id}"
+
+
+def due_subject(queue_id: str) -> str:
+    """Where 'this message needs attention now' lands for the queue."""
+    return f"kurrier.due.{queue_id}"
+
+
+def schedule_subject(queue_id: str) -> str:
+    """The message's one pending retry schedule (ADR-51); publishing replaces it."""
+    return f"kurrier.schedule.{queue_id}"
 
 
 async def connect(url: str, name: str) -> NATS:
@@ -113,25 +127,38 @@ async def ensure_layout(js: JetStreamContext, replicas: int = 1) -> None:
             discard=DiscardPolicy.NEW,
         ),
     )
-    for name, subject in ((JOBS_STREAM, "kurrier.job.*"), (RESULTS_STREAM, "kurrier.result.*")):
-        await _ensure_stream(
-            js,
-            StreamConfig(
-                name=name,
-                subjects=[subject],
-                storage=StorageType.FILE,
-                num_replicas=replicas,
-                retention=RetentionPolicy.WORK_QUEUE,
-                discard=DiscardPolicy.NEW,
-            ),
-        )
-    for bucket in (MESSAGES_BUCKET, CONFIG_BUCKET):
+    # Retries are server-side message schedules: the time a deferred message is
+    # due lives in JetStream itself and fires into kurrier.due.* whichever
+    # queue process is alive then.
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=JOBS_STREAM,
+            subjects=["kurrier.job.*", "kurrier.due.*", "kurrier.schedule.*"],
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            retention=RetentionPolicy.WORK_QUEUE,
+            allow_msg_schedules=True,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=RESULTS_STREAM,
+            subjects=["kurrier.result.*"],
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            retention=RetentionPolicy.WORK_QUEUE,
+            discard=DiscardPolicy.NEW,
+        ),
+    )
+    for bucket, ttl in ((MESSAGES_BUCKET, None), (CONFIG_BUCKET, None), (LEASES_BUCKET, LEASE_TTL)):
         try:
             await js.key_value(bucket)
         except NotFoundError:
             await js.create_key_value(
                 KeyValueConfig(
-                    bucket=bucket, storage=StorageType.FILE, replicas=replicas, history=1
+                    bucket=bucket, storage=StorageType.FILE, replicas=replicas, history=1, ttl=ttl
                 )
             )
     try:

@@ -65,6 +65,9 @@ class MessageRecord(_Model):
     # dedup id so a re-dispatch is never mistaken for a duplicate.
     dispatches: int = 0
     held: bool = False
+    # Whether a retry schedule may exist in JetStream for this message, so
+    # that mail never deferred costs no cancellation when it leaves.
+    scheduled: bool = False
     # Delivery status notifications sent for this message so far; part of each
     # notification's queue id, so re-applying a result cannot bounce twice.
     notices: int = 0

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kurrier.core.http_endpoint import HttpEndpoint
-from kurrier.core.jetstream import connect, disconnect, ensure_layout
+from kurrier.core.jetstream import LEASES_BUCKET, connect, disconnect, ensure_layout
 from kurrier.core.lifecycle import run_until, stop_event
 from kurrier.core.table_store import TableFollower
+from kurrier.queue.leadership import Lease
 from kurrier.queue.records import RecordStore
 from kurrier.queue.retry_schedule import RetrySchedule
 from kurrier.queue.scheduler import QueueManager
@@ -38,8 +39,7 @@ async def serve_queue(settings: QueueSettings) -> None:
     tables = TableFollower()
     records = await RecordStore.open(js)
     manager = QueueManager(js, records, tables, settings.schedule, settings.hostname)
-    loaded = await manager.load()
-    log.info("%d queued messages loaded", loaded)
+    sweeper = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
 
     if settings.metrics_listen:
         await HttpEndpoint(lambda: nc.is_connected).serve(settings.metrics_listen)
@@ -52,7 +52,13 @@ async def serve_queue(settings: QueueSettings) -> None:
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("queue listening on %s", settings.listen)
     try:
-        await run_until(stop, tables.run(js), manager.run_results(), manager.run_retries())
+        await run_until(
+            stop,
+            tables.run(js),
+            manager.run_results(),
+            manager.run_due(),
+            sweeper.run(manager.run_sweeper),
+        )
     finally:
         await health_servicer.enter_graceful_shutdown()
         # Let Enqueue calls in flight finish: their clients are waiting for a 250.

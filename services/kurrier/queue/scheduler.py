@@ -1,22 +1,31 @@
-"""The queue manager's loop: apply delivery results, re-dispatch deferred mail when due,
-bounce what failed, and carry out admin actions.
+"""The queue manager: apply delivery results, re-dispatch deferred mail when due, bounce
+what failed, and carry out admin actions.
 
-One heap of (due time, queue id) in memory, rebuilt from the KV records at
-start, so retry timing survives restarts: the times themselves live in KV.
+Retry times are JetStream message schedules (one per deferred message, on
+kurrier.schedule.<id>), so they survive restarts and fire into kurrier.due.*
+for whichever queue process is alive. A sweeper, run by the one process that
+holds the leadership lease, re-dispatches anything whose job, result or
+schedule was lost in a crash.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import heapq
+import datetime
 import io
 import logging
 import time
 from collections.abc import Callable
 
 from kurrier.core.body_store import delete_body, load_body
-from kurrier.core.jetstream import RESULTS_CONSUMER, RESULTS_STREAM
+from kurrier.core.jetstream import (
+    DUE_CONSUMER,
+    JOBS_STREAM,
+    RESULTS_CONSUMER,
+    RESULTS_STREAM,
+    due_subject,
+    schedule_subject,
+)
 from kurrier.core.message import (
     FAILED_STATUSES,
     DeliveryResult,
@@ -24,7 +33,7 @@ from kurrier.core.message import (
     RecipientState,
 )
 from kurrier.core.table_store import TableFollower
-from kurrier.queue.dispatch import mark_dispatched, publish_jobs
+from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched, publish_jobs
 from kurrier.queue.dsn import render_dsn
 from kurrier.queue.intake import Intake
 from kurrier.queue.records import RecordConflict, RecordStore
@@ -34,6 +43,11 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError
 
 log = logging.getLogger(__name__)
+
+# The sweeper's round, and how late a due recipient must be before the sweeper
+# (not its schedule or its job) is assumed to be the one that will act.
+SWEEP_INTERVAL = JOB_LEASE / 3
+SWEEP_SLACK = 60.0
 
 # A change to a record: returns the recipients to dispatch now, or None if it
 # changed nothing (then nothing is written).
@@ -55,22 +69,29 @@ class QueueManager:
         self._schedule = schedule
         self._hostname = hostname
         self.intake = Intake(js, records, tables)
-        self._due: list[tuple[float, str]] = []
-        self._wakeup = asyncio.Event()
 
-    def watch(self, record: MessageRecord) -> None:
-        """Remember when the record next needs attention."""
-        pending = record.pending()
-        if pending and not record.held:
-            heapq.heappush(self._due, (min(r.next_attempt for r in pending), record.queue_id))
-            self._wakeup.set()
-
-    async def load(self) -> int:
-        count = 0
-        async for record in self._records.all():
-            self.watch(record)
-            count += 1
-        return count
+    async def _schedule_next(self, record: MessageRecord) -> None:
+        """Arrange for the queue to look at the record again when its next retry is due."""
+        deferred = [r.next_attempt for r in record.pending() if r.status == "deferred"]
+        if record.held or not deferred:
+            if record.scheduled:
+                await self._js.purge_stream(JOBS_STREAM, subject=schedule_subject(record.queue_id))
+            return
+        due = min(deferred)
+        if due <= time.time():
+            await self._js.publish(due_subject(record.queue_id), b"", stream=JOBS_STREAM)
+            return
+        # Whole seconds, rounded up: the schedule must never fire before the time.
+        at = datetime.datetime.fromtimestamp(int(due) + 1, tz=datetime.UTC)
+        await self._js.publish(
+            schedule_subject(record.queue_id),
+            b"",
+            stream=JOBS_STREAM,
+            headers={
+                "Nats-Schedule": f"@at {at.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+                "Nats-Schedule-Target": due_subject(record.queue_id),
+            },
+        )
 
     async def mutate(self, queue_id: str, change: Mutation) -> MessageRecord | None:
         """Read-modify-write with optimistic concurrency; None if there is no such message."""
@@ -98,14 +119,19 @@ class QueueManager:
                 # live record whose body is gone.
                 await self._records.delete(record.queue_id)
                 await delete_body(self._js, record.queue_id, record.body_store)
+                if record.scheduled:
+                    await self._js.purge_stream(
+                        JOBS_STREAM, subject=schedule_subject(record.queue_id)
+                    )
                 return record
+            record.scheduled = any(r.status == "deferred" for r in record.pending())
             try:
                 await self._records.update(record, revision)
             except RecordConflict:
                 continue
             if to_dispatch:
                 await publish_jobs(self._js, self._tables.table, record, to_dispatch)
-            self.watch(record)
+            await self._schedule_next(record)
             return record
 
     async def delete(self, queue_id: str) -> bool:
@@ -144,9 +170,7 @@ class QueueManager:
             body_type="8BITMIME",
             message_id_header=f"<{notice.queue_id}@{self._hostname}>",
         )
-        stored = await self.intake.accept(template, io.BytesIO(notice.content), len(notice.content))
-        if stored is not None:
-            self.watch(stored)
+        await self.intake.accept(template, io.BytesIO(notice.content), len(notice.content))
         log.info(
             "sender notified of %d failed recipient(s) in %s",
             len(failed),
@@ -245,13 +269,44 @@ class QueueManager:
                 await self.mutate(result.queue_id, self._apply_result(result))
                 await message.ack()
 
-    async def run_retries(self) -> None:
+    async def run_due(self) -> None:
+        """Re-dispatch messages whose retry schedule fired (or that an admin released)."""
+        subscription = await self._js.pull_subscribe(
+            "kurrier.due.*",
+            durable=DUE_CONSUMER,
+            stream=JOBS_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1),
+        )
         while True:
-            now = time.time()
-            while self._due and self._due[0][0] <= now:
-                _, queue_id = heapq.heappop(self._due)
+            try:
+                messages = await subscription.fetch(batch=64, timeout=5)
+            except (FetchTimeoutError, TimeoutError):
+                continue
+            for message in messages:
+                queue_id = message.subject.rsplit(".", 1)[-1]
                 await self.mutate(queue_id, self._retry_due)
-            self._wakeup.clear()
-            timeout = self._due[0][0] - now if self._due else 60.0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.05, timeout))
+                await message.ack()
+
+    async def sweep(self) -> int:
+        """Re-dispatch what is overdue by more than a lease's slack: lost in a crash."""
+        overdue = time.time() - SWEEP_SLACK
+        stale = [
+            record.queue_id
+            async for record in self._records.all()
+            if not record.held and any(r.next_attempt < overdue for r in record.pending())
+        ]
+        for queue_id in stale:
+            await self.mutate(queue_id, self._retry_due)
+        if stale:
+            log.warning(
+                "sweeper re-dispatched %d message(s) whose job or schedule was lost", len(stale)
+            )
+        return len(stale)
+
+    async def run_sweeper(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("sweep failed; trying again next round")
+            await asyncio.sleep(SWEEP_INTERVAL)

@@ -131,7 +131,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                 message_id_header=envelope.message_id_header,
             )
             try:
-                record = await self._manager.intake.accept(template, body, size)
+                await self._manager.intake.accept(template, body, size)
             except NATS_FAILURES as error:
                 log.warning(
                     "enqueue failed, the client will retry: %r",
@@ -140,8 +140,6 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                 )
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "message store unavailable")
                 raise
-        if record is not None:
-            self._manager.watch(record)
         return queue_pb2.EnqueueResponse(queue_id=envelope.queue_id)
 
     async def _select(self, selector: queue_pb2.MessageFilter) -> list[MessageRecord]:

@@ -1,0 +1,60 @@
+"""Leadership among queue processes: a NATS KV key that expires unless its holder refreshes it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from kurrier.core.jetstream import LEASE_TTL
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+
+class Lease:
+    """Holds `name` while this process lives; runs `work` only while it does."""
+
+    def __init__(self, kv: KeyValue, name: str) -> None:
+        self._kv = kv
+        self._name = name
+        self._holder = f"{socket.gethostname()}:{os.getpid()}".encode()
+        self._revision: int | None = None
+
+    async def _hold(self) -> bool:
+        """Take the lease if free, refresh it if ours; True while we hold it."""
+        try:
+            if self._revision is None:
+                self._revision = await self._kv.create(self._name, self._holder)
+            else:
+                self._revision = await self._kv.update(
+                    self._name, self._holder, last=self._revision
+                )
+            return True
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            self._revision = None
+            return False
+
+    async def run(self, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        task: asyncio.Task[None] | None = None
+        try:
+            while True:
+                held = await self._hold()
+                if held and task is None:
+                    log.info("took the %s lease", self._name)
+                    task = asyncio.create_task(work())
+                elif not held and task is not None:
+                    log.warning("lost the %s lease", self._name)
+                    task.cancel()
+                    task = None
+                await asyncio.sleep(LEASE_TTL / 3)
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
