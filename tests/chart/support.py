@@ -194,9 +194,11 @@ def render(
     *,
     include_crds: bool = False,
     extra: Sequence[str] = (),
+    release: str = RELEASE,
+    namespace: str | None = None,
 ) -> list[Obj]:
     """``helm template`` the chart for a scenario; the rendered objects in order."""
-    args = ["template", RELEASE, str(CHART), "--namespace", s.namespace]
+    args = ["template", release, str(CHART), "--namespace", namespace or s.namespace]
     args += values_args(s, workdir)
     if include_crds:
         args.append("--include-crds")
