@@ -4,10 +4,13 @@ and the operator's RBAC grants exactly what it needs."""
 
 from __future__ import annotations
 
+import shlex
+import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
+from kurrier.cli.main import build_parser
 
 from tests.chart.support import (
     CHART,
@@ -122,6 +125,17 @@ def test_relay_crs_are_validated_by_their_crds(crds: Api) -> None:
     assert resp.status in (400, 422), resp
 
 
+def check_notes_commands(notes: str) -> None:
+    """The commands NOTES.txt tells people to run are ones kurrier and Python accept."""
+    snippet = notes.split("python3 - <<'PY'\n", 1)[1].split("\n   PY", 1)[0]
+    compile(textwrap.dedent(snippet), "NOTES.txt", "exec")
+    kurrier_lines = [line for line in notes.splitlines() if " -- kurrier " in line]
+    assert kurrier_lines, notes
+    for line in kurrier_lines:
+        argv = shlex.split(line.split(" -- kurrier ", 1)[1])
+        build_parser().parse_args(argv)  # exits (SystemExit) on a bad command line
+
+
 def subject_can(
     api: Api,
     namespace: str,
@@ -165,6 +179,7 @@ def test_helm_install_upgrade_uninstall(
     # NOTES.txt tells how to send a test mail.
     assert f"kubectl port-forward -n {ns} svc/kurrier-ingress 2525:25" in out, out
     assert f"helm test {RELEASE} -n {ns}" in out, out
+    check_notes_commands(out)
 
     got = api.request("GET", f"/apis/apps/v1/namespaces/{ns}/deployments")
     assert sorted(d["metadata"]["name"] for d in got.body["items"]) == [
