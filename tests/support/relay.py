@@ -11,8 +11,10 @@ from pathlib import Path
 import yaml
 from kurrier.core.jetstream import MESSAGES_BUCKET, connect, disconnect, ensure_layout
 from kurrier.core.loader import parse_documents
+from kurrier.core.message import MessageRecord
 from kurrier.core.routing import compile_table
 from kurrier.core.table_store import publish_table
+from kurrier.queue.records import RecordStore
 from nats.js.errors import NoKeysError
 
 from tests.support.processes import (
@@ -26,7 +28,29 @@ from tests.support.processes import (
 FAST_RETRIES = ("--min-backoff", "1s", "--max-backoff", "2s")
 
 
-def route(name: str, domains: list[str], port: int, priority: int = 100, **extra: str) -> str:
+def route(
+    name: str,
+    domains: list[str],
+    port: int,
+    priority: int = 100,
+    tls: str = "none",
+    host: str = "127.0.0.1",
+    **extra: str,
+) -> str:
+    destination = f"{{smarthost: {{host: {host}, port: {port}}}}}"
+    return _route(name, domains, destination, priority, tls, extra)
+
+
+def mx_route(
+    name: str, domains: list[str], priority: int = 100, tls: str = "opportunistic", **extra: str
+) -> str:
+    """A route that delivers by DNS MX lookup (`destination: {mx: {}}`)."""
+    return _route(name, domains, "{mx: {}}", priority, tls, extra)
+
+
+def _route(
+    name: str, domains: list[str], destination: str, priority: int, tls: str, extra: dict[str, str]
+) -> str:
     options = "".join(f"\n  {key}: {value}" for key, value in extra.items())
     return (
         textwrap.dedent(f"""\
@@ -36,10 +60,33 @@ def route(name: str, domains: list[str], port: int, priority: int = 100, **extra
         spec:
           priority: {priority}
           match: {{recipientDomains: {json.dumps(domains)}}}
-          destination: {{smarthost: {{host: 127.0.0.1, port: {port}}}}}
-          tls: {{mode: none}}""")
+          destination: {destination}
+          tls: {{mode: {tls}}}""")
         + options
     )
+
+
+def secret(name: str, **string_data: str) -> str:
+    """A v1 Secret; values go in stringData (a basic-auth pair, a PEM key...)."""
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name},
+            "stringData": string_data,
+        }
+    ).rstrip()
+
+
+def signing_domain(domain: str, selector: str, secret_name: str, key: str = "private.pem") -> str:
+    """A RelayDomain whose outgoing mail is DKIM-signed with the key in secret_name."""
+    return textwrap.dedent(f"""\
+        apiVersion: kurrier.io/v1alpha1
+        kind: RelayDomain
+        metadata: {{name: {domain.replace(".", "-")}}}
+        spec:
+          domain: {domain}
+          dkim: {{selector: {selector}, secretRef: {{name: {secret_name}, key: {key}}}}}""")
 
 
 def inbound_domain(domain: str) -> str:
@@ -77,6 +124,20 @@ async def _queued_count(nats_url: str) -> int:
 def queued_count(nats_url: str) -> int:
     """Messages the queue still holds (not yet delivered or bounced)."""
     return asyncio.run(_queued_count(nats_url))
+
+
+async def _message_records(nats_url: str) -> list[MessageRecord]:
+    nc = await connect(nats_url, "test-inspector")
+    try:
+        store = await RecordStore.open(nc.jetstream())
+        return [record async for record in store.all()]
+    finally:
+        await disconnect(nc)
+
+
+def message_records(nats_url: str) -> list[MessageRecord]:
+    """The queue's records of the messages it still holds, as stored in KV."""
+    return asyncio.run(_message_records(nats_url))
 
 
 class UpRelay:

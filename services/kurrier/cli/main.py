@@ -52,6 +52,12 @@ def _host_port(text: str) -> str:
     return text
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
 def _optional_host_port(text: str) -> str | None:
     return None if text in ("", "off") else _host_port(text)
 
@@ -137,6 +143,8 @@ def build_parser() -> Parser:
     _add_listener_flags(up, "127.0.0.1:2525")
     up.add_argument("--hostname", default=socket.getfqdn())
     up.add_argument("--tls-ca-file", type=_existing_file, help="CA bundle for 'verify' routes")
+    up.add_argument("--dns-resolver", type=_host_port, help="DNS server for MX lookups")
+    up.add_argument("--mx-port", type=_port, default=25, help="port MX hosts are contacted on")
     up.add_argument("--log-level", default="INFO")
     _add_retry_flags(up)
 
@@ -157,6 +165,8 @@ def build_parser() -> Parser:
     _add_common(delivery)
     _add(delivery, "--concurrency", type=int, default="32", help="transactions in flight")
     _add(delivery, "--tls-ca-file", type=_existing_file, help="CA bundle for 'verify' routes")
+    _add(delivery, "--dns-resolver", type=_host_port, help="DNS server HOST:PORT for MX lookups")
+    _add(delivery, "--mx-port", type=_port, default="25", help="port MX hosts are contacted on")
 
     sink = commands.add_parser("sink", help="a development SMTP server that files mail")
     sink.add_argument("--listen", type=_host_port, default="127.0.0.1:2526")
@@ -183,6 +193,8 @@ def _run_up(args: argparse.Namespace) -> int:
         max_backoff=args.max_backoff,
         max_lifetime=args.max_lifetime,
         tls_ca_file=str(args.tls_ca_file) if args.tls_ca_file else None,
+        dns_resolver=args.dns_resolver,
+        mx_port=args.mx_port,
     )
     return asyncio.run(run_up(settings))
 
@@ -234,12 +246,14 @@ def _run_queue(args: argparse.Namespace) -> int:
 
 def _run_delivery(args: argparse.Namespace) -> int:
     from kurrier.delivery.main import serve_delivery
-    from kurrier.delivery.worker import DeliverySettings
+    from kurrier.delivery.settings import DeliverySettings
 
     settings = DeliverySettings(
         helo_name=args.hostname,
         concurrency=args.concurrency,
         tls_ca_file=str(args.tls_ca_file) if args.tls_ca_file else None,
+        dns_resolver=args.dns_resolver,
+        mx_port=args.mx_port,
     )
     asyncio.run(serve_delivery(args.nats_url, args.nats_replicas, settings, args.metrics_listen))
     return 0

@@ -44,6 +44,8 @@ class UpSettings:
     max_backoff: str
     max_lifetime: str
     tls_ca_file: str | None
+    dns_resolver: str | None = None
+    mx_port: int = 25
 
 
 def _child(command: str, *args: str) -> list[str]:
@@ -145,7 +147,14 @@ async def run_up(settings: UpSettings) -> int:
         )
         await supervisor.start(
             "delivery",
-            _child("delivery", *common, *_optional("--tls-ca-file", settings.tls_ca_file)),
+            _child(
+                "delivery",
+                *common,
+                *_optional("--tls-ca-file", settings.tls_ca_file),
+                *_optional("--dns-resolver", settings.dns_resolver),
+                "--mx-port",
+                str(settings.mx_port),
+            ),
         )
         await supervisor.start(
             "ingress",

@@ -132,6 +132,12 @@ class RouteMatch(_Model):
     )
 
 
+class RouteRateLimit(_Model):
+    """Transactions a route starts per minute, counted by each delivery process."""
+
+    perMinute: int = Field(ge=1, le=100000)
+
+
 class RelayRouteSpec(_Model):
     priority: int = 0
     match: RouteMatch
@@ -139,6 +145,16 @@ class RelayRouteSpec(_Model):
     tls: TlsSpec = TlsSpec()
     auth: RouteAuth | None = None
     maxConnections: int = Field(default=10, ge=1, le=1000)
+    rateLimit: RouteRateLimit | None = None
+
+    @model_validator(mode="after")
+    def _auth_only_to_a_smarthost_over_tls(self) -> RelayRouteSpec:
+        # Credentials go to the one host the user named, and never in clear text.
+        if self.auth is not None and self.destination.smarthost is None:
+            raise ValueError("'auth' needs a 'smarthost' destination (MX hosts get no credentials)")
+        if self.auth is not None and self.tls.mode == "none":
+            raise ValueError("'auth' needs TLS: tls.mode 'none' would send the password in clear")
+        return self
 
 
 class PolicyAuth(_Model):

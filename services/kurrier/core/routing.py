@@ -10,6 +10,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
+from kurrier.core.dkim_keys import DkimKeyError, signing_key_pem
 from kurrier.core.resources import (
     RelayDomain,
     RelayPolicy,
@@ -53,6 +54,7 @@ class CompiledRoute(_Frozen):
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
     max_connections: int = 10
+    rate_per_minute: int | None = None
     # Set when the route is declared but cannot be used (e.g. its auth Secret is
     # missing). Mail for it is deferred rather than falling through to a route
     # the user did not choose for it.
@@ -205,6 +207,7 @@ def _compile_route(
         username=username,
         password=password,
         max_connections=spec.maxConnections,
+        rate_per_minute=spec.rateLimit.perMinute if spec.rateLimit else None,
         problem=problem,
     )
 
@@ -225,6 +228,13 @@ def _compile_domain(
                 f"DKIM Secret {dkim.secretRef.name!r} has no PEM private key "
                 f"under {dkim.secretRef.key!r}",
             )
+        )
+        return CompiledDomain(domain=domain.spec.domain, accept_inbound=domain.spec.acceptInbound)
+    try:
+        signing_key_pem(key)
+    except DkimKeyError as error:
+        problems.append(
+            _problem(domain, "SecretInvalid", f"DKIM Secret {dkim.secretRef.name!r}: {error}")
         )
         return CompiledDomain(domain=domain.spec.domain, accept_inbound=domain.spec.acceptInbound)
     return CompiledDomain(

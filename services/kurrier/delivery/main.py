@@ -9,7 +9,8 @@ from kurrier.core.http_endpoint import HttpEndpoint
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.lifecycle import stop_event
 from kurrier.core.table_store import TableFollower
-from kurrier.delivery.worker import DeliverySettings, DeliveryWorker
+from kurrier.delivery.settings import DeliverySettings
+from kurrier.delivery.worker import DeliveryWorker
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ async def serve_delivery(
     if metrics_listen:
         await HttpEndpoint(lambda: nc.is_connected).serve(metrics_listen)
     following = asyncio.create_task(tables.run(js))
-    reaper = asyncio.create_task(worker.pool.run_reaper())
+    reaper = asyncio.create_task(worker.courier.pool.run_reaper())
     try:
         # Jobs wait until the first routing table is in: without it every one would defer.
         await asyncio.wait_for(tables.loaded.wait(), timeout=30)

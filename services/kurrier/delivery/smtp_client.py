@@ -9,6 +9,7 @@ keeps the session open for the next message (RSET between transactions).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ssl
 from dataclasses import dataclass, field
@@ -34,7 +35,14 @@ class Reply:
 
 
 class SmtpTemporaryError(Exception):
-    """The session failed in a way worth retrying later (network, TLS, 4xx greeting)."""
+    """The session failed in a way worth retrying later (network, TLS, 4xx greeting).
+
+    status is the enhanced status code (RFC 3463) the deferral reports.
+    """
+
+    def __init__(self, message: str, status: str = "4.4.1") -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -42,6 +50,9 @@ class TransactionResult:
     mail: Reply
     recipients: dict[str, Reply]
     data: Reply | None
+    # False while the server has not seen the message content: a temporary
+    # reply up to then is safe to try at another host (RFC 5321 5.1).
+    body_sent: bool = False
 
     def reply_for(self, recipient: str) -> Reply:
         """The reply that decides a recipient's fate."""
@@ -51,6 +62,14 @@ class TransactionResult:
         if not rcpt.ok or self.data is None:
             return rcpt
         return self.data
+
+    def decided_before_content(self, recipient: str) -> bool:
+        """Whether the recipient's reply came before the server had the message content."""
+        return not self.body_sent or not self.mail.ok or not self.recipients[recipient].ok
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
 
 
 def to_wire_body(body: bytes) -> bytes:
@@ -71,56 +90,94 @@ class SmtpSession:
     extensions: dict[str, str] = field(default_factory=dict)
     tls: bool = False
     transactions: int = 0
+    # Set once the current transaction's content is on its way: after that a
+    # failure may mean the server has the message, so no other host is tried.
+    body_started: bool = False
 
     @classmethod
     async def open(
         cls,
-        host: str,
+        address: str,
         port: int,
         *,
+        server_name: str,
         helo_name: str,
         tls_mode: str,
         tls_context: ssl.SSLContext | None,
         timeout: float,
+        connect_timeout: float,
+        credentials: tuple[str, str] | None = None,
     ) -> SmtpSession:
+        """Connect to address, greet, apply the TLS mode, then authenticate if asked.
+
+        server_name is the name the certificate must carry (the MX host name
+        for MX routes) and the SNI sent; address is where to connect.
+        """
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), timeout=timeout
+                asyncio.open_connection(address, port), timeout=connect_timeout
             )
         except (OSError, TimeoutError) as error:
-            raise SmtpTemporaryError(f"cannot connect to {host}:{port}: {error}") from error
+            raise SmtpTemporaryError(f"cannot connect: {error or 'timed out'}") from error
         session = cls(reader, writer, timeout)
         try:
             greeting = await session.read_reply()
             if greeting.code != 220:
-                raise SmtpTemporaryError(f"{host}:{port} greeted with {greeting}")
+                raise SmtpTemporaryError(f"greeted with {greeting}")
             await session.ehlo(helo_name)
             if tls_mode != "none":
-                await session._negotiate_tls(host, helo_name, tls_mode, tls_context)
+                await session._negotiate_tls(server_name, helo_name, tls_mode, tls_context)
+            if credentials is not None:
+                await session.authenticate(*credentials)
         except BaseException:
             session.abort()
             raise
         return session
 
     async def _negotiate_tls(
-        self, host: str, helo_name: str, tls_mode: str, tls_context: ssl.SSLContext | None
+        self, server_name: str, helo_name: str, tls_mode: str, tls_context: ssl.SSLContext | None
     ) -> None:
         if "STARTTLS" not in self.extensions:
             if tls_mode == "opportunistic":
                 return
-            raise SmtpTemporaryError(f"{host} does not offer STARTTLS (route requires TLS)")
+            raise SmtpTemporaryError(
+                f"STARTTLS not offered; route requires TLS ({tls_mode})", "4.7.10"
+            )
         reply = await self.command("STARTTLS")
         if reply.code != 220:
-            raise SmtpTemporaryError(f"STARTTLS refused by {host}: {reply}")
+            raise SmtpTemporaryError(f"STARTTLS refused: {reply}", "4.7.10")
         context = tls_context or ssl.create_default_context()
         try:
             await asyncio.wait_for(
-                self.writer.start_tls(context, server_hostname=host), timeout=self.timeout
+                self.writer.start_tls(context, server_hostname=server_name), timeout=self.timeout
             )
-        except (ssl.SSLError, OSError, TimeoutError) as error:
-            raise SmtpTemporaryError(f"TLS handshake with {host} failed: {error}") from error
+        except (ssl.SSLError, ssl.CertificateError, OSError, TimeoutError) as error:
+            raise SmtpTemporaryError(f"TLS handshake failed: {error}", "4.7.5") from error
         self.tls = True
         await self.ehlo(helo_name)  # RFC 3207: forget what was learnt before TLS
+
+    async def authenticate(self, username: str, password: str) -> None:
+        """AUTH PLAIN, else LOGIN (RFC 4954); credentials never cross a plaintext session.
+
+        A refusal is temporary for us: wrong credentials are the relay's
+        configuration problem, not a reason to bounce the sender's mail.
+        """
+        if not self.tls:
+            raise SmtpTemporaryError("refusing to send credentials without TLS", "4.7.10")
+        offered = self.extensions.get("AUTH", "").upper().split()
+        if "PLAIN" in offered:
+            token = _b64(f"\0{username}\0{password}")
+            reply = await self.command(f"AUTH PLAIN {token}")
+        elif "LOGIN" in offered:
+            reply = await self.command("AUTH LOGIN")
+            for answer in (username, password):
+                if reply.code != 334:
+                    break
+                reply = await self.command(_b64(answer))
+        else:
+            raise SmtpTemporaryError(f"no AUTH PLAIN or LOGIN offered ({offered})", "4.7.0")
+        if reply.code != 235:
+            raise SmtpTemporaryError(f"AUTH failed: {reply}", "4.7.0")
 
     async def ehlo(self, helo_name: str) -> None:
         reply = await self.command(f"EHLO {helo_name}")
@@ -183,6 +240,7 @@ class SmtpSession:
             reply = Reply(553, "5.6.7 the next hop does not support SMTPUTF8")
             return TransactionResult(reply, dict.fromkeys(recipients, reply), None)
         self.transactions += 1
+        self.body_started = False
         mail_line = self._mail_command(mail_from, smtputf8, body_type, len(wire_body))
         commands = [mail_line] + [f"RCPT TO:<{r}>" for r in recipients]
         if "PIPELINING" in self.extensions:
@@ -210,8 +268,9 @@ class SmtpSession:
             await self._send(b".\r\n")
             await self.read_reply()
             return TransactionResult(mail, replies, None)
+        self.body_started = True
         await self._send(wire_body)
-        return TransactionResult(mail, replies, await self.read_reply())
+        return TransactionResult(mail, replies, await self.read_reply(), body_sent=True)
 
     async def reset(self) -> None:
         reply = await self.command("RSET")

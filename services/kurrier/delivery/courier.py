@@ -1,0 +1,200 @@
+"""One delivery attempt of one message: routes, next hops, failover, and each recipient's fate.
+
+Knows nothing of JetStream (the worker does): given a job, its body and the
+live routing table, it returns an outcome per recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from kurrier.core.message import DeliveryJob, Outcome, RecipientOutcome
+from kurrier.core.routing import CompiledRoute, RoutingTable, domain_of
+from kurrier.delivery.connection_pool import ConnectionPool, Opener
+from kurrier.delivery.dkim_signer import DkimSigner
+from kurrier.delivery.mail_exchangers import MailDns, UnroutableDomain
+from kurrier.delivery.mta_sts import StsPolicies
+from kurrier.delivery.next_hop import NextHop, mx_hops, smarthost_hop
+from kurrier.delivery.sending_rate import SendingRates
+from kurrier.delivery.settings import DeliverySettings
+from kurrier.delivery.smtp_client import Reply, SmtpSession, SmtpTemporaryError, to_wire_body
+from kurrier.delivery.tls_policy import client_context
+
+log = logging.getLogger(__name__)
+
+
+def outcome_of(recipient: str, reply: Reply) -> RecipientOutcome:
+    outcome: Outcome
+    if reply.ok:
+        outcome = "delivered"
+    elif reply.permanent:
+        outcome = "bounced"
+    else:
+        outcome = "deferred"
+    return RecipientOutcome(address=recipient, outcome=outcome, reply=str(reply))
+
+
+def deferred(recipients: list[str], text: str) -> list[RecipientOutcome]:
+    return [RecipientOutcome(address=r, outcome="deferred", reply=text) for r in recipients]
+
+
+class Courier:
+    def __init__(self, settings: DeliverySettings) -> None:
+        self._settings = settings
+        self.pool = ConnectionPool()
+        self._dns = MailDns(settings.dns_resolver)
+        verify = client_context("verify", settings.tls_ca_file)
+        assert verify is not None
+        self._sts = StsPolicies(self._dns, verify)
+        self._signer = DkimSigner()
+        self._rates = SendingRates()
+
+    async def deliver(
+        self, job: DeliveryJob, body: bytes, table: RoutingTable
+    ) -> list[RecipientOutcome]:
+        sender_domain = domain_of(job.mail_from)
+        # One group per route; an MX route splits further by recipient domain.
+        groups: dict[tuple[str, str], tuple[CompiledRoute | None, list[str]]] = {}
+        for recipient in job.recipients:
+            domain = domain_of(recipient)
+            route = table.route_for(domain, sender_domain)
+            key = (route.name if route else "", domain if route and route.mx else "")
+            groups.setdefault(key, (route, []))[1].append(recipient)
+        # Signed and stuffed once per attempt, whatever the number of groups.
+        wire_body = to_wire_body(self._signer.sign(body, table.domain(sender_domain)))
+        results = await asyncio.gather(
+            *(
+                self._deliver_group(job, route, domain, recipients, wire_body)
+                for (_, domain), (route, recipients) in groups.items()
+            )
+        )
+        return [outcome for group in results for outcome in group]
+
+    async def _deliver_group(
+        self,
+        job: DeliveryJob,
+        route: CompiledRoute | None,
+        domain: str,
+        recipients: list[str],
+        wire_body: bytes,
+    ) -> list[RecipientOutcome]:
+        if route is None:
+            return deferred(recipients, "451 4.4.0 no route matches the recipient domain")
+        if route.problem:
+            return deferred(
+                recipients, f"451 4.3.5 route {route.name} is unusable: {route.problem}"
+            )
+        try:
+            hops = await self._hops(route, domain)
+        except UnroutableDomain as error:
+            outcome: Outcome = "bounced" if error.permanent else "deferred"
+            return [
+                RecipientOutcome(address=r, outcome=outcome, reply=error.reply) for r in recipients
+            ]
+        if route.rate_per_minute is not None:
+            wait = self._rates.reserve(route.name, route.rate_per_minute)
+            if wait is None:
+                return deferred(
+                    recipients,
+                    f"451 4.7.0 route {route.name} is at its rate limit "
+                    f"({route.rate_per_minute} per minute)",
+                )
+            await asyncio.sleep(wait)
+        return await self._send(job, route, hops, recipients, wire_body)
+
+    async def _hops(self, route: CompiledRoute, domain: str) -> list[NextHop]:
+        if route.smarthost is not None:
+            return [smarthost_hop(*route.smarthost, route.tls_mode)]
+        hosts = await self._dns.mail_hosts(domain)
+        policy = await self._sts.policy_for(domain)
+        return mx_hops(domain, hosts, route.tls_mode, policy, self._settings.mx_port)
+
+    def _opener(self, hop: NextHop, route: CompiledRoute) -> Opener:
+        settings = self._settings
+        # Only the smarthost the route names ever sees its credentials.
+        credentials = None
+        if route.smarthost is not None and route.username is not None:
+            credentials = (route.username, route.password or "")
+
+        async def open_session() -> SmtpSession:
+            return await SmtpSession.open(
+                hop.address,
+                hop.port,
+                server_name=hop.server_name,
+                helo_name=settings.helo_name,
+                tls_mode=hop.tls_mode,
+                tls_context=client_context(hop.tls_mode, settings.tls_ca_file),
+                timeout=settings.smtp_timeout,
+                connect_timeout=settings.connect_timeout,
+                credentials=credentials,
+            )
+
+        return open_session
+
+    async def _send(
+        self,
+        job: DeliveryJob,
+        route: CompiledRoute,
+        hops: list[NextHop],
+        recipients: list[str],
+        wire_body: bytes,
+    ) -> list[RecipientOutcome]:
+        """Try the hops in order; a recipient moves on only after a temporary failure
+        before the server saw the message content (RFC 5321 5.1)."""
+        outcomes: list[RecipientOutcome] = []
+        pending = recipients
+        last_reply = ""
+        to_try = list(hops)
+        retried: set[NextHop] = set()
+        while to_try:
+            hop = to_try.pop(0)
+            # Sessions differ by TLS mode and credentials: same key only if those agree.
+            key = f"{hop.label}|{hop.tls_mode}|{route.username if route.smarthost else ''}"
+            try:
+                session = await self.pool.acquire(
+                    key, route.max_connections, self._opener(hop, route)
+                )
+            except SmtpTemporaryError as error:
+                last_reply = f"451 {error.status} {hop.label}: {error}"
+                log.info("next hop failed: %s", last_reply, extra={"queue_id": job.queue_id})
+                continue
+            try:
+                result = await session.send(
+                    job.mail_from,
+                    pending,
+                    wire_body,
+                    smtputf8=job.smtputf8,
+                    body_type=job.body_type,
+                )
+            except SmtpTemporaryError as error:
+                await self.pool.release(key, session, reusable=False)
+                last_reply = f"451 4.4.2 {hop.label}: {error}"
+                if session.body_started:
+                    # The server may have the message: another host could duplicate it.
+                    break
+                if session.transactions > 1 and hop not in retried:
+                    # A pooled session the server had closed meanwhile: once more, afresh.
+                    retried.add(hop)
+                    to_try.insert(0, hop)
+                continue
+            except BaseException:
+                await self.pool.release(key, session, reusable=False)
+                raise
+            await self.pool.release(key, session, reusable=True)
+            retry_elsewhere = []
+            for recipient in pending:
+                reply = result.reply_for(recipient)
+                if (
+                    not reply.ok
+                    and not reply.permanent
+                    and result.decided_before_content(recipient)
+                ):
+                    retry_elsewhere.append(recipient)
+                    last_reply = str(reply)
+                else:
+                    outcomes.append(outcome_of(recipient, reply))
+            pending = retry_elsewhere
+            if not pending:
+                break
+        return outcomes + deferred(pending, last_reply)

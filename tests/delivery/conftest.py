@@ -1,0 +1,69 @@
+"""Fixtures for delivery: a local authoritative DNS server, a test CA, and a courier using them.
+
+Mail hosts are sinks on loopback addresses (127.0.0.2, 127.0.0.3, ::1...),
+all on one port, since an MX record names a host and every MX host is
+contacted on the same port (`--mx-port`).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from kurrier.delivery.courier import Courier
+from kurrier.delivery.settings import DeliverySettings
+
+from tests.support.certs import TestCA
+from tests.support.dns_server import DnsServer
+from tests.support.processes import free_port
+
+MAIL_HOST_ADDRESSES = (*(f"127.0.0.{n}" for n in range(2, 20)), "::1")
+
+
+def _bindable(address: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family) as probe:
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def mx_port() -> int:
+    """A port free on every loopback address the tests use as a mail host."""
+    for _ in range(50):
+        port = free_port()
+        if all(_bindable(address, port) for address in MAIL_HOST_ADDRESSES):
+            return port
+    raise AssertionError("no port free on all mail host addresses")
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    with DnsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def test_ca(tmp_path: Path) -> TestCA:
+    return TestCA(tmp_path / "ca")
+
+
+@pytest.fixture
+async def courier(dns_server: DnsServer, test_ca: TestCA, mx_port: int) -> AsyncIterator[Courier]:
+    running = Courier(
+        DeliverySettings(
+            helo_name="relay.test",
+            smtp_timeout=10,
+            connect_timeout=5,
+            tls_ca_file=str(test_ca.ca_file),
+            dns_resolver=dns_server.address,
+            mx_port=mx_port,
+        )
+    )
+    yield running
+    await running.pool.close_idle(older_than=0)

@@ -1,0 +1,140 @@
+"""MTA-STS (RFC 8461) on MX routes: parsing, and enforcement with a policy served over HTTPS.
+
+The policy host is a real HTTPS server on port 443 of a loopback address,
+found through the test's DNS server and trusted through the test CA, as a
+public one would be through the public DNS and CAs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kurrier.delivery.courier import Courier
+from kurrier.delivery.mta_sts import parse_policy, policy_id
+
+from tests.delivery.attempts import by_address, job, message, table
+from tests.support.certs import TestCA, self_signed_context
+from tests.support.dns_server import DnsServer
+from tests.support.policy_server import PolicyServer
+from tests.support.relay import mx_route
+from tests.support.sink import Sink
+
+OPPORTUNISTIC = table(mx_route("by-mx", ["*"], tls="opportunistic"))
+
+
+def _policy(mode: str, *mx: str) -> str:
+    return (
+        "version: STSv1\r\nmode: "
+        + mode
+        + "\r\n"
+        + "".join(f"mx: {m}\r\n" for m in mx)
+        + ("max_age: 86400\r\n")
+    )
+
+
+def test_policy_files_and_txt_records_are_read_strictly() -> None:
+    policy = parse_policy(_policy("enforce", "mx1.example.com", "*.example.net"), "abc", 100.0)
+    assert (policy.mode, policy.mx, policy.max_age, policy.expires) == (
+        "enforce",
+        ("mx1.example.com", "*.example.net"),
+        86400,
+        86500.0,
+    )
+    assert policy.allows("MX1.example.com.")
+    assert policy.allows("a.example.net")
+    assert not policy.allows("a.b.example.net")  # '*' is exactly one label
+    assert not policy.allows("example.net")
+    for broken, why in [
+        ("version: STSv2\nmode: enforce\nmx: a.test\nmax_age: 1\n", "version"),
+        ("version: STSv1\nmode: strict\nmx: a.test\nmax_age: 1\n", "mode"),
+        ("version: STSv1\nmode: enforce\nmax_age: 1\n", "no mx"),
+        ("version: STSv1\nmode: enforce\nmx: a.test\nmax_age: 99999999999\n", "max_age"),
+        ("version: STSv1\nmode: enforce\nmx: *.*.test\nmax_age: 1\n", "mx pattern"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            parse_policy(broken, "abc", 0.0)
+    assert policy_id(["v=STSv1; id=20240101T01;"]) == "20240101T01"
+    assert policy_id(["v=spf1 -all", "v=STSv1; id=a1"]) == "a1"
+    assert policy_id(["v=STSv1; id=a1", "v=STSv1; id=a2"]) is None  # ambiguous: no policy
+    assert policy_id(["v=STSv1; id=not-alnum"]) is None
+    assert policy_id([]) is None
+
+
+def _publish(dns_server: DnsServer, domain: str, policy_host: str, sts_id: str = "1") -> None:
+    dns_server.add(f"_mta-sts.{domain}", "TXT", f'"v=STSv1; id={sts_id}"')
+    dns_server.add(f"mta-sts.{domain}", "A", policy_host)
+    dns_server.add(domain, "MX", f"10 mx1.{domain}.", f"20 mx2.{domain}.")
+    dns_server.add(f"mx1.{domain}", "A", "127.0.0.2")
+    dns_server.add(f"mx2.{domain}", "A", "127.0.0.3")
+
+
+async def test_enforce_skips_unlisted_hosts_and_keeps_the_policy_cached(
+    courier: Courier, dns_server: DnsServer, mx_port: int, test_ca: TestCA
+) -> None:
+    _publish(dns_server, "sts.test", "127.0.1.1")
+    policy = _policy("enforce", "mx2.sts.test")
+    with (
+        Sink(mx_port, "127.0.0.2") as unlisted,
+        Sink(mx_port, "127.0.0.3", tls_context=test_ca.server_context("mx2.sts.test")) as listed,
+    ):
+        with PolicyServer("127.0.1.1", test_ca.server_context("mta-sts.sts.test"), policy) as web:
+            first = await courier.deliver(job(["a@sts.test"]), message("s1"), OPPORTUNISTIC)
+            second = await courier.deliver(job(["b@sts.test"]), message("s2"), OPPORTUNISTIC)
+            assert web.requests == 1
+        # The web server is gone; the cached policy (same id in DNS) still holds.
+        third = await courier.deliver(job(["c@sts.test"]), message("s3"), OPPORTUNISTIC)
+        assert [o.outcome for o in first + second + third] == ["delivered"] * 3
+        assert unlisted.messages == []
+        assert [m.tls for m in listed.messages] == [True, True, True]
+
+
+async def test_enforce_demands_a_verified_certificate_whatever_the_route_says(
+    courier: Courier, dns_server: DnsServer, mx_port: int, test_ca: TestCA, tmp_path: Path
+) -> None:
+    _publish(dns_server, "strict.test", "127.0.1.2")
+    policy = _policy("enforce", "*.strict.test")
+    self_signed = self_signed_context(tmp_path, "mx.strict.test")
+    with (
+        Sink(mx_port, "127.0.0.2", tls_context=self_signed) as first,
+        Sink(mx_port, "127.0.0.3") as second,  # no STARTTLS at all
+        PolicyServer("127.0.1.2", test_ca.server_context("mta-sts.strict.test"), policy),
+    ):
+        [outcome] = await courier.deliver(job(["a@strict.test"]), message("x"), OPPORTUNISTIC)
+        assert first.messages == second.messages == []
+    assert outcome.outcome == "deferred"
+    assert outcome.reply.startswith("451 4.7.10 mx2.strict.test[127.0.0.3]")
+
+
+async def test_testing_mode_delivers_as_the_route_says(
+    courier: Courier, dns_server: DnsServer, mx_port: int, test_ca: TestCA, tmp_path: Path
+) -> None:
+    _publish(dns_server, "trial.test", "127.0.1.3")
+    policy = _policy("testing", "mx.elsewhere.test")
+    self_signed = self_signed_context(tmp_path, "mx1.trial.test")
+    with (
+        Sink(mx_port, "127.0.0.2", tls_context=self_signed) as first,
+        PolicyServer("127.0.1.3", test_ca.server_context("mta-sts.trial.test"), policy) as web,
+    ):
+        [outcome] = await courier.deliver(job(["a@trial.test"]), message("t"), OPPORTUNISTIC)
+        assert outcome.outcome == "delivered"
+        assert [m.tls for m in first.messages] == [True]
+        assert web.requests == 1
+
+
+async def test_an_unreachable_policy_means_no_policy_until_one_is_fetched(
+    courier: Courier, dns_server: DnsServer, mx_port: int, test_ca: TestCA, tmp_path: Path
+) -> None:
+    # The TXT record promises a policy, but its HTTPS host has a certificate nobody vouches for.
+    _publish(dns_server, "nopolicy.test", "127.0.1.4")
+    policy = _policy("enforce", "mx2.nopolicy.test")
+    untrusted = self_signed_context(tmp_path, "mta-sts.nopolicy.test")
+    with (
+        Sink(mx_port, "127.0.0.2") as first,
+        PolicyServer("127.0.1.4", untrusted, policy),
+    ):
+        outcomes = by_address(
+            await courier.deliver(job(["a@nopolicy.test"]), message("n"), OPPORTUNISTIC)
+        )
+        assert outcomes["a@nopolicy.test"][0] == "delivered"
+        assert len(first.messages) == 1

@@ -1,0 +1,124 @@
+"""A steady SMTP load that keeps score: what was acknowledged, refused, or left in doubt."""
+
+from __future__ import annotations
+
+import contextlib
+import smtplib
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Ledger:
+    """Every message the load tried to send, by unique marker."""
+
+    acknowledged: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)
+    # The connection broke after DATA began: the relay may or may not have it.
+    in_doubt: set[str] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def attempted(self) -> set[str]:
+        return self.acknowledged | self.refused | self.in_doubt
+
+
+def message(marker: str, size: int = 512) -> bytes:
+    head = (
+        f"From: load@client.test\r\nSubject: {marker}\r\nMessage-ID: <{marker}@client.test>\r\n\r\n"
+    )
+    return head.encode() + b"x" * size + b"\r\n"
+
+
+class SteadyLoad:
+    """`clients` threads, each sending on one reused session until stopped or out of budget."""
+
+    def __init__(
+        self, port: int, recipient: str, clients: int = 4, budget: int = 100_000, pace: float = 0.0
+    ) -> None:
+        self.port = port
+        self.recipient = recipient
+        self.ledger = Ledger()
+        self._clients = clients
+        self._budget = budget
+        self._pace = pace
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._counter = 0
+        self._counter_lock = threading.Lock()
+
+    def _next_marker(self, client: int) -> str | None:
+        with self._counter_lock:
+            if self._counter >= self._budget:
+                return None
+            self._counter += 1
+            return f"load-{client}-{self._counter}"
+
+    def _record(self, outcome: set[str], marker: str) -> None:
+        with self.ledger.lock:
+            outcome.add(marker)
+
+    def _client(self, client: int) -> None:
+        smtp: smtplib.SMTP | None = None
+        while not self._stop.is_set():
+            marker = self._next_marker(client)
+            if marker is None:
+                break
+            try:
+                if smtp is None:
+                    smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=30)
+                smtp.sendmail("load@client.test", [self.recipient], message(marker))
+                self._record(self.ledger.acknowledged, marker)
+            except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused):
+                self._record(self.ledger.refused, marker)
+                smtp = _reset(smtp)
+            except smtplib.SMTPDataError:
+                self._record(self.ledger.refused, marker)
+            except (OSError, smtplib.SMTPException):
+                # Refused connection (nothing sent) or a break mid-transaction.
+                self._record(self.ledger.in_doubt, marker)
+                _close(smtp)
+                smtp = None
+                self._stop.wait(0.2)  # back off like a real client would
+            if self._pace:
+                self._stop.wait(self._pace)
+        _close(smtp)
+
+    def start(self) -> SteadyLoad:
+        for client in range(self._clients):
+            thread = threading.Thread(target=self._client, args=(client,), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> Ledger:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        return self.ledger
+
+    def wait_for_acknowledged(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.ledger.acknowledged) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"only {len(self.ledger.acknowledged)} of {count} acknowledged"
+                )
+            time.sleep(0.05)
+
+
+def _reset(smtp: smtplib.SMTP | None) -> smtplib.SMTP | None:
+    try:
+        if smtp is not None:
+            smtp.rset()
+        return smtp
+    except (OSError, smtplib.SMTPException):
+        _close(smtp)
+        return None
+
+
+def _close(smtp: smtplib.SMTP | None) -> None:
+    if smtp is not None:
+        with contextlib.suppress(OSError):
+            smtp.close()
