@@ -5,7 +5,6 @@ and the operator's RBAC grants exactly what it needs."""
 from __future__ import annotations
 
 import shlex
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -127,8 +126,9 @@ def test_relay_crs_are_validated_by_their_crds(crds: Api) -> None:
 
 def check_notes_commands(notes: str) -> None:
     """The commands NOTES.txt tells people to run are ones kurrier and Python accept."""
-    snippet = notes.split("python3 - <<'PY'\n", 1)[1].split("\n   PY", 1)[0]
-    compile(textwrap.dedent(snippet), "NOTES.txt", "exec")
+    # Heredocs start at column 0, so that they work when pasted into a shell.
+    snippet = notes.split("python3 - <<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    compile(snippet, "NOTES.txt", "exec")
     kurrier_lines = [line for line in notes.splitlines() if " -- kurrier " in line]
     assert kurrier_lines, notes
     for line in kurrier_lines:
@@ -180,6 +180,12 @@ def test_helm_install_upgrade_uninstall(
     assert f"kubectl port-forward -n {ns} svc/kurrier-ingress 2525:25" in out, out
     assert f"helm test {RELEASE} -n {ns}" in out, out
     check_notes_commands(out)
+    # ...and the example resources it prints are valid for the CRDs.
+    example = out.split("<<'YAML'\n", 1)[1].split("\nYAML\n", 1)[0]
+    for doc in yaml.safe_load_all(example):
+        doc["metadata"]["namespace"] = ns
+        resp = api.create(doc, dry_run=True)
+        assert resp.status == 201, (doc, resp.message)
 
     got = api.request("GET", f"/apis/apps/v1/namespaces/{ns}/deployments")
     assert sorted(d["metadata"]["name"] for d in got.body["items"]) == [
