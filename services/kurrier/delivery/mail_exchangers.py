@@ -7,6 +7,7 @@ domain costs one lookup per record TTL, not one per message.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ import dns.exception
 import dns.name
 import dns.resolver
 from kurrier.core.addresses import parse_host_port
+
+log = logging.getLogger(__name__)
 
 # Postfix's smtp_mx_address_limit spirit: past this, more addresses only delay the deferral.
 MAX_ADDRESSES = 10
@@ -49,7 +52,12 @@ class MailDns:
 
     def __init__(self, resolver_address: str | None = None, timeout: float = DNS_TIMEOUT) -> None:
         if resolver_address is None:
-            self._resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            try:
+                self._resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
+            except dns.resolver.NoResolverConfiguration:
+                # Smarthost routes need no DNS of ours; MX lookups will defer, saying why.
+                log.warning("no resolver configured (/etc/resolv.conf); MX lookups will fail")
+                self._resolver = dns.asyncresolver.Resolver(configure=False)
         else:
             host, port = parse_host_port(resolver_address, default_host="127.0.0.1")
             self._resolver = dns.asyncresolver.Resolver(configure=False)
