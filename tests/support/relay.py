@@ -6,6 +6,7 @@ import asyncio
 import json
 import subprocess
 import textwrap
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -196,14 +197,23 @@ class UpRelay:
 
 
 class ServiceRelay:
-    """queue, delivery and ingress as separate processes on a NATS the test controls."""
+    """queue, delivery and ingress as separate processes on a NATS the test controls.
 
-    def __init__(self, workdir: Path, nats_url: str) -> None:
+    service_args adds flags to one service's command line ({"ingress": [...]}).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        nats_url: str,
+        service_args: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.nats_url = nats_url
         self.smtp_port = free_port()
         self.queue_address = f"127.0.0.1:{free_port()}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.service_args = dict(service_args or {})
 
     def publish(self, config: str) -> None:
         table, problems = compile_table(parse_documents(yaml.safe_load_all(config), "test"))
@@ -240,7 +250,9 @@ class ServiceRelay:
         }[name]
         log = (self.workdir / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen(
-            kurrier_argv(name, *common, *args), stdout=log, stderr=log
+            kurrier_argv(name, *common, *args, *self.service_args.get(name, ())),
+            stdout=log,
+            stderr=log,
         )
         if name == "ingress":
             wait_until(lambda: smtp_banner(self.smtp_port), 30, "ingress to answer SMTP")

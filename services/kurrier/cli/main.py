@@ -13,12 +13,16 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.durations import parse_duration
 from kurrier.core.http_endpoint import DEFAULT_METRICS_LISTEN
 from kurrier.core.logs import setup_logging
+
+if TYPE_CHECKING:
+    from kurrier.ingress.queue_client import QueueTls
+    from kurrier.ingress.token_review import KubeApiSettings
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DATA_DIR = Path.home() / ".local" / "state" / "kurrier"
@@ -105,6 +109,27 @@ def _add_listener_flags(parser: argparse.ArgumentParser, smtp_default: str) -> N
     _add(parser, "--tls-key", type=_existing_file, help="PEM private key for TLS")
 
 
+def _add_ingress_limits(parser: argparse.ArgumentParser) -> None:
+    """Limits of one ingress process; per-client ones come from RelayPolicy (docs/security.md)."""
+    _add(parser, "--max-connections", type=int, default="1000", help="open SMTP sessions")
+    _add(parser, "--idle-timeout", type=_duration, default="5m", help="wait for a command")
+    _add(parser, "--session-timeout", type=_duration, default="30m", help="longest session")
+    _add(parser, "--max-commands", type=int, default="1000", help="per command per session")
+    _add(parser, "--max-line-length", type=int, default="1000", help="DATA line, CRLF included")
+    _add(parser, "--max-header-size", type=int, default="262144", help="header section octets")
+    _add(parser, "--max-headers", type=int, default="1000", help="header fields per message")
+    _add(parser, "--max-hops", type=int, default="50", help="Received headers (loop guard)")
+    _add(parser, "--auth-failures-per-minute", type=int, default="5", help="per client IP")
+    _add(parser, "--kube-api-server", help="API server for TokenReview (default: in-cluster)")
+    _add(parser, "--kube-token-file", type=Path, help="bearer token file for --kube-api-server")
+    _add(parser, "--kube-ca-file", type=_existing_file, help="CA of --kube-api-server")
+    _add(parser, "--token-cache-ttl", type=_duration, default="30s", help="keep passed tokens")
+    _add(parser, "--queue-tls-ca", type=_existing_file, help="CA of the queue's certificate")
+    _add(parser, "--queue-tls-cert", type=_existing_file, help="client certificate (mTLS)")
+    _add(parser, "--queue-tls-key", type=_existing_file, help="client private key (mTLS)")
+    _add(parser, "--queue-tls-server-name", help="name to verify in the queue's certificate")
+
+
 def _add_queue_admin(queue: argparse.ArgumentParser) -> None:
     admin = queue.add_subparsers(dest="action", parser_class=Parser, metavar="ACTION")
     where = Parser(add_help=False)
@@ -152,6 +177,7 @@ def build_parser() -> Parser:
     _add_common(ingress)
     _add_listener_flags(ingress, "0.0.0.0:2525")
     _add(ingress, "--queue-address", default="127.0.0.1:7070", help="the queue's gRPC address")
+    _add_ingress_limits(ingress)
 
     queue = commands.add_parser(
         "queue", help="run the queue service, or administer the queue (list, show, hold, ...)"
@@ -201,6 +227,7 @@ def _run_up(args: argparse.Namespace) -> int:
 
 def _run_ingress(args: argparse.Namespace) -> int:
     from kurrier.ingress.main import IngressSettings, serve_ingress
+    from kurrier.ingress.session_limits import SessionLimits
 
     settings = IngressSettings(
         nats_url=args.nats_url,
@@ -213,9 +240,48 @@ def _run_ingress(args: argparse.Namespace) -> int:
         tls_key=str(args.tls_key) if args.tls_key else None,
         replicas=args.nats_replicas,
         metrics_listen=args.metrics_listen,
+        limits=SessionLimits(
+            max_connections=args.max_connections,
+            idle_timeout=parse_duration(args.idle_timeout),
+            session_timeout=parse_duration(args.session_timeout),
+            max_commands=args.max_commands,
+            max_line_length=args.max_line_length,
+            max_header_size=args.max_header_size,
+            max_headers=args.max_headers,
+            max_hops=args.max_hops,
+            auth_failures_per_minute=args.auth_failures_per_minute,
+        ),
+        kube_api=_kube_api(args),
+        token_cache_ttl=parse_duration(args.token_cache_ttl),
+        queue_tls=_queue_tls(args),
     )
     asyncio.run(serve_ingress(settings))
     return 0
+
+
+def _kube_api(args: argparse.Namespace) -> KubeApiSettings | None:
+    from kurrier.ingress.token_review import IN_CLUSTER_DIR, KubeApiSettings
+
+    if not args.kube_api_server:
+        return KubeApiSettings.in_cluster()
+    return KubeApiSettings(
+        server=args.kube_api_server.rstrip("/"),
+        token_file=args.kube_token_file or IN_CLUSTER_DIR / "token",
+        ca_file=args.kube_ca_file,
+    )
+
+
+def _queue_tls(args: argparse.Namespace) -> QueueTls | None:
+    from kurrier.ingress.queue_client import QueueTls
+
+    if not args.queue_tls_ca:
+        return None
+    return QueueTls(
+        ca_file=str(args.queue_tls_ca),
+        cert_file=str(args.queue_tls_cert) if args.queue_tls_cert else None,
+        key_file=str(args.queue_tls_key) if args.queue_tls_key else None,
+        server_name=args.queue_tls_server_name,
+    )
 
 
 def _run_queue(args: argparse.Namespace) -> int:

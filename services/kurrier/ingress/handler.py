@@ -1,26 +1,40 @@
-"""The aiosmtpd handler: relay policy at RCPT, durable enqueue before 250 at DATA."""
+"""The aiosmtpd handler: AUTH, relay policy and limits per command, durable enqueue before 250."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 import time
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from kurrier.core.message import new_queue_id
-from kurrier.core.routing import domain_of
+from kurrier.core.routing import CompiledPolicy, domain_of
 from kurrier.core.table_store import TableFollower
-from kurrier.ingress.line_endings import normalise_line_endings
-from kurrier.ingress.queue_client import QueueClient, QueueUnavailable
-from kurrier.ingress.received import protocol_name, received_header
-from kurrier.ingress.relay_policy import check_recipient, check_sender
+from kurrier.core.telemetry import receiving
+from kurrier.ingress.connection_gate import client_key
+from kurrier.ingress.identities import Identities
+from kurrier.ingress.queue_client import QueueClient, QueueFull, QueueUnavailable
+from kurrier.ingress.received import protocol_name, received_header, tls_description
+from kurrier.ingress.relay_policy import check_recipient, check_sender, check_sender_identity
+from kurrier.ingress.smtp_session import NULL_PATH, IngressSMTP
+from kurrier.ingress.token_buckets import TokenBuckets
+from kurrier.ingress.token_review import Review
 from kurrier.v1 import queue_pb2
 
 log = logging.getLogger(__name__)
 
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
 _HEADER_SCAN_LIMIT = 64 * 1024
+
+AUTH_NOT_HERE = "503 5.5.1 AUTH is only offered on the submission ports"
+AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
+AUTH_LOCKED_OUT = "421 4.7.0 Too many failed authentication attempts, try again later"
+AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure, try again later"
+CLIENT_RATE = "450 4.7.1 Message rate limit exceeded for your address, try again later"
+IDENTITY_RATE = "450 4.7.1 Message rate limit exceeded for this login, try again later"
 
 
 def message_id_of(content: bytes) -> str:
@@ -29,11 +43,52 @@ def message_id_of(content: bytes) -> str:
     return match.group(1).decode("ascii", errors="replace").strip()[:998] if match else ""
 
 
+def decode_plain(blob: bytes) -> tuple[bytes, bytes] | None:
+    """(login, password) from a SASL PLAIN message (RFC 4616), or None if malformed.
+
+    An authorization identity other than the login (acting for someone else) is
+    not supported, so it is refused rather than ignored.
+    """
+    parts = blob.split(b"\0")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    authzid, login, password = parts
+    if authzid and authzid != login:
+        return None
+    return login, password
+
+
+def sender_of(envelope: Envelope) -> str:
+    """MAIL FROM as the queue stores it: '' for the null reverse-path."""
+    mail_from = envelope.mail_from or ""
+    return "" if mail_from == NULL_PATH else mail_from
+
+
 class RelayHandler:
-    def __init__(self, tables: TableFollower, queue: QueueClient, hostname: str) -> None:
+    def __init__(
+        self,
+        tables: TableFollower,
+        queue: QueueClient,
+        hostname: str,
+        identities: Identities,
+        auth_failures_per_minute: int,
+    ) -> None:
         self._tables = tables
         self._queue = queue
         self._hostname = hostname
+        self._identities = identities
+        self._auth_failures_per_minute = auth_failures_per_minute
+        self._failures = TokenBuckets()
+        self._client_rates = TokenBuckets()
+        self._identity_rates = TokenBuckets()
+
+    # -- EHLO and AUTH ----------------------------------------------------------------
+
+    def _auth_allowed(self, server: SMTP, session: Session, policy: CompiledPolicy) -> bool:
+        offered = isinstance(server, IngressSMTP) and server.listener.offers_auth
+        can_verify = bool(policy.users or policy.service_account_audience)
+        secured = session.ssl is not None or not policy.require_tls_for_auth
+        return offered and can_verify and secured
 
     async def handle_EHLO(
         self,
@@ -44,8 +99,68 @@ class RelayHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
+        policy = self._tables.table.policy
+        keep = [line for line in responses[:-1] if not line.startswith("250-AUTH")]
+        if self._auth_allowed(server, session, policy):
+            keep.append("250-AUTH LOGIN PLAIN")
         # aiosmtpd handles pipelined commands but does not advertise it.
-        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+        return [
+            *keep,
+            f"250-SIZE {policy.max_message_size}",
+            "250-PIPELINING",
+            "250-ENHANCEDSTATUSCODES",
+            responses[-1],
+        ]
+
+    async def handle_AUTH(
+        self, server: SMTP, session: Session, envelope: Envelope, args: list[str]
+    ) -> Any:
+        """Refuse AUTH where it is not offered; MISSING lets the mechanism run."""
+        policy = self._tables.table.policy
+        if not (isinstance(server, IngressSMTP) and server.listener.offers_auth):
+            return AUTH_NOT_HERE
+        if session.ssl is None and policy.require_tls_for_auth:
+            return AUTH_NEEDS_TLS
+        if not self._failures.available(
+            client_key(peer_ip(session)), self._auth_failures_per_minute
+        ):
+            return AUTH_LOCKED_OUT
+        return MISSING
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        blob = await _initial_or_challenge(server, args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        credentials = decode_plain(blob)
+        if credentials is None:
+            await server.push("501 5.5.2 Cannot decode the PLAIN message")
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(server, *credentials)
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        login = await _initial_or_challenge(server, args, server.AuthLoginUsernameChallenge)
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await _initial_or_challenge(server, [], server.AuthLoginPasswordChallenge)
+        if password is None:
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate(server, login, password)
+
+    async def _authenticate(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        assert server.session is not None
+        client_ip = peer_ip(server.session)
+        verdict = await self._identities.verify(self._tables.table.policy, login, password)
+        if isinstance(verdict, str):
+            log.info("AUTH from %s as %s", client_ip, verdict)
+            return AuthResult(success=True, auth_data=verdict)
+        if verdict is Review.UNAVAILABLE:
+            return AuthResult(success=False, handled=False, message=AUTH_TEMPORARY)
+        self._failures.take(client_key(client_ip), self._auth_failures_per_minute)
+        # Neither login nor password is logged: a password typed as the login is common.
+        log.info("AUTH failed from %s", client_ip)
+        return AuthResult(success=False, handled=False)
+
+    # -- the transaction --------------------------------------------------------------
 
     async def handle_MAIL(
         self,
@@ -55,14 +170,47 @@ class RelayHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        # aiosmtpd spells the null reverse-path "<>" and needs it truthy to know
-        # MAIL was given; the queue gets "" (see reverse_path).
-        refusal = check_sender(reverse_path(address))
+        sender = "" if address == NULL_PATH else address
+        refusal = check_sender(sender)
+        if refusal:
+            return refusal
+        if not sender.isascii() and "SMTPUTF8" not in mail_options:
+            return f"553 5.6.7 <{sender}>: a non-ASCII address needs SMTPUTF8"
+        policy = self._tables.table.policy
+        size = next((o[5:] for o in mail_options if o.startswith("SIZE=")), "0")
+        if int(size) > policy.max_message_size:
+            return "552 5.3.4 Message size exceeds fixed maximum message size"
+        client_ip = peer_ip(session)
+        identity = _identity(session)
+        trusted = self._tables.table.is_trusted(client_ip)
+        refusal = check_sender_identity(policy, identity, trusted, sender)
+        if refusal:
+            return refusal
+        refusal = self._spend_message_tokens(policy, client_key(client_ip), identity)
         if refusal:
             return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
+
+    def _spend_message_tokens(
+        self, policy: CompiledPolicy, client: str, identity: str
+    ) -> str | None:
+        """One message from each of the client's and the login's buckets, or the 450."""
+        client_rate, identity_rate = policy.rate_per_minute, policy.identity_rate_per_minute
+        if client_rate and not self._client_rates.available(client, client_rate):
+            return CLIENT_RATE
+        if (
+            identity
+            and identity_rate
+            and not self._identity_rates.available(identity, identity_rate)
+        ):
+            return IDENTITY_RATE
+        if client_rate:
+            self._client_rates.take(client, client_rate)
+        if identity and identity_rate:
+            self._identity_rates.take(identity, identity_rate)
+        return None
 
     async def handle_RCPT(
         self,
@@ -72,16 +220,20 @@ class RelayHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if address == NULL_PATH:
+            return "501 5.1.3 The null path <> is no recipient"
         table = self._tables.table
         client_ip = peer_ip(session)
         if len(envelope.rcpt_tos) >= table.policy.max_recipients:
             return "452 4.5.3 Too many recipients"
+        if not address.isascii() and not envelope.smtp_utf8:
+            return f"553 5.6.7 <{address}>: a non-ASCII address needs SMTPUTF8"
         refusal = check_recipient(
             table,
             client_ip=client_ip,
             authenticated=bool(session.authenticated),
             recipient=address,
-            sender_domain=domain_of(envelope.mail_from or ""),
+            sender_domain=domain_of(sender_of(envelope)),
         )
         if refusal:
             return refusal
@@ -91,10 +243,24 @@ class RelayHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         queue_id = new_queue_id()
-        client_ip = peer_ip(session)
         content = envelope.content
         assert isinstance(content, bytes)  # decode_data=False
-        content = normalise_line_endings(content)
+        with receiving(
+            queue_id=queue_id,
+            message_id=message_id_of(content),
+            mail_from=envelope.mail_from or "",
+            recipients=envelope.rcpt_tos,
+            size=len(content),
+            content=content,
+            peer=session.peer,
+        ) as receipt:
+            return receipt.replied(await self._accept(queue_id, session, envelope))
+
+    async def _accept(self, queue_id: str, session: Session, envelope: Envelope) -> str:
+        """Hand the message to the queue; the reply to DATA (250 only once it is stored)."""
+        client_ip = peer_ip(session)
+        content = envelope.content
+        assert isinstance(content, bytes)  # decode_data=False; DataReader normalised it
         options = [option.upper() for option in envelope.mail_options]
         smtputf8 = "SMTPUTF8" in options
         body_type = next((o[5:] for o in options if o.startswith("BODY=")), "")
@@ -109,10 +275,11 @@ class RelayHandler:
             queue_id=queue_id,
             recipients=envelope.rcpt_tos,
             timestamp=time.time(),
+            tls_detail=tls_description(session.ssl),
         )
         request = queue_pb2.Envelope(
             queue_id=queue_id,
-            mail_from=reverse_path(envelope.mail_from),
+            mail_from=sender_of(envelope),
             recipients=envelope.rcpt_tos,
             client_address=client_ip,
             client_helo=session.host_name or "",
@@ -124,15 +291,32 @@ class RelayHandler:
         )
         try:
             await self._queue.enqueue(request, [header, content])
+        except QueueFull as error:
+            log.warning("not accepted, queue full: %s", error, extra={"queue_id": queue_id})
+            return "452 4.3.1 Insufficient system storage, try again later"
         except QueueUnavailable as error:
             log.warning("not accepted, queue unavailable: %s", error, extra={"queue_id": queue_id})
             return "451 4.3.0 Queue temporarily unavailable, try again later"
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
 
-def reverse_path(mail_from: str | None) -> str:
-    """The sender as the queue stores it: "" for the null sender."""
-    return "" if mail_from in (None, "<>") else mail_from
+async def _initial_or_challenge(server: SMTP, args: list[str], challenge: str) -> bytes | None:
+    """The client's base64 answer: given with AUTH (args[1]) or after a 334 challenge.
+
+    None when the exchange failed; the client has then been told why.
+    """
+    if len(args) > 1:
+        try:
+            return base64.b64decode(args[1], validate=True)
+        except binascii.Error:
+            await server.push("501 5.5.2 Cannot decode base64")
+            return None
+    try:
+        answer = await server.challenge_auth(challenge)
+    except ValueError:  # a line longer than the stream's limit
+        await server.push("500 5.5.6 Authentication exchange line is too long")
+        return None
+    return answer if isinstance(answer, bytes) else None
 
 
 def peer_ip(session: Session) -> str:
@@ -144,5 +328,4 @@ def _identity(session: Session) -> str:
     data: Any = session.auth_data
     if not session.authenticated or data is None:
         return ""
-    login = getattr(data, "login", data)
-    return login.decode() if isinstance(login, bytes) else str(login)
+    return data.decode() if isinstance(data, bytes) else str(data)

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import ssl
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from aiosmtpd.smtp import SMTP
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.http_endpoint import HttpEndpoint
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.lifecycle import stop_event
 from kurrier.core.table_store import TableFollower
+from kurrier.core.telemetry import SMTP_SESSIONS
+from kurrier.ingress.connection_gate import SHUTTING_DOWN
 from kurrier.ingress.handler import RelayHandler
-from kurrier.ingress.queue_client import QueueClient
+from kurrier.ingress.identities import Identities
+from kurrier.ingress.queue_client import QueueClient, QueueTls
+from kurrier.ingress.session_limits import SessionLimits
+from kurrier.ingress.smtp_session import IngressSMTP, Listener, Sessions
+from kurrier.ingress.tls_certificate import ServerCertificate
+from kurrier.ingress.token_review import KubeApiSettings, TokenReviewer
 
 log = logging.getLogger(__name__)
 
@@ -35,80 +40,104 @@ class IngressSettings:
     tls_key: str | None = None
     replicas: int = 1
     metrics_listen: str | None = None
+    limits: SessionLimits = field(default_factory=SessionLimits)
+    kube_api: KubeApiSettings | None = None
+    token_cache_ttl: float = 30.0
+    queue_tls: QueueTls | None = None
 
 
-def server_tls_context(cert: str, key: str) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
+class _NoLoginDataWarning(logging.Filter):
+    """aiosmtpd warns that its own Session.login_data is deprecated on every AUTH."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "login_data is deprecated" not in record.getMessage()
 
 
 async def serve_ingress(settings: IngressSettings) -> None:
     stop = stop_event()
+    logging.getLogger("mail.log").addFilter(_NoLoginDataWarning())
     nc = await connect(settings.nats_url, "kurrier-ingress")
     js = nc.jetstream()
     await ensure_layout(js, settings.replicas)
     tables = TableFollower()
     following = asyncio.create_task(tables.run(js))
-    queue = QueueClient(settings.queue_address)
-    handler = RelayHandler(tables, queue, settings.hostname)
-    tls = (
-        server_tls_context(settings.tls_cert, settings.tls_key)
+    queue = QueueClient(settings.queue_address, settings.queue_tls)
+    reviewer = (
+        TokenReviewer(settings.kube_api, settings.token_cache_ttl) if settings.kube_api else None
+    )
+    handler = RelayHandler(
+        tables,
+        queue,
+        settings.hostname,
+        Identities(reviewer),
+        settings.limits.auth_failures_per_minute,
+    )
+    certificate = (
+        ServerCertificate(settings.tls_cert, settings.tls_key)
         if settings.tls_cert and settings.tls_key
         else None
     )
-    sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+    reloading = asyncio.create_task(certificate.follow()) if certificate else None
+    tls = certificate.context if certificate else None
+    sessions = Sessions(settings.limits, tables)
+    SMTP_SESSIONS.follow(lambda: sessions.gate.open_connections)
     if settings.metrics_listen:
         await HttpEndpoint(lambda: nc.is_connected).serve(settings.metrics_listen)
 
-    def session_factory() -> SMTP:
-        session = SMTP(
+    def session_factory(listener: Listener) -> IngressSMTP:
+        return IngressSMTP(
             handler,
+            listener=listener,
+            sessions=sessions,
             hostname=settings.hostname,
-            ident="kurrier",
-            decode_data=False,
-            enable_SMTPUTF8=True,
-            # Read per connection, so a new RelayPolicy limit applies at once.
-            data_size_limit=tables.table.policy.max_message_size,
             tls_context=tls,
         )
-        sessions.add(session)
-        return session
 
     loop = asyncio.get_running_loop()
-    listeners = []
-    for address, implicit_tls in (
-        (settings.smtp, False),
-        (settings.submission, False),
-        (settings.smtps, True),
+    servers = []
+    for address, listener in (
+        (settings.smtp, Listener("smtp")),
+        (settings.submission, Listener("submission", offers_auth=True)),
+        (settings.smtps, Listener("smtps", implicit_tls=True, offers_auth=True)),
     ):
         if not address:
             continue
-        if implicit_tls and tls is None:
+        if listener.implicit_tls and tls is None:
             raise ValueError("--smtps needs --tls-cert and --tls-key")
         host, port = parse_host_port(address)
-        listeners.append(
+        servers.append(
             await loop.create_server(
-                session_factory, host, port, ssl=tls if implicit_tls else None, reuse_address=True
+                functools.partial(session_factory, listener),
+                host,
+                port,
+                ssl=tls if listener.implicit_tls else None,
+                reuse_address=True,
             )
         )
-        log.info("SMTP listening on %s%s", address, " (implicit TLS)" if implicit_tls else "")
+        log.info("SMTP (%s) listening on %s", listener.name, address)
     try:
         await stop.wait()
     finally:
-        log.info("draining: no new connections, finishing open sessions")
-        for listener in listeners:
-            listener.close()
+        # Listeners stay open: a new client hears 421 and tries elsewhere, rather
+        # than a refused connection.
+        log.info("draining: new connections get 421, open transactions finish")
+        sessions.drain()
         await _drain(sessions)
-        following.cancel()
+        for server in servers:
+            server.close()
+        for task in (following, reloading):
+            if task is not None:
+                task.cancel()
         await queue.close()
+        if reviewer is not None:
+            await reviewer.close()
         await disconnect(nc)
 
 
-async def _drain(sessions: weakref.WeakSet[SMTP]) -> None:
-    deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT
-    while any(s.transport is not None and not s.transport.is_closing() for s in sessions):
-        if asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.1)
+async def _drain(sessions: Sessions) -> None:
+    try:
+        await asyncio.wait_for(sessions.gate.emptied.wait(), DRAIN_TIMEOUT)
+    except TimeoutError:
+        log.warning("drain timed out; closing %d sessions", sessions.gate.open_connections)
+    for session in list(sessions.live):
+        session.say_goodbye(SHUTTING_DOWN)

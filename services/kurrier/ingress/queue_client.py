@@ -1,10 +1,13 @@
-"""Ingress's client of the queue's Enqueue RPC."""
+"""Ingress's client of the queue's Enqueue RPC, over plain gRPC or mutual TLS."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+from kurrier.core.telemetry import grpc_metadata
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 
 CHUNK_SIZE = 256 * 1024
@@ -17,9 +20,32 @@ class QueueUnavailable(Exception):
     """The queue did not confirm durable storage; the client must retry later."""
 
 
+class QueueFull(QueueUnavailable):
+    """The message store is out of space; the client must retry later."""
+
+
+@dataclass(frozen=True)
+class QueueTls:
+    """Mutual TLS to the queue: the CA that signed the queue's certificate, and ours."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None  # when the address is not the name in the certificate
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(self.ca_file).read_bytes(),
+            private_key=Path(self.key_file).read_bytes() if self.key_file else None,
+            certificate_chain=Path(self.cert_file).read_bytes() if self.cert_file else None,
+        )
+        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
+
 class QueueClient:
-    def __init__(self, address: str) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str, tls: QueueTls | None = None) -> None:
+        self._channel = tls.channel(address) if tls else grpc.aio.insecure_channel(address)
         self._stub = queue_pb2_grpc.QueueServiceStub(self._channel)
 
     async def enqueue(self, envelope: queue_pb2.Envelope, parts: list[bytes]) -> str:
@@ -34,10 +60,19 @@ class QueueClient:
 
         try:
             response = await self._stub.Enqueue(
-                requests(), timeout=ENQUEUE_TIMEOUT, wait_for_ready=True
+                requests(),
+                timeout=ENQUEUE_TIMEOUT,
+                wait_for_ready=True,
+                # The message's trace continues in the queue (its server interceptor).
+                metadata=grpc_metadata(),
             )
         except grpc.aio.AioRpcError as error:
-            raise QueueUnavailable(f"{error.code().name}: {error.details()}") from error
+            failure = (
+                QueueFull
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                else QueueUnavailable
+            )
+            raise failure(f"{error.code().name}: {error.details()}") from error
         return str(response.queue_id)
 
     async def close(self) -> None:

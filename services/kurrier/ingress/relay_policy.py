@@ -5,11 +5,12 @@ from __future__ import annotations
 import re
 
 from kurrier.core.resources import DOMAIN_RE, normalise_domain
-from kurrier.core.routing import RoutingTable
+from kurrier.core.routing import CompiledPolicy, RoutingTable, domain_matches, domain_of
 
 # Local parts we will carry: RFC 5321 dot-atoms or quoted strings, but never
-# the source-routing characters that let old relays forward mail onward.
-_LOCAL_PART_RE = re.compile(r'^([^\s@"<>()\[\]\\,;:%!]+|"[^"\\\r\n]*")$')
+# the routing characters ('@' of a quoted "user@host", '%' and '!') that let old
+# relays forward mail onward.
+_LOCAL_PART_RE = re.compile(r'^([^\s@"<>()\[\]\\,;:%!]+|"[^"\\\r\n@%!]*")$')
 
 
 def split_address(address: str) -> tuple[str, str] | None:
@@ -52,3 +53,32 @@ def check_sender(address: str) -> str | None:
     if address == "" or split_address(address) is not None:
         return None
     return f"501 5.1.7 <{address}>: bad sender address syntax"
+
+
+def check_sender_identity(
+    policy: CompiledPolicy, identity: str, trusted: bool, sender: str
+) -> str | None:
+    """None if this client may use MAIL FROM sender, else the 553 refusing it.
+
+    With senderRules, an authenticated identity may only use the domains its
+    rules (or the "*" identity's) list. The domains named in any rule belong to
+    the relay's users: an untrusted client that did not authenticate cannot
+    claim them (a forged local sender).
+    """
+    domain = domain_of(sender)
+    rules = policy.sender_rules
+    if not domain or not rules:
+        return None
+    if identity:
+        allowed = (
+            pattern for who, patterns in rules if who in (identity, "*") for pattern in patterns
+        )
+        if any(domain_matches(pattern, domain) for pattern in allowed):
+            return None
+        return f"553 5.7.1 <{sender}>: sender address not allowed for this login"
+    if trusted:
+        return None
+    owned = (pattern for _, patterns in rules for pattern in patterns if pattern != "*")
+    if any(domain_matches(pattern, domain) for pattern in owned):
+        return f"553 5.7.1 <{sender}>: sender address requires authentication"
+    return None

@@ -1,0 +1,155 @@
+"""The DATA phase as a pure state machine: raw bytes in, a bounded message or a refusal out.
+
+aiosmtpd's own DATA loop keeps every fragment of an over-long line until the
+line ends, so one endless line grows without bound. This reader never holds
+more than the message size limit plus the chunk it is given; past any limit it
+drops what it has and only looks for the end of the data.
+
+End of data is only <CRLF>.<CRLF> (RFC 5321 4.1.1.4): a bare LF or CR before
+or after the dot never ends it (SMTP smuggling, Dec 2023). Lines are
+dot-unstuffed (RFC 5321 4.5.2), then every bare CR or LF left inside becomes
+CRLF, so the stored message has one meaning for every next hop.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from kurrier.ingress.line_endings import normalise_line_endings
+
+TERMINATOR = b"\r\n.\r\n"
+
+TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+LINE_TOO_LONG = "552 5.6.0 Message has a line longer than {limit} octets (RFC 5321 4.5.3.1.6)"
+HEADER_TOO_BIG = "552 5.6.0 Message header section larger than {limit} octets"
+TOO_MANY_HEADERS = "552 5.6.0 Message has more than {limit} header fields"
+TOO_MANY_HOPS = "554 5.4.6 Too many Received headers (more than {limit}): mail loop?"
+
+_NEWLINE = re.compile(rb"[\r\n]")
+_RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    max_size: int
+    # Octets per line including CRLF (RFC 5321 4.5.3.1.6); one transparency dot is extra.
+    max_line_length: int = 1000
+    max_header_size: int = 256 * 1024
+    max_headers: int = 1000
+    max_hops: int = 50
+
+
+@functools.lru_cache(maxsize=8)
+def _long_run(max_line_length: int) -> re.Pattern[bytes]:
+    # A run of this many non-newline octets is a line over the limit (CRLF excluded,
+    # one dot of transparency allowed).
+    return re.compile(rb"[^\r\n]{%d}" % max_line_length)
+
+
+class DataReader:
+    """Feed it the bytes after `354`; it says how many belonged to the DATA."""
+
+    def __init__(self, limits: DataLimits) -> None:
+        self._limits = limits
+        self._long_line = _long_run(limits.max_line_length)
+        # The last two octets seen; the CRLF ending the DATA command starts it off.
+        self._tail = b"\r\n"
+        self._partial = bytearray()  # raw octets of the line not yet ended by CRLF
+        self._run = 0  # length of the trailing run of octets without CR or LF
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._in_headers = True
+        self._header_bytes = 0
+        self._headers = 0
+        self._hops = 0
+        self.done = False
+        self.refusal: str | None = None
+
+    def feed(self, data: bytes) -> int:
+        """Take data; returns how many octets were DATA (fewer only at the end)."""
+        if self.done or not data:
+            return 0
+        window = self._tail + data
+        end = window.find(TERMINATOR)
+        if end < 0:
+            self._take(data)
+            self._tail = window[-2:]
+            return len(data)
+        # The terminator's CRLF ends the last line of the message.
+        body_end = end + 2 - len(self._tail)
+        self._take(data[:body_end])
+        self.done = True
+        return end + len(TERMINATOR) - len(self._tail)
+
+    def content(self) -> bytes:
+        """The message as stored: unstuffed, CRLF line endings only."""
+        return b"".join(self._parts)
+
+    def _refuse(self, reply: str) -> None:
+        self.refusal = reply
+        self._parts.clear()
+        self._partial.clear()
+
+    def _take(self, raw: bytes) -> None:
+        if self.refusal or not raw:
+            return  # past a limit only the terminator matters
+        self._check_line_length(raw)
+        if self.refusal:
+            return
+        searched_from = max(len(self._partial) - 1, 0)
+        self._partial += raw
+        cut = self._partial.rfind(b"\r\n", searched_from)
+        if cut >= 0:
+            complete = bytes(self._partial[: cut + 2])
+            del self._partial[: cut + 2]
+            self._store(complete)
+        if not self.refusal and self._size + len(self._partial) > self._limits.max_size:
+            self._refuse(TOO_BIG)
+
+    def _check_line_length(self, raw: bytes) -> None:
+        limit = self._limits.max_line_length
+        first = _NEWLINE.search(raw)
+        if first is None:
+            self._run += len(raw)
+        else:
+            leading = self._run + first.start()
+            last = max(raw.rfind(b"\r"), raw.rfind(b"\n"))
+            self._run = len(raw) - last - 1
+            if leading >= limit or self._long_line.search(raw, first.start(), last):
+                self._refuse(LINE_TOO_LONG.format(limit=limit))
+                return
+        if self._run >= limit:
+            self._refuse(LINE_TOO_LONG.format(limit=limit))
+
+    def _store(self, complete: bytes) -> None:
+        """complete: whole raw lines, starting at a line start and ending with CRLF."""
+        text = complete[1:] if complete.startswith(b".") else complete
+        text = normalise_line_endings(text.replace(b"\r\n.", b"\r\n"))
+        if self._in_headers:
+            self._count_headers(text)
+            if self.refusal:
+                return
+        self._size += len(text)
+        self._parts.append(text)
+
+    def _count_headers(self, text: bytes) -> None:
+        if text.startswith(b"\r\n"):
+            blank = 0
+        else:
+            found = text.find(b"\r\n\r\n")
+            blank = found + 2 if found >= 0 else -1
+        section = text if blank < 0 else text[:blank]
+        self._in_headers = blank < 0
+        self._header_bytes += len(section)
+        lines = section.split(b"\r\n")[:-1]
+        self._headers += sum(1 for line in lines if line[:1] not in (b" ", b"\t"))
+        self._hops += sum(1 for line in lines if _RECEIVED.match(line))
+        limits = self._limits
+        if self._hops > limits.max_hops:
+            self._refuse(TOO_MANY_HOPS.format(limit=limits.max_hops))
+        elif self._header_bytes > limits.max_header_size:
+            self._refuse(HEADER_TOO_BIG.format(limit=limits.max_header_size))
+        elif self._headers > limits.max_headers:
+            self._refuse(TOO_MANY_HEADERS.format(limit=limits.max_headers))

@@ -1,0 +1,256 @@
+"""One SMTP connection: aiosmtpd's protocol machine plus the hardening it has no hooks for.
+
+Policy stays in the handler (handler.py). This subclass only adds what
+aiosmtpd offers no option or hook for, each override saying why: admission
+(connection limits, drain) before the greeting, a session time limit, a
+bounded DATA reader, the strict RFC 5321 path parser, enhanced status codes on
+its built-in replies, and closing the connection after every 421.
+
+STARTTLS is aiosmtpd's own and already right: when the handshake completes it
+clears every byte the client pipelined after STARTTLS (CVE-2011-0411) and
+starts a new session, so EHLO, AUTH and MAIL must all be given again
+(RFC 3207 4.2). tests/ingress prove both on a raw socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import ssl
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+from kurrier.core.table_store import TableFollower
+from kurrier.core.telemetry import rejected
+from kurrier.ingress.connection_gate import SHUTTING_DOWN, ConnectionGate
+from kurrier.ingress.data_reader import DataLimits, DataReader
+from kurrier.ingress.session_limits import SessionLimits
+from kurrier.ingress.smtp_path import parse_path
+from kurrier.ingress.smtp_replies import with_enhanced_code
+
+log = logging.getLogger(__name__)
+
+# aiosmtpd takes an empty address for a syntax error, so the null reverse-path
+# "<>" travels through it as this marker (handler.sender_of turns it back).
+NULL_PATH = "<>"
+# RFC 4954 4: an AUTH line with its initial response may be 12288 octets.
+AUTH_LINE_LIMIT = 12288
+IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
+SESSION_TIMEOUT = "421 4.4.2 Session time limit reached, closing connection"
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str  # smtp, submission, smtps
+    implicit_tls: bool = False
+    offers_auth: bool = False
+
+
+class Sessions:
+    """What every session of this process shares: limits, admission, and the live set."""
+
+    def __init__(self, limits: SessionLimits, tables: TableFollower) -> None:
+        self.limits = limits
+        self.tables = tables
+        self.gate = ConnectionGate(limits.max_connections)
+        self.live: weakref.WeakSet[IngressSMTP] = weakref.WeakSet()
+
+    def drain(self) -> None:
+        """New connections get 421 from now on; idle sessions are told so and closed."""
+        self.gate.draining = True
+        for session in list(self.live):
+            session.drain()
+
+
+class IngressSMTP(SMTP):
+    # The StreamReader's limit: how much of one line (or DATA chunk) is held at
+    # once. Commands are still cut at 512 octets (AUTH at 12288) by aiosmtpd.
+    line_length_limit = 64 * 1024
+
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        listener: Listener,
+        sessions: Sessions,
+        hostname: str,
+        tls_context: ssl.SSLContext | None,
+    ) -> None:
+        limits = sessions.limits
+        super().__init__(
+            handler,
+            hostname=hostname,
+            ident="kurrier",
+            decode_data=False,
+            enable_SMTPUTF8=True,
+            # The handler advertises and checks SIZE from the live policy, with enhanced codes.
+            data_size_limit=None,
+            # STARTTLS only where the connection is not TLS from the start.
+            tls_context=None if listener.implicit_tls else tls_context,
+            timeout=limits.idle_timeout,
+            # The handler enforces requireTLSForAuth itself: aiosmtpd's check does
+            # not know a connection that was TLS from the first byte (port 465).
+            auth_require_tls=False,
+            command_call_limit=limits.command_budgets(),
+        )
+        # aiosmtpd keeps command size limits in one class-wide dict that every EHLO
+        # grows; each session gets its own, with room for AUTH.
+        self.command_size_limits = collections.defaultdict(
+            lambda: self.command_size_limit, {"AUTH": AUTH_LINE_LIMIT}
+        )
+        self.listener = listener
+        self._sessions = sessions
+        self._admitted_ip: str | None = None
+        self._refused = False
+        self._deadline: asyncio.TimerHandle | None = None
+
+    # -- admission and time limits -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is not None:  # STARTTLS: the same client, now encrypted
+            super().connection_made(transport)
+            return
+        # aiosmtpd greets every connection; admission must happen before that.
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) else ""
+        policy = self._sessions.tables.table.policy
+        refusal = self._sessions.gate.admit(ip, policy.max_connections_per_client)
+        if refusal is not None:
+            self._refused = True
+            log.info("connection from %s refused: %s", ip, refusal)
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(refusal.encode() + b"\r\n")
+            transport.close()
+            return
+        self._admitted_ip = ip
+        self._sessions.live.add(self)
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and self.session is not None:
+            # Implicit TLS: aiosmtpd records TLS only when it did the STARTTLS itself.
+            self.session.ssl = {"ssl_object": ssl_object, "cipher": ssl_object.cipher()}
+        self._deadline = self.loop.call_later(
+            self._sessions.limits.session_timeout, self.say_goodbye, SESSION_TIMEOUT
+        )
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return  # never admitted: aiosmtpd has nothing to clean up
+        if self._admitted_ip is not None:  # aiosmtpd may call this twice after a failed STARTTLS
+            self._sessions.gate.release(self._admitted_ip)
+            self._sessions.live.discard(self)
+            self._admitted_ip = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes an idle connection without a word; RFC 5321 4.2 wants a 421.
+        self.say_goodbye(IDLE_TIMEOUT)
+
+    def say_goodbye(self, reply: str) -> None:
+        """Send reply (a 421) and close, whatever the session is doing."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(reply.encode() + b"\r\n")
+            transport.close()
+
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def drain(self) -> None:
+        if not self.in_transaction():
+            self.say_goodbye(SHUTTING_DOWN)
+
+    # -- replies ----------------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, bytes):  # AUTH challenges
+            await super().push(status)
+            return
+        status = with_enhanced_code(status)
+        if status[:1] in ("4", "5"):
+            rejected(status)
+        await super().push(status)
+        if status.startswith("421"):
+            # 421 means the server closes the channel (RFC 5321 4.2.2); aiosmtpd does not.
+            if self.transport is not None:
+                self.transport.close()
+        elif self._sessions.gate.draining and _final(status) and not self.in_transaction():
+            # Draining: a session that just finished its transaction is told at once.
+            self.say_goodbye(SHUTTING_DOWN)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        # aiosmtpd would start TLS inside TLS; RFC 3207 4.2 allows one TLS per session.
+        if self.session is not None and self.session.ssl is not None:
+            await self.push("503 5.5.1 TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
+
+    # -- MAIL/RCPT paths --------------------------------------------------------------
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses paths with the e-mail header parser (comments, spaces
+        # around '@'); SMTP's grammar is stricter.
+        parsed = parse_path(arg)
+        if parsed is None:
+            return None, None
+        mailbox, parameters = parsed
+        return mailbox or NULL_PATH, parameters
+
+    # -- DATA -------------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's DATA loop keeps every fragment of an endless line in memory;
+        # this one reads through DataReader, which never holds more than the limit.
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        limits = self._sessions.limits
+        reader = DataReader(
+            DataLimits(
+                max_size=self._sessions.tables.table.policy.max_message_size,
+                max_line_length=limits.max_line_length,
+                max_header_size=limits.max_header_size,
+                max_headers=limits.max_headers,
+                max_hops=limits.max_hops,
+            )
+        )
+        while not reader.done:
+            try:
+                # Never past the first ".\r\n": what follows the end of data is
+                # the next (pipelined) command and stays in the stream.
+                chunk = await self._reader.readuntil(b".\r\n")
+            except asyncio.LimitOverrunError as error:
+                chunk = await self._reader.read(error.consumed)
+            except asyncio.IncompleteReadError:
+                return  # the client went away; nothing was accepted
+            # A client that keeps sending is not idle; the session limit still holds.
+            self._reset_timeout()
+            reader.feed(chunk)
+        if reader.refusal is not None:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(reader.refusal)
+            return
+        content = reader.content()
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+
+
+def _final(reply: str) -> bool:
+    """A reply that ends an exchange (not 354 or the 220 before a TLS handshake)."""
+    return reply[0] in "245" and not reply.startswith("220")
