@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from kurrier.cli.nats_server import nats_server_argv
@@ -11,10 +12,20 @@ from tests.support.processes import free_port, port_open, wait_until
 
 
 class NatsServer:
-    def __init__(self, store_dir: Path, log_dir: Path) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        log_dir: Path,
+        max_file_store: str | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        """extra_args go to nats-server as they are (e.g. --user/--pass to require them)."""
         self.store_dir = store_dir
         self.port = free_port()
         self._log = log_dir / "nats-server.log"
+        self._config = log_dir / "nats-server.conf"
+        self._max_file_store = max_file_store
+        self._extra_args = list(extra_args)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -23,10 +34,14 @@ class NatsServer:
 
     def start(self) -> None:
         """Start (or restart) on the same port with the same store."""
+        argv = nats_server_argv(self.store_dir, self.port) + self._extra_args
+        if self._max_file_store:
+            # Only a config file can cap JetStream's disk: a "full disk" on demand.
+            # (store_dir stays on the command line; the file may not repeat it).
+            self._config.write_text(f"jetstream {{ max_file_store: {self._max_file_store} }}\n")
+            argv += ["--config", str(self._config)]
         with self._log.open("ab") as log:
-            self._process = subprocess.Popen(
-                nats_server_argv(self.store_dir, self.port), stdout=log, stderr=log
-            )
+            self._process = subprocess.Popen(argv, stdout=log, stderr=log)
         wait_until(lambda: port_open(self.port), 30, "nats-server to listen")
 
     def stop(self, kill: bool = False) -> None:

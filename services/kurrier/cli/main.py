@@ -19,6 +19,7 @@ from kurrier.core.addresses import parse_host_port
 from kurrier.core.durations import parse_duration
 from kurrier.core.http_endpoint import DEFAULT_METRICS_LISTEN
 from kurrier.core.logs import setup_logging
+from kurrier.core.sizes import parse_size
 
 if TYPE_CHECKING:
     from kurrier.ingress.queue_client import QueueTls
@@ -130,6 +131,23 @@ def _add_ingress_limits(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--queue-tls-server-name", help="name to verify in the queue's certificate")
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_body_store_limit(parser: argparse.ArgumentParser) -> None:
+    _add(
+        parser,
+        "--body-store-limit",
+        type=_size,
+        help="cap on stored message bodies (e.g. 8GiB); above it ingress answers 452."
+        " Keep it below JetStream's storage so the queue can always drain",
+    )
+
+
 def _add_queue_admin(queue: argparse.ArgumentParser) -> None:
     admin = queue.add_subparsers(dest="action", parser_class=Parser, metavar="ACTION")
     where = Parser(add_help=False)
@@ -163,7 +181,12 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     up = commands.add_parser("up", help="run the whole relay locally")
-    up.add_argument("--config", type=_existing_file, required=True, help="resource YAML file")
+    source = up.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=_existing_file, help="resource YAML file")
+    source.add_argument(
+        "--kubeconfig", type=_existing_file, help="take the resources from this cluster instead"
+    )
+    up.add_argument("--namespace", help="with --kubeconfig: watch only these (comma separated)")
     up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     _add_listener_flags(up, "127.0.0.1:2525")
     up.add_argument("--hostname", default=socket.getfqdn())
@@ -184,6 +207,7 @@ def build_parser() -> Parser:
     )
     _add_common(queue)
     _add(queue, "--listen", default="0.0.0.0:7070", help="gRPC listen address (or unix:PATH)")
+    _add_body_store_limit(queue)
     _add_retry_flags(queue)
     _add_queue_admin(queue)
 
@@ -193,6 +217,16 @@ def build_parser() -> Parser:
     _add(delivery, "--tls-ca-file", type=_existing_file, help="CA bundle for 'verify' routes")
     _add(delivery, "--dns-resolver", type=_host_port, help="DNS server HOST:PORT for MX lookups")
     _add(delivery, "--mx-port", type=_port, default="25", help="port MX hosts are contacted on")
+
+    operator = commands.add_parser("operator", help="run the Kubernetes operator")
+    _add_common(operator)
+    _add(operator, "--namespaces", default="", help="namespaces to watch, comma separated (all)")
+    _add(
+        operator,
+        "--kubeconfig",
+        type=_existing_file,
+        help="kubeconfig file (default: KUBECONFIG, in-cluster, ~/.kube/config)",
+    )
 
     sink = commands.add_parser("sink", help="a development SMTP server that files mail")
     sink.add_argument("--listen", type=_host_port, default="127.0.0.1:2526")
@@ -206,8 +240,13 @@ def build_parser() -> Parser:
 def _run_up(args: argparse.Namespace) -> int:
     from kurrier.cli.up import UpSettings, run_up
 
+    if args.namespace and not args.kubeconfig:
+        print("kurrier up: error: --namespace needs --kubeconfig", file=sys.stderr)
+        return 2
     settings = UpSettings(
         config=args.config,
+        kubeconfig=args.kubeconfig,
+        namespaces=_namespaces(args.namespace),
         data_dir=args.data_dir,
         smtp=args.smtp,
         submission=args.submission,
@@ -305,6 +344,7 @@ def _run_queue(args: argparse.Namespace) -> int:
         schedule=schedule,
         hostname=args.hostname,
         metrics_listen=args.metrics_listen,
+        body_store_limit=args.body_store_limit,
     )
     asyncio.run(serve_queue(settings))
     return 0
@@ -322,6 +362,28 @@ def _run_delivery(args: argparse.Namespace) -> int:
         mx_port=args.mx_port,
     )
     asyncio.run(serve_delivery(args.nats_url, args.nats_replicas, settings, args.metrics_listen))
+    return 0
+
+
+def _namespaces(text: str | None) -> tuple[str, ...]:
+    return tuple(ns.strip() for ns in (text or "").split(",") if ns.strip())
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    from kurrier.operator.main import OperatorError, OperatorSettings, serve_operator
+
+    settings = OperatorSettings(
+        nats_url=args.nats_url,
+        replicas=args.nats_replicas,
+        namespaces=_namespaces(args.namespaces),
+        kubeconfig=args.kubeconfig,
+        metrics_listen=args.metrics_listen,
+    )
+    try:
+        asyncio.run(serve_operator(settings))
+    except OperatorError as error:
+        print(f"kurrier operator: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -353,15 +415,28 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ingress": _run_ingress,
     "queue": _run_queue,
     "delivery": _run_delivery,
+    "operator": _run_operator,
     "sink": _run_sink,
     "validate": _run_validate,
 }
+
+
+# The long-running services: each traces and measures itself (kurrier.core.telemetry).
+SERVICES = ("ingress", "queue", "delivery", "operator")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("validate", "sink") and getattr(args, "action", None) is None:
         setup_logging(f"kurrier-{args.command}", args.log_level)
+    if args.command in SERVICES and getattr(args, "action", None) is None:
+        from kurrier.core.telemetry import TelemetryError, setup_telemetry
+
+        try:
+            setup_telemetry(f"kurrier-{args.command}")
+        except TelemetryError as error:
+            print(f"kurrier: error: {error}", file=sys.stderr)
+            return 2
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -105,16 +105,31 @@ async def disconnect(nc: NATS) -> None:
     await nc.close()
 
 
-async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig, owner: bool) -> None:
     try:
         await js.add_stream(config)
     except BadRequestError:
-        # Exists with another configuration (e.g. replicas changed): converge on ours.
-        await js.update_stream(config)
+        # Exists with another configuration (replicas or limits changed): the
+        # queue, which owns the layout, converges it; the others take it as is.
+        if owner:
+            await js.update_stream(config)
 
 
-async def ensure_layout(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create kurrier's streams, KV buckets and object store if missing."""
+async def ensure_layout(
+    js: JetStreamContext,
+    replicas: int = 1,
+    *,
+    owner: bool = False,
+    body_store_limit: int | None = None,
+) -> None:
+    """Create kurrier's streams, KV buckets and object store if missing.
+
+    body_store_limit caps the bytes of stored bodies (stream and object
+    store alike). Set below the JetStream storage, it keeps headroom for the
+    small writes (records, jobs, results) that let the queue drain and free
+    space once it is full: without it a full disk could not even record a
+    delivery.
+    """
     await _ensure_stream(
         js,
         StreamConfig(
@@ -123,9 +138,11 @@ async def ensure_layout(js: JetStreamContext, replicas: int = 1) -> None:
             storage=StorageType.FILE,
             num_replicas=replicas,
             max_msgs_per_subject=1,
+            max_bytes=body_store_limit or -1,
             allow_direct=True,
             discard=DiscardPolicy.NEW,
         ),
+        owner,
     )
     # Retries are server-side message schedules: the time a deferred message is
     # due lives in JetStream itself and fires into kurrier.due.* whichever
@@ -140,6 +157,7 @@ async def ensure_layout(js: JetStreamContext, replicas: int = 1) -> None:
             retention=RetentionPolicy.WORK_QUEUE,
             allow_msg_schedules=True,
         ),
+        owner,
     )
     await _ensure_stream(
         js,
@@ -151,6 +169,7 @@ async def ensure_layout(js: JetStreamContext, replicas: int = 1) -> None:
             retention=RetentionPolicy.WORK_QUEUE,
             discard=DiscardPolicy.NEW,
         ),
+        owner,
     )
     for bucket, ttl in ((MESSAGES_BUCKET, None), (CONFIG_BUCKET, None), (LEASES_BUCKET, LEASE_TTL)):
         try:
@@ -166,5 +185,7 @@ async def ensure_layout(js: JetStreamContext, replicas: int = 1) -> None:
     except NotFoundError:
         await js.create_object_store(
             OBJECT_BUCKET,
-            ObjectStoreConfig(storage=StorageType.FILE, replicas=replicas),
+            ObjectStoreConfig(
+                storage=StorageType.FILE, replicas=replicas, max_bytes=body_store_limit or -1
+            ),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kurrier.core.jetstream import JOBS_STREAM, job_subject
 from kurrier.core.message import DeliveryJob, MessageRecord
 from kurrier.core.routing import RoutingTable, domain_of
+from kurrier.core.telemetry import JOBS_DESTINATION, publishing
 from nats.js import JetStreamContext
 
 # How long a dispatched recipient may go without a result before the queue
@@ -49,9 +50,15 @@ async def publish_jobs(
             smtputf8=record.smtputf8,
             body_type=record.body_type,
         )
-        await js.publish(
-            job_subject(record.queue_id),
-            job.model_dump_json().encode(),
-            stream=JOBS_STREAM,
-            headers={"Nats-Msg-Id": f"job:{record.queue_id}:{record.dispatches}:{index}"},
-        )
+        subject = job_subject(record.queue_id)
+        with publishing(
+            JOBS_DESTINATION,
+            subject,
+            {"Nats-Msg-Id": f"job:{record.queue_id}:{record.dispatches}:{index}"},
+            queue_id=record.queue_id,
+            attempt=record.dispatches,
+            traceparent=record.traceparent,
+        ) as headers:
+            await js.publish(
+                subject, job.model_dump_json().encode(), stream=JOBS_STREAM, headers=headers
+            )

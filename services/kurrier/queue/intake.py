@@ -13,6 +13,7 @@ from typing import IO
 from kurrier.core.body_store import store_body
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.table_store import TableFollower
+from kurrier.core.telemetry import MESSAGES_QUEUED, annotate, current_traceparent
 from kurrier.queue.dispatch import mark_dispatched, publish_jobs
 from kurrier.queue.records import RecordStore
 from nats.js import JetStreamContext
@@ -44,8 +45,11 @@ class Intake:
                 "size": size,
                 "body_store": body_store,
                 "recipients": [RecipientState(address=r.address) for r in template.recipients],
+                # The trace this message's retries and bounce will join.
+                "traceparent": current_traceparent(),
             }
         )
+        annotate(record.queue_id, message_id=record.message_id_header)
         addresses = [r.address for r in record.recipients]
         mark_dispatched(record, addresses, now)
         if not await self._records.create(record):
@@ -54,6 +58,7 @@ class Intake:
                 return None
             record = found[0]
         await publish_jobs(self._js, self._tables.table, record, addresses)
+        MESSAGES_QUEUED.add(1)
         log.info(
             "queued from=<%s> nrcpt=%d size=%d",
             record.mail_from,

@@ -11,6 +11,7 @@ from kurrier.core.http_endpoint import HttpEndpoint
 from kurrier.core.jetstream import LEASES_BUCKET, connect, disconnect, ensure_layout
 from kurrier.core.lifecycle import run_until, stop_event
 from kurrier.core.table_store import TableFollower
+from kurrier.core.telemetry import QUEUE_DEPTH, grpc_server_interceptors
 from kurrier.queue.leadership import Lease
 from kurrier.queue.records import RecordStore
 from kurrier.queue.retry_schedule import RetrySchedule
@@ -28,6 +29,7 @@ class QueueSettings:
     replicas: int
     schedule: RetrySchedule
     hostname: str
+    body_store_limit: int | None = None
     metrics_listen: str | None = None
 
 
@@ -35,15 +37,21 @@ async def serve_queue(settings: QueueSettings) -> None:
     stop = stop_event()
     nc = await connect(settings.nats_url, "kurrier-queue")
     js = nc.jetstream()
-    await ensure_layout(js, settings.replicas)
+    await ensure_layout(
+        js, settings.replicas, owner=True, body_store_limit=settings.body_store_limit
+    )
     tables = TableFollower()
     records = await RecordStore.open(js)
     manager = QueueManager(js, records, tables, settings.schedule, settings.hostname)
     sweeper = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
 
+    async def count_depth() -> None:
+        QUEUE_DEPTH.update(await records.count_by_state())
+
     if settings.metrics_listen:
-        await HttpEndpoint(lambda: nc.is_connected).serve(settings.metrics_listen)
-    server = grpc.aio.server()
+        endpoint = HttpEndpoint(lambda: nc.is_connected, refresh=count_depth)
+        await endpoint.serve(settings.metrics_listen)
+    server = grpc.aio.server(interceptors=grpc_server_interceptors())
     queue_pb2_grpc.add_QueueServiceServicer_to_server(QueueService(js, records, manager), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

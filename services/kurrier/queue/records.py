@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from kurrier.core.jetstream import MESSAGES_BUCKET
@@ -51,6 +52,10 @@ class RecordStore:
 
     async def delete(self, queue_id: str) -> None:
         await self._kv.purge(queue_id)
+
+    async def count_by_state(self) -> Counter[str]:
+        """How many records are active, deferred or held: one pass over the bucket."""
+        return Counter([record.state async for record in self.all()])
 
     async def all(self) -> AsyncIterator[MessageRecord]:
         """Every record, in one streamed pass over the bucket (not a request per key)."""

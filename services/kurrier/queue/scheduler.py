@@ -11,6 +11,7 @@ schedule was lost in a crash.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import io
 import logging
@@ -33,11 +34,19 @@ from kurrier.core.message import (
     RecipientState,
 )
 from kurrier.core.table_store import TableFollower
+from kurrier.core.telemetry import (
+    RESULTS_DESTINATION,
+    annotate,
+    bouncing,
+    consuming,
+    count_recipient_changes,
+)
 from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched, publish_jobs
 from kurrier.queue.dsn import render_dsn
 from kurrier.queue.intake import Intake
 from kurrier.queue.records import RecordConflict, RecordStore
 from kurrier.queue.retry_schedule import RetrySchedule
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError
@@ -100,6 +109,7 @@ class QueueManager:
             if found is None:
                 return None
             record, revision = found
+            before = [r.status for r in record.recipients]
             failed_before = {r.address for r in record.recipients if r.status in FAILED_STATUSES}
             now = time.time()
             to_dispatch = change(record, now)
@@ -123,12 +133,14 @@ class QueueManager:
                     await self._js.purge_stream(
                         JOBS_STREAM, subject=schedule_subject(record.queue_id)
                     )
+                count_recipient_changes(record, before, now)
                 return record
             record.scheduled = any(r.status == "deferred" for r in record.pending())
             try:
                 await self._records.update(record, revision)
             except RecordConflict:
                 continue
+            count_recipient_changes(record, before, now)
             if to_dispatch:
                 await publish_jobs(self._js, self._tables.table, record, to_dispatch)
             await self._schedule_next(record)
@@ -170,7 +182,8 @@ class QueueManager:
             body_type="8BITMIME",
             message_id_header=f"<{notice.queue_id}@{self._hostname}>",
         )
-        await self.intake.accept(template, io.BytesIO(notice.content), len(notice.content))
+        with bouncing(record, notice.queue_id):
+            await self.intake.accept(template, io.BytesIO(notice.content), len(notice.content))
         log.info(
             "sender notified of %d failed recipient(s) in %s",
             len(failed),
@@ -266,8 +279,20 @@ class QueueManager:
                     log.error("dropping an unreadable delivery result: %s", error)
                     await message.term()
                     continue
-                await self.mutate(result.queue_id, self._apply_result(result))
-                await message.ack()
+                with consuming(RESULTS_DESTINATION, message.subject, message.headers):
+                    annotate(result.queue_id, attempt=result.attempt)
+                    await self._settle(message, result.queue_id, self._apply_result(result))
+
+    async def _settle(self, message: Msg, queue_id: str, change: Mutation) -> None:
+        """Apply change and ack; on failure (e.g. NATS away or full) let it come back later."""
+        try:
+            await self.mutate(queue_id, change)
+        except Exception:
+            log.exception("could not update the record; will retry", extra={"queue_id": queue_id})
+            with contextlib.suppress(Exception):
+                await message.nak(delay=5)
+            return
+        await message.ack()
 
     async def run_due(self) -> None:
         """Re-dispatch messages whose retry schedule fired (or that an admin released)."""
@@ -284,8 +309,7 @@ class QueueManager:
                 continue
             for message in messages:
                 queue_id = message.subject.rsplit(".", 1)[-1]
-                await self.mutate(queue_id, self._retry_due)
-                await message.ack()
+                await self._settle(message, queue_id, self._retry_due)
 
     async def sweep(self) -> int:
         """Re-dispatch what is overdue by more than a lease's slack: lost in a crash."""

@@ -26,12 +26,19 @@ log = logging.getLogger(__name__)
 # Queue ids become NATS subject tokens and KV keys: keep them to a safe alphabet.
 QUEUE_ID_RE = re.compile(r"^[A-Za-z0-9]{8,64}$")
 NATS_FAILURES = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+INSUFFICIENT_RESOURCES = 10023  # JetStream's error code when its storage is full
 SHOWN_HEADERS_LIMIT = 64 * 1024
 STATES = ("active", "deferred", "held")
 
 
 class InvalidRequest(Exception):
     pass
+
+
+def storage_full(error: Exception) -> bool:
+    return isinstance(error, nats.js.errors.APIError) and (
+        error.err_code == INSUFFICIENT_RESOURCES or "exceeded" in (error.description or "")
+    )
 
 
 def check_envelope(envelope: queue_pb2.Envelope) -> None:
@@ -138,6 +145,8 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                     error,
                     extra={"queue_id": envelope.queue_id},
                 )
+                if storage_full(error):
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "message store full")
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "message store unavailable")
                 raise
         return queue_pb2.EnqueueResponse(queue_id=envelope.queue_id)
