@@ -111,6 +111,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "service": {"type": "NodePort", "externalTrafficPolicy": "Local"},
                 "autoscaling": {"enabled": True, "targetMemoryUtilizationPercentage": 80},
                 "extraEnv": [{"name": "EXTRA", "value": "1"}],
+                "tokenReview": {"enabled": True},
             },
             "delivery": {
                 "autoscaling": {"enabled": True},

@@ -220,7 +220,15 @@ def test_helm_install_upgrade_uninstall(
     # immutable field changes), and scoping the operator to namespaces swaps
     # its ClusterRole for Roles.
     values = tmp_path / "upgrade.yaml"
-    values.write_text(yaml.safe_dump({"nats": {"replicas": 3}, "operator": {"namespaces": [ns]}}))
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "nats": {"replicas": 3},
+                "operator": {"namespaces": [ns]},
+                "ingress": {"tokenReview": {"enabled": True}},
+            }
+        )
+    )
     out = helm(
         helm_bin,
         "upgrade",
@@ -238,9 +246,16 @@ def test_helm_install_upgrade_uninstall(
     assert subject_can(api, ns, op, "list", "relayroutes", "kurrier.io")
     assert not subject_can(api, ns, op, "list", "relayroutes", "kurrier.io", in_namespace="other")
     assert not subject_can(api, ns, op, "get", "secrets", in_namespace="other")
+    # ServiceAccount-token SMTP auth: ingress may review tokens, and do nothing else.
+    review = ("create", "tokenreviews", "authentication.k8s.io")
+    assert subject_can(api, ns, "kurrier-ingress", *review)
+    assert not subject_can(api, ns, "kurrier-ingress", "get", "secrets")
+    assert not subject_can(api, ns, "kurrier-ingress", "list", "relayroutes", "kurrier.io")
 
-    out = helm(helm_bin, "upgrade", RELEASE, str(CHART), "--namespace", ns, env=env)
+    out = helm(helm_bin, "upgrade", RELEASE, str(CHART), "-n", ns, "--reset-values", env=env)
     assert "STATUS: deployed" in out, out
+    assert not subject_can(api, ns, "kurrier-ingress", *review)
+    assert subject_can(api, ns, op, "list", "relayroutes", "kurrier.io", in_namespace="other")
 
     helm(helm_bin, "uninstall", RELEASE, "--namespace", ns, env=env)
     got = api.request("GET", f"/apis/apps/v1/namespaces/{ns}/deployments")

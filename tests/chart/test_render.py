@@ -208,7 +208,9 @@ def test_everything_on(helm_bin: Path, tmp_path: Path) -> None:
 
     roles = by_kind(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["mail-a", "mail-b"]
-    assert not by_kind(objects, "ClusterRole")
+    assert [r["metadata"]["name"] for r in by_kind(objects, "ClusterRole")] == [
+        "kurrier-everything-on-kurrier-ingress"  # TokenReview only; the operator has Roles
+    ]
     operator = container(objects, "Deployment", "kurrier-operator")
     assert env_of(operator)["KURRIER_NAMESPACES"] == "mail-a,mail-b"
 
@@ -328,6 +330,34 @@ def test_operator_rbac_is_least_privilege(helm_bin: Path, tmp_path: Path) -> Non
     assert accounts["kurrier-operator"]["automountServiceAccountToken"] is True
     for name in ("kurrier-ingress", "kurrier-queue", "kurrier-delivery", "kurrier-nats"):
         assert accounts[name]["automountServiceAccountToken"] is False, name
+
+
+def test_token_review_grants_ingress_one_verb(helm_bin: Path, tmp_path: Path) -> None:
+    objects = render(helm_bin, scenario("everything-on"), tmp_path)
+    role = find(objects, "ClusterRole", "kurrier-everything-on-kurrier-ingress")
+    assert role["rules"] == [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}
+    ]
+    binding = find(objects, "ClusterRoleBinding", "kurrier-everything-on-kurrier-ingress")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "kurrier-ingress", "namespace": "kurrier-everything-on"}
+    ]
+    pod = find(objects, "Deployment", "kurrier-ingress")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is True
+    assert find(objects, "ServiceAccount", "kurrier-ingress")["automountServiceAccountToken"]
+    for name in ("kurrier-queue", "kurrier-delivery"):
+        assert find(objects, "ServiceAccount", name)["automountServiceAccountToken"] is False
+
+
+def test_bundled_nats_supports_message_schedules(helm_bin: Path, tmp_path: Path) -> None:
+    """The queue schedules retries with JetStream message schedules: nats-server 2.12+."""
+    objects = render(helm_bin, scenario("defaults"), tmp_path)
+    image = container(objects, "StatefulSet", "kurrier-nats")["image"]
+    repository, _, tag = image.partition(":")
+    assert repository == "nats"
+    major, minor = (int(part) for part in tag.split("-")[0].split(".")[:2])
+    assert (major, minor) >= (2, 12), image
 
 
 def test_dev_values_wire_the_sink(helm_bin: Path, tmp_path: Path) -> None:

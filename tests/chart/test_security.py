@@ -8,7 +8,11 @@ import pytest
 
 from tests.chart.support import SCENARIOS, Obj, Scenario, by_kind, pod_specs, render
 
-API_COMPONENTS = {"operator"}  # the only pods that may talk to the API server
+
+def api_components(s: Scenario) -> set[str]:
+    """The pods that may talk to the API server: the operator, and ingress for TokenReview."""
+    ingress = s.values.get("ingress", {})
+    return {"operator"} | ({"ingress"} if ingress.get("tokenReview", {}).get("enabled") else set())
 
 
 def problems_of(s: Scenario, objects: list[Obj]) -> list[str]:
@@ -31,7 +35,7 @@ def problems_of(s: Scenario, objects: list[Obj]) -> list[str]:
                 problems.append(f"{label}: hostPath volume {volume['name']}")
         component = label.split("/", 1)[1].removeprefix("kurrier-")
         if (
-            component not in API_COMPONENTS
+            component not in api_components(s)
             and spec.get("automountServiceAccountToken") is not False
         ):
             problems.append(f"{label}: mounts a ServiceAccount token but needs no API access")
