@@ -1,0 +1,175 @@
+"""Limits that need time, many connections or a look at what was delivered."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import ExitStack
+
+import pytest
+
+from tests.ingress.conftest import (
+    AUTH_FAILURES_PER_MINUTE,
+    CONNECTIONS_PER_CLIENT,
+    IDLE_TIMEOUT,
+    MAX_CONNECTIONS,
+    MESSAGES_PER_CLIENT_MINUTE,
+    MESSAGES_PER_IDENTITY_MINUTE,
+    PASSWORDS,
+    SESSION_TIMEOUT,
+    HostileRelay,
+    fresh_ip,
+)
+from tests.ingress.smtp_probe import SmtpProbe
+from tests.ingress.test_hostile_probes import plain
+from tests.support.processes import wait_until
+
+
+def _greeted(relay: HostileRelay, ip: str, port: int | None = None) -> SmtpProbe:
+    smtp = SmtpProbe(port or relay.smtp_port, ip)
+    assert smtp.reply().code == 220
+    return smtp
+
+
+def _greeting(relay: HostileRelay, ip: str) -> int:
+    with SmtpProbe(relay.smtp_port, ip) as smtp:
+        return smtp.reply().code
+
+
+def test_a_silent_client_is_dropped_after_the_idle_timeout(hostile_relay: HostileRelay) -> None:
+    with _greeted(hostile_relay, fresh_ip()) as smtp:
+        started = time.monotonic()
+        assert smtp.reply().startswith("421 4.4.2")
+        assert smtp.closed_by_server()
+        assert IDLE_TIMEOUT - 0.5 < time.monotonic() - started < IDLE_TIMEOUT + 3
+
+
+def test_slowloris_dribbling_a_command_is_dropped(hostile_relay: HostileRelay) -> None:
+    with _greeted(hostile_relay, fresh_ip()) as smtp:
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            for byte in b"EHLO " + b"x" * 1000:
+                smtp.send(bytes([byte]))
+                time.sleep(0.2)  # the attack itself: one byte at a time, never a whole line
+        assert time.monotonic() - started < IDLE_TIMEOUT + 3
+
+
+def test_a_busy_client_is_dropped_at_the_session_limit(hostile_relay: HostileRelay) -> None:
+    with _greeted(hostile_relay, fresh_ip()) as smtp:
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match=r"421 4\.4\.2"):
+            while time.monotonic() - started < SESSION_TIMEOUT + 5:
+                reply = smtp.command("NOOP")
+                if reply.code != 250:
+                    raise ConnectionError(reply.text)
+                time.sleep(IDLE_TIMEOUT / 4)  # always active, never idle
+        assert time.monotonic() - started < SESSION_TIMEOUT + 2
+
+
+def test_connections_per_client_and_in_total(hostile_relay: HostileRelay) -> None:
+    ip = fresh_ip()
+    with ExitStack() as stack:
+        for _ in range(CONNECTIONS_PER_CLIENT):
+            stack.enter_context(_greeted(hostile_relay, ip))
+        with SmtpProbe(hostile_relay.smtp_port, ip) as refused:
+            assert refused.reply().startswith("421 4.7.0")
+            assert refused.closed_by_server()
+        assert _greeting(hostile_relay, fresh_ip()) == 220, "other clients are not affected"
+    # Slots are given back when connections close.
+    wait_until(lambda: _greeting(hostile_relay, ip) == 220, 10, "the client's slots to free up")
+
+    with ExitStack() as stack:
+        opened = 0
+        while opened < MAX_CONNECTIONS:
+            address = fresh_ip()
+            for _ in range(min(CONNECTIONS_PER_CLIENT, MAX_CONNECTIONS - opened)):
+                stack.enter_context(_greeted(hostile_relay, address))
+                opened += 1
+        with SmtpProbe(hostile_relay.smtp_port, fresh_ip()) as refused:
+            assert refused.reply().startswith("421 4.3.2")
+
+
+def _send_mails(smtp: SmtpProbe, count: int, sender: str) -> list[str]:
+    replies = []
+    for _ in range(count):
+        replies.append(smtp.command(f"MAIL FROM:<{sender}>").lines[-1])
+        smtp.command("RSET")
+    return replies
+
+
+def test_message_rate_per_client(hostile_relay: HostileRelay) -> None:
+    with _greeted(hostile_relay, fresh_ip()) as smtp:
+        smtp.command("EHLO probe.test")
+        replies = _send_mails(smtp, MESSAGES_PER_CLIENT_MINUTE + 1, "a@client.test")
+    assert all(r.startswith("250") for r in replies[:-1]), replies
+    assert replies[-1].startswith("450 4.7.1"), replies[-1]
+
+
+def test_message_rate_per_identity_across_addresses(hostile_relay: HostileRelay) -> None:
+    replies = []
+    # The same login from several addresses (pods behind SNAT, new pod IPs) shares one bucket.
+    for _ in range(3):
+        with _greeted(hostile_relay, fresh_ip(), hostile_relay.submission_port) as smtp:
+            smtp.command("EHLO probe.test")
+            smtp.starttls()
+            smtp.command("EHLO probe.test")
+            assert smtp.command(plain("carol", PASSWORDS["carol"])).code == 235
+            replies += _send_mails(smtp, MESSAGES_PER_IDENTITY_MINUTE // 2, "carol@carol.test")
+    assert all(r.startswith("250") for r in replies[:MESSAGES_PER_IDENTITY_MINUTE]), replies
+    assert replies[MESSAGES_PER_IDENTITY_MINUTE].startswith("450 4.7.1"), replies
+
+
+def test_failed_auth_locks_the_address_out(hostile_relay: HostileRelay) -> None:
+    ip = fresh_ip()
+    failures = 0
+    while failures < AUTH_FAILURES_PER_MINUTE:
+        with _greeted(hostile_relay, ip, hostile_relay.submission_port) as smtp:
+            smtp.command("EHLO probe.test")
+            smtp.starttls()
+            smtp.command("EHLO probe.test")
+            assert smtp.command(plain("alice", f"guess-{failures}")).startswith("535 5.7.8")
+            failures += 1
+    with _greeted(hostile_relay, ip, hostile_relay.submission_port) as smtp:
+        smtp.command("EHLO probe.test")
+        smtp.starttls()
+        smtp.command("EHLO probe.test")
+        # Even the right password: the address is locked out for now, and told so.
+        assert smtp.command(plain("alice", PASSWORDS["alice"])).startswith("421 4.7.0")
+        assert smtp.closed_by_server()
+    with _greeted(hostile_relay, fresh_ip(), hostile_relay.submission_port) as smtp:
+        smtp.command("EHLO probe.test")
+        smtp.starttls()
+        smtp.command("EHLO probe.test")
+        assert smtp.command(plain("alice", PASSWORDS["alice"])).code == 235
+
+
+SMUGGLED = b"MAIL FROM:<ceo@alice.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSmuggled\r\n"
+
+
+@pytest.mark.parametrize(
+    "fake_end",
+    [b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r", b"\r.\r", b"\n.\r"],
+    ids=repr,
+)
+def test_smuggling_cannot_end_data_early(hostile_relay: HostileRelay, fake_end: bytes) -> None:
+    """SMTP smuggling (Dec 2023): only <CRLF>.<CRLF> ends DATA, and what is stored is clean."""
+    marker = uuid.uuid4().hex
+    with _greeted(hostile_relay, fresh_ip()) as smtp:
+        smtp.command("EHLO probe.test")
+        smtp.command("MAIL FROM:<someone@client.test>")
+        smtp.command("RCPT TO:<user@example.com>")
+        assert smtp.command("DATA").code == 354
+        smtp.send(f"Subject: {marker}\r\n\r\nfirst".encode() + fake_end + SMUGGLED + b"\r\n.\r\n")
+        assert smtp.reply().startswith("250 2.0.0"), "one message, one reply"
+        assert smtp.command("NOOP").lines == ("250 OK",), "no reply to a smuggled command"
+
+    def arrived() -> bool:
+        return any(marker.encode() in m.content for m in hostile_relay.sink.messages)
+
+    wait_until(arrived, 60, "the message at the sink")
+    [message] = [m for m in hostile_relay.sink.messages if marker.encode() in m.content]
+    assert b"Smuggled" in message.content
+    body = message.content.split(b"\r\n\r\n", 1)[1]
+    # Stored with CRLF only: no next hop can read a different end of data into it.
+    assert body.count(b"\r") == body.count(b"\n") == body.count(b"\r\n")
+    assert not [m for m in hostile_relay.sink.messages if m.content.startswith(b"Smuggled")]

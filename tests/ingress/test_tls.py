@@ -1,0 +1,133 @@
+"""TLS on ingress, on raw sockets: STARTTLS injection, state reset, versions, Received, reload."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import ssl
+import uuid
+
+from tests.ingress.certificates import issue
+from tests.ingress.conftest import PASSWORDS, HostileRelay, fresh_ip
+from tests.ingress.smtp_probe import SmtpProbe, client_tls
+from tests.ingress.test_hostile_probes import plain
+from tests.support.processes import wait_until
+
+
+def test_commands_pipelined_with_starttls_are_discarded(hostile_relay: HostileRelay) -> None:
+    """CVE-2011-0411: bytes sent in the clear after STARTTLS must not run inside TLS."""
+    with SmtpProbe(hostile_relay.submission_port, fresh_ip()) as smtp:
+        smtp.reply()
+        assert smtp.command("EHLO probe.test").code == 250
+        # One segment: STARTTLS plus commands an attacker on the path injected.
+        smtp.send(
+            b"STARTTLS\r\nEHLO injected.test\r\n"
+            + plain("alice", PASSWORDS["alice"]).encode()
+            + b"\r\nMAIL FROM:<alice@alice.test>\r\n"
+        )
+        assert smtp.reply().startswith("220")
+        smtp.sock = client_tls().wrap_socket(smtp.sock, server_hostname="relay.test")
+        # Had the injected lines run, their replies would come first and the
+        # session would be authenticated with a transaction open.
+        first = smtp.command("NOOP")
+        assert first.lines == ("250 OK",), first
+        assert smtp.command("MAIL FROM:<alice@alice.test>").startswith("503 5.5.1"), (
+            "no EHLO after STARTTLS: the injected EHLO must not count"
+        )
+        smtp.command("EHLO probe.test")
+        assert smtp.command("MAIL FROM:<alice@alice.test>").startswith("553 5.7.1"), (
+            "the injected AUTH must not count"
+        )
+
+
+def test_starttls_resets_the_session(hostile_relay: HostileRelay) -> None:
+    """RFC 3207 4.2: after TLS, nothing from before it is remembered."""
+    with SmtpProbe(hostile_relay.smtp_port, fresh_ip()) as smtp:
+        smtp.reply()
+        smtp.command("EHLO probe.test")
+        assert smtp.command("MAIL FROM:<someone@client.test>").code == 250
+        assert smtp.starttls().code == 220
+        assert smtp.command("RCPT TO:<user@example.com>").startswith("503"), "HELO state kept"
+        smtp.command("EHLO probe.test")
+        assert smtp.command("RCPT TO:<user@example.com>").startswith("503 5.5.1"), "MAIL kept"
+
+
+def test_tls_below_1_2_is_refused(hostile_relay: HostileRelay) -> None:
+    context = client_tls()
+    context.minimum_version = ssl.TLSVersion.TLSv1
+    context.maximum_version = ssl.TLSVersion.TLSv1_1
+    context.set_ciphers("ALL:@SECLEVEL=0")
+    raw = socket.create_connection(("127.0.0.1", hostile_relay.smtps_port), 10)
+    try:
+        context.wrap_socket(raw, server_hostname="relay.test")
+        raise AssertionError("a TLS 1.1 handshake succeeded")
+    except (ssl.SSLError, ConnectionResetError):
+        pass
+    finally:
+        raw.close()
+    with SmtpProbe(hostile_relay.smtps_port, fresh_ip(), implicit_tls=True) as smtp:
+        assert smtp.sock.version() in ("TLSv1.2", "TLSv1.3")  # type: ignore[attr-defined]
+
+
+def test_received_names_the_tls_version_and_cipher(hostile_relay: HostileRelay) -> None:
+    marker = uuid.uuid4().hex
+    with SmtpProbe(hostile_relay.smtps_port, fresh_ip(), implicit_tls=True) as smtp:
+        smtp.reply()
+        smtp.command("EHLO probe.test")
+        assert smtp.command(plain("carol", PASSWORDS["carol"])).code == 235
+        assert smtp.command("MAIL FROM:<carol@carol.test>").code == 250
+        assert smtp.command("RCPT TO:<someone@example.com>").code == 250
+        assert smtp.command("DATA").code == 354
+        smtp.send(f"Subject: {marker}\r\n\r\nhello\r\n.\r\n".encode())
+        assert smtp.reply().code == 250
+        version = smtp.sock.version()  # type: ignore[attr-defined]
+        cipher = smtp.sock.cipher()[0]  # type: ignore[attr-defined]
+
+    def arrived() -> bool:
+        return any(marker.encode() in m.content for m in hostile_relay.sink.messages)
+
+    wait_until(arrived, 60, "the message at the sink")
+    [message] = [m for m in hostile_relay.sink.messages if marker.encode() in m.content]
+    received = message.content.split(b"\r\n\r\n")[0].decode()
+    assert f"(using {version} with cipher {cipher} (" in received, received
+    assert "with ESMTPSA id" in received, received
+
+
+def _served_fingerprint(port: int) -> str:
+    with (
+        socket.create_connection(("127.0.0.1", port), 10) as raw,
+        client_tls().wrap_socket(raw, server_hostname="relay.test") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return hashlib.sha256(der).hexdigest()
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(hostile_relay: HostileRelay) -> None:
+    certificates = hostile_relay.certificates
+    before = _served_fingerprint(hostile_relay.smtps_port)
+    renewed = certificates.server_cert.parent / "renewed"
+    renewed.mkdir(exist_ok=True)
+    ca_key = certificates.ca.with_suffix(".key")
+    cert, key = issue(renewed, certificates.ca, ca_key, "relay.test", "DNS:relay.test")
+    # A half-done renewal (new certificate, old key) must be ignored, not break TLS.
+    shutil.copy(cert, certificates.server_cert)
+    wait_until(
+        lambda: "new TLS certificate not loaded" in hostile_relay.ingress_log.read_text(),
+        30,
+        "the mismatched pair to be rejected",
+    )
+    assert _served_fingerprint(hostile_relay.smtps_port) == before
+    shutil.copy(key, certificates.server_key)
+    wait_until(
+        lambda: _served_fingerprint(hostile_relay.smtps_port) != before,
+        30,
+        "the renewed certificate to be served",
+    )
+    with SmtpProbe(hostile_relay.submission_port, fresh_ip()) as smtp:
+        smtp.reply()
+        smtp.command("EHLO probe.test")
+        assert smtp.starttls().code == 220
+        der = smtp.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+        assert hashlib.sha256(der).hexdigest() != before
