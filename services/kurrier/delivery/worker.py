@@ -18,6 +18,7 @@ from kurrier.core.table_store import TableFollower
 from kurrier.delivery.courier import Courier
 from kurrier.delivery.settings import DeliverySettings
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError, NotFoundError
@@ -65,6 +66,12 @@ class DeliveryWorker:
                 try:
                     messages = await subscription.fetch(batch=free, timeout=1)
                 except (FetchTimeoutError, TimeoutError):
+                    continue
+                except NatsError as error:
+                    # NATS is away (e.g. restarting): the jobs wait in JetStream; so do we.
+                    log.warning("fetching jobs failed, retrying: %r", error)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=1)
                     continue
                 for message in messages:
                     task = asyncio.create_task(self._handle(message))
