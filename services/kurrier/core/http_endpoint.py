@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 
 from kurrier.core.addresses import parse_host_port
+from kurrier.core.telemetry import render_metrics
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +21,10 @@ _MAX_REQUEST_HEAD = 8192
 
 HealthCheck = Callable[[], bool]
 MetricsRenderer = Callable[[], bytes]
+Refresh = Callable[[], Awaitable[None]]
+# However often /metrics is asked, an expensive refresh runs at most this often.
+REFRESH_INTERVAL = 1.0
+REFRESH_TIMEOUT = 5.0
 
 
 def _response(status: str, content_type: str, body: bytes) -> bytes:
@@ -29,16 +35,30 @@ def _response(status: str, content_type: str, body: bytes) -> bytes:
     return head.encode() + body
 
 
+def _path(request_line: bytes) -> bytes:
+    parts = request_line.split()
+    return parts[1].split(b"?", 1)[0] if len(parts) == 3 else b""
+
+
 class HttpEndpoint:
-    def __init__(self, healthy: HealthCheck, metrics: MetricsRenderer | None = None) -> None:
+    """refresh, when given, brings gauges counted on demand up to date before /metrics."""
+
+    def __init__(
+        self,
+        healthy: HealthCheck,
+        metrics: MetricsRenderer | None = render_metrics,
+        refresh: Refresh | None = None,
+    ) -> None:
         self._healthy = healthy
         self._metrics = metrics
+        self._refresh = refresh
+        self._refreshed_at = float("-inf")
 
     def respond(self, request_line: bytes) -> bytes:
         parts = request_line.split()
         if len(parts) != 3 or parts[0] != b"GET":
             return _response("405 Method Not Allowed", "text/plain", b"GET only\n")
-        path = parts[1].split(b"?", 1)[0]
+        path = _path(request_line)
         if path == b"/healthz":
             if self._healthy():
                 return _response("200 OK", "text/plain", b"ok\n")
@@ -50,12 +70,26 @@ class HttpEndpoint:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
-            writer.write(self.respond(head[:_MAX_REQUEST_HEAD].split(b"\r\n", 1)[0]))
+            request_line = head[:_MAX_REQUEST_HEAD].split(b"\r\n", 1)[0]
+            if _path(request_line) == b"/metrics":
+                await self._refresh_metrics()
+            writer.write(self.respond(request_line))
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
             pass
         finally:
             writer.close()
+
+    async def _refresh_metrics(self) -> None:
+        now = time.monotonic()
+        if self._refresh is None or now - self._refreshed_at < REFRESH_INTERVAL:
+            return
+        self._refreshed_at = now
+        try:
+            await asyncio.wait_for(self._refresh(), timeout=REFRESH_TIMEOUT)
+        except Exception:
+            # A scrape must not fail because, say, NATS is away: the last values stand.
+            log.warning("metrics refresh failed; serving the last values", exc_info=True)
 
     async def serve(self, listen: str) -> asyncio.Server:
         host, port = parse_host_port(listen)

@@ -6,10 +6,17 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
+
+from opentelemetry import trace
 
 # Attributes that `logger.info(..., extra={...})` may add and that belong in the record.
 _EXTRA_FIELDS = ("queue_id", "trace_id", "span_id", "recipient", "reply", "route")
+
+# The message the running task works on (set by kurrier.core.telemetry), so
+# every line about it names it, whichever module logs the line.
+current_queue_id: ContextVar[str | None] = ContextVar("current_queue_id", default=None)
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,6 +33,13 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            document["trace_id"] = format(span.trace_id, "032x")
+            document["span_id"] = format(span.span_id, "016x")
+        queue_id = current_queue_id.get()
+        if queue_id is not None:
+            document["queue_id"] = queue_id
         for field in _EXTRA_FIELDS:
             value = getattr(record, field, None)
             if value is not None:

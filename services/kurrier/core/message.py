@@ -71,6 +71,8 @@ class MessageRecord(_Model):
     # Delivery status notifications sent for this message so far; part of each
     # notification's queue id, so re-applying a result cannot bounce twice.
     notices: int = 0
+    # W3C traceparent of the message's trace, so retries and bounces join it.
+    traceparent: str = ""
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.status not in FINAL_STATUSES]
