@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -199,6 +200,8 @@ class UpRelay:
 class ServiceRelay:
     """queue, delivery and ingress as separate processes on a NATS the test controls.
 
+    env is added to the services' environment (OTEL_*, KURRIER_*); with
+    metrics=True each serves /metrics and /healthz on its `metrics_ports` entry;
     service_args adds flags to one service's command line ({"ingress": [...]}).
     """
 
@@ -206,6 +209,8 @@ class ServiceRelay:
         self,
         workdir: Path,
         nats_url: str,
+        env: Mapping[str, str] | None = None,
+        metrics: bool = False,
         service_args: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.workdir = workdir
@@ -213,7 +218,10 @@ class ServiceRelay:
         self.smtp_port = free_port()
         self.queue_address = f"127.0.0.1:{free_port()}"
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = dict(env or {})
         self.service_args = dict(service_args or {})
+        names = ("queue", "delivery", "ingress")
+        self.metrics_ports = {name: free_port() for name in names} if metrics else {}
 
     def publish(self, config: str) -> None:
         table, problems = compile_table(parse_documents(yaml.safe_load_all(config), "test"))
@@ -236,7 +244,7 @@ class ServiceRelay:
             "--hostname",
             "relay.test",
             "--metrics-listen",
-            "off",
+            f"127.0.0.1:{self.metrics_ports[name]}" if name in self.metrics_ports else "off",
         ]
         args = {
             "queue": ["--listen", self.queue_address, *FAST_RETRIES],
@@ -253,6 +261,7 @@ class ServiceRelay:
             kurrier_argv(name, *common, *args, *self.service_args.get(name, ())),
             stdout=log,
             stderr=log,
+            env={**os.environ, **self.env},
         )
         if name == "ingress":
             wait_until(lambda: smtp_banner(self.smtp_port), 30, "ingress to answer SMTP")

@@ -11,6 +11,7 @@ import logging
 
 from kurrier.core.message import DeliveryJob, Outcome, RecipientOutcome
 from kurrier.core.routing import CompiledRoute, RoutingTable, domain_of
+from kurrier.core.telemetry import traced_delivery
 from kurrier.delivery.connection_pool import ConnectionPool, Opener
 from kurrier.delivery.dkim_signer import DkimSigner
 from kurrier.delivery.mail_exchangers import MailDns, UnroutableDomain
@@ -65,7 +66,12 @@ class Courier:
         wire_body = to_wire_body(self._signer.sign(body, table.domain(sender_domain)))
         results = await asyncio.gather(
             *(
-                self._deliver_group(job, route, domain, recipients, wire_body)
+                traced_delivery(
+                    table,
+                    route,
+                    recipients,
+                    self._deliver_group(job, route, domain, recipients, wire_body),
+                )
                 for (_, domain), (route, recipients) in groups.items()
             )
         )

@@ -15,6 +15,13 @@ from kurrier.core.jetstream import (
 )
 from kurrier.core.message import DeliveryJob, DeliveryResult
 from kurrier.core.table_store import TableFollower
+from kurrier.core.telemetry import (
+    JOBS_DESTINATION,
+    RESULTS_DESTINATION,
+    annotate,
+    publishing,
+    traced_processing,
+)
 from kurrier.delivery.courier import Courier
 from kurrier.delivery.settings import DeliverySettings
 from nats.aio.msg import Msg
@@ -74,7 +81,12 @@ class DeliveryWorker:
                         await asyncio.wait_for(stop.wait(), timeout=1)
                     continue
                 for message in messages:
-                    task = asyncio.create_task(self._handle(message))
+                    handling = self._handle(message)
+                    task = asyncio.create_task(
+                        traced_processing(
+                            JOBS_DESTINATION, message.subject, message.headers, handling
+                        )
+                    )
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
         finally:
@@ -94,6 +106,7 @@ class DeliveryWorker:
             log.error("discarding an unreadable delivery job: %s", error)
             await message.term()
             return
+        annotate(job.queue_id, attempt=job.attempt)
         heartbeat = asyncio.create_task(self._heartbeat(message))
         try:
             try:
@@ -104,12 +117,20 @@ class DeliveryWorker:
                 return
             outcomes = await self.courier.deliver(job, body, self._tables.table)
             result = DeliveryResult(queue_id=job.queue_id, attempt=job.attempt, outcomes=outcomes)
-            await self._js.publish(
-                result_subject(job.queue_id),
-                result.model_dump_json().encode(),
-                stream=RESULTS_STREAM,
-                headers={"Nats-Msg-Id": f"result:{job.queue_id}:{job.attempt}:{message.sid}"},
-            )
+            subject = result_subject(job.queue_id)
+            with publishing(
+                RESULTS_DESTINATION,
+                subject,
+                {"Nats-Msg-Id": f"result:{job.queue_id}:{job.attempt}:{message.sid}"},
+                queue_id=job.queue_id,
+                attempt=job.attempt,
+            ) as headers:
+                await self._js.publish(
+                    subject,
+                    result.model_dump_json().encode(),
+                    stream=RESULTS_STREAM,
+                    headers=headers,
+                )
             await message.ack()
         except Exception:
             # NATS trouble while loading or reporting: leave the job to be redelivered.
