@@ -1,0 +1,1 @@
+"""kurrier's benchmark against Postfix: `python -m bench.run` (see bench/README.md)."""

@@ -1,0 +1,416 @@
+"""The two relays under test, each started fresh in its own directory and stopped after a cell.
+
+Both listen on a loopback port, trust 127.0.0.0/8, relay everything for
+example.com to the bench sink with TLS off, at most 20 connections to it
+(Postfix's default_destination_concurrency_limit), and keep their default
+durability: Postfix fsyncs each queue file; kurrier answers 250 once
+JetStream has acknowledged the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+from bench import proc
+
+REPO = Path(__file__).resolve().parent.parent
+DESTINATION_CONCURRENCY = 20
+# How long a relay may take to drain and exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 20.0
+
+
+class System(Protocol):
+    name: str
+    smtp_port: int
+    stop_seconds: float
+    stopped_cleanly: bool
+
+    @property
+    def root_pid(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def wait_for_banner(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port), timeout=2
+            )
+            banner = await asyncio.wait_for(reader.readline(), timeout=5)
+            writer.write(b"QUIT\r\n")
+            writer.close()
+            if banner.startswith(b"220"):
+                return
+        except (OSError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no SMTP banner on 127.0.0.1:{port} after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
+async def wait_or_kill(process: asyncio.subprocess.Process, timeout: float) -> tuple[float, bool]:
+    """(seconds, exited in time): wait for process; SIGKILL its whole tree after timeout."""
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(process.wait(), timeout=timeout)
+    except TimeoutError:
+        for info in proc.tree(process.pid, with_memory=False):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(info.pid, signal.SIGKILL)
+        await process.wait()
+        return time.monotonic() - started, False
+    return time.monotonic() - started, True
+
+
+KURRIER_CONFIG = """\
+apiVersion: kurrier.io/v1alpha1
+kind: RelayDomain
+metadata: {{name: example-com}}
+spec:
+  domain: example.com
+  acceptInbound: true
+---
+apiVersion: kurrier.io/v1alpha1
+kind: RelayRoute
+metadata: {{name: to-bench-sink}}
+spec:
+  priority: 100
+  match:
+    recipientDomains: ["*"]
+  destination:
+    smarthost: {{host: 127.0.0.1, port: {sink_port}}}
+  tls: {{mode: none}}
+  maxConnections: {connections}
+---
+apiVersion: kurrier.io/v1alpha1
+kind: RelayPolicy
+metadata: {{name: default}}
+spec:
+  trustedNetworks: ["127.0.0.0/8"]
+  maxMessageSize: 26214400
+  maxRecipients: 100
+"""
+
+
+def kurrier_command() -> list[str]:
+    return [sys.executable, "-m", "kurrier.cli"]
+
+
+def kurrier_snapshot(revision: str, cache: Path) -> tuple[str, dict[str, str]]:
+    """(commit, environment) to run kurrier's code as committed at `revision`.
+
+    The work tree may be mid-edit (several people work in it at once); a
+    benchmark should measure committed code, which `git archive` extracts into
+    the cache. PYTHONPATH puts it ahead of the editable install, and `kurrier
+    up` passes its environment on to its services. "working" means the work
+    tree as it is, through the installed package.
+    """
+    if revision == "working":
+        return "working tree", {}
+    found = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short=12", f"{revision}^{{commit}}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    commit = found.stdout.strip()
+    source = cache / f"src-{commit}"
+    if not (source / "services" / "kurrier").is_dir():
+        partial = cache / f"src-{commit}.part"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", commit, "services", "operator"],
+            capture_output=True,
+            check=True,
+        )
+        subprocess.run(["tar", "-x", "-C", str(partial)], input=archive.stdout, check=True)
+        shutil.rmtree(source, ignore_errors=True)
+        partial.rename(source)
+    paths = [str(source / "services"), str(source / "operator")]
+    return commit, {"PYTHONPATH": os.pathsep.join(paths)}
+
+
+class Kurrier:
+    """`kurrier up` with a fresh data directory."""
+
+    name = "kurrier"
+
+    def __init__(
+        self,
+        workdir: Path,
+        sink_port: int,
+        env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.sink_port = sink_port
+        self.smtp_port = free_port()
+        self.env = env or {}
+        self.extra_args = extra_args or []
+        self.stop_seconds = 0.0
+        self.stopped_cleanly = True
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def root_pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    async def start(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.workdir.mkdir(parents=True)
+        config = self.workdir / "bench.yaml"
+        config.write_text(
+            KURRIER_CONFIG.format(sink_port=self.sink_port, connections=DESTINATION_CONCURRENCY)
+        )
+        log = (self.workdir / "kurrier.log").open("wb")
+        self._process = await asyncio.create_subprocess_exec(
+            *[
+                *kurrier_command(),
+                "up",
+                "--config",
+                str(config),
+                "--data-dir",
+                str(self.workdir / "data"),
+                "--smtp",
+                f"127.0.0.1:{self.smtp_port}",
+                "--hostname",
+                "kurrier-bench.localdomain",
+                "--min-backoff",
+                "1s",
+                "--max-backoff",
+                "5s",
+                *self.extra_args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env={**os.environ, **self.env},
+        )
+        log.close()
+        try:
+            await self._wait_ready(90)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        log = self.workdir / "kurrier.log"
+        while b"kurrier ready" not in log.read_bytes():
+            assert self._process is not None
+            if self._process.returncode is not None:
+                raise RuntimeError(f"kurrier up exited early; see {log}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"kurrier up not ready after {timeout}s; see {log}")
+            await asyncio.sleep(0.1)
+        await wait_for_banner(self.smtp_port, timeout)
+
+    async def stop(self) -> None:
+        """SIGTERM (a drain), then SIGKILL to the whole tree after STOP_TIMEOUT.
+
+        The data directory is thrown away after each cell, so a forced stop loses
+        nothing the benchmark counts; how long the drain took is recorded.
+        """
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        self.stop_seconds, in_time = await wait_or_kill(process, STOP_TIMEOUT)
+        self.stopped_cleanly = in_time and process.returncode == 0
+
+
+POSTFIX_MAIN_CF = """\
+# Written by bench/systems.py: a loopback relay for the benchmark, nothing else.
+compatibility_level = 3.6
+queue_directory = {root}/spool
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix-bench.localdomain
+mydomain = localdomain
+mydestination =
+local_transport = error:no local delivery here
+alias_maps =
+alias_database =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+relayhost = [127.0.0.1]:{sink_port}
+default_destination_concurrency_limit = {connections}
+smtp_dns_support_level = disabled
+smtpd_peername_lookup = no
+smtpd_client_connection_count_limit = 0
+smtpd_client_connection_rate_limit = 0
+smtp_tls_security_level = none
+smtpd_tls_security_level = none
+message_size_limit = 26214400
+maillog_file = {root}/log/postfix.log
+biff = no
+"""
+
+# Debian's master.cf without chroot (the private queue directory has no chroot jail)
+# and with smtpd on the bench port.
+POSTFIX_MASTER_CF = """\
+127.0.0.1:{smtp_port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def postfix_version() -> str | None:
+    if shutil.which("postconf") is None:
+        return None
+    found = subprocess.run(
+        ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True, check=False
+    )
+    return found.stdout.strip() or None
+
+
+def install_postfix() -> str:
+    """Postfix from Debian's packages, without it configuring or starting a system instance."""
+    version = postfix_version()
+    if version:
+        return version
+    if os.geteuid() != 0:
+        raise RuntimeError("Postfix is not installed and installing it needs root")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    print("installing Postfix from Debian's packages ...", flush=True)
+    subprocess.run(
+        ["debconf-set-selections"],
+        input=b"postfix postfix/main_mailer_type select No configuration\n",
+        check=True,
+        env=env,
+    )
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postfix"],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    version = postfix_version()
+    if not version:
+        raise RuntimeError("Postfix did not install")
+    return version
+
+
+class Postfix:
+    """A private Postfix instance (`postfix -c DIR start-fg`) in its own directory."""
+
+    name = "postfix"
+
+    def __init__(self, workdir: Path, sink_port: int) -> None:
+        self.workdir = workdir
+        self.sink_port = sink_port
+        self.smtp_port = free_port()
+        self.stop_seconds = 0.0
+        self.stopped_cleanly = True
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def root_pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    @property
+    def config_dir(self) -> Path:
+        return self.workdir / "etc"
+
+    def _write_config(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        for sub in ("etc", "spool", "data", "log"):
+            (self.workdir / sub).mkdir(parents=True)
+        shutil.chown(self.workdir / "data", "postfix", "postfix")
+        root = str(self.workdir)
+        (self.config_dir / "main.cf").write_text(
+            POSTFIX_MAIN_CF.format(
+                root=root, sink_port=self.sink_port, connections=DESTINATION_CONCURRENCY
+            )
+        )
+        (self.config_dir / "master.cf").write_text(
+            POSTFIX_MASTER_CF.format(smtp_port=self.smtp_port)
+        )
+
+    async def _postfix(self, command: str) -> int:
+        process = await asyncio.create_subprocess_exec(
+            "postfix",
+            "-c",
+            str(self.config_dir),
+            command,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        return await process.wait()
+
+    async def start(self) -> None:
+        self._write_config()
+        if await self._postfix("check") != 0:
+            raise RuntimeError(f"postfix -c {self.config_dir} check failed")
+        log = (self.workdir / "start.log").open("wb")
+        # start-fg keeps master in the foreground as our descendant: its whole
+        # process tree (master and every daemon it spawns) is measurable.
+        self._process = await asyncio.create_subprocess_exec(
+            "postfix",
+            "-c",
+            str(self.config_dir),
+            "start-fg",
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        try:
+            await wait_for_banner(self.smtp_port, 60)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        await self._postfix("stop")
+        # start-fg exits non-zero once master is told to stop: only the time counts.
+        self.stop_seconds, self.stopped_cleanly = await wait_or_kill(process, STOP_TIMEOUT)
