@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import smtplib
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -238,4 +240,42 @@ def test_a_trusted_traceparent_header_continues_the_senders_trace_over_otlp_http
     assert event == "recipient" and attributes["kurrier.recipient"] == RECIPIENT
     assert str(attributes["kurrier.smtp.reply"]).startswith("250")
     assert {s.service for s in trace} == {"kurrier-ingress", "kurrier-queue", "kurrier-delivery"}
-    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in os.environ  # the services' own env only
+
+
+PUBLISHER = """
+import asyncio, sys
+from kurrier.core.jetstream import connect, disconnect, ensure_layout
+from kurrier.core.routing import RoutingTable
+from kurrier.core.table_store import publish_table
+from kurrier.core.telemetry import setup_telemetry
+
+async def main() -> None:
+    nc = await connect(sys.argv[1], "test-operator")
+    await ensure_layout(nc.jetstream())
+    await publish_table(nc.jetstream(), RoutingTable())
+    await disconnect(nc)
+
+setup_telemetry("kurrier-operator")
+asyncio.run(main())
+"""
+
+
+def test_each_routing_table_publish_is_a_span_of_the_operator(
+    nats_server: NatsServer, receiver: OtlpReceiver
+) -> None:
+    # What the operator does after each compile, in a process set up as `kurrier operator` is.
+    done = subprocess.run(
+        [sys.executable, "-c", PUBLISHER, nats_server.url],
+        env={**os.environ, **receiver.env()},
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    [span] = receiver.wait_until(lambda s: len(s) == 1, "the publish span")
+    assert (span.service, span.name, span.kind) == (
+        "kurrier-operator",
+        "publish routing table",
+        "producer",
+    )
+    assert span.attributes["kurrier.table.revision"] == 1
+    assert span.attributes["messaging.destination.name"] == "kurrier-config"

@@ -7,6 +7,7 @@ import logging
 
 from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY
 from kurrier.core.routing import RoutingTable
+from kurrier.core.telemetry import publishing_table
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from pydantic import ValidationError
@@ -15,6 +16,14 @@ log = logging.getLogger(__name__)
 
 
 async def publish_table(js: JetStreamContext, table: RoutingTable) -> int:
+    """Publish table (see _store_table) in a span, so each publish shows in traces."""
+    with publishing_table(table) as span:
+        revision = await _store_table(js, table)
+        span.set_attribute("kurrier.table.revision", revision)
+        return revision
+
+
+async def _store_table(js: JetStreamContext, table: RoutingTable) -> int:
     """Store table as the next revision; returns it. Safe against concurrent publishers."""
     kv = await js.key_value(CONFIG_BUCKET)
     while True:

@@ -414,6 +414,23 @@ def bouncing(record: MessageRecord, notice_queue_id: str) -> Iterator[None]:
         current_queue_id.reset(token)
 
 
+@contextmanager
+def publishing_table(table: RoutingTable) -> Iterator[Span]:
+    """The span of publishing a compiled routing table (the operator's main act)."""
+    with TRACER.start_as_current_span(
+        "publish routing table",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": "kurrier-config",
+            "kurrier.table.routes": len(table.routes),
+            "kurrier.table.domains": len(table.domains),
+        },
+    ) as span:
+        yield span
+
+
 def metric_domain(table: RoutingTable, route: CompiledRoute | None, domain: str) -> str:
     """A recipient domain as a metric label: only domains the configuration names.
 
