@@ -1,0 +1,154 @@
+"""What the operator writes into a resource's `status`, decided by pure functions.
+
+The models here are also the source of the CRDs' status schema (crds.py), so
+what the operator writes and what the API server accepts cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
+
+from kurrier.core.routing import Problem
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+READY = "Ready"
+# Ready=True carries one reason; Ready=False carries the Problem's reason
+# (Invalid, SecretInvalid, Conflict, NoRoute).
+PUBLISHED = "Published"
+LIVE_MESSAGE = "in the live routing table"
+
+
+class Condition(BaseModel):
+    """A metav1.Condition, the Kubernetes convention for status conditions."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    type: str = Field(min_length=1, max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    observedGeneration: int | None = Field(default=None, ge=0)
+    lastTransitionTime: datetime
+    reason: str = Field(
+        min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+    )
+    message: str = Field(max_length=32768)
+
+
+class RelayStatus(BaseModel):
+    """The status of a RelayDomain or RelayPolicy."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    observedGeneration: int | None = Field(default=None, ge=0)
+    tableRevision: int | None = Field(default=None, ge=0)
+    conditions: list[Condition] = Field(default_factory=list)
+
+    def condition(self, kind: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == kind), None)
+
+
+class RouteStatus(RelayStatus):
+    """The status of a RelayRoute: also where it sends mail, for `kubectl get`."""
+
+    destination: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether one resource is usable, and why not."""
+
+    ready: bool
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class EventNote:
+    """A Kubernetes Event to record alongside a status change."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    status: RelayStatus
+    event: EventNote
+
+
+def verdict(problems: Iterable[Problem]) -> Verdict:
+    """Ready unless the compiler reported problems for this resource; all of them are shown."""
+    problems = list(problems)
+    if not problems:
+        return Verdict(True, PUBLISHED, LIVE_MESSAGE)
+    return Verdict(False, problems[0].reason, "; ".join(p.message for p in problems))
+
+
+def read_status(raw: object, model: type[RelayStatus]) -> RelayStatus | None:
+    """The status as stored in the object; None when absent or written by something else."""
+    if not isinstance(raw, dict) or not raw:
+        return None
+    try:
+        return model.model_validate(raw)
+    except ValidationError:
+        return None
+
+
+def next_status(
+    current: RelayStatus | None,
+    generation: int,
+    judged: Verdict,
+    revision: int,
+    now: datetime,
+    model: type[RelayStatus] = RelayStatus,
+    destination: str | None = None,
+) -> StatusChange | None:
+    """The status to write, or None when the current one already says it all.
+
+    The table revision is recorded when this generation (or its verdict) is
+    first published, not on every revision: a change to one resource must
+    not rewrite the status of all the others.
+    """
+    ready = current.condition(READY) if current else None
+    if (
+        current is not None
+        and ready is not None
+        and current.observedGeneration == generation
+        and current.tableRevision is not None
+        and (ready.status == "True") == judged.ready
+        and (ready.reason, ready.message) == (judged.reason, judged.message)
+        and getattr(current, "destination", None) == destination
+    ):
+        return None
+    status_text: Literal["True", "False"] = "True" if judged.ready else "False"
+    since = (
+        now.replace(microsecond=0)
+        if ready is None or ready.status != status_text
+        else ready.lastTransitionTime
+    )
+    condition = Condition(
+        type=READY,
+        status=status_text,
+        observedGeneration=generation,
+        lastTransitionTime=since,
+        reason=judged.reason,
+        message=judged.message,
+    )
+    fields: dict[str, object] = {
+        "observedGeneration": generation,
+        "tableRevision": revision,
+        "conditions": [condition],
+    }
+    if issubclass(model, RouteStatus):
+        fields["destination"] = destination
+    status = model.model_validate(fields)
+    if judged.ready:
+        event = EventNote(
+            "Normal", PUBLISHED, f"generation {generation} is in routing table revision {revision}"
+        )
+    else:
+        event = EventNote("Warning", judged.reason, judged.message)
+    return StatusChange(status, event)
