@@ -328,6 +328,7 @@ def compile_table(
         key=lambda route: (-route.priority, route.name),
     )
     domains: dict[str, CompiledDomain] = {}
+    declared_by: dict[str, RelayDomain] = {}
     for resource in resources:
         if isinstance(resource, RelayDomain):
             if resource.spec.domain in domains:
@@ -340,18 +341,18 @@ def compile_table(
                 )
                 continue
             domains[resource.spec.domain] = _compile_domain(resource, secrets, problems)
+            declared_by[resource.spec.domain] = resource
     for domain in domains.values():
         if domain.accept_inbound and not any(
             any(domain_matches(p, domain.domain) for p in route.recipient_domains)
             for route in routes
         ):
+            # Reported on the RelayDomain that declared it, so its status can say so.
             problems.append(
-                Problem(
-                    kind="RelayDomain",
-                    namespace="",
-                    name=domain.domain,
-                    reason="NoRoute",
-                    message=f"mail for {domain.domain} is accepted but no RelayRoute matches it",
+                _problem(
+                    declared_by[domain.domain],
+                    "NoRoute",
+                    f"mail for {domain.domain} is accepted but no RelayRoute matches it",
                 )
             )
     policies = [r for r in resources if isinstance(r, RelayPolicy)]

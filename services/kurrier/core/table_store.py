@@ -24,7 +24,10 @@ async def publish_table(js: JetStreamContext, table: RoutingTable) -> int:
 
 
 async def _store_table(js: JetStreamContext, table: RoutingTable) -> int:
-    """Store table as the next revision; returns it. Safe against concurrent publishers."""
+    """Store table as the next revision (unless unchanged); returns the live revision.
+
+    Safe against concurrent publishers.
+    """
     kv = await js.key_value(CONFIG_BUCKET)
     while True:
         try:
@@ -32,6 +35,11 @@ async def _store_table(js: JetStreamContext, table: RoutingTable) -> int:
         except KeyNotFoundError:
             entry = None
         previous = RoutingTable.model_validate_json(entry.value) if entry and entry.value else None
+        if previous is not None and previous.model_dump() == (
+            table.model_copy(update={"revision": previous.revision}).model_dump()
+        ):
+            # Unchanged: operator replicas compiling the same objects add no revisions.
+            return previous.revision
         revision = previous.revision + 1 if previous else 1
         document = table.model_copy(update={"revision": revision}).model_dump_json().encode()
         try:

@@ -1,0 +1,174 @@
+"""The API server's objects as the operator holds them, and their translation to core resources.
+
+Pure: plain data in, models and problems out. The watches (watches.py) fill
+these from kopf's indices; the reconciler compiles what they translate to.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kurrier.core.loader import ResourceError, parse_documents
+from kurrier.core.resources import (
+    API_VERSION,
+    RelayDomain,
+    RelayPolicy,
+    RelayRoute,
+    Secret,
+)
+from kurrier.core.routing import Problem
+
+Key = tuple[str, str]  # (namespace, name)
+RelayResource = RelayDomain | RelayRoute | RelayPolicy
+
+PLURALS = {
+    "RelayDomain": "relaydomains",
+    "RelayRoute": "relayroutes",
+    "RelayPolicy": "relaypolicies",
+}
+INVALID = "Invalid"
+
+
+@dataclass(frozen=True)
+class ObservedObject:
+    """One RelayDomain, RelayRoute or RelayPolicy as the watch last saw it."""
+
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    resource_version: str
+    spec: Any
+    status: Any
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ObservedObject:
+        metadata = body["metadata"]
+        return cls(
+            kind=body["kind"],
+            namespace=metadata["namespace"],
+            name=metadata["name"],
+            uid=metadata["uid"],
+            generation=int(metadata.get("generation") or 0),
+            resource_version=metadata.get("resourceVersion", ""),
+            # Copies: kopf may replace the body under us while a reconcile reads it.
+            spec=copy.deepcopy(body.get("spec")),
+            status=copy.deepcopy(body.get("status")),
+        )
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        return (self.kind, self.namespace, self.name)
+
+    @property
+    def plural(self) -> str:
+        return PLURALS[self.kind]
+
+    def document(self) -> dict[str, Any]:
+        """The object as a resource document, the shape `kurrier up` reads from a file."""
+        return {
+            "apiVersion": API_VERSION,
+            "kind": self.kind,
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "generation": self.generation,
+            },
+            "spec": self.spec,
+        }
+
+
+@dataclass(frozen=True)
+class StoredSecret:
+    """The parts of a Secret the compiler may need; never logged."""
+
+    type: str
+    data: Mapping[str, str]
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> StoredSecret:
+        return cls(type=body.get("type") or "Opaque", data=dict(body.get("data") or {}))
+
+
+def _invalid_message(error: ResourceError) -> str:
+    # The loader says "SOURCE: document 1 (Kind 'name'): field: problem"; the
+    # status belongs to that very object, so only "field: problem" is news.
+    return "; ".join(problem.split(": ", 2)[-1] for problem in error.problems)
+
+
+def relay_resources(
+    objects: Iterable[ObservedObject],
+) -> tuple[dict[tuple[str, str, str], RelayResource], list[Problem]]:
+    """Validate each object with the same models `kurrier up` uses.
+
+    The CRD schema rejects almost everything the models do, but not all (an
+    object stored before a CRD upgrade, a check only Python can make): such an
+    object is left out of the table and reported as Invalid.
+    """
+    resources: dict[tuple[str, str, str], RelayResource] = {}
+    problems: list[Problem] = []
+    for observed in sorted(objects, key=lambda o: o.identity):
+        try:
+            [resource] = parse_documents([observed.document()], observed.kind)
+        except ResourceError as error:
+            problems.append(
+                Problem(
+                    kind=observed.kind,
+                    namespace=observed.namespace,
+                    name=observed.name,
+                    reason=INVALID,
+                    message=_invalid_message(error),
+                )
+            )
+            continue
+        assert isinstance(resource, RelayDomain | RelayRoute | RelayPolicy)
+        resources[observed.identity] = resource
+    return resources, problems
+
+
+def referenced_secrets(resources: Iterable[RelayResource]) -> set[Key]:
+    """The Secrets the resources name, as (namespace, name)."""
+    wanted: set[Key] = set()
+    for resource in resources:
+        namespace = resource.metadata.namespace or "default"
+        if isinstance(resource, RelayDomain) and resource.spec.dkim:
+            wanted.add((namespace, resource.spec.dkim.secretRef.name))
+        if isinstance(resource, RelayRoute) and resource.spec.auth:
+            wanted.add((namespace, resource.spec.auth.secretRef.name))
+        auth = resource.spec.auth if isinstance(resource, RelayPolicy) else None
+        if auth is not None and auth.usersSecretRef is not None:
+            wanted.add((namespace, auth.usersSecretRef.name))
+    return wanted
+
+
+def secret_resources(secrets: Mapping[Key, StoredSecret], wanted: Iterable[Key]) -> list[Secret]:
+    """The wanted Secrets that exist, as the resources compile_table reads."""
+    found = []
+    for namespace, name in sorted(wanted):
+        stored = secrets.get((namespace, name))
+        if stored is None:
+            continue
+        found.append(
+            Secret.model_validate(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "type": stored.type,
+                    "data": dict(stored.data),
+                }
+            )
+        )
+    return found
+
+
+def destination(resource: RelayResource | None) -> str | None:
+    """Where a route sends mail, as `kubectl get relayroutes` shows it."""
+    if not isinstance(resource, RelayRoute):
+        return None
+    smarthost = resource.spec.destination.smarthost
+    return f"{smarthost.host}:{smarthost.port}" if smarthost else "mx"

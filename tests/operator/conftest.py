@@ -1,0 +1,52 @@
+"""Fixtures for the operator tests: one real API server with the chart's CRDs and RBAC."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.chart.support import Api, Scenario, chart_crds
+from tests.kube_fixtures import TestCluster, start_test_cluster, testbin_dir
+from tests.operator.support import (
+    install_operator_rbac,
+    new_namespace,
+    service_account_kubeconfig,
+)
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
+    with start_test_cluster(tmp_path_factory.mktemp("operator-kube")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def kube(kube_cluster: TestCluster) -> Api:
+    """An admin client of the API server, with the chart's CRDs installed."""
+    api = Api(kube_cluster.server, kube_cluster.token, kube_cluster.ssl_context())
+    for crd in chart_crds():
+        api.install_crd(crd)
+    return api
+
+
+@pytest.fixture(scope="session")
+def helm_bin() -> Path:
+    return testbin_dir() / "helm"
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(
+    kube_cluster: TestCluster, kube: Api, helm_bin: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Credentials of the chart's operator ServiceAccount, bound by the chart's ClusterRole."""
+    workdir = tmp_path_factory.mktemp("operator-rbac")
+    install_operator_rbac(kube, helm_bin, workdir, Scenario("operator-rbac"))
+    return service_account_kubeconfig(kube_cluster, kube, workdir / "kubeconfig")
+
+
+@pytest.fixture
+def namespace(kube: Api) -> str:
+    """A fresh namespace per test: operators under test watch only it."""
+    return new_namespace(kube)

@@ -1,0 +1,322 @@
+"""The operator on a real API server, under the chart's RBAC, publishing into a real NATS.
+
+Every operator here authenticates with a TokenRequest token of the chart's
+operator ServiceAccount, bound by the ClusterRole (or Roles) the chart
+renders: if it needed more than the chart grants, these tests would fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY, connect, disconnect
+
+from tests.chart.support import Api, Scenario
+from tests.kube_fixtures import TestCluster, start_test_cluster
+from tests.operator.support import (
+    OperatorProcess,
+    apply,
+    delete,
+    events_of,
+    install_operator_rbac,
+    new_namespace,
+    route_names,
+    routing_table,
+    service_account_kubeconfig,
+    table_rows,
+    wait_for_status,
+    wait_for_table,
+)
+from tests.support.nats import NatsServer
+from tests.support.processes import kurrier_argv, wait_until
+from tests.support.relay import inbound_domain, route, trusting
+
+AUTHED_ROUTE = """
+apiVersion: kurrier.io/v1alpha1
+kind: RelayRoute
+metadata: {name: authed}
+spec:
+  match: {recipientDomains: [example.net]}
+  destination: {smarthost: {host: smtp.example.net, port: 587}}
+  tls: {mode: required}
+  auth: {secretRef: {name: relay-creds}}
+"""
+
+
+def _secret(name: str, secret_type: str = "Opaque", **values: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name},
+            "type": secret_type,
+            "stringData": values,
+        }
+    )
+
+
+def _signing_domain(secret_name: str) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "kurrier.io/v1alpha1",
+            "kind": "RelayDomain",
+            "metadata": {"name": "signed-example"},
+            "spec": {
+                "domain": "signed.example",
+                "dkim": {
+                    "selector": "k1",
+                    "secretRef": {"name": secret_name, "key": "private.pem"},
+                },
+            },
+        }
+    )
+
+
+def _pem_key() -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def test_a_route_is_published_changed_listed_and_deleted(
+    kube: Api,
+    kube_cluster: TestCluster,
+    operator_kubeconfig: Path,
+    namespace: str,
+    nats_server: NatsServer,
+    tmp_path: Path,
+) -> None:
+    with OperatorProcess(tmp_path, operator_kubeconfig, nats_server.url, [namespace]):
+        created = apply(kube, namespace, route("to-sink", ["example.com"], 2526))
+        assert created.status == 201, created
+        body = wait_for_status(kube, "RelayRoute", namespace, "to-sink", ready=True)
+        status = body["status"]
+        [ready] = status["conditions"]
+        assert (ready["reason"], ready["observedGeneration"]) == ("Published", 1)
+        assert status["destination"] == "127.0.0.1:2526"
+        table = wait_for_table(
+            nats_server.url, lambda t: t["revision"] >= status["tableRevision"], "the table"
+        )
+        assert table["revision"] == status["tableRevision"]
+        [compiled] = table["routes"]
+        assert (compiled["name"], compiled["smarthost"]) == (
+            f"{namespace}/to-sink",
+            ["127.0.0.1", 2526],
+        )
+
+        columns, rows = table_rows(kube_cluster, "RelayRoute", namespace)
+        assert columns[:7] == [
+            "Name",
+            "Priority",
+            "Domains",
+            "Destination",
+            "TLS",
+            "Ready",
+            "Reason",
+        ]
+        assert rows[0][:6] == ["to-sink", 100, '["example.com"]', "127.0.0.1:2526", "none", "True"]
+
+        apply(kube, namespace, route("to-sink", ["example.com"], 2600))
+        changed = wait_for_status(
+            kube, "RelayRoute", namespace, "to-sink", ready=True, generation=2
+        )
+        assert changed["status"]["destination"] == "127.0.0.1:2600"
+        assert changed["status"]["tableRevision"] > status["tableRevision"]
+        table = wait_for_table(
+            nats_server.url,
+            lambda t: t["revision"] >= changed["status"]["tableRevision"],
+            "the changed table",
+        )
+        assert table["routes"][0]["smarthost"] == ["127.0.0.1", 2600]
+        published = sorted(
+            e["message"] for e in events_of(kube, namespace, "to-sink") if e["type"] == "Normal"
+        )
+        assert published == [
+            f"generation 1 is in routing table revision {status['tableRevision']}",
+            f"generation 2 is in routing table revision {changed['status']['tableRevision']}",
+        ]
+
+        delete(kube, "RelayRoute", namespace, "to-sink")
+        wait_for_table(nats_server.url, lambda t: route_names(t) == [], "the route to go")
+
+
+def test_missing_and_malformed_secrets_make_resources_unready(
+    kube: Api, operator_kubeconfig: Path, namespace: str, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    with OperatorProcess(tmp_path, operator_kubeconfig, nats_server.url, [namespace]):
+        apply(kube, namespace, AUTHED_ROUTE)
+        body = wait_for_status(kube, "RelayRoute", namespace, "authed", ready=False)
+        [ready] = body["status"]["conditions"]
+        assert (ready["reason"], ready["message"]) == (
+            "SecretInvalid",
+            "auth Secret 'relay-creds' not found",
+        )
+        warnings = [e for e in events_of(kube, namespace, "authed") if e["type"] == "Warning"]
+        assert [(e["reason"], e["message"]) for e in warnings] == [
+            ("SecretInvalid", "auth Secret 'relay-creds' not found")
+        ]
+        # The route stays in the table, marked: its mail waits rather than taking another route.
+        table = wait_for_table(nats_server.url, lambda t: bool(t["routes"]), "the route")
+        assert table["routes"][0]["problem"] == "auth Secret 'relay-creds' not found"
+
+        apply(kube, namespace, _secret("relay-creds", "kubernetes.io/basic-auth", username="u"))
+        body = wait_for_status(kube, "RelayRoute", namespace, "authed", ready=False)
+        wait_until(
+            lambda: (
+                "lacks 'username' or 'password'"
+                in (
+                    wait_for_status(kube, "RelayRoute", namespace, "authed", ready=False)["status"][
+                        "conditions"
+                    ][0]["message"]
+                )
+            ),
+            20,
+            "the status to name the malformed Secret",
+        )
+
+        apply(
+            kube,
+            namespace,
+            _secret("relay-creds", "kubernetes.io/basic-auth", username="u", password="p"),
+        )
+        wait_for_status(kube, "RelayRoute", namespace, "authed", ready=True)
+        table = wait_for_table(
+            nats_server.url, lambda t: t["routes"][0]["problem"] is None, "the credentials"
+        )
+        assert (table["routes"][0]["username"], table["routes"][0]["password"]) == ("u", "p")
+
+        apply(kube, namespace, _secret("dkim-key", **{"private.pem": "not a key"}))
+        apply(kube, namespace, _signing_domain("dkim-key"))
+        body = wait_for_status(kube, "RelayDomain", namespace, "signed-example", ready=False)
+        assert body["status"]["conditions"][0]["reason"] == "SecretInvalid"
+        assert "dkim-key" in body["status"]["conditions"][0]["message"]
+        apply(kube, namespace, _secret("dkim-key", **{"private.pem": _pem_key()}))
+        wait_for_status(kube, "RelayDomain", namespace, "signed-example", ready=True)
+        table = wait_for_table(
+            nats_server.url,
+            lambda t: any(d["dkim_selector"] == "k1" for d in t["domains"]),
+            "the DKIM key in the table",
+        )
+
+
+def test_cross_resource_gaps_are_reported_and_heal(
+    kube: Api, operator_kubeconfig: Path, namespace: str, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    with OperatorProcess(tmp_path, operator_kubeconfig, nats_server.url, [namespace]):
+        apply(kube, namespace, inbound_domain("lonely.test"))
+        body = wait_for_status(kube, "RelayDomain", namespace, "lonely-test", ready=False)
+        assert body["status"]["conditions"][0]["reason"] == "NoRoute"
+        apply(kube, namespace, route("everything", ["*"], 2526))
+        wait_for_status(kube, "RelayDomain", namespace, "lonely-test", ready=True)
+        apply(kube, namespace, trusting("10.0.0.0/8"))
+        wait_for_status(kube, "RelayPolicy", namespace, "default", ready=True)
+        table = wait_for_table(
+            nats_server.url,
+            lambda t: t["policy"]["trusted_networks"] == ["10.0.0.0/8"],
+            "the policy",
+        )
+        assert [d["domain"] for d in table["domains"]] == ["lonely.test"]
+
+
+async def _time_to_table(kube: Api, namespace: str, nats_url: str, port: int) -> float:
+    """Seconds from the API server's answer to the new table's arrival at a KV watcher."""
+    nc = await connect(nats_url, "test-watcher")
+    applied = 0.0
+    try:
+        kv = await nc.jetstream().key_value(CONFIG_BUCKET)
+        async with asyncio.timeout(10):
+            async for entry in await kv.watch(ROUTING_TABLE_KEY):
+                if entry is None:  # history delivered: now change the route
+                    await asyncio.to_thread(apply, kube, namespace, route("fast", ["x.test"], port))
+                    applied = time.monotonic()
+                elif applied and json.loads(entry.value)["routes"][0]["smarthost"][1] == port:
+                    return time.monotonic() - applied
+    finally:
+        await disconnect(nc)
+    raise AssertionError("the watcher ended")
+
+
+def test_a_change_reaches_nats_in_under_a_second(
+    kube: Api, operator_kubeconfig: Path, namespace: str, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    with OperatorProcess(tmp_path, operator_kubeconfig, nats_server.url, [namespace]):
+        apply(kube, namespace, route("fast", ["x.test"], 3000))
+        wait_for_status(kube, "RelayRoute", namespace, "fast", ready=True)
+        latencies = [
+            asyncio.run(_time_to_table(kube, namespace, nats_server.url, port))
+            for port in (3001, 3002, 3003)
+        ]
+        assert max(latencies) < 1.0, latencies
+
+
+def test_two_replicas_agree_and_do_not_churn_revisions(
+    kube: Api, operator_kubeconfig: Path, namespace: str, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    first = OperatorProcess(tmp_path, operator_kubeconfig, nats_server.url, [namespace])
+    second = OperatorProcess(tmp_path, operator_kubeconfig, nats_server.url, [namespace])
+    with first, second:
+        apply(kube, namespace, route("one", ["example.com"], 2526))
+        body = wait_for_status(kube, "RelayRoute", namespace, "one", ready=True)
+        revision = body["status"]["tableRevision"]
+        apply(kube, namespace, route("two", ["example.org"], 2527))
+        two = wait_for_status(kube, "RelayRoute", namespace, "two", ready=True)
+        # Both replicas compiled the same change; only one revision came of it.
+        assert two["status"]["tableRevision"] == revision + 1
+        second.__exit__(None, None, None)
+        apply(kube, namespace, route("three", ["example.net"], 2528))
+        three = wait_for_status(kube, "RelayRoute", namespace, "three", ready=True)
+        assert three["status"]["tableRevision"] == revision + 2
+        table = routing_table(nats_server.url)
+        assert table is not None and table["revision"] == revision + 2
+        assert route_names(table) == [f"{namespace}/{n}" for n in ("one", "three", "two")]
+        second.__enter__()  # and the survivor's peer rejoins without a new revision
+        assert routing_table(nats_server.url) == table
+
+
+def test_namespaced_rbac_is_enough_for_namespaced_watching(
+    kube: Api, kube_cluster: TestCluster, helm_bin: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    watched = new_namespace(kube)
+    scenario = Scenario("operator-roles", {"operator": {"namespaces": [watched]}})
+    install_operator_rbac(kube, helm_bin, tmp_path, scenario)
+    kubeconfig = service_account_kubeconfig(kube_cluster, kube, tmp_path / "kubeconfig")
+    with OperatorProcess(tmp_path, kubeconfig, nats_server.url, [watched]):
+        apply(kube, watched, route("scoped", ["example.com"], 2526))
+        wait_for_status(kube, "RelayRoute", watched, "scoped", ready=True)
+
+
+def _operator_error(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        kurrier_argv("operator", "--metrics-listen", "off", *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_bad_credentials_and_missing_crds_are_one_clear_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_text("clusters: [this is not a kubeconfig\n")
+    result = _operator_error("--kubeconfig", str(garbage))
+    assert result.returncode == 1
+    assert "garbage.yaml: not a usable kubeconfig" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    with start_test_cluster(tmp_path / "bare") as bare:
+        result = _operator_error("--kubeconfig", str(bare.kubeconfig))
+    assert result.returncode == 1
+    assert result.stderr.strip().endswith(
+        "kurrier operator: the API server does not serve relaydomains, relaypolicies, "
+        "relayroutes.kurrier.io: install the CRDs first (kubectl apply -f charts/kurrier/crds/, "
+        "or helm install the chart)"
+    ), result.stderr
