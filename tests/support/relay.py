@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -145,10 +146,14 @@ def message_records(nats_url: str) -> list[MessageRecord]:
 class UpRelay:
     """`kurrier up` as a subprocess, as a user runs it."""
 
-    def __init__(self, workdir: Path, config: str, *extra: str) -> None:
+    def __init__(self, workdir: Path, config: str | None, *extra: str) -> None:
+        """config: the resource file's text; None when extra names the source (--kubeconfig)."""
         self.workdir = workdir
         self.config = workdir / "resources.yaml"
-        self.config.write_text(config)
+        self.source: tuple[str, ...] = ()
+        if config is not None:
+            self.config.write_text(config)
+            self.source = ("--config", str(self.config))
         self.data_dir = workdir / "data"
         self.smtp_port = free_port()
         self.extra = extra
@@ -159,8 +164,7 @@ class UpRelay:
         self.log = (self.workdir / "up.log").open("ab")
         argv = kurrier_argv(
             "up",
-            "--config",
-            str(self.config),
+            *self.source,
             "--data-dir",
             str(self.data_dir),
             "--smtp",
@@ -195,6 +199,15 @@ class UpRelay:
     @property
     def nats_url(self) -> str:
         return str(self.state["nats_url"])
+
+    def table_revision_in_use(self, service: str) -> int:
+        """The newest routing table revision a child ('ingress', 'delivery') logged it uses."""
+        revisions = [0]
+        for line in (self.workdir / "up.log").read_text(errors="replace").splitlines():
+            if f'"kurrier-{service}"' in line:
+                found = re.search(r"routing table revision (\d+) in use", line)
+                revisions += [int(found.group(1))] if found else []
+        return max(revisions)
 
 
 class ServiceRelay:

@@ -32,7 +32,7 @@ READY_TIMEOUT = 60.0
 
 @dataclass(frozen=True)
 class UpSettings:
-    config: Path
+    config: Path | None
     data_dir: Path
     smtp: str
     submission: str | None
@@ -46,6 +46,9 @@ class UpSettings:
     tls_ca_file: str | None
     dns_resolver: str | None = None
     mx_port: int = 25
+    # Instead of config: the resources of this cluster, through the operator.
+    kubeconfig: Path | None = None
+    namespaces: tuple[str, ...] = ()
 
 
 def _child(command: str, *args: str) -> list[str]:
@@ -91,8 +94,37 @@ async def _wait_for_smtp(address: str, timeout: float) -> None:
         await asyncio.sleep(0.1)
 
 
+async def _wait_for_operator(address: str, timeout: float) -> None:
+    """Ready means the operator has published the table it compiled from the cluster."""
+    host, port = parse_host_port(address)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
+            status_line = await asyncio.wait_for(reader.readline(), timeout=5)
+            writer.close()
+            if status_line.split()[1:2] == [b"200"]:
+                return
+        except (OSError, TimeoutError):
+            pass
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"the operator published no routing table within {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 async def run_up(settings: UpSettings) -> int:
-    load_resources(settings.config)  # fail before starting anything if the file is bad
+    if settings.config is not None:
+        load_resources(settings.config)  # fail before starting anything if the file is bad
+    else:
+        from kurrier.operator.main import OperatorError, check_cluster
+
+        try:
+            await check_cluster(settings.kubeconfig)
+        except OperatorError as error:
+            print(f"kurrier up: {error}", file=sys.stderr)
+            return 1
+    operator_health = f"127.0.0.1:{free_port()}"
     stop = stop_event()
     reload = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload.set)
@@ -120,7 +152,23 @@ async def run_up(settings: UpSettings) -> int:
     try:
         await supervisor.start("nats-server", nats_server_argv(data_dir / "nats", nats_port))
         await wait_for_port("127.0.0.1", nats_port, timeout=30)
-        await _publish_config(nats_url, settings.config)
+        if settings.config is not None:
+            await _publish_config(nats_url, settings.config)
+        else:
+            await supervisor.start(
+                "operator",
+                _child(
+                    "operator",
+                    "--nats-url",
+                    nats_url,
+                    "--kubeconfig",
+                    str(settings.kubeconfig),
+                    "--namespaces",
+                    ",".join(settings.namespaces),
+                    "--metrics-listen",
+                    operator_health,
+                ),
+            )
         # Children share one host: no fixed metrics ports that would collide.
         common = [
             "--nats-url",
@@ -172,6 +220,8 @@ async def run_up(settings: UpSettings) -> int:
             ),
         )
         await _wait_for_smtp(settings.smtp, READY_TIMEOUT)
+        if settings.config is None:
+            await _wait_for_operator(operator_health, READY_TIMEOUT)
         ready = True
         write_state()
         print(f"kurrier ready smtp={settings.smtp} nats={nats_url} data-dir={data_dir}", flush=True)
@@ -183,6 +233,8 @@ async def run_up(settings: UpSettings) -> int:
             reloaded.cancel()
             if reload.is_set():
                 reload.clear()
+                if settings.config is None:
+                    continue  # the operator follows the cluster: nothing to re-read
                 try:
                     await _publish_config(nats_url, settings.config)
                 except ResourceError as error:
