@@ -82,3 +82,21 @@ def test_up_refuses_a_cluster_it_cannot_use(tmp_path: Path) -> None:
     assert f"kurrier up: {broken}: not a usable kubeconfig" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "one of the arguments --config --kubeconfig is required"),
+        (("--config", "{file}", "--kubeconfig", "{file}"), "not allowed with argument"),
+        (("--config", "{file}", "--namespace", "team-a"), "--namespace needs --kubeconfig"),
+    ],
+)
+def test_up_takes_exactly_one_source(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
+    existing = tmp_path / "any.yaml"
+    existing.write_text("")
+    argv = [arg.format(file=existing) for arg in args]
+    result = subprocess.run(kurrier_argv("up", *argv), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
