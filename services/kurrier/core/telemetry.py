@@ -120,12 +120,13 @@ def _span_exporters() -> list[SpanExporter]:
     return exporters
 
 
-def _metric_readers() -> list[MetricReader]:
+def _metric_readers(exporting: bool) -> list[MetricReader]:
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
     readers: list[MetricReader] = [PrometheusMetricReader(scope_info_enabled=False)]
     # The scrape endpoint is always there; pushing over OTLP too is opt-in.
-    for name in _exporter_names("OTEL_METRICS_EXPORTER", "prometheus"):
+    names = _exporter_names("OTEL_METRICS_EXPORTER", "prometheus") if exporting else []
+    for name in names:
         if name == "prometheus":
             continue
         if name != "otlp":
@@ -152,11 +153,12 @@ def setup_telemetry(service_name: str) -> None:
     """
     options.trace_addresses = _flag("KURRIER_TRACE_ADDRESSES")
     options.trust_traceparent_header = _flag("KURRIER_TRUST_TRACEPARENT_HEADER")
-    if _flag("OTEL_SDK_DISABLED"):
-        return
+    # Disabling the SDK stops everything it would send; the scrape endpoint,
+    # which sends nothing, stays (probes and Prometheus rely on it).
+    exporting = not _flag("OTEL_SDK_DISABLED")
     resource = Resource.create({SERVICE_NAME: service_name})
-    exporters = _span_exporters()
-    readers = _metric_readers()
+    exporters = _span_exporters() if exporting else []
+    readers = _metric_readers(exporting)
     if exporters:
         tracer_provider = TracerProvider(resource=resource)
         for exporter in exporters:
