@@ -165,7 +165,15 @@ def setup_telemetry(service_name: str) -> None:
             tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
         trace.set_tracer_provider(tracer_provider)
         options.tracing = True
-    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+    # The SDK's MeterProvider would turn itself off under OTEL_SDK_DISABLED, and
+    # the scrape endpoint with it; it reads the variable only while it is made.
+    disabled = os.environ.pop("OTEL_SDK_DISABLED", None)
+    try:
+        meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    finally:
+        if disabled is not None:
+            os.environ["OTEL_SDK_DISABLED"] = disabled
+    metrics.set_meter_provider(meter_provider)
 
 
 def render_metrics() -> bytes:
