@@ -54,8 +54,11 @@ class DataReader:
     def __init__(self, limits: DataLimits) -> None:
         self._limits = limits
         self._long_line = _long_run(limits.max_line_length)
-        # The last two octets seen; the CRLF ending the DATA command starts it off.
-        self._tail = b"\r\n"
+        # The last two octets taken into the message; the CRLF of the DATA command
+        # starts it off, so "." right away ends an empty message.
+        self._before = b"\r\n"
+        # Octets received but not yet taken: they may be the start of the terminator.
+        self._held = b""
         self._partial = bytearray()  # raw octets of the line not yet ended by CRLF
         self._run = 0  # length of the trailing run of octets without CR or LF
         self._parts: list[bytes] = []
@@ -71,17 +74,20 @@ class DataReader:
         """Take data; returns how many octets were DATA (fewer only at the end)."""
         if self.done or not data:
             return 0
-        window = self._tail + data
-        end = window.find(TERMINATOR)
-        if end < 0:
-            self._take(data)
-            self._tail = window[-2:]
-            return len(data)
-        # The terminator's CRLF ends the last line of the message.
-        body_end = end + 2 - len(self._tail)
-        self._take(data[:body_end])
-        self.done = True
-        return end + len(TERMINATOR) - len(self._tail)
+        window = self._held + data
+        search = self._before + window
+        end = search.find(TERMINATOR)
+        if end >= 0:
+            # The terminator's CRLF ends the last line of the message.
+            self._take(search[len(self._before) : end + 2])
+            self.done = True
+            return end + len(TERMINATOR) - len(self._before) - len(self._held)
+        keep = min(len(TERMINATOR) - 1, len(window))
+        taken = window[: len(window) - keep]
+        self._take(taken)
+        self._before = (self._before + taken)[-2:]
+        self._held = window[len(window) - keep :]
+        return len(data)
 
     def content(self) -> bytes:
         """The message as stored: unstuffed, CRLF line endings only."""

@@ -1,0 +1,84 @@
+"""Property-based fuzzing of the DATA reader against a slow, obviously right reference."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+from kurrier.ingress.data_reader import DataLimits, DataReader
+
+# Bytes that matter to the reader, mixed with a few ordinary ones.
+_INTERESTING = st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b".\r\n", b"x", b"\x00"])
+WIRE = st.lists(st.one_of(_INTERESTING, st.binary(max_size=8)), max_size=200).map(b"".join)
+NO_LIMITS = DataLimits(
+    max_size=10**9, max_line_length=10**9, max_header_size=10**9, max_headers=10**9, max_hops=10**9
+)
+
+
+def reference(wire: bytes) -> tuple[int, bytes] | None:
+    """(octets of DATA, stored message) by the book, or None if the data never ends."""
+    end = (b"\r\n" + wire).find(b"\r\n.\r\n")
+    if end < 0:
+        return None
+    body = wire[:end]  # its last line ends with the terminator's CRLF
+    lines = body[:-2].split(b"\r\n") if body else []
+    stored = b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    return end + 3, re.sub(rb"\r(?!\n)|(?<!\r)\n", b"\r\n", stored)
+
+
+def feed_in_chunks(wire: bytes, cuts: list[int], limits: DataLimits) -> tuple[int, DataReader]:
+    reader = DataReader(limits)
+    consumed, start = 0, 0
+    for cut in [*sorted(cuts), len(wire)]:
+        consumed += reader.feed(wire[start:cut])
+        start = cut
+    return consumed, reader
+
+
+@given(wire=WIRE, tail=st.binary(max_size=20), cuts=st.lists(st.integers(0, 400), max_size=20))
+def test_reader_matches_the_reference(wire: bytes, tail: bytes, cuts: list[int]) -> None:
+    data = wire + b"\r\n.\r\n" + tail
+    consumed, reader = feed_in_chunks(data, [c for c in cuts if c <= len(data)], NO_LIMITS)
+    expected = reference(data)
+    assert expected is not None
+    assert reader.done and reader.refusal is None
+    assert (consumed, reader.content()) == expected
+
+
+@given(wire=WIRE, cuts=st.lists(st.integers(0, 400), max_size=20))
+def test_unterminated_data_never_ends(wire: bytes, cuts: list[int]) -> None:
+    if reference(wire) is not None:
+        return
+    consumed, reader = feed_in_chunks(wire, [c for c in cuts if c <= len(wire)], NO_LIMITS)
+    assert not reader.done and consumed == len(wire)
+
+
+@given(
+    lines=st.lists(st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))),
+)
+def test_dot_stuffing_round_trips(lines: list[bytes]) -> None:
+    message = b"".join(line + b"\r\n" for line in lines)
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    consumed, reader = feed_in_chunks(stuffed + b".\r\nNEXT", [], NO_LIMITS)
+    assert reader.content() == message
+    assert consumed == len(stuffed) + 3
+
+
+@given(
+    wire=WIRE,
+    size=st.integers(1, 300),
+    line=st.integers(3, 50),
+    cuts=st.lists(st.integers(0, 400), max_size=20),
+)
+def test_limits_hold_whatever_comes(wire: bytes, size: int, line: int, cuts: list[int]) -> None:
+    limits = DataLimits(max_size=size, max_line_length=line, max_header_size=64, max_headers=5)
+    data = wire + b"\r\n.\r\n"
+    _, reader = feed_in_chunks(data, [c for c in cuts if c <= len(data)], limits)
+    assert reader.done
+    content = reader.content()
+    assert len(content) <= size
+    if reader.refusal is None:
+        assert all(len(x) + 2 <= line + 1 for x in content.split(b"\r\n"))
+    else:
+        assert content == b"" and reader.refusal[:3] in ("552", "554")

@@ -1,0 +1,130 @@
+"""Property-based fuzzing of ingress's SMTP command handling: the path parser, then a live session.
+
+The session half runs the real IngressSMTP and RelayHandler on a real socket in
+a thread of this process. Its routing table is empty, so no recipient is ever
+accepted and the queue client (pointing nowhere) is never called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from kurrier.core.table_store import TableFollower
+from kurrier.ingress.handler import RelayHandler
+from kurrier.ingress.identities import Identities
+from kurrier.ingress.queue_client import QueueClient
+from kurrier.ingress.session_limits import SessionLimits
+from kurrier.ingress.smtp_path import _MAILBOX, parse_path
+from kurrier.ingress.smtp_session import IngressSMTP, Listener, Sessions
+
+from tests.support.processes import free_port
+
+_MAILBOX_RE = re.compile(_MAILBOX)
+
+
+@given(st.text(max_size=300))
+def test_path_parser_never_lets_control_characters_through(text: str) -> None:
+    parsed = parse_path(text)
+    if parsed is None:
+        return
+    mailbox, parameters = parsed
+    assert not any(ord(c) < 0x20 or ord(c) == 0x7F or 0xD800 <= ord(c) < 0xE000 for c in mailbox)
+    assert "<" not in mailbox and ">" not in mailbox
+    assert mailbox == "" or "@" in mailbox
+    assert parameters == parameters.strip(" ")
+
+
+_ATOM = st.text(st.sampled_from([*"azAZ09!#$%&'*+/=?^_`{|}~-", "ü", "ß", "日"]), min_size=1)
+_QUOTED = st.text(st.sampled_from([*'ab @"\\x()<>,;:%!', "é"]), max_size=12).map(
+    lambda text: '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+)
+_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+MAILBOXES = st.builds(
+    "{}@{}".format,
+    st.one_of(st.lists(_ATOM, min_size=1, max_size=4).map(".".join), _QUOTED),
+    st.one_of(st.lists(_LABEL, min_size=1, max_size=4).map(".".join), st.just("[192.0.2.1]")),
+)
+
+
+@given(MAILBOXES)
+def test_every_mailbox_of_the_grammar_parses_back(mailbox: str) -> None:
+    assert _MAILBOX_RE.fullmatch(mailbox), "the strategy makes grammar-conforming mailboxes"
+    parsed = parse_path(f"<{mailbox}> SIZE=1")
+    if len(mailbox.encode()) > 200:  # over the RFC 5321 length limits: refused, never mangled
+        assert parsed in (None, (mailbox, "SIZE=1"))
+    else:
+        local = mailbox.rpartition("@")[0]
+        assert parsed == ((mailbox, "SIZE=1") if len(local.encode()) <= 64 else None)
+
+
+@pytest.fixture(scope="module")
+def live_port() -> Iterator[int]:
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        tables = TableFollower()
+        handler = RelayHandler(tables, QueueClient("127.0.0.1:9"), "fuzz.test", Identities(None), 5)
+        sessions = Sessions(SessionLimits(idle_timeout=5), tables)
+        server = await loop.create_server(
+            lambda: IngressSMTP(
+                handler,
+                listener=Listener("submission", offers_auth=True),
+                sessions=sessions,
+                hostname="fuzz.test",
+                tls_context=None,
+            ),
+            "127.0.0.1",
+            port,
+        )
+        started.set()
+        async with server:
+            await stop.wait()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    started.wait(10)
+    yield port
+    loop.call_soon_threadsafe(stop.set)
+    thread.join(10)
+
+
+VERBS = ["EHLO", "HELO", "MAIL FROM:", "RCPT TO:", "DATA", "RSET", "NOOP", "VRFY", "AUTH", "HELP"]
+LINE = st.one_of(
+    st.tuples(st.sampled_from(VERBS), st.text(max_size=40)).map(lambda t: f"{t[0]} {t[1]}"),
+    st.text(max_size=60),
+).map(lambda text: text.encode("utf-8", "surrogateescape").replace(b"\r", b"").replace(b"\n", b""))
+
+
+def _replies(sock: socket.socket, count: int) -> list[bytes]:
+    buffer, finals = b"", list[bytes]()
+    while len(finals) < count:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\r\n")
+        finals += [line for line in lines if len(line) < 4 or line[3:4] != b"-"]
+    return finals
+
+
+@given(st.lists(LINE, min_size=1, max_size=15))
+def test_any_command_sequence_gets_well_formed_replies(live_port: int, lines: list[bytes]) -> None:
+    with socket.create_connection(("127.0.0.1", live_port), timeout=10) as sock:
+        assert _replies(sock, 1)[0].startswith(b"220")
+        sock.sendall(b"".join(line + b"\r\n" for line in lines) + b"QUIT\r\n")
+        replies = _replies(sock, len(lines) + 1)
+    assert replies, "no reply at all"
+    for reply in replies:
+        assert reply[:3].isdigit() and reply[0:1] in b"2345", reply
+        assert not reply.startswith(b"500 5.5.2 Error: ("), f"unhandled exception: {reply!r}"
+        assert reply[0:1] not in b"45" or reply[4:5].isdigit(), f"no enhanced code: {reply!r}"
