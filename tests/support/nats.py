@@ -6,7 +6,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from kurrier.cli.nats_server import nats_server_argv
+from kurrier.cli.nats_server import cluster_nodes, nats_server_argv
 
 from tests.support.processes import free_port, port_open, wait_until
 
@@ -54,3 +54,44 @@ class NatsServer:
         self._process.wait(timeout=30)
         self._process = None
         wait_until(lambda: not port_open(self.port), 10, "nats-server to stop listening")
+
+
+class NatsCluster:
+    """Three (or n) real nats-servers routed into one JetStream cluster on loopback."""
+
+    def __init__(self, workdir: Path, size: int = 3) -> None:
+        self.nodes = cluster_nodes(size)
+        self.ports = [free_port() for _ in self.nodes]
+        self._workdir = workdir
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def url(self, first: int = 0) -> str:
+        """All members, starting with node `first`: clients spread over the cluster."""
+        order = self.ports[first:] + self.ports[:first]
+        return ",".join(f"nats://127.0.0.1:{port}" for port in order)
+
+    def start(self, name: str) -> None:
+        index = [node.name for node in self.nodes].index(name)
+        node, port = self.nodes[index], self.ports[index]
+        with (self._workdir / f"{name}.log").open("ab") as log:
+            self._processes[name] = subprocess.Popen(
+                nats_server_argv(self._workdir / name, port, cluster=node),
+                stdout=log,
+                stderr=log,
+            )
+        wait_until(lambda: port_open(port), 30, f"{name} to listen")
+
+    def start_all(self) -> None:
+        for node in self.nodes:
+            self.start(node.name)
+
+    def kill(self, name: str) -> None:
+        process = self._processes.pop(name)
+        process.kill()
+        process.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for name in list(self._processes):
+            process = self._processes.pop(name)
+            process.terminate()
+            process.wait(timeout=30)

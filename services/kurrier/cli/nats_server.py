@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -25,8 +26,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(probe.getsockname()[1])
 
 
-def nats_server_argv(store_dir: Path, port: int, host: str = "127.0.0.1") -> list[str]:
-    return [
+@dataclass(frozen=True)
+class ClusterNode:
+    """One member of a local JetStream cluster: its name and its cluster (route) port."""
+
+    name: str
+    route_port: int
+    peers: tuple[int, ...]  # the other members' route ports
+
+
+def nats_server_argv(
+    store_dir: Path, port: int, host: str = "127.0.0.1", cluster: ClusterNode | None = None
+) -> list[str]:
+    argv = [
         nats_server_binary(),
         "--jetstream",
         "--store_dir",
@@ -36,7 +48,27 @@ def nats_server_argv(store_dir: Path, port: int, host: str = "127.0.0.1") -> lis
         "--port",
         str(port),
         "--server_name",
-        "kurrier-local",
+        cluster.name if cluster else "kurrier-local",
+    ]
+    if cluster:
+        routes = ",".join(f"nats://{host}:{peer}" for peer in cluster.peers)
+        argv += [
+            "--cluster_name",
+            "kurrier",
+            "--cluster",
+            f"nats://{host}:{cluster.route_port}",
+            "--routes",
+            routes,
+        ]
+    return argv
+
+
+def cluster_nodes(count: int) -> list[ClusterNode]:
+    """Names and free route ports for a cluster of count nodes that route to each other."""
+    ports = [free_port() for _ in range(count)]
+    return [
+        ClusterNode(f"kurrier-{index + 1}", port, tuple(p for p in ports if p != port))
+        for index, port in enumerate(ports)
     ]
 
 

@@ -6,9 +6,13 @@ has to start first.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -18,7 +22,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, FetchTimeoutError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,10 @@ async def connect(url: str, name: str) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        # User and password go in the URL (nats://user:pass@host); a credentials
+        # file (JWT + nkey seed) or an nkey seed file are named in the environment.
+        user_credentials=os.environ.get("KURRIER_NATS_CREDS") or None,
+        nkeys_seed=os.environ.get("KURRIER_NATS_NKEY") or None,
     )
     return nc
 
@@ -113,6 +121,13 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, owner: bool
         # queue, which owns the layout, converges it; the others take it as is.
         if owner:
             await js.update_stream(config)
+
+
+async def _converge_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """KV buckets and object stores are streams too: scale them with the rest."""
+    info = await js.stream_info(stream)
+    if info.config.num_replicas != replicas:
+        await js.update_stream(info.config.evolve(num_replicas=replicas))
 
 
 async def ensure_layout(
@@ -174,6 +189,8 @@ async def ensure_layout(
     for bucket, ttl in ((MESSAGES_BUCKET, None), (CONFIG_BUCKET, None), (LEASES_BUCKET, LEASE_TTL)):
         try:
             await js.key_value(bucket)
+            if owner:
+                await _converge_replicas(js, f"KV_{bucket}", replicas)
         except NotFoundError:
             await js.create_key_value(
                 KeyValueConfig(
@@ -182,6 +199,8 @@ async def ensure_layout(
             )
     try:
         await js.object_store(OBJECT_BUCKET)
+        if owner:
+            await _converge_replicas(js, f"OBJ_{OBJECT_BUCKET}", replicas)
     except NotFoundError:
         await js.create_object_store(
             OBJECT_BUCKET,
@@ -189,3 +208,22 @@ async def ensure_layout(
                 storage=StorageType.FILE, replicas=replicas, max_bytes=body_store_limit or -1
             ),
         )
+
+
+async def pull_batch(
+    subscription: JetStreamContext.PullSubscription, batch: int, timeout: float
+) -> list[Msg]:
+    """The next messages of a pull consumer; [] when none came or JetStream is briefly away.
+
+    Node loss, leader elections and restarts surface as errors from fetch; the
+    messages wait in JetStream meanwhile, so the consumer waits too instead of
+    dying.
+    """
+    try:
+        return list(await subscription.fetch(batch=batch, timeout=timeout))
+    except (FetchTimeoutError, TimeoutError):
+        return []
+    except NatsError as error:
+        log.warning("fetching from JetStream failed, retrying: %r", error)
+        await asyncio.sleep(1.0)
+        return []

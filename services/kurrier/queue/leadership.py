@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from kurrier.core.jetstream import LEASE_TTL
+from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -37,6 +38,12 @@ class Lease:
                 )
             return True
         except (KeyWrongLastSequenceError, KeyNotFoundError):
+            self._revision = None
+            return False
+        except NatsError as error:
+            # NATS briefly away (node loss, election): step down rather than risk two
+            # leaders; whoever holds the key when it settles carries on.
+            log.warning("cannot confirm the %s lease: %r", self._name, error)
             self._revision = None
             return False
 

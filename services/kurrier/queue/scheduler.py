@@ -25,6 +25,7 @@ from kurrier.core.jetstream import (
     RESULTS_CONSUMER,
     RESULTS_STREAM,
     due_subject,
+    pull_batch,
     schedule_subject,
 )
 from kurrier.core.message import (
@@ -49,7 +50,6 @@ from kurrier.queue.retry_schedule import RetrySchedule
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import FetchTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -268,10 +268,7 @@ class QueueManager:
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1),
         )
         while True:
-            try:
-                messages = await subscription.fetch(batch=64, timeout=5)
-            except (FetchTimeoutError, TimeoutError):
-                continue
+            messages = await pull_batch(subscription, batch=64, timeout=5)
             for message in messages:
                 try:
                     result = DeliveryResult.model_validate_json(message.data)
@@ -303,10 +300,7 @@ class QueueManager:
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1),
         )
         while True:
-            try:
-                messages = await subscription.fetch(batch=64, timeout=5)
-            except (FetchTimeoutError, TimeoutError):
-                continue
+            messages = await pull_batch(subscription, batch=64, timeout=5)
             for message in messages:
                 queue_id = message.subject.rsplit(".", 1)[-1]
                 await self._settle(message, queue_id, self._retry_due)

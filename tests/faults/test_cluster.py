@@ -1,0 +1,124 @@
+"""The distributed case for real: a 3-node JetStream cluster, streams with 3 replicas,
+two ingress, two queue and two delivery processes spread over the nodes. Under
+load a NATS node dies, then the stream leader, then a queue and a delivery
+process; nothing acknowledged may be lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from kurrier.core.jetstream import JOBS_STREAM, connect, disconnect, ensure_layout
+from nats.js.errors import Error as JetStreamError
+
+from tests.support.load import SteadyLoad
+from tests.support.nats import NatsCluster
+from tests.support.processes import wait_until
+from tests.support.relay import ServiceRelay, documents, queued_count, route, trusting
+from tests.support.sink import Sink
+
+REPLICAS = ["--nats-replicas", "3"]
+
+
+async def _prepare(url: str) -> str | None:
+    """Create the R3 layout; returns an error text while the cluster still elects leaders."""
+    nc = await connect(url, "test-cluster-setup")
+    try:
+        await ensure_layout(nc.jetstream(), 3, owner=True)
+        return None
+    except (JetStreamError, TimeoutError) as error:
+        return repr(error)
+    finally:
+        await disconnect(nc)
+
+
+async def _stream_leader(url: str) -> str:
+    nc = await connect(url, "test-cluster-leader")
+    try:
+        info = await nc.jetstream().stream_info(JOBS_STREAM)
+        assert info.cluster is not None and info.cluster.leader
+        return str(info.cluster.leader)
+    finally:
+        await disconnect(nc)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    nats = NatsCluster(tmp_path / "nats")
+    (tmp_path / "nats").mkdir()
+    nats.start_all()
+    yield nats
+    nats.stop_all()
+
+
+def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
+    tmp_path: Path, sink: Sink, cluster: NatsCluster
+) -> None:
+    wait_until(lambda: asyncio.run(_prepare(cluster.url())) is None, 60, "JetStream in the cluster")
+    config = documents(route("to-sink", ["example.com"], sink.port), trusting("127.0.0.0/8"))
+    relays = []
+    for index in range(2):
+        workdir = tmp_path / f"relay-{index}"
+        workdir.mkdir()
+        relays.append(
+            ServiceRelay(
+                workdir,
+                cluster.url(first=index),
+                service_args={name: REPLICAS for name in ("queue", "delivery", "ingress")},
+            )
+        )
+    relays[0].publish(config)
+    loads: list[SteadyLoad] = []
+    try:
+        for relay in relays:
+            relay.__enter__()
+        loads = [SteadyLoad(r.smtp_port, "r@example.com", clients=2).start() for r in relays]
+
+        def progress(after: str) -> None:
+            for number, load in enumerate(loads):
+                try:
+                    load.wait_for_acknowledged(len(load.ledger.acknowledged) + 20, timeout=120)
+                except AssertionError as error:
+                    raise AssertionError(f"relay {number} stalled after {after}: {error}") from None
+
+        def restart_service(name: str) -> Callable[[], None]:
+            def fault() -> None:
+                relays[0].processes[name].kill()
+                relays[0].processes[name].wait()
+                relays[0].start(name)
+
+            return fault
+
+        progress("start")
+        cluster.kill("kurrier-3")
+        progress("killing node kurrier-3")
+        cluster.start("kurrier-3")
+        leader = asyncio.run(_stream_leader(cluster.url()))
+        cluster.kill(leader)
+        progress(f"killing the stream leader {leader}")
+        cluster.start(leader)
+        for name in ("queue", "delivery"):
+            restart_service(name)()
+            progress(f"kill -9 of {name}")
+    finally:
+        ledgers = [load.stop() for load in loads]
+    try:
+        acknowledged = set().union(*(ledger.acknowledged for ledger in ledgers))
+        wait_until(
+            lambda: (
+                acknowledged
+                <= {
+                    m.content.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
+                    for m in sink.messages
+                }
+            ),
+            180,
+            "every acknowledged message to be delivered",
+        )
+        wait_until(lambda: queued_count(cluster.url()) == 0, 120, "the queue to drain")
+    finally:
+        for relay in relays:
+            relay.__exit__(None, None, None)
+    assert len(acknowledged) >= 200
