@@ -24,6 +24,7 @@ from kurrier.core.sizes import parse_size
 if TYPE_CHECKING:
     from kurrier.ingress.queue_client import QueueTls
     from kurrier.ingress.token_review import KubeApiSettings
+    from kurrier.queue.main import GrpcTls
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DATA_DIR = Path.home() / ".local" / "state" / "kurrier"
@@ -207,6 +208,9 @@ def build_parser() -> Parser:
     )
     _add_common(queue)
     _add(queue, "--listen", default="0.0.0.0:7070", help="gRPC listen address (or unix:PATH)")
+    _add(queue, "--grpc-tls-cert", type=_existing_file, help="serve gRPC over TLS: certificate")
+    _add(queue, "--grpc-tls-key", type=_existing_file, help="serve gRPC over TLS: private key")
+    _add(queue, "--grpc-tls-client-ca", type=_existing_file, help="require client certs (mTLS)")
     _add_body_store_limit(queue)
     _add_retry_flags(queue)
     _add_queue_admin(queue)
@@ -323,6 +327,18 @@ def _queue_tls(args: argparse.Namespace) -> QueueTls | None:
     )
 
 
+def _grpc_tls(args: argparse.Namespace) -> GrpcTls | None:
+    from kurrier.queue.main import GrpcTls
+
+    if not (args.grpc_tls_cert and args.grpc_tls_key):
+        return None
+    return GrpcTls(
+        cert_file=str(args.grpc_tls_cert),
+        key_file=str(args.grpc_tls_key),
+        client_ca_file=str(args.grpc_tls_client_ca) if args.grpc_tls_client_ca else None,
+    )
+
+
 def _run_queue(args: argparse.Namespace) -> int:
     if args.action is not None:
         from kurrier.cli.queue_admin import run_admin
@@ -345,6 +361,7 @@ def _run_queue(args: argparse.Namespace) -> int:
         hostname=args.hostname,
         metrics_listen=args.metrics_listen,
         body_store_limit=args.body_store_limit,
+        grpc_tls=_grpc_tls(args),
     )
     asyncio.run(serve_queue(settings))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,6 +32,25 @@ class QueueSettings:
     hostname: str
     body_store_limit: int | None = None
     metrics_listen: str | None = None
+    grpc_tls: GrpcTls | None = None
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS on the gRPC port; with client_ca_file, mutual TLS (a client certificate it signed)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())],
+            root_certificates=Path(self.client_ca_file).read_bytes()
+            if self.client_ca_file
+            else None,
+            require_client_auth=self.client_ca_file is not None,
+        )
 
 
 async def serve_queue(settings: QueueSettings) -> None:
@@ -55,7 +75,10 @@ async def serve_queue(settings: QueueSettings) -> None:
     queue_pb2_grpc.add_QueueServiceServicer_to_server(QueueService(js, records, manager), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_insecure_port(settings.listen)
+    if settings.grpc_tls is not None:
+        server.add_secure_port(settings.listen, settings.grpc_tls.credentials())
+    else:
+        server.add_insecure_port(settings.listen)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("queue listening on %s", settings.listen)
