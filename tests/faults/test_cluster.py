@@ -6,6 +6,8 @@ process; nothing acknowledged may be lost."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from nats.js.errors import Error as JetStreamError
 from tests.support.load import SteadyLoad
 from tests.support.nats import NatsCluster
 from tests.support.processes import wait_until
-from tests.support.relay import ServiceRelay, documents, queued_count, route, trusting
+from tests.support.relay import ServiceRelay, UpRelay, documents, queued_count, route, trusting
 from tests.support.sink import Sink
 
 REPLICAS = ["--nats-replicas", "3"]
@@ -42,6 +44,10 @@ async def _stream_leader(url: str) -> str:
         return str(info.cluster.leader)
     finally:
         await disconnect(nc)
+
+
+def _subject(content: bytes) -> str:
+    return content.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
 
 
 @pytest.fixture
@@ -122,3 +128,24 @@ def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
         for relay in relays:
             relay.__exit__(None, None, None)
     assert len(acknowledged) >= 200
+
+
+def test_kurrier_up_runs_the_cluster_shape_and_survives_a_node(tmp_path: Path, sink: Sink) -> None:
+    config = documents(route("to-sink", ["example.com"], sink.port), trusting("127.0.0.0/8"))
+    with UpRelay(tmp_path, config, "--nats-cluster", "3") as relay:
+        pids = relay.state["pids"]
+        assert isinstance(pids, dict)
+        assert {"kurrier-1", "kurrier-2", "kurrier-3", "queue-1", "queue-2"} <= set(pids)
+        load = SteadyLoad(relay.smtp_port, "r@example.com", clients=2).start()
+        try:
+            load.wait_for_acknowledged(30, timeout=120)
+            os.kill(relay.pid("kurrier-2"), signal.SIGKILL)  # the supervisor restarts it
+            load.wait_for_acknowledged(len(load.ledger.acknowledged) + 30, timeout=120)
+        finally:
+            ledger = load.stop()
+        wait_until(
+            lambda: ledger.acknowledged <= {_subject(m.content) for m in sink.messages},
+            120,
+            "every acknowledged message to be delivered",
+        )
+        wait_until(lambda: queued_count(relay.nats_url) == 0, 60, "the queue to drain")

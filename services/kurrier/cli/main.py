@@ -195,6 +195,13 @@ def build_parser() -> Parser:
     up.add_argument("--dns-resolver", type=_host_port, help="DNS server for MX lookups")
     up.add_argument("--mx-port", type=_port, default=25, help="port MX hosts are contacted on")
     up.add_argument("--log-level", default="INFO")
+    up.add_argument(
+        "--nats-cluster",
+        type=int,
+        choices=(1, 3, 5),
+        default=1,
+        help="NATS nodes: 3 or 5 run a JetStream cluster with 3 replicas and two of each worker",
+    )
     _add_retry_flags(up)
 
     ingress = commands.add_parser("ingress", help="run the SMTP ingress service")
@@ -264,6 +271,7 @@ def _run_up(args: argparse.Namespace) -> int:
         tls_ca_file=str(args.tls_ca_file) if args.tls_ca_file else None,
         dns_resolver=args.dns_resolver,
         mx_port=args.mx_port,
+        nats_cluster=args.nats_cluster,
     )
     return asyncio.run(run_up(settings))
 

@@ -12,10 +12,11 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kurrier.cli.nats_server import free_port, nats_server_argv, wait_for_port
+from kurrier.cli.nats_server import cluster_nodes, free_port, nats_server_argv, wait_for_port
 from kurrier.cli.supervisor import Supervisor
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.jetstream import connect, ensure_layout
@@ -23,6 +24,7 @@ from kurrier.core.lifecycle import stop_event
 from kurrier.core.loader import ResourceError, load_resources
 from kurrier.core.routing import compile_table
 from kurrier.core.table_store import publish_table
+from nats.errors import Error as NatsError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,10 @@ class UpSettings:
     # Instead of config: the resources of this cluster, through the operator.
     kubeconfig: Path | None = None
     namespaces: tuple[str, ...] = ()
+    # 1: one embedded nats-server. 3 (or 5): a JetStream cluster of that many
+    # nodes, kurrier's streams with 3 replicas and two queue and two delivery
+    # processes, the shape the chart runs with a 3-replica NATS.
+    nats_cluster: int = 1
 
 
 def _child(command: str, *args: str) -> list[str]:
@@ -59,7 +65,7 @@ def _optional(flag: str, value: str | None) -> list[str]:
     return [flag, value] if value else []
 
 
-async def _publish_config(nats_url: str, config: Path) -> None:
+async def _publish_config(nats_url: str, config: Path, replicas: int) -> None:
     resources = load_resources(config)
     table, problems = compile_table(resources)
     for problem in problems:
@@ -67,11 +73,47 @@ async def _publish_config(nats_url: str, config: Path) -> None:
     nc = await connect(nats_url, "kurrier-up")
     try:
         js = nc.jetstream()
-        await ensure_layout(js)
+        await _until_jetstream_ready(lambda: ensure_layout(js, replicas))
         revision = await publish_table(js, table)
     finally:
         await nc.close()
     log.info("routing table revision %d published from %s", revision, config)
+
+
+async def _until_jetstream_ready(attempt: Callable[[], Awaitable[None]]) -> None:
+    """Retry while a fresh cluster still elects its leaders (it answers 503 meanwhile)."""
+    deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
+    while True:
+        try:
+            await attempt()
+            return
+        except (NatsError, TimeoutError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def _start_nats(supervisor: Supervisor, data_dir: Path, nodes: int) -> list[str]:
+    """Start the embedded NATS (one server or a cluster); returns the client URLs."""
+    if nodes == 1:
+        port = free_port()
+        await supervisor.start("nats-server", nats_server_argv(data_dir / "nats", port))
+        await wait_for_port("127.0.0.1", port, timeout=30)
+        return [f"nats://127.0.0.1:{port}"]
+    urls = []
+    for node in cluster_nodes(nodes):
+        port = free_port()
+        argv = nats_server_argv(data_dir / node.name, port, cluster=node)
+        await supervisor.start(node.name, argv)
+        await wait_for_port("127.0.0.1", port, timeout=30)
+        urls.append(f"nats://127.0.0.1:{port}")
+    return urls
+
+
+def _spread(urls: list[str], first: int) -> str:
+    """All servers, starting at a different one per process, so load spreads over nodes."""
+    first %= len(urls)
+    return ",".join(urls[first:] + urls[:first])
 
 
 async def _wait_for_smtp(address: str, timeout: float) -> None:
@@ -130,9 +172,17 @@ async def run_up(settings: UpSettings) -> int:
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload.set)
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    nats_port = free_port()
-    nats_url = f"nats://127.0.0.1:{nats_port}"
-    queue_address = f"unix:{data_dir / 'queue.sock'}"
+    replicas = min(3, settings.nats_cluster)
+    pairs = 2 if settings.nats_cluster > 1 else 1
+    if pairs == 1:
+        queue_listens = [f"unix:{data_dir / 'queue.sock'}"]
+        queue_address = queue_listens[0]
+    else:
+        # gRPC's pick_first takes the first queue that answers: ingress fails over.
+        queue_listens = [f"127.0.0.1:{free_port()}" for _ in range(pairs)]
+        queue_address = "ipv4:" + ",".join(queue_listens)
+    nats_urls: list[str] = []
+    nats_url = ""
     ready = False
 
     def write_state() -> None:
@@ -150,10 +200,10 @@ async def run_up(settings: UpSettings) -> int:
 
     supervisor = Supervisor(on_spawn=write_state)
     try:
-        await supervisor.start("nats-server", nats_server_argv(data_dir / "nats", nats_port))
-        await wait_for_port("127.0.0.1", nats_port, timeout=30)
+        nats_urls = await _start_nats(supervisor, data_dir, settings.nats_cluster)
+        nats_url = ",".join(nats_urls)
         if settings.config is not None:
-            await _publish_config(nats_url, settings.config)
+            await _publish_config(nats_url, settings.config, replicas)
         else:
             await supervisor.start(
                 "operator",
@@ -161,6 +211,8 @@ async def run_up(settings: UpSettings) -> int:
                     "operator",
                     "--nats-url",
                     nats_url,
+                    "--nats-replicas",
+                    str(replicas),
                     "--kubeconfig",
                     str(settings.kubeconfig),
                     "--namespaces",
@@ -169,46 +221,53 @@ async def run_up(settings: UpSettings) -> int:
                     operator_health,
                 ),
             )
-        # Children share one host: no fixed metrics ports that would collide.
-        common = [
-            "--nats-url",
-            nats_url,
-            "--hostname",
-            settings.hostname,
-            "--metrics-listen",
-            "off",
-        ]
-        await supervisor.start(
-            "queue",
-            _child(
-                "queue",
-                *common,
-                "--listen",
-                queue_address,
-                "--min-backoff",
-                settings.min_backoff,
-                "--max-backoff",
-                settings.max_backoff,
-                "--max-lifetime",
-                settings.max_lifetime,
-            ),
-        )
-        await supervisor.start(
-            "delivery",
-            _child(
-                "delivery",
-                *common,
-                *_optional("--tls-ca-file", settings.tls_ca_file),
-                *_optional("--dns-resolver", settings.dns_resolver),
-                "--mx-port",
-                str(settings.mx_port),
-            ),
-        )
+
+        def common(index: int) -> list[str]:
+            # Children share one host: no fixed metrics ports that would collide.
+            return [
+                "--nats-url",
+                _spread(nats_urls, index),
+                "--nats-replicas",
+                str(replicas),
+                "--hostname",
+                settings.hostname,
+                "--metrics-listen",
+                "off",
+            ]
+
+        for index in range(pairs):
+            suffix = f"-{index + 1}" if pairs > 1 else ""
+            await supervisor.start(
+                f"queue{suffix}",
+                _child(
+                    "queue",
+                    *common(index),
+                    "--listen",
+                    queue_listens[index],
+                    "--min-backoff",
+                    settings.min_backoff,
+                    "--max-backoff",
+                    settings.max_backoff,
+                    "--max-lifetime",
+                    settings.max_lifetime,
+                ),
+            )
+            await supervisor.start(
+                f"delivery{suffix}",
+                _child(
+                    "delivery",
+                    *common(index + 1),
+                    *_optional("--tls-ca-file", settings.tls_ca_file),
+                    *_optional("--dns-resolver", settings.dns_resolver),
+                    "--mx-port",
+                    str(settings.mx_port),
+                ),
+            )
         await supervisor.start(
             "ingress",
             _child(
                 "ingress",
-                *common,
+                *common(2),
                 "--queue-address",
                 queue_address,
                 "--smtp",
@@ -236,7 +295,7 @@ async def run_up(settings: UpSettings) -> int:
                 if settings.config is None:
                     continue  # the operator follows the cluster: nothing to re-read
                 try:
-                    await _publish_config(nats_url, settings.config)
+                    await _publish_config(nats_url, settings.config, replicas)
                 except ResourceError as error:
                     log.error("config not reloaded, keeping the live table:\n%s", error)
         return 0
