@@ -67,12 +67,31 @@ def _ratio(kurrier: Spread, postfix: Spread) -> str:
     return f"{kurrier.median / postfix.median:.2f}x"
 
 
+def systems_of(cells: list[CellResult]) -> list[str]:
+    """The systems in the order first run, Postfix (the reference) last."""
+    seen = list(dict.fromkeys(c.system for c in cells))
+    return [s for s in seen if s != "postfix"] + (["postfix"] if "postfix" in seen else [])
+
+
+def comparisons(systems: list[str]) -> list[tuple[str, str, str]]:
+    """(system, reference, label) pairs: each kurrier against Postfix, variants against kurrier."""
+    pairs = []
+    for system in systems:
+        if system == "postfix":
+            continue
+        if "postfix" in systems:
+            pairs.append((system, "postfix", f"{system}/Postfix"))
+        if system != "kurrier" and "kurrier" in systems:
+            pairs.append((system, "kurrier", f"{system}/kurrier"))
+    return pairs
+
+
 def markdown_table(cells: list[CellResult]) -> str:
-    """One row per system and cell, then the kurrier/Postfix ratio of the medians."""
+    """One row per system and cell, then the ratios of the medians (kurrier/Postfix ...)."""
     groups = group(cells)
     sizes = sorted({c.size for c in cells})
     sessions = sorted({c.sessions for c in cells})
-    systems = [s for s in ("kurrier", "postfix") if any(c.system == s for c in cells)]
+    systems = systems_of(cells)
     headings = ["size", "sessions", "system", *(m[1] for m in METRICS), "lost", "dup"]
     lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
     for size in sizes:
@@ -87,10 +106,12 @@ def markdown_table(cells: list[CellResult]) -> str:
                 row += [_fmt(m[2], spreads[system][m[0]], len(found) > 1) for m in METRICS]
                 row += [str(sum(c.lost for c in found)), str(sum(c.duplicates for c in found))]
                 lines.append("| " + " | ".join(row) + " |")
-            if "kurrier" in spreads and "postfix" in spreads:
-                row = [size_label(size), str(count), "**kurrier/Postfix**"]
+            for system, reference, label in comparisons(systems):
+                if system not in spreads or reference not in spreads:
+                    continue
+                row = [size_label(size), str(count), f"**{label}**"]
                 row += [
-                    f"**{_ratio(spreads['kurrier'][m[0]], spreads['postfix'][m[0]])}**"
+                    f"**{_ratio(spreads[system][m[0]], spreads[reference][m[0]])}**"
                     for m in METRICS
                 ]
                 row += ["", ""]
@@ -123,8 +144,10 @@ def charts(cells: list[CellResult], out: Path) -> list[Path]:
     groups = group(cells)
     sizes = sorted({c.size for c in cells})
     sessions = sorted({c.sessions for c in cells})
-    systems = [s for s in ("kurrier", "postfix") if any(c.system == s for c in cells)]
-    colours = {"kurrier": "#2a7ab0", "postfix": "#d9822b"}
+    systems = systems_of(cells)
+    palette = ["#2a7ab0", "#59a14f", "#b07aa1", "#76b7b2", "#9c755f"]
+    colours = {name: palette[i % len(palette)] for i, name in enumerate(systems)}
+    colours["postfix"] = "#d9822b"
     written: list[Path] = []
 
     def bars(

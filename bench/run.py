@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from bench.systems import (
     Kurrier,
     Postfix,
     System,
+    experiment_env,
     install_postfix,
     kurrier_command,
     kurrier_snapshot,
@@ -70,7 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--per-session", type=int, default=100, help="messages per connection")
     parser.add_argument("--max-messages", type=int, default=200_000, help="cap per cell")
     parser.add_argument("--drain-timeout", type=float, default=90.0, help="seconds after load")
-    parser.add_argument("--systems", default="kurrier,postfix")
+    parser.add_argument(
+        "--systems",
+        default="kurrier,postfix",
+        help="kurrier, postfix, and kurrier+EXPERIMENT[+...] variants (bench/experiments: "
+        "uvloop, fastdata), each measured like the others",
+    )
     parser.add_argument(
         "--workdir", type=Path, default=Path("/var/tmp/kurrier-bench"), help="relay state (disk)"
     )
@@ -197,7 +204,7 @@ async def run(args: argparse.Namespace) -> int:
             shutil.copy(path, IMAGES / path.name)
     print("\n" + text + "\n", flush=True)
     print(f"results: {out} ({time.monotonic() - started:.0f} s)", flush=True)
-    bad = [c for c in cells if c.system == "kurrier" and (c.lost or c.duplicates)]
+    bad = [c for c in cells if c.system.startswith("kurrier") and (c.lost or c.duplicates)]
     if bad:
         print(f"kurrier lost or duplicated mail in {len(bad)} cell(s)!", flush=True)
         return 1
@@ -234,13 +241,17 @@ async def run_one(
     repeat: int,
     dumps: Path,
 ) -> CellResult:
-    workdir: Path = args.workdir / name
-    system: System = (
-        Kurrier(workdir, sink.port, env=args.kurrier_env)
-        if name == "kurrier"
-        else Postfix(workdir, sink.port)
-    )
-    tag = f"{name[0]}{size}s{sessions}r{repeat}"
+    slug = re.sub(r"\W", "", name)
+    workdir: Path = args.workdir / slug
+    system: System
+    if name.startswith("kurrier"):
+        env = experiment_env(args.kurrier_env, name.split("+")[1:])
+        system = Kurrier(workdir, sink.port, env=env, name=name)
+    elif name == "postfix":
+        system = Postfix(workdir, sink.port)
+    else:
+        raise ValueError(f"unknown system {name!r}")
+    tag = f"{slug}{size}s{sessions}r{repeat}"
     spec = LoadSpec(
         host="127.0.0.1",
         port=system.smtp_port,

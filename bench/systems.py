@@ -152,10 +152,27 @@ def kurrier_snapshot(revision: str, cache: Path) -> tuple[str, dict[str, str]]:
     return commit, {"PYTHONPATH": os.pathsep.join(paths)}
 
 
+EXPERIMENTS = Path(__file__).resolve().parent / "experiments"
+
+
+def experiment_env(base: dict[str, str], experiments: list[str]) -> dict[str, str]:
+    """base, plus what makes kurrier's processes apply bench/experiments/<names>."""
+    if not experiments:
+        return dict(base)
+    known = {"uvloop", "fastdata"}
+    unknown = set(experiments) - known
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {sorted(unknown)}; known: {sorted(known)}")
+    path = base.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    return {
+        **base,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(EXPERIMENTS), path) if p),
+        "KURRIER_BENCH_EXPERIMENTS": ",".join(experiments),
+    }
+
+
 class Kurrier:
     """`kurrier up` with a fresh data directory."""
-
-    name = "kurrier"
 
     def __init__(
         self,
@@ -163,7 +180,9 @@ class Kurrier:
         sink_port: int,
         env: dict[str, str] | None = None,
         extra_args: list[str] | None = None,
+        name: str = "kurrier",
     ) -> None:
+        self.name = name
         self.workdir = workdir
         self.sink_port = sink_port
         self.smtp_port = free_port()
