@@ -54,6 +54,7 @@ def relay(tmp_path: Path, sink: Sink, nats_server: NatsServer) -> ServiceRelay:
 
 def test_counters_gauges_and_histograms_move_as_mail_flows(relay: ServiceRelay, sink: Sink) -> None:
     with relay:
+        relay.wait_for_table()
         ingress, queue, delivery = (
             relay.metrics_ports[n] for n in ("ingress", "queue", "delivery")
         )

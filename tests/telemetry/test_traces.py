@@ -47,6 +47,7 @@ def _message(marker: str, extra_headers: str = "") -> bytes:
 
 def _send(relay: ServiceRelay, marker: str, to: str = RECIPIENT, extra_headers: str = "") -> str:
     """Send one message; returns its queue id from the 250 reply."""
+    relay.wait_for_table()
     with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=60) as smtp:
         smtp.ehlo()
         smtp.mail(SENDER)
