@@ -23,7 +23,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy services operator tests
+	$(BIN)/mypy services operator tests bench
 
 # kube-apiserver, etcd and helm for the operator and chart tests, built from
 # the Go module proxy once and cached in ~/.cache/kurrier/bin.
@@ -38,6 +38,7 @@ up: install
 	scripts/demo.sh
 
 bench: install
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.run
 
 clean:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.durations import parse_duration
 from kurrier.core.http_endpoint import DEFAULT_METRICS_LISTEN
+from kurrier.core.lifecycle import run_service
 from kurrier.core.logs import setup_logging
 from kurrier.core.sizes import parse_size
 
@@ -306,7 +307,7 @@ def _run_ingress(args: argparse.Namespace) -> int:
         token_cache_ttl=parse_duration(args.token_cache_ttl),
         queue_tls=_queue_tls(args),
     )
-    asyncio.run(serve_ingress(settings))
+    run_service(serve_ingress(settings))
     return 0
 
 
@@ -371,7 +372,7 @@ def _run_queue(args: argparse.Namespace) -> int:
         body_store_limit=args.body_store_limit,
         grpc_tls=_grpc_tls(args),
     )
-    asyncio.run(serve_queue(settings))
+    run_service(serve_queue(settings))
     return 0
 
 
@@ -386,7 +387,7 @@ def _run_delivery(args: argparse.Namespace) -> int:
         dns_resolver=args.dns_resolver,
         mx_port=args.mx_port,
     )
-    asyncio.run(serve_delivery(args.nats_url, args.nats_replicas, settings, args.metrics_listen))
+    run_service(serve_delivery(args.nats_url, args.nats_replicas, settings, args.metrics_listen))
     return 0
 
 

@@ -31,3 +31,12 @@ async def run_until(stop: asyncio.Event, *workers: Coroutine[Any, Any, None]) ->
         for task in [*tasks, stopper]:
             task.cancel()
         await asyncio.gather(*tasks, stopper, return_exceptions=True)
+
+
+def run_service(main: Coroutine[Any, Any, None]) -> None:
+    """Run a service's main coroutine on uvloop: the same asyncio, less CPU per message
+    (measured 4-13 % across the benchmark cells, bench/README.md)."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
