@@ -66,6 +66,7 @@ class Reconciler:
         # watch delivers that write (a newer version), the object is not
         # written again, or a quick second pass would repeat it and its Event.
         self._written: dict[tuple[str, str, str], str] = {}
+        self._reported: set[Problem] = set()
         self._failures = 0
         self.revision = 0
         self.synced = False
@@ -121,9 +122,11 @@ class Reconciler:
         by_object: dict[tuple[str, str, str], list[Problem]] = defaultdict(list)
         for problem in [*problems, *compile_problems]:
             by_object[(problem.kind, problem.namespace, problem.name)].append(problem)
-            log.warning(
-                "%s %s/%s: %s", problem.kind, problem.namespace, problem.name, problem.message
-            )
+            if problem not in self._reported:  # once, not on every later pass
+                log.warning(
+                    "%s %s/%s: %s", problem.kind, problem.namespace, problem.name, problem.message
+                )
+        self._reported = {*problems, *compile_problems}
         now = datetime.now(UTC)
         present = set()
         for observed in objects:
