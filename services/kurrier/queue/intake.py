@@ -53,7 +53,7 @@ class Intake:
         addresses = [r.address for r in record.recipients]
         mark_dispatched(record, addresses, now)
         if not await self._records.create(record):
-            found = await self._records.get(record.queue_id)
+            found = await self._records.get(record.queue_id, fresh=True)
             if found is None or found[0].dispatches != 1:
                 return None
             record = found[0]

@@ -102,10 +102,17 @@ class QueueManager:
             },
         )
 
-    async def mutate(self, queue_id: str, change: Mutation) -> MessageRecord | None:
-        """Read-modify-write with optimistic concurrency; None if there is no such message."""
+    async def mutate(
+        self, queue_id: str, change: Mutation, fresh: bool = False
+    ) -> MessageRecord | None:
+        """Read-modify-write with optimistic concurrency; None if there is no such message.
+
+        fresh skips this process's copy of the record: admin actions must see
+        what any other queue process did, a result or a due retry need not (a
+        stale copy fails the update and is read again).
+        """
         while True:
-            found = await self._records.get(queue_id)
+            found = await self._records.get(queue_id, fresh=fresh)
             if found is None:
                 return None
             record, revision = found
@@ -139,6 +146,7 @@ class QueueManager:
             try:
                 await self._records.update(record, revision)
             except RecordConflict:
+                fresh = True
                 continue
             count_recipient_changes(record, before, now)
             if to_dispatch:
@@ -147,7 +155,7 @@ class QueueManager:
             return record
 
     async def delete(self, queue_id: str) -> bool:
-        found = await self._records.get(queue_id)
+        found = await self._records.get(queue_id, fresh=True)
         if found is None:
             return False
         await self._records.delete(queue_id)

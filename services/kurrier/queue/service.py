@@ -155,7 +155,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
         if selector.state and selector.state not in STATES:
             raise InvalidRequest(f"state must be one of {', '.join(STATES)}")
         if selector.queue_ids:
-            found = [await self._records.get(queue_id) for queue_id in selector.queue_ids]
+            found = [await self._records.get(q, fresh=True) for q in selector.queue_ids]
             return [entry[0] for entry in found if entry is not None]
         selected = [r async for r in self._records.all() if matches(r, selector)]
         return sorted(selected, key=lambda r: r.received_at)
@@ -176,7 +176,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
     async def GetMessage(
         self, request: queue_pb2.GetMessageRequest, context: grpc.aio.ServicerContext
     ) -> queue_pb2.MessageDetail:
-        found = await self._records.get(request.queue_id)
+        found = await self._records.get(request.queue_id, fresh=True)
         if found is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no message {request.queue_id}")
             raise InvalidRequest(request.queue_id)
@@ -218,7 +218,9 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                     changed.append(record.queue_id)
                 continue
             before = record.model_dump()
-            after = await self._manager.mutate(record.queue_id, mutations[request.action])
+            after = await self._manager.mutate(
+                record.queue_id, mutations[request.action], fresh=True
+            )
             if after is not None and after.model_dump() != before:
                 changed.append(record.queue_id)
         log.info("admin %s on %d message(s)", queue_pb2.Action.Name(request.action), len(changed))
