@@ -207,3 +207,20 @@ def test_kill_9_of_delivery_while_mail_flows_loses_nothing(tmp_path: Path, sink:
     assert set(delivered) == set(accepted)
     # At-least-once: a kill can duplicate the few messages in flight, never more.
     assert sum(delivered.values()) - len(delivered) <= 32
+
+
+def test_ingress_defers_recipients_until_it_has_a_routing_table(
+    tmp_path: Path, sink: Sink, nats_server: NatsServer
+) -> None:
+    relay = ServiceRelay(tmp_path, nats_server.url)
+    with relay, smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=60) as smtp:
+        smtp.ehlo()
+        smtp.mail("a@client.test")
+        code, reply = smtp.rcpt("rcpt@example.com")
+        assert (code, reply[:5]) == (451, b"4.3.0")  # never a 554 for legitimate mail
+        smtp.rset()
+        relay.publish(_local_config(sink))
+        relay.wait_for_table()
+        smtp.sendmail("a@client.test", ["rcpt@example.com"], _message("after-table"))
+        [delivered] = sink.wait_for(1)
+    assert _marker(delivered) == "after-table"

@@ -280,8 +280,8 @@ class ServiceRelay:
             wait_until(lambda: smtp_banner(self.smtp_port), 30, "ingress to answer SMTP")
 
     def wait_for_table(self, name: str = "ingress", timeout: float = 30) -> None:
-        """Until the service logged that a routing table is in use: ingress answers SMTP
-        before that, refusing every recipient as an open relay attempt."""
+        """Until the service logged that a routing table is in use (ingress answers
+        451 to every recipient before that)."""
         log = self.workdir / f"{name}.log"
         wait_until(
             lambda: "routing table revision" in log.read_text(errors="replace"),

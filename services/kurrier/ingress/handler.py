@@ -222,6 +222,10 @@ class RelayHandler:
     ) -> str:
         if address == NULL_PATH:
             return "501 5.1.3 The null path <> is no recipient"
+        if not self._tables.loaded.is_set():
+            # Before the first routing table, every domain would look foreign:
+            # a temporary answer, never a permanent 554 for legitimate mail.
+            return "451 4.3.0 Relay starting up, try again shortly"
         table = self._tables.table
         client_ip = peer_ip(session)
         if len(envelope.rcpt_tos) >= table.policy.max_recipients:
