@@ -19,6 +19,9 @@ class RecordConflict(Exception):
 # Records this process wrote last, so applying a delivery result usually needs
 # no KV read first (one round trip less per message). Bounded; oldest go first.
 RECENT_LIMIT = 50_000
+# A finished message leaves a purge marker in the bucket (so watchers learn of
+# the deletion); it expires after this long instead of piling up forever.
+MARKER_TTL = 3600.0
 
 
 class RecordStore:
@@ -78,7 +81,7 @@ class RecordStore:
 
     async def delete(self, queue_id: str) -> None:
         self._recent.pop(queue_id, None)
-        await self._kv.purge(queue_id)
+        await self._kv.purge(queue_id, msg_ttl=MARKER_TTL)
 
     async def count_by_state(self) -> Counter[str]:
         """How many records are active, deferred or held: one pass over the bucket."""
