@@ -11,6 +11,7 @@ from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     JOBS_STREAM,
     RESULTS_STREAM,
+    pull_batch,
     result_subject,
 )
 from kurrier.core.message import DeliveryJob, DeliveryResult
@@ -25,10 +26,9 @@ from kurrier.core.telemetry import (
 from kurrier.delivery.courier import Courier
 from kurrier.delivery.settings import DeliverySettings
 from nats.aio.msg import Msg
-from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
-from nats.js.errors import FetchTimeoutError, NotFoundError
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
@@ -70,17 +70,7 @@ class DeliveryWorker:
                 if free <= 0:
                     await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                try:
-                    messages = await subscription.fetch(batch=free, timeout=1)
-                except (FetchTimeoutError, TimeoutError):
-                    continue
-                except NatsError as error:
-                    # NATS is away (e.g. restarting): the jobs wait in JetStream; so do we.
-                    log.warning("fetching jobs failed, retrying: %r", error)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), timeout=1)
-                    continue
-                for message in messages:
+                for message in await pull_batch(subscription, batch=free, timeout=1):
                     handling = self._handle(message)
                     task = asyncio.create_task(
                         traced_processing(
