@@ -16,7 +16,7 @@ import datetime
 import io
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from kurrier.core.body_store import delete_body, load_body
 from kurrier.core.jetstream import (
@@ -267,26 +267,18 @@ class QueueManager:
             state.next_attempt = now
         return []
 
-    async def run_results(self) -> None:
-        """Consume delivery results; each is acked only once its record reflects it."""
+    async def _consume(
+        self, subject: str, durable: str, stream: str, handle: Callable[[Msg], Awaitable[None]]
+    ) -> None:
         subscription = await self._js.pull_subscribe(
-            "kurrier.result.*",
-            durable=RESULTS_CONSUMER,
-            stream=RESULTS_STREAM,
+            subject,
+            durable=durable,
+            stream=stream,
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1),
         )
         while True:
-            messages = await pull_batch(subscription, batch=64, timeout=5)
-            for message in messages:
-                try:
-                    result = DeliveryResult.model_validate_json(message.data)
-                except ValueError as error:
-                    log.error("dropping an unreadable delivery result: %s", error)
-                    await message.term()
-                    continue
-                with consuming(RESULTS_DESTINATION, message.subject, message.headers):
-                    annotate(result.queue_id, attempt=result.attempt)
-                    await self._settle(message, result.queue_id, self._apply_result(result))
+            for message in await pull_batch(subscription, batch=64, timeout=5):
+                await handle(message)
 
     async def _settle(self, message: Msg, queue_id: str, change: Mutation) -> None:
         """Apply change and ack; on failure (e.g. NATS away or full) let it come back later."""
@@ -299,19 +291,27 @@ class QueueManager:
             return
         await message.ack()
 
+    async def _on_result(self, message: Msg) -> None:
+        try:
+            result = DeliveryResult.model_validate_json(message.data)
+        except ValueError as error:
+            log.error("dropping an unreadable delivery result: %s", error)
+            await message.term()
+            return
+        with consuming(RESULTS_DESTINATION, message.subject, message.headers):
+            annotate(result.queue_id, attempt=result.attempt)
+            await self._settle(message, result.queue_id, self._apply_result(result))
+
+    async def _on_due(self, message: Msg) -> None:
+        await self._settle(message, message.subject.rsplit(".", 1)[-1], self._retry_due)
+
+    async def run_results(self) -> None:
+        """Consume delivery results; each is acked only once its record reflects it."""
+        await self._consume("kurrier.result.*", RESULTS_CONSUMER, RESULTS_STREAM, self._on_result)
+
     async def run_due(self) -> None:
         """Re-dispatch messages whose retry schedule fired (or that an admin released)."""
-        subscription = await self._js.pull_subscribe(
-            "kurrier.due.*",
-            durable=DUE_CONSUMER,
-            stream=JOBS_STREAM,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1),
-        )
-        while True:
-            messages = await pull_batch(subscription, batch=64, timeout=5)
-            for message in messages:
-                queue_id = message.subject.rsplit(".", 1)[-1]
-                await self._settle(message, queue_id, self._retry_due)
+        await self._consume("kurrier.due.*", DUE_CONSUMER, JOBS_STREAM, self._on_due)
 
     async def sweep(self) -> int:
         """Re-dispatch what is overdue by more than a lease's slack: lost in a crash."""
