@@ -6,9 +6,10 @@ process; nothing acknowledged may be lost."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -76,11 +77,11 @@ def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
             )
         )
     relays[0].publish(config)
-    loads: list[SteadyLoad] = []
-    try:
+    with contextlib.ExitStack() as running:
         for relay in relays:
-            relay.__enter__()
+            running.enter_context(relay)
         loads = [SteadyLoad(r.smtp_port, "r@example.com", clients=2).start() for r in relays]
+        running.callback(lambda: [load.stop() for load in loads])  # before the relays stop
 
         def progress(after: str) -> None:
             for number, load in enumerate(loads):
@@ -89,13 +90,10 @@ def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
                 except AssertionError as error:
                     raise AssertionError(f"relay {number} stalled after {after}: {error}") from None
 
-        def restart_service(name: str) -> Callable[[], None]:
-            def fault() -> None:
-                relays[0].processes[name].kill()
-                relays[0].processes[name].wait()
-                relays[0].start(name)
-
-            return fault
+        def restart(name: str) -> None:
+            relays[0].processes[name].kill()
+            relays[0].processes[name].wait()
+            relays[0].start(name)
 
         progress("start")
         cluster.kill("kurrier-3")
@@ -106,27 +104,16 @@ def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
         progress(f"killing the stream leader {leader}")
         cluster.start(leader)
         for name in ("queue", "delivery"):
-            restart_service(name)()
+            restart(name)
             progress(f"kill -9 of {name}")
-    finally:
         ledgers = [load.stop() for load in loads]
-    try:
         acknowledged = set().union(*(ledger.acknowledged for ledger in ledgers))
         wait_until(
-            lambda: (
-                acknowledged
-                <= {
-                    m.content.split(b"Subject: ")[1].split(b"\r\n")[0].decode()
-                    for m in sink.messages
-                }
-            ),
+            lambda: acknowledged <= {_subject(m.content) for m in sink.messages},
             180,
             "every acknowledged message to be delivered",
         )
         wait_until(lambda: queued_count(cluster.url()) == 0, 120, "the queue to drain")
-    finally:
-        for relay in relays:
-            relay.__exit__(None, None, None)
     assert len(acknowledged) >= 200
 
 
