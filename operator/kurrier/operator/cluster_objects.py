@@ -22,6 +22,7 @@ from kurrier.core.resources import (
 from kurrier.core.routing import Problem
 
 Key = tuple[str, str]  # (namespace, name)
+Identity = tuple[str, str, str]  # (kind, namespace, name)
 RelayResource = RelayDomain | RelayRoute | RelayPolicy
 
 PLURALS = {
@@ -61,7 +62,7 @@ class ObservedObject:
         )
 
     @property
-    def identity(self) -> tuple[str, str, str]:
+    def identity(self) -> Identity:
         return (self.kind, self.namespace, self.name)
 
     @property
@@ -102,14 +103,14 @@ def _invalid_message(error: ResourceError) -> str:
 
 def relay_resources(
     objects: Iterable[ObservedObject],
-) -> tuple[dict[tuple[str, str, str], RelayResource], list[Problem]]:
+) -> tuple[dict[Identity, RelayResource], list[Problem]]:
     """Validate each object with the same models `kurrier up` uses.
 
     The CRD schema rejects almost everything the models do, but not all (an
     object stored before a CRD upgrade, a check only Python can make): such an
     object is left out of the table and reported as Invalid.
     """
-    resources: dict[tuple[str, str, str], RelayResource] = {}
+    resources: dict[Identity, RelayResource] = {}
     problems: list[Problem] = []
     for observed in sorted(objects, key=lambda o: o.identity):
         try:

@@ -20,6 +20,7 @@ from kurrier.core.routing import Problem, compile_table
 from kurrier.core.table_store import publish_table
 from kurrier.operator.apiserver import ApiError, ApiServer
 from kurrier.operator.cluster_objects import (
+    Identity,
     Key,
     ObservedObject,
     StoredSecret,
@@ -65,16 +66,28 @@ class Reconciler:
         # The resourceVersion each status write of ours went over: until the
         # watch delivers that write (a newer version), the object is not
         # written again, or a quick second pass would repeat it and its Event.
-        self._written: dict[tuple[str, str, str], str] = {}
+        self._written: dict[Identity, str] = {}
         self._reported: set[Problem] = set()
+        self._compiled: dict[Identity, int] = {}  # generations the last pass compiled
         self._failures = 0
         self.revision = 0
         self.synced = False
 
-    def notice(self, view: ClusterView, secret: Key | None = None) -> None:
-        """A watch event: reconcile soon (many events coalesce into one pass)."""
+    def notice_object(self, view: ClusterView, identity: Identity, generation: int) -> None:
+        """A relay object was added, changed or deleted (generation 0): reconcile soon.
+
+        Changes that leave the generation alone (our own status writes, labels)
+        change nothing to compile; they are not worth a pass. Besides saving
+        work, this keeps a replica that is behind on events from republishing
+        an older table merely because it saw another replica's status write.
+        """
         self._view = view
-        if secret is None or secret in self._referenced:
+        if self._compiled.get(identity) != generation:
+            self._wanted.set()  # many events coalesce into one pass
+
+    def notice_secret(self, view: ClusterView, key: Key) -> None:
+        self._view = view
+        if key in self._referenced:
             self._wanted.set()
 
     async def run(self) -> None:
@@ -105,6 +118,7 @@ class Reconciler:
         objects = self._view.objects() if self._view else []
         secrets = self._view.secrets() if self._view else {}
         resources, problems = relay_resources(objects)
+        self._compiled = {o.identity: o.generation for o in objects}
         self._referenced = referenced_secrets(resources.values())
         compiled: list[Resource] = [*resources.values()]
         compiled += secret_resources(secrets, self._referenced)
@@ -119,7 +133,7 @@ class Reconciler:
             )
         self.revision = revision
         self.synced = True
-        by_object: dict[tuple[str, str, str], list[Problem]] = defaultdict(list)
+        by_object: dict[Identity, list[Problem]] = defaultdict(list)
         for problem in [*problems, *compile_problems]:
             by_object[(problem.kind, problem.namespace, problem.name)].append(problem)
             if problem not in self._reported:  # once, not on every later pass

@@ -68,12 +68,14 @@ def build_registry(reconciler: Reconciler) -> kopf.OperatorRegistry:
             secrets=lambda: {key: value for key in secrets for value in secrets[key]},
         )
 
-    def object_changed(**kwargs: Any) -> None:
-        reconciler.notice(view(kwargs))
+    def object_changed(type: str | None, body: kopf.Body, **kwargs: Any) -> None:
+        observed = ObservedObject.from_body(body)
+        generation = 0 if type == "DELETED" else observed.generation
+        reconciler.notice_object(view(kwargs), observed.identity, generation)
 
     def secret_changed(body: kopf.Body, **kwargs: Any) -> None:
         key = (body.metadata.namespace or "", body.metadata.name or "")
-        reconciler.notice(view(kwargs), secret=key)
+        reconciler.notice_secret(view(kwargs), key)
 
     for plural in PLURALS.values():
         kopf.on.event(API_GROUP, VERSION, plural, id=f"{plural}-changed", registry=registry)(
