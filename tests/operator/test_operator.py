@@ -283,6 +283,24 @@ def test_two_replicas_agree_and_do_not_churn_revisions(
         assert routing_table(nats_server.url) == table
 
 
+def test_watching_all_namespaces(
+    kube: Api, operator_kubeconfig: Path, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    first, second = new_namespace(kube), new_namespace(kube)
+    with OperatorProcess(tmp_path, operator_kubeconfig, nats_server.url, []):
+        apply(kube, first, route("here", ["example.com"], 2526))
+        apply(kube, second, route("there", ["example.org"], 2527))
+        wait_for_status(kube, "RelayRoute", first, "here", ready=True)
+        wait_for_status(kube, "RelayRoute", second, "there", ready=True)
+        table = routing_table(nats_server.url)
+        assert table is not None
+        assert {f"{first}/here", f"{second}/there"} <= set(route_names(table))
+        delete(kube, "RelayRoute", second, "there")
+        wait_for_table(
+            nats_server.url, lambda t: f"{second}/there" not in route_names(t), "the deletion"
+        )
+
+
 def test_namespaced_rbac_is_enough_for_namespaced_watching(
     kube: Api, kube_cluster: TestCluster, helm_bin: Path, nats_server: NatsServer, tmp_path: Path
 ) -> None:
