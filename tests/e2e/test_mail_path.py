@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.nats import NatsServer
-from tests.support.processes import wait_until
+from tests.support.processes import port_open, smtp_banner, wait_until
 from tests.support.relay import (
     ServiceRelay,
     UpRelay,
@@ -209,18 +209,25 @@ def test_kill_9_of_delivery_while_mail_flows_loses_nothing(tmp_path: Path, sink:
     assert sum(delivered.values()) - len(delivered) <= 32
 
 
-def test_ingress_defers_recipients_until_it_has_a_routing_table(
+def test_ingress_listens_only_once_it_has_a_routing_table(
     tmp_path: Path, sink: Sink, nats_server: NatsServer
 ) -> None:
     relay = ServiceRelay(tmp_path, nats_server.url)
-    with relay, smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=60) as smtp:
-        smtp.ehlo()
-        smtp.mail("a@client.test")
-        code, reply = smtp.rcpt("rcpt@example.com")
-        assert (code, reply[:5]) == (451, b"4.3.0")  # never a 554 for legitimate mail
-        smtp.rset()
+    relay.start("queue")
+    relay.start("delivery")
+    relay.start("ingress", wait=False)
+    try:
+        wait_until(
+            lambda: "waiting for the first routing table" in (tmp_path / "ingress.log").read_text(),
+            30,
+            "ingress to wait for its table",
+        )
+        assert not port_open(relay.smtp_port)
         relay.publish(_local_config(sink))
-        relay.wait_for_table()
-        smtp.sendmail("a@client.test", ["rcpt@example.com"], _message("after-table"))
+        wait_until(lambda: smtp_banner(relay.smtp_port), 30, "ingress to listen")
+        with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=60) as smtp:
+            smtp.sendmail("a@client.test", ["rcpt@example.com"], _message("after-table"))
         [delivered] = sink.wait_for(1)
+    finally:
+        relay.__exit__(None, None, None)
     assert _marker(delivered) == "after-table"

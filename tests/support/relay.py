@@ -230,6 +230,7 @@ class ServiceRelay:
         self.nats_url = nats_url
         self.smtp_port = free_port()
         self.queue_address = f"127.0.0.1:{free_port()}"
+        self.published = False
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.env = dict(env or {})
         self.service_args = dict(service_args or {})
@@ -249,8 +250,9 @@ class ServiceRelay:
                 await disconnect(nc)
 
         asyncio.run(run())
+        self.published = True
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, wait: bool = True) -> None:
         common = [
             "--nats-url",
             self.nats_url,
@@ -276,12 +278,13 @@ class ServiceRelay:
             stderr=log,
             env={**os.environ, **self.env},
         )
-        if name == "ingress":
+        if name == "ingress" and wait:
             wait_until(lambda: smtp_banner(self.smtp_port), 30, "ingress to answer SMTP")
+            if self.published:
+                self.wait_for_table()
 
     def wait_for_table(self, name: str = "ingress", timeout: float = 30) -> None:
-        """Until the service logged that a routing table is in use (ingress answers
-        451 to every recipient before that)."""
+        """Until the service logged that a routing table is in use."""
         log = self.workdir / f"{name}.log"
         wait_until(
             lambda: "routing table revision" in log.read_text(errors="replace"),

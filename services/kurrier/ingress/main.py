@@ -95,12 +95,21 @@ async def serve_ingress(settings: IngressSettings) -> None:
 
     loop = asyncio.get_running_loop()
     servers = []
+    # Listen only once the first routing table is in: before it every domain
+    # would look foreign. A closed port until then keeps readiness probes and
+    # `kurrier up`'s ready line honest.
+    if not tables.loaded.is_set():
+        log.info("waiting for the first routing table before listening")
+        await asyncio.wait(
+            [asyncio.create_task(tables.loaded.wait()), asyncio.create_task(stop.wait())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
     for address, listener in (
         (settings.smtp, Listener("smtp")),
         (settings.submission, Listener("submission", offers_auth=True)),
         (settings.smtps, Listener("smtps", implicit_tls=True, offers_auth=True)),
     ):
-        if not address:
+        if not address or stop.is_set():
             continue
         if listener.implicit_tls and tls is None:
             raise ValueError("--smtps needs --tls-cert and --tls-key")

@@ -20,7 +20,7 @@ import logging
 import ssl
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP
 from kurrier.core.table_store import TableFollower
@@ -40,6 +40,12 @@ NULL_PATH = "<>"
 AUTH_LINE_LIMIT = 12288
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 SESSION_TIMEOUT = "421 4.4.2 Session time limit reached, closing connection"
+
+
+def writable(transport: asyncio.BaseTransport) -> asyncio.WriteTransport:
+    """A TCP transport as the writer it is. Not isinstance(): uvloop's transports
+    (the services run on uvloop) are not registered with asyncio's ABCs."""
+    return cast(asyncio.WriteTransport, transport)
 
 
 @dataclass(frozen=True)
@@ -121,8 +127,7 @@ class IngressSMTP(SMTP):
         if refusal is not None:
             self._refused = True
             log.info("connection from %s refused: %s", ip, refusal)
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(refusal.encode() + b"\r\n")
+            writable(transport).write(refusal.encode() + b"\r\n")
             transport.close()
             return
         self._admitted_ip = ip
@@ -153,10 +158,9 @@ class IngressSMTP(SMTP):
 
     def say_goodbye(self, reply: str) -> None:
         """Send reply (a 421) and close, whatever the session is doing."""
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            transport.write(reply.encode() + b"\r\n")
-            transport.close()
+        if self.transport is not None and not self.transport.is_closing():
+            writable(self.transport).write(reply.encode() + b"\r\n")
+            self.transport.close()
 
     def in_transaction(self) -> bool:
         return self.envelope is not None and self.envelope.mail_from is not None
