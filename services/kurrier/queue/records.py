@@ -18,7 +18,7 @@ class RecordConflict(Exception):
 
 # Records this process wrote last, so applying a delivery result usually needs
 # no KV read first (one round trip less per message). Bounded; oldest go first.
-RECENT_LIMIT = 50_000
+RECENT_LIMIT = 10_000
 # A finished message leaves a purge marker in the bucket (so watchers learn of
 # the deletion); it expires after this long instead of piling up forever.
 MARKER_TTL = 3600.0
