@@ -13,7 +13,6 @@ CRLF, so the stored message has one meaning for every next hop.
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 
@@ -27,7 +26,6 @@ HEADER_TOO_BIG = "552 5.6.0 Message header section larger than {limit} octets"
 TOO_MANY_HEADERS = "552 5.6.0 Message has more than {limit} header fields"
 TOO_MANY_HOPS = "554 5.4.6 Too many Received headers (more than {limit}): mail loop?"
 
-_NEWLINE = re.compile(rb"[\r\n]")
 _RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
 
 
@@ -41,19 +39,11 @@ class DataLimits:
     max_hops: int = 50
 
 
-@functools.lru_cache(maxsize=8)
-def _long_run(max_line_length: int) -> re.Pattern[bytes]:
-    # A run of this many non-newline octets is a line over the limit (CRLF excluded,
-    # one dot of transparency allowed).
-    return re.compile(rb"[^\r\n]{%d}" % max_line_length)
-
-
 class DataReader:
     """Feed it the bytes after `354`; it says how many belonged to the DATA."""
 
     def __init__(self, limits: DataLimits) -> None:
         self._limits = limits
-        self._long_line = _long_run(limits.max_line_length)
         # The last two octets taken into the message; the CRLF of the DATA command
         # starts it off, so "." right away ends an empty message.
         self._before = b"\r\n"
@@ -116,14 +106,15 @@ class DataReader:
 
     def _check_line_length(self, raw: bytes) -> None:
         limit = self._limits.max_line_length
-        first = _NEWLINE.search(raw)
-        if first is None:
+        # Runs between line-ending octets, measured in C (split), not by a
+        # counted-repetition regex: that one cost ~40 ms per 100 KB message.
+        runs = raw.replace(b"\r", b"\n").split(b"\n")
+        if len(runs) == 1:
             self._run += len(raw)
         else:
-            leading = self._run + first.start()
-            last = max(raw.rfind(b"\r"), raw.rfind(b"\n"))
-            self._run = len(raw) - last - 1
-            if leading >= limit or self._long_line.search(raw, first.start(), last):
+            leading = self._run + len(runs[0])
+            self._run = len(runs[-1])
+            if leading >= limit or max(map(len, runs[1:-1]), default=0) >= limit:
                 self._refuse(LINE_TOO_LONG.format(limit=limit))
                 return
         if self._run >= limit:
