@@ -176,9 +176,11 @@ class UpRelay:
         assert self.process.stdout is not None
         # `up` prints exactly one line, when SMTP accepts; EOF first means it died.
         self.ready_line = self.process.stdout.readline().decode()
-        assert self.ready_line.startswith("kurrier ready"), (
-            f"kurrier up did not become ready: {self.ready_line!r}; see {self.workdir}/up.log"
-        )
+        if not self.ready_line.startswith("kurrier ready"):
+            self.__exit__()  # stop whatever it did start
+            raise AssertionError(
+                f"kurrier up did not become ready: {self.ready_line!r}; see {self.workdir}/up.log"
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -293,8 +295,12 @@ class ServiceRelay:
         )
 
     def __enter__(self) -> ServiceRelay:
-        for name in ("queue", "delivery", "ingress"):
-            self.start(name)
+        try:
+            for name in ("queue", "delivery", "ingress"):
+                self.start(name)
+        except BaseException:
+            self.__exit__()  # a failed start must not leave the others running
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
