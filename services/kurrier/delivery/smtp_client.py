@@ -192,7 +192,9 @@ class SmtpSession:
         lines: list[str] = []
         while True:
             try:
-                raw = await asyncio.wait_for(self.reader.readline(), timeout=self.timeout)
+                # asyncio.timeout, not wait_for: no extra task per line (bench: hot path).
+                async with asyncio.timeout(self.timeout):
+                    raw = await self.reader.readline()
             except (OSError, TimeoutError, ValueError) as error:
                 raise SmtpTemporaryError(f"reading reply failed: {error!r}") from error
             if not raw:
@@ -207,7 +209,8 @@ class SmtpSession:
     async def _send(self, data: bytes) -> None:
         try:
             self.writer.write(data)
-            await asyncio.wait_for(self.writer.drain(), timeout=self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self.writer.drain()
         except (OSError, TimeoutError) as error:
             raise SmtpTemporaryError(f"sending failed: {error!r}") from error
 
