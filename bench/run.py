@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--systems",
         default="kurrier,postfix",
         help="kurrier, postfix, and kurrier+EXPERIMENT[+...] variants (bench/experiments: "
-        "uvloop, fastdata), each measured like the others",
+        "uvloop), each measured like the others",
     )
     parser.add_argument(
         "--workdir", type=Path, default=Path("/var/tmp/kurrier-bench"), help="relay state (disk)"

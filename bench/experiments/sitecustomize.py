@@ -16,6 +16,3 @@ _CHOSEN = {name for name in os.environ.get("KURRIER_BENCH_EXPERIMENTS", "").spli
 
 if "uvloop" in _CHOSEN:
     importlib.import_module("uvloop").install()
-
-if "fastdata" in _CHOSEN:
-    importlib.import_module("bench_fastdata").install()
