@@ -53,11 +53,16 @@ spec: {{trustedNetworks: ["127.0.0.0/8"]}}
 """
 
 
+# Ingress caps commands per session (like Postfix's smtpd limits): reconnect.
+PER_SESSION = 100
+
+
 def _sender(port: int, count: int, start: int) -> None:
     body = b"Subject: fill\r\n\r\n" + (b"x" * 98 + b"\r\n") * 10
-    with smtplib.SMTP("127.0.0.1", port, timeout=120) as smtp:
-        for number in range(start, start + count):
-            smtp.sendmail("load@client.test", [f"r{number}@example.com"], body)
+    for first in range(start, start + count, PER_SESSION):
+        with smtplib.SMTP("127.0.0.1", port, timeout=120) as smtp:
+            for number in range(first, min(first + PER_SESSION, start + count)):
+                smtp.sendmail("load@client.test", [f"r{number}@example.com"], body)
 
 
 def main() -> int:

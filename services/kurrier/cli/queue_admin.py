@@ -114,7 +114,9 @@ def _as_json(message: Any) -> str:
 
 async def _call(args: argparse.Namespace) -> str:
     address = queue_address(args)
-    async with grpc.aio.insecure_channel(address) as channel:
+    # A listing of a large queue is many MB: lift gRPC's 4 MB default for replies.
+    options = [("grpc.max_receive_message_length", -1)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = queue_pb2_grpc.QueueServiceStub(channel)
         try:
             if args.action == "list":
