@@ -112,6 +112,7 @@ def _report(ledger: Ledger, delivered: Counter[str], faults: list[str], usage: s
     return "\n".join(lines) + usage
 
 
+@pytest.mark.timeout(300 + 2 * SOAK_SECONDS)  # the suite's 300 s, plus a soak's length
 def test_nothing_acknowledged_is_lost_under_crashes(
     tmp_path: Path, sink: Sink, capsys: pytest.CaptureFixture[str]
 ) -> None:
