@@ -123,7 +123,9 @@ def test_nothing_acknowledged_is_lost_under_crashes(
     faults_done: list[str] = []
     samples: dict[str, list[Usage]] = {child: [] for child in CHILDREN}
     with UpRelay(tmp_path, config) as relay:
-        load = SteadyLoad(relay.smtp_port, "r@example.com", clients=4).start()
+        # Enough messages for the soak's length too (bounded by count and by time).
+        budget = 100_000 + int(SOAK_SECONDS) * 1000
+        load = SteadyLoad(relay.smtp_port, "r@example.com", clients=4, budget=budget).start()
         started = time.monotonic()
         try:
             while True:
