@@ -8,9 +8,12 @@ import smtplib
 import time
 from pathlib import Path
 
+import nats.errors
 from kurrier.core.body_store import store_body
-from kurrier.core.jetstream import connect, disconnect, ensure_layout
+from kurrier.core.jetstream import JOBS_STREAM, connect, disconnect, ensure_layout
 from kurrier.core.message import MessageRecord, RecipientState
+from kurrier.core.table_store import TableFollower
+from kurrier.queue.intake import Intake
 from kurrier.queue.records import RecordStore
 
 from tests.support.nats import NatsServer
@@ -58,3 +61,36 @@ def test_a_record_whose_job_was_lost_is_swept_and_delivered(
             smtp.sendmail("a@client.test", ["r@example.com"], b"Subject: fresh\r\n\r\nx\r\n")
         sink.wait_for(2)
     assert delivered.content == body
+
+
+async def _accept_without_a_jobs_stream(nats_url: str) -> tuple[bool, bool]:
+    nc = await connect(nats_url, "test-intake")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        await js.delete_stream(JOBS_STREAM)  # the job publish must fail
+        records = await RecordStore.open(js)
+        template = MessageRecord(
+            queue_id="TAKEBACK000000000001",
+            mail_from="a@client.test",
+            recipients=[RecipientState(address="r@example.com")],
+            received_at=0.0,
+            size=0,
+            body_store="stream",
+        )
+        try:
+            await Intake(js, records, TableFollower()).accept(template, io.BytesIO(b"x\r\n"), 3)
+        except nats.errors.Error:
+            failed = True
+        else:
+            failed = False
+        return failed, await records.get(template.queue_id, fresh=True) is None
+    finally:
+        await disconnect(nc)
+
+
+def test_a_failed_job_publish_takes_the_record_back(nats_server: NatsServer) -> None:
+    # The client hears 451 and retries: an orphaned record would be delivered again later.
+    failed, record_gone = asyncio.run(_accept_without_a_jobs_stream(nats_server.url))
+    assert failed
+    assert record_gone

@@ -6,11 +6,12 @@ status notifications, so both take exactly the same path.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import IO
 
-from kurrier.core.body_store import store_body
+from kurrier.core.body_store import delete_body, store_body
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.table_store import TableFollower
 from kurrier.core.telemetry import MESSAGES_QUEUED, annotate, current_traceparent
@@ -57,7 +58,17 @@ class Intake:
             if found is None or found[0].dispatches != 1:
                 return None
             record = found[0]
-        await publish_jobs(self._js, self._tables.table, record, addresses)
+        try:
+            await publish_jobs(self._js, self._tables.table, record, addresses)
+        except BaseException:
+            # The caller answers 451 and the client keeps the message: take back what
+            # was stored, or the sweeper would deliver it again after the job lease.
+            # Best effort (NATS may be the reason we are here); the sweeper remains
+            # the backstop for what cannot be taken back.
+            with contextlib.suppress(Exception):
+                await self._records.delete(record.queue_id)
+                await delete_body(self._js, record.queue_id, record.body_store)
+            raise
         MESSAGES_QUEUED.add(1)
         log.info(
             "queued from=<%s> nrcpt=%d size=%d",
