@@ -277,8 +277,20 @@ class QueueManager:
             config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1),
         )
         while True:
-            for message in await pull_batch(subscription, batch=64, timeout=5):
-                await handle(message)
+            batch = await pull_batch(subscription, batch=64, timeout=5)
+            # Messages about different queue ids are independent, so a batch is
+            # handled concurrently: their JetStream writes and acks then share
+            # round trips instead of queueing behind each other. Messages about
+            # one queue id keep their order.
+            by_queue_id: dict[str, list[Msg]] = {}
+            for message in batch:
+                by_queue_id.setdefault(message.subject.rsplit(".", 1)[-1], []).append(message)
+            await asyncio.gather(*(self._in_order(handle, group) for group in by_queue_id.values()))
+
+    @staticmethod
+    async def _in_order(handle: Callable[[Msg], Awaitable[None]], messages: list[Msg]) -> None:
+        for message in messages:
+            await handle(message)
 
     async def _settle(self, message: Msg, queue_id: str, change: Mutation) -> None:
         """Apply change and ack; on failure (e.g. NATS away or full) let it come back later."""
