@@ -34,7 +34,8 @@ from pydantic import ValidationError
 log = logging.getLogger(__name__)
 
 # A job not acknowledged within ACK_WAIT goes to another worker; a worker busy
-# with a slow transaction says so every ACK_WAIT / 3 (msg.in_progress()).
+# with a slow transaction says so every ACK_WAIT / 3 (msg.in_progress()). An
+# existing consumer keeps the ack_wait it was created with.
 ACK_WAIT = 30.0
 
 
@@ -44,12 +45,15 @@ class DeliveryWorker:
         js: JetStreamContext,
         tables: TableFollower,
         settings: DeliverySettings,
+        ack_wait: float = ACK_WAIT,
     ) -> None:
         self._js = js
+        self._ack_wait = ack_wait
         self._tables = tables
         self._settings = settings
         self.courier = Courier(settings)
-        self._in_flight: set[asyncio.Task[None]] = set()
+        # Each job being handled, by the task handling it.
+        self._in_flight: dict[asyncio.Task[None], Msg] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pull jobs while free slots remain; on stop, finish what is in flight."""
@@ -59,11 +63,12 @@ class DeliveryWorker:
             stream=JOBS_STREAM,
             config=ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=ACK_WAIT,
+                ack_wait=self._ack_wait,
                 max_deliver=-1,
                 max_ack_pending=max(1000, self._settings.concurrency * 4),
             ),
         )
+        heartbeat = asyncio.create_task(self._heartbeat())
         try:
             while not stop.is_set():
                 free = self._settings.concurrency - len(self._in_flight)
@@ -77,17 +82,26 @@ class DeliveryWorker:
                             JOBS_DESTINATION, message.subject, message.headers, handling
                         )
                     )
-                    self._in_flight.add(task)
-                    task.add_done_callback(self._in_flight.discard)
+                    self._in_flight[task] = message
+                    task.add_done_callback(self._in_flight.pop)
         finally:
             if self._in_flight:
                 await asyncio.wait(self._in_flight)
+            heartbeat.cancel()
             await self.courier.pool.close_idle(older_than=0)
 
-    async def _heartbeat(self, message: Msg) -> None:
+    async def _heartbeat(self) -> None:
+        """Tell JetStream every job in flight is still being worked on.
+
+        One loop for all jobs rather than a timer task per job: at hundreds of
+        jobs a second the per-job task cost more than the heartbeats it sent.
+        """
         while True:
-            await asyncio.sleep(ACK_WAIT / 3)
-            await message.in_progress()
+            await asyncio.sleep(self._ack_wait / 3)
+            for message in list(self._in_flight.values()):
+                # A job finishing meanwhile makes its heartbeat fail: harmless.
+                with contextlib.suppress(Exception):
+                    await message.in_progress()
 
     async def _handle(self, message: Msg) -> None:
         try:
@@ -97,7 +111,6 @@ class DeliveryWorker:
             await message.term()
             return
         annotate(job.queue_id, attempt=job.attempt)
-        heartbeat = asyncio.create_task(self._heartbeat(message))
         try:
             try:
                 body = await load_body(self._js, job.queue_id, job.body_store)
@@ -127,5 +140,3 @@ class DeliveryWorker:
             log.exception("delivery attempt failed", extra={"queue_id": job.queue_id})
             with contextlib.suppress(Exception):
                 await message.nak(delay=5)
-        finally:
-            heartbeat.cancel()

@@ -1,0 +1,80 @@
+"""A delivery slower than the job's ack_wait is not handed to a second worker.
+
+The worker tells JetStream it is still busy (in_progress) while a transaction
+runs; without that, the job would be redelivered after ack_wait and the mail
+sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import yaml
+from kurrier.core.body_store import store_body
+from kurrier.core.jetstream import (
+    JOBS_STREAM,
+    RESULTS_STREAM,
+    connect,
+    disconnect,
+    ensure_layout,
+    job_subject,
+)
+from kurrier.core.loader import parse_documents
+from kurrier.core.message import DeliveryJob, DeliveryResult
+from kurrier.core.routing import compile_table
+from kurrier.core.table_store import TableFollower
+from kurrier.delivery.settings import DeliverySettings
+from kurrier.delivery.worker import DeliveryWorker
+
+from tests.support.nats import NatsServer
+from tests.support.relay import route
+from tests.support.sink import Sink
+
+ACK_WAIT = 1.0
+
+
+async def test_a_slow_delivery_keeps_its_job_and_is_sent_once(
+    nats_server: NatsServer, sink: Sink
+) -> None:
+    sink.behaviour.data_delay = ACK_WAIT * 4
+    nc = await connect(nats_server.url, "test-heartbeat")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        body = b"Subject: slow\r\n\r\nslow hop\r\n"
+        queue_id = "SLOWHOP000000001"
+        await store_body(js, queue_id, io.BytesIO(body), len(body))
+        job = DeliveryJob(
+            queue_id=queue_id,
+            attempt=1,
+            mail_from="a@client.test",
+            recipients=["r@example.com"],
+            size=len(body),
+            body_store="stream",
+        )
+        await js.publish(job_subject(queue_id), job.model_dump_json().encode(), stream=JOBS_STREAM)
+
+        tables = TableFollower()
+        table, problems = compile_table(
+            parse_documents([yaml.safe_load(route("r", ["example.com"], sink.port))], "test")
+        )
+        assert not problems
+        tables.table = table
+        worker = DeliveryWorker(
+            js, tables, DeliverySettings(helo_name="relay.test", concurrency=4), ack_wait=ACK_WAIT
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        results = await js.pull_subscribe("kurrier.result.*", stream=RESULTS_STREAM)
+        [reported] = await results.fetch(1, timeout=30)
+        stop.set()
+        await asyncio.wait_for(running, timeout=30)
+
+        result = DeliveryResult.model_validate_json(reported.data)
+        assert [o.outcome for o in result.outcomes] == ["delivered"]
+        # The sink took longer than ack_wait three times over; one copy arrived.
+        assert len(sink.messages) == 1
+        assert (await js.stream_info(JOBS_STREAM)).state.messages == 0
+    finally:
+        await disconnect(nc)
