@@ -5,15 +5,29 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from kurrier.core.telemetry import grpc_metadata
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 
 CHUNK_SIZE = 256 * 1024
+# Bodies up to this size are sent in one request (gRPC's default limit on a
+# received message is 4 MiB).
+UNARY_LIMIT = 1024 * 1024
 # Long enough to ride out a queue restart (wait_for_ready), short enough that the
 # SMTP client gets its 451 well within its own DATA timeout.
 ENQUEUE_TIMEOUT = 20.0
+
+
+async def _stream(
+    envelope: queue_pb2.Envelope, parts: list[bytes]
+) -> AsyncIterator[queue_pb2.EnqueueRequest]:
+    yield queue_pb2.EnqueueRequest(envelope=envelope)
+    for part in parts:
+        view = memoryview(part)
+        for start in range(0, len(view), CHUNK_SIZE):
+            yield queue_pb2.EnqueueRequest(chunk=bytes(view[start : start + CHUNK_SIZE]))
 
 
 class QueueUnavailable(Exception):
@@ -49,23 +63,22 @@ class QueueClient:
         self._stub = queue_pb2_grpc.QueueServiceStub(self._channel)
 
     async def enqueue(self, envelope: queue_pb2.Envelope, parts: list[bytes]) -> str:
-        """Stream envelope and body parts; returns the queue id once the body is stored."""
+        """Send envelope and body; returns the queue id once the message is durably stored.
 
-        async def requests() -> AsyncIterator[queue_pb2.EnqueueRequest]:
-            yield queue_pb2.EnqueueRequest(envelope=envelope)
-            for part in parts:
-                view = memoryview(part)
-                for start in range(0, len(view), CHUNK_SIZE):
-                    yield queue_pb2.EnqueueRequest(chunk=bytes(view[start : start + CHUNK_SIZE]))
-
+        A body up to UNARY_LIMIT goes in one EnqueueMessage request; a larger
+        one is streamed in chunks, so neither side holds a huge gRPC message.
+        """
+        size = sum(len(part) for part in parts)
         try:
-            response = await self._stub.Enqueue(
-                requests(),
-                timeout=ENQUEUE_TIMEOUT,
-                wait_for_ready=True,
-                # The message's trace continues in the queue (its server interceptor).
-                metadata=grpc_metadata(),
-            )
+            if size <= UNARY_LIMIT:
+                response = await self._stub.EnqueueMessage(
+                    queue_pb2.EnqueueMessageRequest(envelope=envelope, body=b"".join(parts)),
+                    **self._call_options(),
+                )
+            else:
+                response = await self._stub.Enqueue(
+                    _stream(envelope, parts), **self._call_options()
+                )
         except grpc.aio.AioRpcError as error:
             failure = (
                 QueueFull
@@ -74,6 +87,15 @@ class QueueClient:
             )
             raise failure(f"{error.code().name}: {error.details()}") from error
         return str(response.queue_id)
+
+    @staticmethod
+    def _call_options() -> dict[str, Any]:
+        return {
+            "timeout": ENQUEUE_TIMEOUT,
+            "wait_for_ready": True,
+            # The message's trace continues in the queue (its server interceptor).
+            "metadata": grpc_metadata(),
+        }
 
     async def close(self) -> None:
         await self._channel.close()

@@ -3,10 +3,12 @@ the admin calls list, show, hold, release, delete and retry."""
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import tempfile
 from collections.abc import AsyncIterator
+from typing import IO
 
 import grpc
 import nats.errors
@@ -48,6 +50,11 @@ def check_envelope(envelope: queue_pb2.Envelope) -> None:
         raise InvalidRequest("at least one recipient is required")
     if envelope.size < 0:
         raise InvalidRequest("size must not be negative")
+
+
+def check_size(envelope: queue_pb2.Envelope, size: int) -> None:
+    if size != envelope.size:
+        raise InvalidRequest(f"body has {size} bytes, envelope says {envelope.size}")
 
 
 def matches(record: MessageRecord, selector: queue_pb2.MessageFilter) -> bool:
@@ -118,38 +125,62 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                         raise InvalidRequest("only body chunks may follow the envelope")
                 if envelope is None:
                     raise InvalidRequest("empty request stream")
-                if size != envelope.size:
-                    raise InvalidRequest(f"body has {size} bytes, envelope says {envelope.size}")
+                check_size(envelope, size)
             except InvalidRequest as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
                 raise  # abort() raises; this keeps type checkers aware
-            template = MessageRecord(
-                queue_id=envelope.queue_id,
-                mail_from=envelope.mail_from,
-                recipients=[RecipientState(address=r) for r in envelope.recipients],
-                received_at=0.0,
-                size=size,
-                body_store="stream",
-                client_address=envelope.client_address,
-                client_helo=envelope.client_helo,
-                authenticated_as=envelope.authenticated_as,
-                smtputf8=envelope.smtputf8,
-                body_type=envelope.body_type,
-                message_id_header=envelope.message_id_header,
-            )
-            try:
-                await self._manager.intake.accept(template, body, size)
-            except NATS_FAILURES as error:
-                log.warning(
-                    "enqueue failed, the client will retry: %r",
-                    error,
-                    extra={"queue_id": envelope.queue_id},
-                )
-                if storage_full(error):
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "message store full")
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "message store unavailable")
-                raise
+            await self._accept(envelope, body, size, context)
         return queue_pb2.EnqueueResponse(queue_id=envelope.queue_id)
+
+    async def EnqueueMessage(
+        self, request: queue_pb2.EnqueueMessageRequest, context: grpc.aio.ServicerContext
+    ) -> queue_pb2.EnqueueResponse:
+        envelope = request.envelope
+        try:
+            if not request.HasField("envelope"):
+                raise InvalidRequest("the request must carry the envelope")
+            check_envelope(envelope)
+            check_size(envelope, len(request.body))
+        except InvalidRequest as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise
+        await self._accept(envelope, io.BytesIO(request.body), len(request.body), context)
+        return queue_pb2.EnqueueResponse(queue_id=envelope.queue_id)
+
+    async def _accept(
+        self,
+        envelope: queue_pb2.Envelope,
+        body: IO[bytes],
+        size: int,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Store a checked message durably, or abort the call with the reason it was not."""
+        template = MessageRecord(
+            queue_id=envelope.queue_id,
+            mail_from=envelope.mail_from,
+            recipients=[RecipientState(address=r) for r in envelope.recipients],
+            received_at=0.0,
+            size=size,
+            body_store="stream",
+            client_address=envelope.client_address,
+            client_helo=envelope.client_helo,
+            authenticated_as=envelope.authenticated_as,
+            smtputf8=envelope.smtputf8,
+            body_type=envelope.body_type,
+            message_id_header=envelope.message_id_header,
+        )
+        try:
+            await self._manager.intake.accept(template, body, size)
+        except NATS_FAILURES as error:
+            log.warning(
+                "enqueue failed, the client will retry: %r",
+                error,
+                extra={"queue_id": envelope.queue_id},
+            )
+            if storage_full(error):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "message store full")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "message store unavailable")
+            raise
 
     async def _select(self, selector: queue_pb2.MessageFilter) -> list[MessageRecord]:
         if selector.state and selector.state not in STATES:

@@ -40,6 +40,11 @@ class QueueServiceStub:
                 request_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueRequest.SerializeToString,
                 response_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
                 _registered_method=True)
+        self.EnqueueMessage = channel.unary_unary(
+                '/kurrier.v1.QueueService/EnqueueMessage',
+                request_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.SerializeToString,
+                response_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
+                _registered_method=True)
         self.ListMessages = channel.unary_unary(
                 '/kurrier.v1.QueueService/ListMessages',
                 request_serializer=kurrier_dot_v1_dot_queue__pb2.ListMessagesRequest.SerializeToString,
@@ -65,6 +70,15 @@ class QueueServiceServicer:
         """Enqueue streams one message: the first request carries the envelope,
         the following ones carry the body in chunks. The reply comes only after
         the message is durably stored in JetStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnqueueMessage(self, request, context):
+        """EnqueueMessage is Enqueue in one request, for messages that fit in one
+        gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
+        without a stream's per-call overhead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +110,11 @@ def add_QueueServiceServicer_to_server(servicer, server):
             'Enqueue': grpc.stream_unary_rpc_method_handler(
                     servicer.Enqueue,
                     request_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueRequest.FromString,
+                    response_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.SerializeToString,
+            ),
+            'EnqueueMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnqueueMessage,
+                    request_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.FromString,
                     response_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.SerializeToString,
             ),
             'ListMessages': grpc.unary_unary_rpc_method_handler(
@@ -141,6 +160,33 @@ class QueueService:
             target,
             '/kurrier.v1.QueueService/Enqueue',
             kurrier_dot_v1_dot_queue__pb2.EnqueueRequest.SerializeToString,
+            kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnqueueMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kurrier.v1.QueueService/EnqueueMessage',
+            kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.SerializeToString,
             kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
             options,
             channel_credentials,

@@ -38,6 +38,11 @@ class QueueServiceStub:
     the following ones carry the body in chunks. The reply comes only after
     the message is durably stored in JetStream.
     """
+    EnqueueMessage: _grpc.UnaryUnaryMultiCallable[_queue_pb2.EnqueueMessageRequest, _queue_pb2.EnqueueResponse]
+    """EnqueueMessage is Enqueue in one request, for messages that fit in one
+    gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
+    without a stream's per-call overhead.
+    """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListMessagesRequest, _queue_pb2.ListMessagesResponse]
     """Admin: the postqueue/postsuper of kurrier."""
     GetMessage: _grpc.UnaryUnaryMultiCallable[_queue_pb2.GetMessageRequest, _queue_pb2.MessageDetail]
@@ -53,6 +58,11 @@ class QueueServiceAsyncStub(QueueServiceStub):
     """Enqueue streams one message: the first request carries the envelope,
     the following ones carry the body in chunks. The reply comes only after
     the message is durably stored in JetStream.
+    """
+    EnqueueMessage: _aio.UnaryUnaryMultiCallable[_queue_pb2.EnqueueMessageRequest, _queue_pb2.EnqueueResponse]  # type: ignore[assignment]
+    """EnqueueMessage is Enqueue in one request, for messages that fit in one
+    gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
+    without a stream's per-call overhead.
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListMessagesRequest, _queue_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Admin: the postqueue/postsuper of kurrier."""
@@ -72,6 +82,17 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         """Enqueue streams one message: the first request carries the envelope,
         the following ones carry the body in chunks. The reply comes only after
         the message is durably stored in JetStream.
+        """
+
+    @_abc_1.abstractmethod
+    def EnqueueMessage(
+        self,
+        request: _queue_pb2.EnqueueMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.EnqueueResponse, _abc.Awaitable[_queue_pb2.EnqueueResponse]]:
+        """EnqueueMessage is Enqueue in one request, for messages that fit in one
+        gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
+        without a stream's per-call overhead.
         """
 
     @_abc_1.abstractmethod
