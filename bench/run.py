@@ -75,8 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--systems",
         default="kurrier,postfix",
-        help="kurrier, postfix, and kurrier+EXPERIMENT[+...] variants (bench/experiments: "
-        "uvloop), each measured like the others",
+        help="kurrier, postfix, kurrier@REV (another git revision, for before/after) and "
+        "kurrier+EXPERIMENT[+...] variants (bench/experiments: uvloop), each measured like "
+        "the others",
     )
     parser.add_argument(
         "--workdir", type=Path, default=Path("/var/tmp/kurrier-bench"), help="relay state (disk)"
@@ -245,8 +246,10 @@ async def run_one(
     workdir: Path = args.workdir / slug
     system: System
     if name.startswith("kurrier"):
-        env = experiment_env(args.kurrier_env, name.split("+")[1:])
-        system = Kurrier(workdir, sink.port, env=env, name=name)
+        base, *experiments = name.split("+")
+        _, at, revision = base.partition("@")
+        code = kurrier_snapshot(revision, args.workdir)[1] if at else args.kurrier_env
+        system = Kurrier(workdir, sink.port, env=experiment_env(code, experiments), name=name)
     elif name == "postfix":
         system = Postfix(workdir, sink.port)
     else:
