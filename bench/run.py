@@ -272,6 +272,10 @@ async def run_one(
         await system.stop()
     cell.stop_s = round(system.stop_seconds, 2)
     cell.stopped_cleanly = system.stopped_cleanly
+    log = workdir / "kurrier.log"
+    if not cell.stopped_cleanly and log.exists():
+        # The next cell wipes the work directory; keep what the hung stop said.
+        shutil.copy(log, dumps.parent / f"unclean-stop-{tag}.log")
     return cell
 
 
