@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from kurrier.core.smtp_probe import wait_for_smtp_banner
+
 from bench import proc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,25 +50,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-async def wait_for_banner(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", port), timeout=2
-            )
-            banner = await asyncio.wait_for(reader.readline(), timeout=5)
-            writer.write(b"QUIT\r\n")
-            writer.close()
-            if banner.startswith(b"220"):
-                return
-        except (OSError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no SMTP banner on 127.0.0.1:{port} after {timeout}s")
-        await asyncio.sleep(0.1)
 
 
 async def wait_or_kill(process: asyncio.subprocess.Process, timeout: float) -> tuple[float, bool]:
@@ -245,7 +228,7 @@ class Kurrier:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"kurrier up not ready after {timeout}s; see {log}")
             await asyncio.sleep(0.1)
-        await wait_for_banner(self.smtp_port, timeout)
+        await wait_for_smtp_banner("127.0.0.1", self.smtp_port, timeout)
 
     async def stop(self) -> None:
         """SIGTERM (a drain), then SIGKILL to the whole tree after STOP_TIMEOUT.
@@ -421,7 +404,7 @@ class Postfix:
         )
         log.close()
         try:
-            await wait_for_banner(self.smtp_port, 60)
+            await wait_for_smtp_banner("127.0.0.1", self.smtp_port, 60)
         except BaseException:
             await self.stop()
             raise

@@ -23,6 +23,7 @@ from kurrier.core.jetstream import connect, ensure_layout
 from kurrier.core.lifecycle import stop_event
 from kurrier.core.loader import ResourceError, load_resources
 from kurrier.core.routing import compile_table
+from kurrier.core.smtp_probe import wait_for_smtp_banner
 from kurrier.core.table_store import publish_table
 from nats.errors import Error as NatsError
 
@@ -120,20 +121,7 @@ async def _wait_for_smtp(address: str, timeout: float) -> None:
     """Ready means an SMTP banner, not just an open port."""
     host, port = parse_host_port(address, default_host="127.0.0.1")
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            reader, writer = await asyncio.open_connection(host, port)
-            banner = await asyncio.wait_for(reader.readline(), timeout=5)
-            writer.write(b"QUIT\r\n")
-            writer.close()
-            if banner.startswith(b"220"):
-                return
-        except (OSError, TimeoutError):
-            pass
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"ingress did not answer on {address} within {timeout}s")
-        await asyncio.sleep(0.1)
+    await wait_for_smtp_banner(host, port, timeout)
 
 
 async def _wait_for_operator(address: str, timeout: float) -> None:
