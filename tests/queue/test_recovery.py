@@ -10,11 +10,14 @@ from pathlib import Path
 
 import nats.errors
 from kurrier.core.body_store import store_body
-from kurrier.core.jetstream import JOBS_STREAM, connect, disconnect, ensure_layout
+from kurrier.core.jetstream import JOBS_STREAM, connect, disconnect, ensure_layout, job_subject
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.table_store import TableFollower
+from kurrier.queue.dispatch import mark_dispatched, publish_jobs
 from kurrier.queue.intake import Intake
 from kurrier.queue.records import RecordStore
+from kurrier.queue.retry_schedule import RetrySchedule
+from kurrier.queue.scheduler import DISPATCH_GRACE, QueueManager
 
 from tests.support.nats import NatsServer
 from tests.support.processes import wait_until
@@ -94,3 +97,48 @@ def test_a_failed_job_publish_takes_the_record_back(nats_server: NatsServer) -> 
     failed, record_gone = asyncio.run(_accept_without_a_jobs_stream(nats_server.url))
     assert failed
     assert record_gone
+
+
+async def _sweep_after_a_crash_mid_enqueue(nats_url: str) -> tuple[int, int, int, int]:
+    """A record two dispatch-graces old; the sweeper runs with its job present, then gone."""
+    nc = await connect(nats_url, "test-sweep")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        records = await RecordStore.open(js)
+        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+        queue_id = "UNCONFIRMED000000001"
+        body = b"Subject: crash\r\n\r\nmid-enqueue\r\n"
+        dispatched = time.time() - 2 * DISPATCH_GRACE
+        record = MessageRecord(
+            queue_id=queue_id,
+            mail_from="a@client.test",
+            recipients=[RecipientState(address="r@example.com")],
+            received_at=dispatched,
+            size=len(body),
+            body_store=await store_body(js, queue_id, io.BytesIO(body), len(body)),
+        )
+        mark_dispatched(record, ["r@example.com"], dispatched)
+        assert await records.create(record)
+        # While its job waits in JetStream (delivery is only slow), nothing happens.
+        await publish_jobs(js, TableFollower().table, record, ["r@example.com"])
+        with_job = await manager.sweep()
+        jobs_with_job = (await js.stream_info(JOBS_STREAM)).state.messages
+        # The job never published (the queue died after storing the record): dispatched again.
+        await js.purge_stream(JOBS_STREAM, subject=job_subject(queue_id))
+        without_job = await manager.sweep()
+        found = await records.get(queue_id, fresh=True)
+        assert found is not None
+        return with_job, jobs_with_job, without_job, found[0].dispatches
+    finally:
+        await disconnect(nc)
+
+
+def test_a_dispatch_whose_job_was_never_published_is_redone_before_its_lease(
+    nats_server: NatsServer,
+) -> None:
+    with_job, jobs_with_job, without_job, dispatches = asyncio.run(
+        _sweep_after_a_crash_mid_enqueue(nats_server.url)
+    )
+    assert (with_job, jobs_with_job) == (0, 1)
+    assert (without_job, dispatches) == (1, 2)
