@@ -143,6 +143,16 @@ def test_nothing_acknowledged_is_lost_under_crashes(
             load.wait_for_acknowledged(len(load.ledger.acknowledged) + PROGRESS_PER_STEP, 120)
         finally:
             ledger = load.stop()
+        usage = ""
+        if SOAK_SECONDS:
+            usage = "\n  growth per service (first -> last cycle):" + "".join(
+                f"\n    {child}: RSS {s[0].rss_kib} -> {s[-1].rss_kib} KiB,"
+                f" fds {s[0].fds} -> {s[-1].fds}"
+                for child, s in samples.items()
+            )
+            with capsys.disabled():
+                # Printed now too: a failed drain below must not hide a long run's figures.
+                print(f"soak: {len(samples[CHILDREN[0]])} cycles{usage}")
         sink.behaviour.data_delay = 0.0
         wait_until(
             lambda: ledger.acknowledged <= {_subject(m.content) for m in sink.messages},
@@ -151,13 +161,6 @@ def test_nothing_acknowledged_is_lost_under_crashes(
         )
         wait_until(lambda: queued_count(relay.nats_url) == 0, 300, "the queue to drain")
     delivered = Counter(_subject(m.content) for m in sink.messages)
-    usage = ""
-    if SOAK_SECONDS:
-        usage = "\n  growth per service (first -> last cycle):" + "".join(
-            f"\n    {child}: RSS {s[0].rss_kib} -> {s[-1].rss_kib} KiB,"
-            f" fds {s[0].fds} -> {s[-1].fds}"
-            for child, s in samples.items()
-        )
     report = _report(ledger, delivered, faults_done, usage)
     with capsys.disabled():
         print(report)
