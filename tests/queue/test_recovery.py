@@ -10,14 +10,23 @@ from pathlib import Path
 
 import nats.errors
 from kurrier.core.body_store import store_body
-from kurrier.core.jetstream import JOBS_STREAM, connect, disconnect, ensure_layout, job_subject
+from kurrier.core.jetstream import (
+    BODIES_STREAM,
+    JOBS_STREAM,
+    body_subject,
+    connect,
+    disconnect,
+    ensure_layout,
+    job_subject,
+)
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.dispatch import mark_dispatched, publish_jobs
 from kurrier.queue.intake import Intake
 from kurrier.queue.records import RecordStore
 from kurrier.queue.retry_schedule import RetrySchedule
-from kurrier.queue.scheduler import DISPATCH_GRACE, QueueManager
+from kurrier.queue.scheduler import QueueManager
+from kurrier.queue.sweeper import DISPATCH_GRACE, Sweeper
 
 from tests.support.nats import NatsServer
 from tests.support.processes import wait_until
@@ -107,6 +116,7 @@ async def _sweep_after_a_crash_mid_enqueue(nats_url: str) -> tuple[int, int, int
         await ensure_layout(js)
         records = await RecordStore.open(js)
         manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+        sweeper = Sweeper(js, manager)
         queue_id = "UNCONFIRMED000000001"
         body = b"Subject: crash\r\n\r\nmid-enqueue\r\n"
         dispatched = time.time() - 2 * DISPATCH_GRACE
@@ -122,11 +132,11 @@ async def _sweep_after_a_crash_mid_enqueue(nats_url: str) -> tuple[int, int, int
         assert await records.create(record)
         # While its job waits in JetStream (delivery is only slow), nothing happens.
         await publish_jobs(js, TableFollower().table, record, ["r@example.com"])
-        with_job = await manager.sweep()
+        with_job, _ = await sweeper.sweep()
         jobs_with_job = (await js.stream_info(JOBS_STREAM)).state.messages
         # The job never published (the queue died after storing the record): dispatched again.
         await js.purge_stream(JOBS_STREAM, subject=job_subject(queue_id))
-        without_job = await manager.sweep()
+        without_job, _ = await sweeper.sweep()
         found = await records.get(queue_id, fresh=True)
         assert found is not None
         return with_job, jobs_with_job, without_job, found[0].dispatches
@@ -142,3 +152,41 @@ def test_a_dispatch_whose_job_was_never_published_is_redone_before_its_lease(
     )
     assert (with_job, jobs_with_job) == (0, 1)
     assert (without_job, dispatches) == (1, 2)
+
+
+async def _sweep_orphaned_bodies(nats_url: str) -> tuple[int, int, list[str]]:
+    nc = await connect(nats_url, "test-sweep-bodies")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        records = await RecordStore.open(js)
+        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+        body = b"Subject: b\r\n\r\nbody\r\n"
+        for queue_id in ("ORPHANBODY0000000001", "LIVEBODY000000000001"):
+            await store_body(js, queue_id, io.BytesIO(body), len(body))
+        live = MessageRecord(
+            queue_id="LIVEBODY000000000001",
+            mail_from="a@client.test",
+            recipients=[RecipientState(address="r@example.com")],
+            received_at=time.time(),
+            size=len(body),
+            body_store="stream",
+            held=True,  # nothing else for the sweeper to do with it
+        )
+        assert await records.create(live)
+        sweeper = Sweeper(js, manager)
+        # Now, both bodies are too young to judge; later, only the orphan goes.
+        _, removed_young = await sweeper.sweep()
+        _, removed_old = await sweeper.sweep(now=time.time() + 2 * DISPATCH_GRACE)
+        info = await js.stream_info(BODIES_STREAM, subjects_filter=body_subject("*"))
+        return removed_young, removed_old, sorted(info.state.subjects or {})
+    finally:
+        await disconnect(nc)
+
+
+def test_a_body_no_record_refers_to_is_removed_once_old_enough(nats_server: NatsServer) -> None:
+    # What a crash between a record's removal and its body's purge (or a nats-server
+    # SIGKILL before it persisted the purge) leaves behind.
+    removed_young, removed_old, left = asyncio.run(_sweep_orphaned_bodies(nats_server.url))
+    assert (removed_young, removed_old) == (0, 1)
+    assert left == [body_subject("LIVEBODY000000000001")]

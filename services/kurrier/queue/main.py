@@ -18,6 +18,7 @@ from kurrier.queue.records import RecordStore
 from kurrier.queue.retry_schedule import RetrySchedule
 from kurrier.queue.scheduler import QueueManager
 from kurrier.queue.service import QueueService
+from kurrier.queue.sweeper import Sweeper
 from kurrier.v1 import queue_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ async def serve_queue(settings: QueueSettings) -> None:
     tables = TableFollower()
     records = await RecordStore.open(js)
     manager = QueueManager(js, records, tables, settings.schedule, settings.hostname)
-    sweeper = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
+    sweeper_lease = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
 
     async def count_depth() -> None:
         QUEUE_DEPTH.update(await records.count_by_state())
@@ -88,7 +89,7 @@ async def serve_queue(settings: QueueSettings) -> None:
             tables.run(js),
             manager.run_results(),
             manager.run_due(),
-            sweeper.run(manager.run_sweeper),
+            sweeper_lease.run(Sweeper(js, manager).run),
         )
     finally:
         await health_servicer.enter_graceful_shutdown()

@@ -3,9 +3,8 @@ what failed, and carry out admin actions.
 
 Retry times are JetStream message schedules (one per deferred message, on
 kurrier.schedule.<id>), so they survive restarts and fire into kurrier.due.*
-for whichever queue process is alive. A sweeper, run by the one process that
-holds the leadership lease, re-dispatches anything whose job, result or
-schedule was lost in a crash.
+for whichever queue process is alive. The sweeper (sweeper.py) repairs what
+a crash leaves behind.
 """
 
 from __future__ import annotations
@@ -25,9 +24,7 @@ from kurrier.core.jetstream import (
     RESULTS_CONSUMER,
     RESULTS_STREAM,
     due_subject,
-    job_subject,
     pull_batch,
-    result_subject,
     schedule_subject,
 )
 from kurrier.core.message import (
@@ -44,7 +41,7 @@ from kurrier.core.telemetry import (
     consuming,
     count_recipient_changes,
 )
-from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched, publish_jobs
+from kurrier.queue.dispatch import mark_dispatched, publish_jobs
 from kurrier.queue.dsn import render_dsn
 from kurrier.queue.intake import Intake
 from kurrier.queue.records import RecordConflict, RecordStore
@@ -54,17 +51,6 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 
 log = logging.getLogger(__name__)
-
-# The sweeper's round, and how late a due recipient must be before the sweeper
-# (not its schedule or its job) is assumed to be the one that will act.
-SWEEP_INTERVAL = 60.0
-SWEEP_SLACK = 60.0
-# A dispatch this old with neither a job nor a result in JetStream was never
-# published: longer than any Enqueue (its deadline is 20 s) or dispatch takes.
-DISPATCH_GRACE = 120.0
-# Past this many messages in the jobs or results stream the sweeper does not
-# list them; unconfirmed dispatches then wait for their lease (JOB_LEASE).
-LISTABLE_WORK = 10_000
 
 # A change to a record: returns the recipients to dispatch now, or None if it
 # changed nothing (then nothing is written).
@@ -86,6 +72,10 @@ class QueueManager:
         self._schedule = schedule
         self._hostname = hostname
         self.intake = Intake(js, records, tables)
+
+    @property
+    def records(self) -> RecordStore:
+        return self._records
 
     async def _schedule_next(self, record: MessageRecord) -> None:
         """Arrange for the queue to look at the record again when its next retry is due."""
@@ -236,7 +226,7 @@ class QueueManager:
 
         return change
 
-    def _retry_due(self, record: MessageRecord, now: float) -> list[str] | None:
+    def retry_due(self, record: MessageRecord, now: float) -> list[str] | None:
         if record.held:
             return None
         due = [r for r in record.pending() if r.next_attempt <= now]
@@ -323,7 +313,7 @@ class QueueManager:
             await self._settle(message, result.queue_id, self._apply_result(result))
 
     async def _on_due(self, message: Msg) -> None:
-        await self._settle(message, message.subject.rsplit(".", 1)[-1], self._retry_due)
+        await self._settle(message, message.subject.rsplit(".", 1)[-1], self.retry_due)
 
     async def run_results(self) -> None:
         """Consume delivery results; each is acked only once its record reflects it."""
@@ -332,80 +322,3 @@ class QueueManager:
     async def run_due(self) -> None:
         """Re-dispatch messages whose retry schedule fired (or that an admin released)."""
         await self._consume("kurrier.due.*", DUE_CONSUMER, JOBS_STREAM, self._on_due)
-
-    async def sweep(self) -> int:
-        """Re-dispatch what a crash left without a job, a result or a schedule.
-
-        Two kinds: anything overdue by more than SWEEP_SLACK (a lease ran out or
-        a schedule was lost), and, sooner, a dispatch older than DISPATCH_GRACE
-        for which JetStream holds neither a job nor a result (the process that
-        stored the record died before publishing its job). Redelivering either
-        may duplicate a message, never lose one.
-        """
-        now = time.time()
-        overdue: list[str] = []
-        unconfirmed: dict[str, int] = {}
-        async for record in self._records.all():
-            if record.held:
-                continue
-            pending = record.pending()
-            if any(r.next_attempt < now - SWEEP_SLACK for r in pending):
-                overdue.append(record.queue_id)
-            elif any(
-                r.status == "queued" and r.next_attempt - JOB_LEASE < now - DISPATCH_GRACE
-                for r in pending
-            ):
-                unconfirmed[record.queue_id] = record.dispatches
-        for queue_id in overdue:
-            await self.mutate(queue_id, self._retry_due)
-        lost = await self._without_work(unconfirmed)
-        for queue_id in lost:
-            await self.mutate(queue_id, self._redispatch(unconfirmed[queue_id]), fresh=True)
-        if overdue or lost:
-            log.warning(
-                "sweeper re-dispatched %d message(s) whose job or schedule was lost",
-                len(overdue) + len(lost),
-            )
-        return len(overdue) + len(lost)
-
-    async def _without_work(self, candidates: dict[str, int]) -> list[str]:
-        """The candidates for which JetStream holds no job and no result.
-
-        Read jobs first, then results, then (in mutate) the record: work moves
-        in that order (a job is acked only after its result is stored, a
-        result only after the record changed), so in-flight work is seen in
-        at least one of them. Skipped when either stream is too long to list.
-        """
-        if not candidates:
-            return []
-        busy: set[str] = set()
-        where = ((JOBS_STREAM, job_subject("*")), (RESULTS_STREAM, result_subject("*")))
-        for stream, pattern in where:
-            if (await self._js.stream_info(stream)).state.messages > LISTABLE_WORK:
-                return []
-            info = await self._js.stream_info(stream, subjects_filter=pattern)
-            busy.update(subject.rsplit(".", 1)[-1] for subject in info.state.subjects or {})
-        return [queue_id for queue_id in candidates if queue_id not in busy]
-
-    @staticmethod
-    def _redispatch(dispatch: int) -> Mutation:
-        """Dispatch again the recipients of `dispatch`, if the record is still there."""
-
-        def change(record: MessageRecord, now: float) -> list[str] | None:
-            if record.held or record.dispatches != dispatch:
-                return None
-            addresses = [r.address for r in record.pending() if r.status == "queued"]
-            if not addresses:
-                return None
-            mark_dispatched(record, addresses, now)
-            return addresses
-
-        return change
-
-    async def run_sweeper(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("sweep failed; trying again next round")
-            await asyncio.sleep(SWEEP_INTERVAL)

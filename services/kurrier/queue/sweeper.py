@@ -1,0 +1,159 @@
+"""The sweeper: repairs what a crash left half done, run by one queue process at a time.
+
+Every SWEEP_INTERVAL it reads every record once and
+- re-dispatches a recipient overdue by more than SWEEP_SLACK (its job lease
+  ran out, or its retry schedule was lost);
+- re-dispatches, sooner, a dispatch older than DISPATCH_GRACE for which
+  JetStream holds neither a job nor a result: the process that stored the
+  record died before publishing its job (its client was told 451);
+- removes a stored body older than DISPATCH_GRACE that no record refers to:
+  the message was finished or never stored whole, and a crash (of a queue
+  process, or of nats-server before it persisted a purge) left the body.
+
+Re-dispatching may duplicate a message, never lose one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from kurrier.core.jetstream import (
+    BODIES_STREAM,
+    JOBS_STREAM,
+    RESULTS_STREAM,
+    body_subject,
+    job_subject,
+    result_subject,
+)
+from kurrier.core.message import MessageRecord
+from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched
+from kurrier.queue.scheduler import Mutation, QueueManager
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 60.0
+# How late a due recipient must be before the sweeper (not its schedule or its
+# job) is assumed to be the one that will act.
+SWEEP_SLACK = 60.0
+# Longer than any Enqueue (its deadline is 20 s) or dispatch takes: work this
+# old that JetStream does not hold was never published, and will not be.
+DISPATCH_GRACE = 120.0
+# A stream holding more messages than this is not listed by subject; what the
+# listing would find then waits for the lease (dispatches) or a later round.
+LISTABLE = 10_000
+
+
+class Sweeper:
+    def __init__(self, js: JetStreamContext, manager: QueueManager) -> None:
+        self._js = js
+        self._manager = manager
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("sweep failed; trying again next round")
+            await asyncio.sleep(SWEEP_INTERVAL)
+
+    async def sweep(self, now: float | None = None) -> tuple[int, int]:
+        """One round; returns (messages re-dispatched, orphaned bodies removed)."""
+        now = time.time() if now is None else now
+        live: set[str] = set()
+        overdue: list[str] = []
+        unconfirmed: dict[str, int] = {}
+        async for record in self._manager.records.all():
+            live.add(record.queue_id)
+            if record.held:
+                continue
+            pending = record.pending()
+            if any(r.next_attempt < now - SWEEP_SLACK for r in pending):
+                overdue.append(record.queue_id)
+            elif any(
+                r.status == "queued" and r.next_attempt - JOB_LEASE < now - DISPATCH_GRACE
+                for r in pending
+            ):
+                unconfirmed[record.queue_id] = record.dispatches
+        for queue_id in overdue:
+            await self._manager.mutate(queue_id, self._manager.retry_due)
+        lost = await self._without_work(unconfirmed)
+        for queue_id in lost:
+            await self._manager.mutate(queue_id, _redispatch(unconfirmed[queue_id]), fresh=True)
+        if overdue or lost:
+            log.warning(
+                "sweeper re-dispatched %d message(s) whose job or schedule was lost",
+                len(overdue) + len(lost),
+            )
+        removed = await self._remove_orphaned_bodies(live, now)
+        if removed:
+            log.warning("sweeper removed %d body(ies) no message refers to", removed)
+        return len(overdue) + len(lost), removed
+
+    async def _subjects(self, stream: str, pattern: str) -> set[str] | None:
+        """The subjects holding messages in stream, or None when it is too long to list."""
+        if (await self._js.stream_info(stream)).state.messages > LISTABLE:
+            return None
+        info = await self._js.stream_info(stream, subjects_filter=pattern)
+        return set(info.state.subjects or {})
+
+    async def _without_work(self, candidates: dict[str, int]) -> list[str]:
+        """The candidates for which JetStream holds no job and no result.
+
+        Read jobs first, then results, then (in mutate) the record: work moves
+        in that order (a job is acked only after its result is stored, a
+        result only after the record changed), so in-flight work is seen in
+        at least one of them.
+        """
+        if not candidates:
+            return []
+        busy: set[str] = set()
+        where = ((JOBS_STREAM, job_subject("*")), (RESULTS_STREAM, result_subject("*")))
+        for stream, pattern in where:
+            subjects = await self._subjects(stream, pattern)
+            if subjects is None:
+                return []
+            busy.update(subject.rsplit(".", 1)[-1] for subject in subjects)
+        return [queue_id for queue_id in candidates if queue_id not in busy]
+
+    async def _remove_orphaned_bodies(self, live: set[str], now: float) -> int:
+        """Delete stored bodies (stream only) older than DISPATCH_GRACE with no record.
+
+        live was read before the bodies are listed, and a body is stored before
+        its record is created, so a body too young to judge is left alone. The
+        body is deleted by its sequence: a body stored again since (a client
+        retrying with the same queue id) is not touched.
+        """
+        subjects = await self._subjects(BODIES_STREAM, body_subject("*"))
+        removed = 0
+        for subject in subjects or ():
+            if subject.rsplit(".", 1)[-1] in live:
+                continue
+            try:
+                body = await self._js.get_last_msg(BODIES_STREAM, subject, direct=True)
+            except NotFoundError:
+                continue
+            if body.time is None or body.time.timestamp() > now - DISPATCH_GRACE:
+                continue
+            if body.seq is not None:
+                await self._js.delete_msg(BODIES_STREAM, body.seq)
+                removed += 1
+        return removed
+
+
+def _redispatch(dispatch: int) -> Mutation:
+    """Dispatch again the recipients of `dispatch`, if the record is still at it."""
+
+    def change(record: MessageRecord, now: float) -> list[str] | None:
+        if record.held or record.dispatches != dispatch:
+            return None
+        addresses = [r.address for r in record.pending() if r.status == "queued"]
+        if not addresses:
+            return None
+        mark_dispatched(record, addresses, now)
+        return addresses
+
+    return change
