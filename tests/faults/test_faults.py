@@ -25,7 +25,7 @@ import pytest
 
 from tests.support.load import Ledger, SteadyLoad
 from tests.support.processes import wait_until
-from tests.support.relay import UpRelay, documents, queued_count, route, trusting
+from tests.support.relay import UpRelay, documents, queued_count, route, stored_bodies, trusting
 from tests.support.sink import Sink
 
 SOAK_SECONDS = float(os.environ.get("KURRIER_SOAK_SECONDS", "0"))
@@ -160,6 +160,8 @@ def test_nothing_acknowledged_is_lost_under_crashes(
             "every acknowledged message to be delivered",
         )
         wait_until(lambda: queued_count(relay.nats_url) == 0, 300, "the queue to drain")
+        # Crashes leave bodies of finished messages behind; the sweeper collects them.
+        wait_until(lambda: stored_bodies(relay.nats_url) == 0, 300, "leftover bodies to go")
     delivered = Counter(_subject(m.content) for m in sink.messages)
     report = _report(ledger, delivered, faults_done, usage)
     with capsys.disabled():

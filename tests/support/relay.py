@@ -12,7 +12,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
-from kurrier.core.jetstream import MESSAGES_BUCKET, connect, disconnect, ensure_layout
+from kurrier.core.jetstream import (
+    BODIES_STREAM,
+    MESSAGES_BUCKET,
+    connect,
+    disconnect,
+    ensure_layout,
+)
 from kurrier.core.loader import parse_documents
 from kurrier.core.message import MessageRecord
 from kurrier.core.routing import compile_table
@@ -131,6 +137,22 @@ def queued_count(nats_url: str) -> int:
     caller simply asks again."""
     try:
         return asyncio.run(_queued_count(nats_url))
+    except NatsTimeoutError:
+        return -1
+
+
+async def _stored_bodies(nats_url: str) -> int:
+    nc = await connect(nats_url, "test-inspector")
+    try:
+        return (await nc.jetstream().stream_info(BODIES_STREAM)).state.messages
+    finally:
+        await disconnect(nc)
+
+
+def stored_bodies(nats_url: str) -> int:
+    """Message bodies in the bodies stream; -1 when NATS did not answer in time."""
+    try:
+        return asyncio.run(_stored_bodies(nats_url))
     except NatsTimeoutError:
         return -1
 
