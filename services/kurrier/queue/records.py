@@ -20,8 +20,10 @@ class RecordConflict(Exception):
 # no KV read first (one round trip less per message). Bounded; oldest go first.
 RECENT_LIMIT = 10_000
 # A finished message leaves a purge marker in the bucket (so watchers learn of
-# the deletion); it expires after this long instead of piling up forever.
-MARKER_TTL = 3600.0
+# the deletion); it expires after this long instead of piling up. Markers
+# cost nats-server memory: with an hour's TTL a 30-minute soak left 477 000
+# of them, and nats-server at 490 MB RSS (backlog included).
+MARKER_TTL = 60.0
 
 
 class RecordStore:
