@@ -24,6 +24,10 @@ RECENT_LIMIT = 10_000
 # cost nats-server memory: with an hour's TTL a 30-minute soak left 477 000
 # of them, and nats-server at 490 MB RSS (backlog included).
 MARKER_TTL = 60.0
+# A pass over the bucket is an ephemeral consumer on the server, which outlives
+# the pass by this long (nats-py's default is 5 minutes: frequent passes, such
+# as a depth gauge scraped often, then pile up to JetStream's consumer limit).
+PASS_CONSUMER_INACTIVE = 5.0
 
 
 class RecordStore:
@@ -91,7 +95,9 @@ class RecordStore:
 
     async def all(self) -> AsyncIterator[MessageRecord]:
         """Every record, in one streamed pass over the bucket (not a request per key)."""
-        watcher = await self._kv.watchall(ignore_deletes=True)
+        watcher = await self._kv.watchall(
+            ignore_deletes=True, inactive_threshold=PASS_CONSUMER_INACTIVE
+        )
         try:
             async for entry in watcher:
                 if entry is None:
