@@ -27,6 +27,7 @@ from kurrier.queue.records import RecordStore
 from kurrier.queue.retry_schedule import RetrySchedule
 from kurrier.queue.scheduler import QueueManager
 from kurrier.queue.sweeper import DISPATCH_GRACE, Sweeper
+from nats.js import JetStreamContext
 
 from tests.support.nats import NatsServer
 from tests.support.processes import wait_until
@@ -108,15 +109,19 @@ def test_a_failed_job_publish_takes_the_record_back(nats_server: NatsServer) -> 
     assert record_gone
 
 
+async def _sweeper(js: JetStreamContext) -> tuple[RecordStore, Sweeper]:
+    await ensure_layout(js)
+    records = await RecordStore.open(js)
+    manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+    return records, Sweeper(js, manager)
+
+
 async def _sweep_after_a_crash_mid_enqueue(nats_url: str) -> tuple[int, int, int, int]:
     """A record two dispatch-graces old; the sweeper runs with its job present, then gone."""
     nc = await connect(nats_url, "test-sweep")
     try:
         js = nc.jetstream()
-        await ensure_layout(js)
-        records = await RecordStore.open(js)
-        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
-        sweeper = Sweeper(js, manager)
+        records, sweeper = await _sweeper(js)
         queue_id = "UNCONFIRMED000000001"
         body = b"Subject: crash\r\n\r\nmid-enqueue\r\n"
         dispatched = time.time() - 2 * DISPATCH_GRACE
@@ -158,9 +163,7 @@ async def _sweep_orphaned_bodies(nats_url: str) -> tuple[int, int, list[str]]:
     nc = await connect(nats_url, "test-sweep-bodies")
     try:
         js = nc.jetstream()
-        await ensure_layout(js)
-        records = await RecordStore.open(js)
-        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+        records, sweeper = await _sweeper(js)
         body = b"Subject: b\r\n\r\nbody\r\n"
         for queue_id in ("ORPHANBODY0000000001", "LIVEBODY000000000001"):
             await store_body(js, queue_id, io.BytesIO(body), len(body))
@@ -174,7 +177,6 @@ async def _sweep_orphaned_bodies(nats_url: str) -> tuple[int, int, list[str]]:
             held=True,  # nothing else for the sweeper to do with it
         )
         assert await records.create(live)
-        sweeper = Sweeper(js, manager)
         # Now, both bodies are too young to judge; later, only the orphan goes.
         _, removed_young = await sweeper.sweep()
         _, removed_old = await sweeper.sweep(now=time.time() + 2 * DISPATCH_GRACE)

@@ -15,14 +15,9 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 
-def body_store_for(size: int) -> BodyStore:
-    """Where a body of this many bytes is kept."""
-    return "stream" if size <= INLINE_BODY_LIMIT else "object"
-
-
 async def store_body(js: JetStreamContext, queue_id: str, body: IO[bytes], size: int) -> BodyStore:
     """Store body durably (acknowledged by JetStream); the queue id makes a retry a no-op."""
-    if body_store_for(size) == "stream":
+    if size <= INLINE_BODY_LIMIT:
         body.seek(0)
         await js.publish(
             body_subject(queue_id),

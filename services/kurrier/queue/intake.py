@@ -1,4 +1,4 @@
-"""Taking a message into the queue durably: body and record, then the first jobs.
+"""Taking a message into the queue durably: body, record, first jobs — in that order.
 
 Used by Enqueue (mail from ingress) and by the queue itself for delivery
 status notifications, so both take exactly the same path.
@@ -6,13 +6,12 @@ status notifications, so both take exactly the same path.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 from typing import IO
 
-from kurrier.core.body_store import body_store_for, delete_body, store_body
+from kurrier.core.body_store import delete_body, store_body
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.table_store import TableFollower
 from kurrier.core.telemetry import MESSAGES_QUEUED, annotate, current_traceparent
@@ -40,11 +39,12 @@ class Intake:
         the same dedup ids on every retry.
         """
         now = time.time()
+        body_store = await store_body(self._js, template.queue_id, body, size)
         record = template.model_copy(
             update={
                 "received_at": now,
                 "size": size,
-                "body_store": body_store_for(size),
+                "body_store": body_store,
                 "recipients": [RecipientState(address=r.address) for r in template.recipients],
                 # The trace this message's retries and bounce will join.
                 "traceparent": current_traceparent(),
@@ -54,18 +54,10 @@ class Intake:
         addresses = [r.address for r in record.recipients]
         mark_dispatched(record, addresses, now)
         try:
-            # Body and record do not depend on each other, so they share one round
-            # trip; only the jobs must wait for both. Both run to the end even if
-            # one fails, so nothing is still in flight when it is taken back.
-            stored_body, created = await asyncio.gather(
-                store_body(self._js, record.queue_id, body, size),
-                self._records.create(record),
-                return_exceptions=True,
-            )
-            for outcome in (stored_body, created):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            if not created:
+            # The record only after its body is stored: a live record always has
+            # its body (delivery acks a job whose body is gone without a result,
+            # so such a record would be re-dispatched forever).
+            if not await self._records.create(record):
                 found = await self._records.get(record.queue_id, fresh=True)
                 if found is None or found[0].dispatches != 1:
                     return None
@@ -73,7 +65,7 @@ class Intake:
             await publish_jobs(self._js, self._tables.table, record, addresses)
         except BaseException:
             # The caller answers 451 and the client keeps the message: take back what
-            # was stored, or the sweeper would deliver it again after the job lease.
+            # was stored, or the sweeper would deliver it again.
             # Best effort (NATS may be the reason we are here); the sweeper remains
             # the backstop for what cannot be taken back.
             with contextlib.suppress(Exception):
