@@ -1,12 +1,14 @@
 """The queue's Enqueue RPCs refuse malformed requests with INVALID_ARGUMENT and store nothing.
 
-Both shapes are covered: EnqueueMessage (one request, what ingress sends up
-to 1 MiB) and the client-streaming Enqueue (envelope, then body chunks).
+All shapes are covered: EnqueueMessage (one request), EnqueueMessages (many
+such requests on one call, what ingress sends up to 1 MiB, each answered on
+its own) and the client-streaming Enqueue (envelope, then body chunks).
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -63,28 +65,28 @@ async def _streamed(address: str, requests: list[queue_pb2.EnqueueRequest]) -> g
         return grpc.StatusCode.OK
 
 
-@pytest.mark.parametrize(
-    "request_",
-    [
-        pytest.param(queue_pb2.EnqueueMessageRequest(body=BODY), id="no envelope"),
-        pytest.param(
-            queue_pb2.EnqueueMessageRequest(envelope=envelope("bad id!"), body=BODY),
-            id="queue id outside its alphabet",
-        ),
-        pytest.param(
-            queue_pb2.EnqueueMessageRequest(envelope=envelope(recipients=[]), body=BODY),
-            id="no recipients",
-        ),
-        pytest.param(
-            queue_pb2.EnqueueMessageRequest(envelope=envelope(), body=BODY + b"x"),
-            id="body longer than the envelope says",
-        ),
-        pytest.param(
-            queue_pb2.EnqueueMessageRequest(envelope=envelope(size=-1), body=b""),
-            id="negative size",
-        ),
-    ],
-)
+MALFORMED = [
+    pytest.param(queue_pb2.EnqueueMessageRequest(body=BODY), id="no envelope"),
+    pytest.param(
+        queue_pb2.EnqueueMessageRequest(envelope=envelope("bad id!"), body=BODY),
+        id="queue id outside its alphabet",
+    ),
+    pytest.param(
+        queue_pb2.EnqueueMessageRequest(envelope=envelope(recipients=[]), body=BODY),
+        id="no recipients",
+    ),
+    pytest.param(
+        queue_pb2.EnqueueMessageRequest(envelope=envelope(), body=BODY + b"x"),
+        id="body longer than the envelope says",
+    ),
+    pytest.param(
+        queue_pb2.EnqueueMessageRequest(envelope=envelope(size=-1), body=b""),
+        id="negative size",
+    ),
+]
+
+
+@pytest.mark.parametrize("request_", MALFORMED)
 def test_a_malformed_enqueue_message_is_refused(
     queue: ServiceRelay, nats_server: NatsServer, request_: queue_pb2.EnqueueMessageRequest
 ) -> None:
@@ -136,3 +138,63 @@ def test_both_shapes_store_a_well_formed_message(
     stored = {record.queue_id: record for record in message_records(nats_server.url)}
     assert sorted(stored) == ["APISTREAM0000001", "APIUNARY00000001"]
     assert all(record.size == len(BODY) for record in stored.values())
+
+
+async def _on_one_stream(
+    address: str, requests: list[queue_pb2.EnqueueMessageRequest]
+) -> list[queue_pb2.EnqueueResult]:
+    """Send every request on one EnqueueMessages call, then collect its answers to the end."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = queue_pb2_grpc.QueueServiceStub(channel).EnqueueMessages(
+            timeout=30, wait_for_ready=True
+        )
+        for request in requests:
+            await call.write(request)
+        await call.done_writing()
+        results = [result async for result in call]
+        assert await call.code() == grpc.StatusCode.OK
+        return results
+
+
+def test_the_message_stream_answers_each_message_and_refuses_only_the_malformed(
+    queue: ServiceRelay, nats_server: NatsServer
+) -> None:
+    good = [
+        queue_pb2.EnqueueMessageRequest(envelope=envelope(f"APIMANY0000000{n:02}"), body=BODY)
+        for n in range(20)
+    ]
+    malformed: list[queue_pb2.EnqueueMessageRequest] = [p.values[0] for p in MALFORMED]  # type: ignore[misc]
+    results = asyncio.run(_on_one_stream(queue.queue_address, [*malformed, *good]))
+    # One answer per request, whatever order they were stored in.
+    assert len(results) == len(MALFORMED) + len(good)
+    refused = [r for r in results if r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]]
+    stored = [r for r in results if r.code == grpc.StatusCode.OK.value[0]]
+    assert len(refused) == len(MALFORMED) and all(r.message for r in refused)
+    assert sorted(r.queue_id for r in stored) == sorted(g.envelope.queue_id for g in good)
+    records = message_records(nats_server.url)
+    assert sorted(r.queue_id for r in records) == sorted(g.envelope.queue_id for g in good)
+
+
+def test_a_stopping_queue_ends_the_message_stream_cleanly_after_answering(
+    queue: ServiceRelay, nats_server: NatsServer
+) -> None:
+    async def run() -> tuple[list[queue_pb2.EnqueueResult], grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(queue.queue_address) as channel:
+            call = queue_pb2_grpc.QueueServiceStub(channel).EnqueueMessages(
+                timeout=30, wait_for_ready=True
+            )
+            request = queue_pb2.EnqueueMessageRequest(
+                envelope=envelope("APISTOP000000001"), body=BODY
+            )
+            await call.write(request)
+            answered = [await call.read()]
+            # The call stays open, not half-closed: only the queue's stop can end it.
+            queue.processes["queue"].send_signal(signal.SIGTERM)
+            while (result := await call.read()) is not grpc.aio.EOF:
+                answered.append(result)
+            return answered, await call.code()
+
+    answered, code = asyncio.run(run())
+    assert code == grpc.StatusCode.OK
+    assert [(r.queue_id, r.code) for r in answered] == [("APISTOP000000001", 0)]
+    assert [r.queue_id for r in message_records(nats_server.url)] == ["APISTOP000000001"]

@@ -124,7 +124,7 @@ def test_one_message_is_one_trace_through_ingress_queue_and_delivery(
     assert root.attributes["client.address"] == "127.0.0.1"
     assert root.attributes["kurrier.recipient.domains"] == ["example.com"]
 
-    enqueue = _the(trace, "kurrier-queue", "QueueService/EnqueueMessage")
+    enqueue = _the(trace, "kurrier-queue", "QueueService/EnqueueMessages")
     sent_job = _the(trace, "kurrier-queue", "send kurrier.job", **{"kurrier.attempt": 1})
     job = _the(trace, "kurrier-delivery", "process kurrier.job")
     smtp = _the(trace, "kurrier-delivery", "SMTP send")
@@ -171,7 +171,7 @@ def test_a_deferred_then_delivered_message_shows_both_attempts_in_one_trace(
             lambda s: _finished(s, queue_id, attempts=2), "both attempts' spans"
         )
     trace = _one_trace(spans, queue_id)
-    enqueue = _the(trace, "kurrier-queue", "QueueService/EnqueueMessage")
+    enqueue = _the(trace, "kurrier-queue", "QueueService/EnqueueMessages")
     for attempt, reply_code in ((1, 451), (2, 250)):
         sent = _the(trace, "kurrier-queue", "send kurrier.job", **{"kurrier.attempt": attempt})
         # The retry was dispatched from the queue's own schedule, long after the
@@ -207,7 +207,7 @@ def test_a_bounce_appears_in_the_failed_message_trace(
     notice_id = str(bounce.queue_id)
     assert bounce.attributes["kurrier.dsn.original_queue_id"] == queue_id
     assert _one_trace(spans, notice_id) == trace
-    enqueue = _the(trace, "kurrier-queue", "QueueService/EnqueueMessage")
+    enqueue = _the(trace, "kurrier-queue", "QueueService/EnqueueMessages")
     assert bounce.parent_span_id == enqueue.span_id
     failed = _the(trace, "kurrier-delivery", "SMTP send", **{"kurrier.smtp.reply_code": 550})
     assert failed.error and failed.attributes["kurrier.smtp.enhanced_status"] == "5.1.1"

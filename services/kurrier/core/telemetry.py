@@ -189,17 +189,34 @@ def grpc_metadata() -> tuple[tuple[str, str], ...]:
     return tuple(inject_headers().items())
 
 
-def grpc_server_interceptors() -> list[Any]:
+def grpc_server_interceptors(per_message_streams: Sequence[str] = ()) -> list[Any]:
     """Interceptors that start each call's span as a child of the caller's context.
 
     Health checks are left out: probes every few seconds would bury the mail.
+    So are per_message_streams, long-lived calls carrying many messages: one
+    span for the whole call would belong to no message's trace; their
+    handlers open a span per message instead (serving_message).
     """
     if not options.tracing:
         return []
     from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
-    not_health = filters.negate(filters.health_check())
-    return [aio_server_interceptor(filter_=not_health)]  # type: ignore[no-untyped-call]
+    skipped = filters.any_of(
+        filters.health_check(), *(filters.method_name(name) for name in per_message_streams)
+    )
+    return [aio_server_interceptor(filter_=filters.negate(skipped))]  # type: ignore[no-untyped-call]
+
+
+@contextmanager
+def serving_message(rpc: str, trace_context: Mapping[str, str]) -> Iterator[Span]:
+    """The server span of one message of a stream call, in the trace the message carries."""
+    with TRACER.start_as_current_span(
+        rpc,
+        context=extract_context(trace_context),
+        kind=SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.method": rpc.rsplit("/", 1)[-1]},
+    ) as span:
+        yield span
 
 
 # --- propagation ------------------------------------------------------------

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
-from kurrier.core.telemetry import grpc_metadata
+from kurrier.core.telemetry import grpc_metadata, inject_headers
+from kurrier.ingress.enqueue_stream import EnqueueStream, StreamEnded
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 
 CHUNK_SIZE = 256 * 1024
 # Bodies up to this size are sent in one request (gRPC's default limit on a
 # received message is 4 MiB).
-UNARY_LIMIT = 1024 * 1024
+WHOLE_MESSAGE_LIMIT = 1024 * 1024
 # Long enough to ride out a queue restart (wait_for_ready), short enough that the
 # SMTP client gets its 451 well within its own DATA timeout.
 ENQUEUE_TIMEOUT = 20.0
+# Times a message left unstored by a cleanly ended stream is sent again on a
+# new one (a queue that shut down; the next call reaches its successor).
+RESENDS = 3
 
 
 async def _stream(
@@ -61,41 +65,65 @@ class QueueClient:
     def __init__(self, address: str, tls: QueueTls | None = None) -> None:
         self._channel = tls.channel(address) if tls else grpc.aio.insecure_channel(address)
         self._stub = queue_pb2_grpc.QueueServiceStub(self._channel)
+        self._stream: EnqueueStream | None = None
 
     async def enqueue(self, envelope: queue_pb2.Envelope, parts: list[bytes]) -> str:
         """Send envelope and body; returns the queue id once the message is durably stored.
 
-        A body up to UNARY_LIMIT goes in one EnqueueMessage request; a larger
-        one is streamed in chunks, so neither side holds a huge gRPC message.
+        A body up to WHOLE_MESSAGE_LIMIT goes in one request on the shared
+        EnqueueMessages stream; a larger one is streamed in chunks by its own
+        Enqueue call, so neither side holds a huge gRPC message.
         """
         size = sum(len(part) for part in parts)
-        try:
-            if size <= UNARY_LIMIT:
-                response = await self._stub.EnqueueMessage(
-                    queue_pb2.EnqueueMessageRequest(envelope=envelope, body=b"".join(parts)),
-                    **self._call_options(),
-                )
-            else:
-                response = await self._stub.Enqueue(
-                    _stream(envelope, parts), **self._call_options()
-                )
-        except grpc.aio.AioRpcError as error:
-            failure = (
-                QueueFull
-                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                else QueueUnavailable
+        if size <= WHOLE_MESSAGE_LIMIT:
+            request = queue_pb2.EnqueueMessageRequest(
+                envelope=envelope, body=b"".join(parts), trace_context=inject_headers()
             )
-            raise failure(f"{error.code().name}: {error.details()}") from error
+            return await self._enqueue_on_stream(request)
+        try:
+            response = await self._stub.Enqueue(
+                _stream(envelope, parts),
+                timeout=ENQUEUE_TIMEOUT,
+                wait_for_ready=True,
+                # The message's trace continues in the queue (its server interceptor).
+                metadata=grpc_metadata(),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _failure(error.code(), error.details() or "") from error
         return str(response.queue_id)
 
-    @staticmethod
-    def _call_options() -> dict[str, Any]:
-        return {
-            "timeout": ENQUEUE_TIMEOUT,
-            "wait_for_ready": True,
-            # The message's trace continues in the queue (its server interceptor).
-            "metadata": grpc_metadata(),
-        }
+    async def _enqueue_on_stream(self, request: queue_pb2.EnqueueMessageRequest) -> str:
+        try:
+            async with asyncio.timeout(ENQUEUE_TIMEOUT):
+                for _ in range(RESENDS + 1):
+                    try:
+                        result = await self._open_stream().send(request)
+                    except StreamEnded as ended:
+                        if ended.stored_maybe:
+                            raise QueueUnavailable(str(ended)) from ended
+                        continue
+                    code = _STATUS_BY_VALUE.get(result.code, grpc.StatusCode.UNKNOWN)
+                    if code != grpc.StatusCode.OK:
+                        raise _failure(code, result.message)
+                    return str(result.queue_id)
+        except TimeoutError as error:
+            raise QueueUnavailable("DEADLINE_EXCEEDED: no answer from the queue") from error
+        raise QueueUnavailable("the queue kept ending the call unanswered")
+
+    def _open_stream(self) -> EnqueueStream:
+        if self._stream is None or self._stream.ended is not None:
+            self._stream = EnqueueStream(self._stub)
+        return self._stream
 
     async def close(self) -> None:
+        if self._stream is not None:
+            await self._stream.close()
         await self._channel.close()
+
+
+_STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def _failure(code: grpc.StatusCode, details: str) -> QueueUnavailable:
+    failure = QueueFull if code == grpc.StatusCode.RESOURCE_EXHAUSTED else QueueUnavailable
+    return failure(f"{code.name}: {details}")

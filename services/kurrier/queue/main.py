@@ -72,8 +72,9 @@ async def serve_queue(settings: QueueSettings) -> None:
     if settings.metrics_listen:
         endpoint = HttpEndpoint(lambda: nc.is_connected, refresh=count_depth)
         await endpoint.serve(settings.metrics_listen)
-    server = grpc.aio.server(interceptors=grpc_server_interceptors())
-    queue_pb2_grpc.add_QueueServiceServicer_to_server(QueueService(js, records, manager), server)
+    server = grpc.aio.server(interceptors=grpc_server_interceptors(["EnqueueMessages"]))
+    service = QueueService(js, records, manager)
+    queue_pb2_grpc.add_QueueServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.grpc_tls is not None:
@@ -94,5 +95,7 @@ async def serve_queue(settings: QueueSettings) -> None:
     finally:
         await health_servicer.enter_graceful_shutdown()
         # Let Enqueue calls in flight finish: their clients are waiting for a 250.
+        # Streams end once what they read is stored, so they need not use the grace.
+        service.close_streams()
         await server.stop(grace=10)
         await disconnect(nc)

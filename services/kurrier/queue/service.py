@@ -3,6 +3,8 @@ the admin calls list, show, hold, release, delete and retry."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import logging
 import re
@@ -17,6 +19,7 @@ from kurrier.core.body_store import load_body
 from kurrier.core.jetstream import INLINE_BODY_LIMIT
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.routing import domain_of
+from kurrier.core.telemetry import serving_message
 from kurrier.queue.dsn import header_section
 from kurrier.queue.records import RecordStore
 from kurrier.queue.scheduler import Mutation, QueueManager
@@ -31,10 +34,23 @@ NATS_FAILURES = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 INSUFFICIENT_RESOURCES = 10023  # JetStream's error code when its storage is full
 SHOWN_HEADERS_LIMIT = 64 * 1024
 STATES = ("active", "deferred", "held")
+# Messages of one EnqueueMessages call being stored at once; past this the
+# server reads no further until one is done, so a client cannot pile up work.
+STREAM_IN_FLIGHT = 256
+STREAM_RPC = "/kurrier.v1.QueueService/EnqueueMessages"
 
 
 class InvalidRequest(Exception):
     pass
+
+
+class Refused(Exception):
+    """The message was not stored: the status the call (or the stream's result) ends with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 def storage_full(error: Exception) -> bool:
@@ -97,6 +113,12 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
         self._js = js
         self._records = records
         self._manager = manager
+        # Set at shutdown: EnqueueMessages calls stop reading and end once answered.
+        self._closing = asyncio.Event()
+
+    def close_streams(self) -> None:
+        """Let every EnqueueMessages call finish what it read and end (before server.stop)."""
+        self._closing.set()
 
     async def Enqueue(
         self,
@@ -126,15 +148,87 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                 if envelope is None:
                     raise InvalidRequest("empty request stream")
                 check_size(envelope, size)
+                await self._store(envelope, body, size)
             except InvalidRequest as error:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
                 raise  # abort() raises; this keeps type checkers aware
-            await self._accept(envelope, body, size, context)
+            except Refused as refusal:
+                await context.abort(refusal.code, refusal.message)
+                raise
         return queue_pb2.EnqueueResponse(queue_id=envelope.queue_id)
 
     async def EnqueueMessage(
         self, request: queue_pb2.EnqueueMessageRequest, context: grpc.aio.ServicerContext
     ) -> queue_pb2.EnqueueResponse:
+        try:
+            await self._enqueue_one(request)
+        except Refused as refusal:
+            await context.abort(refusal.code, refusal.message)
+            raise
+        return queue_pb2.EnqueueResponse(queue_id=request.envelope.queue_id)
+
+    # A coroutine writing through context, which grpc.aio allows for a stream
+    # of responses; the generated stub only knows the iterator form.
+    async def EnqueueMessages(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[queue_pb2.EnqueueMessageRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        """Store each message of the stream concurrently; answer each once stored.
+
+        The handler ends the call when the client has sent everything and all
+        of it is answered, or at shutdown once what was read is answered: a
+        request read after that is left unanswered (and unstored), which the
+        OK end tells the client.
+        """
+        answering: set[asyncio.Task[None]] = set()
+        room = asyncio.Semaphore(STREAM_IN_FLIGHT)
+        writing = asyncio.Lock()
+
+        async def answer(request: queue_pb2.EnqueueMessageRequest) -> None:
+            result = queue_pb2.EnqueueResult(queue_id=request.envelope.queue_id)
+            try:
+                with serving_message(STREAM_RPC, request.trace_context):
+                    await self._enqueue_one(request)
+            except Refused as refusal:
+                result.code = refusal.code.value[0]
+                result.message = refusal.message
+            except Exception:
+                log.exception("enqueue failed", extra={"queue_id": result.queue_id})
+                result.code = grpc.StatusCode.INTERNAL.value[0]
+                result.message = "internal error"
+            finally:
+                room.release()
+            # A client gone meanwhile cannot be answered; its SMTP client retries.
+            with contextlib.suppress(Exception):
+                async with writing:
+                    await context.write(result)
+
+        async def read() -> None:
+            async for request in request_iterator:
+                await room.acquire()
+                if self._closing.is_set():
+                    return
+                task = asyncio.create_task(answer(request))
+                answering.add(task)
+                task.add_done_callback(answering.discard)
+
+        reading = asyncio.create_task(read())
+        closing = asyncio.create_task(self._closing.wait())
+        try:
+            await asyncio.wait((reading, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if answering:
+                await asyncio.wait(answering)
+            if reading.done():
+                reading.result()  # a broken call ends with its error
+            else:
+                # Shutting down: the read stays blocked until the call ends.
+                reading.cancel()
+
+    async def _enqueue_one(self, request: queue_pb2.EnqueueMessageRequest) -> None:
+        """Check and store one whole message; raises Refused with the reason it was not."""
         envelope = request.envelope
         try:
             if not request.HasField("envelope"):
@@ -142,19 +236,11 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             check_envelope(envelope)
             check_size(envelope, len(request.body))
         except InvalidRequest as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            raise
-        await self._accept(envelope, io.BytesIO(request.body), len(request.body), context)
-        return queue_pb2.EnqueueResponse(queue_id=envelope.queue_id)
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(error)) from error
+        await self._store(envelope, io.BytesIO(request.body), len(request.body))
 
-    async def _accept(
-        self,
-        envelope: queue_pb2.Envelope,
-        body: IO[bytes],
-        size: int,
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        """Store a checked message durably, or abort the call with the reason it was not."""
+    async def _store(self, envelope: queue_pb2.Envelope, body: IO[bytes], size: int) -> None:
+        """Store a checked message durably; raises Refused with the reason it was not."""
         template = MessageRecord(
             queue_id=envelope.queue_id,
             mail_from=envelope.mail_from,
@@ -178,9 +264,8 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                 extra={"queue_id": envelope.queue_id},
             )
             if storage_full(error):
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "message store full")
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "message store unavailable")
-            raise
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "message store full") from error
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "message store unavailable") from error
 
     async def _select(self, selector: queue_pb2.MessageFilter) -> list[MessageRecord]:
         if selector.state and selector.state not in STATES:

@@ -127,25 +127,85 @@ Global___EnqueueRequest: _TypeAlias = EnqueueRequest  # noqa: Y015
 class EnqueueMessageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TraceContextEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ENVELOPE_FIELD_NUMBER: _builtins.int
     BODY_FIELD_NUMBER: _builtins.int
+    TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     body: _builtins.bytes
     """The whole body; its length must equal envelope.size."""
     @_builtins.property
     def envelope(self) -> Global___Envelope: ...
+    @_builtins.property
+    def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The message's W3C trace context (traceparent, tracestate). A call's
+        metadata carries it for EnqueueMessage; on EnqueueMessages the call is
+        shared by many messages, so each request carries its own.
+        """
+
     def __init__(
         self,
         *,
         envelope: Global___Envelope | None = ...,
         body: _builtins.bytes = ...,
+        trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "envelope", b"envelope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "envelope", b"envelope", "trace_context", b"trace_context"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnqueueMessageRequest: _TypeAlias = EnqueueMessageRequest  # noqa: Y015
+
+@_typing.final
+class EnqueueResult(_message.Message):
+    """The answer to one request of EnqueueMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    queue_id: _builtins.str
+    code: _builtins.int
+    """A gRPC status code, as EnqueueMessage would have ended with: OK (stored
+    durably), INVALID_ARGUMENT, RESOURCE_EXHAUSTED (store full) or
+    UNAVAILABLE (store unreachable; send again later).
+    """
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        queue_id: _builtins.str = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "queue_id", b"queue_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueResult: _TypeAlias = EnqueueResult  # noqa: Y015
 
 @_typing.final
 class EnqueueResponse(_message.Message):

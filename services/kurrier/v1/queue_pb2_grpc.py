@@ -45,6 +45,11 @@ class QueueServiceStub:
                 request_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.SerializeToString,
                 response_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
                 _registered_method=True)
+        self.EnqueueMessages = channel.stream_stream(
+                '/kurrier.v1.QueueService/EnqueueMessages',
+                request_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.SerializeToString,
+                response_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResult.FromString,
+                _registered_method=True)
         self.ListMessages = channel.unary_unary(
                 '/kurrier.v1.QueueService/ListMessages',
                 request_serializer=kurrier_dot_v1_dot_queue__pb2.ListMessagesRequest.SerializeToString,
@@ -84,6 +89,19 @@ class QueueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnqueueMessages(self, request_iterator, context):
+        """EnqueueMessages carries many such messages over one long-lived call:
+        what ingress uses up to 1 MiB, without a call's setup per message. Each
+        request is answered by one EnqueueResult, in the order the messages are
+        stored (not the order sent), after the same checks and with the same
+        promise as EnqueueMessage. A server that is shutting down stops reading,
+        answers every request it read, and ends the call with OK: a request left
+        unanswered by an OK end was not stored and may be sent again elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListMessages(self, request, context):
         """Admin: the postqueue/postsuper of kurrier.
         """
@@ -116,6 +134,11 @@ def add_QueueServiceServicer_to_server(servicer, server):
                     servicer.EnqueueMessage,
                     request_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.FromString,
                     response_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.SerializeToString,
+            ),
+            'EnqueueMessages': grpc.stream_stream_rpc_method_handler(
+                    servicer.EnqueueMessages,
+                    request_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.FromString,
+                    response_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResult.SerializeToString,
             ),
             'ListMessages': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMessages,
@@ -188,6 +211,33 @@ class QueueService:
             '/kurrier.v1.QueueService/EnqueueMessage',
             kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.SerializeToString,
             kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnqueueMessages(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kurrier.v1.QueueService/EnqueueMessages',
+            kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.SerializeToString,
+            kurrier_dot_v1_dot_queue__pb2.EnqueueResult.FromString,
             options,
             channel_credentials,
             insecure,

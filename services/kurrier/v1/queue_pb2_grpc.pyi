@@ -43,6 +43,15 @@ class QueueServiceStub:
     gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
     without a stream's per-call overhead.
     """
+    EnqueueMessages: _grpc.StreamStreamMultiCallable[_queue_pb2.EnqueueMessageRequest, _queue_pb2.EnqueueResult]
+    """EnqueueMessages carries many such messages over one long-lived call:
+    what ingress uses up to 1 MiB, without a call's setup per message. Each
+    request is answered by one EnqueueResult, in the order the messages are
+    stored (not the order sent), after the same checks and with the same
+    promise as EnqueueMessage. A server that is shutting down stops reading,
+    answers every request it read, and ends the call with OK: a request left
+    unanswered by an OK end was not stored and may be sent again elsewhere.
+    """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListMessagesRequest, _queue_pb2.ListMessagesResponse]
     """Admin: the postqueue/postsuper of kurrier."""
     GetMessage: _grpc.UnaryUnaryMultiCallable[_queue_pb2.GetMessageRequest, _queue_pb2.MessageDetail]
@@ -63,6 +72,15 @@ class QueueServiceAsyncStub(QueueServiceStub):
     """EnqueueMessage is Enqueue in one request, for messages that fit in one
     gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
     without a stream's per-call overhead.
+    """
+    EnqueueMessages: _aio.StreamStreamMultiCallable[_queue_pb2.EnqueueMessageRequest, _queue_pb2.EnqueueResult]  # type: ignore[assignment]
+    """EnqueueMessages carries many such messages over one long-lived call:
+    what ingress uses up to 1 MiB, without a call's setup per message. Each
+    request is answered by one EnqueueResult, in the order the messages are
+    stored (not the order sent), after the same checks and with the same
+    promise as EnqueueMessage. A server that is shutting down stops reading,
+    answers every request it read, and ends the call with OK: a request left
+    unanswered by an OK end was not stored and may be sent again elsewhere.
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListMessagesRequest, _queue_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Admin: the postqueue/postsuper of kurrier."""
@@ -93,6 +111,21 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         """EnqueueMessage is Enqueue in one request, for messages that fit in one
         gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
         without a stream's per-call overhead.
+        """
+
+    @_abc_1.abstractmethod
+    def EnqueueMessages(
+        self,
+        request_iterator: _MaybeAsyncIterator[_queue_pb2.EnqueueMessageRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_queue_pb2.EnqueueResult], _abc.AsyncIterator[_queue_pb2.EnqueueResult]]:
+        """EnqueueMessages carries many such messages over one long-lived call:
+        what ingress uses up to 1 MiB, without a call's setup per message. Each
+        request is answered by one EnqueueResult, in the order the messages are
+        stored (not the order sent), after the same checks and with the same
+        promise as EnqueueMessage. A server that is shutting down stops reading,
+        answers every request it read, and ends the call with OK: a request left
+        unanswered by an OK end was not stored and may be sent again elsewhere.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,112 @@
+"""Ingress's shared EnqueueMessages stream against a real queue service (in this process).
+
+The queue runs in-process here so the test can stop and replace it between
+two messages of one client; its messages are stored in the real NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import grpc
+import pytest
+from kurrier.core.jetstream import connect, disconnect, ensure_layout
+from kurrier.core.table_store import TableFollower
+from kurrier.ingress.queue_client import QueueClient, QueueUnavailable
+from kurrier.queue.records import RecordStore
+from kurrier.queue.retry_schedule import RetrySchedule
+from kurrier.queue.scheduler import QueueManager
+from kurrier.queue.service import QueueService
+from kurrier.v1 import queue_pb2, queue_pb2_grpc
+from nats.js import JetStreamContext
+
+from tests.support.nats import NatsServer
+
+BODY = b"Subject: stream\r\n\r\none of many\r\n"
+
+
+def _envelope() -> queue_pb2.Envelope:
+    return queue_pb2.Envelope(
+        queue_id=uuid.uuid4().hex[:20],
+        mail_from="a@client.test",
+        recipients=["r@example.com"],
+        size=len(BODY),
+    )
+
+
+async def _serve(js: JetStreamContext, port: int = 0) -> tuple[grpc.aio.Server, QueueService, int]:
+    records = await RecordStore.open(js)
+    manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+    service = QueueService(js, records, manager)
+    server = grpc.aio.server()
+    queue_pb2_grpc.add_QueueServiceServicer_to_server(service, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server, service, port
+
+
+async def _stop(server: grpc.aio.Server, service: QueueService) -> None:
+    service.close_streams()
+    await server.stop(grace=10)
+
+
+async def _many_then_a_replaced_queue(nats_url: str) -> tuple[list[str], list[str], bool]:
+    nc = await connect(nats_url, "test-stream")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        records = await RecordStore.open(js)
+        server, service, port = await _serve(js)
+        client = QueueClient(f"127.0.0.1:{port}")
+        try:
+            envelopes = [_envelope() for _ in range(50)]
+            answered = await asyncio.gather(*(client.enqueue(e, [BODY]) for e in envelopes))
+            # The queue stops (its stream ends cleanly) and a successor takes its
+            # address: the same client carries on, on a new call.
+            await _stop(server, service)
+            server, service, _ = await _serve(js, port)
+            later = _envelope()
+            answered.append(await client.enqueue(later, [BODY]))
+            await _stop(server, service)
+            stored = [r.queue_id async for r in records.all()]
+            expected = [e.queue_id for e in [*envelopes, later]]
+            return sorted(answered), sorted(expected), sorted(stored) == sorted(expected)
+        finally:
+            await client.close()
+    finally:
+        await disconnect(nc)
+
+
+def test_concurrent_messages_share_one_stream_and_survive_a_replaced_queue(
+    nats_server: NatsServer,
+) -> None:
+    answered, expected, all_stored = asyncio.run(_many_then_a_replaced_queue(nats_server.url))
+    assert answered == expected
+    assert all_stored
+
+
+async def _enqueue_to_a_closing_queue(nats_url: str) -> list[str]:
+    nc = await connect(nats_url, "test-stream")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        server, service, port = await _serve(js)
+        # Shutting down: every call it takes ends at once, unread.
+        service.close_streams()
+        client = QueueClient(f"127.0.0.1:{port}")
+        try:
+            with pytest.raises(QueueUnavailable, match="ending the call"):
+                await client.enqueue(_envelope(), [BODY])
+        finally:
+            await client.close()
+            await server.stop(grace=1)
+        return [r.queue_id async for r in (await RecordStore.open(js)).all()]
+    finally:
+        await disconnect(nc)
+
+
+def test_a_queue_that_ends_every_call_unread_gets_a_451_and_stores_nothing(
+    nats_server: NatsServer,
+) -> None:
+    assert asyncio.run(_enqueue_to_a_closing_queue(nats_server.url)) == []
