@@ -4,7 +4,8 @@ Policy stays in the handler (handler.py). This subclass only adds what
 aiosmtpd offers no option or hook for, each override saying why: admission
 (connection limits, drain) before the greeting, a session time limit, a
 bounded DATA reader, the strict RFC 5321 path parser, enhanced status codes on
-its built-in replies, and closing the connection after every 421.
+its built-in replies, replies to pipelined commands written together, and
+closing the connection after every 421.
 
 STARTTLS is aiosmtpd's own and already right: when the handshake completes it
 clears every byte the client pipelined after STARTTLS (CVE-2011-0411) and
@@ -27,6 +28,7 @@ from kurrier.core.table_store import TableFollower
 from kurrier.core.telemetry import rejected
 from kurrier.ingress.connection_gate import SHUTTING_DOWN, ConnectionGate
 from kurrier.ingress.data_reader import DataLimits, DataReader
+from kurrier.ingress.pipelined_replies import PipelinedReplies
 from kurrier.ingress.session_limits import SessionLimits
 from kurrier.ingress.smtp_path import parse_path
 from kurrier.ingress.smtp_replies import with_enhanced_code
@@ -112,6 +114,7 @@ class IngressSMTP(SMTP):
         self._admitted_ip: str | None = None
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
+        self._replies: PipelinedReplies | None = None
 
     # -- admission and time limits -------------------------------------------------
 
@@ -159,7 +162,9 @@ class IngressSMTP(SMTP):
     def say_goodbye(self, reply: str) -> None:
         """Send reply (a 421) and close, whatever the session is doing."""
         if self.transport is not None and not self.transport.is_closing():
-            writable(self.transport).write(reply.encode() + b"\r\n")
+            # Replies held for a pipeline go first: one may be a message's 250.
+            held = self._replies.take_held() if self._replies is not None else b""
+            writable(self.transport).write(held + reply.encode() + b"\r\n")
             self.transport.close()
 
     def in_transaction(self) -> bool:
@@ -172,13 +177,16 @@ class IngressSMTP(SMTP):
     # -- replies ----------------------------------------------------------------------
 
     async def push(self, status: str | bytes) -> None:
+        if self._replies is None:
+            # The reader and writer outlive STARTTLS (aiosmtpd swaps their transport).
+            self._replies = PipelinedReplies(self._reader, self._writer)
         if isinstance(status, bytes):  # AUTH challenges
-            await super().push(status)
+            await self._replies.send(status)
             return
         status = with_enhanced_code(status)
         if status[:1] in ("4", "5"):
             rejected(status)
-        await super().push(status)
+        await self._replies.send(status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii"))
         if status.startswith("421"):
             # 421 means the server closes the channel (RFC 5321 4.2.2); aiosmtpd does not.
             if self.transport is not None:
