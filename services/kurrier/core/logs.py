@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -50,51 +49,8 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, ensure_ascii=False)
 
 
-class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Lines logged in one turn of the event loop go out in one write, early in the next.
-
-    The queue logs about two lines per message; written one by one, each line
-    was a system call of its own. A line waits at most one turn of the loop.
-    Warnings and errors, lines from threads without a running loop, and
-    whatever is pending at exit (logging.shutdown flushes) are written at once.
-    """
-
-    def __init__(self, stream: Any) -> None:
-        super().__init__(stream)
-        self._pending: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is None or record.levelno >= logging.WARNING:
-            self._write_pending()
-            super().emit(record)
-            return
-        try:
-            line = self.format(record) + self.terminator
-        except Exception:
-            self.handleError(record)
-            return
-        self._pending.append(line)
-        if len(self._pending) == 1:
-            loop.call_soon(self.flush)
-
-    def _write_pending(self) -> None:
-        if self._pending:
-            lines = "".join(self._pending)
-            self._pending.clear()
-            self.stream.write(lines)
-
-    def flush(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            self._write_pending()
-            super().flush()
-
-
 def setup_logging(service: str, level: str = "INFO") -> None:
-    handler = TurnBufferedHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
     if sys.stderr.isatty():
         handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(message)s"))
     else:
