@@ -7,6 +7,7 @@ two messages of one client; its messages are stored in the real NATS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 
 import grpc
@@ -22,6 +23,7 @@ from kurrier.v1 import queue_pb2, queue_pb2_grpc
 from nats.js import JetStreamContext
 
 from tests.support.nats import NatsServer
+from tests.support.processes import free_port
 
 BODY = b"Subject: stream\r\n\r\none of many\r\n"
 
@@ -110,3 +112,48 @@ def test_a_queue_that_ends_every_call_unread_gets_a_451_and_stores_nothing(
     nats_server: NatsServer,
 ) -> None:
     assert asyncio.run(_enqueue_to_a_closing_queue(nats_server.url)) == []
+
+
+async def _a_queue_late_to_come_up(nats_url: str) -> tuple[str, str, bool]:
+    stored = ""
+    nc = await connect(nats_url, "test-stream")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        port = free_port()
+        client = QueueClient(f"127.0.0.1:{port}", timeout=1)
+        try:
+            # Nothing listens yet: the message's deadline passes while its call
+            # waits for the queue, in the middle of the write.
+            first = _envelope()
+            with pytest.raises(QueueUnavailable) as late:
+                await client.enqueue(first, [BODY])
+            server, service, _ = await _serve(js, port)
+            try:
+                # That call is abandoned, not left half-written: a later message gets
+                # a fresh one. (Messages may still time out while the channel's
+                # reconnect backoff runs; a poisoned stream would never succeed.)
+                for _ in range(30):
+                    with contextlib.suppress(QueueUnavailable):
+                        stored = await client.enqueue(_envelope(), [BODY])
+                        break
+            finally:
+                await _stop(server, service)
+            records = await RecordStore.open(js)
+            first_stored = await records.get(first.queue_id, fresh=True) is not None
+            return str(late.value), stored, first_stored
+        finally:
+            await client.close()
+    finally:
+        await disconnect(nc)
+
+
+def test_a_message_whose_deadline_cuts_its_write_short_does_not_poison_the_stream(
+    nats_server: NatsServer,
+) -> None:
+    late, stored, first_stored = asyncio.run(_a_queue_late_to_come_up(nats_server.url))
+    assert late.startswith("DEADLINE_EXCEEDED")
+    assert len(stored) == 20
+    # The client heard 451 for the first message and will send it again: its
+    # abandoned call must not deliver it to the queue later on.
+    assert not first_stored

@@ -9,7 +9,6 @@ queue id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import grpc
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
@@ -50,11 +49,22 @@ class EnqueueStream:
             try:
                 async with self._writing:
                     await self._call.write(request)
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as error:
-                raise StreamEnded(f"writing failed: {error!r}", stored_maybe=False) from error
+            except BaseException as error:
+                # A write refused, or cut short by the message's deadline, leaves the
+                # call in no state to carry more: the next message opens a new one.
+                self._abandon(f"writing failed: {error!r}")
+                if isinstance(error, Exception):
+                    raise StreamEnded(f"writing failed: {error!r}", stored_maybe=False) from error
+                raise
             return await answer
         finally:
             self._waiting.pop(queue_id, None)
+
+    def _abandon(self, reason: str) -> None:
+        """Take no more messages and end the call; those waiting hear of it from _read."""
+        if self.ended is None:
+            self.ended = StreamEnded(reason, stored_maybe=True)
+        self._call.cancel()
 
     async def _read(self) -> None:
         try:
@@ -68,9 +78,15 @@ class EnqueueStream:
                     answer.set_result(result)
         except grpc.aio.AioRpcError as error:
             ended = StreamEnded(f"{error.code().name}: {error.details()}", stored_maybe=True)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # grpc.aio's read() raises this when the call itself was cancelled (_abandon).
+            ended = StreamEnded("the call was abandoned", stored_maybe=True)
         except Exception as error:  # anything else broke the call just as surely
             ended = StreamEnded(f"reading failed: {error!r}", stored_maybe=True)
-        self.ended = ended
+        self.ended = self.ended or ended
         for answer in self._waiting.values():
             if not answer.done():
                 answer.set_exception(ended)
@@ -82,5 +98,4 @@ class EnqueueStream:
         (wait_for_ready) would wait on for its half-close.
         """
         self._call.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        await self._reader

@@ -62,7 +62,10 @@ class QueueTls:
 
 
 class QueueClient:
-    def __init__(self, address: str, tls: QueueTls | None = None) -> None:
+    def __init__(
+        self, address: str, tls: QueueTls | None = None, timeout: float = ENQUEUE_TIMEOUT
+    ) -> None:
+        self._timeout = timeout
         self._channel = tls.channel(address) if tls else grpc.aio.insecure_channel(address)
         self._stub = queue_pb2_grpc.QueueServiceStub(self._channel)
         self._stream: EnqueueStream | None = None
@@ -83,7 +86,7 @@ class QueueClient:
         try:
             response = await self._stub.Enqueue(
                 _stream(envelope, parts),
-                timeout=ENQUEUE_TIMEOUT,
+                timeout=self._timeout,
                 wait_for_ready=True,
                 # The message's trace continues in the queue (its server interceptor).
                 metadata=grpc_metadata(),
@@ -94,7 +97,7 @@ class QueueClient:
 
     async def _enqueue_on_stream(self, request: queue_pb2.EnqueueMessageRequest) -> str:
         try:
-            async with asyncio.timeout(ENQUEUE_TIMEOUT):
+            async with asyncio.timeout(self._timeout):
                 for _ in range(RESENDS + 1):
                     try:
                         result = await self._open_stream().send(request)
