@@ -94,9 +94,10 @@ class QueueServiceServicer:
         what ingress uses up to 1 MiB, without a call's setup per message. Each
         request is answered by one EnqueueResult, in the order the messages are
         stored (not the order sent), after the same checks and with the same
-        promise as EnqueueMessage. A server that is shutting down stops reading,
-        answers every request it read, and ends the call with OK: a request left
-        unanswered by an OK end was not stored and may be sent again elsewhere.
+        promise as EnqueueMessage. A server that is shutting down stops taking
+        requests, answers every one it began to store, and ends the call with
+        OK: a request left unanswered by an OK end was not stored and may be
+        sent again elsewhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -48,9 +48,10 @@ class QueueServiceStub:
     what ingress uses up to 1 MiB, without a call's setup per message. Each
     request is answered by one EnqueueResult, in the order the messages are
     stored (not the order sent), after the same checks and with the same
-    promise as EnqueueMessage. A server that is shutting down stops reading,
-    answers every request it read, and ends the call with OK: a request left
-    unanswered by an OK end was not stored and may be sent again elsewhere.
+    promise as EnqueueMessage. A server that is shutting down stops taking
+    requests, answers every one it began to store, and ends the call with
+    OK: a request left unanswered by an OK end was not stored and may be
+    sent again elsewhere.
     """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListMessagesRequest, _queue_pb2.ListMessagesResponse]
     """Admin: the postqueue/postsuper of kurrier."""
@@ -78,9 +79,10 @@ class QueueServiceAsyncStub(QueueServiceStub):
     what ingress uses up to 1 MiB, without a call's setup per message. Each
     request is answered by one EnqueueResult, in the order the messages are
     stored (not the order sent), after the same checks and with the same
-    promise as EnqueueMessage. A server that is shutting down stops reading,
-    answers every request it read, and ends the call with OK: a request left
-    unanswered by an OK end was not stored and may be sent again elsewhere.
+    promise as EnqueueMessage. A server that is shutting down stops taking
+    requests, answers every one it began to store, and ends the call with
+    OK: a request left unanswered by an OK end was not stored and may be
+    sent again elsewhere.
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListMessagesRequest, _queue_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Admin: the postqueue/postsuper of kurrier."""
@@ -123,9 +125,10 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         what ingress uses up to 1 MiB, without a call's setup per message. Each
         request is answered by one EnqueueResult, in the order the messages are
         stored (not the order sent), after the same checks and with the same
-        promise as EnqueueMessage. A server that is shutting down stops reading,
-        answers every request it read, and ends the call with OK: a request left
-        unanswered by an OK end was not stored and may be sent again elsewhere.
+        promise as EnqueueMessage. A server that is shutting down stops taking
+        requests, answers every one it began to store, and ends the call with
+        OK: a request left unanswered by an OK end was not stored and may be
+        sent again elsewhere.
         """
 
     @_abc_1.abstractmethod
