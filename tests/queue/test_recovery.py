@@ -13,6 +13,7 @@ from kurrier.core.body_store import store_body
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     JOBS_STREAM,
+    MESSAGES_BUCKET,
     body_subject,
     connect,
     disconnect,
@@ -28,6 +29,7 @@ from kurrier.queue.retry_schedule import RetrySchedule
 from kurrier.queue.scheduler import QueueManager
 from kurrier.queue.sweeper import DISPATCH_GRACE, Sweeper
 from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
 
 from tests.support.nats import NatsServer
 from tests.support.processes import wait_until
@@ -192,3 +194,37 @@ def test_a_body_no_record_refers_to_is_removed_once_old_enough(nats_server: Nats
     removed_young, removed_old, left = asyncio.run(_sweep_orphaned_bodies(nats_server.url))
     assert (removed_young, removed_old) == (0, 1)
     assert left == [body_subject("LIVEBODY000000000001")]
+
+
+async def _read_through_a_lagging_replica(nats_url: str) -> tuple[bool, bool]:
+    """A record read where the direct read misses it, as a lagging replica would."""
+    nc = await connect(nats_url, "test-lagging-replica")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        # An empty bucket stands in for a replica that has not applied the record
+        # yet; the real bucket is what the stream's leader holds.
+        lagging = await js.create_key_value(KeyValueConfig(bucket="lagging-replica", history=1))
+        leader = await js.key_value(MESSAGES_BUCKET)
+        record = MessageRecord(
+            queue_id="LAGGING0000000000001",
+            mail_from="a@client.test",
+            recipients=[RecipientState(address="r@example.com")],
+            received_at=time.time(),
+            size=1,
+            body_store="stream",
+        )
+        assert await (await RecordStore.open(js)).create(record)
+        found = await RecordStore(lagging, leader).get(record.queue_id, fresh=True)
+        missing = await RecordStore(lagging, leader).get("NOSUCHRECORD00000001", fresh=True)
+        return found is not None and found[0].queue_id == record.queue_id, missing is None
+    finally:
+        await disconnect(nc)
+
+
+def test_a_record_a_lagging_replica_misses_is_read_at_the_leader(nats_server: NatsServer) -> None:
+    # Without this a result handled by another queue process could find no
+    # record, be dropped, and the lease would deliver the message a second time.
+    found, missing = asyncio.run(_read_through_a_lagging_replica(nats_server.url))
+    assert found
+    assert missing

@@ -34,7 +34,14 @@ async def store_body(js: JetStreamContext, queue_id: str, body: IO[bytes], size:
 
 async def load_body(js: JetStreamContext, queue_id: str, where: BodyStore) -> bytes:
     if where == "stream":
-        message = await js.get_last_msg(BODIES_STREAM, body_subject(queue_id), direct=True)
+        subject = body_subject(queue_id)
+        try:
+            message = await js.get_last_msg(BODIES_STREAM, subject, direct=True)
+        except NotFoundError:
+            # Any replica may answer a direct get, also one that has not applied
+            # the body yet (a job can reach delivery first): only the stream's
+            # leader can say it is gone.
+            message = await js.get_last_msg(BODIES_STREAM, subject)
         return message.data or b""
     store = await js.object_store(OBJECT_BUCKET)
     result = await store.get(queue_id)

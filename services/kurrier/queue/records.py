@@ -31,8 +31,11 @@ PASS_CONSUMER_INACTIVE = 5.0
 
 
 class RecordStore:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, at_leader: KeyValue | None = None) -> None:
         self._kv = kv
+        # Reads through the bucket's leader, to confirm that a record is gone:
+        # a direct read may be answered by a replica that has not applied it yet.
+        self._at_leader = at_leader or kv
         # queue id -> (the record as stored, its revision). Kept serialised so
         # no caller can change a cached record behind the store's back.
         self._recent: dict[str, tuple[bytes, int]] = {}
@@ -45,7 +48,14 @@ class RecordStore:
 
     @classmethod
     async def open(cls, js: JetStreamContext) -> RecordStore:
-        return cls(await js.key_value(MESSAGES_BUCKET))
+        at_leader = KeyValue(
+            name=MESSAGES_BUCKET,
+            stream=f"KV_{MESSAGES_BUCKET}",
+            pre=f"$KV.{MESSAGES_BUCKET}.",
+            js=js,
+            direct=False,
+        )
+        return cls(await js.key_value(MESSAGES_BUCKET), at_leader)
 
     async def create(self, record: MessageRecord) -> bool:
         """Store a new record; False if one with this queue id exists already."""
@@ -67,13 +77,20 @@ class RecordStore:
         recent = None if fresh else self._recent.get(queue_id)
         if recent is not None:
             return MessageRecord.model_validate_json(recent[0]), recent[1]
+        entry = await self._read(self._kv, queue_id)
+        if entry is None:
+            entry = await self._read(self._at_leader, queue_id)
+        if entry is None:
+            return None
+        return MessageRecord.model_validate_json(entry.value or b""), entry.revision or 0
+
+    @staticmethod
+    async def _read(kv: KeyValue, queue_id: str) -> KeyValue.Entry | None:
         try:
-            entry = await self._kv.get(queue_id)
+            entry = await kv.get(queue_id)
         except KeyNotFoundError:
             return None
-        if not entry.value:
-            return None
-        return MessageRecord.model_validate_json(entry.value), entry.revision or 0
+        return entry if entry.value else None
 
     async def update(self, record: MessageRecord, revision: int) -> int:
         document = record.model_dump_json().encode()
