@@ -213,6 +213,10 @@ PROBES = [
     # AUTH
     Probe("AUTH on port 25", [EHLO, Step(plain("alice", PASSWORDS["alice"]), "503 5.5.1")]),
     Probe(
+        "AUTH with only Unicode whitespace (U+0085) as its argument",
+        [EHLO, Step("AUTH \u0085".encode() + b"\r\n", "501 5.5.4")],
+    ),
+    Probe(
         "no AUTH offered before STARTTLS",
         [Step("EHLO probe.test", "250", absent="AUTH")],
         port="submission",

@@ -202,6 +202,15 @@ class IngressSMTP(SMTP):
             return
         await super().smtp_STARTTLS(arg)
 
+    async def smtp_AUTH(self, arg: str) -> None:
+        # aiosmtpd splits the argument on any Unicode whitespace and takes the first
+        # word: an argument of only such characters (U+0085, found by the fuzzer)
+        # raised IndexError and answered with the exception's text.
+        if arg and not arg.split():
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        await super().smtp_AUTH(arg)
+
     # -- MAIL/RCPT paths --------------------------------------------------------------
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
