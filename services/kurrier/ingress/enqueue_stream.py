@@ -46,16 +46,19 @@ class EnqueueStream:
         answer: asyncio.Future[queue_pb2.EnqueueResult] = asyncio.get_running_loop().create_future()
         self._waiting[queue_id] = answer
         try:
-            try:
-                async with self._writing:
+            async with self._writing:
+                try:
                     await self._call.write(request)
-            except BaseException as error:
-                # A write refused, or cut short by the message's deadline, leaves the
-                # call in no state to carry more: the next message opens a new one.
-                self._abandon(f"writing failed: {error!r}")
-                if isinstance(error, Exception):
-                    raise StreamEnded(f"writing failed: {error!r}", stored_maybe=False) from error
-                raise
+                except BaseException as error:
+                    # A write refused, or cut short by the message's deadline, leaves
+                    # the call in no state to carry more: the next message opens a new
+                    # one. (A deadline met while waiting for the lock wrote nothing.)
+                    self._abandon(f"writing failed: {error!r}")
+                    if isinstance(error, Exception):
+                        raise StreamEnded(
+                            f"writing failed: {error!r}", stored_maybe=False
+                        ) from error
+                    raise
             return await answer
         finally:
             self._waiting.pop(queue_id, None)

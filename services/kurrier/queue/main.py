@@ -17,7 +17,7 @@ from kurrier.queue.leadership import Lease
 from kurrier.queue.records import RecordStore
 from kurrier.queue.retry_schedule import RetrySchedule
 from kurrier.queue.scheduler import QueueManager
-from kurrier.queue.service import QueueService
+from kurrier.queue.service import STREAM_METHOD, QueueService
 from kurrier.queue.sweeper import Sweeper
 from kurrier.v1 import queue_pb2_grpc
 
@@ -72,7 +72,7 @@ async def serve_queue(settings: QueueSettings) -> None:
     if settings.metrics_listen:
         endpoint = HttpEndpoint(lambda: nc.is_connected, refresh=count_depth)
         await endpoint.serve(settings.metrics_listen)
-    server = grpc.aio.server(interceptors=grpc_server_interceptors(["EnqueueMessages"]))
+    server = grpc.aio.server(interceptors=grpc_server_interceptors([STREAM_METHOD]))
     service = QueueService(js, records, manager)
     queue_pb2_grpc.add_QueueServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

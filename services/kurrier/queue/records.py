@@ -31,11 +31,11 @@ PASS_CONSUMER_INACTIVE = 5.0
 
 
 class RecordStore:
-    def __init__(self, kv: KeyValue, at_leader: KeyValue | None = None) -> None:
+    def __init__(self, kv: KeyValue, at_leader: KeyValue) -> None:
         self._kv = kv
         # Reads through the bucket's leader, to confirm that a record is gone:
         # a direct read may be answered by a replica that has not applied it yet.
-        self._at_leader = at_leader or kv
+        self._at_leader = at_leader
         # queue id -> (the record as stored, its revision). Kept serialised so
         # no caller can change a cached record behind the store's back.
         self._recent: dict[str, tuple[bytes, int]] = {}

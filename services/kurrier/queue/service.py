@@ -37,7 +37,9 @@ STATES = ("active", "deferred", "held")
 # Messages of one EnqueueMessages call being stored at once; past this the
 # server reads no further until one is done, so a client cannot pile up work.
 STREAM_IN_FLIGHT = 256
-STREAM_RPC = "/kurrier.v1.QueueService/EnqueueMessages"
+# The many-messages stream: its spans are per message (serving_message), not per call.
+STREAM_METHOD = "EnqueueMessages"
+STREAM_RPC = f"/kurrier.v1.QueueService/{STREAM_METHOD}"
 
 
 class InvalidRequest(Exception):
