@@ -33,6 +33,7 @@ def _die_with_parent() -> None:
 class Child:
     name: str
     argv: list[str]
+    env: dict[str, str] | None = None  # None: `kurrier up`'s own
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     started_at: float = 0.0
@@ -50,8 +51,8 @@ class Supervisor:
         self._stopping = False
         self._on_spawn = on_spawn
 
-    async def start(self, name: str, argv: list[str]) -> Child:
-        child = Child(name, argv)
+    async def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        child = Child(name, argv, env)
         self.children.append(child)
         await self._spawn(child)
         child.watcher = asyncio.create_task(self._watch(child))
@@ -61,7 +62,7 @@ class Supervisor:
         # A session of its own: a terminal's Ctrl-C (sent to the whole foreground
         # group) reaches only `kurrier up`, which then stops children in order.
         child.process = await asyncio.create_subprocess_exec(
-            *child.argv, start_new_session=True, preexec_fn=_die_with_parent
+            *child.argv, env=child.env, start_new_session=True, preexec_fn=_die_with_parent
         )
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.process.pid)

@@ -16,7 +16,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kurrier.cli.nats_server import cluster_nodes, free_port, nats_server_argv, wait_for_port
+from kurrier.cli.nats_server import (
+    cluster_nodes,
+    free_port,
+    nats_server_argv,
+    nats_server_env,
+    wait_for_port,
+)
 from kurrier.cli.supervisor import Supervisor
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.jetstream import connect, ensure_layout
@@ -98,14 +104,16 @@ async def _start_nats(supervisor: Supervisor, data_dir: Path, nodes: int) -> lis
     """Start the embedded NATS (one server or a cluster); returns the client URLs."""
     if nodes == 1:
         port = free_port()
-        await supervisor.start("nats-server", nats_server_argv(data_dir / "nats", port))
+        await supervisor.start(
+            "nats-server", nats_server_argv(data_dir / "nats", port), nats_server_env()
+        )
         await wait_for_port("127.0.0.1", port, timeout=30)
         return [f"nats://127.0.0.1:{port}"]
     urls = []
     for node in cluster_nodes(nodes):
         port = free_port()
         argv = nats_server_argv(data_dir / node.name, port, cluster=node)
-        await supervisor.start(node.name, argv)
+        await supervisor.start(node.name, argv, nats_server_env())
         await wait_for_port("127.0.0.1", port, timeout=30)
         urls.append(f"nats://127.0.0.1:{port}")
     return urls
