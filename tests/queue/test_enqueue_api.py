@@ -1,8 +1,9 @@
 """The queue's Enqueue RPCs refuse malformed requests with INVALID_ARGUMENT and store nothing.
 
 All shapes are covered: EnqueueMessage (one request), EnqueueMessages (many
-such requests on one call, what ingress sends up to 1 MiB, each answered on
-its own) and the client-streaming Enqueue (envelope, then body chunks).
+such requests on one call in batches, what ingress sends up to 1 MiB, each
+answered on its own) and the client-streaming Enqueue (envelope, then body
+chunks).
 """
 
 from __future__ import annotations
@@ -141,17 +142,17 @@ def test_both_shapes_store_a_well_formed_message(
 
 
 async def _on_one_stream(
-    address: str, requests: list[queue_pb2.EnqueueMessageRequest]
+    address: str, batches: list[list[queue_pb2.EnqueueMessageRequest]]
 ) -> list[queue_pb2.EnqueueResult]:
-    """Send every request on one EnqueueMessages call, then collect its answers to the end."""
+    """Send the batches on one EnqueueMessages call, then collect its answers to the end."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = queue_pb2_grpc.QueueServiceStub(channel).EnqueueMessages(
             timeout=30, wait_for_ready=True
         )
-        for request in requests:
-            await call.write(request)
+        for batch in batches:
+            await call.write(queue_pb2.EnqueueBatch(messages=batch))
         await call.done_writing()
-        results = [result async for result in call]
+        results = [result async for response in call for result in response.results]
         assert await call.code() == grpc.StatusCode.OK
         return results
 
@@ -164,7 +165,9 @@ def test_the_message_stream_answers_each_message_and_refuses_only_the_malformed(
         for n in range(20)
     ]
     malformed: list[queue_pb2.EnqueueMessageRequest] = [p.values[0] for p in MALFORMED]  # type: ignore[misc]
-    results = asyncio.run(_on_one_stream(queue.queue_address, [*malformed, *good]))
+    # Malformed ones alone and in the middle of a batch of good ones, and an empty batch.
+    batches = [malformed[:1], [*good[:10], *malformed[1:], *good[10:15]], [], good[15:]]
+    results = asyncio.run(_on_one_stream(queue.queue_address, batches))
     # One answer per request, whatever order they were stored in.
     assert len(results) == len(MALFORMED) + len(good)
     refused = [r for r in results if r.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]]
@@ -186,12 +189,14 @@ def test_a_stopping_queue_ends_the_message_stream_cleanly_after_answering(
             request = queue_pb2.EnqueueMessageRequest(
                 envelope=envelope("APISTOP000000001"), body=BODY
             )
-            await call.write(request)
-            answered = [await call.read()]
+            await call.write(queue_pb2.EnqueueBatch(messages=[request]))
+            first = await call.read()
+            assert first is not grpc.aio.EOF
+            answered = list(first.results)
             # The call stays open, not half-closed: only the queue's stop can end it.
             queue.processes["queue"].send_signal(signal.SIGTERM)
-            while (result := await call.read()) is not grpc.aio.EOF:
-                answered.append(result)
+            while (response := await call.read()) is not grpc.aio.EOF:
+                answered.extend(response.results)
             return answered, await call.code()
 
     answered, code = asyncio.run(run())

@@ -4,7 +4,6 @@ the admin calls list, show, hold, release, delete and retry."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import logging
 import re
@@ -15,6 +14,7 @@ from typing import IO
 import grpc
 import nats.errors
 import nats.js.errors
+from kurrier.core.batch_writer import BatchWriter
 from kurrier.core.body_store import load_body
 from kurrier.core.jetstream import INLINE_BODY_LIMIT
 from kurrier.core.message import MessageRecord, RecipientState
@@ -173,10 +173,13 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
     # of responses; the generated stub only knows the iterator form.
     async def EnqueueMessages(  # type: ignore[override]
         self,
-        request_iterator: AsyncIterator[queue_pb2.EnqueueMessageRequest],
+        request_iterator: AsyncIterator[queue_pb2.EnqueueBatch],
         context: grpc.aio.ServicerContext,
     ) -> None:
         """Store each message of the stream concurrently; answer each once stored.
+
+        Answers go out in batches: those ready while the previous batch was being
+        written, or in the same turn of the event loop, go together.
 
         The handler ends the call when the client has sent everything and all
         of it is answered, or at shutdown once what was read is answered: a
@@ -185,7 +188,18 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
         """
         answering: set[asyncio.Task[None]] = set()
         room = asyncio.Semaphore(STREAM_IN_FLIGHT)
-        writing = asyncio.Lock()
+
+        async def write(results: list[queue_pb2.EnqueueResult]) -> None:
+            await context.write(queue_pb2.EnqueueResults(results=results))
+
+        def client_gone(unanswered: list[queue_pb2.EnqueueResult], error: BaseException) -> None:
+            # Stored but unanswered: the SMTP client, told 451, sends again.
+            if unanswered:
+                log.info(
+                    "%d answer(s) not delivered, the client is gone: %r", len(unanswered), error
+                )
+
+        answers = BatchWriter(write, client_gone)
 
         async def answer(request: queue_pb2.EnqueueMessageRequest) -> None:
             result = queue_pb2.EnqueueResult(queue_id=request.envelope.queue_id)
@@ -201,19 +215,17 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                 result.message = "internal error"
             finally:
                 room.release()
-            # A client gone meanwhile cannot be answered; its SMTP client retries.
-            with contextlib.suppress(Exception):
-                async with writing:
-                    await context.write(result)
+            answers.add(result)
 
         async def read() -> None:
-            async for request in request_iterator:
-                await room.acquire()
-                if self._closing.is_set():
-                    return
-                task = asyncio.create_task(answer(request))
-                answering.add(task)
-                task.add_done_callback(answering.discard)
+            async for batch in request_iterator:
+                for request in batch.messages:
+                    await room.acquire()
+                    if self._closing.is_set():
+                        return
+                    task = asyncio.create_task(answer(request))
+                    answering.add(task)
+                    task.add_done_callback(answering.discard)
 
         reading = asyncio.create_task(read())
         closing = asyncio.create_task(self._closing.wait())
@@ -223,6 +235,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             closing.cancel()
             if answering:
                 await asyncio.wait(answering)
+            await answers.close()
             if reading.done():
                 reading.result()  # a broken call ends with its error
             else:

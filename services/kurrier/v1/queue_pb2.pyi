@@ -177,8 +177,54 @@ class EnqueueMessageRequest(_message.Message):
 Global___EnqueueMessageRequest: _TypeAlias = EnqueueMessageRequest  # noqa: Y015
 
 @_typing.final
+class EnqueueBatch(_message.Message):
+    """Messages of EnqueueMessages sent together. Keep a batch well inside the
+    server's limit on a received message (gRPC's default is 4 MiB).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnqueueMessageRequest]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___EnqueueMessageRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueBatch: _TypeAlias = EnqueueBatch  # noqa: Y015
+
+@_typing.final
+class EnqueueResults(_message.Message):
+    """Answers of EnqueueMessages that were ready together."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnqueueResult]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___EnqueueResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueResults: _TypeAlias = EnqueueResults  # noqa: Y015
+
+@_typing.final
 class EnqueueResult(_message.Message):
-    """The answer to one request of EnqueueMessages."""
+    """The answer to one message of EnqueueMessages."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

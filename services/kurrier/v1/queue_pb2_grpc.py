@@ -47,8 +47,8 @@ class QueueServiceStub:
                 _registered_method=True)
         self.EnqueueMessages = channel.stream_stream(
                 '/kurrier.v1.QueueService/EnqueueMessages',
-                request_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.SerializeToString,
-                response_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResult.FromString,
+                request_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueBatch.SerializeToString,
+                response_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResults.FromString,
                 _registered_method=True)
         self.ListMessages = channel.unary_unary(
                 '/kurrier.v1.QueueService/ListMessages',
@@ -91,13 +91,14 @@ class QueueServiceServicer:
 
     def EnqueueMessages(self, request_iterator, context):
         """EnqueueMessages carries many such messages over one long-lived call:
-        what ingress uses up to 1 MiB, without a call's setup per message. Each
-        request is answered by one EnqueueResult, in the order the messages are
-        stored (not the order sent), after the same checks and with the same
-        promise as EnqueueMessage. A server that is shutting down stops taking
-        requests, answers every one it began to store, and ends the call with
-        OK: a request left unanswered by an OK end was not stored and may be
-        sent again elsewhere.
+        what ingress uses up to 1 MiB, without a call's setup per message, in
+        batches (each write on a stream has a cost of its own). Each message is
+        answered by one EnqueueResult, in the order the messages are stored (not
+        the order sent), after the same checks and with the same promise as
+        EnqueueMessage; results ready together come in one EnqueueResults. A
+        server that is shutting down stops taking messages, answers every one it
+        began to store, and ends the call with OK: a message left unanswered by an
+        OK end was not stored and may be sent again elsewhere.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,8 +139,8 @@ def add_QueueServiceServicer_to_server(servicer, server):
             ),
             'EnqueueMessages': grpc.stream_stream_rpc_method_handler(
                     servicer.EnqueueMessages,
-                    request_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.FromString,
-                    response_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResult.SerializeToString,
+                    request_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueBatch.FromString,
+                    response_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResults.SerializeToString,
             ),
             'ListMessages': grpc.unary_unary_rpc_method_handler(
                     servicer.ListMessages,
@@ -237,8 +238,8 @@ class QueueService:
             request_iterator,
             target,
             '/kurrier.v1.QueueService/EnqueueMessages',
-            kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.SerializeToString,
-            kurrier_dot_v1_dot_queue__pb2.EnqueueResult.FromString,
+            kurrier_dot_v1_dot_queue__pb2.EnqueueBatch.SerializeToString,
+            kurrier_dot_v1_dot_queue__pb2.EnqueueResults.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,15 +43,16 @@ class QueueServiceStub:
     gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
     without a stream's per-call overhead.
     """
-    EnqueueMessages: _grpc.StreamStreamMultiCallable[_queue_pb2.EnqueueMessageRequest, _queue_pb2.EnqueueResult]
+    EnqueueMessages: _grpc.StreamStreamMultiCallable[_queue_pb2.EnqueueBatch, _queue_pb2.EnqueueResults]
     """EnqueueMessages carries many such messages over one long-lived call:
-    what ingress uses up to 1 MiB, without a call's setup per message. Each
-    request is answered by one EnqueueResult, in the order the messages are
-    stored (not the order sent), after the same checks and with the same
-    promise as EnqueueMessage. A server that is shutting down stops taking
-    requests, answers every one it began to store, and ends the call with
-    OK: a request left unanswered by an OK end was not stored and may be
-    sent again elsewhere.
+    what ingress uses up to 1 MiB, without a call's setup per message, in
+    batches (each write on a stream has a cost of its own). Each message is
+    answered by one EnqueueResult, in the order the messages are stored (not
+    the order sent), after the same checks and with the same promise as
+    EnqueueMessage; results ready together come in one EnqueueResults. A
+    server that is shutting down stops taking messages, answers every one it
+    began to store, and ends the call with OK: a message left unanswered by an
+    OK end was not stored and may be sent again elsewhere.
     """
     ListMessages: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListMessagesRequest, _queue_pb2.ListMessagesResponse]
     """Admin: the postqueue/postsuper of kurrier."""
@@ -74,15 +75,16 @@ class QueueServiceAsyncStub(QueueServiceStub):
     gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
     without a stream's per-call overhead.
     """
-    EnqueueMessages: _aio.StreamStreamMultiCallable[_queue_pb2.EnqueueMessageRequest, _queue_pb2.EnqueueResult]  # type: ignore[assignment]
+    EnqueueMessages: _aio.StreamStreamMultiCallable[_queue_pb2.EnqueueBatch, _queue_pb2.EnqueueResults]  # type: ignore[assignment]
     """EnqueueMessages carries many such messages over one long-lived call:
-    what ingress uses up to 1 MiB, without a call's setup per message. Each
-    request is answered by one EnqueueResult, in the order the messages are
-    stored (not the order sent), after the same checks and with the same
-    promise as EnqueueMessage. A server that is shutting down stops taking
-    requests, answers every one it began to store, and ends the call with
-    OK: a request left unanswered by an OK end was not stored and may be
-    sent again elsewhere.
+    what ingress uses up to 1 MiB, without a call's setup per message, in
+    batches (each write on a stream has a cost of its own). Each message is
+    answered by one EnqueueResult, in the order the messages are stored (not
+    the order sent), after the same checks and with the same promise as
+    EnqueueMessage; results ready together come in one EnqueueResults. A
+    server that is shutting down stops taking messages, answers every one it
+    began to store, and ends the call with OK: a message left unanswered by an
+    OK end was not stored and may be sent again elsewhere.
     """
     ListMessages: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListMessagesRequest, _queue_pb2.ListMessagesResponse]  # type: ignore[assignment]
     """Admin: the postqueue/postsuper of kurrier."""
@@ -118,17 +120,18 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def EnqueueMessages(
         self,
-        request_iterator: _MaybeAsyncIterator[_queue_pb2.EnqueueMessageRequest],
+        request_iterator: _MaybeAsyncIterator[_queue_pb2.EnqueueBatch],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_queue_pb2.EnqueueResult], _abc.AsyncIterator[_queue_pb2.EnqueueResult]]:
+    ) -> _typing.Union[_abc.Iterator[_queue_pb2.EnqueueResults], _abc.AsyncIterator[_queue_pb2.EnqueueResults]]:
         """EnqueueMessages carries many such messages over one long-lived call:
-        what ingress uses up to 1 MiB, without a call's setup per message. Each
-        request is answered by one EnqueueResult, in the order the messages are
-        stored (not the order sent), after the same checks and with the same
-        promise as EnqueueMessage. A server that is shutting down stops taking
-        requests, answers every one it began to store, and ends the call with
-        OK: a request left unanswered by an OK end was not stored and may be
-        sent again elsewhere.
+        what ingress uses up to 1 MiB, without a call's setup per message, in
+        batches (each write on a stream has a cost of its own). Each message is
+        answered by one EnqueueResult, in the order the messages are stored (not
+        the order sent), after the same checks and with the same promise as
+        EnqueueMessage; results ready together come in one EnqueueResults. A
+        server that is shutting down stops taking messages, answers every one it
+        began to store, and ends the call with OK: a message left unanswered by an
+        OK end was not stored and may be sent again elsewhere.
         """
 
     @_abc_1.abstractmethod
