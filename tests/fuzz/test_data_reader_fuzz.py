@@ -6,7 +6,7 @@ import re
 
 from hypothesis import given
 from hypothesis import strategies as st
-from kurrier.ingress.data_reader import DataLimits, DataReader
+from kurrier.ingress.data_reader import LINE_TOO_LONG, DataLimits, DataReader
 
 # Bytes that matter to the reader, mixed with a few ordinary ones.
 _INTERESTING = st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b".\r\n", b"x", b"\x00"])
@@ -82,3 +82,17 @@ def test_limits_hold_whatever_comes(wire: bytes, size: int, line: int, cuts: lis
         assert all(len(x) + 2 <= line + 1 for x in content.split(b"\r\n"))
     else:
         assert content == b"" and reader.refusal[:3] in ("552", "554")
+
+
+@given(wire=WIRE, line=st.integers(3, 50), cuts=st.lists(st.integers(0, 400), max_size=20))
+def test_a_line_is_refused_exactly_when_a_run_reaches_the_limit(
+    wire: bytes, line: int, cuts: list[int]
+) -> None:
+    data = wire + b"\r\n.\r\n"
+    end = (b"\r\n" + data).find(b"\r\n.\r\n")
+    runs = re.split(rb"[\r\n]", data[: end + 2])  # every line-ending octet ends a run
+    limits = DataLimits(max_size=10**9, max_line_length=line, max_header_size=10**9)
+    _, reader = feed_in_chunks(data, [c for c in cuts if c <= len(data)], limits)
+    assert reader.done
+    too_long = LINE_TOO_LONG.format(limit=line)
+    assert (reader.refusal == too_long) == any(len(run) >= line for run in runs)
