@@ -45,6 +45,34 @@ async def test_load_generator_and_sink_agree(tmp_path: Path) -> None:
     assert sink.process.returncode == 0
 
 
+async def test_sink_takes_bdat_chunks_pipelined_with_the_envelope() -> None:
+    sink = await SinkProcess.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sink.port)
+        message = message_head("bdat", 1, 5) + b".a line DATA would stuff\r\n"
+        first, rest = message[:40], message[40:]
+        writer.write(
+            b"EHLO relay\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\n"
+            + b"BDAT %d\r\n%s" % (len(first), first)
+            + b"BDAT %d LAST\r\n%s" % (len(rest), rest)
+            + b"BDAT x\r\nQUIT\r\n"
+        )
+        replies = (await asyncio.wait_for(reader.read(), timeout=10)).decode().splitlines()
+        writer.close()
+        assert "250-CHUNKING" in replies
+        assert replies[-6:] == [
+            "250 2.1.0 Ok",
+            "250 2.1.5 Ok",
+            "250 2.0.0 Ok",  # the first chunk
+            "250 2.0.0 Ok",  # the last: the message
+            "501 5.5.4 Syntax: BDAT size [LAST]",
+            "221 2.0.0 Bye",
+        ]
+        assert (await sink.count("bdat")) == (1, 0)
+    finally:
+        await sink.stop()
+
+
 def test_ledger_counts_a_message_seen_twice_once() -> None:
     ledger = Ledger()
     message = bytearray(b"\r\n" + message_head("dup", 7, 123) + b"body\r\n")

@@ -19,7 +19,7 @@ from kurrier.delivery.mta_sts import StsPolicies
 from kurrier.delivery.next_hop import NextHop, mx_hops, smarthost_hop
 from kurrier.delivery.sending_rate import SendingRates
 from kurrier.delivery.settings import DeliverySettings
-from kurrier.delivery.smtp_client import Reply, SmtpSession, SmtpTemporaryError, to_wire_body
+from kurrier.delivery.smtp_client import Reply, SmtpSession, SmtpTemporaryError
 from kurrier.delivery.tls_policy import client_context
 
 log = logging.getLogger(__name__)
@@ -62,15 +62,15 @@ class Courier:
             route = table.route_for(domain, sender_domain)
             key = (route.name if route else "", domain if route and route.mx else "")
             groups.setdefault(key, (route, []))[1].append(recipient)
-        # Signed and stuffed once per attempt, whatever the number of groups.
-        wire_body = to_wire_body(self._signer.sign(body, table.domain(sender_domain)))
+        # Signed once per attempt, whatever the number of groups.
+        signed = self._signer.sign(body, table.domain(sender_domain))
         results = await asyncio.gather(
             *(
                 traced_delivery(
                     table,
                     route,
                     recipients,
-                    self._deliver_group(job, route, domain, recipients, wire_body),
+                    self._deliver_group(job, route, domain, recipients, signed),
                 )
                 for (_, domain), (route, recipients) in groups.items()
             )
@@ -83,7 +83,7 @@ class Courier:
         route: CompiledRoute | None,
         domain: str,
         recipients: list[str],
-        wire_body: bytes,
+        body: bytes,
     ) -> list[RecipientOutcome]:
         if route is None:
             return deferred(recipients, "451 4.4.0 no route matches the recipient domain")
@@ -107,7 +107,7 @@ class Courier:
                     f"({route.rate_per_minute} per minute)",
                 )
             await asyncio.sleep(wait)
-        return await self._send(job, route, hops, recipients, wire_body)
+        return await self._send(job, route, hops, recipients, body)
 
     async def _hops(self, route: CompiledRoute, domain: str) -> list[NextHop]:
         if route.smarthost is not None:
@@ -144,7 +144,7 @@ class Courier:
         route: CompiledRoute,
         hops: list[NextHop],
         recipients: list[str],
-        wire_body: bytes,
+        body: bytes,
     ) -> list[RecipientOutcome]:
         """Try the hops in order; a recipient moves on only after a temporary failure
         before the server saw the message content (RFC 5321 5.1)."""
@@ -169,7 +169,7 @@ class Courier:
                 result = await session.send(
                     job.mail_from,
                     pending,
-                    wire_body,
+                    body,
                     smtputf8=job.smtputf8,
                     body_type=job.body_type,
                 )
