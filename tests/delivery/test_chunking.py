@@ -77,11 +77,17 @@ def test_a_bdat_no_recipient_took_leaves_the_session_in_step() -> None:
 
 def test_without_chunking_the_content_goes_dot_stuffed_by_data() -> None:
     with Sink() as sink:
-        results, extensions = asyncio.run(_transactions(sink, (["r@example.com"], BODY)))
-        received = sink.wait_for(1)
+        results, extensions = asyncio.run(
+            _transactions(sink, (["r@example.com"], BODY), (["s@example.com"], b"no CRLF"))
+        )
+        received = sink.wait_for(2)
     assert "CHUNKING" not in extensions
-    assert results[0].reply_for("r@example.com").code == 250
-    assert [_seen(m) for m in received] == [(("r@example.com",), BODY, False)]
+    first, second = results
+    assert first.reply_for("r@example.com").code == second.reply_for("s@example.com").code == 250
+    assert [_seen(m) for m in received] == [
+        (("r@example.com",), BODY, False),
+        (("s@example.com",), b"no CRLF\r\n", False),
+    ]
 
 
 def test_the_relay_delivers_by_bdat_byte_identical(tmp_path: Path) -> None:
