@@ -22,7 +22,7 @@ from kurrier.core.jetstream import (
 )
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.table_store import TableFollower
-from kurrier.queue.dispatch import mark_dispatched, publish_jobs
+from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched, publish_jobs
 from kurrier.queue.intake import Intake
 from kurrier.queue.records import RecordStore
 from kurrier.queue.retry_schedule import RetrySchedule
@@ -159,6 +159,42 @@ def test_a_dispatch_whose_job_was_never_published_is_redone_before_its_lease(
     )
     assert (with_job, jobs_with_job) == (0, 1)
     assert (without_job, dispatches) == (1, 2)
+
+
+async def _sweep_records_without_bodies(nats_url: str) -> tuple[int, list[str], int]:
+    """Two records whose bodies are gone: one dispatched long ago without a job, one overdue."""
+    nc = await connect(nats_url, "test-sweep-bodiless")
+    try:
+        js = nc.jetstream()
+        records, sweeper = await _sweeper(js)
+        dispatched = time.time() - 2 * DISPATCH_GRACE
+        for queue_id, lease_ends in (
+            ("BODILESS000000000001", dispatched + JOB_LEASE),  # its job never went out
+            ("BODILESS000000000002", time.time() - 3600),  # its lease ran out long ago
+        ):
+            record = MessageRecord(
+                queue_id=queue_id,
+                mail_from="a@client.test",
+                recipients=[RecipientState(address="r@example.com")],
+                received_at=dispatched,
+                size=10,
+                body_store="stream",
+            )
+            mark_dispatched(record, ["r@example.com"], dispatched)
+            record.recipients[0].next_attempt = lease_ends
+            assert await records.create(record)
+        redispatched, _ = await sweeper.sweep()
+        left = [r.queue_id async for r in records.all()]
+        return redispatched, left, (await js.stream_info(JOBS_STREAM)).state.messages
+    finally:
+        await disconnect(nc)
+
+
+def test_a_record_whose_body_is_gone_is_removed_not_dispatched(nats_server: NatsServer) -> None:
+    # A live record always has its body, so one without was never accepted (its
+    # client heard 451): dispatching it would only have delivery drop it, every lease.
+    redispatched, left, jobs = asyncio.run(_sweep_records_without_bodies(nats_server.url))
+    assert (redispatched, left, jobs) == (0, [], 0)
 
 
 async def _sweep_orphaned_bodies(nats_url: str) -> tuple[int, int, list[str]]:

@@ -48,6 +48,19 @@ async def load_body(js: JetStreamContext, queue_id: str, where: BodyStore) -> by
     return bytes(result.data or b"")
 
 
+async def body_exists(js: JetStreamContext, queue_id: str, where: BodyStore) -> bool:
+    """Whether the body is stored, asked of the leader (a replica may not have it yet)."""
+    try:
+        if where == "stream":
+            await js.get_last_msg(BODIES_STREAM, body_subject(queue_id))
+        else:
+            store = await js.object_store(OBJECT_BUCKET)
+            await store.get_info(queue_id)
+    except NotFoundError:
+        return False
+    return True
+
+
 async def delete_body(js: JetStreamContext, queue_id: str, where: BodyStore) -> None:
     try:
         if where == "stream":

@@ -8,7 +8,12 @@ Every SWEEP_INTERVAL it reads every record once and
   record died before publishing its job (its client was told 451);
 - removes a stored body older than DISPATCH_GRACE that no record refers to:
   the message was finished or never stored whole, and a crash (of a queue
-  process, or of nats-server before it persisted a purge) left the body.
+  process, or of nats-server before it persisted a purge) left the body;
+- removes, instead of re-dispatching, a record whose body is gone. A live
+  record always has its body (stored first, purged last), so such a record
+  was never accepted: an Enqueue that failed and could not take its record
+  back, or one sent again after a write that had in fact arrived, whose
+  body and job JetStream deduplicated away after the first copy finished.
 
 Re-dispatching may duplicate a message, never lose one.
 """
@@ -19,6 +24,7 @@ import asyncio
 import logging
 import time
 
+from kurrier.core.body_store import body_exists
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     JOBS_STREAM,
@@ -27,7 +33,7 @@ from kurrier.core.jetstream import (
     job_subject,
     result_subject,
 )
-from kurrier.core.message import MessageRecord
+from kurrier.core.message import BodyStore, MessageRecord
 from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched
 from kurrier.queue.scheduler import Mutation, QueueManager
 from nats.js import JetStreamContext
@@ -66,6 +72,7 @@ class Sweeper:
         live: set[str] = set()
         overdue: list[str] = []
         unconfirmed: dict[str, int] = {}
+        bodies: dict[str, BodyStore] = {}
         async for record in self._manager.records.all():
             live.add(record.queue_id)
             if record.held:
@@ -78,20 +85,34 @@ class Sweeper:
                 for r in pending
             ):
                 unconfirmed[record.queue_id] = record.dispatches
-        for queue_id in overdue:
-            await self._manager.mutate(queue_id, self._manager.retry_due)
+            else:
+                continue
+            bodies[record.queue_id] = record.body_store
         lost = await self._without_work(unconfirmed)
-        for queue_id in lost:
-            await self._manager.mutate(queue_id, _redispatch(unconfirmed[queue_id]), fresh=True)
-        if overdue or lost:
+        redispatched = 0
+        for queue_id in [*overdue, *lost]:
+            if not await body_exists(self._js, queue_id, bodies[queue_id]):
+                await self._manager.records.delete(queue_id)
+                log.warning(
+                    "sweeper removed a record whose body is gone (never accepted)",
+                    extra={"queue_id": queue_id},
+                )
+                continue
+            if queue_id in unconfirmed:
+                change = _redispatch(unconfirmed[queue_id])
+                await self._manager.mutate(queue_id, change, fresh=True)
+            else:
+                await self._manager.mutate(queue_id, self._manager.retry_due)
+            redispatched += 1
+        if redispatched:
             log.warning(
                 "sweeper re-dispatched %d message(s) whose job or schedule was lost",
-                len(overdue) + len(lost),
+                redispatched,
             )
         removed = await self._remove_orphaned_bodies(live, now)
         if removed:
             log.warning("sweeper removed %d body(ies) no message refers to", removed)
-        return len(overdue) + len(lost), removed
+        return redispatched, removed
 
     async def _subjects(self, stream: str, pattern: str) -> set[str] | None:
         """The subjects holding messages in stream, or None when it is too long to list."""
