@@ -40,12 +40,12 @@ class BatchWriter(Generic[T]):
         self._writing: list[T] = []
         self._wake = asyncio.Event()
         self._closing = False
-        self.failed = False
+        self._failed = False
         self._task = asyncio.create_task(self._run())
 
     def add(self, item: T) -> bool:
         """Queue item for the next write; False once the writer has failed or closed."""
-        if self.failed or self._closing:
+        if self._failed or self._closing:
             return False
         self._pending.append(item)
         self._wake.set()
@@ -86,7 +86,7 @@ class BatchWriter(Generic[T]):
                 await self._write(self._writing)
                 self._writing = []
         except BaseException as error:
-            self.failed = True
+            self._failed = True
             unsent, self._writing, self._pending = self._writing + self._pending, [], []
             self._on_failure(unsent, error)
             if not isinstance(error, Exception):

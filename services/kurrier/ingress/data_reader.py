@@ -136,7 +136,7 @@ class DataReader:
         # A CR starting a CRLF split between this raw and the next, or an LF ending one.
         start = 1 if self._after_cr else 0
         stop = len(without_crlf) - 1 if raw.endswith(b"\r") else len(without_crlf)
-        inner = without_crlf[start:stop] if start or stop < len(without_crlf) else without_crlf
+        inner = without_crlf[start:stop]  # the whole of it is no copy
         return b"\r" in inner or b"\n" in inner
 
     def _measure_runs(self, raw: bytes, limit: int) -> None:
