@@ -121,9 +121,15 @@ async def serve_ingress(settings: IngressSettings) -> None:
                 port,
                 ssl=tls if listener.implicit_tls else None,
                 reuse_address=True,
+                start_serving=False,
             )
         )
         log.info("SMTP (%s) listening on %s", listener.name, address)
+    # All ports bound before any accepts: one answering means all do (probes and
+    # clients may check only one), and a port that cannot be bound stops
+    # ingress before it took any mail.
+    for server in servers:
+        await server.start_serving()
     try:
         await stop.wait()
     finally:
