@@ -136,9 +136,10 @@ async def _sweep_after_a_crash_mid_enqueue(nats_url: str) -> tuple[int, int, int
             body_store=await store_body(js, queue_id, io.BytesIO(body), len(body)),
         )
         mark_dispatched(record, ["r@example.com"], dispatched)
-        assert await records.create(record)
+        revision = await records.create(record)
+        assert revision
         # While its job waits in JetStream (delivery is only slow), nothing happens.
-        await publish_jobs(js, TableFollower().table, record, ["r@example.com"])
+        await publish_jobs(js, TableFollower().table, record, ["r@example.com"], revision)
         with_job, _ = await sweeper.sweep()
         jobs_with_job = (await js.stream_info(JOBS_STREAM)).state.messages
         # The job never published (the queue died after storing the record): dispatched again.
@@ -251,8 +252,8 @@ async def _read_through_a_lagging_replica(nats_url: str) -> tuple[bool, bool]:
             body_store="stream",
         )
         assert await (await RecordStore.open(js)).create(record)
-        found = await RecordStore(lagging, leader).get(record.queue_id, fresh=True)
-        missing = await RecordStore(lagging, leader).get("NOSUCHRECORD00000001", fresh=True)
+        found = await RecordStore(js, lagging, leader).get(record.queue_id, fresh=True)
+        missing = await RecordStore(js, lagging, leader).get("NOSUCHRECORD00000001", fresh=True)
         return found is not None and found[0].queue_id == record.queue_id, missing is None
     finally:
         await disconnect(nc)

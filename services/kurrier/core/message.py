@@ -98,6 +98,12 @@ class DeliveryJob(_Model):
     body_store: BodyStore
     smtputf8: bool = False
     body_type: str = ""
+    # Given only when this job carries every recipient still pending: the
+    # record's revision as the job was published, and when the message was
+    # received. If the job delivers them all and the record is still at that
+    # revision, delivery removes the message itself (delivery/completion.py).
+    record_revision: int | None = None
+    received_at: float = 0.0
 
 
 Outcome = Literal["delivered", "deferred", "bounced"]

@@ -25,7 +25,7 @@ from typing import Any
 
 import prometheus_client
 from kurrier.core.logs import current_queue_id
-from kurrier.core.message import MessageRecord, RecipientOutcome
+from kurrier.core.message import FINAL_STATUSES, MessageRecord, RecipientOutcome
 from kurrier.core.routing import CompiledRoute, RoutingTable, domain_of
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
@@ -599,15 +599,18 @@ def count_recipient_changes(record: MessageRecord, before: Sequence[str], now: f
             continue
         if state.status == "deferred":
             RECIPIENTS_DEFERRED.add(1)
-            continue
-        if state.status == "delivered":
-            RECIPIENTS_DELIVERED.add(1)
-        elif state.status in ("bounced", "expired"):
-            reason = "expired" if state.status == "expired" else "rejected"
-            RECIPIENTS_BOUNCED.add(1, {"reason": reason})
-        else:
-            continue
-        TIME_IN_QUEUE.record(max(0.0, now - record.received_at), {"outcome": state.status})
+        elif state.status in FINAL_STATUSES:
+            count_final(state.status, record.received_at, now)
+
+
+def count_final(status: str, received_at: float, now: float) -> None:
+    """Count a recipient that reached a final status (delivered, bounced, expired)."""
+    if status == "delivered":
+        RECIPIENTS_DELIVERED.add(1)
+    else:
+        reason = "expired" if status == "expired" else "rejected"
+        RECIPIENTS_BOUNCED.add(1, {"reason": reason})
+    TIME_IN_QUEUE.record(max(0.0, now - received_at), {"outcome": status})
 
 
 class Gauge:

@@ -14,7 +14,7 @@ from kurrier.core.jetstream import (
     pull_batch,
     result_subject,
 )
-from kurrier.core.message import DeliveryJob, DeliveryResult
+from kurrier.core.message import DeliveryJob, DeliveryResult, RecipientOutcome
 from kurrier.core.table_store import TableFollower
 from kurrier.core.telemetry import (
     JOBS_DESTINATION,
@@ -23,6 +23,7 @@ from kurrier.core.telemetry import (
     publishing,
     traced_processing,
 )
+from kurrier.delivery.completion import finish_delivered
 from kurrier.delivery.courier import Courier
 from kurrier.delivery.settings import DeliverySettings
 from nats.aio.msg import Msg
@@ -119,24 +120,32 @@ class DeliveryWorker:
                 await message.ack()
                 return
             outcomes = await self.courier.deliver(job, body, self._tables.table)
-            result = DeliveryResult(queue_id=job.queue_id, attempt=job.attempt, outcomes=outcomes)
-            subject = result_subject(job.queue_id)
-            with publishing(
-                RESULTS_DESTINATION,
-                subject,
-                {"Nats-Msg-Id": f"result:{job.queue_id}:{job.attempt}:{message.sid}"},
-                queue_id=job.queue_id,
-                attempt=job.attempt,
-            ) as headers:
-                await self._js.publish(
-                    subject,
-                    result.model_dump_json().encode(),
-                    stream=RESULTS_STREAM,
-                    headers=headers,
-                )
+            if not await finish_delivered(self._js, job, outcomes):
+                await self._report(job, message.metadata.sequence.stream, outcomes)
             await message.ack()
         except Exception:
             # NATS trouble while loading or reporting: leave the job to be redelivered.
             log.exception("delivery attempt failed", extra={"queue_id": job.queue_id})
             with contextlib.suppress(Exception):
                 await message.nak(delay=5)
+
+    async def _report(
+        self, job: DeliveryJob, job_sequence: int, outcomes: list[RecipientOutcome]
+    ) -> None:
+        """Hand the attempt's outcomes to the queue (stored, before the job is acked).
+
+        Deduplicated per job (its stream sequence): a redelivered job reports
+        once, while the jobs of one dispatch (one per route) each report.
+        """
+        result = DeliveryResult(queue_id=job.queue_id, attempt=job.attempt, outcomes=outcomes)
+        subject = result_subject(job.queue_id)
+        with publishing(
+            RESULTS_DESTINATION,
+            subject,
+            {"Nats-Msg-Id": f"result:{job.queue_id}:{job.attempt}:{job_sequence}"},
+            queue_id=job.queue_id,
+            attempt=job.attempt,
+        ) as headers:
+            await self._js.publish(
+                subject, result.model_dump_json().encode(), stream=RESULTS_STREAM, headers=headers
+            )

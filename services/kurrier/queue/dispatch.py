@@ -36,10 +36,22 @@ def mark_dispatched(record: MessageRecord, recipients: list[str], now: float) ->
 
 
 async def publish_jobs(
-    js: JetStreamContext, table: RoutingTable, record: MessageRecord, recipients: list[str]
+    js: JetStreamContext,
+    table: RoutingTable,
+    record: MessageRecord,
+    recipients: list[str],
+    revision: int,
 ) -> None:
-    """Publish the jobs of the record's latest dispatch; idempotent under JetStream dedup."""
-    for index, group in enumerate(group_by_route(table, record.mail_from, recipients)):
+    """Publish the jobs of the record's latest dispatch; idempotent under JetStream dedup.
+
+    revision is the record's as stored with this dispatch. A job that is all
+    the message has left to do carries it, so that delivery can finish the
+    message without the queue.
+    """
+    groups = group_by_route(table, record.mail_from, recipients)
+    pending = {r.address for r in record.pending()}
+    sole = len(groups) == 1 and set(groups[0]) == pending and not record.scheduled
+    for index, group in enumerate(groups):
         job = DeliveryJob(
             queue_id=record.queue_id,
             attempt=record.dispatches,
@@ -49,6 +61,8 @@ async def publish_jobs(
             body_store=record.body_store,
             smtputf8=record.smtputf8,
             body_type=record.body_type,
+            record_revision=revision if sole else None,
+            received_at=record.received_at,
         )
         subject = job_subject(record.queue_id)
         with publishing(

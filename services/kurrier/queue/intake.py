@@ -57,12 +57,13 @@ class Intake:
             # The record only after its body is stored: a live record always has
             # its body (delivery acks a job whose body is gone without a result,
             # so such a record would be re-dispatched forever).
-            if not await self._records.create(record):
+            revision = await self._records.create(record)
+            if revision is None:
                 found = await self._records.get(record.queue_id, fresh=True)
                 if found is None or found[0].dispatches != 1:
                     return None
-                record = found[0]
-            await publish_jobs(self._js, self._tables.table, record, addresses)
+                record, revision = found
+            await publish_jobs(self._js, self._tables.table, record, addresses, revision)
         except BaseException:
             # The caller answers 451 and the client keeps the message: take back what
             # was stored, or the sweeper would deliver it again.

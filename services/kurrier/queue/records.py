@@ -7,23 +7,16 @@ from collections.abc import AsyncIterator
 
 from kurrier.core.jetstream import MESSAGES_BUCKET
 from kurrier.core.message import MessageRecord
+from kurrier.core.record_removal import RecordChanged, remove_record
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-
-class RecordConflict(Exception):
-    """The record changed since it was read; read it again and redo the change."""
-
-
-# Records this process wrote last, so applying a delivery result usually needs
-# no KV read first (one round trip less per message). Bounded; oldest go first.
+# Records this process updated last, so applying the next change usually needs
+# no KV read first. Bounded; oldest go first. A new record is not kept: most
+# are removed by delivery (delivery/completion.py), which this process never
+# hears of.
 RECENT_LIMIT = 10_000
-# A finished message leaves a purge marker in the bucket (so watchers learn of
-# the deletion); it expires after this long instead of piling up. Markers
-# cost nats-server memory: with an hour's TTL a 30-minute soak left 477 000
-# of them, and nats-server at 490 MB RSS (backlog included).
-MARKER_TTL = 60.0
 # A pass over the bucket is an ephemeral consumer on the server, which outlives
 # the pass by this long (nats-py's default is 5 minutes: frequent passes, such
 # as a depth gauge scraped often, then pile up to JetStream's consumer limit).
@@ -31,7 +24,8 @@ PASS_CONSUMER_INACTIVE = 5.0
 
 
 class RecordStore:
-    def __init__(self, kv: KeyValue, at_leader: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, at_leader: KeyValue) -> None:
+        self._js = js
         self._kv = kv
         # Reads through the bucket's leader, to confirm that a record is gone:
         # a direct read may be answered by a replica that has not applied it yet.
@@ -55,23 +49,20 @@ class RecordStore:
             js=js,
             direct=False,
         )
-        return cls(await js.key_value(MESSAGES_BUCKET), at_leader)
+        return cls(js, await js.key_value(MESSAGES_BUCKET), at_leader)
 
-    async def create(self, record: MessageRecord) -> bool:
-        """Store a new record; False if one with this queue id exists already."""
-        document = record.model_dump_json().encode()
+    async def create(self, record: MessageRecord) -> int | None:
+        """Store a new record; its revision, or None if one with this queue id exists already."""
         try:
-            revision = await self._kv.create(record.queue_id, document)
+            return await self._kv.create(record.queue_id, record.model_dump_json().encode())
         except KeyWrongLastSequenceError:
-            return False
-        self._remember(record.queue_id, document, revision)
-        return True
+            return None
 
     async def get(self, queue_id: str, fresh: bool = False) -> tuple[MessageRecord, int] | None:
         """The record and its revision, or None when there is no such message.
 
         Unless fresh, the copy this process wrote last may answer: if another
-        process changed it since, the next update fails with RecordConflict and
+        process changed it since, the next update fails with RecordChanged and
         the caller reads again (fresh).
         """
         recent = None if fresh else self._recent.get(queue_id)
@@ -98,13 +89,14 @@ class RecordStore:
             revision = await self._kv.update(record.queue_id, document, last=revision)
         except KeyWrongLastSequenceError as error:
             self._recent.pop(record.queue_id, None)
-            raise RecordConflict(record.queue_id) from error
+            raise RecordChanged(record.queue_id) from error
         self._remember(record.queue_id, document, revision)
         return revision
 
-    async def delete(self, queue_id: str) -> None:
+    async def delete(self, queue_id: str, revision: int | None = None) -> None:
+        """Remove the record; with revision, only if it is still at it (else RecordChanged)."""
         self._recent.pop(queue_id, None)
-        await self._kv.purge(queue_id, msg_ttl=MARKER_TTL)
+        await remove_record(self._js, queue_id, revision)
 
     async def count_by_state(self) -> Counter[str]:
         """How many records are active, deferred or held: one pass over the bucket."""

@@ -33,6 +33,7 @@ from kurrier.core.message import (
     MessageRecord,
     RecipientState,
 )
+from kurrier.core.record_removal import RecordChanged
 from kurrier.core.table_store import TableFollower
 from kurrier.core.telemetry import (
     RESULTS_DESTINATION,
@@ -44,7 +45,7 @@ from kurrier.core.telemetry import (
 from kurrier.queue.dispatch import mark_dispatched, publish_jobs
 from kurrier.queue.dsn import render_dsn
 from kurrier.queue.intake import Intake
-from kurrier.queue.records import RecordConflict, RecordStore
+from kurrier.queue.records import RecordStore
 from kurrier.queue.retry_schedule import RetrySchedule
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -132,7 +133,11 @@ class QueueManager:
             if not record.pending():
                 # Record first: a crash in between leaves an orphan body, never a
                 # live record whose body is gone.
-                await self._records.delete(record.queue_id)
+                try:
+                    await self._records.delete(record.queue_id, revision)
+                except RecordChanged:
+                    fresh = True
+                    continue
                 await delete_body(self._js, record.queue_id, record.body_store)
                 if record.scheduled:
                     await self._js.purge_stream(
@@ -142,13 +147,13 @@ class QueueManager:
                 return record
             record.scheduled = any(r.status == "deferred" for r in record.pending())
             try:
-                await self._records.update(record, revision)
-            except RecordConflict:
+                revision = await self._records.update(record, revision)
+            except RecordChanged:
                 fresh = True
                 continue
             count_recipient_changes(record, before, now)
             if to_dispatch:
-                await publish_jobs(self._js, self._tables.table, record, to_dispatch)
+                await publish_jobs(self._js, self._tables.table, record, to_dispatch, revision)
             await self._schedule_next(record)
             return record
 

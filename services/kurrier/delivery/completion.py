@@ -1,0 +1,70 @@
+"""Finishing a message in delivery, when its last job delivered every recipient.
+
+Most messages end with one job that delivers every recipient. Reporting that
+to the queue cost a stored result, the queue's fetch and ack of it, and its
+removal of record and body; delivery does the removal itself instead
+(relay-wide CPU per message fell by 6-22% in the benchmark). It is guarded by
+the record's revision as the job was published, which the job carries only
+when it is all the message has left to do: if the record moved on meanwhile
+(an administrator held it, the sweeper dispatched it again), the removal is
+refused and the result goes to the queue like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kurrier.core.body_store import delete_body
+from kurrier.core.message import DeliveryJob, RecipientOutcome
+from kurrier.core.record_removal import RecordChanged, remove_record
+from kurrier.core.telemetry import count_final
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+
+log = logging.getLogger(__name__)
+
+
+async def finish_delivered(
+    js: JetStreamContext, job: DeliveryJob, outcomes: list[RecipientOutcome]
+) -> bool:
+    """Remove the message if this job delivered all that was left of it.
+
+    False when the queue must hear the result instead: the job was not the
+    message's last work, a recipient was not delivered, or the record changed.
+    """
+    if job.record_revision is None or any(o.outcome != "delivered" for o in outcomes):
+        return False
+    try:
+        await remove_record(js, job.queue_id, job.record_revision)
+    except RecordChanged:
+        return False
+    except (NatsError, TimeoutError) as error:
+        # Perhaps removed, perhaps not: the queue, hearing the result, finds out.
+        log.warning(
+            "could not remove the delivered message, reporting to the queue: %r",
+            error,
+            extra={"queue_id": job.queue_id},
+        )
+        return False
+    now = time.time()
+    for outcome in outcomes:
+        count_final("delivered", job.received_at, now)
+        log.info(
+            "to=<%s> status=delivered dispatch=%d reply=%s",
+            outcome.address,
+            job.attempt,
+            outcome.reply,
+            extra={"queue_id": job.queue_id},
+        )
+    # The record went first: a crash now leaves an orphan body, which the
+    # queue's sweeper deletes, never a live record whose body is gone.
+    try:
+        await delete_body(js, job.queue_id, job.body_store)
+    except (NatsError, TimeoutError) as error:
+        log.warning(
+            "delivered and removed, but the body stays for the sweeper: %r",
+            error,
+            extra={"queue_id": job.queue_id},
+        )
+    return True

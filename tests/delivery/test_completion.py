@@ -1,0 +1,185 @@
+"""Delivery finishes a message itself when its job delivered all that was left of it.
+
+Real nats-server, real SMTP sink, the real delivery worker: the queue's part
+is played by its own record store and dispatch code, so each test sees what
+delivery leaves behind in JetStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import yaml
+from kurrier.core.body_store import body_exists, store_body
+from kurrier.core.jetstream import (
+    JOBS_STREAM,
+    RESULTS_STREAM,
+    connect,
+    disconnect,
+    ensure_layout,
+)
+from kurrier.core.loader import parse_documents
+from kurrier.core.message import DeliveryJob, DeliveryResult, MessageRecord, RecipientState
+from kurrier.core.routing import compile_table
+from kurrier.core.table_store import TableFollower
+from kurrier.delivery.settings import DeliverySettings
+from kurrier.delivery.worker import DeliveryWorker
+from kurrier.queue.dispatch import mark_dispatched, publish_jobs
+from kurrier.queue.records import RecordStore
+from nats.js import JetStreamContext
+
+from tests.support.nats import NatsServer
+from tests.support.relay import route
+from tests.support.sink import Sink
+
+BODY = b"Subject: finish\r\n\r\nfinished by delivery\r\n"
+
+
+@dataclass
+class Scene:
+    js: JetStreamContext
+    records: RecordStore
+    tables: TableFollower
+
+    async def queued(self, queue_id: str, recipients: list[str]) -> tuple[MessageRecord, int]:
+        """A message as the queue's intake leaves it: body, record, then its jobs."""
+        now = time.time()
+        record = MessageRecord(
+            queue_id=queue_id,
+            mail_from="a@client.test",
+            recipients=[RecipientState(address=r) for r in recipients],
+            received_at=now,
+            size=len(BODY),
+            body_store=await store_body(self.js, queue_id, io.BytesIO(BODY), len(BODY)),
+        )
+        mark_dispatched(record, recipients, now)
+        revision = await self.records.create(record)
+        assert revision
+        return record, revision
+
+    async def jobs(self) -> list[DeliveryJob]:
+        """The jobs waiting in JetStream, read without consuming them."""
+        state = (await self.js.stream_info(JOBS_STREAM)).state
+        stored = [
+            await self.js.get_msg(JOBS_STREAM, seq)
+            for seq in range(state.first_seq, state.last_seq + 1)
+        ]
+        return [DeliveryJob.model_validate_json(m.data or b"") for m in stored]
+
+    async def results(self) -> int:
+        return (await self.js.stream_info(RESULTS_STREAM)).state.messages
+
+    @asynccontextmanager
+    async def delivering(self) -> AsyncIterator[None]:
+        worker = DeliveryWorker(self.js, self.tables, DeliverySettings(helo_name="relay.test"))
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, timeout=30)
+
+
+async def _until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not await condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def _scene(nats_server: NatsServer, sink: Sink, *routes: str) -> AsyncIterator[Scene]:
+    nc = await connect(nats_server.url, "test-completion")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        tables = TableFollower()
+        documents = [yaml.safe_load(r) for r in routes or (route("r", ["example.com"], sink.port),)]
+        table, problems = compile_table(parse_documents(documents, "test"))
+        assert not problems
+        tables.table = table
+        yield Scene(js, await RecordStore.open(js), tables)
+    finally:
+        await disconnect(nc)
+
+
+async def _jobs_done(js: JetStreamContext) -> bool:
+    return (await js.stream_info(JOBS_STREAM)).state.messages == 0
+
+
+async def test_a_job_that_delivers_all_that_was_left_removes_record_and_body(
+    nats_server: NatsServer, sink: Sink
+) -> None:
+    async with _scene(nats_server, sink) as scene:
+        queue_id = "FINISHED000000000001"
+        record, revision = await scene.queued(queue_id, ["r1@example.com", "r2@example.com"])
+        await publish_jobs(
+            scene.js, scene.tables.table, record, [r.address for r in record.recipients], revision
+        )
+        async with scene.delivering():
+            await _until(lambda: _jobs_done(scene.js), "the job to be acked")
+        assert len(sink.messages) == 1
+        assert await scene.records.get(queue_id, fresh=True) is None
+        assert not await body_exists(scene.js, queue_id, "stream")
+        # Nothing for the queue to do: no result was stored.
+        assert await scene.results() == 0
+
+
+async def test_a_record_changed_since_dispatch_is_left_to_the_queue(
+    nats_server: NatsServer, sink: Sink
+) -> None:
+    async with _scene(nats_server, sink) as scene:
+        queue_id = "CHANGED0000000000001"
+        record, revision = await scene.queued(queue_id, ["r@example.com"])
+        await publish_jobs(scene.js, scene.tables.table, record, ["r@example.com"], revision)
+        # An administrator holds the message while its job is out.
+        record.held = True
+        await scene.records.update(record, revision)
+        async with scene.delivering():
+            results = await scene.js.pull_subscribe("kurrier.result.*", stream=RESULTS_STREAM)
+            [reported] = await results.fetch(1, timeout=30)
+        result = DeliveryResult.model_validate_json(reported.data)
+        assert [o.outcome for o in result.outcomes] == ["delivered"]
+        found = await scene.records.get(queue_id, fresh=True)
+        assert found is not None and found[0].held
+        assert await body_exists(scene.js, queue_id, "stream")
+
+
+async def test_a_message_split_across_routes_reports_each_part_to_the_queue(
+    nats_server: NatsServer, sink: Sink
+) -> None:
+    async with _scene(
+        nats_server,
+        sink,
+        route("one", ["one.example"], sink.port),
+        route("two", ["two.example"], sink.port),
+    ) as scene:
+        queue_id = "SPLIT000000000000001"
+        recipients = ["a@one.example", "b@two.example"]
+        record, revision = await scene.queued(queue_id, recipients)
+        await publish_jobs(scene.js, scene.tables.table, record, recipients, revision)
+        assert [job.record_revision for job in await scene.jobs()] == [None, None]
+        async with scene.delivering():
+            await _until(lambda: _jobs_done(scene.js), "both jobs to be acked")
+        assert len(sink.messages) == 2
+        assert await scene.results() == 2
+        assert await scene.records.get(queue_id, fresh=True) is not None
+
+
+async def test_a_job_for_some_of_the_pending_recipients_carries_no_revision(
+    nats_server: NatsServer, sink: Sink
+) -> None:
+    async with _scene(nats_server, sink) as scene:
+        record, revision = await scene.queued("PARTIAL0000000000001", ["a@example.com"])
+        # A second recipient still deferred: this job is not all that is left.
+        record.recipients.append(RecipientState(address="b@example.com", status="deferred"))
+        await publish_jobs(scene.js, scene.tables.table, record, ["a@example.com"], revision)
+        [job] = await scene.jobs()
+        assert job.record_revision is None
+        assert job.received_at == record.received_at
