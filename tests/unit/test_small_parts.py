@@ -1,4 +1,4 @@
-"""Durations, host:port parsing, retry schedule, SMTP wire encoding, queue ids."""
+"""Durations, host:port parsing, retry schedule, SMTP wire encoding, queue ids, models."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import random
 import pytest
 from kurrier.core.addresses import format_host_port, parse_host_port
 from kurrier.core.durations import parse_duration
-from kurrier.core.message import new_queue_id
+from kurrier.core.message import DeliveryJob, MessageRecord, new_queue_id
 from kurrier.delivery.smtp_client import to_wire_body
 from kurrier.queue.retry_schedule import RetrySchedule
+from pydantic import ValidationError
 
 
 @pytest.mark.parametrize(
@@ -55,3 +56,19 @@ def test_queue_ids_sort_by_time_and_are_unique() -> None:
     ids = [new_queue_id() for _ in range(1000)]
     assert len(set(ids)) == 1000
     assert all(len(i) == 20 and i.isalnum() for i in ids)
+
+
+def test_a_job_from_a_newer_queue_is_read_a_record_with_strange_fields_is_not() -> None:
+    # Jobs cross between services deployed one after the other: a field an
+    # older delivery pod does not know is ignored. A record is the queue's own
+    # truth: a field nobody wrote is corruption, refused.
+    job = DeliveryJob.model_validate_json(
+        b'{"queue_id": "Q", "attempt": 1, "mail_from": "", "recipients": ["r@example.com"],'
+        b' "size": 1, "body_store": "stream", "added_later": true}'
+    )
+    assert job.recipients == ["r@example.com"] and job.record_revision is None
+    with pytest.raises(ValidationError, match="added_later"):
+        MessageRecord.model_validate_json(
+            b'{"queue_id": "Q", "mail_from": "", "recipients": [], "received_at": 0,'
+            b' "size": 1, "body_store": "stream", "added_later": true}'
+        )

@@ -87,7 +87,15 @@ class MessageRecord(_Model):
         return "deferred"
 
 
-class DeliveryJob(_Model):
+class _WireMessage(BaseModel):
+    """A message between services through JetStream. Fields it does not know are
+    ignored: during a rolling upgrade a newer queue's job reaches an older
+    delivery pod, and the fields it adds are only ever optional."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class DeliveryJob(_WireMessage):
     """One delivery attempt of a message to a group of its recipients."""
 
     queue_id: str
@@ -109,13 +117,13 @@ class DeliveryJob(_Model):
 Outcome = Literal["delivered", "deferred", "bounced"]
 
 
-class RecipientOutcome(_Model):
+class RecipientOutcome(_WireMessage):
     address: str
     outcome: Outcome
     reply: str
 
 
-class DeliveryResult(_Model):
+class DeliveryResult(_WireMessage):
     queue_id: str
     attempt: int
     outcomes: list[RecipientOutcome]
