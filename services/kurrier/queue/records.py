@@ -9,7 +9,8 @@ from kurrier.core.jetstream import MESSAGES_BUCKET
 from kurrier.core.message import MessageRecord
 from kurrier.core.record_removal import RecordChanged, remove_record
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import FetchTimeoutError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 # Records this process updated last, so applying the next change usually needs
@@ -21,6 +22,7 @@ RECENT_LIMIT = 10_000
 # the pass by this long (nats-py's default is 5 minutes: frequent passes, such
 # as a depth gauge scraped often, then pile up to JetStream's consumer limit).
 PASS_CONSUMER_INACTIVE = 5.0
+PASS_BATCH = 256
 
 
 class RecordStore:
@@ -103,15 +105,36 @@ class RecordStore:
         return Counter([record.state async for record in self.all()])
 
     async def all(self) -> AsyncIterator[MessageRecord]:
-        """Every record, in one streamed pass over the bucket (not a request per key)."""
-        watcher = await self._kv.watchall(
-            ignore_deletes=True, inactive_threshold=PASS_CONSUMER_INACTIVE
+        """Every record, in one streamed pass over the bucket (not a request per key).
+
+        A pull consumer of each key's last message, not nats-py's watcher: the
+        watcher decides that the bucket is empty from consumer info, which
+        nats-server may answer before the deliveries it already counted
+        arrive, and then ends a pass over a full bucket at once (4 passes in
+        300 over 51 records, on this machine). A pull consumer delivers
+        nothing until asked, so its first count is the whole pass.
+        """
+        subscription = await self._js.pull_subscribe(
+            f"$KV.{MESSAGES_BUCKET}.>",
+            stream=f"KV_{MESSAGES_BUCKET}",
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=PASS_CONSUMER_INACTIVE,
+            ),
         )
         try:
-            async for entry in watcher:
-                if entry is None:
-                    return  # the end-of-history marker: everything stored has been seen
-                if entry.value:
-                    yield MessageRecord.model_validate_json(entry.value)
+            remaining = (await subscription.consumer_info()).num_pending or 0
+            while remaining > 0:
+                try:
+                    batch = await subscription.fetch(min(remaining, PASS_BATCH), timeout=1)
+                except (FetchTimeoutError, TimeoutError):
+                    # What was counted may have been removed meanwhile: count again.
+                    remaining = (await subscription.consumer_info()).num_pending or 0
+                    continue
+                for message in batch:
+                    remaining = message.metadata.num_pending
+                    if message.data:  # a removal's purge marker is empty
+                        yield MessageRecord.model_validate_json(message.data)
         finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+            await subscription.unsubscribe()
