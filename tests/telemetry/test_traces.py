@@ -65,15 +65,18 @@ def _named(spans: list[CollectedSpan], name: str, queue_id: str) -> list[Collect
 def _finished(
     spans: list[CollectedSpan], queue_id: str, attempts: int = 1, received: bool = True
 ) -> bool:
-    """Whether each service has exported the spans that end its part in the message.
+    """Whether each service has exported every span it makes about the message.
 
     Every attempt but the last (which delivered, and finished the message in
-    delivery) sent its result to the queue.
+    delivery) sent its result to the queue. Each service exports its spans in
+    batches, so each of its spans is waited for, not only its last.
     """
+    enqueued = [s for s in spans if "EnqueueMessages" in s.name and s.queue_id == queue_id]
     return (
         len(_named(spans, "process kurrier.result", queue_id)) == attempts - 1
+        and len(_named(spans, "send kurrier.job", queue_id)) == attempts
         and len(_named(spans, "process kurrier.job", queue_id)) == attempts
-        and (not received or bool(_named(spans, "SMTP DATA", queue_id)))
+        and (not received or (bool(_named(spans, "SMTP DATA", queue_id)) and bool(enqueued)))
     )
 
 
