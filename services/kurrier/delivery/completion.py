@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from kurrier.core.body_store import delete_body
 from kurrier.core.message import DeliveryJob, RecipientOutcome
@@ -26,12 +27,16 @@ log = logging.getLogger(__name__)
 
 
 async def finish_delivered(
-    js: JetStreamContext, job: DeliveryJob, outcomes: list[RecipientOutcome]
+    js: JetStreamContext,
+    job: DeliveryJob,
+    outcomes: list[RecipientOutcome],
+    acknowledge: Callable[[], Awaitable[None]],
 ) -> bool:
-    """Remove the message if this job delivered all that was left of it.
+    """Remove the message, and acknowledge the job, if it delivered all that was left.
 
-    False when the queue must hear the result instead: the job was not the
-    message's last work, a recipient was not delivered, or the record changed.
+    False when the queue must hear the result instead (the job is not
+    acknowledged): the job was not the message's last work, a recipient was
+    not delivered, or the record changed.
     """
     if job.record_revision is None or any(o.outcome != "delivered" for o in outcomes):
         return False
@@ -47,6 +52,10 @@ async def finish_delivered(
             extra={"queue_id": job.queue_id},
         )
         return False
+    # The job is acked as soon as the record is gone, since until then a crash
+    # sends the mail again. The body goes last: a crash before that leaves an
+    # orphan body, which the sweeper deletes, never a live record without one.
+    await acknowledge()
     now = time.time()
     for outcome in outcomes:
         count_final("delivered", job.received_at, now)
@@ -57,8 +66,6 @@ async def finish_delivered(
             outcome.reply,
             extra={"queue_id": job.queue_id},
         )
-    # The record went first: a crash now leaves an orphan body, which the
-    # queue's sweeper deletes, never a live record whose body is gone.
     try:
         await delete_body(js, job.queue_id, job.body_store)
     except (NatsError, TimeoutError) as error:

@@ -120,9 +120,9 @@ class DeliveryWorker:
                 await message.ack()
                 return
             outcomes = await self.courier.deliver(job, body, self._tables.table)
-            if not await finish_delivered(self._js, job, outcomes):
+            if not await finish_delivered(self._js, job, outcomes, message.ack):
                 await self._report(job, message.metadata.sequence.stream, outcomes)
-            await message.ack()
+                await message.ack()
         except Exception:
             # NATS trouble while loading or reporting: leave the job to be redelivered.
             log.exception("delivery attempt failed", extra={"queue_id": job.queue_id})
