@@ -113,7 +113,17 @@ def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
             180,
             "every acknowledged message to be delivered",
         )
-        wait_until(lambda: queued_count(cluster.url()) == 0, 120, "the queue to drain")
+        counts: list[int] = []
+
+        def drained() -> bool:
+            counts.append(queued_count(cluster.url()))
+            return counts[-1] == 0
+
+        try:
+            wait_until(drained, 120, "the queue to drain")
+        except AssertionError as error:
+            # -1 is NATS not answering; a count is records left behind.
+            raise AssertionError(f"{error}; the last counts: {counts[-10:]}") from None
     assert len(acknowledged) >= 200
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 
 from kurrier.core.jetstream import MESSAGES_BUCKET
 from kurrier.core.message import MessageRecord
 from kurrier.core.record_removal import RecordChanged, remove_record
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import FetchTimeoutError, KeyNotFoundError, KeyWrongLastSequenceError
@@ -117,14 +119,19 @@ class RecordStore:
         subscription = await self._js.pull_subscribe(
             f"$KV.{MESSAGES_BUCKET}.>",
             stream=f"KV_{MESSAGES_BUCKET}",
+            # A pass is transient: one replica in memory is all it needs, and
+            # a clustered bucket then need not replicate the consumer.
             config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
                 ack_policy=AckPolicy.NONE,
                 inactive_threshold=PASS_CONSUMER_INACTIVE,
+                num_replicas=1,
+                mem_storage=True,
             ),
         )
+        info = await subscription.consumer_info()
         try:
-            remaining = (await subscription.consumer_info()).num_pending or 0
+            remaining = info.num_pending or 0
             while remaining > 0:
                 try:
                     batch = await subscription.fetch(min(remaining, PASS_BATCH), timeout=1)
@@ -138,3 +145,7 @@ class RecordStore:
                         yield MessageRecord.model_validate_json(message.data)
         finally:
             await subscription.unsubscribe()
+            # Removed now rather than after its inactivity: a caller polling
+            # passes several times a second would otherwise pile them up.
+            with contextlib.suppress(NatsError):
+                await self._js.delete_consumer(f"KV_{MESSAGES_BUCKET}", info.name)
