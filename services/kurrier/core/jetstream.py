@@ -34,6 +34,10 @@ BODIES_STREAM = "KURRIER_BODIES"
 JOBS_STREAM = "KURRIER_JOBS"
 RESULTS_STREAM = "KURRIER_RESULTS"
 MESSAGES_BUCKET = "kurrier-messages"
+# The records bucket as JetStream names it (ADR-8), for the places that go
+# past nats-py's KV API: a guarded purge, a pass by pull consumer.
+MESSAGES_STREAM = f"KV_{MESSAGES_BUCKET}"
+RECORDS_PREFIX = f"$KV.{MESSAGES_BUCKET}."
 OBJECT_BUCKET = "kurrier-bodies"
 CONFIG_BUCKET = "kurrier-config"
 LEASES_BUCKET = "kurrier-leases"

@@ -8,7 +8,7 @@ Both go through remove_record, so a removal looks the same whoever made it.
 
 from __future__ import annotations
 
-from kurrier.core.jetstream import MESSAGES_BUCKET
+from kurrier.core.jetstream import RECORDS_PREFIX
 from nats.js import JetStreamContext
 from nats.js.api import Header
 from nats.js.errors import APIError
@@ -39,7 +39,7 @@ async def remove_record(js: JetStreamContext, queue_id: str, revision: int | Non
     if revision is not None:
         headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(revision)
     try:
-        await js.publish(f"$KV.{MESSAGES_BUCKET}.{queue_id}", headers=headers, msg_ttl=MARKER_TTL)
+        await js.publish(RECORDS_PREFIX + queue_id, headers=headers, msg_ttl=MARKER_TTL)
     except APIError as error:
         if revision is not None and error.err_code in _WRONG_LAST_SEQUENCE:
             raise RecordChanged(queue_id) from error

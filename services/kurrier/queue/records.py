@@ -6,7 +6,7 @@ import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 
-from kurrier.core.jetstream import MESSAGES_BUCKET
+from kurrier.core.jetstream import MESSAGES_BUCKET, MESSAGES_STREAM, RECORDS_PREFIX
 from kurrier.core.message import MessageRecord
 from kurrier.core.record_removal import RecordChanged, remove_record
 from nats.errors import Error as NatsError
@@ -48,8 +48,8 @@ class RecordStore:
     async def open(cls, js: JetStreamContext) -> RecordStore:
         at_leader = KeyValue(
             name=MESSAGES_BUCKET,
-            stream=f"KV_{MESSAGES_BUCKET}",
-            pre=f"$KV.{MESSAGES_BUCKET}.",
+            stream=MESSAGES_STREAM,
+            pre=RECORDS_PREFIX,
             js=js,
             direct=False,
         )
@@ -117,8 +117,8 @@ class RecordStore:
         nothing until asked, so its first count is the whole pass.
         """
         subscription = await self._js.pull_subscribe(
-            f"$KV.{MESSAGES_BUCKET}.>",
-            stream=f"KV_{MESSAGES_BUCKET}",
+            RECORDS_PREFIX + ">",
+            stream=MESSAGES_STREAM,
             # A pass is transient: one replica in memory is all it needs, and
             # a clustered bucket then need not replicate the consumer.
             config=ConsumerConfig(
@@ -129,9 +129,10 @@ class RecordStore:
                 mem_storage=True,
             ),
         )
-        info = await subscription.consumer_info()
+        consumer = None
         try:
-            remaining = info.num_pending or 0
+            info = await subscription.consumer_info()
+            consumer, remaining = info.name, info.num_pending or 0
             while remaining > 0:
                 try:
                     batch = await subscription.fetch(min(remaining, PASS_BATCH), timeout=1)
@@ -147,5 +148,6 @@ class RecordStore:
             await subscription.unsubscribe()
             # Removed now rather than after its inactivity: a caller polling
             # passes several times a second would otherwise pile them up.
-            with contextlib.suppress(NatsError):
-                await self._js.delete_consumer(f"KV_{MESSAGES_BUCKET}", info.name)
+            if consumer is not None:
+                with contextlib.suppress(NatsError):
+                    await self._js.delete_consumer(MESSAGES_STREAM, consumer)
