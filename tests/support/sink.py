@@ -43,6 +43,10 @@ class Behaviour:
     drops_mid_data: int = 0
     # Seconds each DATA takes to answer: a slow next hop, so work is in flight.
     data_delay: float = 0.0
+    # A next hop in trouble until told otherwise: every transaction gets
+    # outage_reply at this phase ("greeting", "MAIL", "RCPT" or "DATA").
+    outage_phase: str | None = None
+    outage_reply: str = "451 4.3.0 try again later"
 
 
 class _CountingSMTP(SMTP):
@@ -56,6 +60,15 @@ class _CountingSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connection_number = self._sink.connection_opened()
         super().connection_made(transport)
+
+    async def _handle_client(self) -> None:
+        reply = self._sink.outage_reply("greeting")
+        if reply is None:
+            await super()._handle_client()
+            return
+        await self.push(reply)
+        assert self.transport is not None
+        self.transport.close()
 
     def connection_lost(self, error: Exception | None) -> None:
         self._sink.connection_closed()
@@ -107,10 +120,26 @@ class _Handler:
             return [*responses[:-1], "250-PIPELINING", "250-CHUNKING", responses[-1]]
         return responses
 
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self._sink.outage_reply("MAIL")
+        if reply:
+            return reply
+        # A next hop shutting down answers 421 at the greeting, and closes the
+        # sessions already open at their next command.
+        reply = self._sink.outage_reply("greeting")
+        if reply and server.transport is not None:
+            asyncio.get_running_loop().call_soon(server.transport.close)
+            return reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        reply = self._sink.behaviour.rejected.get(address)
+        reply = self._sink.outage_reply("RCPT") or self._sink.behaviour.rejected.get(address)
         if reply:
             return reply
         envelope.rcpt_tos.append(address)
@@ -143,6 +172,8 @@ class Sink:
         self.auth_attempts: list[tuple[str, str, bool]] = []
         self.connections_total = 0
         self.connections_open = 0
+        # Replies given at the phase of an outage (Behaviour.outage_phase).
+        self.outage_replies = 0
         self.max_connections_open = 0
         self._changed = threading.Condition()
         sink = self
@@ -197,7 +228,18 @@ class Sink:
             self.connections_open -= 1
             self._changed.notify_all()
 
+    def outage_reply(self, phase: str) -> str | None:
+        """The reply to give at this phase while the next hop is in trouble, else None."""
+        with self._changed:
+            if self.behaviour.outage_phase != phase:
+                return None
+            self.outage_replies += 1
+            return self.behaviour.outage_reply
+
     def take(self, server: SMTP, envelope: Envelope) -> str:
+        reply = self.outage_reply("DATA")
+        if reply:
+            return reply
         with self._changed:
             behaviour = self.behaviour
             if behaviour.drops_mid_data > 0:

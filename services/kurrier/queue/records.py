@@ -62,17 +62,21 @@ class RecordStore:
         except KeyWrongLastSequenceError:
             return None
 
-    async def get(self, queue_id: str, fresh: bool = False) -> tuple[MessageRecord, int] | None:
+    async def get(
+        self, queue_id: str, fresh: bool = False, at_leader: bool = False
+    ) -> tuple[MessageRecord, int] | None:
         """The record and its revision, or None when there is no such message.
 
         Unless fresh, the copy this process wrote last may answer: if another
         process changed it since, the next update fails with RecordChanged and
-        the caller reads again (fresh).
+        the caller reads again (fresh). A fresh read may still be answered by
+        a replica that lags; at_leader reads the record as the stream's leader
+        holds it, which reflects every write acknowledged so far.
         """
-        recent = None if fresh else self._recent.get(queue_id)
+        recent = None if fresh or at_leader else self._recent.get(queue_id)
         if recent is not None:
             return MessageRecord.model_validate_json(recent[0]), recent[1]
-        entry = await self._read(self._kv, queue_id)
+        entry = None if at_leader else await self._read(self._kv, queue_id)
         if entry is None:
             entry = await self._read(self._at_leader, queue_id)
         if entry is None:

@@ -109,9 +109,17 @@ class QueueManager:
         fresh skips this process's copy of the record: admin actions must see
         what any other queue process did, a result or a due retry need not (a
         stale copy fails the update and is read again).
+
+        A change that finds nothing to do is believed only of the record as the
+        stream's leader holds it. This process's copy, or a lagging replica's,
+        may predate what another queue process wrote since (a deferral, say):
+        a due retry checked against it finds nothing due, is acknowledged, and
+        the retry is gone. Reading at the leader costs a round trip, but only
+        on that path, which the usual message never takes.
         """
+        confirming = False
         while True:
-            found = await self._records.get(queue_id, fresh=fresh)
+            found = await self._records.get(queue_id, fresh=fresh, at_leader=confirming)
             if found is None:
                 return None
             record, revision = found
@@ -120,7 +128,10 @@ class QueueManager:
             now = time.time()
             to_dispatch = change(record, now)
             if to_dispatch is None:
-                return record
+                if confirming:
+                    return record
+                confirming = True
+                continue
             newly_failed = [
                 r
                 for r in record.recipients
@@ -295,16 +306,46 @@ class QueueManager:
         for message in messages:
             await handle(message)
 
-    async def _settle(self, message: Msg, queue_id: str, change: Mutation) -> None:
-        """Apply change and ack; on failure (e.g. NATS away or full) let it come back later."""
+    async def _settle(
+        self,
+        message: Msg,
+        queue_id: str,
+        change: Mutation,
+        come_back: Callable[[MessageRecord, float], float | None] | None = None,
+    ) -> None:
+        """Apply change and ack; on failure (e.g. NATS away or full) let it come back later.
+
+        come_back, given the record as it now is, says in how many seconds the
+        message should be delivered again instead of acknowledged (None: ack).
+        """
         try:
-            await self.mutate(queue_id, change)
+            record = await self.mutate(queue_id, change)
         except Exception:
             log.exception("could not update the record; will retry", extra={"queue_id": queue_id})
             with contextlib.suppress(Exception):
                 await message.nak(delay=5)
             return
-        await message.ack()
+        delay = come_back(record, time.time()) if come_back and record else None
+        if delay is not None:
+            await message.nak(delay=delay)
+        else:
+            await message.ack()
+
+    @staticmethod
+    def early_by(record: MessageRecord, now: float) -> float | None:
+        """How early a due retry that found nothing to dispatch came, or None if it was not.
+
+        A schedule fires by the NATS server's clock, which may run ahead of
+        this process's: the due then finds its recipient not yet due, while the
+        schedule is spent. Such a due comes back when the recipient is due. A
+        held message (release sends a due), a job in flight (its result
+        schedules what remains) or a finished message need no due.
+        """
+        pending = record.pending()
+        if record.held or any(r.status == "queued" for r in pending):
+            return None
+        waiting = [r.next_attempt - now for r in pending if r.status == "deferred"]
+        return max(0.0, min(waiting)) if waiting else None
 
     async def _on_result(self, message: Msg) -> None:
         try:
@@ -318,7 +359,8 @@ class QueueManager:
             await self._settle(message, result.queue_id, self._apply_result(result))
 
     async def _on_due(self, message: Msg) -> None:
-        await self._settle(message, message.subject.rsplit(".", 1)[-1], self.retry_due)
+        queue_id = message.subject.rsplit(".", 1)[-1]
+        await self._settle(message, queue_id, self.retry_due, come_back=self.early_by)
 
     async def run_results(self) -> None:
         """Consume delivery results; each is acked only once its record reflects it."""
