@@ -36,11 +36,11 @@ def message(subject: str, sender: str = "someone@sender.test") -> bytes:
 
 
 def job(
-    recipients: list[str], sender: str = "someone@sender.test", attempt: int = 1
+    recipients: list[str], sender: str = "someone@sender.test", dispatch: int = 1
 ) -> DeliveryJob:
     return DeliveryJob(
         queue_id="TEST0000000000000001",
-        attempt=attempt,
+        dispatch=dispatch,
         mail_from=sender,
         recipients=recipients,
         size=0,

@@ -25,12 +25,12 @@ from kurrier.core.jetstream import (
 )
 from kurrier.core.loader import parse_documents
 from kurrier.core.message import DeliveryJob, DeliveryResult, MessageRecord, RecipientState
+from kurrier.core.records import RecordStore
 from kurrier.core.routing import compile_table
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.worker import DeliveryWorker
 from kurrier.queue.dispatch import mark_dispatched, publish_jobs
-from kurrier.queue.records import RecordStore
 from nats.js import JetStreamContext
 
 from tests.support.nats import NatsServer

@@ -119,7 +119,9 @@ async def test_mail_from_a_signing_domain_arrives_signed_once_and_verifies(
         [first] = await courier.deliver(job(["r@dest.test"]), message("signed"), routes)
         assert first.outcome == "deferred"
         # The retry signs the stored (unsigned) copy again: still one signature.
-        [second] = await courier.deliver(job(["r@dest.test"], attempt=2), message("signed"), routes)
+        [second] = await courier.deliver(
+            job(["r@dest.test"], dispatch=2), message("signed"), routes
+        )
         assert second.outcome == "delivered"
         [delivered] = sink.messages
     [signature] = _signatures(delivered.content)

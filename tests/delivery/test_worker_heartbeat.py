@@ -47,7 +47,7 @@ async def test_a_slow_delivery_keeps_its_job_and_is_sent_once(
         await store_body(js, queue_id, io.BytesIO(body), len(body))
         job = DeliveryJob(
             queue_id=queue_id,
-            attempt=1,
+            dispatch=1,
             mail_from="a@client.test",
             recipients=["r@example.com"],
             size=len(body),

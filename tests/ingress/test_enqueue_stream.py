@@ -13,11 +13,11 @@ import uuid
 import grpc
 import pytest
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
+from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.ingress.queue_client import QueueClient, QueueUnavailable
-from kurrier.queue.records import RecordStore
+from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
-from kurrier.queue.scheduler import QueueManager
 from kurrier.queue.service import QueueService
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 from nats.js import JetStreamContext

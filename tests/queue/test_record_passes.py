@@ -13,7 +13,7 @@ import time
 
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.message import MessageRecord, RecipientState
-from kurrier.queue.records import RecordStore
+from kurrier.core.records import RecordStore
 
 from tests.support.nats import NatsServer
 

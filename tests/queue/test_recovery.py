@@ -21,12 +21,11 @@ from kurrier.core.jetstream import (
     job_subject,
 )
 from kurrier.core.message import MessageRecord, RecipientState
+from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched, publish_jobs
-from kurrier.queue.intake import Intake
-from kurrier.queue.records import RecordStore
+from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
-from kurrier.queue.scheduler import QueueManager
 from kurrier.queue.sweeper import DISPATCH_GRACE, Sweeper
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
@@ -94,7 +93,8 @@ async def _accept_without_a_jobs_stream(nats_url: str) -> tuple[bool, bool]:
             body_store="stream",
         )
         try:
-            await Intake(js, records, TableFollower()).accept(template, io.BytesIO(b"x\r\n"), 3)
+            manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+            await manager.intake.accept(template, io.BytesIO(b"x\r\n"), 3)
         except nats.errors.Error:
             failed = True
         else:

@@ -25,10 +25,14 @@ from kurrier.core.jetstream import (
     schedule_subject,
 )
 from kurrier.core.message import DeliveryResult, MessageRecord, RecipientOutcome, RecipientState
+from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
-from kurrier.queue.records import RecordStore
+from kurrier.queue.consumers import run_due
+from kurrier.queue.manager import QueueManager
+from kurrier.queue.results import apply_result
+from kurrier.queue.retries import retry_due
 from kurrier.queue.retry_schedule import RetrySchedule
-from kurrier.queue.scheduler import QueueManager
+from nats.js import JetStreamContext
 
 from tests.support.nats import NatsServer
 
@@ -36,14 +40,16 @@ RECIPIENT = "r@example.com"
 
 
 @asynccontextmanager
-async def _queue_process(nats_url: str, schedule: RetrySchedule) -> AsyncIterator[QueueManager]:
+async def _queue_process(
+    nats_url: str, schedule: RetrySchedule
+) -> AsyncIterator[tuple[QueueManager, JetStreamContext]]:
     """What one `kurrier queue` holds: its own connection and its own record cache."""
     nc = await connect(nats_url, "test-queue-process")
     try:
         js = nc.jetstream()
         await ensure_layout(js)
         records = await RecordStore.open(js)
-        yield QueueManager(js, records, TableFollower(), schedule, "relay.test")
+        yield QueueManager(js, records, TableFollower(), schedule, "relay.test"), js
     finally:
         await disconnect(nc)
 
@@ -51,13 +57,13 @@ async def _queue_process(nats_url: str, schedule: RetrySchedule) -> AsyncIterato
 def _deferral(queue_id: str, attempt: int) -> DeliveryResult:
     return DeliveryResult(
         queue_id=queue_id,
-        attempt=attempt,
+        dispatch=attempt,
         outcomes=[RecipientOutcome(address=RECIPIENT, outcome="deferred", reply="451 4.4.1 down")],
     )
 
 
-async def _jobs_for(manager: QueueManager, queue_id: str) -> int:
-    info = await manager.records._js.stream_info(JOBS_STREAM, subjects_filter=job_subject(queue_id))
+async def _jobs_for(js: JetStreamContext, queue_id: str) -> int:
+    info = await js.stream_info(JOBS_STREAM, subjects_filter=job_subject(queue_id))
     return info.state.messages
 
 
@@ -65,8 +71,8 @@ async def _retry_after_another_process_deferred(nats_url: str) -> tuple[int, int
     # Deferrals due at once, so the due message finds the recipient due.
     schedule = RetrySchedule(min_backoff=0.0, max_backoff=0.0)
     async with (
-        _queue_process(nats_url, schedule) as first,
-        _queue_process(nats_url, schedule) as second,
+        _queue_process(nats_url, schedule) as (first, js),
+        _queue_process(nats_url, schedule) as (second, _),
     ):
         template = MessageRecord(
             queue_id="TWOWORKERS0000000001",
@@ -81,17 +87,17 @@ async def _retry_after_another_process_deferred(nats_url: str) -> tuple[int, int
         queue_id = accepted.queue_id
         # Attempt 1 deferred, handled by the first process; its due dispatches
         # attempt 2 in the first process too, which now holds that copy.
-        await first.mutate(queue_id, first._apply_result(_deferral(queue_id, 1)))
-        await first.mutate(queue_id, first.retry_due)
+        await first.mutate(queue_id, apply_result(_deferral(queue_id, 1), schedule))
+        await first.mutate(queue_id, retry_due(schedule))
         # Attempt 2's deferral reaches the second process instead.
-        await second.mutate(queue_id, second._apply_result(_deferral(queue_id, 2)))
-        jobs_before = await _jobs_for(first, queue_id)
+        await second.mutate(queue_id, apply_result(_deferral(queue_id, 2), schedule))
+        jobs_before = await _jobs_for(js, queue_id)
         # And attempt 2's due reaches the first process, whose copy predates it.
-        await first.mutate(queue_id, first.retry_due)
+        await first.mutate(queue_id, retry_due(schedule))
         found = await first.records.get(queue_id, fresh=True)
         assert found is not None
         record = found[0]
-        return record.dispatches, await _jobs_for(first, queue_id) - jobs_before, record.state
+        return record.dispatches, await _jobs_for(js, queue_id) - jobs_before, record.state
 
 
 def test_a_due_retry_reaching_a_process_with_an_older_copy_is_dispatched(
@@ -107,7 +113,7 @@ async def _early_due(nats_url: str) -> int:
     """A due that arrives before its recipient is due, its schedule already spent,
     as when the NATS server's clock runs ahead of the queue's."""
     schedule = RetrySchedule(min_backoff=2.0, max_backoff=2.0, jitter=0.0)
-    async with _queue_process(nats_url, schedule) as queue:
+    async with _queue_process(nats_url, schedule) as (queue, js):
         template = MessageRecord(
             queue_id="EARLYDUE000000000001",
             mail_from="a@client.test",
@@ -119,11 +125,10 @@ async def _early_due(nats_url: str) -> int:
         accepted = await queue.intake.accept(template, io.BytesIO(b"x\r\n"), 3)
         assert accepted is not None
         queue_id = accepted.queue_id
-        await queue.mutate(queue_id, queue._apply_result(_deferral(queue_id, 1)))
-        js = queue.records._js
+        await queue.mutate(queue_id, apply_result(_deferral(queue_id, 1), schedule))
         await js.purge_stream(JOBS_STREAM, subject=schedule_subject(queue_id))
         await js.publish(due_subject(queue_id), b"", stream=JOBS_STREAM)
-        consuming = asyncio.create_task(queue.run_due())
+        consuming = asyncio.create_task(run_due(js, queue))
         try:
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:

@@ -22,9 +22,9 @@ from kurrier.core.jetstream import (
 )
 from kurrier.core.loader import parse_documents
 from kurrier.core.message import MessageRecord
+from kurrier.core.records import RecordStore
 from kurrier.core.routing import compile_table
 from kurrier.core.table_store import publish_table
-from kurrier.queue.records import RecordStore
 
 from tests.support.processes import (
     free_port,

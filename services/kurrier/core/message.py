@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 RecipientStatus = Literal["queued", "deferred", "delivered", "bounced", "expired"]
 FAILED_STATUSES: frozenset[str] = frozenset({"bounced", "expired"})
@@ -90,16 +90,24 @@ class MessageRecord(_Model):
 class _WireMessage(BaseModel):
     """A message between services through JetStream. Fields it does not know are
     ignored: during a rolling upgrade a newer queue's job reaches an older
-    delivery pod, and the fields it adds are only ever optional."""
+    delivery pod, and the fields it adds are only ever optional. A field's
+    name on the wire never changes (aliases keep it when the code's does)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", serialize_by_alias=True)
+
+
+def _wire_name(name: str, on_the_wire: str) -> Any:
+    """A field called name in the code and on_the_wire between services."""
+    return Field(validation_alias=AliasChoices(on_the_wire, name), serialization_alias=on_the_wire)
 
 
 class DeliveryJob(_WireMessage):
     """One delivery attempt of a message to a group of its recipients."""
 
     queue_id: str
-    attempt: int
+    # The record's dispatch count when the job was published (MessageRecord.
+    # dispatches): which dispatch this job belongs to, not a recipient's attempts.
+    dispatch: int = _wire_name("dispatch", "attempt")
     mail_from: str
     recipients: list[str]
     size: int
@@ -125,5 +133,6 @@ class RecipientOutcome(_WireMessage):
 
 class DeliveryResult(_WireMessage):
     queue_id: str
-    attempt: int
+    # The dispatch of the job this result reports on (DeliveryJob.dispatch).
+    dispatch: int = _wire_name("dispatch", "attempt")
     outcomes: list[RecipientOutcome]

@@ -1,13 +1,13 @@
 """Finishing a message in delivery, when its last job delivered every recipient.
 
 Most messages end with one job that delivers every recipient. Reporting that
-to the queue cost a stored result, the queue's fetch and ack of it, and its
-removal of record and body; delivery does the removal itself instead
-(relay-wide CPU per message fell by 6-22% in the benchmark). It is guarded by
-the record's revision as the job was published, which the job carries only
-when it is all the message has left to do: if the record moved on meanwhile
-(an administrator held it, the sweeper dispatched it again), the removal is
-refused and the result goes to the queue like any other.
+to the queue would cost a stored result, the queue's fetch and ack of it, and
+its removal of record and body; delivery ends the message itself instead
+(MessageStore.finish). The removal is guarded by the record's revision as the
+job was published, which the job carries only when it is all the message has
+left to do: if the record moved on meanwhile (an administrator held it, the
+sweeper dispatched it again), the removal is refused and the result goes to
+the queue like any other.
 """
 
 from __future__ import annotations
@@ -16,18 +16,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from kurrier.core.body_store import delete_body
 from kurrier.core.message import DeliveryJob, RecipientOutcome
-from kurrier.core.record_removal import RecordChanged, remove_record
+from kurrier.core.message_store import MessageStore
+from kurrier.core.records import RecordChanged
 from kurrier.core.telemetry import count_final
 from nats.errors import Error as NatsError
-from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
 
 
 async def finish_delivered(
-    js: JetStreamContext,
+    store: MessageStore,
     job: DeliveryJob,
     outcomes: list[RecipientOutcome],
     acknowledge: Callable[[], Awaitable[None]],
@@ -41,7 +40,14 @@ async def finish_delivered(
     if job.record_revision is None or any(o.outcome != "delivered" for o in outcomes):
         return False
     try:
-        await remove_record(js, job.queue_id, job.record_revision)
+        # A job that is all its message had left never has a retry schedule.
+        await store.finish(
+            job.queue_id,
+            job.record_revision,
+            job.body_store,
+            scheduled=False,
+            acknowledge=acknowledge,
+        )
     except RecordChanged:
         return False
     except (NatsError, TimeoutError) as error:
@@ -52,26 +58,14 @@ async def finish_delivered(
             extra={"queue_id": job.queue_id},
         )
         return False
-    # The job is acked as soon as the record is gone, since until then a crash
-    # sends the mail again. The body goes last: a crash before that leaves an
-    # orphan body, which the sweeper deletes, never a live record without one.
-    await acknowledge()
     now = time.time()
     for outcome in outcomes:
         count_final("delivered", job.received_at, now)
         log.info(
             "to=<%s> status=delivered dispatch=%d reply=%s",
             outcome.address,
-            job.attempt,
+            job.dispatch,
             outcome.reply,
-            extra={"queue_id": job.queue_id},
-        )
-    try:
-        await delete_body(js, job.queue_id, job.body_store)
-    except (NatsError, TimeoutError) as error:
-        log.warning(
-            "delivered and removed, but the body stays for the sweeper: %r",
-            error,
             extra={"queue_id": job.queue_id},
         )
     return True

@@ -15,6 +15,8 @@ from kurrier.core.jetstream import (
     result_subject,
 )
 from kurrier.core.message import DeliveryJob, DeliveryResult, RecipientOutcome
+from kurrier.core.message_store import MessageStore
+from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.core.telemetry import (
     JOBS_DESTINATION,
@@ -55,9 +57,11 @@ class DeliveryWorker:
         self.courier = Courier(settings)
         # Each job being handled, by the task handling it.
         self._in_flight: dict[asyncio.Task[None], Msg] = {}
+        self._store: MessageStore | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pull jobs while free slots remain; on stop, finish what is in flight."""
+        self._store = MessageStore(self._js, await RecordStore.open(self._js))
         subscription = await self._js.pull_subscribe(
             "kurrier.job.*",
             durable=DELIVERY_CONSUMER,
@@ -111,7 +115,7 @@ class DeliveryWorker:
             log.error("discarding an unreadable delivery job: %s", error)
             await message.term()
             return
-        annotate(job.queue_id, attempt=job.attempt)
+        annotate(job.queue_id, attempt=job.dispatch)
         try:
             try:
                 body = await load_body(self._js, job.queue_id, job.body_store)
@@ -120,7 +124,8 @@ class DeliveryWorker:
                 await message.ack()
                 return
             outcomes = await self.courier.deliver(job, body, self._tables.table)
-            if not await finish_delivered(self._js, job, outcomes, message.ack):
+            assert self._store is not None  # run() opened it before taking jobs
+            if not await finish_delivered(self._store, job, outcomes, message.ack):
                 await self._report(job, message.metadata.sequence.stream, outcomes)
                 await message.ack()
         except Exception:
@@ -137,14 +142,14 @@ class DeliveryWorker:
         Deduplicated per job (its stream sequence): a redelivered job reports
         once, while the jobs of one dispatch (one per route) each report.
         """
-        result = DeliveryResult(queue_id=job.queue_id, attempt=job.attempt, outcomes=outcomes)
+        result = DeliveryResult(queue_id=job.queue_id, dispatch=job.dispatch, outcomes=outcomes)
         subject = result_subject(job.queue_id)
         with publishing(
             RESULTS_DESTINATION,
             subject,
-            {"Nats-Msg-Id": f"result:{job.queue_id}:{job.attempt}:{job_sequence}"},
+            {"Nats-Msg-Id": f"result:{job.queue_id}:{job.dispatch}:{job_sequence}"},
             queue_id=job.queue_id,
-            attempt=job.attempt,
+            attempt=job.dispatch,
         ) as headers:
             await self._js.publish(
                 subject, result.model_dump_json().encode(), stream=RESULTS_STREAM, headers=headers

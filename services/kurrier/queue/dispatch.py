@@ -54,7 +54,7 @@ async def publish_jobs(
     for index, group in enumerate(groups):
         job = DeliveryJob(
             queue_id=record.queue_id,
-            attempt=record.dispatches,
+            dispatch=record.dispatches,
             mail_from=record.mail_from,
             recipients=group,
             size=record.size,

@@ -11,12 +11,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kurrier.core.http_endpoint import HttpEndpoint
 from kurrier.core.jetstream import LEASES_BUCKET, connect, disconnect, ensure_layout
 from kurrier.core.lifecycle import run_until, stop_event
+from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.core.telemetry import QUEUE_DEPTH, grpc_server_interceptors
+from kurrier.queue.consumers import run_due, run_results
 from kurrier.queue.leadership import Lease
-from kurrier.queue.records import RecordStore
+from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
-from kurrier.queue.scheduler import QueueManager
 from kurrier.queue.service import STREAM_METHOD, QueueService
 from kurrier.queue.sweeper import Sweeper
 from kurrier.v1 import queue_pb2_grpc
@@ -88,8 +89,8 @@ async def serve_queue(settings: QueueSettings) -> None:
         await run_until(
             stop,
             tables.run(js),
-            manager.run_results(),
-            manager.run_due(),
+            run_results(js, manager),
+            run_due(js, manager),
             sweeper_lease.run(Sweeper(js, manager).run),
         )
     finally:

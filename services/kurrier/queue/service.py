@@ -18,11 +18,13 @@ from kurrier.core.batch_writer import BatchWriter
 from kurrier.core.body_store import load_body
 from kurrier.core.jetstream import INLINE_BODY_LIMIT
 from kurrier.core.message import MessageRecord, RecipientState
+from kurrier.core.records import RecordStore
 from kurrier.core.routing import domain_of
 from kurrier.core.telemetry import serving_message
+from kurrier.queue import admin
+from kurrier.queue.changes import Change
 from kurrier.queue.dsn import header_section
-from kurrier.queue.records import RecordStore
-from kurrier.queue.scheduler import Mutation, QueueManager
+from kurrier.queue.manager import QueueManager
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 from nats.js import JetStreamContext
 
@@ -328,10 +330,10 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
     async def ApplyAction(
         self, request: queue_pb2.ActionRequest, context: grpc.aio.ServicerContext
     ) -> queue_pb2.ActionResponse:
-        mutations: dict[int, Mutation] = {
-            queue_pb2.ACTION_HOLD: QueueManager.hold,
-            queue_pb2.ACTION_RELEASE: QueueManager.release,
-            queue_pb2.ACTION_RETRY: QueueManager.retry_now,
+        mutations: dict[int, Change] = {
+            queue_pb2.ACTION_HOLD: admin.hold,
+            queue_pb2.ACTION_RELEASE: admin.release,
+            queue_pb2.ACTION_RETRY: admin.retry_now,
         }
         try:
             if request.action not in (*mutations, queue_pb2.ACTION_DELETE):

@@ -24,7 +24,6 @@ import asyncio
 import logging
 import time
 
-from kurrier.core.body_store import body_exists
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     JOBS_STREAM,
@@ -34,10 +33,11 @@ from kurrier.core.jetstream import (
     result_subject,
 )
 from kurrier.core.message import BodyStore, MessageRecord
+from kurrier.queue.changes import UNCHANGED, Change, Edit, dispatching
 from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched
-from kurrier.queue.scheduler import Mutation, QueueManager
+from kurrier.queue.manager import QueueManager
+from kurrier.queue.retries import retry_due
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,10 @@ class Sweeper:
             bodies[record.queue_id] = record.body_store
         lost = await self._without_work(unconfirmed)
         redispatched = 0
+        store = self._manager.store
         for queue_id in [*overdue, *lost]:
-            if not await body_exists(self._js, queue_id, bodies[queue_id]):
-                await self._manager.records.delete(queue_id)
+            if not await store.body_exists(queue_id, bodies[queue_id]):
+                await store.delete(queue_id)
                 log.warning(
                     "sweeper removed a record whose body is gone (never accepted)",
                     extra={"queue_id": queue_id},
@@ -102,7 +103,7 @@ class Sweeper:
                 change = _redispatch(unconfirmed[queue_id])
                 await self._manager.mutate(queue_id, change, fresh=True)
             else:
-                await self._manager.mutate(queue_id, self._manager.retry_due)
+                await self._manager.mutate(queue_id, retry_due(self._manager.schedule))
             redispatched += 1
         if redispatched:
             log.warning(
@@ -144,37 +145,29 @@ class Sweeper:
         """Delete stored bodies (stream only) older than DISPATCH_GRACE with no record.
 
         live was read before the bodies are listed, and a body is stored before
-        its record is created, so a body too young to judge is left alone. The
-        body is deleted by its sequence: a body stored again since (a client
-        retrying with the same queue id) is not touched.
+        its record is created, so a body too young to judge is left alone.
         """
         subjects = await self._subjects(BODIES_STREAM, body_subject("*"))
         removed = 0
         for subject in subjects or ():
-            if subject.rsplit(".", 1)[-1] in live:
+            queue_id = subject.rsplit(".", 1)[-1]
+            if queue_id in live:
                 continue
-            try:
-                body = await self._js.get_last_msg(BODIES_STREAM, subject, direct=True)
-            except NotFoundError:
-                continue
-            if body.time is None or body.time.timestamp() > now - DISPATCH_GRACE:
-                continue
-            if body.seq is not None:
-                await self._js.delete_msg(BODIES_STREAM, body.seq)
+            if await self._manager.store.remove_orphan_body(queue_id, now - DISPATCH_GRACE):
                 removed += 1
         return removed
 
 
-def _redispatch(dispatch: int) -> Mutation:
+def _redispatch(dispatch: int) -> Change:
     """Dispatch again the recipients of `dispatch`, if the record is still at it."""
 
-    def change(record: MessageRecord, now: float) -> list[str] | None:
+    def change(record: MessageRecord, now: float) -> Edit:
         if record.held or record.dispatches != dispatch:
-            return None
+            return UNCHANGED
         addresses = [r.address for r in record.pending() if r.status == "queued"]
         if not addresses:
-            return None
+            return UNCHANGED
         mark_dispatched(record, addresses, now)
-        return addresses
+        return dispatching(addresses)
 
     return change

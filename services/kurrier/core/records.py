@@ -1,4 +1,8 @@
-"""Message records in the NATS KV bucket: the queue's single source of truth."""
+"""Message records in the NATS KV bucket: the single source of truth about each message.
+
+Reads, revision-guarded writes and removals of one record; the order in which
+records, bodies, schedules and jobs are written is message_store.py's business.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,20 @@ from collections.abc import AsyncIterator
 
 from kurrier.core.jetstream import MESSAGES_BUCKET, MESSAGES_STREAM, RECORDS_PREFIX
 from kurrier.core.message import MessageRecord
-from kurrier.core.record_removal import RecordChanged, remove_record
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import FetchTimeoutError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KeyValue
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
+from nats.js.errors import (
+    APIError,
+    FetchTimeoutError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+)
+from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT, KeyValue
 
 # Records this process updated last, so applying the next change usually needs
 # no KV read first. Bounded; oldest go first. A new record is not kept: most
-# are removed by delivery (delivery/completion.py), which this process never
+# are removed by delivery (delivery/completion.py), which the queue never
 # hears of.
 RECENT_LIMIT = 10_000
 # A pass over the bucket is an ephemeral consumer on the server, which outlives
@@ -25,6 +33,21 @@ RECENT_LIMIT = 10_000
 # as a depth gauge scraped often, then pile up to JetStream's consumer limit).
 PASS_CONSUMER_INACTIVE = 5.0
 PASS_BATCH = 256
+
+
+# A removal leaves a purge marker in the bucket (so watchers learn of the
+# deletion); it expires after this long instead of piling up: markers cost
+# nats-server memory, about a marker per finished message for as long as
+# they live.
+MARKER_TTL = 60.0
+
+# JetStream's "wrong last sequence" errors: the subject moved past the
+# revision the writer expected.
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+class RecordChanged(Exception):
+    """The record is no longer at the revision a write or removal expected."""
 
 
 class RecordStore:
@@ -102,9 +125,21 @@ class RecordStore:
         return revision
 
     async def delete(self, queue_id: str, revision: int | None = None) -> None:
-        """Remove the record; with revision, only if it is still at it (else RecordChanged)."""
+        """Purge the record (every revision of it); with revision, only if it is still at it.
+
+        Raises RecordChanged when revision is given and the record moved on (or
+        is gone already).
+        """
         self._recent.pop(queue_id, None)
-        await remove_record(self._js, queue_id, revision)
+        headers = {KV_OP: KV_PURGE, Header.ROLLUP.value: MSG_ROLLUP_SUBJECT}
+        if revision is not None:
+            headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(revision)
+        try:
+            await self._js.publish(RECORDS_PREFIX + queue_id, headers=headers, msg_ttl=MARKER_TTL)
+        except APIError as error:
+            if revision is not None and error.err_code in _WRONG_LAST_SEQUENCE:
+                raise RecordChanged(queue_id) from error
+            raise
 
     async def count_by_state(self) -> Counter[str]:
         """How many records are active, deferred or held: one pass over the bucket."""

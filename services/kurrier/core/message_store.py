@@ -1,0 +1,213 @@
+"""A message's life in JetStream, and the order that makes every crash repairable.
+
+A message is four kinds of thing: its body (the bodies stream or the object
+store), its record (the kurrier-messages KV bucket), its jobs (one per route
+and dispatch, in KURRIER_JOBS) and at most one retry schedule (also in
+KURRIER_JOBS). A crash can stop any sequence of writes half way; the order
+below makes each half-way state one that the sweeper repairs (queue/sweeper.py)
+and none that loses an accepted message:
+
+1. The body before the record (`create`). A live record always has its body;
+   a record without one was never accepted, and the sweeper removes it.
+2. The record before its jobs (`create`, `update`). A job always has its
+   record; a record whose job was lost is dispatched again by the sweeper.
+   When the jobs of a new message cannot be published the client hears 451,
+   so the record and body are taken back.
+3. A record changes only at the revision it was read at (`update`,
+   `finish`); a writer that lost the race reads again and re-applies.
+4. The retry schedule after the record (`update`). A schedule always finds
+   its record as it was written; a record whose schedule was lost is
+   overdue, and the sweeper dispatches it.
+5. The record before the body, schedule and jobs when a message ends
+   (`finish`, `delete`). Once the record is gone the message is over for
+   everyone; what a crash leaves behind is an orphan body (the sweeper
+   deletes it), a schedule firing for no record or a job whose body is gone
+   (both are acknowledged and dropped).
+
+Delivery status notifications follow rule 2 of the message they report on:
+the queue stores the notification (`create`) before the record moves on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import IO
+
+from kurrier.core.body_store import body_exists, delete_body, store_body
+from kurrier.core.jetstream import (
+    BODIES_STREAM,
+    JOBS_STREAM,
+    body_subject,
+    due_subject,
+    job_subject,
+    schedule_subject,
+)
+from kurrier.core.message import BodyStore, MessageRecord
+from kurrier.core.records import RecordChanged, RecordStore
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+log = logging.getLogger(__name__)
+
+# Publishes the jobs for these recipients of the record stored at this revision.
+JobPublisher = Callable[[MessageRecord, list[str], int], Awaitable[None]]
+
+
+async def _no_jobs(record: MessageRecord, recipients: list[str], revision: int) -> None:
+    raise RuntimeError("this MessageStore does not dispatch")
+
+
+class MessageStore:
+    def __init__(
+        self, js: JetStreamContext, records: RecordStore, publish_jobs: JobPublisher = _no_jobs
+    ) -> None:
+        self._js = js
+        self.records = records
+        self._publish_jobs = publish_jobs
+
+    async def create(
+        self, record: MessageRecord, body: IO[bytes], size: int
+    ) -> tuple[MessageRecord, int] | None:
+        """Store a new message and publish the jobs of its first dispatch.
+
+        record is complete but for where the body goes, and already marked
+        dispatched. Idempotent per queue id: the body is deduplicated by
+        JetStream, the record is created only once, and the first jobs carry
+        the same dedup ids on every retry. Returns the record as stored and its
+        revision, or None if a retry found the message already past its first
+        dispatch.
+        """
+        where = await store_body(self._js, record.queue_id, body, size)
+        record = record.model_copy(update={"body_store": where})
+        dispatch = [r.address for r in record.recipients if r.status == "queued"]
+        try:
+            revision = await self.records.create(record)
+            if revision is None:
+                found = await self.records.get(record.queue_id, fresh=True)
+                if found is None or found[0].dispatches != 1:
+                    return None
+                record, revision = found
+            await self._publish_jobs(record, dispatch, revision)
+        except BaseException:
+            # The caller answers 451 and the client keeps the message: take back
+            # what was stored, or the sweeper would deliver it a second time.
+            # Best effort (NATS may be why we are here); the sweeper remains the
+            # backstop for what cannot be taken back.
+            with contextlib.suppress(Exception):
+                await self.records.delete(record.queue_id)
+                await delete_body(self._js, record.queue_id, record.body_store)
+            raise
+        return record, revision
+
+    async def update(self, record: MessageRecord, revision: int, dispatch: list[str]) -> int:
+        """Write a changed record at its revision (else RecordChanged), then publish the
+        jobs for dispatch, then arrange its next retry. Returns the new revision."""
+        record.scheduled = any(r.status == "deferred" for r in record.pending())
+        revision = await self.records.update(record, revision)
+        if dispatch:
+            await self._publish_jobs(record, dispatch, revision)
+        await self._schedule_next(record)
+        return revision
+
+    async def finish(
+        self,
+        queue_id: str,
+        revision: int,
+        body_store: BodyStore,
+        scheduled: bool,
+        acknowledge: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """End a message with nothing left pending: its record at revision (else
+        RecordChanged), then acknowledge what finished it, then body and schedule.
+
+        A crash before the acknowledgement repeats the work that finished the
+        message (at least once); one after it leaves what the sweeper removes.
+        """
+        await self.records.delete(queue_id, revision)
+        if acknowledge is not None:
+            await acknowledge()
+        await self._remove_leftovers(queue_id, body_store, scheduled)
+
+    async def delete(self, queue_id: str) -> MessageRecord | None:
+        """Remove a message whatever its state (an administrator's delete): record,
+        jobs not yet taken, body, schedule. Returns the record it removed, or None.
+
+        A job a delivery worker holds already finds the body gone and is
+        dropped, unless it loaded the body first: then that one attempt is
+        still made, as with Postfix's postsuper -d on the active queue.
+        """
+        while True:
+            found = await self.records.get(queue_id, at_leader=True)
+            if found is None:
+                return None
+            record, revision = found
+            try:
+                await self.records.delete(queue_id, revision)
+            except RecordChanged:
+                continue
+            await self._js.purge_stream(JOBS_STREAM, subject=job_subject(queue_id))
+            await self._remove_leftovers(queue_id, record.body_store, record.scheduled)
+            return record
+
+    async def body_exists(self, queue_id: str, where: BodyStore) -> bool:
+        return await body_exists(self._js, queue_id, where)
+
+    async def remove_orphan_body(self, queue_id: str, stored_before: float) -> bool:
+        """Delete a stored body that no record refers to, if it was stored before then.
+
+        A body is stored before its record, so one stored after the caller read
+        the records may be a message being accepted: it is left alone. The
+        body is deleted by its sequence, so one stored again since (a client
+        retrying with the same queue id) is not touched.
+        """
+        try:
+            body = await self._js.get_last_msg(BODIES_STREAM, body_subject(queue_id), direct=True)
+        except NotFoundError:
+            return False
+        if body.time is None or body.time.timestamp() > stored_before or body.seq is None:
+            return False
+        await self._js.delete_msg(BODIES_STREAM, body.seq)
+        return True
+
+    async def _remove_leftovers(
+        self, queue_id: str, body_store: BodyStore, scheduled: bool
+    ) -> None:
+        """What remains of a message whose record is gone: best effort, the sweeper is behind it."""
+        try:
+            if scheduled:
+                await self._js.purge_stream(JOBS_STREAM, subject=schedule_subject(queue_id))
+            await delete_body(self._js, queue_id, body_store)
+        except (NatsError, TimeoutError) as error:
+            log.warning(
+                "message removed, but its body stays for the sweeper: %r",
+                error,
+                extra={"queue_id": queue_id},
+            )
+
+    async def _schedule_next(self, record: MessageRecord) -> None:
+        """Arrange for the queue to look at the record again when its next retry is due."""
+        deferred = [r.next_attempt for r in record.pending() if r.status == "deferred"]
+        if record.held or not deferred:
+            if record.scheduled:
+                await self._js.purge_stream(JOBS_STREAM, subject=schedule_subject(record.queue_id))
+            return
+        due = min(deferred)
+        if due <= time.time():
+            await self._js.publish(due_subject(record.queue_id), b"", stream=JOBS_STREAM)
+            return
+        # Whole seconds, rounded up: the schedule must never fire before the time.
+        at = datetime.datetime.fromtimestamp(int(due) + 1, tz=datetime.UTC)
+        await self._js.publish(
+            schedule_subject(record.queue_id),
+            b"",
+            stream=JOBS_STREAM,
+            headers={
+                "Nats-Schedule": f"@at {at.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+                "Nats-Schedule-Target": due_subject(record.queue_id),
+            },
+        )

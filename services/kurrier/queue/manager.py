@@ -1,0 +1,145 @@
+"""The queue manager: apply changes to message records, in the order MessageStore
+sets out, and notify senders of what failed.
+
+Which changes there are is elsewhere: results.py (delivery results),
+retries.py (due retries and expiry), admin.py (hold, release, retry); the
+JetStream consumers that drive them are in consumers.py.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+
+from kurrier.core.body_store import load_body
+from kurrier.core.message import FAILED_STATUSES, MessageRecord, RecipientState
+from kurrier.core.message_store import MessageStore
+from kurrier.core.records import RecordChanged, RecordStore
+from kurrier.core.table_store import TableFollower
+from kurrier.core.telemetry import bouncing, count_recipient_changes
+from kurrier.queue.changes import Change
+from kurrier.queue.dispatch import publish_jobs
+from kurrier.queue.dsn import render_dsn
+from kurrier.queue.intake import Intake
+from kurrier.queue.retry_schedule import RetrySchedule
+from nats.js import JetStreamContext
+
+log = logging.getLogger(__name__)
+
+
+class QueueManager:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        records: RecordStore,
+        tables: TableFollower,
+        schedule: RetrySchedule,
+        hostname: str,
+    ) -> None:
+        self._js = js
+        self.schedule = schedule
+        self._hostname = hostname
+
+        async def publish(record: MessageRecord, recipients: list[str], revision: int) -> None:
+            await publish_jobs(js, tables.table, record, recipients, revision)
+
+        self.store = MessageStore(js, records, publish)
+        self.intake = Intake(self.store)
+
+    @property
+    def records(self) -> RecordStore:
+        return self.store.records
+
+    async def mutate(
+        self, queue_id: str, change: Change, fresh: bool = False
+    ) -> MessageRecord | None:
+        """Read-modify-write with optimistic concurrency; None if there is no such message.
+
+        fresh skips this process's copy of the record: admin actions must see
+        what any other queue process did, a result or a due retry need not (a
+        stale copy fails the update and is read again).
+
+        A change that finds nothing to do is believed only of the record as the
+        stream's leader holds it. This process's copy may predate what another
+        queue process wrote since (a deferral, say): a due retry checked against
+        it finds nothing due, is acknowledged, and the retry is gone. Reading at
+        the leader costs a round trip, but only on that path, which the usual
+        message never takes.
+        """
+        confirming = False
+        while True:
+            found = await self.records.get(queue_id, fresh=fresh, at_leader=confirming)
+            if found is None:
+                return None
+            record, revision = found
+            before = [r.status for r in record.recipients]
+            failed_before = {r.address for r in record.recipients if r.status in FAILED_STATUSES}
+            now = time.time()
+            edit = change(record, now)
+            if not edit.changed:
+                if confirming:
+                    return record
+                confirming = True
+                continue
+            newly_failed = [
+                r
+                for r in record.recipients
+                if r.status in FAILED_STATUSES and r.address not in failed_before
+            ]
+            if newly_failed:
+                # The notification is stored before the record moves on, so a
+                # crash in between re-applies the change and finds it stored.
+                await self._notify_sender(record, newly_failed, now)
+            try:
+                if record.pending():
+                    await self.store.update(record, revision, list(edit.dispatch))
+                else:
+                    await self.store.finish(queue_id, revision, record.body_store, record.scheduled)
+            except RecordChanged:
+                fresh = True
+                continue
+            count_recipient_changes(record, before, now)
+            return record
+
+    async def delete(self, queue_id: str) -> bool:
+        removed = await self.store.delete(queue_id)
+        if removed is not None:
+            log.info("deleted by the administrator", extra={"queue_id": queue_id})
+        return removed is not None
+
+    async def _notify_sender(
+        self, record: MessageRecord, failed: list[RecipientState], now: float
+    ) -> None:
+        if not record.mail_from:
+            # RFC 5321 6.1: never bounce a bounce; log it and let it go.
+            for recipient in failed:
+                log.warning(
+                    "undeliverable notification to %s dropped: %s",
+                    recipient.address,
+                    recipient.last_reply,
+                    extra={"queue_id": record.queue_id},
+                )
+            return
+        original = await load_body(self._js, record.queue_id, record.body_store)
+        notice = render_dsn(record, failed, original, self._hostname, now)
+        record.notices += 1
+        template = MessageRecord(
+            queue_id=notice.queue_id,
+            mail_from="",
+            recipients=[RecipientState(address=notice.recipient)],
+            received_at=now,
+            size=len(notice.content),
+            body_store="stream",
+            smtputf8=not notice.recipient.isascii(),
+            body_type="8BITMIME",
+            message_id_header=f"<{notice.queue_id}@{self._hostname}>",
+        )
+        with bouncing(record, notice.queue_id):
+            await self.intake.accept(template, io.BytesIO(notice.content), len(notice.content))
+        log.info(
+            "sender notified of %d failed recipient(s) in %s",
+            len(failed),
+            notice.queue_id,
+            extra={"queue_id": record.queue_id},
+        )
