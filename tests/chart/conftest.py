@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.chart.support import Api, chart_crds, third_party_crds
-from tests.kube_fixtures import TestCluster, start_test_cluster, testbin_dir
+from tests.support.chart import chart_crds, yaml_documents
+from tests.support.kube import Api, TestCluster, start_test_cluster, testbin_dir
+
+# Stand-ins for third-party CRDs the chart can render objects of (cert-manager,
+# Prometheus Operator): typed where the chart relies on a field, open elsewhere.
+THIRD_PARTY_CRDS = Path(__file__).resolve().parent / "crds"
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +30,12 @@ def chart_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClus
 
 @pytest.fixture(scope="session")
 def api(chart_cluster: TestCluster) -> Api:
-    return Api(chart_cluster.server, chart_cluster.token, chart_cluster.ssl_context())
+    return chart_cluster.api()
 
 
 @pytest.fixture(scope="session")
 def crds(api: Api) -> Api:
     """The API server with the chart's CRDs and the third-party stand-ins installed."""
-    for crd in [*chart_crds(), *third_party_crds()]:
+    for crd in [*chart_crds(), *yaml_documents(THIRD_PARTY_CRDS, "*.yaml")]:
         api.install_crd(crd)
     return api

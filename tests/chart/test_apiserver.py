@@ -11,19 +11,18 @@ import pytest
 import yaml
 from kurrier.cli.main import build_parser
 
-from tests.chart.support import (
+from tests.support.chart import (
     CHART,
     CHART_CRDS,
     RELEASE,
     SCENARIOS,
-    Api,
     Scenario,
     by_kind,
     chart_crds,
     helm,
     render,
 )
-from tests.kube_fixtures import TestCluster
+from tests.support.kube import Api, TestCluster
 
 RELAY_KINDS = {"RelayDomain", "RelayRoute", "RelayPolicy"}
 RESTRICTED = {

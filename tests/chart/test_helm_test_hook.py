@@ -8,7 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.chart.support import Obj, Scenario, by_kind, env_of, render
+from tests.support.chart import Scenario, by_kind, env_of, render
+from tests.support.kube import Obj
 from tests.support.processes import free_port
 from tests.support.sink import Sink
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from tests.chart.dockerfile_model import context_files, ignore_rules, ignored, parse_dockerfile
-from tests.chart.support import CHART, REPO, Scenario, by_kind, pod_specs, render
+from tests.support import REPO
+from tests.support.chart import CHART, Scenario, by_kind, pod_specs, render
 
 PYPROJECT: dict[str, Any] = tomllib.loads((REPO / "pyproject.toml").read_text())
 BIN = Path(sys.executable).parent

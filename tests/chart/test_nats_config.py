@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from kurrier.cli.nats_server import nats_server_binary
 
-from tests.chart.support import Obj, Scenario, find, render
+from tests.support.chart import Scenario, find, render
+from tests.support.kube import Obj
 from tests.support.processes import free_port
 
 

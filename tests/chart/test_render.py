@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.chart.support import (
+from tests.support.chart import (
     CHART,
     SCENARIOS,
-    Obj,
     Scenario,
     by_kind,
     env_of,
@@ -20,6 +19,7 @@ from tests.chart.support import (
     scenario,
     values_args,
 )
+from tests.support.kube import Obj
 
 COMPONENTS = ("ingress", "queue", "delivery", "operator")
 

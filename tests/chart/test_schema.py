@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.chart.support import HelmError, Scenario, render
+from tests.support.chart import HelmError, Scenario, render
 
 SCHEMA_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("unknown-top-level", {"replicas": 3}, ["additional properties 'replicas' not allowed"]),

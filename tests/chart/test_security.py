@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chart.support import SCENARIOS, Obj, Scenario, by_kind, pod_specs, render
+from tests.support.chart import SCENARIOS, Scenario, by_kind, pod_specs, render
+from tests.support.kube import Obj
 
 
 def api_components(s: Scenario) -> set[str]:

@@ -12,8 +12,10 @@ import pytest
 import starlark as sl
 
 from tests.chart.dockerfile_model import context_files, parse_dockerfile
-from tests.chart.support import REPO, Obj, Scenario, by_kind, render
 from tests.chart.tilt_stubs import Recorder, TiltStubs, evaluate_tiltfile
+from tests.support import REPO
+from tests.support.chart import Scenario, by_kind, render
+from tests.support.kube import Obj
 
 TILTFILE = REPO / "Tiltfile"
 

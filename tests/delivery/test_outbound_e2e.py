@@ -11,11 +11,9 @@ import smtplib
 from pathlib import Path
 
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from kurrier.core.dkim_keys import dkim_txt_record
 
-from tests.support.certs import TestCA, self_signed_context
+from tests.support.certs import TestCA, private_pem, rsa_key, self_signed_context
 from tests.support.dns_server import DnsServer
 from tests.support.processes import wait_until
 from tests.support.relay import (
@@ -54,15 +52,7 @@ def _send(relay: UpRelay, sender: str, recipient: str, subject: str) -> None:
 def test_mx_delivery_with_verified_tls_and_a_dkim_signature(
     tmp_path: Path, dns_server: DnsServer, mx_port: int, test_ca: TestCA
 ) -> None:
-    key = (
-        rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        .private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        .decode()
-    )
+    key = private_pem(rsa_key()).decode()
     dns_server.add("dest.test", "MX", "10 mx1.dest.test.", "20 mx2.dest.test.")
     dns_server.add("mx1.dest.test", "A", "127.0.0.2")  # nothing listens: fail over
     dns_server.add("mx2.dest.test", "A", "127.0.0.3")

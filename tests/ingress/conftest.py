@@ -18,7 +18,7 @@ import argon2
 import bcrypt
 import pytest
 
-from tests.ingress.certificates import Certificates, make_certificates
+from tests.support.certs import Certificates
 from tests.support.nats import NatsServer
 from tests.support.processes import free_port
 from tests.support.relay import ServiceRelay, documents, inbound_domain, route
@@ -117,7 +117,7 @@ def ingress_tls_args(certificates: Certificates, submission: int, smtps: int) ->
 @pytest.fixture(scope="package")
 def hostile_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileRelay]:
     workdir = tmp_path_factory.mktemp("hostile")
-    certificates = make_certificates(workdir / "tls")
+    certificates = Certificates(workdir / "tls")
     nats = NatsServer(workdir / "nats-store", workdir)
     nats.start()
     submission, smtps = free_port(), free_port()

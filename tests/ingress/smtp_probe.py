@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 import ssl
 from dataclasses import dataclass
@@ -19,6 +20,12 @@ class Reply:
     def startswith(self, prefix: str) -> bool:
         """'554', '554 5.7.1': compares the last line, as an SMTP client reads a reply."""
         return self.lines[-1].startswith(prefix)
+
+
+def plain(user: str, password: str, authzid: str = "") -> str:
+    """An AUTH PLAIN command line with its initial response."""
+    blob = f"{authzid}\0{user}\0{password}".encode()
+    return "AUTH PLAIN " + base64.b64encode(blob).decode()
 
 
 def client_tls() -> ssl.SSLContext:

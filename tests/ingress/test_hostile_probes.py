@@ -19,7 +19,7 @@ from tests.ingress.conftest import (
     HostileRelay,
     fresh_ip,
 )
-from tests.ingress.smtp_probe import SmtpProbe
+from tests.ingress.smtp_probe import SmtpProbe, plain
 
 STARTTLS = "STARTTLS"
 
@@ -38,11 +38,6 @@ class Probe:
     steps: list[Step]
     port: str = "smtp"  # smtp, submission or smtps
     source: str = field(default="fresh")
-
-
-def plain(user: str, password: str, authzid: str = "") -> str:
-    blob = f"{authzid}\0{user}\0{password}".encode()
-    return "AUTH PLAIN " + base64.b64encode(blob).decode()
 
 
 def b64(text: str) -> str:

@@ -14,8 +14,8 @@ from kurrier.core.jetstream import connect, disconnect
 from kurrier.ingress.queue_client import QueueClient, QueueTls, QueueUnavailable
 from kurrier.v1 import queue_pb2
 
-from tests.ingress.certificates import make_certificates
 from tests.ingress.smtp_probe import SmtpProbe
+from tests.support.certs import Certificates
 from tests.support.nats import NatsServer
 from tests.support.relay import ServiceRelay, documents, inbound_domain, route
 from tests.support.sink import Sink
@@ -45,7 +45,7 @@ async def test_nats_nkey_seed_from_the_environment(
 
 
 def test_mtls_to_the_queue_and_a_nats_password(tmp_path: Path, sink: Sink) -> None:
-    certificates = make_certificates(tmp_path / "tls")
+    certificates = Certificates(tmp_path / "tls")
     password = secrets.token_urlsafe(16)
     nats = NatsServer(
         tmp_path / "nats-store", tmp_path, extra_args=["--user", "kurrier", "--pass", password]
@@ -62,11 +62,11 @@ def test_mtls_to_the_queue_and_a_nats_password(tmp_path: Path, sink: Sink) -> No
                 "--grpc-tls-key",
                 str(certificates.server_key),
                 "--grpc-tls-client-ca",
-                str(certificates.ca),
+                str(certificates.ca_file),
             ],
             "ingress": [
                 "--queue-tls-ca",
-                str(certificates.ca),
+                str(certificates.ca_file),
                 "--queue-tls-cert",
                 str(certificates.client_cert),
                 "--queue-tls-key",
@@ -92,7 +92,7 @@ def test_mtls_to_the_queue_and_a_nats_password(tmp_path: Path, sink: Sink) -> No
             assert marker.encode() in delivered.content
 
             # A client without a certificate of ours gets nothing stored.
-            anonymous = QueueTls(ca_file=str(certificates.ca), server_name="queue.test")
+            anonymous = QueueTls(ca_file=str(certificates.ca_file), server_name="queue.test")
             with pytest.raises(QueueUnavailable):
                 _enqueue(relay.queue_address, anonymous)
     finally:

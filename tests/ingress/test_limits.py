@@ -20,8 +20,7 @@ from tests.ingress.conftest import (
     HostileRelay,
     fresh_ip,
 )
-from tests.ingress.smtp_probe import SmtpProbe
-from tests.ingress.test_hostile_probes import plain
+from tests.ingress.smtp_probe import SmtpProbe, plain
 from tests.support.processes import wait_until
 
 

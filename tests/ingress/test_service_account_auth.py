@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.ingress.smtp_probe import SmtpProbe
-from tests.ingress.test_hostile_probes import plain
-from tests.kube_fixtures import TestCluster, start_test_cluster
+from tests.ingress.smtp_probe import SmtpProbe, plain
+from tests.support.kube import TestCluster, start_test_cluster
 from tests.support.nats import NatsServer
 from tests.support.processes import free_port, wait_until
 from tests.support.relay import ServiceRelay, documents, inbound_domain, route
-from tests.test_kube_fixture import api
 
 MAILER = "system:serviceaccount:default:mailer"
 
@@ -31,8 +29,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
 
 
 def _create(cluster: TestCluster, path: str, body: dict[str, object]) -> None:
-    status, created = api(cluster, "POST", path, body)
-    assert status == 201, created
+    created = cluster.api().request("POST", path, body)
+    assert created.status == 201, created
 
 
 def _service_account(cluster: TestCluster, name: str) -> None:
@@ -45,14 +43,13 @@ def _service_account(cluster: TestCluster, name: str) -> None:
 
 def _token(cluster: TestCluster, name: str, audiences: list[str] | None = None) -> str:
     spec = {"audiences": audiences} if audiences else {}
-    status, issued = api(
-        cluster,
+    issued = cluster.api().request(
         "POST",
         f"/api/v1/namespaces/default/serviceaccounts/{name}/token",
         {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
     )
-    assert status == 201, issued
-    return str(issued["status"]["token"])
+    assert issued.status == 201, issued
+    return str(issued.body["status"]["token"])
 
 
 def _ingress_identity(cluster: TestCluster, workdir: Path) -> Path:
@@ -151,10 +148,10 @@ def test_service_account_tokens(
         auth, _ = _auth(relay, submission, wrong_audience, "app@apps.test")
         assert auth.startswith("535 5.7.8"), "a token for another audience is refused"
 
-        status, deleted = api(
-            cluster, "DELETE", "/api/v1/namespaces/default/serviceaccounts/mailer"
+        deleted = cluster.api().request(
+            "DELETE", "/api/v1/namespaces/default/serviceaccounts/mailer"
         )
-        assert status == 200, deleted
+        assert deleted.status == 200, deleted
         # Revoked: refused once the short positive cache has expired.
         wait_until(
             lambda: _auth(relay, submission, token, "app@apps.test")[0].startswith("535 5.7.8"),

@@ -8,10 +8,8 @@ import socket
 import ssl
 import uuid
 
-from tests.ingress.certificates import issue
 from tests.ingress.conftest import PASSWORDS, HostileRelay, fresh_ip
-from tests.ingress.smtp_probe import SmtpProbe, client_tls
-from tests.ingress.test_hostile_probes import plain
+from tests.ingress.smtp_probe import SmtpProbe, client_tls, plain
 from tests.support.processes import wait_until
 
 
@@ -108,9 +106,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(hostile_relay: Hostil
     certificates = hostile_relay.certificates
     before = _served_fingerprint(hostile_relay.smtps_port)
     renewed = certificates.server_cert.parent / "renewed"
-    renewed.mkdir(exist_ok=True)
-    ca_key = certificates.ca.with_suffix(".key")
-    cert, key = issue(renewed, certificates.ca, ca_key, "relay.test", "DNS:relay.test")
+    cert, key = certificates.issue("relay.test", directory=renewed)
     # A half-done renewal (new certificate, old key) must be ignored, not break TLS.
     shutil.copy(cert, certificates.server_cert)
     wait_until(

@@ -7,13 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.chart.support import Api, Scenario, chart_crds
-from tests.kube_fixtures import TestCluster, start_test_cluster, testbin_dir
-from tests.operator.support import (
-    install_operator_rbac,
-    new_namespace,
-    service_account_kubeconfig,
-)
+from tests.operator.objects import new_namespace
+from tests.operator.operator_process import install_operator_rbac, service_account_kubeconfig
+from tests.support.chart import Scenario, chart_crds
+from tests.support.kube import Api, TestCluster, start_test_cluster, testbin_dir
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +22,7 @@ def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClust
 @pytest.fixture(scope="session")
 def kube(kube_cluster: TestCluster) -> Api:
     """An admin client of the API server, with the chart's CRDs installed."""
-    api = Api(kube_cluster.server, kube_cluster.token, kube_cluster.ssl_context())
+    api = kube_cluster.api()
     for crd in chart_crds():
         api.install_crd(crd)
     return api

@@ -16,7 +16,7 @@ from kurrier.operator import crds
 from kurrier.operator.crds import DOMAIN_PATTERN_RE2, DOMAIN_RE2, SchemaError, model_schema
 from pydantic import BaseModel, ValidationError
 
-CHART_CRDS = Path(__file__).parents[2] / "charts" / "kurrier" / "crds"
+from tests.support.chart import CHART_CRDS
 
 # Spellings a user may write: the RE2 patterns the API server runs and the
 # Python validators must agree on every one of them.

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.chart.support import Api
-from tests.operator.support import apply, delete, route_names, wait_for_status, wait_for_table
+from tests.operator.objects import apply, delete, wait_for_status
+from tests.operator.published_table import route_names, wait_for_table
+from tests.support.kube import Api
 from tests.support.processes import kurrier_argv, wait_until
 from tests.support.relay import UpRelay, route, trusting
 from tests.support.sink import Sink

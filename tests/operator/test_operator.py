@@ -14,26 +14,25 @@ import time
 from pathlib import Path
 
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY, connect, disconnect
 
-from tests.chart.support import Api, Scenario
-from tests.kube_fixtures import TestCluster, start_test_cluster
-from tests.operator.support import (
-    OperatorProcess,
+from tests.operator.objects import (
     apply,
     delete,
     events_of,
-    install_operator_rbac,
     new_namespace,
-    route_names,
-    routing_table,
-    service_account_kubeconfig,
     table_rows,
     wait_for_status,
-    wait_for_table,
 )
+from tests.operator.operator_process import (
+    OperatorProcess,
+    install_operator_rbac,
+    service_account_kubeconfig,
+)
+from tests.operator.published_table import route_names, routing_table, wait_for_table
+from tests.support.certs import private_pem, rsa_key
+from tests.support.chart import Scenario
+from tests.support.kube import Api, TestCluster, start_test_cluster
 from tests.support.nats import NatsServer
 from tests.support.processes import kurrier_argv, wait_until
 from tests.support.relay import inbound_domain, route, trusting
@@ -77,15 +76,6 @@ def _signing_domain(secret_name: str) -> str:
             },
         }
     )
-
-
-def _pem_key() -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
 
 
 def test_a_route_is_published_changed_listed_and_deleted(
@@ -200,7 +190,9 @@ def test_missing_and_malformed_secrets_make_resources_unready(
         body = wait_for_status(kube, "RelayDomain", namespace, "signed-example", ready=False)
         assert body["status"]["conditions"][0]["reason"] == "SecretInvalid"
         assert "dkim-key" in body["status"]["conditions"][0]["message"]
-        apply(kube, namespace, _secret("dkim-key", **{"private.pem": _pem_key()}))
+        apply(
+            kube, namespace, _secret("dkim-key", **{"private.pem": private_pem(rsa_key()).decode()})
+        )
         wait_for_status(kube, "RelayDomain", namespace, "signed-example", ready=True)
         table = wait_for_table(
             nats_server.url,

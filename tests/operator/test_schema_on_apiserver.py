@@ -14,8 +14,8 @@ import pytest
 import yaml
 from kurrier.core.loader import ResourceError, parse_documents
 
-from tests.chart.support import Api, Obj
-from tests.operator.support import GROUP, path_of
+from tests.operator.objects import GROUP, path_of
+from tests.support.kube import Api, Obj
 from tests.support.relay import inbound_domain, route, trusting
 
 ROUTE: Obj = yaml.safe_load(route("r", ["example.com", "*.example.org"], 2526))

@@ -1,4 +1,8 @@
-"""Certificates made in the test: a private CA issuing host certificates; self-signed ones."""
+"""Keys and certificates made in the test: a private CA issuing host certificates; self-signed ones.
+
+Everything is made in-process with ``cryptography`` (EC P-256 for certificates,
+RSA where a caller needs it) and written as PEM files beside the test.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,28 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+def rsa_key(bits: int = 2048) -> rsa.RSAPrivateKey:
+    """A fresh RSA key (DKIM signing keys, the API server's ServiceAccount key)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def private_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    """The key as unencrypted PKCS#8 PEM (``BEGIN PRIVATE KEY``)."""
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
+    )
+
+
+def public_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    """The key's public half as SubjectPublicKeyInfo PEM (``BEGIN PUBLIC KEY``)."""
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
@@ -38,6 +55,7 @@ def _certificate(
     signer: ec.EllipticCurvePrivateKey,
     names: tuple[str, ...] = (),
     ca: bool = False,
+    client: bool = False,
 ) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = datetime.datetime.now(datetime.UTC)
@@ -67,8 +85,9 @@ def _certificate(
             critical=True,
         ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
     else:
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
         builder = builder.add_extension(_san(names), critical=False).add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+            x509.ExtendedKeyUsage([usage]), critical=False
         )
         if issuer is not None:
             builder = builder.add_extension(
@@ -77,10 +96,17 @@ def _certificate(
     return builder.sign(signer, hashes.SHA256())
 
 
-def _server_context(directory: Path, stem: str, chain: bytes, key: bytes) -> ssl.SSLContext:
+def _write_pair(
+    directory: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
     cert_file, key_file = directory / f"{stem}.crt", directory / f"{stem}.key"
-    cert_file.write_bytes(chain)
-    key_file.write_bytes(key)
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(private_pem(key))
+    return cert_file, key_file
+
+
+def _server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
     return context
@@ -99,23 +125,39 @@ class TestCA:
         self.ca_file = directory / "ca.pem"
         self.ca_file.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
+    def issue(
+        self, *names: str, directory: Path | None = None, client: bool = False
+    ) -> tuple[Path, Path]:
+        """A certificate this CA signed for names (a server's, or with client=True a client's).
+
+        Written as ``names[0].crt`` and ``names[0].key`` in directory (the CA's by
+        default); (certificate file, key file).
+        """
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _certificate(names[0], key, self._cert.subject, self._key, names, client=client)
+        return _write_pair(directory or self.directory, names[0], cert, key)
+
     def server_context(self, *names: str) -> ssl.SSLContext:
         """A server-side TLS context whose certificate this CA issued for names."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _certificate(names[0], key, self._cert.subject, self._key, names)
-        return _server_context(
-            self.directory, names[0], cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
-        )
+        return _server_context(*self.issue(*names))
 
 
 def self_signed_context(directory: Path, *names: str) -> ssl.SSLContext:
     """A server-side TLS context with a certificate for names that no CA vouches for."""
-    directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _certificate(names[0], key, None, key, names)
-    return _server_context(
-        directory,
-        f"self-signed-{names[0]}",
-        cert.public_bytes(serialization.Encoding.PEM),
-        _pem_key(key),
-    )
+    return _server_context(*_write_pair(directory, f"self-signed-{names[0]}", cert, key))
+
+
+class Certificates(TestCA):
+    """A test CA and the certificate files for TLS between the relay's parts.
+
+    ``server_cert``/``server_key`` name relay.test, queue.test and 127.0.0.1;
+    ``client_cert``/``client_key`` are ingress.test's, for mutual TLS. ``ca_file``
+    verifies both; :meth:`issue` makes more (a renewed certificate, say).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.server_cert, self.server_key = self.issue("relay.test", "queue.test", "127.0.0.1")
+        self.client_cert, self.client_key = self.issue("ingress.test", client=True)

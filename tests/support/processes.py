@@ -10,11 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+# The product's own (`kurrier up` picks ports with it): one free_port for everyone.
+from kurrier.cli.nats_server import free_port as free_port
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

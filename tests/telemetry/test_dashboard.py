@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
-from tests import kube_fixtures
-from tests.chart.support import CHART, helm
+from tests.support import kube
+from tests.support.chart import CHART, helm
 
 EVERY_INSTRUMENT = """
 from kurrier.core import telemetry as t
@@ -40,7 +40,7 @@ def exported_metric_names() -> set[str]:
 
 def render(*values: str) -> list[dict[str, Any]]:
     args = [f"--set={v}" for v in values]
-    out = helm(kube_fixtures.testbin_dir() / "helm", "template", "relay", str(CHART), *args)
+    out = helm(kube.testbin_dir() / "helm", "template", "relay", str(CHART), *args)
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
 

@@ -1,4 +1,5 @@
-"""A real, throw-away Kubernetes API server for tests (like controller-runtime's envtest).
+"""A real, throw-away Kubernetes API server for tests (like controller-runtime's envtest),
+and :class:`Api`, just enough of a client to talk to it.
 
 ``start_test_cluster(workdir)`` starts etcd and kube-apiserver on free loopback
 ports, with everything they write kept under ``workdir``:
@@ -16,7 +17,7 @@ and yields a :class:`TestCluster`. On exit both processes are terminated and
 waited for. Logs are in ``workdir/etcd.log`` and ``workdir/kube-apiserver.log``.
 
 The binaries come from ``scripts/testbin.sh`` (built once into a cache outside
-the repo; instant when cached). Needs the ``openssl`` command line tool.
+the repo; instant when cached).
 """
 
 from __future__ import annotations
@@ -27,20 +28,23 @@ import functools
 import json
 import os
 import secrets
-import socket
 import ssl
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TESTBIN_SCRIPT = REPO_ROOT / "scripts" / "testbin.sh"
+from tests.support import REPO
+from tests.support.certs import private_pem, public_pem, rsa_key
+from tests.support.processes import free_port
+
+TESTBIN_SCRIPT = REPO / "scripts" / "testbin.sh"
 
 #: Issuer of ServiceAccount tokens, also the audience the API server accepts.
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -81,6 +85,10 @@ class TestCluster:
         """``os.environ`` plus ``KUBECONFIG`` pointing at this cluster."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
+    def api(self, token: str | None = None) -> Api:
+        """A client of this API server, as the admin or with another bearer token."""
+        return Api(self.server, self.token if token is None else token, self.ssl_context())
+
 
 @functools.cache
 def testbin_dir() -> Path:
@@ -100,18 +108,6 @@ def testbin_dir() -> Path:
         if not os.access(bin_dir / name, os.X_OK):
             raise TestClusterError(f"{TESTBIN_SCRIPT} did not provide {bin_dir / name}")
     return bin_dir
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -154,6 +150,16 @@ class _Process:
         self._log_file.close()
 
 
+def _poll(ready: Callable[[], bool], deadline: float, failure: Callable[[], Exception]) -> None:
+    """Call ``ready()`` until it is true; raise ``failure()`` once the deadline has passed."""
+    delay = 0.05
+    while not ready():
+        if time.monotonic() > deadline:
+            raise failure()
+        time.sleep(delay)  # back-off between polls, not synchronisation
+        delay = min(delay * 2, 0.5)
+
+
 def _wait_until(
     what: str,
     ready: Callable[[], bool],
@@ -161,17 +167,18 @@ def _wait_until(
     deadline: float,
 ) -> None:
     """Poll ``ready()`` until it is true, the process dies, or the deadline passes."""
-    delay = 0.05
-    while True:
+
+    def alive_and_ready() -> bool:
         proc.check_alive()
-        if ready():
-            return
-        if time.monotonic() > deadline:
-            raise TestClusterError(
-                f"{what} not ready in time; last lines of {proc.log}:\n{_tail(proc.log)}"
-            )
-        time.sleep(delay)  # back-off between polls, not synchronisation
-        delay = min(delay * 2, 0.5)
+        return ready()
+
+    _poll(
+        alive_and_ready,
+        deadline,
+        lambda: TestClusterError(
+            f"{what} not ready in time; last lines of {proc.log}:\n{_tail(proc.log)}"
+        ),
+    )
 
 
 def _http_ok(
@@ -239,10 +246,9 @@ def start_test_cluster(
 
     sa_key = workdir / "sa.key"
     sa_pub = workdir / "sa.pub"
-    _openssl(
-        "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", str(sa_key)
-    )
-    _openssl("pkey", "-in", str(sa_key), "-pubout", "-out", str(sa_pub))
+    signing_key = rsa_key()
+    sa_key.write_bytes(private_pem(signing_key))
+    sa_pub.write_bytes(public_pem(signing_key))
 
     cert_dir = workdir / "apiserver-certs"
     cert_dir.mkdir(exist_ok=True)
@@ -335,4 +341,149 @@ def start_test_cluster(
             try:
                 proc.stop()
             except Exception as exc:  # keep stopping the others
-                print(f"kube_fixtures: stopping {proc.name}: {exc!r}", file=sys.stderr)
+                print(f"tests.support.kube: stopping {proc.name}: {exc!r}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- API
+
+Obj = dict[str, Any]
+
+
+@dataclass
+class Response:
+    status: int
+    body: Obj
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        return str(self.body.get("message", self.body))
+
+
+class Api:
+    """Just enough of a Kubernetes client: JSON over HTTPS with a bearer token."""
+
+    def __init__(self, server: str, token: str, context: ssl.SSLContext) -> None:
+        self.server = server
+        self.token = token
+        self.context = context
+        self._resources: dict[tuple[str, str], tuple[str, bool]] = {}
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Obj | None = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+    ) -> Response:
+        url = self.server + path
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method)
+        request.add_header("Authorization", f"Bearer {self.token}")
+        request.add_header("Accept", accept)
+        if data is not None:
+            request.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=self.context) as resp:
+                warnings = resp.headers.get_all("Warning") or []
+                return Response(resp.status, json.loads(resp.read() or b"{}"), warnings)
+        except urllib.error.HTTPError as error:
+            raw = error.read()
+            try:
+                decoded: Obj = json.loads(raw)
+            except ValueError:
+                decoded = {"message": raw.decode(errors="replace")}
+            return Response(error.code, decoded)
+
+    # -- discovery
+
+    def _discover(self, api_version: str) -> None:
+        path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        resp = self.request("GET", path)
+        if resp.status != 200:
+            return
+        for r in resp.body.get("resources", []):
+            if "/" not in r["name"]:
+                self._resources[(api_version, r["kind"])] = (r["name"], r["namespaced"])
+
+    def resource(self, api_version: str, kind: str) -> tuple[str, bool] | None:
+        """(plural, namespaced) of a kind, from discovery; None if the server lacks it."""
+        if (api_version, kind) not in self._resources:
+            self._discover(api_version)
+        return self._resources.get((api_version, kind))
+
+    def collection_path(self, obj: Obj, namespace: str | None = None) -> str:
+        api_version, kind = obj["apiVersion"], obj["kind"]
+        found = self.resource(api_version, kind)
+        if found is None:
+            raise AssertionError(f"the API server does not serve {kind} ({api_version})")
+        plural, namespaced = found
+        base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        if namespaced:
+            ns = namespace or obj["metadata"].get("namespace") or "default"
+            return f"{base}/namespaces/{ns}/{plural}"
+        return f"{base}/{plural}"
+
+    # -- writes
+
+    def create(self, obj: Obj, *, dry_run: bool) -> Response:
+        """POST the object, strict about unknown fields; optionally only as a dry run."""
+        params = {"fieldValidation": "Strict"}
+        if dry_run:
+            params["dryRun"] = "All"
+        return self.request("POST", self.collection_path(obj), obj, params)
+
+    def ensure_namespace(self, name: str, labels: Mapping[str, str] | None = None) -> None:
+        """Create a namespace for real (it may exist already), with these labels."""
+        metadata: Obj = {"name": name, "labels": dict(labels or {})}
+        resp = self.request(
+            "POST",
+            "/api/v1/namespaces",
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": metadata},
+        )
+        if resp.status == 409 and labels:
+            resp = self.request(
+                "PATCH",
+                f"/api/v1/namespaces/{name}",
+                {"metadata": {"labels": dict(labels)}},
+                content_type="application/merge-patch+json",
+            )
+        if resp.status not in (200, 201, 409):
+            raise AssertionError(f"creating namespace {name}: {resp.status} {resp.message}")
+
+    def install_crd(self, crd: Obj, timeout: float = 60.0) -> None:
+        """Create a CRD for real (dry run first) and wait until its kind is served."""
+        name = crd["metadata"]["name"]
+        dry = self.create(crd, dry_run=True)
+        if dry.status not in (200, 201, 409):
+            raise AssertionError(f"CRD {name} rejected: {dry.status} {dry.message}")
+        real = self.create(crd, dry_run=False)
+        if real.status not in (200, 201, 409):
+            raise AssertionError(f"CRD {name} not created: {real.status} {real.message}")
+        group = crd["spec"]["group"]
+        kind = crd["spec"]["names"]["kind"]
+        versions = [v["name"] for v in crd["spec"]["versions"] if v.get("served", True)]
+
+        def established_and_served() -> bool:
+            got = self.request(
+                "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
+            )
+            conditions = (got.body.get("status") or {}).get("conditions") or []
+            established = any(
+                c["type"] == "Established" and c["status"] == "True" for c in conditions
+            )
+            return established and all(self._served_now(f"{group}/{v}", kind) for v in versions)
+
+        _poll(
+            established_and_served,
+            time.monotonic() + timeout,
+            lambda: AssertionError(f"CRD {name} not established and served in {timeout}s"),
+        )
+
+    def _served_now(self, api_version: str, kind: str) -> bool:
+        self._discover(api_version)
+        return (api_version, kind) in self._resources

@@ -7,19 +7,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).parents[1]
-STUBS = ROOT / "services" / "kurrier" / "v1"
+from tests.support import REPO
+
+STUBS = REPO / "services" / "kurrier" / "v1"
 
 
 def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
-    protos = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
+    protos = sorted(str(p.relative_to(REPO / "proto")) for p in (REPO / "proto").rglob("*.proto"))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run(
         [
             sys.executable,
             "-m",
             "grpc_tools.protoc",
-            f"-I{ROOT / 'proto'}",
+            f"-I{REPO / 'proto'}",
             f"--python_out={tmp_path}",
             f"--grpc_python_out={tmp_path}",
             f"--mypy_out={tmp_path}",

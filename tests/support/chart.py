@@ -1,20 +1,14 @@
-"""Rendering charts/kurrier with a real helm, and talking to a real kube-apiserver.
+"""Rendering charts/kurrier with a real helm.
 
 A :class:`Scenario` is one value set the chart must handle; :func:`render`
-runs ``helm template`` on it and returns the objects. :class:`Api` is a tiny
-client (urllib + bearer token) with the calls the chart tests need: discovery,
-server-side dry runs with strict field validation, and waiting for CRDs.
+runs ``helm template`` on it and returns the objects (as JSON-like dicts, the
+:data:`tests.support.kube.Obj` the API client sends). The chart, operator and
+telemetry tests render with it.
 """
 
 from __future__ import annotations
 
-import json
-import ssl
 import subprocess
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +16,13 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO
+from tests.support.kube import Obj
+
 CHART = REPO / "charts" / "kurrier"
 CHART_CRDS = CHART / "crds"
 DEV_VALUES = CHART / "values-dev.yaml"
-# Stand-ins for third-party CRDs the chart can render objects of (cert-manager,
-# Prometheus Operator): typed where the chart relies on a field, open elsewhere.
-THIRD_PARTY_CRDS = Path(__file__).resolve().parent / "crds"
 
-Obj = dict[str, Any]
 RELEASE = "kurrier"
 
 
@@ -233,158 +225,14 @@ def env_of(container: Obj) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in container.get("env", [])}
 
 
+def yaml_documents(directory: Path, pattern: str = "*.y*ml") -> list[Obj]:
+    """Every non-empty YAML document of the directory's matching files, files in name order."""
+    docs: list[Obj] = []
+    for path in sorted(directory.glob(pattern)):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
 def chart_crds() -> list[Obj]:
     """The CRDs shipped in charts/kurrier/crds (written by the operator work)."""
-    docs: list[Obj] = []
-    for path in sorted(CHART_CRDS.glob("*.y*ml")):
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
-    return docs
-
-
-def third_party_crds() -> list[Obj]:
-    docs: list[Obj] = []
-    for path in sorted(THIRD_PARTY_CRDS.glob("*.yaml")):
-        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
-    return docs
-
-
-# --------------------------------------------------------------------------- API
-
-
-@dataclass
-class Response:
-    status: int
-    body: Obj
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def message(self) -> str:
-        return str(self.body.get("message", self.body))
-
-
-class Api:
-    """Just enough of a Kubernetes client: JSON over HTTPS with a bearer token."""
-
-    def __init__(self, server: str, token: str, context: ssl.SSLContext) -> None:
-        self.server = server
-        self.token = token
-        self.context = context
-        self._resources: dict[tuple[str, str], tuple[str, bool]] = {}
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Obj | None = None,
-        params: Mapping[str, str] | None = None,
-        content_type: str = "application/json",
-    ) -> Response:
-        url = self.server + path
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method=method)
-        request.add_header("Authorization", f"Bearer {self.token}")
-        request.add_header("Accept", "application/json")
-        if data is not None:
-            request.add_header("Content-Type", content_type)
-        try:
-            with urllib.request.urlopen(request, timeout=30, context=self.context) as resp:
-                warnings = resp.headers.get_all("Warning") or []
-                return Response(resp.status, json.loads(resp.read() or b"{}"), warnings)
-        except urllib.error.HTTPError as error:
-            raw = error.read()
-            try:
-                decoded: Obj = json.loads(raw)
-            except ValueError:
-                decoded = {"message": raw.decode(errors="replace")}
-            return Response(error.code, decoded)
-
-    # -- discovery
-
-    def _discover(self, api_version: str) -> None:
-        path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-        resp = self.request("GET", path)
-        if resp.status != 200:
-            return
-        for r in resp.body.get("resources", []):
-            if "/" not in r["name"]:
-                self._resources[(api_version, r["kind"])] = (r["name"], r["namespaced"])
-
-    def resource(self, api_version: str, kind: str) -> tuple[str, bool] | None:
-        """(plural, namespaced) of a kind, from discovery; None if the server lacks it."""
-        if (api_version, kind) not in self._resources:
-            self._discover(api_version)
-        return self._resources.get((api_version, kind))
-
-    def collection_path(self, obj: Obj, namespace: str | None = None) -> str:
-        api_version, kind = obj["apiVersion"], obj["kind"]
-        found = self.resource(api_version, kind)
-        if found is None:
-            raise AssertionError(f"the API server does not serve {kind} ({api_version})")
-        plural, namespaced = found
-        base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-        if namespaced:
-            ns = namespace or obj["metadata"].get("namespace") or "default"
-            return f"{base}/namespaces/{ns}/{plural}"
-        return f"{base}/{plural}"
-
-    # -- writes
-
-    def create(self, obj: Obj, *, dry_run: bool) -> Response:
-        """POST the object, strict about unknown fields; optionally only as a dry run."""
-        params = {"fieldValidation": "Strict"}
-        if dry_run:
-            params["dryRun"] = "All"
-        return self.request("POST", self.collection_path(obj), obj, params)
-
-    def ensure_namespace(self, name: str, labels: Mapping[str, str] | None = None) -> None:
-        """Create a namespace for real (it may exist already), with these labels."""
-        metadata: Obj = {"name": name, "labels": dict(labels or {})}
-        resp = self.request(
-            "POST",
-            "/api/v1/namespaces",
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": metadata},
-        )
-        if resp.status == 409 and labels:
-            resp = self.request(
-                "PATCH",
-                f"/api/v1/namespaces/{name}",
-                {"metadata": {"labels": dict(labels)}},
-                content_type="application/merge-patch+json",
-            )
-        if resp.status not in (200, 201, 409):
-            raise AssertionError(f"creating namespace {name}: {resp.status} {resp.message}")
-
-    def install_crd(self, crd: Obj, timeout: float = 60.0) -> None:
-        """Create a CRD for real (dry run first) and wait until its kind is served."""
-        name = crd["metadata"]["name"]
-        dry = self.create(crd, dry_run=True)
-        if dry.status not in (200, 201, 409):
-            raise AssertionError(f"CRD {name} rejected: {dry.status} {dry.message}")
-        real = self.create(crd, dry_run=False)
-        if real.status not in (200, 201, 409):
-            raise AssertionError(f"CRD {name} not created: {real.status} {real.message}")
-        group = crd["spec"]["group"]
-        kind = crd["spec"]["names"]["kind"]
-        versions = [v["name"] for v in crd["spec"]["versions"] if v.get("served", True)]
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while True:
-            got = self.request(
-                "GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
-            )
-            conditions = (got.body.get("status") or {}).get("conditions") or []
-            established = any(
-                c["type"] == "Established" and c["status"] == "True" for c in conditions
-            )
-            if established and all(self._served_now(f"{group}/{v}", kind) for v in versions):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"CRD {name} not established and served in {timeout}s")
-            time.sleep(delay)  # poll back-off, bounded by the deadline
-            delay = min(delay * 2, 0.5)
-
-    def _served_now(self, api_version: str, kind: str) -> bool:
-        self._discover(api_version)
-        return (api_version, kind) in self._resources
+    return yaml_documents(CHART_CRDS)
