@@ -1,9 +1,8 @@
 """The queue's Enqueue RPCs refuse malformed requests with INVALID_ARGUMENT and store nothing.
 
-All shapes are covered: EnqueueMessage (one request), EnqueueMessages (many
-such requests on one call in batches, what ingress sends up to 1 MiB, each
-answered on its own) and the client-streaming Enqueue (envelope, then body
-chunks).
+Both shapes are covered: EnqueueMessages (whole messages on one call in
+batches, what ingress sends up to 1 MiB, each answered on its own) and the
+client-streaming Enqueue (envelope, then body chunks).
 """
 
 from __future__ import annotations
@@ -40,16 +39,6 @@ def queue(tmp_path: Path, nats_server: NatsServer) -> Iterator[ServiceRelay]:
     relay.start("queue")
     yield relay
     relay.__exit__()
-
-
-async def _unary(address: str, request: queue_pb2.EnqueueMessageRequest) -> grpc.StatusCode:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = queue_pb2_grpc.QueueServiceStub(channel)
-        try:
-            await stub.EnqueueMessage(request, timeout=20, wait_for_ready=True)
-        except grpc.aio.AioRpcError as error:
-            return error.code()
-        return grpc.StatusCode.OK
 
 
 async def _streamed(address: str, requests: list[queue_pb2.EnqueueRequest]) -> grpc.StatusCode:
@@ -91,8 +80,9 @@ MALFORMED = [
 def test_a_malformed_enqueue_message_is_refused(
     queue: ServiceRelay, nats_server: NatsServer, request_: queue_pb2.EnqueueMessageRequest
 ) -> None:
-    code = asyncio.run(_unary(queue.queue_address, request_))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    [result] = asyncio.run(_on_one_stream(queue.queue_address, [[request_]]))
+    assert result.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert result.message
     assert message_records(nats_server.url) == []
 
 
@@ -128,16 +118,17 @@ def test_a_malformed_enqueue_stream_is_refused(
 def test_both_shapes_store_a_well_formed_message(
     queue: ServiceRelay, nats_server: NatsServer
 ) -> None:
-    unary = queue_pb2.EnqueueMessageRequest(envelope=envelope("APIUNARY00000001"), body=BODY)
+    whole = queue_pb2.EnqueueMessageRequest(envelope=envelope("APIWHOLE00000001"), body=BODY)
     streamed = [
         queue_pb2.EnqueueRequest(envelope=envelope("APISTREAM0000001")),
         queue_pb2.EnqueueRequest(chunk=BODY[:7]),
         queue_pb2.EnqueueRequest(chunk=BODY[7:]),
     ]
-    assert asyncio.run(_unary(queue.queue_address, unary)) == grpc.StatusCode.OK
+    [answer] = asyncio.run(_on_one_stream(queue.queue_address, [[whole]]))
+    assert answer.code == grpc.StatusCode.OK.value[0]
     assert asyncio.run(_streamed(queue.queue_address, streamed)) == grpc.StatusCode.OK
     stored = {record.queue_id: record for record in message_records(nats_server.url)}
-    assert sorted(stored) == ["APISTREAM0000001", "APIUNARY00000001"]
+    assert sorted(stored) == ["APISTREAM0000001", "APIWHOLE00000001"]
     assert all(record.size == len(BODY) for record in stored.values())
 
 

@@ -161,16 +161,6 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                 raise
         return queue_pb2.EnqueueResponse(queue_id=envelope.queue_id)
 
-    async def EnqueueMessage(
-        self, request: queue_pb2.EnqueueMessageRequest, context: grpc.aio.ServicerContext
-    ) -> queue_pb2.EnqueueResponse:
-        try:
-            await self._enqueue_one(request)
-        except Refused as refusal:
-            await context.abort(refusal.code, refusal.message)
-            raise
-        return queue_pb2.EnqueueResponse(queue_id=request.envelope.queue_id)
-
     # A coroutine writing through context, which grpc.aio allows for a stream
     # of responses; the generated stub only knows the iterator form.
     async def EnqueueMessages(  # type: ignore[override]

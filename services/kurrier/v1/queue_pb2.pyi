@@ -156,8 +156,7 @@ class EnqueueMessageRequest(_message.Message):
     def envelope(self) -> Global___Envelope: ...
     @_builtins.property
     def trace_context(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """The message's W3C trace context (traceparent, tracestate). A call's
-        metadata carries it for EnqueueMessage; on EnqueueMessages the call is
+        """The message's W3C trace context (traceparent, tracestate): the call is
         shared by many messages, so each request carries its own.
         """
 
@@ -233,7 +232,7 @@ class EnqueueResult(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     queue_id: _builtins.str
     code: _builtins.int
-    """A gRPC status code, as EnqueueMessage would have ended with: OK (stored
+    """A gRPC status code, as a call of its own would end with: OK (stored
     durably), INVALID_ARGUMENT, RESOURCE_EXHAUSTED (store full) or
     UNAVAILABLE (store unreachable; send again later).
     """

@@ -40,11 +40,6 @@ class QueueServiceStub:
                 request_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueRequest.SerializeToString,
                 response_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
                 _registered_method=True)
-        self.EnqueueMessage = channel.unary_unary(
-                '/kurrier.v1.QueueService/EnqueueMessage',
-                request_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.SerializeToString,
-                response_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
-                _registered_method=True)
         self.EnqueueMessages = channel.stream_stream(
                 '/kurrier.v1.QueueService/EnqueueMessages',
                 request_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueBatch.SerializeToString,
@@ -80,22 +75,13 @@ class QueueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def EnqueueMessage(self, request, context):
-        """EnqueueMessage is Enqueue in one request, for messages that fit in one
-        gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
-        without a stream's per-call overhead.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def EnqueueMessages(self, request_iterator, context):
-        """EnqueueMessages carries many such messages over one long-lived call:
-        what ingress uses up to 1 MiB, without a call's setup per message, in
-        batches (each write on a stream has a cost of its own). Each message is
-        answered by one EnqueueResult, in the order the messages are stored (not
-        the order sent), after the same checks and with the same promise as
-        EnqueueMessage; results ready together come in one EnqueueResults. A
+        """EnqueueMessages carries many whole messages over one long-lived call:
+        what ingress uses for messages up to 1 MiB, without a call's setup per
+        message, in batches (each write on a stream has a cost of its own). Each
+        message is answered by one EnqueueResult, in the order the messages are
+        stored (not the order sent), after the same checks and with the same
+        promise as Enqueue; results ready together come in one EnqueueResults. A
         server that is shutting down stops taking messages, answers every one it
         began to store, and ends the call with OK: a message left unanswered by an
         OK end was not stored and may be sent again elsewhere.
@@ -130,11 +116,6 @@ def add_QueueServiceServicer_to_server(servicer, server):
             'Enqueue': grpc.stream_unary_rpc_method_handler(
                     servicer.Enqueue,
                     request_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueRequest.FromString,
-                    response_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.SerializeToString,
-            ),
-            'EnqueueMessage': grpc.unary_unary_rpc_method_handler(
-                    servicer.EnqueueMessage,
-                    request_deserializer=kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.FromString,
                     response_serializer=kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.SerializeToString,
             ),
             'EnqueueMessages': grpc.stream_stream_rpc_method_handler(
@@ -185,33 +166,6 @@ class QueueService:
             target,
             '/kurrier.v1.QueueService/Enqueue',
             kurrier_dot_v1_dot_queue__pb2.EnqueueRequest.SerializeToString,
-            kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def EnqueueMessage(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/kurrier.v1.QueueService/EnqueueMessage',
-            kurrier_dot_v1_dot_queue__pb2.EnqueueMessageRequest.SerializeToString,
             kurrier_dot_v1_dot_queue__pb2.EnqueueResponse.FromString,
             options,
             channel_credentials,

@@ -38,18 +38,13 @@ class QueueServiceStub:
     the following ones carry the body in chunks. The reply comes only after
     the message is durably stored in JetStream.
     """
-    EnqueueMessage: _grpc.UnaryUnaryMultiCallable[_queue_pb2.EnqueueMessageRequest, _queue_pb2.EnqueueResponse]
-    """EnqueueMessage is Enqueue in one request, for messages that fit in one
-    gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
-    without a stream's per-call overhead.
-    """
     EnqueueMessages: _grpc.StreamStreamMultiCallable[_queue_pb2.EnqueueBatch, _queue_pb2.EnqueueResults]
-    """EnqueueMessages carries many such messages over one long-lived call:
-    what ingress uses up to 1 MiB, without a call's setup per message, in
-    batches (each write on a stream has a cost of its own). Each message is
-    answered by one EnqueueResult, in the order the messages are stored (not
-    the order sent), after the same checks and with the same promise as
-    EnqueueMessage; results ready together come in one EnqueueResults. A
+    """EnqueueMessages carries many whole messages over one long-lived call:
+    what ingress uses for messages up to 1 MiB, without a call's setup per
+    message, in batches (each write on a stream has a cost of its own). Each
+    message is answered by one EnqueueResult, in the order the messages are
+    stored (not the order sent), after the same checks and with the same
+    promise as Enqueue; results ready together come in one EnqueueResults. A
     server that is shutting down stops taking messages, answers every one it
     began to store, and ends the call with OK: a message left unanswered by an
     OK end was not stored and may be sent again elsewhere.
@@ -70,18 +65,13 @@ class QueueServiceAsyncStub(QueueServiceStub):
     the following ones carry the body in chunks. The reply comes only after
     the message is durably stored in JetStream.
     """
-    EnqueueMessage: _aio.UnaryUnaryMultiCallable[_queue_pb2.EnqueueMessageRequest, _queue_pb2.EnqueueResponse]  # type: ignore[assignment]
-    """EnqueueMessage is Enqueue in one request, for messages that fit in one
-    gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
-    without a stream's per-call overhead.
-    """
     EnqueueMessages: _aio.StreamStreamMultiCallable[_queue_pb2.EnqueueBatch, _queue_pb2.EnqueueResults]  # type: ignore[assignment]
-    """EnqueueMessages carries many such messages over one long-lived call:
-    what ingress uses up to 1 MiB, without a call's setup per message, in
-    batches (each write on a stream has a cost of its own). Each message is
-    answered by one EnqueueResult, in the order the messages are stored (not
-    the order sent), after the same checks and with the same promise as
-    EnqueueMessage; results ready together come in one EnqueueResults. A
+    """EnqueueMessages carries many whole messages over one long-lived call:
+    what ingress uses for messages up to 1 MiB, without a call's setup per
+    message, in batches (each write on a stream has a cost of its own). Each
+    message is answered by one EnqueueResult, in the order the messages are
+    stored (not the order sent), after the same checks and with the same
+    promise as Enqueue; results ready together come in one EnqueueResults. A
     server that is shutting down stops taking messages, answers every one it
     began to store, and ends the call with OK: a message left unanswered by an
     OK end was not stored and may be sent again elsewhere.
@@ -107,28 +97,17 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
-    def EnqueueMessage(
-        self,
-        request: _queue_pb2.EnqueueMessageRequest,
-        context: _ServicerContext,
-    ) -> _typing.Union[_queue_pb2.EnqueueResponse, _abc.Awaitable[_queue_pb2.EnqueueResponse]]:
-        """EnqueueMessage is Enqueue in one request, for messages that fit in one
-        gRPC message (ingress uses it up to 1 MiB): same checks, same promise,
-        without a stream's per-call overhead.
-        """
-
-    @_abc_1.abstractmethod
     def EnqueueMessages(
         self,
         request_iterator: _MaybeAsyncIterator[_queue_pb2.EnqueueBatch],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_queue_pb2.EnqueueResults], _abc.AsyncIterator[_queue_pb2.EnqueueResults]]:
-        """EnqueueMessages carries many such messages over one long-lived call:
-        what ingress uses up to 1 MiB, without a call's setup per message, in
-        batches (each write on a stream has a cost of its own). Each message is
-        answered by one EnqueueResult, in the order the messages are stored (not
-        the order sent), after the same checks and with the same promise as
-        EnqueueMessage; results ready together come in one EnqueueResults. A
+        """EnqueueMessages carries many whole messages over one long-lived call:
+        what ingress uses for messages up to 1 MiB, without a call's setup per
+        message, in batches (each write on a stream has a cost of its own). Each
+        message is answered by one EnqueueResult, in the order the messages are
+        stored (not the order sent), after the same checks and with the same
+        promise as Enqueue; results ready together come in one EnqueueResults. A
         server that is shutting down stops taking messages, answers every one it
         began to store, and ends the call with OK: a message left unanswered by an
         OK end was not stored and may be sent again elsewhere.
