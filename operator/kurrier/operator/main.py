@@ -30,11 +30,13 @@ class OperatorError(Exception):
 
 @dataclass(frozen=True)
 class OperatorSettings:
+    """From `kurrier operator`'s flags (kurrier.core.settings.OPERATOR: the defaults are there)."""
+
     nats_url: str
-    replicas: int = 1
-    namespaces: tuple[str, ...] = ()  # empty: all namespaces
-    kubeconfig: Path | None = None
-    metrics_listen: str | None = None
+    replicas: int
+    namespaces: tuple[str, ...]  # empty: all namespaces
+    kubeconfig: Path | None
+    metrics_listen: str | None
 
 
 def kopf_settings() -> kopf.OperatorSettings:

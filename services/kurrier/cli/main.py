@@ -1,33 +1,41 @@
 """The `kurrier` command: every service's entrypoint plus the local tools.
 
-Every service flag can also come from a KURRIER_* environment variable (the
-flag's name upper-cased, dashes as underscores), as containers prefer.
+The services' flags, and the KURRIER_* variables that can stand for them, are
+declared in kurrier.core.settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from kurrier.core.addresses import parse_host_port
 from kurrier.core.durations import parse_duration
-from kurrier.core.http_endpoint import DEFAULT_METRICS_LISTEN
 from kurrier.core.lifecycle import run_service
 from kurrier.core.logs import setup_logging
-from kurrier.core.sizes import parse_size
+from kurrier.core.settings import (
+    DELIVERY,
+    INGRESS,
+    LOG_LEVEL,
+    OPERATOR,
+    PASSED_ON_BY_UP,
+    QUEUE,
+    QUEUE_ADDRESS,
+    SERVICES,
+    add_settings,
+    existing_file,
+    host_port,
+)
 
 if TYPE_CHECKING:
     from kurrier.ingress.queue_client import QueueTls
     from kurrier.ingress.token_review import KubeApiSettings
     from kurrier.queue.main import GrpcTls
 
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DATA_DIR = Path.home() / ".local" / "state" / "kurrier"
 
 
@@ -38,122 +46,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _env(flag: str, default: str | None = None) -> str | None:
-    return os.environ.get("KURRIER_" + flag.lstrip("-").upper().replace("-", "_"), default)
-
-
-def _add(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
-    """A flag whose default comes from its KURRIER_* variable when set."""
-    default = kwargs.pop("default", None)
-    kwargs["default"] = _env(flag, default)
-    if kwargs["default"] is not None and "type" in kwargs:
-        kwargs["default"] = kwargs["type"](kwargs["default"])
-    parser.add_argument(flag, **kwargs)
-
-
-def _host_port(text: str) -> str:
-    try:
-        parse_host_port(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
-    return int(text)
-
-
-def _optional_host_port(text: str) -> str | None:
-    return None if text in ("", "off") else _host_port(text)
-
-
-def _duration(text: str) -> str:
-    try:
-        parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def _existing_file(text: str) -> Path:
-    path = Path(text)
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: no such file")
-    return path
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    _add(parser, "--nats-url", default=DEFAULT_NATS_URL, help="NATS server URL(s), comma separated")
-    _add(parser, "--nats-replicas", type=int, default="1", help="replicas of streams and buckets")
-    _add(parser, "--hostname", default=socket.getfqdn(), help="name in banners and Received")
-    _add(parser, "--log-level", default="INFO")
-    _add(
-        parser,
-        "--metrics-listen",
-        type=_optional_host_port,
-        default=DEFAULT_METRICS_LISTEN,
-        help="HTTP /healthz and /metrics listener ('off' to disable)",
-    )
-
-
-def _add_retry_flags(parser: argparse.ArgumentParser) -> None:
-    _add(parser, "--min-backoff", type=_duration, default="5m", help="first retry delay")
-    _add(parser, "--max-backoff", type=_duration, default="1h", help="longest retry delay")
-    _add(parser, "--max-lifetime", type=_duration, default="5d", help="bounce after this long")
-
-
-def _add_listener_flags(parser: argparse.ArgumentParser, smtp_default: str) -> None:
-    _add(parser, "--smtp", type=_host_port, default=smtp_default, help="SMTP (port 25) listener")
-    _add(parser, "--submission", type=_host_port, help="submission (port 587) listener")
-    _add(parser, "--smtps", type=_host_port, help="implicit TLS (port 465) listener")
-    _add(parser, "--tls-cert", type=_existing_file, help="PEM certificate chain for TLS")
-    _add(parser, "--tls-key", type=_existing_file, help="PEM private key for TLS")
-
-
-def _add_ingress_limits(parser: argparse.ArgumentParser) -> None:
-    """Limits of one ingress process; per-client ones come from RelayPolicy (docs/security.md)."""
-    _add(parser, "--max-connections", type=int, default="1000", help="open SMTP sessions")
-    _add(parser, "--idle-timeout", type=_duration, default="5m", help="wait for a command")
-    _add(parser, "--session-timeout", type=_duration, default="30m", help="longest session")
-    _add(parser, "--max-commands", type=int, default="1000", help="per command per session")
-    _add(parser, "--max-line-length", type=int, default="1000", help="DATA line, CRLF included")
-    _add(parser, "--max-header-size", type=int, default="262144", help="header section octets")
-    _add(parser, "--max-headers", type=int, default="1000", help="header fields per message")
-    _add(parser, "--max-hops", type=int, default="50", help="Received headers (loop guard)")
-    _add(parser, "--auth-failures-per-minute", type=int, default="5", help="per client IP")
-    _add(parser, "--kube-api-server", help="API server for TokenReview (default: in-cluster)")
-    _add(parser, "--kube-token-file", type=Path, help="bearer token file for --kube-api-server")
-    _add(parser, "--kube-ca-file", type=_existing_file, help="CA of --kube-api-server")
-    _add(parser, "--token-cache-ttl", type=_duration, default="30s", help="keep passed tokens")
-    _add(parser, "--queue-tls-ca", type=_existing_file, help="CA of the queue's certificate")
-    _add(parser, "--queue-tls-cert", type=_existing_file, help="client certificate (mTLS)")
-    _add(parser, "--queue-tls-key", type=_existing_file, help="client private key (mTLS)")
-    _add(parser, "--queue-tls-server-name", help="name to verify in the queue's certificate")
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _add_body_store_limit(parser: argparse.ArgumentParser) -> None:
-    _add(
-        parser,
-        "--body-store-limit",
-        type=_size,
-        help="cap on stored message bodies (e.g. 8GiB); above it ingress answers 452."
-        " Keep it below JetStream's storage so the queue can always drain",
-    )
-
-
 def _add_queue_admin(queue: argparse.ArgumentParser) -> None:
     admin = queue.add_subparsers(dest="action", parser_class=Parser, metavar="ACTION")
     where = Parser(add_help=False)
-    _add(where, "--queue-address", help="the queue's gRPC address (default: from --data-dir)")
+    address = replace(
+        QUEUE_ADDRESS, default=None, help="the queue's gRPC address (default: from --data-dir)"
+    )
+    add_settings(where, [address])
     where.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="a `kurrier up`")
     where.add_argument("--json", action="store_true", help="machine-readable output")
     filters = Parser(add_help=False)
@@ -184,18 +83,14 @@ def build_parser() -> Parser:
 
     up = commands.add_parser("up", help="run the whole relay locally")
     source = up.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=_existing_file, help="resource YAML file")
+    source.add_argument("--config", type=existing_file, help="resource YAML file")
     source.add_argument(
-        "--kubeconfig", type=_existing_file, help="take the resources from this cluster instead"
+        "--kubeconfig", type=existing_file, help="take the resources from this cluster instead"
     )
     up.add_argument("--namespace", help="with --kubeconfig: watch only these (comma separated)")
     up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    _add_listener_flags(up, "127.0.0.1:2525")
-    up.add_argument("--hostname", default=socket.getfqdn())
-    up.add_argument("--tls-ca-file", type=_existing_file, help="CA bundle for 'verify' routes")
-    up.add_argument("--dns-resolver", type=_host_port, help="DNS server for MX lookups")
-    up.add_argument("--mx-port", type=_port, default=25, help="port MX hosts are contacted on")
-    up.add_argument("--log-level", default="INFO")
+    add_settings(up, PASSED_ON_BY_UP)
+    add_settings(up, [LOG_LEVEL])
     up.add_argument(
         "--nats-cluster",
         type=int,
@@ -203,49 +98,25 @@ def build_parser() -> Parser:
         default=1,
         help="NATS nodes: 3 or 5 run a JetStream cluster with 3 replicas and two of each worker",
     )
-    _add_retry_flags(up)
 
     ingress = commands.add_parser("ingress", help="run the SMTP ingress service")
-    _add_common(ingress)
-    _add_listener_flags(ingress, "0.0.0.0:2525")
-    _add(ingress, "--queue-address", default="127.0.0.1:7070", help="the queue's gRPC address")
-    _add_ingress_limits(ingress)
-
+    add_settings(ingress, INGRESS)
     queue = commands.add_parser(
         "queue", help="run the queue service, or administer the queue (list, show, hold, ...)"
     )
-    _add_common(queue)
-    _add(queue, "--listen", default="0.0.0.0:7070", help="gRPC listen address (or unix:PATH)")
-    _add(queue, "--grpc-tls-cert", type=_existing_file, help="serve gRPC over TLS: certificate")
-    _add(queue, "--grpc-tls-key", type=_existing_file, help="serve gRPC over TLS: private key")
-    _add(queue, "--grpc-tls-client-ca", type=_existing_file, help="require client certs (mTLS)")
-    _add_body_store_limit(queue)
-    _add_retry_flags(queue)
+    add_settings(queue, QUEUE)
     _add_queue_admin(queue)
-
     delivery = commands.add_parser("delivery", help="run the delivery service")
-    _add_common(delivery)
-    _add(delivery, "--concurrency", type=int, default="32", help="transactions in flight")
-    _add(delivery, "--tls-ca-file", type=_existing_file, help="CA bundle for 'verify' routes")
-    _add(delivery, "--dns-resolver", type=_host_port, help="DNS server HOST:PORT for MX lookups")
-    _add(delivery, "--mx-port", type=_port, default="25", help="port MX hosts are contacted on")
-
+    add_settings(delivery, DELIVERY)
     operator = commands.add_parser("operator", help="run the Kubernetes operator")
-    _add_common(operator)
-    _add(operator, "--namespaces", default="", help="namespaces to watch, comma separated (all)")
-    _add(
-        operator,
-        "--kubeconfig",
-        type=_existing_file,
-        help="kubeconfig file (default: KUBECONFIG, in-cluster, ~/.kube/config)",
-    )
+    add_settings(operator, OPERATOR)
 
     sink = commands.add_parser("sink", help="a development SMTP server that files mail")
-    sink.add_argument("--listen", type=_host_port, default="127.0.0.1:2526")
+    sink.add_argument("--listen", type=host_port, default="127.0.0.1:2526")
     sink.add_argument("--dir", type=Path, required=True)
 
     validate = commands.add_parser("validate", help="check a resource file offline")
-    validate.add_argument("file", type=_existing_file)
+    validate.add_argument("file", type=existing_file)
     return parser
 
 
@@ -260,19 +131,8 @@ def _run_up(args: argparse.Namespace) -> int:
         kubeconfig=args.kubeconfig,
         namespaces=_namespaces(args.namespace),
         data_dir=args.data_dir,
-        smtp=args.smtp,
-        submission=args.submission,
-        smtps=args.smtps,
-        tls_cert=str(args.tls_cert) if args.tls_cert else None,
-        tls_key=str(args.tls_key) if args.tls_key else None,
-        hostname=args.hostname,
-        min_backoff=args.min_backoff,
-        max_backoff=args.max_backoff,
-        max_lifetime=args.max_lifetime,
-        tls_ca_file=str(args.tls_ca_file) if args.tls_ca_file else None,
-        dns_resolver=args.dns_resolver,
-        mx_port=args.mx_port,
         nats_cluster=args.nats_cluster,
+        passed_on={setting.name: getattr(args, setting.name) for setting in PASSED_ON_BY_UP},
     )
     return asyncio.run(run_up(settings))
 
@@ -447,14 +307,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-# The long-running services: each traces and measures itself (kurrier.core.telemetry).
-SERVICES = ("ingress", "queue", "delivery", "operator")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command not in ("validate", "sink") and getattr(args, "action", None) is None:
         setup_logging(f"kurrier-{args.command}", args.log_level)
+    # The long-running services: each traces and measures itself (kurrier.core.telemetry).
     if args.command in SERVICES and getattr(args, "action", None) is None:
         from kurrier.core.telemetry import TelemetryError, setup_telemetry
 

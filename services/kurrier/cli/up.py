@@ -2,7 +2,9 @@
 
 Starts an embedded nats-server (JetStream store under the data dir), publishes
 the routing table compiled from the resource file, then runs queue, delivery
-and ingress as child processes of this one.
+and ingress as child processes of this one. Each child gets, as flags, those
+of up's settings it has too (kurrier.core.settings), and what up decides:
+NATS URLs, the queue's address, no metrics ports.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from kurrier.core.jetstream import connect, ensure_layout
 from kurrier.core.lifecycle import stop_event
 from kurrier.core.loader import ResourceError, load_resources
 from kurrier.core.routing import compile_table
+from kurrier.core.settings import SERVICES, SMTP, command_line
 from kurrier.core.smtp_probe import wait_for_smtp_banner
 from kurrier.core.table_store import publish_table
 from nats.errors import Error as NatsError
@@ -42,34 +45,29 @@ READY_TIMEOUT = 60.0
 @dataclass(frozen=True)
 class UpSettings:
     config: Path | None
-    data_dir: Path
-    smtp: str
-    submission: str | None
-    smtps: str | None
-    tls_cert: str | None
-    tls_key: str | None
-    hostname: str
-    min_backoff: str
-    max_backoff: str
-    max_lifetime: str
-    tls_ca_file: str | None
-    dns_resolver: str | None = None
-    mx_port: int = 25
     # Instead of config: the resources of this cluster, through the operator.
-    kubeconfig: Path | None = None
-    namespaces: tuple[str, ...] = ()
+    kubeconfig: Path | None
+    namespaces: tuple[str, ...]
+    data_dir: Path
     # 1: one embedded nats-server. 3 (or 5): a JetStream cluster of that many
     # nodes, kurrier's streams with 3 replicas and two queue and two delivery
     # processes, the shape the chart runs with a 3-replica NATS.
-    nats_cluster: int = 1
+    nats_cluster: int
+    # The values of the services' settings up takes (PASSED_ON_BY_UP), by name.
+    passed_on: Mapping[str, object]
+
+    @property
+    def smtp(self) -> str:
+        return str(self.passed_on[SMTP.name])
 
 
-def _child(command: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "kurrier.cli", command, *args]
-
-
-def _optional(flag: str, value: str | None) -> list[str]:
-    return [flag, value] if value else []
+def child_argv(command: str, passed_on: Mapping[str, object], **values: object) -> list[str]:
+    """`kurrier COMMAND` with those of up's settings the service has, and these values."""
+    settings = SERVICES[command]
+    names = {setting.name for setting in settings}
+    shared = {name: value for name, value in passed_on.items() if name in names}
+    flags = command_line(settings, {**shared, **values})
+    return [sys.executable, "-m", "kurrier.cli", command, *flags]
 
 
 async def _publish_config(nats_url: str, config: Path, replicas: int) -> None:
@@ -203,76 +201,39 @@ async def run_up(settings: UpSettings) -> int:
         else:
             await supervisor.start(
                 "operator",
-                _child(
+                child_argv(
                     "operator",
-                    "--nats-url",
-                    nats_url,
-                    "--nats-replicas",
-                    str(replicas),
-                    "--kubeconfig",
-                    str(settings.kubeconfig),
-                    "--namespaces",
-                    ",".join(settings.namespaces),
-                    "--metrics-listen",
-                    operator_health,
+                    settings.passed_on,
+                    nats_url=nats_url,
+                    nats_replicas=replicas,
+                    kubeconfig=settings.kubeconfig,
+                    namespaces=",".join(settings.namespaces),
+                    metrics_listen=operator_health,
                 ),
             )
 
-        def common(index: int) -> list[str]:
+        def common(index: int) -> dict[str, object]:
             # Children share one host: no fixed metrics ports that would collide.
-            return [
-                "--nats-url",
-                _spread(nats_urls, index),
-                "--nats-replicas",
-                str(replicas),
-                "--hostname",
-                settings.hostname,
-                "--metrics-listen",
-                "off",
-            ]
+            return {
+                "nats_url": _spread(nats_urls, index),
+                "nats_replicas": replicas,
+                "metrics_listen": "off",
+            }
 
         for index in range(pairs):
             suffix = f"-{index + 1}" if pairs > 1 else ""
             await supervisor.start(
                 f"queue{suffix}",
-                _child(
-                    "queue",
-                    *common(index),
-                    "--listen",
-                    queue_listens[index],
-                    "--min-backoff",
-                    settings.min_backoff,
-                    "--max-backoff",
-                    settings.max_backoff,
-                    "--max-lifetime",
-                    settings.max_lifetime,
+                child_argv(
+                    "queue", settings.passed_on, **common(index), listen=queue_listens[index]
                 ),
             )
             await supervisor.start(
-                f"delivery{suffix}",
-                _child(
-                    "delivery",
-                    *common(index + 1),
-                    *_optional("--tls-ca-file", settings.tls_ca_file),
-                    *_optional("--dns-resolver", settings.dns_resolver),
-                    "--mx-port",
-                    str(settings.mx_port),
-                ),
+                f"delivery{suffix}", child_argv("delivery", settings.passed_on, **common(index + 1))
             )
         await supervisor.start(
             "ingress",
-            _child(
-                "ingress",
-                *common(2),
-                "--queue-address",
-                queue_address,
-                "--smtp",
-                settings.smtp,
-                *_optional("--submission", settings.submission),
-                *_optional("--smtps", settings.smtps),
-                *_optional("--tls-cert", settings.tls_cert),
-                *_optional("--tls-key", settings.tls_key),
-            ),
+            child_argv("ingress", settings.passed_on, **common(2), queue_address=queue_address),
         )
         await _wait_for_smtp(settings.smtp, READY_TIMEOUT)
         if settings.config is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.http_endpoint import HttpEndpoint
@@ -30,20 +30,22 @@ DRAIN_TIMEOUT = 30.0
 
 @dataclass(frozen=True)
 class IngressSettings:
+    """From `kurrier ingress`'s flags (kurrier.core.settings.INGRESS: the defaults are there)."""
+
     nats_url: str
     queue_address: str
     hostname: str
     smtp: str | None
-    submission: str | None = None
-    smtps: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    replicas: int = 1
-    metrics_listen: str | None = None
-    limits: SessionLimits = field(default_factory=SessionLimits)
-    kube_api: KubeApiSettings | None = None
-    token_cache_ttl: float = 30.0
-    queue_tls: QueueTls | None = None
+    submission: str | None
+    smtps: str | None
+    tls_cert: str | None
+    tls_key: str | None
+    replicas: int
+    metrics_listen: str | None
+    limits: SessionLimits
+    kube_api: KubeApiSettings | None
+    token_cache_ttl: float
+    queue_tls: QueueTls | None
 
 
 class _NoLoginDataWarning(logging.Filter):

@@ -1,0 +1,277 @@
+"""Every setting of the services, each declared once: flag, KURRIER_* variable, type, default, help.
+
+A setting named `mx_port` is the flag `--mx-port` and the variable
+`KURRIER_MX_PORT`; the flag wins, then the variable, then the default. From
+these declarations `kurrier <service>` gets its flags (`add_settings`),
+`kurrier up` writes its children's command lines (`command_line`), and the
+chart's tests check the `KURRIER_*` variables each Deployment renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from kurrier.core.addresses import parse_host_port
+from kurrier.core.durations import parse_duration
+from kurrier.core.http_endpoint import DEFAULT_METRICS_LISTEN
+from kurrier.core.sizes import parse_size
+
+# --- how values are read (argparse types: a bad value is a usage error) -----
+
+
+def host_port(text: str) -> str:
+    try:
+        parse_host_port(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def optional_host_port(text: str) -> str | None:
+    return None if text in ("", "off") else host_port(text)
+
+
+def port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return int(text)
+
+
+def duration(text: str) -> str:
+    """Checked, and kept as written (5m): the services parse it, `kurrier up` passes it on."""
+    try:
+        parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return path
+
+
+# --- the declaration ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """`name` is what argparse sets (args.mx_port); the flag and variable are spelled from it."""
+
+    name: str
+    help: str | None = None
+    # From the text of the flag or variable to the value.
+    parse: Callable[[str], Any] = str
+    # As written on a command line; a function when it is costly to work out.
+    # None: not set unless given.
+    default: str | Callable[[], str] | None = None
+    # Read from its variable where it is used; no flag.
+    environment_only: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def variable(self) -> str:
+        return "KURRIER_" + self.name.upper()
+
+    def default_text(self) -> str | None:
+        """What a flag not given stands for: its KURRIER_* variable, else the default."""
+        if self.variable in os.environ:
+            return os.environ[self.variable]
+        return self.default() if callable(self.default) else self.default
+
+
+def add_settings(parser: argparse.ArgumentParser, settings: Iterable[Setting]) -> None:
+    """A flag for each setting. argparse parses a text default as if it were given, so
+    a bad KURRIER_* value is a usage error of the command that takes the setting."""
+    for setting in settings:
+        if not setting.environment_only:
+            parser.add_argument(
+                setting.flag, type=setting.parse, default=setting.default_text(), help=setting.help
+            )
+
+
+def command_line(settings: Iterable[Setting], values: Mapping[str, object]) -> list[str]:
+    """The flags that give a service these values, by setting name; a None value is
+    left out, so the service takes its own default."""
+    flags = {setting.name: setting.flag for setting in settings}
+    unknown = sorted(set(values) - flags.keys())
+    if unknown:
+        raise ValueError(f"not settings of this service: {', '.join(unknown)}")
+    argv: list[str] = []
+    for name, value in values.items():
+        if value is not None:
+            argv += [flags[name], str(value)]
+    return argv
+
+
+# --- every service -----------------------------------------------------------
+
+NATS_URL = Setting(
+    "nats_url", "NATS server URL(s), comma separated", default="nats://127.0.0.1:4222"
+)
+NATS_REPLICAS = Setting("nats_replicas", "replicas of streams and buckets", int, "1")
+NATS_CREDS = Setting(
+    "nats_creds", "NATS credentials file (JWT and nkey seed)", environment_only=True
+)
+NATS_NKEY = Setting("nats_nkey", "NATS nkey seed file", environment_only=True)
+HOSTNAME = Setting("hostname", "name in banners and Received", default=socket.getfqdn)
+LOG_LEVEL = Setting("log_level", default="INFO")
+METRICS_LISTEN = Setting(
+    "metrics_listen",
+    "HTTP /healthz and /metrics listener ('off' to disable)",
+    optional_host_port,
+    DEFAULT_METRICS_LISTEN,
+)
+TRACE_ADDRESSES = Setting(
+    "trace_addresses",
+    "mail addresses and SMTP replies in spans (true/false)",
+    environment_only=True,
+)
+TRUST_TRACEPARENT_HEADER = Setting(
+    "trust_traceparent_header",
+    "continue the trace a submitted message's Traceparent header names (true/false)",
+    environment_only=True,
+)
+COMMON = (
+    NATS_URL,
+    NATS_REPLICAS,
+    NATS_CREDS,
+    NATS_NKEY,
+    HOSTNAME,
+    LOG_LEVEL,
+    METRICS_LISTEN,
+    TRACE_ADDRESSES,
+    TRUST_TRACEPARENT_HEADER,
+)
+
+# --- ingress -----------------------------------------------------------------
+
+SMTP = Setting("smtp", "SMTP (port 25) listener", host_port, "0.0.0.0:2525")
+SUBMISSION = Setting("submission", "submission (port 587) listener", host_port)
+SMTPS = Setting("smtps", "implicit TLS (port 465) listener", host_port)
+TLS_CERT = Setting("tls_cert", "PEM certificate chain for TLS", existing_file)
+TLS_KEY = Setting("tls_key", "PEM private key for TLS", existing_file)
+QUEUE_ADDRESS = Setting("queue_address", "the queue's gRPC address", default="127.0.0.1:7070")
+# Limits of one ingress process; per-client ones come from RelayPolicy (docs/security.md).
+SESSION_LIMITS = (
+    Setting("max_connections", "open SMTP sessions", int, "1000"),
+    Setting("idle_timeout", "wait for a command", duration, "5m"),
+    Setting("session_timeout", "longest session", duration, "30m"),
+    Setting("max_commands", "per command per session", int, "1000"),
+    Setting("max_line_length", "DATA line, CRLF included", int, "1000"),
+    Setting("max_header_size", "header section octets", int, "262144"),
+    Setting("max_headers", "header fields per message", int, "1000"),
+    Setting("max_hops", "Received headers (loop guard)", int, "50"),
+    Setting("auth_failures_per_minute", "per client IP", int, "5"),
+)
+TOKEN_REVIEW = (
+    Setting("kube_api_server", "API server for TokenReview (default: in-cluster)"),
+    Setting("kube_token_file", "bearer token file for --kube-api-server", Path),
+    Setting("kube_ca_file", "CA of --kube-api-server", existing_file),
+    Setting("token_cache_ttl", "keep passed tokens", duration, "30s"),
+)
+QUEUE_TLS = (
+    Setting("queue_tls_ca", "CA of the queue's certificate", existing_file),
+    Setting("queue_tls_cert", "client certificate (mTLS)", existing_file),
+    Setting("queue_tls_key", "client private key (mTLS)", existing_file),
+    Setting("queue_tls_server_name", "name to verify in the queue's certificate"),
+)
+INGRESS = (
+    *COMMON,
+    SMTP,
+    SUBMISSION,
+    SMTPS,
+    TLS_CERT,
+    TLS_KEY,
+    QUEUE_ADDRESS,
+    *SESSION_LIMITS,
+    *TOKEN_REVIEW,
+    *QUEUE_TLS,
+)
+
+# --- queue -------------------------------------------------------------------
+
+RETRIES = (
+    Setting("min_backoff", "first retry delay", duration, "5m"),
+    Setting("max_backoff", "longest retry delay", duration, "1h"),
+    Setting("max_lifetime", "bounce after this long", duration, "5d"),
+)
+QUEUE = (
+    *COMMON,
+    Setting("listen", "gRPC listen address (or unix:PATH)", default="0.0.0.0:7070"),
+    Setting("grpc_tls_cert", "serve gRPC over TLS: certificate", existing_file),
+    Setting("grpc_tls_key", "serve gRPC over TLS: private key", existing_file),
+    Setting("grpc_tls_client_ca", "require client certs (mTLS)", existing_file),
+    Setting(
+        "body_store_limit",
+        "cap on stored message bodies (e.g. 8GiB); above it ingress answers 452."
+        " Keep it below JetStream's storage so the queue can always drain",
+        size,
+    ),
+    *RETRIES,
+)
+
+# --- delivery ----------------------------------------------------------------
+
+TLS_CA_FILE = Setting("tls_ca_file", "CA bundle for 'verify' routes", existing_file)
+DNS_RESOLVER = Setting("dns_resolver", "DNS server HOST:PORT for MX lookups", host_port)
+MX_PORT = Setting("mx_port", "port MX hosts are contacted on", port, "25")
+DELIVERY = (
+    *COMMON,
+    Setting("concurrency", "transactions in flight", int, "32"),
+    TLS_CA_FILE,
+    DNS_RESOLVER,
+    MX_PORT,
+)
+
+# --- operator ----------------------------------------------------------------
+
+OPERATOR = (
+    *COMMON,
+    Setting("namespaces", "namespaces to watch, comma separated (all)", default=""),
+    Setting(
+        "kubeconfig",
+        "kubeconfig file (default: KUBECONFIG, in-cluster, ~/.kube/config)",
+        existing_file,
+    ),
+)
+
+# The long-running services (the image's commands) and their settings.
+SERVICES: dict[str, tuple[Setting, ...]] = {
+    "ingress": INGRESS,
+    "queue": QUEUE,
+    "delivery": DELIVERY,
+    "operator": OPERATOR,
+}
+
+# The services' settings `kurrier up` takes too; each child gets those it has.
+PASSED_ON_BY_UP = (
+    replace(SMTP, default="127.0.0.1:2525"),
+    SUBMISSION,
+    SMTPS,
+    TLS_CERT,
+    TLS_KEY,
+    HOSTNAME,
+    TLS_CA_FILE,
+    DNS_RESOLVER,
+    MX_PORT,
+    *RETRIES,
+)
