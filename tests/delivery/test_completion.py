@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import pytest
 import yaml
 from kurrier.core.body_store import body_exists, store_body
 from kurrier.core.jetstream import (
@@ -22,9 +24,16 @@ from kurrier.core.jetstream import (
     connect,
     disconnect,
     ensure_layout,
+    job_subject,
 )
 from kurrier.core.loader import parse_documents
-from kurrier.core.message import DeliveryJob, DeliveryResult, MessageRecord, RecipientState
+from kurrier.core.message import (
+    WIRE_VERSION,
+    DeliveryJob,
+    DeliveryResult,
+    MessageRecord,
+    RecipientState,
+)
 from kurrier.core.records import RecordStore
 from kurrier.core.routing import compile_table
 from kurrier.core.table_store import TableFollower
@@ -183,3 +192,33 @@ async def test_a_job_for_some_of_the_pending_recipients_carries_no_revision(
         [job] = await scene.jobs()
         assert job.record_revision is None
         assert job.received_at == record.received_at
+
+
+async def test_a_job_in_a_newer_format_is_left_for_a_pod_that_reads_it(
+    nats_server: NatsServer, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A newer queue's job during a rolling upgrade: this pod must not guess at it.
+    async with _scene(nats_server, sink) as scene:
+        record, _ = await scene.queued("NEWERFORMAT000000001", ["r@example.com"])
+        job = DeliveryJob(
+            queue_id=record.queue_id,
+            dispatch=1,
+            mail_from=record.mail_from,
+            recipients=["r@example.com"],
+            size=record.size,
+            body_store=record.body_store,
+            version=WIRE_VERSION + 1,
+        )
+        await scene.js.publish(
+            job_subject(record.queue_id), job.model_dump_json().encode(), stream=JOBS_STREAM
+        )
+        with caplog.at_level(logging.WARNING, logger="kurrier.delivery.worker"):
+            async with scene.delivering():
+
+                async def left() -> bool:
+                    return "newer than this pod's" in caplog.text
+
+                await _until(left, "the worker to leave the job")
+        assert sink.messages == []
+        assert await scene.records.get(record.queue_id, fresh=True) is not None
+        assert len(await scene.jobs()) == 1

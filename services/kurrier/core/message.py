@@ -87,13 +87,29 @@ class MessageRecord(_Model):
         return "deferred"
 
 
-class _WireMessage(BaseModel):
-    """A message between services through JetStream. Fields it does not know are
-    ignored: during a rolling upgrade a newer queue's job reaches an older
-    delivery pod, and the fields it adds are only ever optional. A field's
-    name on the wire never changes (aliases keep it when the code's does)."""
+# The format of jobs and results. Within a version, fields are only ever
+# added, as optional ones that an older pod ignores, and a field's name on the
+# wire never changes (an alias keeps it when the code's name does). A change
+# that an older pod would get wrong, rather than ignore, raises the version.
+WIRE_VERSION = 1
+
+
+class _Tolerant(BaseModel):
+    """Part of a message between services: fields it does not know are ignored."""
 
     model_config = ConfigDict(extra="ignore", serialize_by_alias=True)
+
+
+class _WireMessage(_Tolerant):
+    """A message between services through JetStream, such as a newer queue's job
+    reaching an older delivery pod during a rolling upgrade."""
+
+    version: int = WIRE_VERSION
+
+    @property
+    def understood(self) -> bool:
+        """False for a message in a newer format: leave it to a pod that reads it."""
+        return self.version <= WIRE_VERSION
 
 
 def _wire_name(name: str, on_the_wire: str) -> Any:
@@ -125,7 +141,7 @@ class DeliveryJob(_WireMessage):
 Outcome = Literal["delivered", "deferred", "bounced"]
 
 
-class RecipientOutcome(_WireMessage):
+class RecipientOutcome(_Tolerant):
     address: str
     outcome: Outcome
     reply: str

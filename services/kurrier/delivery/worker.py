@@ -115,6 +115,14 @@ class DeliveryWorker:
             log.error("discarding an unreadable delivery job: %s", error)
             await message.term()
             return
+        if not job.understood:
+            log.warning(
+                "job in format version %d, newer than this pod's; left for an up-to-date pod",
+                job.version,
+                extra={"queue_id": job.queue_id},
+            )
+            await message.nak(delay=self._ack_wait)
+            return
         annotate(job.queue_id, attempt=job.dispatch)
         try:
             try:

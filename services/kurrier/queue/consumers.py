@@ -47,6 +47,14 @@ async def run_results(js: JetStreamContext, manager: QueueManager) -> None:
             log.error("dropping an unreadable delivery result: %s", error)
             await message.term()
             return
+        if not result.understood:
+            log.warning(
+                "result in format version %d, newer than this pod's; left for an up-to-date pod",
+                result.version,
+                extra={"queue_id": result.queue_id},
+            )
+            await message.nak(delay=30)
+            return
         with consuming(RESULTS_DESTINATION, message.subject, message.headers):
             annotate(result.queue_id, attempt=result.dispatch)
             change = apply_result(result, manager.schedule)
