@@ -124,3 +124,86 @@ def test_table_round_trips_through_json() -> None:
     again = RoutingTable.model_validate_json(table.model_dump_json())
     assert again.route_for("example.com") == table.route_for("example.com")
     assert again.model_dump() == table.model_dump()
+
+
+def _policy(name: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "kurrier.io/v1alpha1",
+        "kind": "RelayPolicy",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def _users(name: str, **hashes: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": hashes}
+
+
+# Shapes of bcrypt hashes: compile_table checks the scheme, not the password.
+HASH_A = "$2b$12$" + "a" * 53
+HASH_B = "$2b$12$" + "b" * 53
+
+
+def test_any_policy_requiring_tls_for_auth_requires_it_for_everyone() -> None:
+    for order in (("a", "b"), ("b", "a")):
+        table = _compile(
+            _policy(order[0], requireTLSForAuth=False),
+            _policy(order[1], requireTLSForAuth=True),
+        )
+        assert table.policy.require_tls_for_auth
+    assert not _compile(_policy("a", requireTLSForAuth=False)).policy.require_tls_for_auth
+
+
+def test_every_limit_takes_the_strictest_policy() -> None:
+    table = _compile(
+        _policy(
+            "a",
+            maxMessageSize=10_000,
+            maxRecipients=5,
+            maxConnectionsPerClient=50,
+            rateLimit={"perClientPerMinute": 600, "perIdentityPerMinute": 10},
+        ),
+        _policy(
+            "b",
+            maxMessageSize=50_000,
+            maxRecipients=50,
+            maxConnectionsPerClient=3,
+            rateLimit={"perClientPerMinute": 60},
+        ),
+    )
+    policy = table.policy
+    assert (policy.max_message_size, policy.max_recipients) == (10_000, 5)
+    assert policy.max_connections_per_client == 3
+    assert (policy.rate_per_minute, policy.identity_rate_per_minute) == (60, 10)
+
+
+def test_the_first_audience_wins_and_a_second_one_is_reported() -> None:
+    table, problems = compile_table(
+        parse_documents(
+            [
+                _policy("b", auth={"serviceAccountAudience": "other"}),
+                _policy("a", auth={"serviceAccountAudience": "kurrier"}),
+                _policy("c", auth={"serviceAccountAudience": "kurrier"}),
+            ],
+            "t",
+        )
+    )
+    assert table.policy.service_account_audience == "kurrier"
+    assert [(p.name, p.reason) for p in problems] == [("b", "Conflict")]
+
+
+def test_a_user_defined_twice_keeps_the_first_hash_and_is_reported() -> None:
+    table, problems = compile_table(
+        parse_documents(
+            [
+                _users("first", alice=HASH_A, bob=HASH_A),
+                _users("second", alice=HASH_B, bob=HASH_A, carol=HASH_B),
+                _policy("b", auth={"usersSecretRef": {"name": "second"}}),
+                _policy("a", auth={"usersSecretRef": {"name": "first"}}),
+            ],
+            "t",
+        )
+    )
+    assert table.policy.users == {"alice": HASH_A, "bob": HASH_A, "carol": HASH_B}
+    assert [(p.name, p.reason) for p in problems] == [("b", "Conflict")]
+    assert "'alice'" in problems[0].message

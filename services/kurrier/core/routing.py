@@ -248,13 +248,20 @@ def _compile_domain(
 def _compile_policy(
     policies: list[RelayPolicy], secrets: dict[tuple[str, str], Secret], problems: list[Problem]
 ) -> CompiledPolicy:
-    """Several policies merge: networks, users and rules add up; limits take the strictest."""
+    """Several policies merge into the strictest reading of all of them.
+
+    Networks, users and sender rules add up; limits take the lowest value;
+    TLS before AUTH is required if any policy requires it. What cannot be
+    both (a ServiceAccount audience, a user's password hash) is taken from
+    the first policy by namespace and name, and the others are told.
+    """
     if not policies:
         return CompiledPolicy()
+    policies = sorted(policies, key=lambda p: (_namespace(p), p.metadata.name))
     networks: list[str] = []
     users: dict[str, str] = {}
     rules: list[tuple[str, tuple[str, ...]]] = []
-    audience = None
+    audience, audience_from = "", ""
     rates: list[int] = []
     identity_rates: list[int] = []
     for policy in policies:
@@ -268,33 +275,21 @@ def _compile_policy(
             identity_rates.append(limit.perIdentityPerMinute)
         if spec.auth is None:
             continue
-        audience = audience or spec.auth.serviceAccountAudience
+        wanted = spec.auth.serviceAccountAudience or ""
+        if wanted and not audience:
+            audience, audience_from = wanted, _display_name(policy)
+        elif wanted and wanted != audience:
+            message = (
+                f"serviceAccountAudience {wanted!r} ignored: {audience_from} sets {audience!r}"
+            )
+            problems.append(_problem(policy, "Conflict", message))
         if spec.auth.usersSecretRef is not None:
-            ref = spec.auth.usersSecretRef.name
-            secret = secrets.get((_namespace(policy), ref))
-            if secret is None:
-                problems.append(
-                    _problem(policy, "SecretInvalid", f"users Secret {ref!r} not found")
-                )
-                continue
-            for user in sorted({*secret.data, *secret.stringData}):
-                value = (secret.value(user) or b"").decode(errors="replace").strip()
-                if password_hash_scheme(value) is None:
-                    # Never a plaintext password: the user is left out, and told why.
-                    problems.append(
-                        _problem(
-                            policy,
-                            "SecretInvalid",
-                            f"users Secret {ref!r}: {user!r} is not a bcrypt or argon2 hash",
-                        )
-                    )
-                    continue
-                users[user] = value
+            _add_users(policy, spec.auth.usersSecretRef.name, secrets, users, problems)
     return CompiledPolicy(
         trusted_networks=tuple(networks),
-        require_tls_for_auth=all(p.spec.requireTLSForAuth for p in policies),
+        require_tls_for_auth=any(p.spec.requireTLSForAuth for p in policies),
         users=users,
-        service_account_audience=audience,
+        service_account_audience=audience or None,
         sender_rules=tuple(rules),
         max_message_size=min(p.spec.maxMessageSize for p in policies),
         max_recipients=min(p.spec.maxRecipients for p in policies),
@@ -302,6 +297,40 @@ def _compile_policy(
         identity_rate_per_minute=min(identity_rates) if identity_rates else None,
         max_connections_per_client=min(p.spec.maxConnectionsPerClient for p in policies),
     )
+
+
+def _add_users(
+    policy: RelayPolicy,
+    ref: str,
+    secrets: dict[tuple[str, str], Secret],
+    users: dict[str, str],
+    problems: list[Problem],
+) -> None:
+    """The users of a policy's Secret; a name another policy defined first keeps that hash."""
+    secret = secrets.get((_namespace(policy), ref))
+    if secret is None:
+        problems.append(_problem(policy, "SecretInvalid", f"users Secret {ref!r} not found"))
+        return
+    for user in sorted({*secret.data, *secret.stringData}):
+        value = (secret.value(user) or b"").decode(errors="replace").strip()
+        if password_hash_scheme(value) is None:
+            # Never a plaintext password: the user is left out, and told why.
+            problems.append(
+                _problem(
+                    policy,
+                    "SecretInvalid",
+                    f"users Secret {ref!r}: {user!r} is not a bcrypt or argon2 hash",
+                )
+            )
+        elif users.setdefault(user, value) != value:
+            # Two passwords for one name would let either in: only the first counts.
+            problems.append(
+                _problem(
+                    policy,
+                    "Conflict",
+                    f"users Secret {ref!r}: {user!r} is defined by an earlier policy; ignored",
+                )
+            )
 
 
 def _problem(
