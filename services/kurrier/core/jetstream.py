@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 
+from kurrier.core.settings import NATS_CREDS, NATS_NKEY
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -34,8 +35,9 @@ BODIES_STREAM = "KURRIER_BODIES"
 JOBS_STREAM = "KURRIER_JOBS"
 RESULTS_STREAM = "KURRIER_RESULTS"
 MESSAGES_BUCKET = "kurrier-messages"
-# The records bucket as JetStream names it (ADR-8), for the places that go
-# past nats-py's KV API: a guarded purge, a pass by pull consumer.
+# The records bucket as JetStream names a KV bucket's stream and subjects
+# (NATS ADR-8, JetStream based Key-Value Stores), for the places that go past
+# nats-py's KV API: a guarded purge, a pass by pull consumer.
 MESSAGES_STREAM = f"KV_{MESSAGES_BUCKET}"
 RECORDS_PREFIX = f"$KV.{MESSAGES_BUCKET}."
 OBJECT_BUCKET = "kurrier-bodies"
@@ -67,7 +69,8 @@ def due_subject(queue_id: str) -> str:
 
 
 def schedule_subject(queue_id: str) -> str:
-    """The message's one pending retry schedule (ADR-51); publishing replaces it."""
+    """The message's one pending retry schedule; publishing replaces it (NATS ADR-51,
+    JetStream message scheduler: the last message on a schedule subject is the schedule)."""
     return f"kurrier.schedule.{queue_id}"
 
 
@@ -105,8 +108,8 @@ async def connect(url: str, name: str) -> NATS:
         reconnected_cb=on_reconnect,
         # User and password go in the URL (nats://user:pass@host); a credentials
         # file (JWT + nkey seed) or an nkey seed file are named in the environment.
-        user_credentials=os.environ.get("KURRIER_NATS_CREDS") or None,
-        nkeys_seed=os.environ.get("KURRIER_NATS_NKEY") or None,
+        user_credentials=os.environ.get(NATS_CREDS.variable) or None,
+        nkeys_seed=os.environ.get(NATS_NKEY.variable) or None,
     )
     return nc
 
