@@ -17,10 +17,13 @@ from tests.support.kube import Obj
 from tests.support.processes import free_port
 
 
-def nats_objects(helm_bin: Path, replicas: int, tmp_path: Path) -> tuple[str, Obj]:
-    objects = render(
-        helm_bin, Scenario(f"nats{replicas}", {"nats": {"replicas": replicas}}), tmp_path
-    )
+def nats_objects(
+    helm_bin: Path, replicas: int, tmp_path: Path, sync: str | None = None
+) -> tuple[str, Obj]:
+    values: dict[str, object] = {"replicas": replicas}
+    if sync is not None:
+        values["jetstream"] = {"syncInterval": sync}
+    objects = render(helm_bin, Scenario(f"nats{replicas}", {"nats": values}), tmp_path)
     conf: str = find(objects, "ConfigMap", "kurrier-nats")["data"]["nats.conf"]
     return conf, find(objects, "StatefulSet", "kurrier-nats")
 
@@ -47,6 +50,23 @@ def test_config_is_valid_for_nats_server(helm_bin: Path, replicas: int, tmp_path
     assert mounts == {"config": "/etc/nats-config", "data": "/data", "run": "/var/run/nats"}
     assert "store_dir: /data" in conf and "pid_file: /var/run/nats/nats.pid" in conf
     assert ("cluster {" in conf) == (replicas > 1)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "sync", "rendered"),
+    [
+        (1, None, "always"),  # nothing else holds the write: sync before acknowledging
+        (3, None, None),  # a majority of nodes holds it: NATS's own interval
+        (1, "2m", "2m"),
+        (3, "always", "always"),
+    ],
+)
+def test_a_single_node_syncs_every_write_unless_told_otherwise(
+    helm_bin: Path, tmp_path: Path, replicas: int, sync: str | None, rendered: str | None
+) -> None:
+    conf, _ = nats_objects(helm_bin, replicas, tmp_path, sync)
+    lines = [line.strip() for line in conf.splitlines() if "sync_interval" in line]
+    assert lines == ([f"sync_interval: {rendered}"] if rendered else [])
 
 
 def http_status(url: str) -> int:

@@ -39,6 +39,11 @@ SCHEMA_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
         ["at '/ingress/ports/smtp/nodePort'", "minimum"],
     ),
     (
+        "sync-interval",
+        {"nats": {"jetstream": {"syncInterval": "sometimes"}}},
+        ["at '/nats/jetstream/syncInterval'", "does not match pattern"],
+    ),
+    (
         "duration",
         {"queue": {"minBackoff": "5 minutes"}},
         ["at '/queue/minBackoff'", "does not match pattern"],

@@ -12,10 +12,15 @@ http: 0.0.0.0:8222
 max_payload: {{ $n.maxPayload }}
 lame_duck_duration: 30s
 lame_duck_grace_period: 10s
+{{- /* One node must sync before it acknowledges: nothing else holds the write. */}}
+{{- $sync := $n.jetstream.syncInterval | default (ternary "always" "" (eq $replicas 1)) }}
 jetstream {
   store_dir: /data
   max_memory_store: {{ $n.jetstream.maxMemoryStore }}
   max_file_store: {{ $n.jetstream.maxFileStore }}
+  {{- if $sync }}
+  sync_interval: {{ $sync }}
+  {{- end }}
 }
 {{- if gt $replicas 1 }}
 cluster {
