@@ -16,16 +16,16 @@ from tests.support import kube
 from tests.support.chart import CHART, helm
 
 EVERY_INSTRUMENT = """
-from kurrier.core import telemetry as t
+from kurrier.core import metrics as m, telemetry as t
 t.setup_telemetry("kurrier-test")
-for counter in (t.MESSAGES_RECEIVED, t.MESSAGES_REJECTED, t.MESSAGES_QUEUED,
-                t.RECIPIENTS_DELIVERED, t.RECIPIENTS_DEFERRED, t.RECIPIENTS_BOUNCED,
-                t.DELIVERY_ATTEMPTS):
+for counter in (m.MESSAGES_RECEIVED, m.MESSAGES_REJECTED, m.MESSAGES_QUEUED,
+                m.RECIPIENTS_DELIVERED, m.RECIPIENTS_DEFERRED, m.RECIPIENTS_BOUNCED,
+                m.DELIVERY_ATTEMPTS):
     counter.add(1)
-for histogram in (t.TIME_IN_QUEUE, t.DELIVERY_DURATION):
+for histogram in (m.TIME_IN_QUEUE, m.DELIVERY_DURATION):
     histogram.record(1.0)
-t.SMTP_SESSIONS.follow(lambda: 1)
-t.QUEUE_DEPTH.update({"active": 1})
+m.SMTP_SESSIONS.follow(lambda: 1)
+m.QUEUE_DEPTH.update({"active": 1})
 print(t.render_metrics().decode())
 """
 

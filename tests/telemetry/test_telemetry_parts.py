@@ -10,6 +10,7 @@ import pytest
 from kurrier.core import http_endpoint, telemetry
 from kurrier.core.http_endpoint import HttpEndpoint
 from kurrier.core.routing import CompiledDomain, CompiledRoute, RoutingTable
+from kurrier.delivery.spans import metric_domain
 from opentelemetry import trace
 
 from tests.support.processes import free_port, kurrier_argv
@@ -78,10 +79,10 @@ def test_metric_domains_are_only_those_the_configuration_names() -> None:
     table = RoutingTable(
         routes=(route,), domains=(CompiledDomain(domain="inbound.test", accept_inbound=True),)
     )
-    assert telemetry.metric_domain(table, route, "example.com") == "example.com"
-    assert telemetry.metric_domain(table, None, "inbound.test") == "inbound.test"
-    assert telemetry.metric_domain(table, route, "a.example.org") == "other"
-    assert telemetry.metric_domain(table, None, "gmail.test") == "other"
+    assert metric_domain(table, route, "example.com") == "example.com"
+    assert metric_domain(table, None, "inbound.test") == "inbound.test"
+    assert metric_domain(table, route, "a.example.org") == "other"
+    assert metric_domain(table, None, "gmail.test") == "other"
 
 
 def test_an_expensive_metrics_refresh_runs_at_most_once_a_second_and_may_fail(

@@ -4,15 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY
 from kurrier.core.routing import RoutingTable
-from kurrier.core.telemetry import publishing_table
+from kurrier.core.telemetry import TRACER
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from opentelemetry.trace import Span, SpanKind
 from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def publishing_table(table: RoutingTable) -> Iterator[Span]:
+    """The span of publishing a compiled routing table (the operator's main act)."""
+    with TRACER.start_as_current_span(
+        "publish routing table",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": "kurrier-config",
+            "kurrier.table.routes": len(table.routes),
+            "kurrier.table.domains": len(table.domains),
+        },
+    ) as span:
+        yield span
 
 
 async def publish_table(js: JetStreamContext, table: RoutingTable) -> int:

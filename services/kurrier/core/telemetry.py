@@ -10,26 +10,30 @@ header, when trusted), crosses gRPC in metadata (the grpc instrumentation's
 interceptors) and JetStream in W3C headers on every job and result. The
 queue keeps the message's traceparent in its record, so a retry dispatched
 hours later and the bounce of a failed message join the original trace.
+
+Here: the SDK's setup and the propagation every service shares (gRPC,
+JetStream, a message's stored traceparent). The metrics are defined in
+kurrier.core.metrics; each service's own spans in its spans module.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import time
-from collections import Counter as Tally
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import prometheus_client
 from kurrier.core.logs import current_queue_id
-from kurrier.core.message import FINAL_STATUSES, MessageRecord, RecipientOutcome
-from kurrier.core.routing import CompiledRoute, RoutingTable, domain_of
+
+# Defined in kurrier.core.metrics; kurrier.queue.main and kurrier.ingress.main import them here.
+from kurrier.core.metrics import QUEUE_DEPTH as QUEUE_DEPTH
+from kurrier.core.metrics import SMTP_SESSIONS as SMTP_SESSIONS
+from kurrier.core.smtp_text import enhanced_status, header_section, reply_code
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
-from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -43,7 +47,6 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 TRACER = trace.get_tracer("kurrier")
-_METER = metrics.get_meter("kurrier")
 _W3C = TraceContextTextMapPropagator()
 
 JOBS_DESTINATION = "kurrier.job"
@@ -241,11 +244,11 @@ def current_traceparent() -> str:
     return carrier.get("traceparent", "")
 
 
-def _stored_context(traceparent: str) -> Context:
+def stored_context(traceparent: str) -> Context:
+    """The context of a traceparent kept in a message's record (empty if '')."""
     return _W3C.extract({"traceparent": traceparent}) if traceparent else Context()
 
 
-_HEADER_SCAN_LIMIT = 64 * 1024
 _TRACE_HEADER = re.compile(
     rb"^(traceparent|tracestate):[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE
 )
@@ -255,10 +258,9 @@ def submitted_context(content: bytes) -> Context | None:
     """The context named by a message's own Traceparent/Tracestate headers, if trusted and valid."""
     if not options.trust_traceparent_header:
         return None
-    headers = content[:_HEADER_SCAN_LIMIT].split(b"\r\n\r\n", 1)[0]
     carrier = {
         name.decode().lower(): value.decode("ascii", errors="replace").strip()
-        for name, value in _TRACE_HEADER.findall(headers)
+        for name, value in _TRACE_HEADER.findall(header_section(content))
     }
     if "traceparent" not in carrier:
         return None
@@ -266,97 +268,7 @@ def submitted_context(content: bytes) -> Context | None:
     return parent if trace.get_current_span(parent).get_span_context().is_valid else None
 
 
-# --- spans ------------------------------------------------------------------
-
-
-def annotate(queue_id: str, **attributes: str | int) -> None:
-    """Name the message the current span (and every log line after this) is about."""
-    current_queue_id.set(queue_id)
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attribute("kurrier.queue_id", queue_id)
-        span.set_attributes({f"kurrier.{key}": value for key, value in attributes.items()})
-
-
-def _reply_code(reply: str) -> tuple[int, str]:
-    """(basic code, enhanced status code or '') of an SMTP reply text."""
-    parts = reply.split(maxsplit=2)
-    code = int(parts[0][:3]) if parts and parts[0][:3].isdigit() else 0
-    enhanced = parts[1] if len(parts) > 1 and _ENHANCED.match(parts[1]) else ""
-    return code, enhanced
-
-
-_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
-
-
-def _set_reply(span: Span, reply: str) -> None:
-    code, enhanced = _reply_code(reply)
-    span.set_attribute("kurrier.smtp.reply_code", code)
-    if enhanced:
-        span.set_attribute("kurrier.smtp.enhanced_status", enhanced)
-    if options.trace_addresses:
-        span.set_attribute("kurrier.smtp.reply", reply)
-    if code >= 400:
-        span.set_status(Status(StatusCode.ERROR, f"{code} {enhanced}".strip()))
-
-
-def _domains(addresses: Iterable[str]) -> list[str]:
-    return sorted({domain_of(a) for a in addresses})
-
-
-@dataclass
-class Receipt:
-    """The root span of one message at ingress, and the reply it ends with."""
-
-    span: Span
-
-    def replied(self, reply: str) -> str:
-        """Record the final reply to DATA (and count the message); returns it unchanged."""
-        _set_reply(self.span, reply)
-        if reply.startswith("2"):
-            MESSAGES_RECEIVED.add(1)
-        return reply
-
-
-@contextmanager
-def receiving(
-    *,
-    queue_id: str,
-    message_id: str,
-    mail_from: str,
-    recipients: Sequence[str],
-    size: int,
-    content: bytes,
-    peer: Any,
-) -> Iterator[Receipt]:
-    """The span of a message's receipt by ingress: the root of its trace."""
-    attributes: dict[str, Any] = {
-        "network.transport": "tcp",
-        "network.protocol.name": "smtp",
-        "kurrier.queue_id": queue_id,
-        "kurrier.recipient.count": len(recipients),
-        "kurrier.recipient.domains": _domains(recipients),
-        "kurrier.message.size": size,
-    }
-    if message_id:
-        attributes["kurrier.message_id"] = message_id
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        attributes["client.address"] = str(peer[0])
-        attributes["client.port"] = int(peer[1])
-    if options.trace_addresses:
-        attributes["kurrier.mail_from"] = mail_from
-        attributes["kurrier.recipients"] = list(recipients)
-    token = current_queue_id.set(queue_id)
-    try:
-        with TRACER.start_as_current_span(
-            "SMTP DATA",
-            context=submitted_context(content),
-            kind=SpanKind.SERVER,
-            attributes=attributes,
-        ) as span:
-            yield Receipt(span)
-    finally:
-        current_queue_id.reset(token)
+# --- JetStream --------------------------------------------------------------
 
 
 def _messaging(operation: str, destination: str, subject: str) -> dict[str, Any]:
@@ -383,7 +295,7 @@ def publishing(
     traceparent, when given, is the message's stored context: the span joins
     that trace whatever is current (a retry runs from the queue's timer loop).
     """
-    parent = _stored_context(traceparent) if traceparent is not None else None
+    parent = stored_context(traceparent) if traceparent is not None else None
     attributes = _messaging("send", destination, subject)
     attributes["kurrier.queue_id"] = queue_id
     attributes["kurrier.attempt"] = attempt
@@ -398,17 +310,16 @@ def publishing(
 @contextmanager
 def consuming(destination: str, subject: str, headers: Mapping[str, str] | None) -> Iterator[Span]:
     """A consumer span for processing one JetStream message, in the publisher's trace."""
-    queue_id = current_queue_id.set(None)
-    try:
-        with TRACER.start_as_current_span(
+    with (
+        working_on(None),
+        TRACER.start_as_current_span(
             f"process {destination}",
             context=extract_context(headers),
             kind=SpanKind.CONSUMER,
             attributes=_messaging("process", destination, subject),
-        ) as span:
-            yield span
-    finally:
-        current_queue_id.reset(queue_id)
+        ) as span,
+    ):
+        yield span
 
 
 async def traced_processing(
@@ -419,239 +330,48 @@ async def traced_processing(
         await work
 
 
-@contextmanager
-def bouncing(record: MessageRecord, notice_queue_id: str) -> Iterator[None]:
-    """The span of queueing a delivery status notification, in the failed message's trace.
+# --- what the services' spans share -----------------------------------------
+# Each service's own spans are in its spans module: kurrier.ingress.spans,
+# kurrier.queue.spans, kurrier.delivery.spans; the routing table's publish
+# span is in kurrier.core.table_store.
 
-    Its kurrier.queue_id is the notification's; the failed message's is
-    kurrier.dsn.original_queue_id.
-    """
-    token = current_queue_id.set(notice_queue_id)
+
+@contextmanager
+def working_on(queue_id: str | None) -> Iterator[None]:
+    """Every log line in the block names queue_id (None: no message, until annotate names one)."""
+    token = current_queue_id.set(queue_id)
     try:
-        with TRACER.start_as_current_span(
-            "bounce",
-            context=_stored_context(record.traceparent),
-            attributes={
-                "kurrier.queue_id": notice_queue_id,
-                "kurrier.dsn.original_queue_id": record.queue_id,
-            },
-        ):
-            yield
+        yield
     finally:
         current_queue_id.reset(token)
 
 
-@contextmanager
-def publishing_table(table: RoutingTable) -> Iterator[Span]:
-    """The span of publishing a compiled routing table (the operator's main act)."""
-    with TRACER.start_as_current_span(
-        "publish routing table",
-        kind=SpanKind.PRODUCER,
-        attributes={
-            "messaging.system": "nats",
-            "messaging.operation.type": "send",
-            "messaging.destination.name": "kurrier-config",
-            "kurrier.table.routes": len(table.routes),
-            "kurrier.table.domains": len(table.domains),
-        },
-    ) as span:
-        yield span
+def annotate(queue_id: str, **attributes: str | int) -> None:
+    """Name the message the current span (and every log line after this) is about."""
+    current_queue_id.set(queue_id)
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("kurrier.queue_id", queue_id)
+        span.set_attributes({f"kurrier.{key}": value for key, value in attributes.items()})
 
 
-def metric_domain(table: RoutingTable, route: CompiledRoute | None, domain: str) -> str:
-    """A recipient domain as a metric label: only domains the configuration names.
-
-    Mail can go to any domain on the internet; a label per domain would grow
-    the metrics without bound, so everything else is 'other'.
-    """
-    if table.domain(domain) is not None:
-        return domain
-    return domain if route is not None and domain in route.recipient_domains else "other"
-
-
-async def traced_delivery(
-    table: RoutingTable,
-    route: CompiledRoute | None,
-    recipients: Sequence[str],
-    work: Awaitable[list[RecipientOutcome]],
-) -> list[RecipientOutcome]:
-    """One SMTP transaction to the next hop of a route: its span, latency and outcomes."""
-    route_name = route.name if route else ""
-    attributes: dict[str, Any] = {
+def smtp_attributes(recipient_domains: Iterable[str], recipients: int) -> dict[str, Any]:
+    """The attributes of a span of one SMTP transaction (ingress's receipt, delivery's send)."""
+    return {
         "network.transport": "tcp",
         "network.protocol.name": "smtp",
-        "kurrier.route": route_name,
-        "kurrier.recipient.count": len(recipients),
-        "kurrier.recipient.domains": _domains(recipients),
+        "kurrier.recipient.count": recipients,
+        "kurrier.recipient.domains": sorted(set(recipient_domains)),
     }
-    if route is not None and route.smarthost is not None:
-        attributes["server.address"], attributes["server.port"] = route.smarthost
-    started = time.monotonic()
-    with TRACER.start_as_current_span(
-        "SMTP send", kind=SpanKind.CLIENT, attributes=attributes
-    ) as span:
-        outcomes = await work
-        DELIVERY_DURATION.record(time.monotonic() - started, {"route": route_name})
-        tally = Tally(o.outcome for o in outcomes)
-        for outcome in outcomes:
-            domain = domain_of(outcome.address)
-            code, enhanced = _reply_code(outcome.reply)
-            DELIVERY_ATTEMPTS.add(
-                1,
-                {
-                    "route": route_name,
-                    "domain": metric_domain(table, route, domain),
-                    "outcome": outcome.outcome,
-                    "status": enhanced or str(code),
-                },
-            )
-            event: dict[str, Any] = {
-                "kurrier.outcome": outcome.outcome,
-                "kurrier.recipient.domain": domain,
-                "kurrier.smtp.reply_code": code,
-            }
-            if options.trace_addresses:
-                event["kurrier.recipient"] = outcome.address
-                event["kurrier.smtp.reply"] = outcome.reply
-            span.add_event("recipient", event)
-        span.set_attributes({f"kurrier.recipients.{k}": v for k, v in tally.items()})
-        if outcomes:
-            # The worst reply is the one that explains the attempt.
-            _set_reply(span, max((o.reply for o in outcomes), key=lambda r: _reply_code(r)[0]))
-        return outcomes
 
 
-# --- metrics ----------------------------------------------------------------
-
-MESSAGES_RECEIVED = _METER.create_counter(
-    "kurrier.messages.received", unit="{message}", description="Messages accepted by ingress (250)"
-)
-MESSAGES_REJECTED = _METER.create_counter(
-    "kurrier.messages.rejected",
-    unit="{message}",
-    description="Refusals (4xx and 5xx replies) by ingress, by reply and enhanced status code",
-)
-MESSAGES_QUEUED = _METER.create_counter(
-    "kurrier.messages.queued",
-    unit="{message}",
-    description="Messages stored by the queue (bounces it generates included)",
-)
-RECIPIENTS_DELIVERED = _METER.create_counter(
-    "kurrier.recipients.delivered", unit="{recipient}", description="Recipients delivered"
-)
-RECIPIENTS_DEFERRED = _METER.create_counter(
-    "kurrier.recipients.deferred",
-    unit="{recipient}",
-    description="Delivery attempts that ended in a temporary failure, per recipient",
-)
-RECIPIENTS_BOUNCED = _METER.create_counter(
-    "kurrier.recipients.bounced",
-    unit="{recipient}",
-    description="Recipients given up on: rejected by the next hop, or expired",
-)
-TIME_IN_QUEUE = _METER.create_histogram(
-    "kurrier.queue.time",
-    unit="s",
-    description="Time from acceptance to a recipient's final outcome",
-    explicit_bucket_boundaries_advisory=[
-        1,
-        5,
-        15,
-        60,
-        300,
-        900,
-        1800,
-        3600,
-        4 * 3600,
-        12 * 3600,
-        86400,
-        2 * 86400,
-        5 * 86400,
-    ],
-)
-DELIVERY_ATTEMPTS = _METER.create_counter(
-    "kurrier.delivery.attempts",
-    unit="{recipient}",
-    description="Recipients attempted by delivery, by route, domain, outcome and status code",
-)
-DELIVERY_DURATION = _METER.create_histogram(
-    "kurrier.delivery.duration",
-    unit="s",
-    description="Duration of one SMTP transaction to a route's next hop",
-    explicit_bucket_boundaries_advisory=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
-)
-
-
-def rejected(reply: str) -> None:
-    """Count a refusal (a 4xx or 5xx reply) by ingress, by its codes."""
-    code, enhanced = _reply_code(reply)
-    MESSAGES_REJECTED.add(1, {"code": str(code), "reason": enhanced or str(code)})
-
-
-def count_recipient_changes(record: MessageRecord, before: Sequence[str], now: float) -> None:
-    """Count the recipients whose status a stored change of record moved on.
-
-    before holds each recipient's status as read, in record order; called
-    once the change is stored, so a write retried after a conflict counts once.
-    """
-    for state, previous in zip(record.recipients, before, strict=True):
-        if state.status == previous:
-            continue
-        if state.status == "deferred":
-            RECIPIENTS_DEFERRED.add(1)
-        elif state.status in FINAL_STATUSES:
-            count_final(state.status, record.received_at, now)
-
-
-def count_final(status: str, received_at: float, now: float) -> None:
-    """Count a recipient that reached a final status (delivered, bounced, expired)."""
-    if status == "delivered":
-        RECIPIENTS_DELIVERED.add(1)
-    else:
-        reason = "expired" if status == "expired" else "rejected"
-        RECIPIENTS_BOUNCED.add(1, {"reason": reason})
-    TIME_IN_QUEUE.record(max(0.0, now - received_at), {"outcome": status})
-
-
-class Gauge:
-    """A gauge read at scrape time from a function the service supplies (absent until then)."""
-
-    def __init__(self, name: str, unit: str, description: str) -> None:
-        self._read: Callable[[], int] | None = None
-        _METER.create_observable_gauge(
-            name, callbacks=[self._observe], unit=unit, description=description
-        )
-
-    def follow(self, read: Callable[[], int]) -> None:
-        self._read = read
-
-    def _observe(self, _: CallbackOptions) -> Iterable[Observation]:
-        return [] if self._read is None else [Observation(self._read())]
-
-
-class StateGauge:
-    """How many things are in each state, as last counted (absent until first counted)."""
-
-    def __init__(self, name: str, unit: str, description: str, states: Sequence[str]) -> None:
-        self._counts: Mapping[str, int] | None = None
-        self._known = tuple(states)
-        _METER.create_observable_gauge(
-            name, callbacks=[self._observe], unit=unit, description=description
-        )
-
-    def update(self, counts: Mapping[str, int]) -> None:
-        self._counts = counts
-
-    def _observe(self, _: CallbackOptions) -> Iterable[Observation]:
-        if self._counts is None:
-            return []
-        return [Observation(self._counts.get(s, 0), {"state": s}) for s in self._known]
-
-
-SMTP_SESSIONS = Gauge("kurrier.smtp.sessions", "{session}", "SMTP sessions open at ingress")
-QUEUE_DEPTH = StateGauge(
-    "kurrier.queue.messages",
-    "{message}",
-    "Messages in the queue by state, counted from the message records when scraped",
-    ("active", "deferred", "held"),
-)
+def set_reply(span: Span, reply: str) -> None:
+    """Record the SMTP reply a span ends with: its codes, and an error status for 4xx/5xx."""
+    code, enhanced = reply_code(reply), enhanced_status(reply)
+    span.set_attribute("kurrier.smtp.reply_code", code)
+    if enhanced:
+        span.set_attribute("kurrier.smtp.enhanced_status", enhanced)
+    if options.trace_addresses:
+        span.set_attribute("kurrier.smtp.reply", reply)
+    if code >= 400:
+        span.set_status(Status(StatusCode.ERROR, f"{code} {enhanced}".strip()))

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 
 from kurrier.core.message import DeliveryJob, RecipientOutcome
 from kurrier.core.message_store import MessageStore
+from kurrier.core.metrics import count_final
 from kurrier.core.records import RecordChanged
-from kurrier.core.telemetry import count_final
 from nats.errors import Error as NatsError
 
 log = logging.getLogger(__name__)

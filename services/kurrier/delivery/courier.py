@@ -11,7 +11,6 @@ import logging
 
 from kurrier.core.message import DeliveryJob, Outcome, RecipientOutcome
 from kurrier.core.routing import CompiledRoute, RoutingTable, domain_of
-from kurrier.core.telemetry import traced_delivery
 from kurrier.delivery.connection_pool import ConnectionPool, Opener
 from kurrier.delivery.dkim_signer import DkimSigner
 from kurrier.delivery.mail_exchangers import MailDns, UnroutableDomain
@@ -20,6 +19,7 @@ from kurrier.delivery.next_hop import NextHop, mx_hops, smarthost_hop
 from kurrier.delivery.sending_rate import SendingRates
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.smtp_client import Reply, SmtpSession, SmtpTemporaryError
+from kurrier.delivery.spans import traced_delivery
 from kurrier.delivery.tls_policy import client_context
 
 log = logging.getLogger(__name__)

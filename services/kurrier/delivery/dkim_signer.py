@@ -13,6 +13,7 @@ import re
 import dkim
 from kurrier.core.dkim_keys import DkimKeyError, signing_key_pem
 from kurrier.core.routing import CompiledDomain
+from kurrier.core.smtp_text import header_section
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,8 @@ _KEY_CACHE_LIMIT = 1024
 
 def _header_fields(message: bytes) -> list[tuple[bytes, bytes]]:
     """(lower-cased name, unfolded value) of each header field."""
-    head = message.split(b"\r\n\r\n", 1)[0]
     fields: list[tuple[bytes, bytes]] = []
-    for line in head.split(b"\r\n"):
+    for line in header_section(message, scan_limit=None).split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:
             name, value = fields[-1]
             fields[-1] = (name, value + line)

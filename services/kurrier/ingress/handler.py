@@ -12,14 +12,15 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from kurrier.core.message import new_queue_id
 from kurrier.core.routing import CompiledPolicy, domain_of
+from kurrier.core.smtp_text import header_section
 from kurrier.core.table_store import TableFollower
-from kurrier.core.telemetry import receiving
 from kurrier.ingress.connection_gate import client_key
 from kurrier.ingress.identities import Identities
 from kurrier.ingress.queue_client import QueueClient, QueueFull, QueueUnavailable
 from kurrier.ingress.received import protocol_name, received_header, tls_description
 from kurrier.ingress.relay_policy import check_recipient, check_sender, check_sender_identity
 from kurrier.ingress.smtp_session import NULL_PATH, IngressSMTP
+from kurrier.ingress.spans import receiving
 from kurrier.ingress.token_buckets import TokenBuckets
 from kurrier.ingress.token_review import Review
 from kurrier.v1 import queue_pb2
@@ -27,7 +28,6 @@ from kurrier.v1 import queue_pb2
 log = logging.getLogger(__name__)
 
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*?)\r?$", re.IGNORECASE | re.MULTILINE)
-_HEADER_SCAN_LIMIT = 64 * 1024
 
 AUTH_NOT_HERE = "503 5.5.1 AUTH is only offered on the submission ports"
 AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
@@ -38,8 +38,7 @@ IDENTITY_RATE = "450 4.7.1 Message rate limit exceeded for this login, try again
 
 
 def message_id_of(content: bytes) -> str:
-    headers = content[:_HEADER_SCAN_LIMIT].split(b"\r\n\r\n", 1)[0]
-    match = _MESSAGE_ID.search(headers)
+    match = _MESSAGE_ID.search(header_section(content))
     return match.group(1).decode("ascii", errors="replace").strip()[:998] if match else ""
 
 

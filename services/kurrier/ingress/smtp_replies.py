@@ -6,9 +6,8 @@ that parses them gets the generic code of RFC 3463 for the basic code.
 
 from __future__ import annotations
 
-import re
+from kurrier.core.smtp_text import enhanced_status
 
-_HAS_ENHANCED = re.compile(r"^[45]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _FOR_BASIC_CODE = {
     "421": "4.3.0",
     "451": "4.3.0",
@@ -31,7 +30,7 @@ def with_enhanced_code(reply: str) -> str:
     """reply with an enhanced code after the basic one, if it is a 4xx/5xx without one."""
     if len(reply) < 4 or reply[0] not in "45" or reply[3] not in " -":
         return reply
-    if _HAS_ENHANCED.match(reply):
+    if enhanced_status(reply):
         return reply
     code = _FOR_BASIC_CODE.get(reply[:3], f"{reply[0]}.0.0")
     return f"{reply[:4]}{code} {reply[4:]}".rstrip()

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP
+from kurrier.core.metrics import rejected
 from kurrier.core.table_store import TableFollower
-from kurrier.core.telemetry import rejected
 from kurrier.ingress.connection_gate import SHUTTING_DOWN, ConnectionGate
 from kurrier.ingress.data_reader import DataLimits, DataReader
 from kurrier.ingress.pipelined_replies import PipelinedReplies

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import email.utils
-import re
 from dataclasses import dataclass
 
 from kurrier.core.message import MessageRecord, RecipientState
+from kurrier.core.smtp_text import enhanced_status, header_section
 
 # The whole original goes back when it is this small; otherwise only its
 # headers (text/rfc822-headers), as Postfix does with bounce_size_limit.
 RETURN_FULL_MESSAGE_LIMIT = 64 * 1024
-_ENHANCED_STATUS = re.compile(r"^\d{3}[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 
 
 @dataclass(frozen=True)
@@ -25,17 +24,12 @@ class Notice:
 
 def status_of(recipient: RecipientState) -> str:
     """The RFC 3463 status: the remote's enhanced code when it gave one."""
-    match = _ENHANCED_STATUS.match(recipient.last_reply)
-    if match:
-        return match.group(1)
+    status = enhanced_status(recipient.last_reply)
+    if status:
+        return status
     if recipient.status == "expired":
         return "4.4.7"  # delivery time expired, after temporary failures
     return "5.0.0"
-
-
-def header_section(message: bytes) -> bytes:
-    end = message.find(b"\r\n\r\n")
-    return message if end < 0 else message[: end + 2]
 
 
 def _explanation(failed: list[RecipientState], hostname: str) -> str:
@@ -84,7 +78,7 @@ def render_dsn(
     if len(original) <= RETURN_FULL_MESSAGE_LIMIT:
         returned_type, returned = "message/rfc822", original
     else:
-        returned_type, returned = "text/rfc822-headers", header_section(original)
+        returned_type, returned = "text/rfc822-headers", header_section(original, scan_limit=None)
     head = (
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
         f"To: <{record.mail_from}>\r\n"

@@ -13,7 +13,8 @@ from typing import IO
 
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
-from kurrier.core.telemetry import MESSAGES_QUEUED, annotate, current_traceparent
+from kurrier.core.metrics import MESSAGES_QUEUED
+from kurrier.core.telemetry import annotate, current_traceparent
 from kurrier.queue.dispatch import mark_dispatched
 
 log = logging.getLogger(__name__)

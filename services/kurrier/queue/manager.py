@@ -11,21 +11,38 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Sequence
 
 from kurrier.core.body_store import load_body
-from kurrier.core.message import FAILED_STATUSES, MessageRecord, RecipientState
+from kurrier.core.message import FAILED_STATUSES, FINAL_STATUSES, MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
+from kurrier.core.metrics import RECIPIENTS_DEFERRED, count_final
 from kurrier.core.records import RecordChanged, RecordStore
 from kurrier.core.table_store import TableFollower
-from kurrier.core.telemetry import bouncing, count_recipient_changes
 from kurrier.queue.changes import Change
 from kurrier.queue.dispatch import publish_jobs
 from kurrier.queue.dsn import render_dsn
 from kurrier.queue.intake import Intake
 from kurrier.queue.retry_schedule import RetrySchedule
+from kurrier.queue.spans import bouncing
 from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
+
+
+def count_recipient_changes(record: MessageRecord, before: Sequence[str], now: float) -> None:
+    """Count the recipients whose status a stored change of record moved on.
+
+    before holds each recipient's status as read, in record order; called
+    once the change is stored, so a write retried after a conflict counts once.
+    """
+    for state, previous in zip(record.recipients, before, strict=True):
+        if state.status == previous:
+            continue
+        if state.status == "deferred":
+            RECIPIENTS_DEFERRED.add(1)
+        elif state.status in FINAL_STATUSES:
+            count_final(state.status, record.received_at, now)
 
 
 class QueueManager:

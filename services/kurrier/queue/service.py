@@ -20,10 +20,10 @@ from kurrier.core.jetstream import INLINE_BODY_LIMIT
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
 from kurrier.core.routing import domain_of
+from kurrier.core.smtp_text import header_section
 from kurrier.core.telemetry import serving_message
 from kurrier.queue import admin
 from kurrier.queue.changes import Change
-from kurrier.queue.dsn import header_section
 from kurrier.queue.manager import QueueManager
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 from nats.js import JetStreamContext
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 QUEUE_ID_RE = re.compile(r"^[A-Za-z0-9]{8,64}$")
 NATS_FAILURES = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 INSUFFICIENT_RESOURCES = 10023  # JetStream's error code when its storage is full
-SHOWN_HEADERS_LIMIT = 64 * 1024
 STATES = ("active", "deferred", "held")
 # Messages of one EnqueueMessages call being stored at once; past this the
 # server reads no further until one is done, so a client cannot pile up work.
@@ -314,7 +313,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             client_helo=record.client_helo,
             authenticated_as=record.authenticated_as,
             message_id_header=record.message_id_header,
-            headers=header_section(body[:SHOWN_HEADERS_LIMIT]),
+            headers=header_section(body),
         )
 
     async def ApplyAction(

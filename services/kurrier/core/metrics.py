@@ -1,0 +1,135 @@
+"""Every metric kurrier exports: its name, unit and description, and how it is counted.
+
+The instruments are OpenTelemetry ones on the meter of this module; the
+MeterProvider that `kurrier.core.telemetry.setup_telemetry` installs exports
+them to the Prometheus registry served on GET /metrics (so
+`kurrier.messages.received` is scraped as `kurrier_messages_received_total`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from kurrier.core.smtp_text import enhanced_status, reply_code
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+_METER = metrics.get_meter("kurrier")
+
+MESSAGES_RECEIVED = _METER.create_counter(
+    "kurrier.messages.received", unit="{message}", description="Messages accepted by ingress (250)"
+)
+MESSAGES_REJECTED = _METER.create_counter(
+    "kurrier.messages.rejected",
+    unit="{message}",
+    description="Refusals (4xx and 5xx replies) by ingress, by reply and enhanced status code",
+)
+MESSAGES_QUEUED = _METER.create_counter(
+    "kurrier.messages.queued",
+    unit="{message}",
+    description="Messages stored by the queue (bounces it generates included)",
+)
+RECIPIENTS_DELIVERED = _METER.create_counter(
+    "kurrier.recipients.delivered", unit="{recipient}", description="Recipients delivered"
+)
+RECIPIENTS_DEFERRED = _METER.create_counter(
+    "kurrier.recipients.deferred",
+    unit="{recipient}",
+    description="Delivery attempts that ended in a temporary failure, per recipient",
+)
+RECIPIENTS_BOUNCED = _METER.create_counter(
+    "kurrier.recipients.bounced",
+    unit="{recipient}",
+    description="Recipients given up on: rejected by the next hop, or expired",
+)
+TIME_IN_QUEUE = _METER.create_histogram(
+    "kurrier.queue.time",
+    unit="s",
+    description="Time from acceptance to a recipient's final outcome",
+    explicit_bucket_boundaries_advisory=[
+        1,
+        5,
+        15,
+        60,
+        300,
+        900,
+        1800,
+        3600,
+        4 * 3600,
+        12 * 3600,
+        86400,
+        2 * 86400,
+        5 * 86400,
+    ],
+)
+DELIVERY_ATTEMPTS = _METER.create_counter(
+    "kurrier.delivery.attempts",
+    unit="{recipient}",
+    description="Recipients attempted by delivery, by route, domain, outcome and status code",
+)
+DELIVERY_DURATION = _METER.create_histogram(
+    "kurrier.delivery.duration",
+    unit="s",
+    description="Duration of one SMTP transaction to a route's next hop",
+    explicit_bucket_boundaries_advisory=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
+)
+
+
+def rejected(reply: str) -> None:
+    """Count a refusal (a 4xx or 5xx reply) by ingress, by its codes."""
+    code = reply_code(reply)
+    MESSAGES_REJECTED.add(1, {"code": str(code), "reason": enhanced_status(reply) or str(code)})
+
+
+def count_final(status: str, received_at: float, now: float) -> None:
+    """Count a recipient that reached a final status (delivered, bounced, expired)."""
+    if status == "delivered":
+        RECIPIENTS_DELIVERED.add(1)
+    else:
+        reason = "expired" if status == "expired" else "rejected"
+        RECIPIENTS_BOUNCED.add(1, {"reason": reason})
+    TIME_IN_QUEUE.record(max(0.0, now - received_at), {"outcome": status})
+
+
+class Gauge:
+    """A gauge read at scrape time from a function the service supplies (absent until then)."""
+
+    def __init__(self, name: str, unit: str, description: str) -> None:
+        self._read: Callable[[], int] | None = None
+        _METER.create_observable_gauge(
+            name, callbacks=[self._observe], unit=unit, description=description
+        )
+
+    def follow(self, read: Callable[[], int]) -> None:
+        self._read = read
+
+    def _observe(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [] if self._read is None else [Observation(self._read())]
+
+
+class StateGauge:
+    """How many things are in each state, as last counted (absent until first counted)."""
+
+    def __init__(self, name: str, unit: str, description: str, states: Sequence[str]) -> None:
+        self._counts: Mapping[str, int] | None = None
+        self._known = tuple(states)
+        _METER.create_observable_gauge(
+            name, callbacks=[self._observe], unit=unit, description=description
+        )
+
+    def update(self, counts: Mapping[str, int]) -> None:
+        self._counts = counts
+
+    def _observe(self, _: CallbackOptions) -> Iterable[Observation]:
+        if self._counts is None:
+            return []
+        return [Observation(self._counts.get(s, 0), {"state": s}) for s in self._known]
+
+
+SMTP_SESSIONS = Gauge("kurrier.smtp.sessions", "{session}", "SMTP sessions open at ingress")
+QUEUE_DEPTH = StateGauge(
+    "kurrier.queue.messages",
+    "{message}",
+    "Messages in the queue by state, counted from the message records when scraped",
+    ("active", "deferred", "held"),
+)
