@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 import pytest
 from kurrier.cli.main import build_parser
 from kurrier.cli.up import child_argv
-from kurrier.core.durations import parse_duration
 from kurrier.core.settings import (
     PASSED_ON_BY_UP,
     SERVICES,
-    SESSION_LIMITS,
     Setting,
     command_line,
-    duration,
 )
-from kurrier.delivery.settings import DeliverySettings
-from kurrier.ingress.session_limits import SessionLimits
 
 EXAMPLE = __file__
 
@@ -135,20 +129,3 @@ def test_a_setting_read_where_it_is_used_has_no_flag(service: str) -> None:
     for setting in (s for s in SERVICES[service] if s.environment_only):
         with pytest.raises(SystemExit):
             build_parser().parse_args([service, setting.flag, "x"])
-
-
-def test_the_defaults_in_process_tests_use_are_the_flags_defaults(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """SessionLimits and DeliverySettings keep defaults of their own for tests; no drifting."""
-    for variable in [name for name in os.environ if name.startswith("KURRIER_")]:
-        monkeypatch.delenv(variable)
-    ingress = build_parser().parse_args(["ingress"])
-    for setting in SESSION_LIMITS:
-        flag_default = getattr(ingress, setting.name)
-        if setting.parse is duration:
-            flag_default = parse_duration(flag_default)
-        assert getattr(SessionLimits(), setting.name) == flag_default, setting.flag
-    delivery = build_parser().parse_args(["delivery"])
-    for name in ("concurrency", "tls_ca_file", "dns_resolver", "mx_port"):
-        assert getattr(DeliverySettings(helo_name="relay.test"), name) == getattr(delivery, name)

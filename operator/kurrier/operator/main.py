@@ -8,14 +8,14 @@ an unchanged table is not republished, and status patches converge.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import kopf
-from kurrier.core.http_endpoint import HttpEndpoint
-from kurrier.core.jetstream import connect, disconnect, ensure_layout
+from kurrier.core.service import Connected, Hooks, Service, serve
 from kurrier.operator.apiserver import ApiError, ApiServer, CredentialsError, credentials
 from kurrier.operator.cluster_objects import PLURALS
 from kurrier.operator.reconciler import Reconciler
@@ -91,19 +91,27 @@ async def serve_operator(settings: OperatorSettings) -> None:
     api = ApiServer(lambda: credentials(options))
     try:
         await _require_crds(api)
-        nc = await connect(settings.nats_url, "kurrier-operator")
-    except BaseException:
-        await api.close()
-        raise
-    js = nc.jetstream()
-    reconciler = Reconciler(js, api, settings.namespaces)
-    try:
-        await ensure_layout(js, settings.replicas)
-        if settings.metrics_listen:
-            # Healthy once the first table is published, and while NATS is reachable.
-            await HttpEndpoint(lambda: reconciler.synced and nc.is_connected).serve(
-                settings.metrics_listen
+        await serve(
+            Service(
+                "operator",
+                settings.nats_url,
+                settings.replicas,
+                settings.metrics_listen,
+                functools.partial(_start, settings, options, api),
+                follows_table=False,  # it publishes the table
+                own_signals=True,  # kopf stops on SIGTERM/SIGINT by itself
             )
+        )
+    finally:
+        await api.close()
+
+
+async def _start(
+    settings: OperatorSettings, options: kopf.OperatorSettings, api: ApiServer, nats: Connected
+) -> Hooks:
+    reconciler = Reconciler(nats.js, api, settings.namespaces)
+
+    async def operate() -> None:
         # Created before kopf starts, so kopf does not count it among its own tasks.
         reconciling = asyncio.create_task(reconciler.run(), name="reconciler")
         # kopf stops on SIGTERM/SIGINT by itself; a failed reconciler stops it by
@@ -124,6 +132,6 @@ async def serve_operator(settings: OperatorSettings) -> None:
             reconciling.result()  # the reconciler's failure is the operator's
         reconciling.cancel()
         await asyncio.gather(reconciling, return_exceptions=True)
-    finally:
-        await api.close()
-        await disconnect(nc)
+
+    # Healthy once the first table is published (and while NATS is reachable).
+    return Hooks(main=operate, healthy=lambda: reconciler.synced)

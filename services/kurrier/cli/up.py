@@ -28,7 +28,7 @@ from kurrier.cli.nats_server import (
 from kurrier.cli.supervisor import Supervisor
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.jetstream import connect, ensure_layout
-from kurrier.core.lifecycle import stop_event
+from kurrier.core.lifecycle import signal_event, stop_event
 from kurrier.core.loader import ResourceError, load_resources
 from kurrier.core.routing import compile_table
 from kurrier.core.settings import SERVICES, SMTP, command_line
@@ -150,97 +150,142 @@ async def _wait_for_operator(address: str, timeout: float) -> None:
 
 
 async def run_up(settings: UpSettings) -> int:
-    if settings.config is not None:
-        load_resources(settings.config)  # fail before starting anything if the file is bad
-    else:
-        from kurrier.operator.main import OperatorError, check_cluster
-
-        try:
-            await check_cluster(settings.kubeconfig)
-        except OperatorError as error:
-            print(f"kurrier up: {error}", file=sys.stderr)
-            return 1
-    operator_health = f"127.0.0.1:{free_port()}"
+    problem = await _check_source(settings)
+    if problem is not None:
+        print(f"kurrier up: {problem}", file=sys.stderr)
+        return 1
     stop = stop_event()
-    reload = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload.set)
-    data_dir = settings.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    replicas = min(3, settings.nats_cluster)
-    pairs = 2 if settings.nats_cluster > 1 else 1
-    if pairs == 1:
-        queue_listens = [f"unix:{data_dir / 'queue.sock'}"]
-        queue_address = queue_listens[0]
-    else:
-        # gRPC's pick_first takes the first queue that answers: ingress fails over.
-        queue_listens = [f"127.0.0.1:{free_port()}" for _ in range(pairs)]
-        queue_address = "ipv4:" + ",".join(queue_listens)
-    nats_urls: list[str] = []
-    nats_url = ""
-    ready = False
+    reload = signal_event(signal.SIGHUP)
+    relay = _LocalRelay(settings)
+    try:
+        await relay.start_nats()
+        await relay.take_resources()  # publish the file, or start the operator
+        await relay.start_services()
+        await relay.wait_until_ready()
+        relay.announce_ready()
+        await relay.serve(stop, reload)
+        return 0
+    finally:
+        await relay.stop()
 
-    def write_state() -> None:
+
+async def _check_source(settings: UpSettings) -> str | None:
+    """Fail before starting anything: a resource file that does not load (it raises),
+    a cluster the operator cannot serve (what to do is returned)."""
+    if settings.config is not None:
+        load_resources(settings.config)
+        return None
+    from kurrier.operator.main import OperatorError, check_cluster
+
+    try:
+        await check_cluster(settings.kubeconfig)
+    except OperatorError as error:
+        return str(error)
+    return None
+
+
+class _LocalRelay:
+    """The processes of one `kurrier up`, where they listen, and its state file."""
+
+    def __init__(self, settings: UpSettings) -> None:
+        self.settings = settings
+        self.operator_health = f"127.0.0.1:{free_port()}"
+        self.data_dir = settings.data_dir.resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.replicas = min(3, settings.nats_cluster)
+        self.pairs = 2 if settings.nats_cluster > 1 else 1
+        if self.pairs == 1:
+            self.queue_listens = [f"unix:{self.data_dir / 'queue.sock'}"]
+            self.queue_address = self.queue_listens[0]
+        else:
+            # gRPC's pick_first takes the first queue that answers: ingress fails over.
+            self.queue_listens = [f"127.0.0.1:{free_port()}" for _ in range(self.pairs)]
+            self.queue_address = "ipv4:" + ",".join(self.queue_listens)
+        self.nats_urls: list[str] = []
+        self.ready = False
+        self.supervisor = Supervisor(on_spawn=self.write_state)
+
+    @property
+    def nats_url(self) -> str:
+        return ",".join(self.nats_urls)
+
+    def write_state(self) -> None:
         # Tests and `kurrier queue --data-dir` find the live processes here.
         state = {
-            "nats_url": nats_url,
-            "queue_address": queue_address,
-            "smtp": settings.smtp,
-            "ready": ready,
-            "pids": {child.name: child.pid for child in supervisor.children},
+            "nats_url": self.nats_url,
+            "queue_address": self.queue_address,
+            "smtp": self.settings.smtp,
+            "ready": self.ready,
+            "pids": {child.name: child.pid for child in self.supervisor.children},
         }
-        partial = data_dir / (STATE_FILE + ".part")
+        partial = self.data_dir / (STATE_FILE + ".part")
         partial.write_text(json.dumps(state))
-        partial.replace(data_dir / STATE_FILE)
+        partial.replace(self.data_dir / STATE_FILE)
 
-    supervisor = Supervisor(on_spawn=write_state)
-    try:
-        nats_urls = await _start_nats(supervisor, data_dir, settings.nats_cluster)
-        nats_url = ",".join(nats_urls)
-        if settings.config is not None:
-            await _publish_config(nats_url, settings.config, replicas)
-        else:
-            await supervisor.start(
-                "operator",
-                child_argv(
-                    "operator",
-                    settings.passed_on,
-                    nats_url=nats_url,
-                    nats_replicas=replicas,
-                    kubeconfig=settings.kubeconfig,
-                    namespaces=",".join(settings.namespaces),
-                    metrics_listen=operator_health,
-                ),
-            )
-
-        def common(index: int) -> dict[str, object]:
-            # Children share one host: no fixed metrics ports that would collide.
-            return {
-                "nats_url": _spread(nats_urls, index),
-                "nats_replicas": replicas,
-                "metrics_listen": "off",
-            }
-
-        for index in range(pairs):
-            suffix = f"-{index + 1}" if pairs > 1 else ""
-            await supervisor.start(
-                f"queue{suffix}",
-                child_argv(
-                    "queue", settings.passed_on, **common(index), listen=queue_listens[index]
-                ),
-            )
-            await supervisor.start(
-                f"delivery{suffix}", child_argv("delivery", settings.passed_on, **common(index + 1))
-            )
-        await supervisor.start(
-            "ingress",
-            child_argv("ingress", settings.passed_on, **common(2), queue_address=queue_address),
+    async def start_nats(self) -> None:
+        self.nats_urls = await _start_nats(
+            self.supervisor, self.data_dir, self.settings.nats_cluster
         )
-        await _wait_for_smtp(settings.smtp, READY_TIMEOUT)
-        if settings.config is None:
-            await _wait_for_operator(operator_health, READY_TIMEOUT)
-        ready = True
-        write_state()
-        print(f"kurrier ready smtp={settings.smtp} nats={nats_url} data-dir={data_dir}", flush=True)
+
+    async def take_resources(self) -> None:
+        if self.settings.config is not None:
+            await _publish_config(self.nats_url, self.settings.config, self.replicas)
+            return
+        await self.supervisor.start(
+            "operator",
+            child_argv(
+                "operator",
+                self.settings.passed_on,
+                nats_url=self.nats_url,
+                nats_replicas=self.replicas,
+                kubeconfig=self.settings.kubeconfig,
+                namespaces=",".join(self.settings.namespaces),
+                metrics_listen=self.operator_health,
+            ),
+        )
+
+    def _child_argv(self, command: str, index: int, **values: object) -> list[str]:
+        # Children share one host: no fixed metrics ports that would collide.
+        return child_argv(
+            command,
+            self.settings.passed_on,
+            nats_url=_spread(self.nats_urls, index),
+            nats_replicas=self.replicas,
+            metrics_listen="off",
+            **values,
+        )
+
+    async def start_services(self) -> None:
+        """Queue and delivery (a pair of each on a cluster), then ingress."""
+        for index in range(self.pairs):
+            suffix = f"-{index + 1}" if self.pairs > 1 else ""
+            await self.supervisor.start(
+                f"queue{suffix}",
+                self._child_argv("queue", index, listen=self.queue_listens[index]),
+            )
+            await self.supervisor.start(
+                f"delivery{suffix}", self._child_argv("delivery", index + 1)
+            )
+        await self.supervisor.start(
+            "ingress", self._child_argv("ingress", 2, queue_address=self.queue_address)
+        )
+
+    async def wait_until_ready(self) -> None:
+        await _wait_for_smtp(self.settings.smtp, READY_TIMEOUT)
+        if self.settings.config is None:
+            await _wait_for_operator(self.operator_health, READY_TIMEOUT)
+        self.ready = True
+        self.write_state()
+
+    def announce_ready(self) -> None:
+        print(
+            f"kurrier ready smtp={self.settings.smtp} nats={self.nats_url} "
+            f"data-dir={self.data_dir}",
+            flush=True,
+        )
+
+    async def serve(self, stop: asyncio.Event, reload: asyncio.Event) -> None:
+        """Until stop; on reload (SIGHUP) publish the resource file again."""
         while not stop.is_set():
             stopped = asyncio.create_task(stop.wait())
             reloaded = asyncio.create_task(reload.wait())
@@ -249,14 +294,14 @@ async def run_up(settings: UpSettings) -> int:
             reloaded.cancel()
             if reload.is_set():
                 reload.clear()
-                if settings.config is None:
+                if self.settings.config is None:
                     continue  # the operator follows the cluster: nothing to re-read
                 try:
-                    await _publish_config(nats_url, settings.config, replicas)
+                    await _publish_config(self.nats_url, self.settings.config, self.replicas)
                 except ResourceError as error:
                     log.error("config not reloaded, keeping the live table:\n%s", error)
-        return 0
-    finally:
+
+    async def stop(self) -> None:
         log.info("stopping: draining ingress, delivery, queue, then NATS")
-        await supervisor.stop_all()
-        (data_dir / STATE_FILE).unlink(missing_ok=True)
+        await self.supervisor.stop_all()
+        (self.data_dir / STATE_FILE).unlink(missing_ok=True)

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from kurrier.core.settings import DELIVERY
+
+
+def _declared(name: str) -> Any:
+    """The default kurrier.core.settings declares for the flag (KURRIER_* variables are
+    the command line's business), so that in-process tests run with the same settings."""
+    [setting] = [s for s in DELIVERY if s.name == name]
+    assert isinstance(setting.default, str), setting.name
+    return setting.parse(setting.default)
 
 
 @dataclass(frozen=True)
 class DeliverySettings:
     helo_name: str
-    concurrency: int = 32
+    concurrency: int = _declared("concurrency")
     smtp_timeout: float = 60.0
     # Postfix's smtp_connect_timeout: an unreachable MX address costs this much.
     connect_timeout: float = 30.0
+    # Flags without a default: not set unless given.
     tls_ca_file: str | None = None
     dns_resolver: str | None = None  # HOST:PORT; None = the system's resolv.conf
-    mx_port: int = 25
+    mx_port: int = _declared("mx_port")

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import ssl
 from dataclasses import dataclass
 
 from kurrier.core.addresses import parse_host_port
-from kurrier.core.http_endpoint import HttpEndpoint
-from kurrier.core.jetstream import connect, disconnect, ensure_layout
-from kurrier.core.lifecycle import stop_event
-from kurrier.core.table_store import TableFollower
-from kurrier.core.telemetry import SMTP_SESSIONS
+from kurrier.core.metrics import SMTP_SESSIONS
+from kurrier.core.service import Connected, FirstTable, Hooks, Service, serve
 from kurrier.ingress.connection_gate import SHUTTING_DOWN
 from kurrier.ingress.handler import RelayHandler
 from kurrier.ingress.identities import Identities
@@ -56,19 +54,29 @@ class _NoLoginDataWarning(logging.Filter):
 
 
 async def serve_ingress(settings: IngressSettings) -> None:
-    stop = stop_event()
     logging.getLogger("mail.log").addFilter(_NoLoginDataWarning())
-    nc = await connect(settings.nats_url, "kurrier-ingress")
-    js = nc.jetstream()
-    await ensure_layout(js, settings.replicas)
-    tables = TableFollower()
-    following = asyncio.create_task(tables.run(js))
+    await serve(
+        Service(
+            "ingress",
+            settings.nats_url,
+            settings.replicas,
+            settings.metrics_listen,
+            functools.partial(_start, settings),
+            # Listen only once the first routing table is in: before it every domain
+            # would look foreign. A closed port until then keeps readiness probes and
+            # `kurrier up`'s ready line honest.
+            first_table=FirstTable(before="listening"),
+        )
+    )
+
+
+async def _start(settings: IngressSettings, nats: Connected) -> Hooks:
     queue = QueueClient(settings.queue_address, settings.queue_tls)
     reviewer = (
         TokenReviewer(settings.kube_api, settings.token_cache_ttl) if settings.kube_api else None
     )
     handler = RelayHandler(
-        tables,
+        nats.tables,
         queue,
         settings.hostname,
         Identities(reviewer),
@@ -79,82 +87,84 @@ async def serve_ingress(settings: IngressSettings) -> None:
         if settings.tls_cert and settings.tls_key
         else None
     )
-    reloading = asyncio.create_task(certificate.follow()) if certificate else None
-    tls = certificate.context if certificate else None
-    sessions = Sessions(settings.limits, tables)
+    sessions = Sessions(settings.limits, nats.tables)
     SMTP_SESSIONS.follow(lambda: sessions.gate.open_connections)
-    if settings.metrics_listen:
-        await HttpEndpoint(lambda: nc.is_connected).serve(settings.metrics_listen)
+    tls = certificate.context if certificate else None
+    listeners = _Listeners(settings, handler, sessions, tls)
+    return Hooks(
+        open=listeners.open,
+        drain=[listeners.drain],
+        helpers=[certificate.follow] if certificate else [],
+        close=[queue.close, *([reviewer.close] if reviewer else [])],
+    )
 
-    def session_factory(listener: Listener) -> IngressSMTP:
+
+class _Listeners:
+    """The SMTP ports: all open together; on drain they turn newcomers away, then close."""
+
+    def __init__(
+        self,
+        settings: IngressSettings,
+        handler: RelayHandler,
+        sessions: Sessions,
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        self._settings = settings
+        self._handler = handler
+        self._sessions = sessions
+        self._tls = tls
+        self._servers: list[asyncio.Server] = []
+
+    def _session(self, listener: Listener) -> IngressSMTP:
         return IngressSMTP(
-            handler,
+            self._handler,
             listener=listener,
-            sessions=sessions,
-            hostname=settings.hostname,
-            tls_context=tls,
+            sessions=self._sessions,
+            hostname=self._settings.hostname,
+            tls_context=self._tls,
         )
 
-    loop = asyncio.get_running_loop()
-    servers = []
-    # Listen only once the first routing table is in: before it every domain
-    # would look foreign. A closed port until then keeps readiness probes and
-    # `kurrier up`'s ready line honest.
-    if not tables.loaded.is_set():
-        log.info("waiting for the first routing table before listening")
-        await asyncio.wait(
-            [asyncio.create_task(tables.loaded.wait()), asyncio.create_task(stop.wait())],
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-    for address, listener in (
-        (settings.smtp, Listener("smtp")),
-        (settings.submission, Listener("submission", offers_auth=True)),
-        (settings.smtps, Listener("smtps", implicit_tls=True, offers_auth=True)),
-    ):
-        if not address or stop.is_set():
-            continue
-        if listener.implicit_tls and tls is None:
-            raise ValueError("--smtps needs --tls-cert and --tls-key")
-        host, port = parse_host_port(address)
-        servers.append(
-            await loop.create_server(
-                functools.partial(session_factory, listener),
-                host,
-                port,
-                ssl=tls if listener.implicit_tls else None,
-                reuse_address=True,
-                start_serving=False,
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        for address, listener in (
+            (self._settings.smtp, Listener("smtp")),
+            (self._settings.submission, Listener("submission", offers_auth=True)),
+            (self._settings.smtps, Listener("smtps", implicit_tls=True, offers_auth=True)),
+        ):
+            if not address:
+                continue
+            if listener.implicit_tls and self._tls is None:
+                raise ValueError("--smtps needs --tls-cert and --tls-key")
+            host, port = parse_host_port(address)
+            self._servers.append(
+                await loop.create_server(
+                    functools.partial(self._session, listener),
+                    host,
+                    port,
+                    ssl=self._tls if listener.implicit_tls else None,
+                    reuse_address=True,
+                    start_serving=False,
+                )
             )
-        )
-        log.info("SMTP (%s) listening on %s", listener.name, address)
-    # All ports bound before any accepts: one answering means all do (probes and
-    # clients may check only one), and a port that cannot be bound stops
-    # ingress before it took any mail.
-    for server in servers:
-        await server.start_serving()
-    try:
-        await stop.wait()
-    finally:
+            log.info("SMTP (%s) listening on %s", listener.name, address)
+        # All ports bound before any accepts: one answering means all do (probes and
+        # clients may check only one), and a port that cannot be bound stops
+        # ingress before it took any mail.
+        for server in self._servers:
+            await server.start_serving()
+
+    async def drain(self) -> None:
         # Listeners stay open: a new client hears 421 and tries elsewhere, rather
         # than a refused connection.
         log.info("draining: new connections get 421, open transactions finish")
-        sessions.drain()
-        await _drain(sessions)
-        for server in servers:
+        self._sessions.drain()
+        try:
+            await asyncio.wait_for(self._sessions.gate.emptied.wait(), DRAIN_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "drain timed out; closing %d sessions", self._sessions.gate.open_connections
+            )
+        for session in list(self._sessions.live):
+            session.say_goodbye(SHUTTING_DOWN)
+        for server in self._servers:
             server.close()
-        for task in (following, reloading):
-            if task is not None:
-                task.cancel()
-        await queue.close()
-        if reviewer is not None:
-            await reviewer.close()
-        await disconnect(nc)
-
-
-async def _drain(sessions: Sessions) -> None:
-    try:
-        await asyncio.wait_for(sessions.gate.emptied.wait(), DRAIN_TIMEOUT)
-    except TimeoutError:
-        log.warning("drain timed out; closing %d sessions", sessions.gate.open_connections)
-    for session in list(sessions.live):
-        session.say_goodbye(SHUTTING_DOWN)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from kurrier.core.http_endpoint import HttpEndpoint
-from kurrier.core.jetstream import LEASES_BUCKET, connect, disconnect, ensure_layout
-from kurrier.core.lifecycle import run_until, stop_event
+from kurrier.core.jetstream import LEASES_BUCKET
+from kurrier.core.metrics import QUEUE_DEPTH
 from kurrier.core.records import RecordStore
-from kurrier.core.table_store import TableFollower
-from kurrier.core.telemetry import QUEUE_DEPTH, grpc_server_interceptors
+from kurrier.core.service import Connected, Hooks, Service, serve
+from kurrier.core.telemetry import grpc_server_interceptors
 from kurrier.queue.consumers import run_due, run_results
 from kurrier.queue.leadership import Lease
 from kurrier.queue.manager import QueueManager
@@ -56,47 +56,66 @@ class GrpcTls:
 
 
 async def serve_queue(settings: QueueSettings) -> None:
-    stop = stop_event()
-    nc = await connect(settings.nats_url, "kurrier-queue")
-    js = nc.jetstream()
-    await ensure_layout(
-        js, settings.replicas, owner=True, body_store_limit=settings.body_store_limit
+    await serve(
+        Service(
+            "queue",
+            settings.nats_url,
+            settings.replicas,
+            settings.metrics_listen,
+            functools.partial(_start, settings),
+            owns_layout=True,
+            body_store_limit=settings.body_store_limit,
+        )
     )
-    tables = TableFollower()
+
+
+async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
+    js = nats.js
     records = await RecordStore.open(js)
-    manager = QueueManager(js, records, tables, settings.schedule, settings.hostname)
+    manager = QueueManager(js, records, nats.tables, settings.schedule, settings.hostname)
     sweeper_lease = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
+    grpc_server = _GrpcServer(settings, QueueService(js, records, manager))
 
     async def count_depth() -> None:
         QUEUE_DEPTH.update(await records.count_by_state())
 
-    if settings.metrics_listen:
-        endpoint = HttpEndpoint(lambda: nc.is_connected, refresh=count_depth)
-        await endpoint.serve(settings.metrics_listen)
-    server = grpc.aio.server(interceptors=grpc_server_interceptors([STREAM_METHOD]))
-    service = QueueService(js, records, manager)
-    queue_pb2_grpc.add_QueueServiceServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if settings.grpc_tls is not None:
-        server.add_secure_port(settings.listen, settings.grpc_tls.credentials())
-    else:
-        server.add_insecure_port(settings.listen)
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info("queue listening on %s", settings.listen)
-    try:
-        await run_until(
-            stop,
-            tables.run(js),
-            run_results(js, manager),
-            run_due(js, manager),
-            sweeper_lease.run(Sweeper(js, manager).run),
-        )
-    finally:
-        await health_servicer.enter_graceful_shutdown()
+    return Hooks(
+        refresh_metrics=count_depth,
+        open=grpc_server.open,
+        tasks=[
+            lambda: run_results(js, manager),
+            lambda: run_due(js, manager),
+            lambda: sweeper_lease.run(Sweeper(js, manager).run),
+        ],
+        drain=[grpc_server.drain],
+    )
+
+
+class _GrpcServer:
+    """The queue's gRPC port: QueueService and the gRPC health service."""
+
+    def __init__(self, settings: QueueSettings, service: QueueService) -> None:
+        self._settings = settings
+        self._service = service
+        self._server = grpc.aio.server(interceptors=grpc_server_interceptors([STREAM_METHOD]))
+        self._health = health.aio.HealthServicer()
+
+    async def open(self) -> None:
+        queue_pb2_grpc.add_QueueServiceServicer_to_server(self._service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        if self._settings.grpc_tls is not None:
+            self._server.add_secure_port(
+                self._settings.listen, self._settings.grpc_tls.credentials()
+            )
+        else:
+            self._server.add_insecure_port(self._settings.listen)
+        await self._server.start()
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info("queue listening on %s", self._settings.listen)
+
+    async def drain(self) -> None:
+        await self._health.enter_graceful_shutdown()
         # Let Enqueue calls in flight finish: their clients are waiting for a 250.
         # Streams end once what they read is stored, so they need not use the grace.
-        service.close_streams()
-        await server.stop(grace=10)
-        await disconnect(nc)
+        self._service.close_streams()
+        await self._server.stop(grace=10)
