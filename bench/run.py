@@ -75,9 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--systems",
         default="kurrier,postfix",
-        help="kurrier, postfix, kurrier@REV (another git revision, for before/after) and "
-        "kurrier+EXPERIMENT[+...] variants (bench/experiments: uvloop), each measured like "
-        "the others",
+        help="kurrier, postfix, kurrier@REV (another git revision, measured beside the first), "
+        "kurrier+EXPERIMENT[+...] variants (bench/experiments: uvloop), and any kurrier "
+        "with /sync=INTERVAL (its NATS's sync_interval, e.g. kurrier/sync=2m), each measured "
+        "like the others",
     )
     parser.add_argument(
         "--workdir", type=Path, default=Path("/var/tmp/kurrier-bench"), help="relay state (disk)"
@@ -246,10 +247,17 @@ async def run_one(
     workdir: Path = args.workdir / slug
     system: System
     if name.startswith("kurrier"):
-        base, *experiments = name.split("+")
+        variant, _, sync = name.partition("/sync=")
+        base, *experiments = variant.split("+")
         _, at, revision = base.partition("@")
         code = kurrier_snapshot(revision, args.workdir)[1] if at else args.kurrier_env
-        system = Kurrier(workdir, sink.port, env=experiment_env(code, experiments), name=name)
+        system = Kurrier(
+            workdir,
+            sink.port,
+            env=experiment_env(code, experiments),
+            extra_args=["--nats-sync", sync] if sync else [],
+            name=name,
+        )
     elif name == "postfix":
         system = Postfix(workdir, sink.port)
     else:

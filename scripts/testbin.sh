@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Provide the test-infrastructure binaries (kube-apiserver, etcd, helm) in a
 # cache directory outside the repo, building them from the Go module proxy
-# only when missing. A second run is instant.
+# only when missing, and the Debian packages the tests use (strace, for the
+# proof that a 250 follows an fsync). A second run is instant.
 #
 #   scripts/testbin.sh            # builds what is missing, prints the bin dir
 #   BIN=$(scripts/testbin.sh | tail -n1)
@@ -168,6 +169,18 @@ ensure() {
   log "built $name $v in $((SECONDS - start))s"
 }
 
+# Install Debian package $1 unless command $2 is already there.
+ensure_package() {
+  local package=$1 command=$2
+  command -v "$command" >/dev/null 2>&1 && return
+  local sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo=sudo
+  log "installing Debian package $package"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    "$package" >&2
+}
+
 mkdir -p "$BIN" "$SRC"
 # Serialise concurrent runs (parallel test workers, CI steps).
 exec 9>"$CACHE/.lock"
@@ -176,5 +189,6 @@ flock 9
 ensure kube-apiserver build_kube_apiserver "$KUBE_VERSION"
 ensure etcd build_etcd "$ETCD_VERSION"
 ensure helm build_helm "$HELM_VERSION"
+ensure_package strace strace
 
 printf '%s\n' "$BIN"

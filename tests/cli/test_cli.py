@@ -23,6 +23,10 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     [
         (("up", "--config", str(EXAMPLE), "--bogus"), "unrecognized arguments: --bogus"),
         (("up", "--config", "/nonexistent.yaml"), "/nonexistent.yaml: no such file"),
+        (
+            ("up", "--config", str(EXAMPLE), "--nats-sync", "sometimes"),
+            "'sometimes' is not 'always' or a duration",
+        ),
         (("validate", "/nonexistent.yaml"), "/nonexistent.yaml: no such file"),
         (("queue", "--min-backoff", "soon"), "'soon' is not a duration"),
         (("ingress", "--smtp", "localhost"), "'localhost' is not HOST:PORT"),

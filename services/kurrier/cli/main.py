@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from kurrier.cli.nats_server import sync_interval
 from kurrier.core.durations import parse_duration
 from kurrier.core.lifecycle import run_service
 from kurrier.core.logs import setup_logging
@@ -98,6 +99,13 @@ def build_parser() -> Parser:
         default=1,
         help="NATS nodes: 3 or 5 run a JetStream cluster with 3 replicas and two of each worker",
     )
+    up.add_argument(
+        "--nats-sync",
+        type=sync_interval,
+        help="when JetStream syncs to disk: 'always' (before acknowledging a write; the "
+        "default on one node) or a duration such as 2m (NATS's default, and the default in "
+        "a cluster, where a majority of nodes holds each write)",
+    )
 
     ingress = commands.add_parser("ingress", help="run the SMTP ingress service")
     add_settings(ingress, INGRESS)
@@ -132,6 +140,7 @@ def _run_up(args: argparse.Namespace) -> int:
         namespaces=_namespaces(args.namespace),
         data_dir=args.data_dir,
         nats_cluster=args.nats_cluster,
+        nats_sync=args.nats_sync,
         passed_on={setting.name: getattr(args, setting.name) for setting in PASSED_ON_BY_UP},
     )
     return asyncio.run(run_up(settings))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
+import re
 import shutil
 import socket
 import sys
@@ -37,11 +39,42 @@ class ClusterNode:
     peers: tuple[int, ...]  # the other members' route ports
 
 
+_SYNC_INTERVAL = re.compile(r"^(always|[0-9]+(ms|s|m|h))$")
+
+
+def sync_interval(text: str) -> str:
+    """An argparse type: `always` or a duration in NATS's syntax (`2m`, `500ms`)."""
+    if not _SYNC_INTERVAL.match(text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not 'always' or a duration such as 2m or 500ms"
+        )
+    return text
+
+
+def default_sync_interval(nodes: int) -> str | None:
+    """One node syncs before it acknowledges, since nothing else holds the write; a
+    cluster keeps NATS's own interval (None), a majority of nodes holding each write."""
+    return "always" if nodes == 1 else None
+
+
+def write_config(path: Path, sync: str | None) -> Path:
+    """The configuration file for what nats-server takes no flag for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"jetstream {{ sync_interval: {sync} }}\n" if sync else "")
+    return path
+
+
 def nats_server_argv(
-    store_dir: Path, port: int, host: str = "127.0.0.1", cluster: ClusterNode | None = None
+    store_dir: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    cluster: ClusterNode | None = None,
+    config: Path | None = None,
 ) -> list[str]:
+    """config, a file from write_config, comes first: the flags after it win."""
     argv = [
         nats_server_binary(),
+        *(["--config", str(config)] if config else []),
         "--jetstream",
         "--store_dir",
         str(store_dir),
@@ -71,9 +104,9 @@ def nats_server_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     Beside it run three services that each use about one core at most, and
     it does about a fifth of the relay's work. With as many Go processors as
     CPUs, Go's scheduler spins and hands goroutines between threads, and on a
-    VM each hand-off is an inter-processor wake-up: on 2 cores, GOMAXPROCS=1
-    cut nats-server's CPU per 1 KB message from 0.66 to 0.44 ms (bench/README.md).
-    A value the user set is kept.
+    VM each hand-off is an inter-processor wake-up (measured on 2 cores on
+    2026-11-30: bench/results/2026-11-30-bench-8451dcc.md). A value the user
+    set is kept.
     """
     env = dict(os.environ if environ is None else environ)
     env.setdefault("GOMAXPROCS", str(max(1, len(os.sched_getaffinity(0)) // 4)))

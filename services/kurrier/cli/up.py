@@ -20,10 +20,12 @@ from pathlib import Path
 
 from kurrier.cli.nats_server import (
     cluster_nodes,
+    default_sync_interval,
     free_port,
     nats_server_argv,
     nats_server_env,
     wait_for_port,
+    write_config,
 )
 from kurrier.cli.supervisor import Supervisor
 from kurrier.core.addresses import parse_host_port
@@ -55,6 +57,8 @@ class UpSettings:
     nats_cluster: int
     # The values of the services' settings up takes (PASSED_ON_BY_UP), by name.
     passed_on: Mapping[str, object]
+    # JetStream's sync_interval; None: default_sync_interval for the nodes.
+    nats_sync: str | None = None
 
     @property
     def smtp(self) -> str:
@@ -98,19 +102,21 @@ async def _until_jetstream_ready(attempt: Callable[[], Awaitable[None]]) -> None
             await asyncio.sleep(0.5)
 
 
-async def _start_nats(supervisor: Supervisor, data_dir: Path, nodes: int) -> list[str]:
+async def _start_nats(
+    supervisor: Supervisor, data_dir: Path, nodes: int, sync: str | None
+) -> list[str]:
     """Start the embedded NATS (one server or a cluster); returns the client URLs."""
+    config = write_config(data_dir / "nats-server.conf", sync or default_sync_interval(nodes))
     if nodes == 1:
         port = free_port()
-        await supervisor.start(
-            "nats-server", nats_server_argv(data_dir / "nats", port), nats_server_env()
-        )
+        argv = nats_server_argv(data_dir / "nats", port, config=config)
+        await supervisor.start("nats-server", argv, nats_server_env())
         await wait_for_port("127.0.0.1", port, timeout=30)
         return [f"nats://127.0.0.1:{port}"]
     urls = []
     for node in cluster_nodes(nodes):
         port = free_port()
-        argv = nats_server_argv(data_dir / node.name, port, cluster=node)
+        argv = nats_server_argv(data_dir / node.name, port, cluster=node, config=config)
         await supervisor.start(node.name, argv, nats_server_env())
         await wait_for_port("127.0.0.1", port, timeout=30)
         urls.append(f"nats://127.0.0.1:{port}")
@@ -224,7 +230,7 @@ class _LocalRelay:
 
     async def start_nats(self) -> None:
         self.nats_urls = await _start_nats(
-            self.supervisor, self.data_dir, self.settings.nats_cluster
+            self.supervisor, self.data_dir, self.settings.nats_cluster, self.settings.nats_sync
         )
 
     async def take_resources(self) -> None:
