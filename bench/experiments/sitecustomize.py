@@ -4,7 +4,7 @@ With this folder first on PYTHONPATH, every Python process of `kurrier up`
 imports this module at start-up and applies the experiments named in
 KURRIER_BENCH_EXPERIMENTS (comma separated). `python -m bench.run --systems
 kurrier,kurrier+uvloop,...` sets both, so an idea's gain is measured before
-anyone lands it. These are prototypes for measurement, not production code.
+it lands in the services. These are prototypes for measurement, not production code.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Writing items of a shared stream in batches, by one task.
 
 Every write on a gRPC stream is handed between the event loop and gRPC's
-threads, and on a VM each hand-off is a wake-up of another CPU: per message
-that cost more than anything else ingress or the queue did. The items added
+threads, and on a VM each hand-off is a wake-up of another CPU, the largest
+cost per message in ingress and the queue when each item is written alone.
+The items added
 during one turn of the event loop, or while the previous write was in flight,
 go out together in the next write: no timer, so a lone item waits for
 nothing, and under load the batches grow by themselves.

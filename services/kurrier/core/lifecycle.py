@@ -65,7 +65,7 @@ async def run_until(
 
 def run_service(main: Coroutine[Any, Any, None]) -> None:
     """Run a service's main coroutine on uvloop: the same asyncio, less CPU per message
-    (measured 4-13 % across the benchmark cells, bench/README.md)."""
+    (4-13 % in the benchmark cells of 2026-11-29: bench/results/2026-11-29-bench-a320154.md)."""
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

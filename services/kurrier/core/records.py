@@ -151,9 +151,9 @@ class RecordStore:
         A pull consumer of each key's last message, not nats-py's watcher: the
         watcher decides that the bucket is empty from consumer info, which
         nats-server may answer before the deliveries it already counted
-        arrive, and then ends a pass over a full bucket at once (4 passes in
-        300 over 51 records, on this machine). A pull consumer delivers
-        nothing until asked, so its first count is the whole pass.
+        arrive, and then ends a pass over a full bucket at once
+        (tests/queue/test_record_passes.py). A pull consumer delivers nothing
+        until asked, so its first count is the whole pass.
         """
         subscription = await self._js.pull_subscribe(
             RECORDS_PREFIX + ">",
