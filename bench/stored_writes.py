@@ -1,0 +1,146 @@
+"""How many JetStream writes and syncs one accepted message costs, stream by stream.
+
+`python -m bench.stored_writes --messages 200` runs `kurrier up` (one node,
+its default sync setting unless --nats-sync is given) with nats-server under
+strace, sends the messages one at a time to a `kurrier sink`, waits until
+each has arrived, and counts nats-server's pwrite64 and fsync/fdatasync
+calls on JetStream's block files while the messages went through, divided
+by the number of messages: the figure to cut when syncing every write is
+the promise. Needs strace (scripts/testbin.sh installs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import smtplib
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+_EVENT = re.compile(r"^\d+\s+\d+\.\d+ (?P<call>pwrite64|fsync|fdatasync)\(\d+<(?P<path>[^>]+)>")
+_STREAM = re.compile(r"/streams/(?P<stream>[^/]+)/")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _kurrier(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kurrier.cli", *args]
+
+
+def _wrapper(bindir: Path, trace: Path) -> None:
+    real = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
+    strace = shutil.which("strace")
+    if strace is None:
+        raise SystemExit("strace is needed: scripts/testbin.sh installs it")
+    wrapper = bindir / "nats-server"
+    wrapper.write_text(
+        f"#!/bin/sh\nexec {strace} -f -ttt -y -e trace=pwrite64,fsync,fdatasync "
+        f'-o {trace} {real} "$@"\n'
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+
+
+def _count(trace: Path) -> Counter[tuple[str, str]]:
+    """(stream, call) -> calls on block files; 'sync' stands for fsync and fdatasync."""
+    counts: Counter[tuple[str, str]] = Counter()
+    for line in trace.read_text(errors="replace").splitlines():
+        found = _EVENT.match(line)
+        if not found or not found["path"].endswith(".blk"):
+            continue
+        stream = _STREAM.search(found["path"])
+        call = "write" if found["call"] == "pwrite64" else "sync"
+        counts[(stream["stream"] if stream else "?", call)] += 1
+    return counts
+
+
+def measure(messages: int, sync: str | None, workdir: Path) -> Counter[tuple[str, str]]:
+    bindir, trace, mail = workdir / "bin", workdir / "nats.strace", workdir / "mail"
+    bindir.mkdir()
+    _wrapper(bindir, trace)
+    sink_port, smtp_port = _free_port(), _free_port()
+    config = workdir / "resources.yaml"
+    config.write_text(
+        "apiVersion: kurrier.io/v1alpha1\nkind: RelayRoute\nmetadata: {name: sink}\n"
+        f"spec: {{match: {{recipientDomains: ['*']}}, destination: {{smarthost: "
+        f"{{host: 127.0.0.1, port: {sink_port}}}}}, tls: {{mode: none}}}}\n---\n"
+        "apiVersion: kurrier.io/v1alpha1\nkind: RelayPolicy\nmetadata: {name: trust}\n"
+        "spec: {trustedNetworks: ['127.0.0.0/8']}\n"
+    )
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    sink = subprocess.Popen(
+        _kurrier("sink", "--listen", f"127.0.0.1:{sink_port}", "--dir", str(mail)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    sync_flag = ["--nats-sync", sync] if sync else []
+    up = subprocess.Popen(
+        _kurrier(
+            "up",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(workdir / "data"),
+            "--smtp",
+            f"127.0.0.1:{smtp_port}",
+            *sync_flag,
+        ),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=(workdir / "up.log").open("wb"),
+    )
+    try:
+        assert up.stdout is not None
+        if not up.stdout.readline().startswith(b"kurrier ready"):
+            raise SystemExit(f"kurrier up did not start; see {workdir / 'up.log'}")
+        before = _count(trace)
+        body = b"Subject: count\r\n\r\n" + (b"x" * 70 + b"\r\n") * 14
+        with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as smtp:
+            for _ in range(messages):
+                smtp.sendmail("a@client.test", ["r@example.com"], body)
+        deadline = time.monotonic() + 120
+        while len(list(mail.glob("*"))) < messages:
+            if time.monotonic() > deadline:
+                raise SystemExit("not every message arrived within 120 s")
+            time.sleep(0.1)
+        # What the last delivery leaves to do (acks, purges) is done within moments.
+        time.sleep(2)
+        return _count(trace) - before
+    finally:
+        up.terminate()
+        up.wait(timeout=60)
+        sink.terminate()
+        sink.wait(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--nats-sync", default=None, help="passed to kurrier up")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kurrier-writes-") as scratch:
+        counts = measure(args.messages, args.nats_sync, Path(scratch))
+    print(f"per accepted 1 KB message ({args.messages} messages, one at a time):")
+    print(f"{'stream':<28} {'writes':>7} {'syncs':>7}")
+    for stream in sorted({s for s, _ in counts}):
+        writes = counts[(stream, "write")] / args.messages
+        syncs = counts[(stream, "sync")] / args.messages
+        print(f"{stream:<28} {writes:7.2f} {syncs:7.2f}")
+    total_w = sum(v for (_, c), v in counts.items() if c == "write") / args.messages
+    total_s = sum(v for (_, c), v in counts.items() if c == "sync") / args.messages
+    print(f"{'all':<28} {total_w:7.2f} {total_s:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
