@@ -128,3 +128,49 @@ def test_any_command_sequence_gets_well_formed_replies(live_port: int, lines: li
         assert reply[:3].isdigit() and reply[0:1] in b"2345", reply
         assert not reply.startswith(b"500 5.5.2 Error: ("), f"unhandled exception: {reply!r}"
         assert reply[0:1] not in b"45" or reply[4:5].isdigit(), f"no enhanced code: {reply!r}"
+
+
+# Any octets, control bytes and bare CR/LF included, after a verb or alone.
+RAW_LINE = st.one_of(
+    st.tuples(st.sampled_from(VERBS), st.binary(max_size=40)).map(
+        lambda t: t[0].encode() + b" " + t[1]
+    ),
+    st.binary(max_size=60),
+)
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+@given(st.lists(RAW_LINE, min_size=1, max_size=15))
+def test_no_reply_carries_a_control_byte(live_port: int, lines: list[bytes]) -> None:
+    with socket.create_connection(("127.0.0.1", live_port), timeout=10) as sock:
+        assert _replies(sock, 1)[0].startswith(b"220")
+        sock.sendall(b"".join(line + b"\r\n" for line in lines) + b"QUIT\r\n")
+        replies = _replies(sock, len(lines) + 1)
+    assert replies, "no reply at all"
+    for reply in replies:
+        assert not _CONTROL.search(reply), reply
+        reply.decode("utf-8")  # never a half character
+
+
+_PLAIN = st.binary(max_size=30).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+
+
+@given(
+    command=st.one_of(
+        st.sampled_from([b"QUIT", b"RSET", b"EHLO x", b"MAIL FROM:<a@b.test>"]), _PLAIN
+    ),
+    bare=st.sampled_from([b"\n", b"\r"]),
+    at=st.integers(0, 40),
+)
+def test_a_command_with_a_bare_cr_or_lf_is_never_carried_out(
+    live_port: int, command: bytes, bare: bytes, at: int
+) -> None:
+    """A bare LF ends the line (in place of CRLF); a bare CR is anywhere in it."""
+    line = command + bare if bare == b"\n" else command[:at] + bare + command[at:] + b"\r\n"
+    with socket.create_connection(("127.0.0.1", live_port), timeout=10) as sock:
+        assert _replies(sock, 1)[0].startswith(b"220")
+        sock.sendall(b"HELO fuzz.test\r\n" + line + b"NOOP\r\n")
+        helo, refusal, noop = _replies(sock, 3)
+    assert helo.startswith(b"250")
+    assert refusal.startswith(b"500 5.5.2 Error: bare <"), refusal
+    assert noop.startswith(b"250"), "the session goes on (QUIT was not carried out)"

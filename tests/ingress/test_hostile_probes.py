@@ -47,10 +47,17 @@ def b64(text: str) -> str:
 EHLO = Step("EHLO probe.test", "250")
 MAIL = Step("MAIL FROM:<someone@client.test>", "250 2.1.0")
 TLS = [EHLO, Step(STARTTLS, "220"), EHLO]
+DATA = [EHLO, MAIL, Step("RCPT TO:<user@example.com>", "250"), Step("DATA", "354")]
 
 
 def message(body: bytes) -> bytes:
     return b"Subject: probe\r\n\r\n" + body + b"\r\n.\r\n"
+
+
+def padded_mail(length: int) -> str:
+    """A MAIL command of length octets (without CRLF), padded with spaces before SIZE."""
+    start, end = "MAIL FROM:<a@client.test>", " SIZE=1"
+    return start + " " * (length - len(start) - len(end)) + end
 
 
 PROBES = [
@@ -109,6 +116,19 @@ PROBES = [
         "null sender (bounces) accepted for an inbound domain",
         [EHLO, Step("MAIL FROM:<>", "250 2.1.0"), Step("RCPT TO:<user@example.com>", "250")],
     ),
+    # RFC 5321 4.5.1: the relay's postmaster, from anyone; "<postmaster>" is the
+    # one at the relay's hostname (relay.test here), routed like any other.
+    Probe("postmaster without a domain", [EHLO, MAIL, Step("RCPT TO:<postmaster>", "250 2.1.5")]),
+    Probe("PostMaster in any case", [EHLO, MAIL, Step("RCPT TO:<PostMaster>", "250 2.1.5")]),
+    Probe(
+        "postmaster at the relay's hostname",
+        [EHLO, MAIL, Step("RCPT TO:<postmaster@relay.test>", "250 2.1.5")],
+    ),
+    Probe(
+        "anyone else at the relay's hostname is relaying",
+        [EHLO, MAIL, Step("RCPT TO:<root@relay.test>", "554 5.7.1")],
+    ),
+    Probe("postmaster is no sender", [EHLO, Step("MAIL FROM:<postmaster>", "553 5.1.3")]),
     Probe(
         "null sender cannot be a recipient",
         [EHLO, MAIL, Step("RCPT TO:<>", "501 5.1.3")],
@@ -135,7 +155,7 @@ PROBES = [
     ),
     Probe(
         "a bare CR smuggling a header into an address",
-        [EHLO, Step(b"MAIL FROM:<a\rBcc: x@client.test>\r\n", "553 5.1.3")],
+        [EHLO, Step(b"MAIL FROM:<a\rBcc: x@client.test>\r\n", "500 5.5.2", contains="bare <CR>")],
     ),
     Probe(
         "unknown MAIL parameter",
@@ -146,6 +166,51 @@ PROBES = [
     Probe("RCPT before MAIL", [EHLO, Step("RCPT TO:<user@example.com>", "503 5.5.1")]),
     Probe("DATA before RCPT", [EHLO, MAIL, Step("DATA", "503 5.5.1")]),
     Probe("2000-byte command line", [EHLO, Step("NOOP " + "x" * 2000, "500 5.5.2")]),
+    # RFC 5321 4.5.3.1.4: 512 octets with CRLF is the least a server must take;
+    # aiosmtpd takes 512 and the CRLF. SIZE (RFC 1870) adds 26 to MAIL, SMTPUTF8
+    # (RFC 6531) 10.
+    Probe("512-octet command line", [EHLO, Step("NOOP " + "x" * 507, "250")]),
+    Probe("513-octet command line", [EHLO, Step("NOOP " + "x" * 508, "500 5.5.2")]),
+    Probe("548-octet MAIL after EHLO", [EHLO, Step(padded_mail(548), "250 2.1.0")]),
+    Probe("549-octet MAIL after EHLO", [EHLO, Step(padded_mail(549), "500 5.5.2")]),
+    # Command lines end in CRLF only (RFC 5321 2.3.8; Postfix's smtpd_forbid_bare_newline)
+    Probe(
+        "a command ending in a bare LF is refused, not carried out",
+        [
+            EHLO,
+            Step(b"MAIL FROM:<a@client.test>\n", "500 5.5.2", contains="bare <LF>"),
+            Step("RCPT TO:<user@example.com>", "503 5.5.1"),
+        ],
+    ),
+    Probe(
+        "a bare LF ending DATA's command line",
+        [EHLO, MAIL, Step("RCPT TO:<user@example.com>", "250"), Step(b"DATA\n", "500 5.5.2")],
+    ),
+    Probe(
+        "a bare CR inside a command line",
+        [EHLO, Step(b"NOOP\rRSET\r\n", "500 5.5.2", contains="bare <CR>", absent="\r")],
+    ),
+    # No client bytes echoed raw in a reply
+    Probe(
+        "a NUL in a command",
+        [EHLO, Step(b"NO\x00OP\r\n", "500 5.5.2", absent="\x00")],
+    ),
+    Probe(
+        "an escape sequence as a command",
+        [EHLO, Step(b"\x1b[2J\x1b]0;pwned\x07\r\n", "500 5.5.2", absent="\x1b")],
+    ),
+    Probe(
+        "an unknown command is not echoed",
+        [EHLO, Step("XYZZY-" + "A" * 200, "500 5.5.2", absent="XYZZY")],
+    ),
+    Probe(
+        "control bytes in VRFY",
+        [EHLO, Step(b"VRFY \x01\x07\x7f\xc2\x85x\r\n", "502", absent="\x07")],
+    ),
+    Probe(
+        "undecodable octets in VRFY",
+        [EHLO, Step(b"VRFY \xff\r\n", "502 5.5.1")],
+    ),
     # Limits
     Probe(
         "too many recipients",
@@ -154,6 +219,17 @@ PROBES = [
             MAIL,
             *[Step(f"RCPT TO:<u{n}@example.com>", "250") for n in range(MAX_RECIPIENTS)],
             Step("RCPT TO:<one-more@example.com>", "452 4.5.3"),
+        ],
+    ),
+    Probe(
+        "the same recipient again is one recipient, and maxRecipients counts it once",
+        [
+            EHLO,
+            MAIL,
+            *[Step(f"RCPT TO:<u{n}@example.com>", "250 2.1.5") for n in range(MAX_RECIPIENTS)],
+            Step("RCPT TO:<u0@example.com>", "250 2.1.5"),
+            Step("RCPT TO:<u0@EXAMPLE.Com>", "250 2.1.5"),
+            Step("RCPT TO:<U0@example.com>", "452 4.5.3"),  # local parts compare exactly
         ],
     ),
     Probe(
@@ -185,6 +261,29 @@ PROBES = [
             Step(message(b"x" * 2000), "552 5.6.0"),
         ],
     ),
+    # Lines as the next hop will get them: 1000 octets with CRLF (RFC 5321
+    # 4.5.3.1.6), after bare CR/LF became CRLF and with delivery's dot-stuffing.
+    # Over it, the next hop refuses and the bounce goes to any MAIL FROM given.
+    Probe(
+        "a line over-long only as sent (bare LF, then dot-stuffing): no backscatter",
+        [
+            EHLO,
+            Step("MAIL FROM:<victim@outside.test>", "250"),
+            Step("RCPT TO:<user@example.com>", "250"),
+            Step("DATA", "354"),
+            Step(message(b"trigger\n." + b"x" * 998), "552 5.6.0"),
+        ],
+    ),
+    Probe(
+        "a line that delivery's dot-stuffing takes to 1001 octets",
+        [*DATA, Step(message(b"trigger\n." + b"x" * 997), "552 5.6.0")],
+    ),
+    Probe(
+        "a line that dot-stuffing takes to 1000 octets",
+        [*DATA, Step(message(b"trigger\n." + b"x" * 996), "250 2.0.0")],
+    ),
+    Probe("a 999-octet line and CRLF", [*DATA, Step(message(b"y" * 999), "552 5.6.0")]),
+    Probe("a 998-octet line and CRLF", [*DATA, Step(message(b"y" * 998), "250 2.0.0")]),
     Probe(
         "too many header fields",
         [

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import argon2
 import bcrypt
 import pytest
 from kurrier.core.loader import parse_documents
-from kurrier.core.routing import CompiledPolicy, compile_table
+from kurrier.core.routing import CompiledPolicy, RoutingTable, compile_table
+from kurrier.delivery.smtp_client import to_wire_body
+from kurrier.ingress.command_lines import BARE_NEWLINE_COMMAND, CommandLineReader
 from kurrier.ingress.connection_gate import ConnectionGate, client_key
 from kurrier.ingress.data_reader import DataLimits, DataReader
 from kurrier.ingress.handler import decode_plain
 from kurrier.ingress.identities import password_matches
-from kurrier.ingress.relay_policy import check_sender_identity
+from kurrier.ingress.relay_policy import check_recipient, check_sender_identity, recipient_key
 from kurrier.ingress.smtp_path import parse_path
-from kurrier.ingress.smtp_replies import with_enhanced_code
+from kurrier.ingress.smtp_replies import safe_reply, with_enhanced_code
 from kurrier.ingress.token_buckets import TokenBuckets
 from kurrier.ingress.token_review import looks_like_token
 
@@ -66,6 +70,36 @@ def test_data_reader_limits(wire: bytes, limits: DataLimits, refusal: str) -> No
 def test_data_reader_allows_a_full_line_with_a_transparency_dot() -> None:
     line = b"." + b"z" * 998 + b"\r\n"
     assert _read(line + b".\r\n").content() == line[1:]
+
+
+@pytest.mark.parametrize(
+    ("wire", "accepted"),
+    [
+        (b"y" * 998 + b"\r\n", True),
+        (b"y" * 999 + b"\r\n", False),  # 1001 octets with CRLF (RFC 5321 4.5.3.1.6)
+        # Stored ".z*996" is sent dot-stuffed again: 998 octets and CRLF.
+        (b".." + b"z" * 996 + b"\r\n", True),
+        (b".." + b"z" * 997 + b"\r\n", False),
+        # After a bare LF nothing is unstuffed, but delivery stuffs the dot.
+        (b"a\n." + b"x" * 996 + b"\r\n", True),
+        (b"a\n." + b"x" * 997 + b"\r\n", False),
+        (b"trigger\n." + b"x" * 998 + b"\r\n", False),  # the backscatter trigger
+        (b"a\r" + b"x" * 998 + b"\r\n", True),
+        (b"a\r" + b"x" * 999 + b"\r\n", False),
+        (b"a\r\r." + b"x" * 997 + b"\r\n", False),
+        (b"a\r\n." + b"x" * 998 + b"\nb\r\n", True),
+    ],
+)
+def test_data_reader_measures_each_line_as_delivery_sends_it(wire: bytes, accepted: bool) -> None:
+    limits = DataLimits(max_size=10_000)
+    for step in (1, 7, 999, 5000):
+        reader = _read(wire + b".\r\n", limits, step=step)
+        assert (reader.refusal is None) == accepted, (step, reader.refusal)
+        if accepted:
+            sent = to_wire_body(reader.content())
+            assert max(map(len, sent.split(b"\r\n"))) + 2 <= 1000
+        else:
+            assert reader.refusal is not None and reader.refusal.startswith("552 5.6.0")
 
 
 @pytest.mark.parametrize(
@@ -131,6 +165,106 @@ def test_connection_gate() -> None:
 )
 def test_enhanced_codes(reply: str, enhanced: str) -> None:
     assert with_enhanced_code(reply) == enhanced
+
+
+@pytest.mark.parametrize(
+    ("reply", "safe"),
+    [
+        ('500 Error: command "NO\x00OP" not recognized', "500 Error: command not recognized"),
+        ('500 Error: command "X\x1b[2J" not recognized', "500 Error: command not recognized"),
+        ("502 Could not VRFY \x01\x07\x1b[0m\r\n\x85\u2028", "502 Could not VRFY [0m"),
+        ("501 Syntax: VRFY \udcff<x>", "501 Syntax: VRFY <x>"),
+        ("553 5.6.7 <jürgen@bücher.test>: a non-ASCII address needs SMTPUTF8", None),
+        ("250 2.0.0 Ok: queued as 01J", None),
+    ],
+)
+def test_replies_never_echo_control_characters(reply: str, safe: str | None) -> None:
+    assert safe_reply(reply) == (safe or reply)
+
+
+def _command_lines(wire: bytes, count: int) -> list[bytes]:
+    async def read() -> list[bytes]:
+        reader = CommandLineReader()
+        reader.feed_data(wire)
+        reader.feed_eof()
+        return [await reader.readuntil() for _ in range(count)]
+
+    return asyncio.run(read())
+
+
+def test_command_lines_end_in_crlf_only() -> None:
+    lf, cr = (f"{BARE_NEWLINE_COMMAND} {kind}\r\n".encode() for kind in ("LF", "CR"))
+    lines = _command_lines(b"NOOP\r\nMAIL FROM:<a@b.test>\nRSET\rQUIT\r\nX\r\r\nDATA\r\n", 5)
+    assert lines == [b"NOOP\r\n", lf, cr, cr, b"DATA\r\n"]
+    # Whatever aiosmtpd does with a line, it cuts it at the first LF: an LF inside
+    # the marker cannot come from a client.
+    assert b"\n" in BARE_NEWLINE_COMMAND.encode().rstrip(b"\n")
+
+    async def other_separators() -> list[bytes]:
+        reader = CommandLineReader()
+        reader.feed_data(b"abc\n.\r\nAUTH\n")
+        return [await reader.readuntil(b".\r\n"), await reader.readline()]
+
+    assert asyncio.run(other_separators()) == [b"abc\n.\r\n", b"AUTH\n"]
+
+
+def _postmaster_table(routed: bool) -> RoutingTable:
+    documents = [
+        {
+            "apiVersion": "kurrier.io/v1alpha1",
+            "kind": "RelayDomain",
+            "metadata": {"name": "in"},
+            "spec": {"domain": "in.test", "acceptInbound": True},
+        },
+        {
+            "apiVersion": "kurrier.io/v1alpha1",
+            "kind": "RelayRoute",
+            "metadata": {"name": "r"},
+            "spec": {
+                "match": {"recipientDomains": ["in.test", "relay.test"] if routed else ["in.test"]},
+                "destination": {"smarthost": {"host": "h"}},
+            },
+        },
+    ]
+    return compile_table(parse_documents(documents, "t"))[0]
+
+
+@pytest.mark.parametrize(
+    ("recipient", "routed", "reply"),
+    [
+        ("postmaster@relay.test", True, None),
+        ("PostMaster@Relay.Test", True, None),
+        ("postmaster@relay.test", False, "451 4.4.0"),
+        ("root@relay.test", True, "554 5.7.1"),
+        ("postmaster@elsewhere.test", True, "554 5.7.1"),
+        ("user@in.test", False, None),
+    ],
+)
+def test_the_relays_postmaster_is_open_to_anyone(
+    recipient: str, routed: bool, reply: str | None
+) -> None:
+    table = _postmaster_table(routed)
+    result = check_recipient(
+        table, "192.0.2.1", False, recipient, "", postmaster_domain="relay.test"
+    )
+    assert (result[:9] if result else None) == reply
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ("user@in.test", "user@in.test", True),
+        ("user@in.test", "user@IN.Test", True),
+        ("user@in.test", "user@In.Test.", True),
+        ("user@bücher.test", "user@xn--bcher-kva.test", True),
+        ("user@in.test", "User@in.test", False),  # RFC 5321 2.4: local parts are the destination's
+        ('"user"@in.test', "user@in.test", False),
+        ("Postmaster@in.test", "postmaster@in.test", True),  # RFC 5321 4.5.1
+    ],
+)
+def test_duplicate_recipients(first: str, second: str, same: bool) -> None:
+    assert (recipient_key(first) == recipient_key(second)) == same
+    assert recipient_key(first) is not None
 
 
 def test_sasl_plain() -> None:

@@ -22,6 +22,7 @@ from tests.ingress.conftest import (
 )
 from tests.ingress.smtp_probe import SmtpProbe, plain
 from tests.support.processes import wait_until
+from tests.support.sink import Received
 
 
 def _greeted(relay: HostileRelay, ip: str, port: int | None = None) -> SmtpProbe:
@@ -174,3 +175,53 @@ def test_smuggling_cannot_end_data_early(hostile_relay: HostileRelay, fake_end: 
     # Stored with CRLF only: no next hop can read a different end of data into it.
     assert body.count(b"\r") == body.count(b"\n") == body.count(b"\r\n")
     assert not [m for m in hostile_relay.sink.messages if m.content.startswith(b"Smuggled")]
+
+
+def _delivered(relay: HostileRelay, marker: str) -> list[Received]:
+    def arrived() -> bool:
+        return any(marker.encode() in m.content for m in relay.sink.messages)
+
+    wait_until(arrived, 60, "the message at the sink")
+    return [m for m in relay.sink.messages if marker.encode() in m.content]
+
+
+def _send(relay: HostileRelay, recipients: list[str], body: bytes) -> None:
+    with _greeted(relay, fresh_ip()) as smtp:
+        smtp.command("EHLO probe.test")
+        assert smtp.command("MAIL FROM:<someone@client.test>").startswith("250 2.1.0")
+        for recipient in recipients:
+            reply = smtp.command(f"RCPT TO:<{recipient}>")
+            assert reply.startswith("250 2.1.5"), (recipient, reply.text)
+        assert smtp.command("DATA").code == 354
+        smtp.send(body + b"\r\n.\r\n")
+        assert smtp.reply().startswith("250 2.0.0")
+
+
+def test_duplicate_recipients_get_one_copy(hostile_relay: HostileRelay) -> None:
+    """Domains compare case-insensitively, local parts exactly (RFC 5321 2.4)."""
+    marker = uuid.uuid4().hex
+    given = ["user@example.com"] * 3 + ["user@EXAMPLE.Com", "User@Example.Com"]
+    _send(hostile_relay, given, f"Subject: {marker}\r\n\r\nonce".encode())
+    time.sleep(1)  # a second copy, had there been one, comes with the first
+    messages = _delivered(hostile_relay, marker)
+    recipients = sorted(r for m in messages for r in m.recipients)
+    assert recipients == ["User@Example.Com", "user@example.com"], messages
+
+
+def test_postmaster_without_a_domain_is_the_relays_postmaster(hostile_relay: HostileRelay) -> None:
+    marker = uuid.uuid4().hex
+    _send(hostile_relay, ["postmaster"], f"Subject: {marker}\r\n\r\nhello".encode())
+    [message] = _delivered(hostile_relay, marker)
+    assert message.recipients == ("postmaster@relay.test",)
+
+
+def test_the_longest_lines_as_sent_reach_the_next_hop(hostile_relay: HostileRelay) -> None:
+    """Lines ingress took are lines the next hop takes: no refusal, so no bounce."""
+    marker = uuid.uuid4().hex
+    stored = [b"y" * 998, b".", b"." + b"x" * 996, b"z" * 998]
+    # On the wire: a bare LF before the dotted line (so it is not unstuffed), and
+    # a transparency dot before the last.
+    body = b"\r\n".join([f"Subject: {marker}\r\n".encode(), b"y" * 998 + b"\n.\n." + b"x" * 996])
+    _send(hostile_relay, ["user@example.com"], body + b"\r\n." + b"z" * 998)
+    [message] = _delivered(hostile_relay, marker)
+    assert message.content.endswith(b"\r\n\r\n" + b"\r\n".join(stored) + b"\r\n")

@@ -9,6 +9,14 @@ End of data is only <CRLF>.<CRLF> (RFC 5321 4.1.1.4): a bare LF or CR before
 or after the dot never ends it (SMTP smuggling, Dec 2023). Lines are
 dot-unstuffed (RFC 5321 4.5.2), then every bare CR or LF left inside becomes
 CRLF, so the stored message has one meaning for every next hop.
+
+Lines are measured as delivery will send them, since a next hop that refuses
+a line makes the queue bounce the message to whatever MAIL FROM the client
+gave (backscatter): after that normalisation, and with the dot that
+delivery's dot-stuffing puts before a line starting with "." (it may send by
+DATA even when the next hop offers BDAT). A bare LF can turn the tail of a
+line into a line of its own, and nothing after a bare LF is unstuffed, so a
+run that came with a transparency dot may go out with one too.
 """
 
 from __future__ import annotations
@@ -23,7 +31,10 @@ TERMINATOR = b"\r\n.\r\n"
 _LINE_START_DOT = b"\r\n."
 
 TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-LINE_TOO_LONG = "552 5.6.0 Message has a line longer than {limit} octets (RFC 5321 4.5.3.1.6)"
+LINE_TOO_LONG = (
+    "552 5.6.0 Message has a line longer than {limit} octets as sent, CRLF included"
+    " (RFC 5321 4.5.3.1.6)"
+)
 HEADER_TOO_BIG = "552 5.6.0 Message header section larger than {limit} octets"
 TOO_MANY_HEADERS = "552 5.6.0 Message has more than {limit} header fields"
 TOO_MANY_HOPS = "554 5.4.6 Too many Received headers (more than {limit}): mail loop?"
@@ -35,7 +46,7 @@ _RECEIVED = re.compile(rb"received[ \t]*:", re.IGNORECASE)
 @dataclass(frozen=True)
 class DataLimits:
     max_size: int
-    # Octets per line including CRLF (RFC 5321 4.5.3.1.6); one transparency dot is extra.
+    # Octets per line as delivery sends it: CRLF and any transparency dot included.
     max_line_length: int = 1000
     max_header_size: int = 256 * 1024
     max_headers: int = 1000
@@ -60,6 +71,8 @@ class DataReader:
         self._after_cr = False
         # A line starting with "." has come, so stored lines need unstuffing.
         self._dotted = False
+        # A run near the line length limit has come: stored lines need measuring.
+        self._near_limit = False
         self._parts: list[bytes] = []
         self._size = 0
         self._in_headers = True
@@ -141,6 +154,10 @@ class DataReader:
         both: the runs' lengths give the longest, and the octets between them
         are all CRLF exactly when there are two per break. A CR ending raw may
         pair with an LF starting the next, so it is left for then.
+
+        Each run is one stored line, sent with at most one dot more or less than
+        it came with: a run of the limit or more is refused here, before it is
+        held; one within two octets of it has its line measured when stored.
         """
         limit = self._limits.max_line_length
         lead_lf = self._after_cr and raw.startswith(b"\n")
@@ -154,9 +171,12 @@ class DataReader:
                 self._run = 0
             return
         runs = core.splitlines()
-        if self._run + len(runs[0]) >= limit or max(map(len, runs)) >= limit:
+        longest = max(self._run + len(runs[0]), max(map(len, runs)))
+        if longest >= limit:
             self._refuse(LINE_TOO_LONG.format(limit=limit))
             return
+        if longest + len(b".") + len(_NEWLINE_OCTETS) > limit:
+            self._near_limit = True
         open_end = core[-1] not in _NEWLINE_OCTETS
         breaks = len(runs) - open_end
         if tail_cr or not open_end:
@@ -176,12 +196,26 @@ class DataReader:
             text = text.replace(_LINE_START_DOT, b"\r\n")
         if self._bare:
             text = normalise_line_endings(text)
+        if self._near_limit:
+            self._measure(text)
+            if self.refusal:
+                return
         if self._in_headers:
             self._count_headers(text)
             if self.refusal:
                 return
         self._size += len(text)
         self._parts.append(text)
+
+    def _measure(self, text: bytes) -> None:
+        """Refuse if a stored line goes out longer than the limit (RFC 5321 4.5.3.1.6),
+        counting the dot delivery stuffs before a line starting with "."."""
+        limit = self._limits.max_line_length
+        room = limit - len(_NEWLINE_OCTETS)
+        for line in text.split(_NEWLINE_OCTETS):
+            if len(line) + line.startswith(b".") > room:
+                self._refuse(LINE_TOO_LONG.format(limit=limit))
+                return
 
     def _count_headers(self, text: bytes) -> None:
         if text.startswith(b"\r\n"):

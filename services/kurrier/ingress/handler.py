@@ -11,6 +11,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from kurrier.core.message import new_queue_id
+from kurrier.core.resources import normalise_domain
 from kurrier.core.routing import CompiledPolicy, domain_of
 from kurrier.core.smtp_text import header_section
 from kurrier.core.table_store import TableFollower
@@ -18,8 +19,13 @@ from kurrier.ingress.connection_gate import client_key
 from kurrier.ingress.identities import Identities
 from kurrier.ingress.queue_client import QueueClient, QueueFull, QueueUnavailable
 from kurrier.ingress.received import protocol_name, received_header, tls_description
-from kurrier.ingress.relay_policy import check_recipient, check_sender, check_sender_identity
-from kurrier.ingress.smtp_session import NULL_PATH, IngressSMTP
+from kurrier.ingress.relay_policy import (
+    check_recipient,
+    check_sender,
+    check_sender_identity,
+    recipient_key,
+)
+from kurrier.ingress.smtp_session import NULL_PATH, IngressSMTP, RelayEnvelope
 from kurrier.ingress.spans import receiving
 from kurrier.ingress.token_buckets import TokenBuckets
 from kurrier.ingress.token_review import Review
@@ -75,6 +81,10 @@ class RelayHandler:
         self._tables = tables
         self._queue = queue
         self._hostname = hostname
+        try:  # "<postmaster>" is the postmaster at the hostname (smtp_session.py)
+            self._postmaster_domain = normalise_domain(hostname)
+        except UnicodeError:
+            self._postmaster_domain = ""
         self._identities = identities
         self._auth_failures_per_minute = auth_failures_per_minute
         self._failures = TokenBuckets()
@@ -227,21 +237,30 @@ class RelayHandler:
             return "451 4.3.0 Relay starting up, try again shortly"
         table = self._tables.table
         client_ip = peer_ip(session)
-        if len(envelope.rcpt_tos) >= table.policy.max_recipients:
-            return "452 4.5.3 Too many recipients"
         if not address.isascii() and not envelope.smtp_utf8:
             return f"553 5.6.7 <{address}>: a non-ASCII address needs SMTPUTF8"
+        # A recipient given again is the same mailbox with the same decisions: 250,
+        # as Postfix answers, but one copy, and one recipient of maxRecipients.
+        key = recipient_key(address)
+        keys = _recipient_keys(envelope)
+        if key is not None and key in keys:
+            return "250 2.1.5 Ok"
+        if len(envelope.rcpt_tos) >= table.policy.max_recipients:
+            return "452 4.5.3 Too many recipients"
         refusal = check_recipient(
             table,
             client_ip=client_ip,
             authenticated=bool(session.authenticated),
             recipient=address,
             sender_domain=domain_of(sender_of(envelope)),
+            postmaster_domain=self._postmaster_domain,
         )
         if refusal:
             return refusal
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        if key is not None:
+            keys.add(key)
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -320,6 +339,13 @@ async def _initial_or_challenge(server: SMTP, args: list[str], challenge: str) -
         await server.push("500 5.5.6 Authentication exchange line is too long")
         return None
     return answer if isinstance(answer, bytes) else None
+
+
+def _recipient_keys(envelope: Envelope) -> set[tuple[str, str]]:
+    """The recipient keys of envelope's recipients so far."""
+    if isinstance(envelope, RelayEnvelope):
+        return envelope.recipient_keys
+    return {key for key in map(recipient_key, envelope.rcpt_tos) if key is not None}
 
 
 def peer_ip(session: Session) -> str:

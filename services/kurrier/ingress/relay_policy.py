@@ -11,6 +11,8 @@ from kurrier.core.routing import CompiledPolicy, RoutingTable, domain_matches, d
 # the routing characters ('@' of a quoted "user@host", '%' and '!') that let old
 # relays forward mail onward.
 _LOCAL_PART_RE = re.compile(r'^([^\s@"<>()\[\]\\,;:%!]+|"[^"\\\r\n@%!]*")$')
+# The reserved mailbox every relay has (RFC 5321 4.5.1), case-insensitive.
+POSTMASTER = "postmaster"
 
 
 def split_address(address: str) -> tuple[str, str] | None:
@@ -29,19 +31,47 @@ def split_address(address: str) -> tuple[str, str] | None:
     return local, domain
 
 
+def recipient_key(address: str) -> tuple[str, str] | None:
+    """What makes two recipients of a transaction the same, or None if not a mailbox.
+
+    The domain compares case-insensitively (and as A-labels); the local part
+    exactly, as given: it is the destination's to interpret (RFC 5321 2.4), and
+    a relay cannot know whether it folds case. Only "postmaster", case-insensitive
+    by RFC 5321 4.5.1, is folded.
+    """
+    parts = split_address(address)
+    if parts is None:
+        return None
+    local, domain = parts
+    return (POSTMASTER if local.lower() == POSTMASTER else local), domain
+
+
 def check_recipient(
     table: RoutingTable,
     client_ip: str,
     authenticated: bool,
     recipient: str,
     sender_domain: str,
+    *,
+    postmaster_domain: str = "",
 ) -> str | None:
-    """None if the recipient is acceptable, else the SMTP reply refusing it."""
+    """None if the recipient is acceptable, else the SMTP reply refusing it.
+
+    The postmaster at postmaster_domain (the relay's hostname) is accepted from
+    anyone (RFC 5321 4.5.1): it is one fixed mailbox, so no open relay. Like any
+    recipient it needs a route.
+    """
     parts = split_address(recipient)
     if parts is None:
         return f"501 5.1.3 <{recipient}>: bad recipient address syntax"
-    domain = parts[1]
-    if not (authenticated or table.accepts_inbound(domain) or table.is_trusted(client_ip)):
+    local, domain = parts
+    own_postmaster = local.lower() == POSTMASTER and domain == postmaster_domain
+    if not (
+        own_postmaster
+        or authenticated
+        or table.accepts_inbound(domain)
+        or table.is_trusted(client_ip)
+    ):
         return f"554 5.7.1 <{recipient}>: relay access denied"
     if table.route_for(domain, sender_domain) is None:
         return f"451 4.4.0 <{recipient}>: no route to the recipient's domain, try again later"

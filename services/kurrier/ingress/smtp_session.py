@@ -3,9 +3,10 @@
 Policy stays in the handler (handler.py). This subclass only adds what
 aiosmtpd offers no option or hook for, each override saying why: admission
 (connection limits, drain) before the greeting, a session time limit, a
-bounded DATA reader, the strict RFC 5321 path parser, enhanced status codes on
-its built-in replies, replies to pipelined commands written together, and
-closing the connection after every 421.
+bounded DATA reader, the strict RFC 5321 path parser, command lines that end
+in CRLF only, "<postmaster>" as a recipient, replies without the client's
+control bytes and with enhanced status codes, replies to pipelined commands
+written together, and closing the connection after every 421.
 
 STARTTLS is aiosmtpd's own and already right: when the handshake completes it
 clears every byte the client pipelined after STARTTLS (CVE-2011-0411) and
@@ -18,20 +19,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import ssl
 import weakref
 from dataclasses import dataclass
 from typing import Any, cast
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, Envelope, syntax
 from kurrier.core.metrics import rejected
 from kurrier.core.table_store import TableFollower
+from kurrier.ingress.command_lines import BARE_NEWLINE, BARE_NEWLINE_COMMAND, CommandLineProtocol
 from kurrier.ingress.connection_gate import SHUTTING_DOWN, ConnectionGate
 from kurrier.ingress.data_reader import DataLimits, DataReader
 from kurrier.ingress.pipelined_replies import PipelinedReplies
 from kurrier.ingress.session_limits import SessionLimits
 from kurrier.ingress.smtp_path import parse_path
-from kurrier.ingress.smtp_replies import with_enhanced_code
+from kurrier.ingress.smtp_replies import safe_reply, with_enhanced_code
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,11 @@ log = logging.getLogger(__name__)
 NULL_PATH = "<>"
 # RFC 4954 4: an AUTH line with its initial response may be 12288 octets.
 AUTH_LINE_LIMIT = 12288
+# RFC 1870 6: SIZE (which the handler offers, not aiosmtpd) adds 26 to MAIL's
+# line; aiosmtpd adds SMTPUTF8's 10 (RFC 6531 3.4) itself at EHLO.
+SIZE_PARAMETER = 26
+# RFC 5321 4.1.1.3: "RCPT TO:<Postmaster>", no domain, is this server's postmaster.
+_POSTMASTER = re.compile(r"^(TO:\s*)<postmaster>(?=\s|$)", re.IGNORECASE)
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 SESSION_TIMEOUT = "421 4.4.2 Session time limit reached, closing connection"
 
@@ -73,9 +81,17 @@ class Sessions:
             session.drain()
 
 
-class IngressSMTP(SMTP):
+class RelayEnvelope(Envelope):
+    def __init__(self) -> None:
+        super().__init__()
+        # relay_policy.recipient_key of each of rcpt_tos: a duplicate RCPT is not added.
+        self.recipient_keys: set[tuple[str, str]] = set()
+
+
+class IngressSMTP(SMTP, CommandLineProtocol):
     # The StreamReader's limit: how much of one line (or DATA chunk) is held at
-    # once. Commands are still cut at 512 octets (AUTH at 12288) by aiosmtpd.
+    # once. aiosmtpd still cuts commands at 512 octets and the CRLF (RFC 5321
+    # 4.5.3.1.4 asks for at least 512 with the CRLF), AUTH at 12288.
     line_length_limit = 64 * 1024
 
     def __init__(
@@ -105,10 +121,13 @@ class IngressSMTP(SMTP):
             command_call_limit=limits.command_budgets(),
         )
         # aiosmtpd keeps command size limits in one class-wide dict that every EHLO
-        # grows; each session gets its own, with room for AUTH.
+        # grows; each session gets its own, with room for AUTH and for SIZE on MAIL.
         self.command_size_limits = collections.defaultdict(
-            lambda: self.command_size_limit, {"AUTH": AUTH_LINE_LIMIT}
+            lambda: self.command_size_limit,
+            {"AUTH": AUTH_LINE_LIMIT, "MAIL": self.command_size_limit + SIZE_PARAMETER},
         )
+        # A line with a bare CR or LF reaches aiosmtpd as this command (command_lines.py).
+        self._smtp_methods[BARE_NEWLINE_COMMAND] = self._refuse_bare_newline
         self.listener = listener
         self._sessions = sessions
         self._admitted_ip: str | None = None
@@ -183,7 +202,7 @@ class IngressSMTP(SMTP):
         if isinstance(status, bytes):  # AUTH challenges
             await self._replies.send(status)
             return
-        status = with_enhanced_code(status)
+        status = with_enhanced_code(safe_reply(status))
         if status[:1] in ("4", "5"):
             rejected(status)
         await self._replies.send(status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii"))
@@ -211,7 +230,23 @@ class IngressSMTP(SMTP):
             return
         await super().smtp_AUTH(arg)
 
+    async def _refuse_bare_newline(self, kind: str) -> None:
+        await self.push(BARE_NEWLINE.format(kind=kind))
+
     # -- MAIL/RCPT paths --------------------------------------------------------------
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        # RFC 5321 4.1.1.3 and 4.5.1: "<Postmaster>" without a domain is the
+        # postmaster of this server, here of its hostname (the routes decide
+        # where that goes). Not a mailbox, so the path parser refuses it.
+        if arg is not None:
+            own = f"<postmaster@{self.hostname}>"
+            arg = _POSTMASTER.sub(lambda found: found[1] + own, arg, count=1)
+        await super().smtp_RCPT(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # aiosmtpd parses paths with the e-mail header parser (comments, spaces
