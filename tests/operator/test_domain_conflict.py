@@ -1,0 +1,69 @@
+"""Two RelayDomains declaring one domain, as real objects on the API server.
+
+The routing table takes one of them (the first by namespace and name, so
+every replica, and every restart, picks the same one whatever order the
+objects arrived in); the other is marked Ready=False with reason Conflict,
+with a Warning Event, and is left out. Deleting the one in use hands the
+domain to the other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tests.operator.objects import apply, delete, events_of, wait_for_status
+from tests.operator.operator_process import OperatorProcess
+from tests.operator.published_table import wait_for_table
+from tests.support.kube import Api
+from tests.support.nats import NatsServer
+from tests.support.relay import route
+
+SHARED = "shared.test"
+CONFLICT = f"domain '{SHARED}' is declared by more than one RelayDomain"
+
+
+def _domain(name: str, accept_inbound: bool) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "kurrier.io/v1alpha1",
+            "kind": "RelayDomain",
+            "metadata": {"name": name},
+            "spec": {"domain": SHARED, "acceptInbound": accept_inbound},
+        }
+    )
+
+
+def test_two_relay_domains_for_one_domain_conflict(
+    kube: Api, operator_kubeconfig: Path, namespace: str, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    with OperatorProcess(tmp_path, operator_kubeconfig, nats_server.url, [namespace]):
+        apply(kube, namespace, route("everything", ["*"], 2526))
+        # Declared first, and published alone: inbound mail accepted.
+        apply(kube, namespace, _domain("b-inbound", accept_inbound=True))
+        wait_for_status(kube, "RelayDomain", namespace, "b-inbound", ready=True)
+        # A second declaration sorts first: it is the one the table keeps.
+        apply(kube, namespace, _domain("a-outbound", accept_inbound=False))
+        loser = wait_for_status(kube, "RelayDomain", namespace, "b-inbound", ready=False)
+        [condition] = loser["status"]["conditions"]
+        assert (condition["reason"], condition["message"]) == ("Conflict", CONFLICT)
+        winner = wait_for_status(kube, "RelayDomain", namespace, "a-outbound", ready=True)
+        table = wait_for_table(
+            nats_server.url,
+            lambda t: t["revision"] >= winner["status"]["tableRevision"],
+            "the table with the conflict",
+        )
+        assert [(d["domain"], d["accept_inbound"]) for d in table["domains"]] == [(SHARED, False)]
+        warnings = [e for e in events_of(kube, namespace, "b-inbound") if e["type"] == "Warning"]
+        assert [(e["reason"], e["message"]) for e in warnings] == [("Conflict", CONFLICT)]
+
+        # The one in use goes: the other is published, and Ready again.
+        delete(kube, "RelayDomain", namespace, "a-outbound")
+        wait_for_status(kube, "RelayDomain", namespace, "b-inbound", ready=True)
+        table = wait_for_table(
+            nats_server.url,
+            lambda t: [d["accept_inbound"] for d in t["domains"]] == [True],
+            "the remaining declaration in the table",
+        )
+        assert [d["domain"] for d in table["domains"]] == [SHARED]
