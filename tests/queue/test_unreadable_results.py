@@ -1,0 +1,144 @@
+"""A delivery result the queue cannot read is terminated with a log line, once.
+
+Not JSON, or JSON of the wrong shape: redelivering it would fail the same
+way forever, so the results consumer terminates it (JetStream never sends it
+again) and logs it. Results after it, on the same message's subject
+included, are applied as usual. There is no metric for dropped results
+(kurrier.core.metrics has none); the log line is all an operator sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+
+from kurrier.core.body_store import store_body
+from kurrier.core.jetstream import (
+    RESULTS_CONSUMER,
+    RESULTS_STREAM,
+    connect,
+    disconnect,
+    ensure_layout,
+    result_subject,
+)
+from kurrier.core.message import DeliveryResult, MessageRecord, RecipientOutcome, RecipientState
+from kurrier.core.records import RecordStore
+from kurrier.core.table_store import TableFollower
+from kurrier.queue.consumers import run_results
+from kurrier.queue.dispatch import mark_dispatched
+from kurrier.queue.manager import QueueManager
+from kurrier.queue.retry_schedule import RetrySchedule
+from nats.js.errors import NotFoundError
+
+from tests.support.nats import NatsServer
+
+QUEUE_ID = "READABLE000000000001"
+UNREADABLE = [
+    b"not json at all",
+    b"\xff\xfe\x00 not even text",
+    b"",
+    b"[]",
+    b'{"queue_id": 5}',
+    # JSON of the right shape but an outcome nobody knows.
+    b'{"queue_id": "READABLE000000000001", "attempt": 1,'
+    b' "outcomes": [{"address": "r@example.com", "outcome": "vanished", "reply": ""}]}',
+]
+LOGGED = "dropping an unreadable delivery result"
+
+
+class _Counter(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += LOGGED in record.getMessage()
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel, again if need be: a cancellation landing as a fetch completes can be
+    lost inside nats-py's fetch (asyncio.wait_for on Python 3.11), as it is when a
+    broken consumer redelivers in a tight loop."""
+    deadline = time.monotonic() + 30
+    while not task.done():
+        assert time.monotonic() < deadline, "the consumer would not stop"
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _results_consumer(nats_url: str, logged: _Counter) -> tuple[MessageRecord, int, int, int]:
+    nc = await connect(nats_url, "test-unreadable-results")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        records = await RecordStore.open(js)
+        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+        body = b"Subject: x\r\n\r\nx\r\n"
+        now = time.time()
+        record = MessageRecord(
+            queue_id=QUEUE_ID,
+            mail_from="a@client.test",
+            recipients=[RecipientState(address="r@example.com")],
+            received_at=now,
+            size=len(body),
+            body_store=await store_body(js, QUEUE_ID, io.BytesIO(body), len(body)),
+        )
+        mark_dispatched(record, ["r@example.com"], now)
+        assert await records.create(record)
+        # Unreadable results on this message's subject and on others', then a good one.
+        for n, data in enumerate(UNREADABLE):
+            subject = result_subject(QUEUE_ID if n % 2 else f"GARBLED{n:013d}")
+            await js.publish(subject, data, stream=RESULTS_STREAM)
+        good = DeliveryResult(
+            queue_id=QUEUE_ID,
+            dispatch=1,
+            outcomes=[
+                RecipientOutcome(address="r@example.com", outcome="deferred", reply="451 4.3.0 x")
+            ],
+        )
+        await js.publish(
+            result_subject(QUEUE_ID), good.model_dump_json().encode(), stream=RESULTS_STREAM
+        )
+        consuming = asyncio.create_task(run_results(js, manager))
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                assert not consuming.done(), "the results consumer ended"
+                assert logged.count <= len(UNREADABLE), "an unreadable result came back"
+                found = await records.get(QUEUE_ID, fresh=True)
+                with contextlib.suppress(NotFoundError):  # until the consumer is made
+                    info = await js.consumer_info(RESULTS_STREAM, RESULTS_CONSUMER)
+                    settled = not (info.num_pending or info.num_ack_pending)
+                    if found and found[0].recipients[0].status == "deferred" and settled:
+                        break
+                assert time.monotonic() < deadline, "the results were not all settled"
+                await asyncio.sleep(0.05)
+        finally:
+            await _cancel(consuming)
+        stored = (await js.stream_info(RESULTS_STREAM)).state.messages
+        return found[0], stored, info.num_ack_pending, info.num_redelivered
+    finally:
+        await disconnect(nc)
+
+
+def test_unreadable_results_are_terminated_with_a_log_line(nats_server: NatsServer) -> None:
+    logged = _Counter()
+    logger = logging.getLogger("kurrier.queue.consumers")
+    logger.addHandler(logged)
+    try:
+        record, stored, ack_pending, redelivered = asyncio.run(
+            _results_consumer(nats_server.url, logged)
+        )
+    finally:
+        logger.removeHandler(logged)
+    # The good result after them was applied.
+    [recipient] = record.recipients
+    assert (recipient.status, recipient.last_reply) == ("deferred", "451 4.3.0 x")
+    # Each unreadable one: logged once, terminated (gone from the work queue), not redelivered.
+    assert logged.count == len(UNREADABLE)
+    assert (stored, ack_pending, redelivered) == (0, 0, 0)
