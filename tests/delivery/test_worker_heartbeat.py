@@ -13,6 +13,7 @@ import io
 import yaml
 from kurrier.core.body_store import store_body
 from kurrier.core.jetstream import (
+    DELIVERY_CONSUMER,
     JOBS_STREAM,
     RESULTS_STREAM,
     connect,
@@ -31,13 +32,17 @@ from tests.support.nats import NatsServer
 from tests.support.relay import route
 from tests.support.sink import Sink
 
-ACK_WAIT = 1.0
+# The worker heartbeats every ACK_WAIT / 3; a heartbeat held up past ACK_WAIT
+# (the event loop starved on a loaded machine) would let the job go to a second
+# worker, so ACK_WAIT leaves 2 s of slack for that rather than 0.67 s.
+ACK_WAIT = 3.0
 
 
 async def test_a_slow_delivery_keeps_its_job_and_is_sent_once(
     nats_server: NatsServer, sink: Sink
 ) -> None:
-    sink.behaviour.data_delay = ACK_WAIT * 4
+    # Twice ack_wait: without heartbeats the job would go out again halfway through.
+    sink.behaviour.data_delay = ACK_WAIT * 2
     nc = await connect(nats_server.url, "test-heartbeat")
     try:
         js = nc.jetstream()
@@ -73,8 +78,10 @@ async def test_a_slow_delivery_keeps_its_job_and_is_sent_once(
 
         result = DeliveryResult.model_validate_json(reported.data)
         assert [o.outcome for o in result.outcomes] == ["delivered"]
-        # The sink took longer than ack_wait three times over; one copy arrived.
+        # The sink took twice ack_wait; one copy arrived, the job was never redelivered.
         assert len(sink.messages) == 1
         assert (await js.stream_info(JOBS_STREAM)).state.messages == 0
+        info = await js.consumer_info(JOBS_STREAM, DELIVERY_CONSUMER)
+        assert info.num_redelivered == 0
     finally:
         await disconnect(nc)
