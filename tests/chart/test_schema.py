@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.chart import HelmError, Scenario, render
+from tests.support.chart import HelmError, Scenario, by_kind, env_of, find, render
+from tests.support.kube import Obj
 
 SCHEMA_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("unknown-top-level", {"replicas": 3}, ["additional properties 'replicas' not allowed"]),
@@ -219,22 +220,78 @@ def test_template_rejects(
     assert expected in message, message
 
 
-def test_good_values_pass(helm_bin: Path, tmp_path: Path) -> None:
-    """The counterpart of the cases above: near-identical but valid values render."""
-    render(
+KURRIER_SERVICES = ("ingress", "queue", "delivery", "operator")
+DIGEST = "sha256:" + "a" * 64
+
+
+def _container(objects: list[Obj], kind: str, name: str) -> Obj:
+    obj = find(objects, kind, name)
+    spec = obj["spec"] if kind == "Pod" else obj["spec"]["template"]["spec"]
+    container: Obj = spec["containers"][0]
+    return container
+
+
+def test_good_values_render_into_what_they_say(helm_bin: Path, tmp_path: Path) -> None:
+    """The counterpart of the cases above: near-identical but valid values render,
+    and each lands where it should (a value accepted and then ignored would pass
+    a test that only asks helm to exit 0)."""
+    objects = render(
         helm_bin,
         Scenario(
             "good",
             {
-                "nats": {"replicas": 5, "external": {"streamReplicas": 3}},
-                "queue": {"minBackoff": "1h30m", "probes": {"liveness": {"periodSeconds": 5}}},
-                "ingress": {"ports": {"smtp": {"nodePort": 30025}}},
+                "nats": {"replicas": 5},
+                "queue": {
+                    "minBackoff": "1h30m",
+                    "maxBackoff": "2h",
+                    "probes": {"liveness": {"periodSeconds": 5}},
+                },
+                "ingress": {
+                    "ports": {"smtp": {"nodePort": 30025}},
+                    "service": {"type": "NodePort"},
+                },
                 "delivery": {"resources": {"requests": {"cpu": 0.5, "memory": "1Gi"}}},
                 "tests": {"recipient": "postmaster@mail.example.org"},
-                "image": {"digest": "sha256:" + "a" * 64},
+                "image": {"digest": DIGEST},
                 "operator": {"namespaces": ["mail-1"]},
                 "telemetry": {"otlp": {"endpoint": "https://otel.example.com:4318"}},
             },
         ),
         tmp_path,
     )
+    assert find(objects, "StatefulSet", "kurrier-nats")["spec"]["replicas"] == 5
+    queue = _container(objects, "Deployment", "kurrier-queue")
+    assert env_of(queue)["KURRIER_MIN_BACKOFF"] == "1h30m"
+    assert env_of(queue)["KURRIER_MAX_BACKOFF"] == "2h"
+    assert queue["livenessProbe"]["periodSeconds"] == 5
+    ports = find(objects, "Service", "kurrier-ingress")["spec"]["ports"]
+    assert [p.get("nodePort") for p in ports if p["name"] == "smtp"] == [30025]
+    delivery = _container(objects, "Deployment", "kurrier-delivery")
+    assert delivery["resources"]["requests"] == {"cpu": 0.5, "memory": "1Gi"}
+    test_pod = _container(objects, "Pod", "kurrier-test-send-mail")
+    assert env_of(test_pod)["RCPT_TO"] == "postmaster@mail.example.org"
+    assert test_pod["image"].endswith(f"@{DIGEST}")
+    operator = _container(objects, "Deployment", "kurrier-operator")
+    assert env_of(operator)["KURRIER_NAMESPACES"] == "mail-1"
+    assert [r["metadata"]["namespace"] for r in by_kind(objects, "Role")] == ["mail-1"]
+    for service in KURRIER_SERVICES:
+        container = _container(objects, "Deployment", f"kurrier-{service}")
+        assert container["image"].endswith(f"@{DIGEST}"), service
+        assert env_of(container)["OTEL_EXPORTER_OTLP_ENDPOINT"] == "https://otel.example.com:4318"
+        # Five NATS nodes: kurrier's streams get three replicas.
+        assert env_of(container)["KURRIER_NATS_REPLICAS"] == "3", service
+
+
+def test_good_external_nats_values_render_into_what_they_say(
+    helm_bin: Path, tmp_path: Path
+) -> None:
+    """streamReplicas counts only with an external NATS (with the bundled one the
+    chart decides): the valid counterpart of the stream-replicas case."""
+    external = {"url": "nats://nats-0.infra:4222", "streamReplicas": 3}
+    objects = render(
+        helm_bin, Scenario("good-external", {"nats": {"external": external}}), tmp_path
+    )
+    assert by_kind(objects, "StatefulSet") == []
+    for service in KURRIER_SERVICES:
+        env = env_of(_container(objects, "Deployment", f"kurrier-{service}"))
+        assert (env["KURRIER_NATS_URL"], env["KURRIER_NATS_REPLICAS"]) == (external["url"], "3")
