@@ -19,9 +19,9 @@ from collections.abc import Callable
 from kurrier.delivery.courier import Courier
 
 from tests.delivery.attempts import job, message, table
-from tests.delivery.tcp_proxy import TcpProxy
 from tests.support.relay import route
 from tests.support.sink import Sink
+from tests.support.tcp_proxy import TcpProxy
 
 DOCUMENTED_LIMIT = 100
 

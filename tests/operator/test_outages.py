@@ -25,7 +25,6 @@ from kurrier.operator.apiserver import ApiServer, credentials
 from kurrier.operator.cluster_objects import ObservedObject
 from kurrier.operator.reconciler import ClusterView, Reconciler
 
-from tests.delivery.tcp_proxy import TcpProxy
 from tests.operator.objects import apply, delete, events_of, path_of, wait_for_status
 from tests.operator.operator_process import OperatorProcess
 from tests.operator.published_table import route_names, wait_for_table
@@ -33,6 +32,7 @@ from tests.support.kube import Api, TestCluster
 from tests.support.nats import NatsServer
 from tests.support.processes import wait_until
 from tests.support.relay import route
+from tests.support.tcp_proxy import TcpProxy
 
 # A change made while something is away shows within this once it is back
 # (the reconciler's back-off tops out at 30 s; kopf's reconnects are quicker).

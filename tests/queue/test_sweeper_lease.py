@@ -27,8 +27,8 @@ from kurrier.queue.leadership import Lease
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from tests.delivery.tcp_proxy import TcpProxy
 from tests.support.nats import NatsServer
+from tests.support.tcp_proxy import TcpProxy
 
 LEASE = "queue-sweeper"
 TTL = 3.0
