@@ -31,6 +31,7 @@ from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.worker import DeliveryWorker
 from nats.js.errors import NotFoundError
 
+from tests.support.logs import LogCounter
 from tests.support.nats import NatsServer
 from tests.support.relay import route
 from tests.support.sink import Sink
@@ -48,16 +49,7 @@ UNREADABLE = [
 LOGGED = "discarding an unreadable delivery job"
 
 
-class _Counter(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += LOGGED in record.getMessage()
-
-
-async def _deliver(nats_url: str, port: int, sink: Sink, logged: _Counter) -> tuple[int, int]:
+async def _deliver(nats_url: str, port: int, sink: Sink, logged: LogCounter) -> tuple[int, int]:
     nc = await connect(nats_url, "test-unreadable-jobs")
     try:
         js = nc.jetstream()
@@ -110,7 +102,7 @@ async def _deliver(nats_url: str, port: int, sink: Sink, logged: _Counter) -> tu
 def test_unreadable_jobs_are_terminated_with_a_log_line(
     nats_server: NatsServer, sink: Sink
 ) -> None:
-    logged = _Counter()
+    logged = LogCounter(LOGGED)
     logger = logging.getLogger("kurrier.delivery.worker")
     logger.addHandler(logged)
     try:

@@ -33,6 +33,7 @@ from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
 from nats.js.errors import NotFoundError
 
+from tests.support.logs import LogCounter
 from tests.support.nats import NatsServer
 
 QUEUE_ID = "READABLE000000000001"
@@ -49,15 +50,6 @@ UNREADABLE = [
 LOGGED = "dropping an unreadable delivery result"
 
 
-class _Counter(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += LOGGED in record.getMessage()
-
-
 async def _cancel(task: asyncio.Task[None]) -> None:
     """Cancel, again if need be: a cancellation landing as a fetch completes can be
     lost inside nats-py's fetch (asyncio.wait_for on Python 3.11), as it is when a
@@ -71,7 +63,9 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-async def _results_consumer(nats_url: str, logged: _Counter) -> tuple[MessageRecord, int, int, int]:
+async def _results_consumer(
+    nats_url: str, logged: LogCounter
+) -> tuple[MessageRecord, int, int, int]:
     nc = await connect(nats_url, "test-unreadable-results")
     try:
         js = nc.jetstream()
@@ -127,7 +121,7 @@ async def _results_consumer(nats_url: str, logged: _Counter) -> tuple[MessageRec
 
 
 def test_unreadable_results_are_terminated_with_a_log_line(nats_server: NatsServer) -> None:
-    logged = _Counter()
+    logged = LogCounter(LOGGED)
     logger = logging.getLogger("kurrier.queue.consumers")
     logger.addHandler(logged)
     try:
