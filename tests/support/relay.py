@@ -203,8 +203,10 @@ class UpRelay:
         self.ready_line = self.process.stdout.readline().decode()
         if not self.ready_line.startswith("kurrier ready"):
             self.__exit__()  # stop whatever it did start
+            tail = (self.workdir / "up.log").read_text(errors="replace").splitlines()[-40:]
             raise AssertionError(
-                f"kurrier up did not become ready: {self.ready_line!r}; see {self.workdir}/up.log"
+                f"kurrier up did not become ready: {self.ready_line!r}; the end of up.log:\n"
+                + "\n".join(tail)
             )
         return self
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import re
 import shutil
 import socket
@@ -24,10 +25,40 @@ def nats_server_binary() -> str:
     return found
 
 
+# Ports handed out by this process, never handed out twice.
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    """A port nothing listens on, for a listener that starts a moment later.
+
+    Chosen below the kernel's ephemeral range: a port from bind(0) is one the
+    kernel also gives to outgoing connections, and one of those can take it in
+    the moment before the listener binds (nats-server's route port, picked
+    before the node that uses it starts, is the usual victim).
+    """
+    low, _ = _ephemeral_range()
+    first = 10000 if low > 12000 else 1024
+    for _ in range(1000):
+        port = random.randrange(first, low)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise OSError(f"no free port between {first} and {low} on {host}")
 
 
 @dataclass(frozen=True)
