@@ -29,6 +29,14 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         ),
         (("validate", "/nonexistent.yaml"), "/nonexistent.yaml: no such file"),
         (("queue", "--min-backoff", "soon"), "'soon' is not a duration"),
+        (
+            ("queue", "--min-backoff", "2h"),
+            "--min-backoff 2h is longer than --max-backoff 1h",
+        ),
+        (
+            ("up", "--config", str(EXAMPLE), "--min-backoff", "10s", "--max-backoff", "5s"),
+            "--min-backoff 10s is longer than --max-backoff 5s",
+        ),
         (("ingress", "--smtp", "localhost"), "'localhost' is not HOST:PORT"),
         (("launch",), "invalid choice: 'launch'"),
         ((), "the following arguments are required: command"),

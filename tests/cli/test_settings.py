@@ -41,6 +41,8 @@ def test_up_gives_each_child_the_settings_it_has() -> None:
         EXAMPLE,
         "--min-backoff",
         "1s",
+        "--log-level",
+        "DEBUG",
     )
     common = {"nats_url": "nats://127.0.0.1:4333", "nats_replicas": 3, "metrics_listen": "off"}
 
@@ -63,6 +65,7 @@ def test_up_gives_each_child_the_settings_it_has() -> None:
         None,
     )
     assert (ingress.queue_address, ingress.hostname) == ("unix:/q", "relay.test")
+    assert {delivery.log_level, queue.log_level, ingress.log_level} == {"DEBUG"}
 
 
 def test_up_reads_the_variables_of_the_settings_it_passes_on(

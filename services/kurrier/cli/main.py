@@ -21,7 +21,6 @@ from kurrier.core.logs import setup_logging
 from kurrier.core.settings import (
     DELIVERY,
     INGRESS,
-    LOG_LEVEL,
     OPERATOR,
     PASSED_ON_BY_UP,
     QUEUE,
@@ -91,7 +90,6 @@ def build_parser() -> Parser:
     up.add_argument("--namespace", help="with --kubeconfig: watch only these (comma separated)")
     up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     add_settings(up, PASSED_ON_BY_UP)
-    add_settings(up, [LOG_LEVEL])
     up.add_argument(
         "--nats-cluster",
         type=int,
@@ -306,8 +304,20 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+def _check_retries(parser: Parser, args: argparse.Namespace) -> None:
+    """A first retry delay longer than the longest one is a typo, not a schedule."""
+    if not hasattr(args, "min_backoff") or getattr(args, "action", None) is not None:
+        return
+    if parse_duration(args.min_backoff) > parse_duration(args.max_backoff):
+        parser.error(
+            f"--min-backoff {args.min_backoff} is longer than --max-backoff {args.max_backoff}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_retries(parser, args)
     if args.command not in ("validate", "sink") and getattr(args, "action", None) is None:
         setup_logging(f"kurrier-{args.command}", args.log_level)
     # The long-running services: each traces and measures itself (kurrier.core.telemetry).

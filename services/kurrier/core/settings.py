@@ -274,4 +274,5 @@ PASSED_ON_BY_UP = (
     DNS_RESOLVER,
     MX_PORT,
     *RETRIES,
+    LOG_LEVEL,
 )
