@@ -8,8 +8,10 @@ from __future__ import annotations
 import email
 import email.message
 import json
+import signal
 import smtplib
 import subprocess
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -216,20 +218,38 @@ def test_connections_are_reused_and_capped_per_destination(
     assert sink.connections_total <= 20, sink.connections_total
 
 
+def _delivery_stopping(relay: UpRelay) -> bool:
+    log = (relay.workdir / "up.log").read_text(errors="replace")
+    return any(
+        '"kurrier-delivery"' in line and "taking no more jobs" in line for line in log.splitlines()
+    )
+
+
 def test_orderly_shutdown_with_mail_in_flight_delivers_everything_once(
     tmp_path: Path, sink: Sink, bounce_sink: Sink
 ) -> None:
-    sink.behaviour.data_delay = 0.05  # a slow next hop: deliveries are in flight at SIGTERM
+    # The next hop holds every transaction until delivery has been told to stop,
+    # so SIGTERM meets transactions in flight and a backlog behind them, however
+    # fast or slow the machine.
+    gate = sink.behaviour.data_gate = threading.Event()
     config = _config(sink, bounce_sink, maxConnections="2")
     accepted = []
-    with UpRelay(tmp_path, config) as relay:
-        with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=60) as smtp:
-            for number in range(100):
-                smtp.sendmail("s@senders.test", ["r@example.com"], _message(f"drain-{number}"))
-                accepted.append(f"drain-{number}")
-        sink.wait_for(5)
-    assert relay.process is not None and relay.process.returncode == 0
-    assert len(sink.messages) < 100, "the drain should have interrupted a backlog"
+    try:
+        with UpRelay(tmp_path, config) as relay:
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=60) as smtp:
+                for number in range(100):
+                    smtp.sendmail("s@senders.test", ["r@example.com"], _message(f"drain-{number}"))
+                    accepted.append(f"drain-{number}")
+            wait_until(lambda: sink.transactions_held == 2, 60, "two transactions held")
+            assert relay.process is not None
+            relay.process.send_signal(signal.SIGTERM)
+            wait_until(lambda: _delivery_stopping(relay), 60, "delivery to stop taking jobs")
+            gate.set()
+    finally:
+        gate.set()
+    assert relay.process.returncode == 0
+    # The jobs delivery held when told to stop were finished; the backlog waited.
+    assert 2 <= len(sink.messages) < 100
     # The same data dir again: whatever was left is delivered, nothing twice.
     with UpRelay(tmp_path, config) as relay:
         sink.wait_for(100, timeout=120)

@@ -43,6 +43,9 @@ class Behaviour:
     drops_mid_data: int = 0
     # Seconds each DATA takes to answer: a slow next hop, so work is in flight.
     data_delay: float = 0.0
+    # Each DATA is answered only once this is set: a next hop holding its
+    # transactions open for as long as a test needs (Sink.transactions_held).
+    data_gate: threading.Event | None = None
     # A next hop in trouble until told otherwise: every transaction gets
     # outage_reply at this phase ("greeting", "MAIL", "RCPT" or "DATA").
     outage_phase: str | None = None
@@ -146,6 +149,8 @@ class _Handler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self._sink.behaviour.data_gate is not None:
+            await self._sink.hold(self._sink.behaviour.data_gate)
         if self._sink.behaviour.data_delay:
             await asyncio.sleep(self._sink.behaviour.data_delay)
         return self._sink.take(server, envelope)
@@ -174,6 +179,8 @@ class Sink:
         self.connections_open = 0
         # Replies given at the phase of an outage (Behaviour.outage_phase).
         self.outage_replies = 0
+        # DATA commands that came to Behaviour.data_gate.
+        self.transactions_held = 0
         self.max_connections_open = 0
         self._changed = threading.Condition()
         sink = self
@@ -227,6 +234,11 @@ class Sink:
         with self._changed:
             self.connections_open -= 1
             self._changed.notify_all()
+
+    async def hold(self, gate: threading.Event) -> None:
+        with self._changed:
+            self.transactions_held += 1
+        await asyncio.to_thread(gate.wait)  # off the loop: other sessions go on
 
     def outage_reply(self, phase: str) -> str | None:
         """The reply to give at this phase while the next hop is in trouble, else None."""

@@ -74,11 +74,16 @@ class DeliveryWorker:
             ),
         )
         heartbeat = asyncio.create_task(self._heartbeat())
+        stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 free = self._settings.concurrency - len(self._in_flight)
                 if free <= 0:
-                    await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    # Or for the stop: the drain starts then, not when a slow
+                    # next hop next finishes a transaction.
+                    await asyncio.wait(
+                        [*self._in_flight, stopping], return_when=asyncio.FIRST_COMPLETED
+                    )
                     continue
                 for message in await pull_batch(subscription, batch=free, timeout=1):
                     handling = self._handle(message)
@@ -90,7 +95,9 @@ class DeliveryWorker:
                     self._in_flight[task] = message
                     task.add_done_callback(self._in_flight.pop)
         finally:
+            stopping.cancel()
             if self._in_flight:
+                log.info("taking no more jobs; finishing the %d in flight", len(self._in_flight))
                 await asyncio.wait(self._in_flight)
             heartbeat.cancel()
             await self.courier.pool.close_idle(older_than=0)
