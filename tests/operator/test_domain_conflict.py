@@ -1,14 +1,15 @@
 """Two RelayDomains declaring one domain, as real objects on the API server.
 
-The routing table takes one of them (the first by namespace and name, so
-every replica, and every restart, picks the same one whatever order the
-objects arrived in); the other is marked Ready=False with reason Conflict,
-with a Warning Event, and is left out. Deleting the one in use hands the
-domain to the other.
+The routing table keeps the older one, so creating a RelayDomain never takes
+a domain from one already in use (objects created within the same second:
+the first by namespace and name, the same on every replica and restart). The
+newer one is marked Ready=False with reason Conflict, with a Warning Event,
+and is left out. Deleting the one in use hands the domain to the other.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -18,6 +19,7 @@ from tests.operator.operator_process import OperatorProcess
 from tests.operator.published_table import wait_for_table
 from tests.support.kube import Api
 from tests.support.nats import NatsServer
+from tests.support.processes import wait_until
 from tests.support.relay import route
 
 SHARED = "shared.test"
@@ -35,6 +37,12 @@ def _domain(name: str, accept_inbound: bool) -> str:
     )
 
 
+def _created(status_object: dict[str, object]) -> datetime:
+    metadata = status_object["metadata"]
+    assert isinstance(metadata, dict)
+    return datetime.fromisoformat(metadata["creationTimestamp"])
+
+
 def test_two_relay_domains_for_one_domain_conflict(
     kube: Api, operator_kubeconfig: Path, namespace: str, nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -42,28 +50,34 @@ def test_two_relay_domains_for_one_domain_conflict(
         apply(kube, namespace, route("everything", ["*"], 2526))
         # Declared first, and published alone: inbound mail accepted.
         apply(kube, namespace, _domain("b-inbound", accept_inbound=True))
-        wait_for_status(kube, "RelayDomain", namespace, "b-inbound", ready=True)
-        # A second declaration sorts first: it is the one the table keeps.
+        first = wait_for_status(kube, "RelayDomain", namespace, "b-inbound", ready=True)
+        # Creation times have whole seconds: the newcomer must be visibly newer.
+        wait_until(
+            lambda: (datetime.now(UTC) - _created(first)).total_seconds() >= 1.5,
+            10,
+            "a creation time one second later",
+        )
+        # A newer declaration, though it sorts first by name, does not take it.
         apply(kube, namespace, _domain("a-outbound", accept_inbound=False))
-        loser = wait_for_status(kube, "RelayDomain", namespace, "b-inbound", ready=False)
+        loser = wait_for_status(kube, "RelayDomain", namespace, "a-outbound", ready=False)
         [condition] = loser["status"]["conditions"]
         assert (condition["reason"], condition["message"]) == ("Conflict", CONFLICT)
-        winner = wait_for_status(kube, "RelayDomain", namespace, "a-outbound", ready=True)
+        wait_for_status(kube, "RelayDomain", namespace, "b-inbound", ready=True)
         table = wait_for_table(
             nats_server.url,
-            lambda t: t["revision"] >= winner["status"]["tableRevision"],
+            lambda t: t["revision"] >= loser["status"]["tableRevision"],
             "the table with the conflict",
         )
-        assert [(d["domain"], d["accept_inbound"]) for d in table["domains"]] == [(SHARED, False)]
-        warnings = [e for e in events_of(kube, namespace, "b-inbound") if e["type"] == "Warning"]
+        assert [(d["domain"], d["accept_inbound"]) for d in table["domains"]] == [(SHARED, True)]
+        warnings = [e for e in events_of(kube, namespace, "a-outbound") if e["type"] == "Warning"]
         assert [(e["reason"], e["message"]) for e in warnings] == [("Conflict", CONFLICT)]
 
         # The one in use goes: the other is published, and Ready again.
-        delete(kube, "RelayDomain", namespace, "a-outbound")
-        wait_for_status(kube, "RelayDomain", namespace, "b-inbound", ready=True)
+        delete(kube, "RelayDomain", namespace, "b-inbound")
+        wait_for_status(kube, "RelayDomain", namespace, "a-outbound", ready=True)
         table = wait_for_table(
             nats_server.url,
-            lambda t: [d["accept_inbound"] for d in t["domains"]] == [True],
+            lambda t: [d["accept_inbound"] for d in t["domains"]] == [False],
             "the remaining declaration in the table",
         )
         assert [d["domain"] for d in table["domains"]] == [SHARED]

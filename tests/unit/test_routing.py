@@ -207,3 +207,45 @@ def test_a_user_defined_twice_keeps_the_first_hash_and_is_reported() -> None:
     assert table.policy.users == {"alice": HASH_A, "bob": HASH_A, "carol": HASH_B}
     assert [(p.name, p.reason) for p in problems] == [("b", "Conflict")]
     assert "'alice'" in problems[0].message
+
+
+def _created(document: dict[str, Any], when: str) -> dict[str, Any]:
+    return {**document, "metadata": {**document["metadata"], "creationTimestamp": when}}
+
+
+def test_the_older_resource_keeps_what_two_claim() -> None:
+    domain = {"apiVersion": "kurrier.io/v1alpha1", "kind": "RelayDomain"}
+    table, problems = compile_table(
+        parse_documents(
+            [
+                _created(
+                    {**domain, "metadata": {"name": "a-new"}, "spec": {"domain": "x.test"}},
+                    "2026-12-05T10:00:01Z",
+                ),
+                _created(
+                    {
+                        **domain,
+                        "metadata": {"name": "b-old"},
+                        "spec": {"domain": "x.test", "acceptInbound": True},
+                    },
+                    "2026-12-05T10:00:00Z",
+                ),
+                _created(
+                    _policy("a-new", auth={"serviceAccountAudience": "new"}),
+                    "2026-12-05T10:00:01Z",
+                ),
+                _created(
+                    _policy("b-old", auth={"serviceAccountAudience": "old"}),
+                    "2026-12-05T10:00:00Z",
+                ),
+            ],
+            "t",
+        )
+    )
+    assert [(d.domain, d.accept_inbound) for d in table.domains] == [("x.test", True)]
+    assert table.policy.service_account_audience == "old"
+    assert sorted((p.kind, p.name, p.reason) for p in problems) == [
+        ("RelayDomain", "a-new", "Conflict"),
+        ("RelayDomain", "b-old", "NoRoute"),
+        ("RelayPolicy", "a-new", "Conflict"),
+    ]

@@ -43,6 +43,7 @@ class ObservedObject:
     uid: str
     generation: int
     resource_version: str
+    created: str
     spec: Any
     status: Any
 
@@ -56,6 +57,7 @@ class ObservedObject:
             uid=metadata["uid"],
             generation=int(metadata.get("generation") or 0),
             resource_version=metadata.get("resourceVersion", ""),
+            created=metadata.get("creationTimestamp", ""),
             # Copies: kopf may replace the body under us while a reconcile reads it.
             spec=copy.deepcopy(body.get("spec")),
             status=copy.deepcopy(body.get("status")),
@@ -78,6 +80,7 @@ class ObservedObject:
                 "name": self.name,
                 "namespace": self.namespace,
                 "generation": self.generation,
+                "creationTimestamp": self.created or None,
             },
             "spec": self.spec,
         }

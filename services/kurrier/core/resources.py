@@ -61,6 +61,8 @@ class ObjectMeta(_Model):
     name: str
     namespace: str | None = None
     generation: int | None = None
+    # RFC 3339 in UTC as the API server writes it, so the text sorts by time.
+    creationTimestamp: str | None = None
 
     @field_validator("name")
     @classmethod

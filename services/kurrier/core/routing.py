@@ -253,11 +253,11 @@ def _compile_policy(
     Networks, users and sender rules add up; limits take the lowest value;
     TLS before AUTH is required if any policy requires it. What cannot be
     both (a ServiceAccount audience, a user's password hash) is taken from
-    the first policy by namespace and name, and the others are told.
+    the policy that comes first by `_precedence`, and the others are told.
     """
     if not policies:
         return CompiledPolicy()
-    policies = sorted(policies, key=lambda p: (_namespace(p), p.metadata.name))
+    policies = sorted(policies, key=_precedence)
     networks: list[str] = []
     users: dict[str, str] = {}
     rules: list[tuple[str, tuple[str, ...]]] = []
@@ -297,6 +297,18 @@ def _compile_policy(
         identity_rate_per_minute=min(identity_rates) if identity_rates else None,
         max_connections_per_client=min(p.spec.maxConnectionsPerClient for p in policies),
     )
+
+
+def _precedence(resource: RelayDomain | RelayPolicy) -> tuple[str, str, str]:
+    """Which of two resources claiming one thing keeps it: the older, then by name.
+
+    The older one keeps it, so creating a resource never takes a domain or a
+    user from one already in use; the order is the same on every replica and
+    after every restart. Resources from a file have no creation time:
+    namespace and name decide.
+    """
+    created = resource.metadata.creationTimestamp or ""
+    return (created, _namespace(resource), resource.metadata.name)
 
 
 def _add_users(
@@ -358,19 +370,18 @@ def compile_table(
     )
     domains: dict[str, CompiledDomain] = {}
     declared_by: dict[str, RelayDomain] = {}
-    for resource in resources:
-        if isinstance(resource, RelayDomain):
-            if resource.spec.domain in domains:
-                problems.append(
-                    _problem(
-                        resource,
-                        "Conflict",
-                        f"domain {resource.spec.domain!r} is declared by more than one RelayDomain",
-                    )
+    for resource in sorted((r for r in resources if isinstance(r, RelayDomain)), key=_precedence):
+        if resource.spec.domain in domains:
+            problems.append(
+                _problem(
+                    resource,
+                    "Conflict",
+                    f"domain {resource.spec.domain!r} is declared by more than one RelayDomain",
                 )
-                continue
-            domains[resource.spec.domain] = _compile_domain(resource, secrets, problems)
-            declared_by[resource.spec.domain] = resource
+            )
+            continue
+        domains[resource.spec.domain] = _compile_domain(resource, secrets, problems)
+        declared_by[resource.spec.domain] = resource
     for domain in domains.values():
         if domain.accept_inbound and not any(
             any(domain_matches(p, domain.domain) for p in route.recipient_domains)
