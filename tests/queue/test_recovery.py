@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import nats.errors
-from kurrier.core.body_store import store_body
+from kurrier.core.body_store import store_body, stored_objects
 from kurrier.core.jetstream import (
     BODIES_STREAM,
+    INLINE_BODY_LIMIT,
     JOBS_STREAM,
     MESSAGES_BUCKET,
     body_subject,
@@ -20,7 +21,7 @@ from kurrier.core.jetstream import (
     ensure_layout,
     job_subject,
 )
-from kurrier.core.message import MessageRecord, RecipientState
+from kurrier.core.message import BodyStore, MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched, publish_jobs
@@ -198,39 +199,52 @@ def test_a_record_whose_body_is_gone_is_removed_not_dispatched(nats_server: Nats
     assert (redispatched, left, jobs) == (0, [], 0)
 
 
-async def _sweep_orphaned_bodies(nats_url: str) -> tuple[int, int, list[str]]:
+async def _sweep_orphaned_bodies(nats_url: str) -> tuple[int, int, list[str], list[str]]:
     nc = await connect(nats_url, "test-sweep-bodies")
     try:
         js = nc.jetstream()
         records, sweeper = await _sweeper(js)
-        body = b"Subject: b\r\n\r\nbody\r\n"
-        for queue_id in ("ORPHANBODY0000000001", "LIVEBODY000000000001"):
-            await store_body(js, queue_id, io.BytesIO(body), len(body))
-        live = MessageRecord(
-            queue_id="LIVEBODY000000000001",
-            mail_from="a@client.test",
-            recipients=[RecipientState(address="r@example.com")],
-            received_at=time.time(),
-            size=len(body),
-            body_store="stream",
-            held=True,  # nothing else for the sweeper to do with it
-        )
-        assert await records.create(live)
-        # Now, both bodies are too young to judge; later, only the orphan goes.
+        small = b"Subject: b\r\n\r\nbody\r\n"
+        large = b"Subject: b\r\n\r\n" + b"x" * (INLINE_BODY_LIMIT + 1)
+        stored: dict[str, BodyStore] = {}
+        for queue_id, body in (
+            ("ORPHANBODY0000000001", small),
+            ("LIVEBODY000000000001", small),
+            ("ORPHANOBJECT00000001", large),
+            ("LIVEOBJECT0000000001", large),
+        ):
+            stored[queue_id] = await store_body(js, queue_id, io.BytesIO(body), len(body))
+        assert stored["LIVEOBJECT0000000001"] == "object"
+        for queue_id in ("LIVEBODY000000000001", "LIVEOBJECT0000000001"):
+            live = MessageRecord(
+                queue_id=queue_id,
+                mail_from="a@client.test",
+                recipients=[RecipientState(address="r@example.com")],
+                received_at=time.time(),
+                size=1,
+                body_store=stored[queue_id],
+                held=True,  # nothing else for the sweeper to do with it
+            )
+            assert await records.create(live)
+        # Now, every body is too young to judge; later, only the orphans go.
         _, removed_young = await sweeper.sweep()
         _, removed_old = await sweeper.sweep(now=time.time() + 2 * DISPATCH_GRACE)
         info = await js.stream_info(BODIES_STREAM, subjects_filter=body_subject("*"))
-        return removed_young, removed_old, sorted(info.state.subjects or {})
+        objects = await stored_objects(js)
+        return removed_young, removed_old, sorted(info.state.subjects or {}), sorted(objects)
     finally:
         await disconnect(nc)
 
 
 def test_a_body_no_record_refers_to_is_removed_once_old_enough(nats_server: NatsServer) -> None:
     # What a crash between a record's removal and its body's purge (or a nats-server
-    # SIGKILL before it persisted the purge) leaves behind.
-    removed_young, removed_old, left = asyncio.run(_sweep_orphaned_bodies(nats_server.url))
-    assert (removed_young, removed_old) == (0, 1)
-    assert left == [body_subject("LIVEBODY000000000001")]
+    # SIGKILL before it persisted the purge) leaves behind, small or large.
+    removed_young, removed_old, subjects, objects = asyncio.run(
+        _sweep_orphaned_bodies(nats_server.url)
+    )
+    assert (removed_young, removed_old) == (0, 2)
+    assert subjects == [body_subject("LIVEBODY000000000001")]
+    assert objects == ["LIVEOBJECT0000000001"]
 
 
 async def _read_through_a_lagging_replica(nats_url: str) -> tuple[bool, bool]:

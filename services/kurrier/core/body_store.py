@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import IO
 
 from kurrier.core.jetstream import (
@@ -70,3 +71,32 @@ async def delete_body(js: JetStreamContext, queue_id: str, where: BodyStore) -> 
             await store.delete(queue_id)
     except NotFoundError:
         pass  # already gone: deleting twice after a crash is fine
+
+
+async def stored_objects(js: JetStreamContext) -> dict[str, float]:
+    """The bodies in the object store: queue id -> when its upload began (epoch seconds)."""
+    store = await js.object_store(OBJECT_BUCKET)
+    try:
+        objects = await store.list(ignore_deletes=True)
+    except NotFoundError:
+        return {}
+    return {info.name: _upload_began(info.mtime) for info in objects if info.name}
+
+
+async def object_stored_at(js: JetStreamContext, queue_id: str) -> float | None:
+    """When the object's upload began, as the store holds it now; None when gone."""
+    store = await js.object_store(OBJECT_BUCKET)
+    try:
+        info = await store.get_info(queue_id)
+    except NotFoundError:
+        return None
+    return _upload_began(info.mtime)
+
+
+def _upload_began(mtime: str | None) -> float:
+    # The client's clock at the start of the upload (nats-py writes it into
+    # the object's metadata); an object without one is treated as new.
+    try:
+        return datetime.fromisoformat(mtime or "").timestamp()
+    except ValueError:
+        return float("inf")

@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import IO
 
-from kurrier.core.body_store import body_exists, delete_body, store_body
+from kurrier.core.body_store import body_exists, delete_body, object_stored_at, store_body
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     JOBS_STREAM,
@@ -157,14 +157,25 @@ class MessageStore:
     async def body_exists(self, queue_id: str, where: BodyStore) -> bool:
         return await body_exists(self._js, queue_id, where)
 
-    async def remove_orphan_body(self, queue_id: str, stored_before: float) -> bool:
+    async def remove_orphan_body(
+        self, queue_id: str, where: BodyStore, stored_before: float
+    ) -> bool:
         """Delete a stored body that no record refers to, if it was stored before then.
 
         A body is stored before its record, so one stored after the caller read
-        the records may be a message being accepted: it is left alone. The
-        body is deleted by its sequence, so one stored again since (a client
-        retrying with the same queue id) is not touched.
+        the records may be a message being accepted: it is left alone. A
+        stream body is deleted by its sequence, so one stored again since (a
+        client retrying with the same queue id) is not touched. An object has
+        no sequence; its upload time is read again just before the delete, and
+        a retry with the same queue id comes within an Enqueue's deadline,
+        long before stored_before.
         """
+        if where == "object":
+            began = await object_stored_at(self._js, queue_id)
+            if began is None or began > stored_before:
+                return False
+            await delete_body(self._js, queue_id, "object")
+            return True
         try:
             body = await self._js.get_last_msg(BODIES_STREAM, body_subject(queue_id), direct=True)
         except NotFoundError:

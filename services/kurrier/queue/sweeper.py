@@ -6,7 +6,8 @@ Every SWEEP_INTERVAL it reads every record once and
 - re-dispatches, sooner, a dispatch older than DISPATCH_GRACE for which
   JetStream holds neither a job nor a result: the process that stored the
   record died before publishing its job (its client was told 451);
-- removes a stored body older than DISPATCH_GRACE that no record refers to:
+- removes a stored body (in the bodies stream or the object store) older
+  than DISPATCH_GRACE that no record refers to:
   the message was finished or never stored whole, and a crash (of a queue
   process, or of nats-server before it persisted a purge) left the body;
 - removes, instead of re-dispatching, a record whose body is gone. A live
@@ -24,6 +25,7 @@ import asyncio
 import logging
 import time
 
+from kurrier.core.body_store import stored_objects
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     JOBS_STREAM,
@@ -117,7 +119,15 @@ class Sweeper:
 
     async def _subjects(self, stream: str, pattern: str) -> set[str] | None:
         """The subjects holding messages in stream, or None when it is too long to list."""
-        if (await self._js.stream_info(stream)).state.messages > LISTABLE:
+        held = (await self._js.stream_info(stream)).state.messages
+        if held > LISTABLE:
+            log.warning(
+                "sweeper skips listing %s: %d messages, more than %d; what the listing "
+                "would find waits for the job lease or a later round",
+                stream,
+                held,
+                LISTABLE,
+            )
             return None
         info = await self._js.stream_info(stream, subjects_filter=pattern)
         return set(info.state.subjects or {})
@@ -142,18 +152,25 @@ class Sweeper:
         return [queue_id for queue_id in candidates if queue_id not in busy]
 
     async def _remove_orphaned_bodies(self, live: set[str], now: float) -> int:
-        """Delete stored bodies (stream only) older than DISPATCH_GRACE with no record.
+        """Delete stored bodies older than DISPATCH_GRACE with no record.
 
         live was read before the bodies are listed, and a body is stored before
         its record is created, so a body too young to judge is left alone.
         """
+        stored_before = now - DISPATCH_GRACE
+        orphans: list[tuple[str, BodyStore]] = []
         subjects = await self._subjects(BODIES_STREAM, body_subject("*"))
-        removed = 0
         for subject in subjects or ():
-            queue_id = subject.rsplit(".", 1)[-1]
-            if queue_id in live:
-                continue
-            if await self._manager.store.remove_orphan_body(queue_id, now - DISPATCH_GRACE):
+            orphans.append((subject.rsplit(".", 1)[-1], "stream"))
+        for queue_id, began in (await stored_objects(self._js)).items():
+            if began <= stored_before:
+                orphans.append((queue_id, "object"))
+        store = self._manager.store
+        removed = 0
+        for queue_id, where in orphans:
+            if queue_id not in live and await store.remove_orphan_body(
+                queue_id, where, stored_before
+            ):
                 removed += 1
         return removed
 
