@@ -1,9 +1,12 @@
-"""MessageStore's lifecycle on a real nats-server: what each step leaves in JetStream."""
+"""MessageStore's lifecycle on a real nats-server: what each step leaves in JetStream,
+also when a queue process dies half way through one."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import time
+from typing import Any
 
 import pytest
 from kurrier.core.jetstream import (
@@ -20,9 +23,11 @@ from kurrier.core.message import DeliveryResult, MessageRecord, RecipientOutcome
 from kurrier.core.records import RecordChanged, RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.admin import hold
+from kurrier.queue.dispatch import JOB_LEASE
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.results import apply_result
 from kurrier.queue.retry_schedule import RetrySchedule
+from kurrier.queue.sweeper import DISPATCH_GRACE, Sweeper
 from nats.js import JetStreamContext
 
 from tests.support.nats import NatsServer
@@ -155,3 +160,155 @@ def test_the_same_queue_id_enqueued_twice_is_stored_and_dispatched_once(
     nats_server: NatsServer,
 ) -> None:
     assert asyncio.run(_enqueue_twice(nats_server.url)) == (True, True, 1, 1, 1)
+
+
+class Crash(BaseException):
+    """The queue process dying at this point: nothing after it runs, nothing catches it."""
+
+
+CRASH_POINTS = ("before the notice", "after the notice", "after the record")
+
+
+def _bounce(queue_id: str) -> DeliveryResult:
+    return DeliveryResult(
+        queue_id=queue_id,
+        dispatch=1,
+        outcomes=[
+            RecipientOutcome(address="r@example.com", outcome="bounced", reply="550 5.1.1 gone")
+        ],
+    )
+
+
+async def _notifications(js: JetStreamContext, queue_id: str) -> dict[str, tuple[int, int]]:
+    """Each notification stored about queue_id, by its queue id: (its jobs, its bodies)."""
+    prefix = f"{queue_id}N"
+    jobs = await js.stream_info(JOBS_STREAM, subjects_filter=job_subject("*"))
+    bodies = await js.stream_info(BODIES_STREAM, subjects_filter=body_subject("*"))
+    records = await RecordStore.open(js)
+    ids = {r.queue_id async for r in records.all() if r.queue_id.startswith(prefix)}
+    for info in (jobs, bodies):
+        subjects = (info.state.subjects or {}).keys()
+        ids |= {s.rsplit(".", 1)[-1] for s in subjects if s.rsplit(".", 1)[-1].startswith(prefix)}
+    return {
+        notice: (
+            (jobs.state.subjects or {}).get(job_subject(notice), 0),
+            (bodies.state.subjects or {}).get(body_subject(notice), 0),
+        )
+        for notice in ids
+    }
+
+
+async def _bounce_in_a_crashing_process(
+    js: JetStreamContext, queue_id: str, crash_at: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accept a message, then apply its bounce in a queue process that dies at crash_at."""
+    first = await _manager(js)
+    await first.intake.accept(_template(queue_id), io.BytesIO(b"x\r\n"), 3)
+    store_notice, finish = first.intake.accept, first.store.finish
+
+    async def crash_before(*args: Any) -> Any:
+        raise Crash
+
+    async def crash_after_notice(*args: Any) -> Any:
+        await store_notice(*args)
+        raise Crash
+
+    async def crash_after_record(*args: Any, **kwargs: Any) -> None:
+        await finish(*args, **kwargs)
+        raise Crash
+
+    if crash_at == "before the notice":
+        monkeypatch.setattr(first.intake, "accept", crash_before)
+    elif crash_at == "after the notice":
+        monkeypatch.setattr(first.intake, "accept", crash_after_notice)
+    else:
+        monkeypatch.setattr(first.store, "finish", crash_after_record)
+    with pytest.raises(Crash):
+        await first.mutate(queue_id, apply_result(_bounce(queue_id), first.schedule))
+
+
+async def _crash_while_bouncing(
+    nats_url: str, crash_at: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, tuple[int, int]], bool, int]:
+    """A bounce applied by a queue process that dies at crash_at, then by another.
+
+    Returns the notifications stored, whether the bounced message's record is
+    still there, and how many bodies it left.
+    """
+    crashing = await connect(nats_url, "test-crashing-queue")
+    survivor = await connect(nats_url, "test-surviving-queue")
+    try:
+        queue_id = f"BOUNCECRASH{CRASH_POINTS.index(crash_at):09d}"
+        await _bounce_in_a_crashing_process(crashing.jetstream(), queue_id, crash_at, monkeypatch)
+        # The result was never acknowledged: JetStream gives it to another process.
+        js = survivor.jetstream()
+        second = await _manager(js)
+        await second.mutate(queue_id, apply_result(_bounce(queue_id), second.schedule))
+        return (
+            await _notifications(js, queue_id),
+            await second.records.get(queue_id, fresh=True) is not None,
+            await _messages(js, BODIES_STREAM, body_subject(queue_id)),
+        )
+    finally:
+        await disconnect(survivor)
+        await disconnect(crashing)
+
+
+@pytest.mark.parametrize("crash_at", CRASH_POINTS)
+def test_a_bounce_applied_again_after_a_crash_notifies_the_sender_once(
+    nats_server: NatsServer, crash_at: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The notification is stored before the record moves on, under a queue id
+    # the record's state decides, so the second process stores the same one.
+    notices, record_left, bodies_left = asyncio.run(
+        _crash_while_bouncing(nats_server.url, crash_at, monkeypatch)
+    )
+    assert list(notices.values()) == [(1, 1)], f"one notification, its job and body: {notices}"
+    assert (record_left, bodies_left) == (False, 0), "the bounced message is finished"
+
+
+async def _bounce_again_once_the_notice_was_delivered(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, int]], bool]:
+    crashing = await connect(nats_url, "test-crashing-queue")
+    survivor = await connect(nats_url, "test-surviving-queue")
+    try:
+        queue_id = "BOUNCEDELIVERED00001"
+        await _bounce_in_a_crashing_process(
+            crashing.jetstream(), queue_id, "after the notice", monkeypatch
+        )
+        js = survivor.jetstream()
+        second = await _manager(js)
+        # Delivery sends the notification before the result comes back: it takes
+        # and acknowledges the job, and finishes the notification's message.
+        notice = f"{queue_id}N1"
+        found = await second.records.get(notice, fresh=True)
+        assert found is not None
+        await js.purge_stream(JOBS_STREAM, subject=job_subject(notice))
+        await second.store.finish(notice, found[1], "stream", scheduled=False)
+
+        await second.mutate(queue_id, apply_result(_bounce(queue_id), second.schedule))
+        applied_again = await _notifications(js, queue_id)
+        # The sweeper's round once the notification's lease has long run out.
+        await Sweeper(js, second).sweep(now=time.time() + JOB_LEASE + 2 * DISPATCH_GRACE)
+        return (
+            applied_again,
+            await _notifications(js, queue_id),
+            await second.records.get(queue_id, fresh=True) is not None,
+        )
+    finally:
+        await disconnect(survivor)
+        await disconnect(crashing)
+
+
+def test_a_bounce_applied_again_after_its_notice_was_delivered_sends_no_second(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Within JetStream's duplicate window (2 minutes) the notification's body and
+    # job are deduplicated away: what the second process stores is a record
+    # without either, which the sweeper removes. (docs/reliability.md)
+    applied_again, swept, record_left = asyncio.run(
+        _bounce_again_once_the_notice_was_delivered(nats_server.url, monkeypatch)
+    )
+    assert applied_again == {"BOUNCEDELIVERED00001N1": (0, 0)}, "a record, no body, no job"
+    assert (swept, record_left) == ({}, False)
