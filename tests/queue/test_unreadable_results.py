@@ -47,7 +47,7 @@ UNREADABLE = [
     b'{"queue_id": "READABLE000000000001", "attempt": 1,'
     b' "outcomes": [{"address": "r@example.com", "outcome": "vanished", "reply": ""}]}',
 ]
-LOGGED = "dropping an unreadable delivery result"
+LOGGED = "discarding an unreadable delivery result"
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -100,7 +100,7 @@ class _Tolerant(BaseModel):
     model_config = ConfigDict(extra="ignore", serialize_by_alias=True)
 
 
-class _WireMessage(_Tolerant):
+class WireMessage(_Tolerant):
     """A message between services through JetStream, such as a newer queue's job
     reaching an older delivery pod during a rolling upgrade."""
 
@@ -117,7 +117,7 @@ def _wire_name(name: str, on_the_wire: str) -> Any:
     return Field(validation_alias=AliasChoices(on_the_wire, name), serialization_alias=on_the_wire)
 
 
-class DeliveryJob(_WireMessage):
+class DeliveryJob(WireMessage):
     """One delivery attempt of a message to a group of its recipients."""
 
     queue_id: str
@@ -147,7 +147,7 @@ class RecipientOutcome(_Tolerant):
     reply: str
 
 
-class DeliveryResult(_WireMessage):
+class DeliveryResult(WireMessage):
     queue_id: str
     # The dispatch of the job this result reports on (DeliveryJob.dispatch).
     dispatch: int = _wire_name("dispatch", "attempt")

@@ -25,6 +25,7 @@ from kurrier.core.telemetry import (
     publishing,
     traced_processing,
 )
+from kurrier.core.wire_intake import read_wire
 from kurrier.delivery.completion import finish_delivered
 from kurrier.delivery.courier import Courier
 from kurrier.delivery.settings import DeliverySettings
@@ -32,7 +33,6 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
-from pydantic import ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -116,19 +116,8 @@ class DeliveryWorker:
                     await message.in_progress()
 
     async def _handle(self, message: Msg) -> None:
-        try:
-            job = DeliveryJob.model_validate_json(message.data)
-        except ValidationError as error:
-            log.error("discarding an unreadable delivery job: %s", error)
-            await message.term()
-            return
-        if not job.understood:
-            log.warning(
-                "job in format version %d, newer than this pod's; left for an up-to-date pod",
-                job.version,
-                extra={"queue_id": job.queue_id},
-            )
-            await message.nak(delay=self._ack_wait)
+        job = await read_wire(message, DeliveryJob, log, "delivery job", self._ack_wait)
+        if job is None:
             return
         annotate(job.queue_id, attempt=job.dispatch)
         try:

@@ -22,6 +22,7 @@ from kurrier.core.jetstream import (
 )
 from kurrier.core.message import DeliveryResult, MessageRecord
 from kurrier.core.telemetry import RESULTS_DESTINATION, annotate, consuming
+from kurrier.core.wire_intake import read_wire
 from kurrier.queue.changes import Change
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.results import apply_result
@@ -41,19 +42,8 @@ async def run_results(js: JetStreamContext, manager: QueueManager) -> None:
     """Consume delivery results; each is acked only once its record reflects it."""
 
     async def on_result(message: Msg) -> None:
-        try:
-            result = DeliveryResult.model_validate_json(message.data)
-        except ValueError as error:
-            log.error("dropping an unreadable delivery result: %s", error)
-            await message.term()
-            return
-        if not result.understood:
-            log.warning(
-                "result in format version %d, newer than this pod's; left for an up-to-date pod",
-                result.version,
-                extra={"queue_id": result.queue_id},
-            )
-            await message.nak(delay=30)
+        result = await read_wire(message, DeliveryResult, log, "delivery result", 30)
+        if result is None:
             return
         with consuming(RESULTS_DESTINATION, message.subject, message.headers):
             annotate(result.queue_id, attempt=result.dispatch)
