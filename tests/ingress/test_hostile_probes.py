@@ -50,6 +50,10 @@ TLS = [EHLO, Step(STARTTLS, "220"), EHLO]
 DATA = [EHLO, MAIL, Step("RCPT TO:<user@example.com>", "250"), Step("DATA", "354")]
 
 
+# Ten ideographs: 30 octets of UTF-8, 39 as an A-label.
+CJK_LABEL = "".join(chr(0x4E00 + (n * 7919) % 20000) for n in range(10))
+
+
 def message(body: bytes) -> bytes:
     return b"Subject: probe\r\n\r\n" + body + b"\r\n.\r\n"
 
@@ -148,6 +152,42 @@ PROBES = [
     Probe(
         "non-ASCII address with SMTPUTF8",
         [EHLO, Step("MAIL FROM:<jürgen@client.test> SMTPUTF8", "250 2.1.0")],
+    ),
+    # Domains as IDNA 2008 with UTS 46 mapping sees them (core/domains.py)
+    Probe(
+        "a symbol in a domain: IDNA 2003 took it, IDNA 2008 does not",
+        [
+            EHLO,
+            Step("MAIL FROM:<someone@client.test> SMTPUTF8", "250 2.1.0"),
+            Step("RCPT TO:<user@\u2603.example.com>", "501 5.1.3"),
+        ],
+        source=TRUSTED_IP,
+    ),
+    Probe(
+        "an xn-- label that does not decode",
+        [EHLO, MAIL, Step("RCPT TO:<user@xn--abc.example.com>", "501 5.1.3")],
+        source=TRUSTED_IP,
+    ),
+    Probe(
+        "hyphens in a label's third and fourth place",
+        [EHLO, Step("MAIL FROM:<a@ab--cd.client.test>", "501 5.1.7")],
+    ),
+    Probe(
+        "a full-width look-alike of a foreign domain is that foreign domain",
+        [
+            EHLO,
+            Step("MAIL FROM:<someone@client.test> SMTPUTF8", "250 2.1.0"),
+            Step("RCPT TO:<victim@\uff45lsewhere.test>", "554 5.7.1"),
+        ],
+    ),
+    Probe(
+        "a path of 252 octets as given, but of 306 as A-labels",
+        [
+            EHLO,
+            Step("MAIL FROM:<someone@client.test> SMTPUTF8", "250 2.1.0"),
+            Step(f"RCPT TO:<{'u' * 64}@{'.'.join([CJK_LABEL] * 6)}>", "501 5.1.3"),
+        ],
+        source=TRUSTED_IP,
     ),
     Probe(
         "undecodable octets in an address",

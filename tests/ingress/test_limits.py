@@ -17,6 +17,7 @@ from tests.ingress.conftest import (
     MESSAGES_PER_IDENTITY_MINUTE,
     PASSWORDS,
     SESSION_TIMEOUT,
+    TRUSTED_IP,
     HostileRelay,
     fresh_ip,
 )
@@ -210,10 +211,16 @@ def _delivered(relay: HostileRelay, marker: str) -> list[Received]:
     return [m for m in relay.sink.messages if marker.encode() in m.content]
 
 
-def _send(relay: HostileRelay, recipients: list[str], body: bytes) -> None:
-    with _greeted(relay, fresh_ip()) as smtp:
+def _send(
+    relay: HostileRelay,
+    recipients: list[str],
+    body: bytes,
+    mail: str = "MAIL FROM:<someone@client.test>",
+    source: str | None = None,
+) -> None:
+    with _greeted(relay, source or fresh_ip()) as smtp:
         smtp.command("EHLO probe.test")
-        assert smtp.command("MAIL FROM:<someone@client.test>").startswith("250 2.1.0")
+        assert smtp.command(mail).startswith("250 2.1.0")
         for recipient in recipients:
             reply = smtp.command(f"RCPT TO:<{recipient}>")
             assert reply.startswith("250 2.1.5"), (recipient, reply.text)
@@ -230,7 +237,36 @@ def test_duplicate_recipients_get_one_copy(hostile_relay: HostileRelay) -> None:
     time.sleep(1)  # a second copy, had there been one, comes with the first
     messages = _delivered(hostile_relay, marker)
     recipients = sorted(r for m in messages for r in m.recipients)
-    assert recipients == ["User@Example.Com", "user@example.com"], messages
+    assert recipients == ["User@example.com", "user@example.com"], messages
+
+
+def test_every_spelling_of_a_domain_is_that_domain_and_goes_out_as_such(
+    hostile_relay: HostileRelay,
+) -> None:
+    """UTS 46 maps each of these to example.com (core/domains.py): the inbound domain,
+    one recipient, and the envelope that goes out says example.com."""
+    marker = uuid.uuid4().hex
+    spellings = [
+        "user@\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com",  # full-width letters
+        "user@example\u3002com",  # ideographic full stop
+        "user@exam\u200bple.com",  # a zero-width space
+        "user@EXAMPLE.com",
+    ]
+    mail = "MAIL FROM:<someone@\uff43lient.test> SMTPUTF8"
+    _send(hostile_relay, spellings, f"Subject: {marker}\r\n\r\nonce".encode(), mail)
+    [message] = _delivered(hostile_relay, marker)
+    assert message.recipients == ("user@example.com",)
+    assert message.mail_from == "someone@client.test"
+
+
+def test_a_name_idna_2003_folded_goes_out_as_its_own_a_label(hostile_relay: HostileRelay) -> None:
+    """IDNA 2003 made claß.test class.test, another domain; IDNA 2008 keeps the ß."""
+    marker = uuid.uuid4().hex
+    mail = "MAIL FROM:<someone@client.test> SMTPUTF8"
+    body = f"Subject: {marker}\r\n\r\nhello".encode()
+    _send(hostile_relay, ["u@cla\u00df.test"], body, mail, source=TRUSTED_IP)
+    [message] = _delivered(hostile_relay, marker)
+    assert message.recipients == ("u@xn--cla-7ka.test",)
 
 
 def test_postmaster_without_a_domain_is_the_relays_postmaster(hostile_relay: HostileRelay) -> None:

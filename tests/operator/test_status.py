@@ -184,3 +184,14 @@ def test_a_domain_without_route_is_reported_on_its_relay_domain() -> None:
         "lonely-test",
         "NoRoute",
     )
+
+
+def test_a_domain_the_crd_lets_through_but_idna_refuses_is_invalid_on_that_object() -> None:
+    # The CRD's pattern is LDH only; an xn-- label that does not decode passes it.
+    resources, problems = relay_resources([_observed(inbound_domain("xn--abc.test"))])
+    assert resources == {}
+    [problem] = problems
+    assert (problem.name, problem.reason) == ("xn--abc-test", "Invalid")
+    assert problem.message.startswith(
+        "spec.domain: Value error, 'xn--abc.test' is not a valid domain name: "
+    )

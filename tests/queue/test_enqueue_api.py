@@ -73,6 +73,16 @@ MALFORMED = [
         queue_pb2.EnqueueMessageRequest(envelope=envelope(size=-1), body=b""),
         id="negative size",
     ),
+    pytest.param(
+        queue_pb2.EnqueueMessageRequest(
+            envelope=envelope(recipients=["r@\u2603.example.com"]), body=BODY
+        ),
+        id="a recipient's domain IDNA 2008 refuses",
+    ),
+    pytest.param(
+        queue_pb2.EnqueueMessageRequest(envelope=envelope(mail_from="a@xn--abc.test"), body=BODY),
+        id="a sender's domain IDNA 2008 refuses",
+    ),
 ]
 
 
@@ -130,6 +140,21 @@ def test_both_shapes_store_a_well_formed_message(
     stored = {record.queue_id: record for record in message_records(nats_server.url)}
     assert sorted(stored) == ["APISTREAM0000001", "APIWHOLE00000001"]
     assert all(record.size == len(BODY) for record in stored.values())
+
+
+def test_any_clients_addresses_are_stored_with_their_domains_normalised(
+    queue: ServiceRelay, nats_server: NatsServer
+) -> None:
+    """What ingress does for its clients, Enqueue does for any other: one form (core/domains.py)."""
+    request = queue_pb2.EnqueueMessageRequest(
+        envelope=envelope(mail_from="A@Cla\u00df.TEST", recipients=["R@\uff45xample\u3002com"]),
+        body=BODY,
+    )
+    [answer] = asyncio.run(_on_one_stream(queue.queue_address, [[request]]))
+    assert answer.code == grpc.StatusCode.OK.value[0]
+    [record] = message_records(nats_server.url)
+    assert record.mail_from == "A@xn--cla-7ka.test"
+    assert [r.address for r in record.recipients] == ["R@example.com"]
 
 
 async def _on_one_stream(

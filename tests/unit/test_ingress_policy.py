@@ -20,10 +20,16 @@ def _table() -> RoutingTable:
         },
         {
             "apiVersion": "kurrier.io/v1alpha1",
+            "kind": "RelayDomain",
+            "metadata": {"name": "class"},
+            "spec": {"domain": "class.test", "acceptInbound": True},
+        },
+        {
+            "apiVersion": "kurrier.io/v1alpha1",
             "kind": "RelayRoute",
             "metadata": {"name": "r"},
             "spec": {
-                "match": {"recipientDomains": ["inbound.test", "routed.test"]},
+                "match": {"recipientDomains": ["inbound.test", "class.test", "routed.test"]},
                 "destination": {"smarthost": {"host": "h"}},
             },
         },
@@ -53,6 +59,11 @@ def _table() -> RoutingTable:
         ("192.0.2.1", False, "a@bad_domain", "501 5.1.3"),
         ("192.0.2.1", False, '"quoted local"@inbound.test', None),
         ("192.0.2.1", False, "jürgen@inbound.test", None),
+        ("192.0.2.1", False, "a@\uff49nbound.test", None),  # full-width: the same domain
+        ("192.0.2.1", False, "a@class.test", None),
+        # IDNA 2003 folded ß to ss; IDNA 2008 keeps it: another domain (xn--cla-7ka.test).
+        ("192.0.2.1", False, "a@cla\u00df.test", "554 5.7.1"),
+        ("10.1.1.1", False, "a@\u2603.routed.test", "501 5.1.3"),
     ],
 )
 def test_relay_decisions(

@@ -12,15 +12,12 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
+from kurrier.core.domains import InvalidDomain, normalise_domain
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 API_GROUP = "kurrier.io"
 API_VERSION = f"{API_GROUP}/v1alpha1"
 
-# An RFC 1123 host name (letters, digits, hyphens; labels up to 63 octets).
-_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-DOMAIN_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
-DOMAIN_PATTERN_RE = re.compile(rf"^(\*|(\*\.)?{_LABEL}(\.{_LABEL})*)$")
 _K8S_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
@@ -28,31 +25,17 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def normalise_domain(domain: str) -> str:
-    """Lower-case a domain and turn an internationalised one into A-labels."""
-    domain = domain.strip().rstrip(".").lower()
-    if not domain.isascii():
-        domain = domain.encode("idna").decode("ascii")
-    return domain
-
-
-def _check_domain(value: str) -> str:
-    normalised = normalise_domain(value)
-    if not DOMAIN_RE.match(normalised):
-        raise ValueError(f"{value!r} is not a valid domain name")
-    return normalised
-
-
 def _check_domain_pattern(value: str) -> str:
-    normalised = value.strip().lower()
-    if normalised not in ("*",):
-        prefix = "*." if normalised.startswith("*.") else ""
-        normalised = prefix + normalise_domain(normalised.removeprefix("*."))
-    if not DOMAIN_PATTERN_RE.match(normalised):
+    if value == "*":
+        return value
+    prefix = "*." if value.startswith("*.") else ""
+    try:
+        return prefix + normalise_domain(value.removeprefix("*."))
+    except InvalidDomain as error:
         raise ValueError(
-            f"{value!r} is not a domain pattern (use 'example.com', '*.example.com' or '*')"
-        )
-    return normalised
+            f"{value!r} is not a domain pattern (use 'example.com', '*.example.com' or '*'): "
+            f"{error}"
+        ) from None
 
 
 class ObjectMeta(_Model):
@@ -91,7 +74,7 @@ class RelayDomainSpec(_Model):
     acceptInbound: bool = False
     dkim: DkimSpec | None = None
 
-    _domain = field_validator("domain")(_check_domain)
+    _domain = field_validator("domain")(normalise_domain)
 
 
 class SmarthostDestination(_Model):

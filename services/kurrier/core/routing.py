@@ -11,13 +11,13 @@ from collections.abc import Iterable
 from typing import Any
 
 from kurrier.core.dkim_keys import DkimKeyError, signing_key_pem
+from kurrier.core.domains import normalise_domain
 from kurrier.core.resources import (
     RelayDomain,
     RelayPolicy,
     RelayRoute,
     Resource,
     Secret,
-    normalise_domain,
 )
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
@@ -114,7 +114,10 @@ def domain_matches(pattern: str, domain: str) -> bool:
 
 
 def domain_of(address: str) -> str:
-    """The normalised domain of a mailbox; '' for the null sender or a bare local part."""
+    """The normalised domain of a mailbox; '' for the null sender or a bare local part.
+
+    Raises InvalidDomain for a domain IDNA 2008 refuses (ingress and Enqueue take none).
+    """
     _, at, domain = address.rpartition("@")
     return normalise_domain(domain) if at and domain else ""
 

@@ -10,8 +10,8 @@ import time
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from kurrier.core.domains import InvalidDomain, canonical_address, normalise_domain
 from kurrier.core.message import new_queue_id
-from kurrier.core.resources import normalise_domain
 from kurrier.core.routing import CompiledPolicy, domain_of
 from kurrier.core.smtp_text import header_section
 from kurrier.core.table_store import TableFollower
@@ -83,7 +83,7 @@ class RelayHandler:
         self._hostname = hostname
         try:  # "<postmaster>" is the postmaster at the hostname (smtp_session.py)
             self._postmaster_domain = normalise_domain(hostname)
-        except UnicodeError:
+        except InvalidDomain:
             self._postmaster_domain = ""
         self._identities = identities
         self._auth_failures_per_minute = auth_failures_per_minute
@@ -198,7 +198,8 @@ class RelayHandler:
         refusal = self._spend_message_tokens(policy, client_key(client_ip), identity)
         if refusal:
             return refusal
-        envelope.mail_from = address
+        # Every later decision, and the next hop, sees the domain as A-labels (core/domains.py).
+        envelope.mail_from = canonical_address(address)
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
@@ -257,7 +258,7 @@ class RelayHandler:
         )
         if refusal:
             return refusal
-        envelope.rcpt_tos.append(address)
+        envelope.rcpt_tos.append(canonical_address(address))
         envelope.rcpt_options.extend(rcpt_options)
         if key is not None:
             keys.add(key)

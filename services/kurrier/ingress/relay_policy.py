@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-from kurrier.core.resources import DOMAIN_RE, normalise_domain
+from kurrier.core.domains import InvalidDomain, normalise_domain
 from kurrier.core.routing import CompiledPolicy, RoutingTable, domain_matches, domain_of
+from kurrier.ingress.smtp_path import MAX_PATH
 
 # Local parts we will carry: RFC 5321 dot-atoms or quoted strings, but never
 # the routing characters ('@' of a quoted "user@host", '%' and '!') that let old
@@ -18,15 +19,16 @@ POSTMASTER = "postmaster"
 def split_address(address: str) -> tuple[str, str] | None:
     """(local part, normalised domain) of a mailbox, or None if it is not one."""
     local, at, domain = address.rpartition("@")
-    if not at or not local or not domain or len(address) > 254:
+    if not at or not local or not domain:
         return None
     if local.startswith("@") or not _LOCAL_PART_RE.match(local):
         return None
     try:
         domain = normalise_domain(domain)
-    except UnicodeError:
+    except InvalidDomain:
         return None
-    if not DOMAIN_RE.match(domain):
+    # The path as it will be sent, A-labels and all, within RFC 5321 4.5.3.1.3's 256 octets.
+    if len(f"<{local}@{domain}>".encode()) > MAX_PATH:
         return None
     return local, domain
 

@@ -16,6 +16,7 @@ import nats.errors
 import nats.js.errors
 from kurrier.core.batch_writer import BatchWriter
 from kurrier.core.body_store import load_body
+from kurrier.core.domains import InvalidDomain, canonical_address, normalise_domain
 from kurrier.core.jetstream import INLINE_BODY_LIMIT
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
@@ -69,6 +70,11 @@ def check_envelope(envelope: queue_pb2.Envelope) -> None:
         raise InvalidRequest("at least one recipient is required")
     if envelope.size < 0:
         raise InvalidRequest("size must not be negative")
+    for address in (envelope.mail_from, *envelope.recipients):
+        try:
+            canonical_address(address)
+        except InvalidDomain as error:
+            raise InvalidRequest(str(error)) from None
 
 
 def check_size(envelope: queue_pb2.Envelope, size: int) -> None:
@@ -83,9 +89,9 @@ def matches(record: MessageRecord, selector: queue_pb2.MessageFilter) -> bool:
         return False
     if selector.null_sender and record.mail_from:
         return False
-    if selector.sender and record.mail_from.lower() != selector.sender.lower():
+    if selector.sender and record.mail_from.lower() != canonical_address(selector.sender).lower():
         return False
-    domain = selector.recipient_domain.lower()
+    domain = normalise_domain(selector.recipient_domain) if selector.recipient_domain else ""
     return not domain or any(domain_of(r.address) == domain for r in record.pending())
 
 
@@ -249,8 +255,9 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
         """Store a checked message durably; raises Refused with the reason it was not."""
         template = MessageRecord(
             queue_id=envelope.queue_id,
-            mail_from=envelope.mail_from,
-            recipients=[RecipientState(address=r) for r in envelope.recipients],
+            # Any client's addresses in the one form ingress gives them (core/domains.py).
+            mail_from=canonical_address(envelope.mail_from),
+            recipients=[RecipientState(address=canonical_address(r)) for r in envelope.recipients],
             received_at=0.0,
             size=size,
             body_store="stream",
@@ -279,7 +286,10 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
         if selector.queue_ids:
             found = [await self._records.get(q, fresh=True) for q in selector.queue_ids]
             return [entry[0] for entry in found if entry is not None]
-        selected = [r async for r in self._records.all() if matches(r, selector)]
+        try:
+            selected = [r async for r in self._records.all() if matches(r, selector)]
+        except InvalidDomain as error:
+            raise InvalidRequest(str(error)) from None
         return sorted(selected, key=lambda r: r.received_at)
 
     async def ListMessages(
