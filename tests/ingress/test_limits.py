@@ -120,6 +120,23 @@ def _refills(started: float, per_minute: int) -> float:
     return (time.monotonic() - started) * per_minute / 60
 
 
+def test_trusted_networks_are_exempt_from_per_client_limits(hostile_relay: HostileRelay) -> None:
+    # Like Postfix's smtpd_client_event_limit_exceptions = $mynetworks: a trusted
+    # client may relay anywhere already; its connection pool is not an attack.
+    # test_connections_per_client_and_in_total and test_message_rate_per_client
+    # show the same limits still hold for everyone else.
+    wanted = MESSAGES_PER_CLIENT_MINUTE + 5
+    with ExitStack() as stack:
+        sessions = [
+            stack.enter_context(_greeted(hostile_relay, TRUSTED_IP))
+            for _ in range(CONNECTIONS_PER_CLIENT + 2)
+        ]
+        sessions[-1].command("EHLO probe.test")
+        accepted, refusal = _mails_until_refused(sessions[-1], "a@trusted.test", wanted)
+    assert (accepted, refusal) == (wanted, None)
+    wait_until(lambda: _greeting(hostile_relay, fresh_ip()) == 220, 10, "the slots to free up")
+
+
 def test_message_rate_per_client(hostile_relay: HostileRelay) -> None:
     with _greeted(hostile_relay, fresh_ip()) as smtp:
         smtp.command("EHLO probe.test")

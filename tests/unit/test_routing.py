@@ -177,6 +177,15 @@ def test_every_limit_takes_the_strictest_policy() -> None:
     assert (policy.rate_per_minute, policy.identity_rate_per_minute) == (60, 10)
 
 
+def test_trusted_networks_escape_per_client_limits_unless_a_policy_says_otherwise() -> None:
+    trusting = _policy("a", trustedNetworks=["10.0.0.0/8"])
+    table = _compile(trusting)
+    assert not table.limits_client("10.1.2.3")
+    assert table.limits_client("192.0.2.1")
+    strict = _compile(trusting, _policy("b", limitTrustedNetworks=True))
+    assert strict.limits_client("10.1.2.3") and strict.limits_client("192.0.2.1")
+
+
 def test_the_first_audience_wins_and_a_second_one_is_reported() -> None:
     table, problems = compile_table(
         parse_documents(

@@ -175,6 +175,10 @@ DOCS: dict[str, str] = {
     "RelayPolicySpec.maxMessageSize": "Largest accepted message, in bytes.",
     "RelayPolicySpec.maxRecipients": "Most recipients per message.",
     "RelayPolicySpec.maxConnectionsPerClient": "Most concurrent connections per client IP.",
+    "RelayPolicySpec.limitTrustedNetworks": (
+        "Apply maxConnectionsPerClient and rateLimit.perClientPerMinute to trusted networks "
+        "too (by default they are exempt)."
+    ),
     "RelayPolicySpec.rateLimit": "Message rate limits.",
     "RateLimit.perClientPerMinute": "Messages per minute per client IP.",
     "RateLimit.perIdentityPerMinute": "Messages per minute per authenticated identity.",

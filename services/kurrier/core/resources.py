@@ -173,6 +173,9 @@ class RelayPolicySpec(_Model):
     # Per ingress replica: each pod counts its own connections.
     maxConnectionsPerClient: int = Field(default=20, ge=1)
     rateLimit: RateLimit | None = None
+    # Trusted networks are exempt from the per-client limits (connections, message
+    # rate) unless this is true, as Postfix exempts $mynetworks.
+    limitTrustedNetworks: bool = False
 
     @field_validator("trustedNetworks")
     @classmethod

@@ -86,6 +86,7 @@ class CompiledPolicy(_Frozen):
     rate_per_minute: int | None = None
     identity_rate_per_minute: int | None = None
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    limit_trusted_networks: bool = False
 
 
 # Modular-crypt prefixes of the password hashes a users Secret may hold.
@@ -170,6 +171,11 @@ class RoutingTable(_Frozen):
         except ValueError:
             return False
         return any(address in network for network in self._networks)
+
+    def limits_client(self, client_ip: str) -> bool:
+        """Whether the per-client limits (connections, message rate) apply to client_ip:
+        trusted networks relay without AUTH and are exempt, unless limitTrustedNetworks."""
+        return self.policy.limit_trusted_networks or not self.is_trusted(client_ip)
 
 
 def _namespace(resource: RelayDomain | RelayRoute | RelayPolicy | Secret) -> str:
@@ -299,6 +305,7 @@ def _compile_policy(
         rate_per_minute=min(rates) if rates else None,
         identity_rate_per_minute=min(identity_rates) if identity_rates else None,
         max_connections_per_client=min(p.spec.maxConnectionsPerClient for p in policies),
+        limit_trusted_networks=any(p.spec.limitTrustedNetworks for p in policies),
     )
 
 

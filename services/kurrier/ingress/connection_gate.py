@@ -41,14 +41,16 @@ class ConnectionGate:
     def open_connections(self) -> int:
         return self._total
 
-    def admit(self, ip: str, max_per_client: int) -> str | None:
-        """None and the connection is counted, or the 421 that turns it away."""
+    def admit(self, ip: str, max_per_client: int | None) -> str | None:
+        """None and the connection is counted, or the 421 that turns it away.
+
+        max_per_client None: no per-client limit (the total still applies)."""
         if self.draining:
             return SHUTTING_DOWN
         if self._total >= self._max_total:
             return TOO_MANY_TOTAL
         key = client_key(ip)
-        if self._open[key] >= max_per_client:
+        if max_per_client is not None and self._open[key] >= max_per_client:
             return TOO_MANY_FROM_CLIENT
         self._open[key] += 1
         self._total += 1

@@ -185,17 +185,19 @@ class RelayHandler:
             return refusal
         if not sender.isascii() and "SMTPUTF8" not in mail_options:
             return f"553 5.6.7 <{sender}>: a non-ASCII address needs SMTPUTF8"
-        policy = self._tables.table.policy
+        table = self._tables.table
+        policy = table.policy
         size = next((o[5:] for o in mail_options if o.startswith("SIZE=")), "0")
         if int(size) > policy.max_message_size:
             return "552 5.3.4 Message size exceeds fixed maximum message size"
         client_ip = peer_ip(session)
         identity = _identity(session)
-        trusted = self._tables.table.is_trusted(client_ip)
+        trusted = table.is_trusted(client_ip)
         refusal = check_sender_identity(policy, identity, trusted, sender)
         if refusal:
             return refusal
-        refusal = self._spend_message_tokens(policy, client_key(client_ip), identity)
+        client = client_key(client_ip) if table.limits_client(client_ip) else None
+        refusal = self._spend_message_tokens(policy, client, identity)
         if refusal:
             return refusal
         # Every later decision, and the next hop, sees the domain as A-labels (core/domains.py).
@@ -204,11 +206,17 @@ class RelayHandler:
         return "250 2.1.0 Ok"
 
     def _spend_message_tokens(
-        self, policy: CompiledPolicy, client: str, identity: str
+        self, policy: CompiledPolicy, client: str | None, identity: str
     ) -> str | None:
-        """One message from each of the client's and the login's buckets, or the 450."""
+        """One message from each of the client's and the login's buckets, or the 450.
+
+        client None: a client the per-client limits do not apply to."""
         client_rate, identity_rate = policy.rate_per_minute, policy.identity_rate_per_minute
-        if client_rate and not self._client_rates.available(client, client_rate):
+        if (
+            client is not None
+            and client_rate
+            and not self._client_rates.available(client, client_rate)
+        ):
             return CLIENT_RATE
         if (
             identity
@@ -216,7 +224,7 @@ class RelayHandler:
             and not self._identity_rates.available(identity, identity_rate)
         ):
             return IDENTITY_RATE
-        if client_rate:
+        if client is not None and client_rate:
             self._client_rates.take(client, client_rate)
         if identity and identity_rate:
             self._identity_rates.take(identity, identity_rate)

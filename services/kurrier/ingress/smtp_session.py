@@ -144,8 +144,9 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         # aiosmtpd greets every connection; admission must happen before that.
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) else ""
-        policy = self._sessions.tables.table.policy
-        refusal = self._sessions.gate.admit(ip, policy.max_connections_per_client)
+        table = self._sessions.tables.table
+        limit = table.policy.max_connections_per_client if table.limits_client(ip) else None
+        refusal = self._sessions.gate.admit(ip, limit)
         if refusal is not None:
             self._refused = True
             log.info("connection from %s refused: %s", ip, refusal)
