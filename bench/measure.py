@@ -32,6 +32,7 @@ class CellResult:
     sessions: int
     repeat: int
     tag: str
+    durability: str = ""  # what the system's 250 survives, as configured
     duration: float = 0.0  # seconds the load ran
     attempted: int = 0
     accepted: int = 0
@@ -104,7 +105,12 @@ async def measure_cell(
 ) -> CellResult:
     """Run one cell against an already started system."""
     cell = CellResult(
-        system=system.name, size=spec.size, sessions=spec.sessions, repeat=repeat, tag=spec.tag
+        system=system.name,
+        size=spec.size,
+        sessions=spec.sessions,
+        repeat=repeat,
+        tag=spec.tag,
+        durability=system.durability,
     )
     root = system.root_pid
     watcher = _RssWatcher(root)

@@ -67,20 +67,23 @@ def _ratio(kurrier: Spread, postfix: Spread) -> str:
     return f"{kurrier.median / postfix.median:.2f}x"
 
 
+# The peers kurrier is measured against, in the order their rows are shown.
+PEERS = {"postfix": "Postfix", "haraka": "Haraka"}
+
+
 def systems_of(cells: list[CellResult]) -> list[str]:
-    """The systems in the order first run, Postfix (the reference) last."""
+    """The systems in the order first run, the peers (the references) last."""
     seen = list(dict.fromkeys(c.system for c in cells))
-    return [s for s in seen if s != "postfix"] + (["postfix"] if "postfix" in seen else [])
+    return [s for s in seen if s not in PEERS] + [p for p in PEERS if p in seen]
 
 
 def comparisons(systems: list[str]) -> list[tuple[str, str, str]]:
-    """(system, reference, label) pairs: each kurrier against Postfix, variants against kurrier."""
+    """(system, reference, label): each kurrier against each peer, variants against kurrier."""
     pairs = []
     for system in systems:
-        if system == "postfix":
+        if system in PEERS:
             continue
-        if "postfix" in systems:
-            pairs.append((system, "postfix", f"{system}/Postfix"))
+        pairs += [(system, peer, f"{system}/{PEERS[peer]}") for peer in PEERS if peer in systems]
         if system != "kurrier" and "kurrier" in systems:
             pairs.append((system, "kurrier", f"{system}/kurrier"))
     return pairs
@@ -92,7 +95,8 @@ def markdown_table(cells: list[CellResult]) -> str:
     sizes = sorted({c.size for c in cells})
     sessions = sorted({c.sessions for c in cells})
     systems = systems_of(cells)
-    headings = ["size", "sessions", "system", *(m[1] for m in METRICS), "lost", "dup"]
+    headings = ["size", "sessions", "system", "a 250 survives", *(m[1] for m in METRICS)]
+    headings += ["lost", "dup"]
     lines = ["| " + " | ".join(headings) + " |", "|" + "---|" * len(headings)]
     for size in sizes:
         for count in sessions:
@@ -102,14 +106,14 @@ def markdown_table(cells: list[CellResult]) -> str:
                 if not found:
                     continue
                 spreads[system] = {m[0]: metric(found, m[0]) for m in METRICS}
-                row = [size_label(size), str(count), system]
+                row = [size_label(size), str(count), system, found[0].durability]
                 row += [_fmt(m[2], spreads[system][m[0]], len(found) > 1) for m in METRICS]
                 row += [str(sum(c.lost for c in found)), str(sum(c.duplicates for c in found))]
                 lines.append("| " + " | ".join(row) + " |")
             for system, reference, label in comparisons(systems):
                 if system not in spreads or reference not in spreads:
                     continue
-                row = [size_label(size), str(count), f"**{label}**"]
+                row = [size_label(size), str(count), f"**{label}**", ""]
                 row += [
                     f"**{_ratio(spreads[system][m[0]], spreads[reference][m[0]])}**"
                     for m in METRICS
@@ -148,6 +152,7 @@ def charts(cells: list[CellResult], out: Path) -> list[Path]:
     palette = ["#2a7ab0", "#59a14f", "#b07aa1", "#76b7b2", "#9c755f"]
     colours = {name: palette[i % len(palette)] for i, name in enumerate(systems)}
     colours["postfix"] = "#d9822b"
+    colours["haraka"] = "#e15759"
     written: list[Path] = []
 
     def bars(
@@ -231,14 +236,14 @@ def charts(cells: list[CellResult], out: Path) -> list[Path]:
 
 
 def shutdown_line(cells: list[CellResult]) -> str:
-    """How each system took SIGTERM after its cells (a drain that hangs is a finding too)."""
+    """How each system took its stop after its cells (a drain that hangs is a finding too)."""
     parts = []
     for system in sorted({c.system for c in cells}):
         found = [c for c in cells if c.system == system]
         clean = [c for c in found if c.stopped_cleanly]
         times = spread(c.stop_s for c in found)
         parts.append(
-            f"{system} exited cleanly after SIGTERM in {len(clean)} of {len(found)} cells "
+            f"{system} exited cleanly when stopped in {len(clean)} of {len(found)} cells "
             f"(median {times.median:.1f} s, max {times.high:.1f} s)"
         )
     return "Shutdown: " + "; ".join(parts) + "."

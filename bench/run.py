@@ -1,6 +1,6 @@
-"""`make bench` / `python -m bench.run`: kurrier against Postfix, same load, same sink, one run.
+"""`make bench` / `python -m bench.run`: kurrier against Postfix and Haraka, same load, one run.
 
-For every repeat, message size and session count, both relays run the same
+For every repeat, message size and session count, every relay runs the same
 closed-loop load in turn (the order alternates between repeats), each started
 fresh and stopped after its cell. Results (JSON, a Markdown table, PNG
 charts) go to bench/results/<timestamp>/; a full run also refreshes the
@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import report
+from bench.haraka import Haraka, install_haraka
 from bench.loadgen import LoadSpec, run_load
 from bench.loop import install_fast_loop
 from bench.measure import CellResult, measure_cell
@@ -31,6 +32,7 @@ from bench.sink import SinkProcess
 from bench.systems import (
     REPO,
     Kurrier,
+    KurrierVariant,
     Postfix,
     System,
     experiment_env,
@@ -61,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="a short smoke run: 10 sessions, 4 s, 1 repeat"
     )
     parser.add_argument("--sizes", default="1024,102400", help="message sizes in bytes")
-    parser.add_argument("--sessions", default=None, help="concurrent SMTP sessions (1,10,50)")
+    parser.add_argument("--sessions", default=None, help="concurrent SMTP sessions (10,50)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per cell (15)")
     parser.add_argument("--repeats", type=int, default=None, help="repeats of each cell (3)")
     parser.add_argument(
@@ -74,11 +76,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--drain-timeout", type=float, default=90.0, help="seconds after load")
     parser.add_argument(
         "--systems",
-        default="kurrier,postfix",
-        help="kurrier, postfix, kurrier@REV (another git revision, measured beside the first), "
-        "kurrier+EXPERIMENT[+...] variants (bench/experiments: uvloop), and any kurrier "
-        "with /sync=INTERVAL (its NATS's sync_interval, e.g. kurrier/sync=2m), each measured "
-        "like the others",
+        default="kurrier,kurrier/cluster=3,postfix,haraka",
+        help="kurrier, postfix, haraka, kurrier@REV (another git revision, measured beside the "
+        "first), kurrier+EXPERIMENT[+...] variants (bench/experiments: uvloop), and any kurrier "
+        "with /cluster=N (`kurrier up --nats-cluster N`) or /sync=INTERVAL (its NATS's "
+        "sync_interval, e.g. kurrier/sync=2m), each measured like the others",
     )
     parser.add_argument(
         "--workdir", type=Path, default=Path("/var/tmp/kurrier-bench"), help="relay state (disk)"
@@ -95,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     quick = {"sessions": "10", "duration": 4.0, "repeats": 1}
-    full = {"sessions": "1,10,50", "duration": 15.0, "repeats": 3}
+    full = {"sessions": "10,50", "duration": 15.0, "repeats": 3}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -121,7 +123,11 @@ async def sink_ceiling(sink: SinkProcess, duration: float) -> list[tuple[int, in
 
 
 def machine_header(
-    args: argparse.Namespace, postfix: str | None, loop: str, commit: str, env: dict[str, str]
+    args: argparse.Namespace,
+    peers: str,
+    loop: str,
+    commit: str,
+    env: dict[str, str],
 ) -> str:
     kurrier = subprocess.run(
         [*kurrier_command(), "--help"],
@@ -135,7 +141,7 @@ def machine_header(
         f"({os.cpu_count()} cores, {platform.python_implementation()} "
         f"{platform.python_version()}, tooling on {loop}); kurrier at {commit}"
         f"{'' if kurrier.returncode == 0 else ' (kurrier --help failed!)'}, "
-        f"Postfix {postfix or 'absent'}. {args.duration:g} s of load per cell, "
+        f"{peers}. {args.duration:g} s of load per cell, "
         f"{args.repeats} repeat(s), {args.per_session} messages per SMTP session. "
         f"Load average before: {os.getloadavg()[0]:.2f}."
     )
@@ -146,7 +152,9 @@ async def run(args: argparse.Namespace) -> int:
     session_counts = [int(s) for s in args.sessions.split(",")]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     loop_name = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    version = install_postfix() if "postfix" in systems else postfix_version()
+    postfix = install_postfix() if "postfix" in systems else postfix_version()
+    haraka = install_haraka() if "haraka" in systems else None
+    peers = f"Postfix {postfix or 'absent'}" + (f", Haraka {haraka}" if haraka else "")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out: Path = args.out or RESULTS / stamp
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +162,7 @@ async def run(args: argparse.Namespace) -> int:
     dumps.mkdir(exist_ok=True)
     commit, env = kurrier_snapshot(args.kurrier_rev, args.workdir)
     args.kurrier_env = env
-    header = machine_header(args, version, loop_name, commit, env)
+    header = machine_header(args, peers, loop_name, commit, env)
     print(header, flush=True)
     started = time.monotonic()
 
@@ -247,19 +255,23 @@ async def run_one(
     workdir: Path = args.workdir / slug
     system: System
     if name.startswith("kurrier"):
-        variant, _, sync = name.partition("/sync=")
-        base, *experiments = variant.split("+")
-        _, at, revision = base.partition("@")
-        code = kurrier_snapshot(revision, args.workdir)[1] if at else args.kurrier_env
+        variant = KurrierVariant.parse(name)
+        code = (
+            args.kurrier_env
+            if variant.revision is None
+            else kurrier_snapshot(variant.revision, args.workdir)[1]
+        )
         system = Kurrier(
             workdir,
             sink.port,
-            env=experiment_env(code, experiments),
-            extra_args=["--nats-sync", sync] if sync else [],
+            env=experiment_env(code, variant.experiments),
+            variant=variant,
             name=name,
         )
     elif name == "postfix":
         system = Postfix(workdir, sink.port)
+    elif name == "haraka":
+        system = Haraka(workdir, sink.port)
     else:
         raise ValueError(f"unknown system {name!r}")
     tag = f"{slug}{size}s{sessions}r{repeat}"

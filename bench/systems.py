@@ -1,10 +1,9 @@
-"""The two relays under test, each started fresh in its own directory and stopped after a cell.
+"""kurrier and Postfix under test, each started fresh in its own directory and stopped after a cell.
 
-Both listen on a loopback port, trust 127.0.0.0/8, relay everything for
-example.com to the bench sink with TLS off, at most 20 connections to it
-(Postfix's default_destination_concurrency_limit), and keep their default
-durability: Postfix fsyncs each queue file; kurrier answers 250 once
-JetStream has acknowledged the message.
+Each relay (and Haraka, bench/haraka.py) listens on a loopback port, trusts
+127.0.0.0/8, relays everything to the bench sink with TLS off, at most 20
+connections to it (Postfix's default_destination_concurrency_limit), and
+says in `durability` what its 250 survives as configured.
 """
 
 from __future__ import annotations
@@ -17,9 +16,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from kurrier.cli.nats_server import default_sync_interval
 from kurrier.core.smtp_probe import wait_for_smtp_banner
 
 from bench import proc
@@ -32,6 +33,7 @@ STOP_TIMEOUT = 20.0
 
 class System(Protocol):
     name: str
+    durability: str  # what a 250 survives, as configured
     smtp_port: int
     stop_seconds: float
     stopped_cleanly: bool
@@ -91,6 +93,8 @@ kind: RelayPolicy
 metadata: {{name: default}}
 spec:
   trustedNetworks: ["127.0.0.0/8"]
+  # 127.0.0.0/8 is trusted and so exempt; set for @REV revisions without that exemption.
+  maxConnectionsPerClient: 1000
   maxMessageSize: 26214400
   maxRecipients: 100
 """
@@ -154,6 +158,48 @@ def experiment_env(base: dict[str, str], experiments: list[str]) -> dict[str, st
     }
 
 
+@dataclass(frozen=True)
+class KurrierVariant:
+    """A kurrier system name: `kurrier[@REV][+EXPERIMENT...][/cluster=N][/sync=INTERVAL]`."""
+
+    revision: str | None  # None: the run's --kurrier-rev
+    experiments: list[str]
+    nodes: int
+    sync: str | None  # None: `kurrier up`'s default for the nodes
+
+    @classmethod
+    def parse(cls, name: str) -> KurrierVariant:
+        base, *options = name.split("/")
+        code, *experiments = base.split("+")
+        _, at, revision = code.partition("@")
+        found: dict[str, str] = {}
+        for option in options:
+            key, equals, value = option.partition("=")
+            if key not in ("cluster", "sync") or not equals or key in found:
+                raise ValueError(f"{name!r}: options are /cluster=N and /sync=INTERVAL")
+            found[key] = value
+        return cls(
+            revision if at else None, experiments, int(found.get("cluster", 1)), found.get("sync")
+        )
+
+    def up_args(self) -> list[str]:
+        args = ["--nats-cluster", str(self.nodes)] if self.nodes > 1 else []
+        return args + (["--nats-sync", self.sync] if self.sync else [])
+
+    @property
+    def durability(self) -> str:
+        """What a 250 survives with `kurrier up`'s JetStream as this variant runs it."""
+        if self.revision is not None and self.sync is None:
+            return f"{self.revision}'s default"  # its defaults may differ from this code's
+        synced = (self.sync or default_sync_interval(self.nodes)) == "always"
+        if self.nodes == 1:
+            return (
+                "power cut (fsync before 250)" if synced else f"page cache only (sync {self.sync})"
+            )
+        quorum = f"one node lost (R3 quorum of {self.nodes}"
+        return quorum + (", fsync)" if synced else f", page cache; sync {self.sync or '2m'})")
+
+
 class Kurrier:
     """`kurrier up` with a fresh data directory."""
 
@@ -162,7 +208,7 @@ class Kurrier:
         workdir: Path,
         sink_port: int,
         env: dict[str, str] | None = None,
-        extra_args: list[str] | None = None,
+        variant: KurrierVariant | None = None,
         name: str = "kurrier",
     ) -> None:
         self.name = name
@@ -170,7 +216,8 @@ class Kurrier:
         self.sink_port = sink_port
         self.smtp_port = free_port()
         self.env = env or {}
-        self.extra_args = extra_args or []
+        self.variant = variant or KurrierVariant(None, [], 1, None)
+        self.durability = self.variant.durability
         self.stop_seconds = 0.0
         self.stopped_cleanly = True
         self._process: asyncio.subprocess.Process | None = None
@@ -204,7 +251,7 @@ class Kurrier:
                 "1s",
                 "--max-backoff",
                 "5s",
-                *self.extra_args,
+                *self.variant.up_args(),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -343,6 +390,7 @@ class Postfix:
     """A private Postfix instance (`postfix -c DIR start-fg`) in its own directory."""
 
     name = "postfix"
+    durability = "power cut (fsync before 250)"
 
     def __init__(self, workdir: Path, sink_port: int) -> None:
         self.workdir = workdir
