@@ -402,6 +402,27 @@ PROBES = [
         [*TLS, Step("AUTH LOGIN", "334"), Step("*", "501")],
         port="submission",
     ),
+    # An answer to a 334 is a line like a command's: CRLF only (command_lines.py)
+    Probe(
+        "an AUTH answer ending in a bare LF is refused, and the session goes on",
+        [
+            *TLS,
+            Step("AUTH LOGIN", "334"),
+            Step(b64("alice").encode() + b"\n", "500 5.5.2", contains="bare <LF>"),
+            Step("NOOP", "250"),
+        ],
+        port="submission",
+    ),
+    Probe(
+        "an AUTH answer with a bare CR inside",
+        [
+            *TLS,
+            Step("AUTH PLAIN", "334"),
+            Step(b"AGFsaWNl\rAGd1ZXNz\r\n", "500 5.5.2", contains="bare <CR>", absent="\r"),
+            Step("NOOP", "250"),
+        ],
+        port="submission",
+    ),
     Probe(
         "implicit TLS offers AUTH",
         [

@@ -10,9 +10,10 @@ smtpd_forbid_bare_newline, such a line is refused and never carried out.
 aiosmtpd has no hook between reading a line and running it, so the reader it
 is given hands back, in place of such a line, a command no client can send:
 its name holds an LF, and every line aiosmtpd reads ends at its first LF. The
-session runs that command as the refusal. Only aiosmtpd's command reads
-(readuntil() without a separator) are checked; the DATA reader's and AUTH's
-reads pass through untouched.
+session runs that command as the refusal. The client's answers to AUTH's 334
+challenges (aiosmtpd reads them with readline()) follow the same rule: such
+an answer raises BareNewline, and the session refuses the exchange. The DATA
+reader's reads (readuntil() with a separator) pass through untouched.
 """
 
 from __future__ import annotations
@@ -36,16 +37,32 @@ def bare_newline(line: bytes) -> str | None:
     return None
 
 
+class BareNewline(Exception):
+    """An AUTH answer ending in a bare LF or holding a bare CR; kind is 'LF' or 'CR'."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
 class CommandLineReader(asyncio.StreamReader):
     async def readuntil(self, separator: Any = None) -> bytes:
         """aiosmtpd reads each command with readuntil(); every other read names a separator."""
-        if separator is not None:  # DATA, AUTH's readline
+        if separator is not None:  # DATA, and readline() below
             return await super().readuntil(separator)
         line = await super().readuntil(b"\n")
         kind = bare_newline(line)
         if kind is None:
             return line
         return f"{BARE_NEWLINE_COMMAND} {kind}\r\n".encode()
+
+    async def readline(self) -> bytes:
+        """aiosmtpd reads only AUTH's answers to 334 with readline()."""
+        line = await super().readline()
+        kind = bare_newline(line)
+        if kind is not None:
+            raise BareNewline(kind)
+        return line
 
 
 class CommandLineProtocol(asyncio.StreamReaderProtocol):

@@ -25,10 +25,15 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, cast
 
-from aiosmtpd.smtp import SMTP, Envelope, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, _Missing, syntax
 from kurrier.core.metrics import rejected
 from kurrier.core.table_store import TableFollower
-from kurrier.ingress.command_lines import BARE_NEWLINE, BARE_NEWLINE_COMMAND, CommandLineProtocol
+from kurrier.ingress.command_lines import (
+    BARE_NEWLINE,
+    BARE_NEWLINE_COMMAND,
+    BareNewline,
+    CommandLineProtocol,
+)
 from kurrier.ingress.connection_gate import SHUTTING_DOWN, ConnectionGate
 from kurrier.ingress.data_reader import DataLimits, DataReader
 from kurrier.ingress.pipelined_replies import PipelinedReplies
@@ -230,6 +235,19 @@ class IngressSMTP(SMTP, CommandLineProtocol):
             await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
             return
         await super().smtp_AUTH(arg)
+
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> _Missing | bytes:
+        # The answer to a 334 is a line like any command's (command_lines.py).
+        try:
+            return await super().challenge_auth(challenge, encode_to_b64, log_client_response)
+        except BareNewline as refused:
+            await self._refuse_bare_newline(refused.kind)
+            return MISSING
 
     async def _refuse_bare_newline(self, kind: str) -> None:
         await self.push(BARE_NEWLINE.format(kind=kind))
