@@ -13,8 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import dkim
 import yaml
 from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY, connect, disconnect
+from kurrier.core.routing import CompiledDkimKey, CompiledDomain
+from kurrier.delivery.dkim_signer import DkimSigner
 
 from tests.operator.objects import (
     apply,
@@ -30,7 +33,7 @@ from tests.operator.operator_process import (
     service_account_kubeconfig,
 )
 from tests.operator.published_table import route_names, routing_table, wait_for_table
-from tests.support.certs import private_pem, rsa_key
+from tests.support.certs import ed25519_key, private_pem, rsa_key
 from tests.support.chart import Scenario
 from tests.support.kube import Api, TestCluster, start_test_cluster
 from tests.support.nats import NatsServer
@@ -65,6 +68,7 @@ def _secret(name: str, secret_type: str = "Opaque", **values: str) -> str:
 
 
 def _signing_domain(secret_name: str) -> str:
+    """signed.example, signing with an RSA and an Ed25519 key of secret_name."""
     return yaml.safe_dump(
         {
             "apiVersion": "kurrier.io/v1alpha1",
@@ -73,11 +77,33 @@ def _signing_domain(secret_name: str) -> str:
             "spec": {
                 "domain": "signed.example",
                 "dkim": {
-                    "selector": "k1",
-                    "secretRef": {"name": secret_name, "key": "private.pem"},
+                    "keys": [
+                        {"selector": "rsa1", "secretRef": {"name": secret_name, "key": "rsa.pem"}},
+                        {"selector": "ed1", "secretRef": {"name": secret_name, "key": "ed.pem"}},
+                    ]
                 },
             },
         }
+    )
+
+
+def _verifies_with_published_records(records: list[dict[str, str]], keys: dict[str, str]) -> bool:
+    """Whether mail signed with keys (selector -> PEM) verifies against the status's records.
+
+    dkimpy's dnsfunc answers from the records: the real DNS, where they would be
+    published, is out of reach here.
+    """
+    published = {r["name"]: r["value"].encode() for r in records}
+    domain = CompiledDomain(
+        domain="signed.example",
+        accept_inbound=False,
+        dkim_keys=tuple(CompiledDkimKey(selector=s, private_key=k) for s, k in keys.items()),
+    )
+    signed = DkimSigner().sign(b"From: a@signed.example\r\nSubject: s\r\n\r\nbody\r\n", domain)
+    verifier = dkim.DKIM(signed)
+    return all(
+        verifier.verify(idx=i, dnsfunc=lambda name, timeout=5: published.get(name.decode()[:-1]))
+        for i in range(len(keys))
     )
 
 
@@ -188,19 +214,46 @@ def test_missing_and_malformed_secrets_make_resources_unready(
         )
         assert (table["routes"][0]["username"], table["routes"][0]["password"]) == ("u", "p")
 
-        apply(kube, namespace, _secret("dkim-key", **{"private.pem": "not a key"}))
+
+def test_a_signing_domain_shows_the_dns_record_of_each_key(
+    kube: Api,
+    kube_cluster: TestCluster,
+    operator_kubeconfig: Path,
+    namespace: str,
+    nats_server: NatsServer,
+    tmp_path: Path,
+) -> None:
+    with OperatorProcess(tmp_path, operator_kubeconfig, nats_server.url, [namespace]):
+        keys = {"rsa1": private_pem(rsa_key()).decode(), "ed1": private_pem(ed25519_key()).decode()}
+        apply(
+            kube, namespace, _secret("dkim-key", **{"rsa.pem": "not a key", "ed.pem": keys["ed1"]})
+        )
         apply(kube, namespace, _signing_domain("dkim-key"))
         body = wait_for_status(kube, "RelayDomain", namespace, "signed-example", ready=False)
         assert body["status"]["conditions"][0]["reason"] == "SecretInvalid"
         assert "dkim-key" in body["status"]["conditions"][0]["message"]
+        # The usable key's record is shown already; the broken one's is not.
+        [record] = body["status"]["dkimRecords"]
+        assert (record["selector"], record["name"]) == ("ed1", "ed1._domainkey.signed.example")
         apply(
-            kube, namespace, _secret("dkim-key", **{"private.pem": private_pem(rsa_key()).decode()})
+            kube, namespace, _secret("dkim-key", **{"rsa.pem": keys["rsa1"], "ed.pem": keys["ed1"]})
         )
-        wait_for_status(kube, "RelayDomain", namespace, "signed-example", ready=True)
-        table = wait_for_table(
+        body = wait_for_status(kube, "RelayDomain", namespace, "signed-example", ready=True)
+        records = body["status"]["dkimRecords"]
+        assert [r["selector"] for r in records] == ["rsa1", "ed1"]
+        assert _verifies_with_published_records(records, keys)
+        # A record of another key does not verify: the status shows these keys' records.
+        other = {"rsa1": private_pem(rsa_key()).decode(), "ed1": keys["ed1"]}
+        assert not _verifies_with_published_records(records, other)
+        # The API server's table shows the first match of a column's JSONPath.
+        columns, rows = table_rows(kube_cluster, "RelayDomain", namespace)
+        assert rows[0][columns.index("DKIM")] == "rsa1"
+        wait_for_table(
             nats_server.url,
-            lambda t: any(d["dkim_selector"] == "k1" for d in t["domains"]),
-            "the DKIM key in the table",
+            lambda t: any(
+                [k["selector"] for k in d["dkim_keys"]] == ["rsa1", "ed1"] for d in t["domains"]
+            ),
+            "the DKIM keys in the table",
         )
 
 

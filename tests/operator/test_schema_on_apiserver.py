@@ -23,6 +23,10 @@ DOMAIN: Obj = yaml.safe_load(inbound_domain("example.com"))
 POLICY: Obj = yaml.safe_load(trusting("10.0.0.0/8"))
 
 
+_KEY_RSA = {"selector": "rsa1", "secretRef": {"name": "dkim", "key": "rsa.pem"}}
+_KEY_ED = {"selector": "ed1", "secretRef": {"name": "dkim", "key": "ed.pem"}}
+
+
 def _with(base: Obj, path: str, value: Any) -> Obj:
     """A copy of base with the dotted path set (None removes it)."""
     changed = copy.deepcopy(base)
@@ -155,6 +159,30 @@ CASES: list[tuple[str, Obj, str, bool]] = [
             DOMAIN, "spec.dkim", {"selector": "no spaces", "secretRef": {"name": "k", "key": "p"}}
         ),
         "spec.dkim.selector in body should match",
+        False,
+    ),
+    (
+        "DKIM with two keys",
+        _with(DOMAIN, "spec.dkim", {"keys": [_KEY_RSA, _KEY_ED]}),
+        "",
+        True,
+    ),
+    (
+        "DKIM with one key and keys",
+        _with(DOMAIN, "spec.dkim", {**_KEY_RSA, "keys": [_KEY_ED]}),
+        "set either 'selector' and 'secretRef', or 'keys'",
+        False,
+    ),
+    (
+        "DKIM selector without its Secret",
+        _with(DOMAIN, "spec.dkim", {"selector": "k1"}),
+        "'selector' and 'secretRef' go together",
+        False,
+    ),
+    (
+        "DKIM keys with one selector twice",
+        _with(DOMAIN, "spec.dkim", {"keys": [_KEY_RSA, {**_KEY_ED, "selector": "rsa1"}]}),
+        'spec.dkim.keys[1]: Duplicate value: {"selector":"rsa1"}',
         False,
     ),
     (

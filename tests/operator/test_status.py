@@ -108,12 +108,12 @@ def test_turning_unready_is_a_transition_with_a_warning() -> None:
 
 
 def test_route_status_carries_the_destination_and_clears_it() -> None:
-    change = next_status(None, 1, OK, 1, T0, RouteStatus, "127.0.0.1:2526")
+    change = next_status(None, 1, OK, 1, T0, RouteStatus, {"destination": "127.0.0.1:2526"})
     assert change is not None
     assert change.status.model_dump(mode="json")["destination"] == "127.0.0.1:2526"
-    moved = next_status(change.status, 1, OK, 2, T0, RouteStatus, "mx")
+    moved = next_status(change.status, 1, OK, 2, T0, RouteStatus, {"destination": "mx"})
     assert moved is not None
-    invalid = next_status(moved.status, 2, MISSING, 3, T0, RouteStatus, None)
+    invalid = next_status(moved.status, 2, MISSING, 3, T0, RouteStatus, {"destination": None})
     assert invalid is not None
     # Written as a JSON merge patch: null removes what an earlier status said.
     assert invalid.status.model_dump(mode="json")["destination"] is None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
@@ -22,7 +22,14 @@ def rsa_key(bits: int = 2048) -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
-def private_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+def ed25519_key() -> ed25519.Ed25519PrivateKey:
+    """A fresh Ed25519 key (DKIM signing keys, RFC 8463)."""
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def private_pem(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey,
+) -> bytes:
     """The key as unencrypted PKCS#8 PEM (``BEGIN PRIVATE KEY``)."""
     return key.private_bytes(
         serialization.Encoding.PEM,

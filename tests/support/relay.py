@@ -98,6 +98,21 @@ def signing_domain(domain: str, selector: str, secret_name: str, key: str = "pri
           dkim: {{selector: {selector}, secretRef: {{name: {secret_name}, key: {key}}}}}""")
 
 
+def multi_key_domain(domain: str, secret_name: str, keys: dict[str, str]) -> str:
+    """A RelayDomain signing with several keys of secret_name: selector -> the Secret's key."""
+    listed = ", ".join(
+        f"{{selector: {selector}, secretRef: {{name: {secret_name}, key: {key}}}}}"
+        for selector, key in keys.items()
+    )
+    return textwrap.dedent(f"""\
+        apiVersion: kurrier.io/v1alpha1
+        kind: RelayDomain
+        metadata: {{name: {domain.replace(".", "-")}}}
+        spec:
+          domain: {domain}
+          dkim: {{keys: [{listed}]}}""")
+
+
 def inbound_domain(domain: str) -> str:
     return textwrap.dedent(f"""\
         apiVersion: kurrier.io/v1alpha1

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kurrier.core.dkim_keys import dkim_txt_record
 from kurrier.core.loader import ResourceError, parse_documents
 from kurrier.core.resources import (
     API_VERSION,
@@ -19,7 +20,8 @@ from kurrier.core.resources import (
     RelayRoute,
     Secret,
 )
-from kurrier.core.routing import Problem
+from kurrier.core.routing import Problem, dkim_keys
+from kurrier.operator.status import DkimRecord
 
 Key = tuple[str, str]  # (namespace, name)
 Identity = tuple[str, str, str]  # (kind, namespace, name)
@@ -140,7 +142,7 @@ def referenced_secrets(resources: Iterable[RelayResource]) -> set[Key]:
     for resource in resources:
         namespace = resource.metadata.namespace or "default"
         if isinstance(resource, RelayDomain) and resource.spec.dkim:
-            wanted.add((namespace, resource.spec.dkim.secretRef.name))
+            wanted.update((namespace, k.secretRef.name) for k in resource.spec.dkim.signing_keys)
         if isinstance(resource, RelayRoute) and resource.spec.auth:
             wanted.add((namespace, resource.spec.auth.secretRef.name))
         auth = resource.spec.auth if isinstance(resource, RelayPolicy) else None
@@ -176,3 +178,29 @@ def destination(resource: RelayResource | None) -> str | None:
         return None
     smarthost = resource.spec.destination.smarthost
     return f"{smarthost.host}:{smarthost.port}" if smarthost else "mx"
+
+
+def dkim_records(domain: RelayDomain, secrets: Iterable[Secret]) -> list[DkimRecord]:
+    """The TXT records that publish the domain's usable DKIM keys, in signing order."""
+    by_key = {(s.metadata.namespace or "default", s.metadata.name): s for s in secrets}
+    keys, _ = dkim_keys(domain, by_key)  # the compiler reports the unusable ones
+    records = []
+    for key in keys:
+        name, value = dkim_txt_record(key.private_key, key.selector, domain.spec.domain)
+        records.append(DkimRecord(selector=key.selector, name=name, value=value))
+    return records
+
+
+def status_details(
+    kind: str, resource: RelayResource | None, secrets: Iterable[Secret]
+) -> dict[str, object]:
+    """The fields of a kind's own status: a route's destination, a domain's DKIM records.
+
+    resource is None when the object is invalid: then the fields are cleared.
+    """
+    if kind == "RelayRoute":
+        return {"destination": destination(resource)}
+    if kind == "RelayDomain":
+        records = dkim_records(resource, secrets) if isinstance(resource, RelayDomain) else []
+        return {"dkimRecords": [record.model_dump() for record in records]}
+    return {}

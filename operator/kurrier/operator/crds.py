@@ -25,7 +25,7 @@ from kurrier.core.resources import (
     RelayPolicySpec,
     RelayRouteSpec,
 )
-from kurrier.operator.status import RelayStatus, RouteStatus
+from kurrier.operator.status import DomainStatus, RelayStatus, RouteStatus
 from pydantic import BaseModel
 
 VERSION = "v1alpha1"
@@ -108,6 +108,20 @@ RULES: dict[str, dict[str, Any]] = {
         ],
     },
     "PolicyAuth.serviceAccountAudience": {"minLength": 1, "maxLength": 253},
+    "DkimSpec": {
+        "x-kubernetes-validations": [
+            {
+                "rule": "has(self.keys) != (has(self.selector) || has(self.secretRef))",
+                "message": "set either 'selector' and 'secretRef', or 'keys'",
+            },
+            {
+                "rule": "has(self.selector) == has(self.secretRef)",
+                "message": "'selector' and 'secretRef' go together",
+            },
+        ]
+    },
+    # A map keyed by selector: the API server refuses two keys with one selector.
+    "DkimSpec.keys": {"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["selector"]},
     "SecretRef.name": {"maxLength": MAX_DOMAIN},
     "SecretKeyRef.name": {"maxLength": MAX_DOMAIN},
     "SecretKeyRef.key": {"maxLength": MAX_DOMAIN},
@@ -125,9 +139,22 @@ DOCS: dict[str, str] = {
         "Accept mail *for* this domain from any client (the relay sits behind its MX record)."
     ),
     "RelayDomainSpec.dkim": "Sign mail *from* this domain with DKIM.",
+    "DkimSpec": (
+        "One key (selector and secretRef) or several (keys), e.g. RSA and Ed25519 side by side."
+    ),
     "DkimSpec.selector": "The DKIM selector: the public key is published at <selector>._domainkey.",
     "DkimSpec.secretRef": (
-        "The Secret (same namespace) and key holding the PEM private key (PKCS#1 or PKCS#8)."
+        "The Secret (same namespace) and key holding the PEM private key: RSA (PKCS#1 or "
+        "PKCS#8) or Ed25519 (PKCS#8)."
+    ),
+    "DkimSpec.keys": (
+        "Several keys, each with its own selector; every message gets one signature per key, "
+        "the first key's topmost."
+    ),
+    "DkimKey.selector": "The DKIM selector: the public key is published at <selector>._domainkey.",
+    "DkimKey.secretRef": (
+        "The Secret (same namespace) and key holding the PEM private key: RSA (PKCS#1 or "
+        "PKCS#8) or Ed25519 (PKCS#8)."
     ),
     "SecretKeyRef.name": "Name of a Secret in the same namespace.",
     "SecretKeyRef.key": "Key within the Secret's data.",
@@ -190,6 +217,13 @@ DOCS: dict[str, str] = {
     ),
     "RelayStatus.conditions": "Ready: whether this resource is in effect, and why not.",
     "RouteStatus.destination": "Where this route sends mail: host:port, or mx.",
+    "DomainStatus": "Written by the operator.",
+    "DomainStatus.dkimRecords": (
+        "The DNS TXT record to publish for each usable DKIM key, in signing order."
+    ),
+    "DkimRecord.selector": "The key's selector.",
+    "DkimRecord.name": "The record's name: <selector>._domainkey.<domain>.",
+    "DkimRecord.value": "The record's value (one logical string; split into 255-octet chunks).",
     "Condition.type": "Condition type; the operator writes Ready.",
     "Condition.status": "True, False or Unknown.",
     "Condition.observedGeneration": "The generation this condition was computed from.",
@@ -206,8 +240,9 @@ def _inherit(table: dict[str, Any], base: str, derived: str) -> None:
             table.setdefault(derived + key.removeprefix(base), value)
 
 
-_inherit(DOCS, "RelayStatus", "RouteStatus")
-_inherit(RULES, "RelayStatus", "RouteStatus")
+for _derived in ("RouteStatus", "DomainStatus"):
+    _inherit(DOCS, "RelayStatus", _derived)
+    _inherit(RULES, "RelayStatus", _derived)
 
 _READY = '.status.conditions[?(@.type=="Ready")]'
 _COMMON_COLUMNS: list[dict[str, Any]] = [
@@ -238,11 +273,11 @@ KINDS = (
         plural="relaydomains",
         short_names=("rdom",),
         spec=RelayDomainSpec,
-        status=RelayStatus,
+        status=DomainStatus,
         columns=(
             {"name": "Domain", "type": "string", "jsonPath": ".spec.domain"},
             {"name": "Inbound", "type": "boolean", "jsonPath": ".spec.acceptInbound"},
-            {"name": "DKIM", "type": "string", "jsonPath": ".spec.dkim.selector"},
+            {"name": "DKIM", "type": "string", "jsonPath": ".status.dkimRecords[*].selector"},
         ),
     ),
     CrdKind(

@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from kurrier.core.resources import Resource
 from kurrier.core.routing import Problem, compile_table
 from kurrier.core.table_store import publish_table
 from kurrier.operator.apiserver import ApiError, ApiServer
@@ -24,14 +23,13 @@ from kurrier.operator.cluster_objects import (
     Key,
     ObservedObject,
     StoredSecret,
-    destination,
     referenced_secrets,
     relay_resources,
     secret_resources,
+    status_details,
 )
 from kurrier.operator.status import (
-    RelayStatus,
-    RouteStatus,
+    STATUS_MODELS,
     StatusChange,
     next_status,
     read_status,
@@ -120,9 +118,8 @@ class Reconciler:
         resources, problems = relay_resources(objects)
         self._compiled = {o.identity: o.generation for o in objects}
         self._referenced = referenced_secrets(resources.values())
-        compiled: list[Resource] = [*resources.values()]
-        compiled += secret_resources(secrets, self._referenced)
-        table, compile_problems = compile_table(compiled)
+        referenced = secret_resources(secrets, self._referenced)
+        table, compile_problems = compile_table([*resources.values(), *referenced])
         revision = await publish_table(self._js, table)
         if revision != self.revision:
             log.info(
@@ -145,7 +142,7 @@ class Reconciler:
         present = set()
         for observed in objects:
             present.add(observed.identity)
-            model = RouteStatus if observed.kind == "RelayRoute" else RelayStatus
+            model = STATUS_MODELS[observed.kind]
             change = next_status(
                 read_status(observed.status, model),
                 observed.generation,
@@ -153,7 +150,7 @@ class Reconciler:
                 revision,
                 now,
                 model,
-                destination(resources.get(observed.identity)),
+                status_details(observed.kind, resources.get(observed.identity), referenced),
             )
             if change is not None:
                 await self._write(observed, change)

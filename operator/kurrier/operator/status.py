@@ -6,7 +6,7 @@ what the operator writes and what the API server accepts cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
@@ -53,6 +53,29 @@ class RouteStatus(RelayStatus):
     """The status of a RelayRoute: also where it sends mail, for `kubectl get`."""
 
     destination: str | None = None
+
+
+class DkimRecord(BaseModel):
+    """The DNS TXT record that publishes one DKIM key."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    selector: str
+    name: str
+    value: str
+
+
+class DomainStatus(RelayStatus):
+    """The status of a RelayDomain: also the DNS records its DKIM keys need."""
+
+    dkimRecords: list[DkimRecord] = Field(default_factory=list)
+
+
+STATUS_MODELS: dict[str, type[RelayStatus]] = {
+    "RelayDomain": DomainStatus,
+    "RelayRoute": RouteStatus,
+    "RelayPolicy": RelayStatus,
+}
 
 
 @dataclass(frozen=True)
@@ -104,14 +127,17 @@ def next_status(
     revision: int,
     now: datetime,
     model: type[RelayStatus] = RelayStatus,
-    destination: str | None = None,
+    details: Mapping[str, object] | None = None,
 ) -> StatusChange | None:
     """The status to write, or None when the current one already says it all.
 
-    The table revision is recorded when this generation (or its verdict) is
-    first published, not on every revision: a change to one resource must
-    not rewrite the status of all the others.
+    details are the fields of the kind's own status (a route's destination,
+    a domain's DKIM records), compared and written with the rest. The table
+    revision is recorded when this generation (or its verdict) is first
+    published, not on every revision: a change to one resource must not
+    rewrite the status of all the others.
     """
+    details = details or {}
     ready = current.condition(READY) if current else None
     if (
         current is not None
@@ -120,7 +146,8 @@ def next_status(
         and current.tableRevision is not None
         and (ready.status == "True") == judged.ready
         and (ready.reason, ready.message) == (judged.reason, judged.message)
-        and getattr(current, "destination", None) == destination
+        and current.model_dump(mode="json", include=set(details))
+        == model.model_validate(details).model_dump(mode="json", include=set(details))
     ):
         return None
     status_text: Literal["True", "False"] = "True" if judged.ready else "False"
@@ -141,9 +168,8 @@ def next_status(
         "observedGeneration": generation,
         "tableRevision": revision,
         "conditions": [condition],
+        **details,
     }
-    if issubclass(model, RouteStatus):
-        fields["destination"] = destination
     status = model.model_validate(fields)
     if judged.ready:
         event = EventNote(

@@ -64,9 +64,43 @@ class SecretKeyRef(_Model):
     key: str = Field(min_length=1)
 
 
-class DkimSpec(_Model):
-    selector: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+DkimSelector = Annotated[
+    str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+]
+MAX_DKIM_KEYS = 4
+
+
+class DkimKey(_Model):
+    selector: DkimSelector
     secretRef: SecretKeyRef
+
+
+class DkimSpec(_Model):
+    """One key (selector, secretRef) or several (keys), e.g. RSA and Ed25519 side by side."""
+
+    selector: DkimSelector | None = None
+    secretRef: SecretKeyRef | None = None
+    keys: list[DkimKey] | None = Field(default=None, min_length=1, max_length=MAX_DKIM_KEYS)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> DkimSpec:
+        single = self.selector is not None or self.secretRef is not None
+        if single == (self.keys is not None):
+            raise ValueError("set either 'selector' and 'secretRef', or 'keys'")
+        if single and (self.selector is None or self.secretRef is None):
+            raise ValueError("'selector' and 'secretRef' go together")
+        selectors = [key.selector for key in self.keys or ()]
+        if len(set(selectors)) != len(selectors):
+            raise ValueError("each of 'keys' needs its own selector")
+        return self
+
+    @property
+    def signing_keys(self) -> tuple[DkimKey, ...]:
+        """The keys in the order their signatures go on the message."""
+        if self.keys is not None:
+            return tuple(self.keys)
+        assert self.selector is not None and self.secretRef is not None
+        return (DkimKey(selector=self.selector, secretRef=self.secretRef),)
 
 
 class RelayDomainSpec(_Model):

@@ -7,10 +7,10 @@ result is published as JSON in NATS KV and every service swaps it in whole.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from kurrier.core.dkim_keys import DkimKeyError, signing_key_pem
+from kurrier.core.dkim_keys import DkimKeyError, signing_key
 from kurrier.core.domains import normalise_domain
 from kurrier.core.resources import (
     RelayDomain,
@@ -68,11 +68,16 @@ class CompiledRoute(_Frozen):
         return "mx"
 
 
+class CompiledDkimKey(_Frozen):
+    selector: str
+    private_key: str = Field(repr=False)
+
+
 class CompiledDomain(_Frozen):
     domain: str
     accept_inbound: bool
-    dkim_selector: str | None = None
-    dkim_private_key: str | None = Field(default=None, repr=False)
+    # Usable keys only, in the order their signatures go on the message.
+    dkim_keys: tuple[CompiledDkimKey, ...] = ()
 
 
 class CompiledPolicy(_Frozen):
@@ -221,36 +226,38 @@ def _compile_route(
     )
 
 
+def dkim_keys(
+    domain: RelayDomain, secrets: Mapping[tuple[str, str], Secret]
+) -> tuple[list[CompiledDkimKey], list[Problem]]:
+    """The RelayDomain's usable DKIM keys, and a problem for each one that is not."""
+    keys: list[CompiledDkimKey] = []
+    problems: list[Problem] = []
+    for wanted in domain.spec.dkim.signing_keys if domain.spec.dkim else ():
+        ref = wanted.secretRef
+        secret = secrets.get((_namespace(domain), ref.name))
+        pem = secret.value(ref.key) if secret else None
+        if pem is None or b"PRIVATE KEY-----" not in pem:
+            problem = f"DKIM Secret {ref.name!r} has no PEM private key under {ref.key!r}"
+            problems.append(_problem(domain, "SecretInvalid", problem))
+            continue
+        try:
+            signing_key(pem)
+        except DkimKeyError as error:
+            problems.append(_problem(domain, "SecretInvalid", f"DKIM Secret {ref.name!r}: {error}"))
+            continue
+        keys.append(CompiledDkimKey(selector=wanted.selector, private_key=pem.decode()))
+    return keys, problems
+
+
 def _compile_domain(
     domain: RelayDomain, secrets: dict[tuple[str, str], Secret], problems: list[Problem]
 ) -> CompiledDomain:
-    dkim = domain.spec.dkim
-    if dkim is None:
-        return CompiledDomain(domain=domain.spec.domain, accept_inbound=domain.spec.acceptInbound)
-    secret = secrets.get((_namespace(domain), dkim.secretRef.name))
-    key = secret.value(dkim.secretRef.key) if secret else None
-    if key is None or b"PRIVATE KEY-----" not in key:
-        problems.append(
-            _problem(
-                domain,
-                "SecretInvalid",
-                f"DKIM Secret {dkim.secretRef.name!r} has no PEM private key "
-                f"under {dkim.secretRef.key!r}",
-            )
-        )
-        return CompiledDomain(domain=domain.spec.domain, accept_inbound=domain.spec.acceptInbound)
-    try:
-        signing_key_pem(key)
-    except DkimKeyError as error:
-        problems.append(
-            _problem(domain, "SecretInvalid", f"DKIM Secret {dkim.secretRef.name!r}: {error}")
-        )
-        return CompiledDomain(domain=domain.spec.domain, accept_inbound=domain.spec.acceptInbound)
+    keys, key_problems = dkim_keys(domain, secrets)
+    problems.extend(key_problems)
     return CompiledDomain(
         domain=domain.spec.domain,
         accept_inbound=domain.spec.acceptInbound,
-        dkim_selector=dkim.selector,
-        dkim_private_key=key.decode(),
+        dkim_keys=tuple(keys),
     )
 
 

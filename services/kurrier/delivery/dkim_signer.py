@@ -1,8 +1,9 @@
-"""DKIM signing (RFC 6376) of outgoing mail with the sender domain's key, via dkimpy.
+"""DKIM signing (RFC 6376, RFC 8463) of outgoing mail with the sender domain's keys, via dkimpy.
 
 Delivery signs each attempt's copy of the stored, unsigned message, so every
-copy that leaves carries exactly one signature however often it is retried,
-and a message retried after a key rotation is signed with the key in DNS now.
+copy that leaves carries exactly one signature per key however often it is
+retried, and a message retried after a key rotation is signed with the keys
+in DNS now.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import logging
 import re
 
 import dkim
-from kurrier.core.dkim_keys import DkimKeyError, signing_key_pem
-from kurrier.core.routing import CompiledDomain
+from kurrier.core.dkim_keys import DkimKeyError, SigningKey, signing_key
+from kurrier.core.routing import CompiledDkimKey, CompiledDomain
 from kurrier.core.smtp_text import header_section
 
 log = logging.getLogger(__name__)
@@ -77,42 +78,59 @@ def _signed_by(fields: list[tuple[bytes, bytes]], domain: bytes, selector: bytes
 
 class DkimSigner:
     def __init__(self) -> None:
-        self._keys: dict[str, bytes] = {}
+        self._keys: dict[str, SigningKey] = {}
 
-    def _key(self, private_key_pem: str) -> bytes:
+    def _key(self, private_key_pem: str) -> SigningKey:
         key = self._keys.get(private_key_pem)
         if key is None:
             if len(self._keys) >= _KEY_CACHE_LIMIT:
                 self._keys.clear()
-            key = self._keys[private_key_pem] = signing_key_pem(private_key_pem)
+            key = self._keys[private_key_pem] = signing_key(private_key_pem)
         return key
 
     def sign(self, message: bytes, domain: CompiledDomain | None) -> bytes:
-        """message with a DKIM-Signature prepended, or unchanged if it cannot be signed.
+        """message with a DKIM-Signature per key of the domain prepended.
 
-        Mail is never held back for want of a signature: an unsignable message
-        (no From, broken header syntax) goes out unsigned with a warning.
+        The first key's signature is the topmost field, so a verifier that
+        looks at one signature only sees the first key listed. Mail is never
+        held back for want of a signature: a key that cannot sign (no From,
+        broken header syntax) is left out with a warning.
         """
-        if domain is None or not domain.dkim_selector or not domain.dkim_private_key:
+        if domain is None or not domain.dkim_keys:
             return message
-        selector = domain.dkim_selector.encode()
-        name = domain.domain.encode()
         fields = _header_fields(message)
-        if _signed_by(fields, name, selector):
-            return message  # signed by us already on an earlier pass through a relay
         present = {field for field, _ in fields}
         include = [h for h in SIGNED_HEADERS if h in present]
         include += [h for h in OVERSIGNED_HEADERS if h in present]
+        name = domain.domain.encode()
+        signatures = [
+            self._signature(message, name, key, include)
+            for key in domain.dkim_keys
+            # Signed by us already on an earlier pass through a relay.
+            if not _signed_by(fields, name, key.selector.encode())
+        ]
+        return b"".join(signatures) + message
+
+    def _signature(
+        self, message: bytes, domain: bytes, key: CompiledDkimKey, include: list[bytes]
+    ) -> bytes:
         try:
-            key = self._key(domain.dkim_private_key)
-            signature = dkim.DKIM(message, linesep=b"\r\n").sign(
-                selector,
-                name,
-                key,
-                canonicalize=(b"relaxed", b"relaxed"),
-                include_headers=include,
+            signing = self._key(key.private_key)
+            return bytes(
+                dkim.DKIM(message, linesep=b"\r\n").sign(
+                    key.selector.encode(),
+                    domain,
+                    signing.key,
+                    signature_algorithm=signing.algorithm,
+                    canonicalize=(b"relaxed", b"relaxed"),
+                    include_headers=include,
+                )
             )
         except (DkimKeyError, dkim.DKIMException) as error:
-            log.warning("sending without a DKIM signature for %s: %s", domain.domain, error)
-            return message
-        return bytes(signature) + message
+            log.warning(
+                "sending without the DKIM signature of %s for %s: %s",
+                key.selector,
+                domain.decode(),
+                error,
+            )
+            return b""
