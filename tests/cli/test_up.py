@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import smtplib
+import socket
+import subprocess
 from pathlib import Path
 
 from kurrier.cli.nats_server import nats_server_env
 
+from tests.support.metrics import value
+from tests.support.processes import free_ports, kurrier_argv, wait_until
 from tests.support.relay import UpRelay, documents, inbound_domain, route, trusting
 from tests.support.sink import Sink
 
@@ -31,3 +36,49 @@ def test_up_starts_nats_server_with_that_environment(tmp_path: Path, sink: Sink)
     assert variables[b"GOMAXPROCS"] == nats_server_env()["GOMAXPROCS"].encode()
     # Everything else is passed on as `kurrier up` got it.
     assert variables[b"PATH"] == os.environ["PATH"].encode()
+
+
+def test_each_child_serves_its_metrics_on_its_own_port(tmp_path: Path, sink: Sink) -> None:
+    base = free_ports(3)
+    config = documents(inbound_domain("example.com"), route("to-sink", ["example.com"], sink.port))
+    with UpRelay(tmp_path, config, "--metrics-base-port", str(base)) as relay:
+        ports = {"ingress": base, "queue": base + 1, "delivery": base + 2}
+        listed = ",".join(f"{name}:{port}" for name, port in ports.items())
+        assert f" metrics={listed}" in relay.ready_line
+        assert relay.state["metrics"] == {n: f"127.0.0.1:{p}" for n, p in ports.items()}
+
+        with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=60) as smtp:
+            smtp.sendmail("a@client.test", ["b@example.com"], b"Subject: hi\r\n\r\nHello.\r\n")
+        sink.wait_for(1)
+        # Each port is its child's: each counts its own step of the message.
+        assert value(ports["ingress"], "kurrier_messages_received_total") == 1
+        assert value(ports["queue"], "kurrier_messages_queued_total") == 1
+        wait_until(
+            lambda: value(ports["delivery"], "kurrier_recipients_delivered_total") == 1,
+            10,
+            "delivery to count the recipient",
+        )
+
+
+def test_up_refuses_to_start_when_a_metrics_port_is_taken(tmp_path: Path) -> None:
+    base = free_ports(3)
+    config = tmp_path / "resources.yaml"
+    config.write_text(documents(inbound_domain("example.com")))
+    with socket.create_server(("127.0.0.1", base + 1)):
+        done = subprocess.run(
+            kurrier_argv(
+                "up",
+                "--config",
+                str(config),
+                "--data-dir",
+                str(tmp_path / "data"),
+                "--metrics-base-port",
+                str(base),
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1, done.stderr
+    assert f"metrics port(s) {base + 1} in use" in done.stderr
+    assert not (tmp_path / "data").exists()  # nothing was started

@@ -12,6 +12,16 @@ from pathlib import Path
 
 # The product's own (`kurrier up` picks ports with it): one free_port for everyone.
 from kurrier.cli.nats_server import free_port as free_port
+from kurrier.cli.nats_server import port_is_free
+
+
+def free_ports(count: int) -> int:
+    """The first of count consecutive free ports (`kurrier up --metrics-base-port`)."""
+    for _ in range(100):
+        base = free_port()
+        if all(port_is_free(base + offset) for offset in range(1, count)):
+            return base
+    raise OSError(f"no {count} consecutive free ports")
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -210,6 +210,9 @@ class UpRelay:
             "--smtp",
             f"127.0.0.1:{self.smtp_port}",
             *FAST_RETRIES,
+            # Fixed ports collide between tests run side by side; a test asks for them.
+            "--metrics-base-port",
+            "off",
             *self.extra,
         )
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log)

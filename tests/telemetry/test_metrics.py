@@ -7,31 +7,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.metrics import value
 from tests.support.nats import NatsServer
 from tests.support.processes import wait_until
 from tests.support.relay import ServiceRelay, documents, inbound_domain, route
 from tests.support.sink import Sink
 
 SENDER = "sender@client.test"
-
-
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        assert response.status == 200
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(port: int, name: str, **labels: str) -> float:
-    """The sum of the samples of name whose labels include labels (0 when there are none)."""
-    wanted = set(labels.items())
-    return sum(v for (n, found), v in scrape(port).items() if n == name and wanted <= found)
 
 
 def _send(smtp: smtplib.SMTP, to: str, subject: str) -> None:

@@ -21,6 +21,7 @@ from kurrier.core.logs import setup_logging
 from kurrier.core.settings import (
     DELIVERY,
     INGRESS,
+    METRICS_BASE_PORT,
     OPERATOR,
     PASSED_ON_BY_UP,
     QUEUE,
@@ -90,6 +91,7 @@ def build_parser() -> Parser:
     up.add_argument("--namespace", help="with --kubeconfig: watch only these (comma separated)")
     up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     add_settings(up, PASSED_ON_BY_UP)
+    add_settings(up, [METRICS_BASE_PORT])
     up.add_argument(
         "--nats-cluster",
         type=int,
@@ -139,6 +141,7 @@ def _run_up(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         nats_cluster=args.nats_cluster,
         nats_sync=args.nats_sync,
+        metrics_base_port=args.metrics_base_port,
         passed_on={setting.name: getattr(args, setting.name) for setting in PASSED_ON_BY_UP},
     )
     return asyncio.run(run_up(settings))

@@ -49,16 +49,24 @@ def free_port(host: str = "127.0.0.1") -> int:
     first = 10000 if low > 12000 else 1024
     for _ in range(1000):
         port = random.randrange(first, low)
-        if port in _handed_out:
+        if port in _handed_out or not port_is_free(port, host):
             continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
         _handed_out.add(port)
         return port
     raise OSError(f"no free port between {first} and {low} on {host}")
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a listener could bind the port now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As listeners bind (asyncio and Go set it): connections of an earlier
+        # listener still in TIME_WAIT do not keep the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(frozen=True)

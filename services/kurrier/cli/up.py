@@ -4,7 +4,8 @@ Starts an embedded nats-server (JetStream store under the data dir), publishes
 the routing table compiled from the resource file, then runs queue, delivery
 and ingress as child processes of this one. Each child gets, as flags, those
 of up's settings it has too (kurrier.core.settings), and what up decides:
-NATS URLs, the queue's address, no metrics ports.
+NATS URLs, the queue's address, its own /metrics port on 127.0.0.1
+(`--metrics-base-port` and up, or none).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from kurrier.cli.nats_server import (
     free_port,
     nats_server_argv,
     nats_server_env,
+    port_is_free,
     wait_for_port,
     write_config,
 )
@@ -59,6 +61,8 @@ class UpSettings:
     passed_on: Mapping[str, object]
     # JetStream's sync_interval; None: default_sync_interval for the nodes.
     nats_sync: str | None = None
+    # The first of the children's /metrics ports; None: they serve none.
+    metrics_base_port: int | None = None
 
     @property
     def smtp(self) -> str:
@@ -156,7 +160,7 @@ async def _wait_for_operator(address: str, timeout: float) -> None:
 
 
 async def run_up(settings: UpSettings) -> int:
-    problem = await _check_source(settings)
+    problem = await _check_start(settings)
     if problem is not None:
         print(f"kurrier up: {problem}", file=sys.stderr)
         return 1
@@ -175,18 +179,42 @@ async def run_up(settings: UpSettings) -> int:
         await relay.stop()
 
 
-async def _check_source(settings: UpSettings) -> str | None:
+def worker_pairs(nats_cluster: int) -> list[tuple[str, str]]:
+    """The names of the queue and delivery processes: one of each, two on a cluster."""
+    if nats_cluster == 1:
+        return [("queue", "delivery")]
+    return [(f"queue-{n}", f"delivery-{n}") for n in (1, 2)]
+
+
+def metrics_ports(settings: UpSettings) -> dict[str, int]:
+    """Each child's /metrics port, by child name: ingress first, then the queue and
+    delivery processes, then the operator, on consecutive ports from the base."""
+    if settings.metrics_base_port is None:
+        return {}
+    names = ["ingress"]
+    for pair in worker_pairs(settings.nats_cluster):
+        names += pair
+    if settings.config is None:
+        names.append("operator")
+    return {name: settings.metrics_base_port + offset for offset, name in enumerate(names)}
+
+
+async def _check_start(settings: UpSettings) -> str | None:
     """Fail before starting anything: a resource file that does not load (it raises),
-    a cluster the operator cannot serve (what to do is returned)."""
+    a cluster the operator cannot serve, metrics ports taken (what to do is returned)."""
     if settings.config is not None:
         load_resources(settings.config)
-        return None
-    from kurrier.operator.main import OperatorError, check_cluster
+    else:
+        from kurrier.operator.main import OperatorError, check_cluster
 
-    try:
-        await check_cluster(settings.kubeconfig)
-    except OperatorError as error:
-        return str(error)
+        try:
+            await check_cluster(settings.kubeconfig)
+        except OperatorError as error:
+            return str(error)
+    taken = [port for port in metrics_ports(settings).values() if not port_is_free(port)]
+    if taken:
+        ports = ", ".join(map(str, taken))
+        return f"metrics port(s) {ports} in use: choose --metrics-base-port PORT, or 'off'"
     return None
 
 
@@ -195,17 +223,19 @@ class _LocalRelay:
 
     def __init__(self, settings: UpSettings) -> None:
         self.settings = settings
-        self.operator_health = f"127.0.0.1:{free_port()}"
+        self.metrics_ports = metrics_ports(settings)
+        # The operator's /healthz says when it published; it is served even without metrics.
+        self.operator_health = f"127.0.0.1:{self.metrics_ports.get('operator') or free_port()}"
         self.data_dir = settings.data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.replicas = min(3, settings.nats_cluster)
-        self.pairs = 2 if settings.nats_cluster > 1 else 1
-        if self.pairs == 1:
+        self.pairs = worker_pairs(settings.nats_cluster)
+        if len(self.pairs) == 1:
             self.queue_listens = [f"unix:{self.data_dir / 'queue.sock'}"]
             self.queue_address = self.queue_listens[0]
         else:
             # gRPC's pick_first takes the first queue that answers: ingress fails over.
-            self.queue_listens = [f"127.0.0.1:{free_port()}" for _ in range(self.pairs)]
+            self.queue_listens = [f"127.0.0.1:{free_port()}" for _ in self.pairs]
             self.queue_address = "ipv4:" + ",".join(self.queue_listens)
         self.nats_urls: list[str] = []
         self.ready = False
@@ -222,6 +252,7 @@ class _LocalRelay:
             "queue_address": self.queue_address,
             "smtp": self.settings.smtp,
             "ready": self.ready,
+            "metrics": {name: f"127.0.0.1:{port}" for name, port in self.metrics_ports.items()},
             "pids": {child.name: child.pid for child in self.supervisor.children},
         }
         partial = self.data_dir / (STATE_FILE + ".part")
@@ -250,30 +281,27 @@ class _LocalRelay:
             ),
         )
 
-    def _child_argv(self, command: str, index: int, **values: object) -> list[str]:
-        # Children share one host: no fixed metrics ports that would collide.
+    def _child_argv(self, name: str, command: str, index: int, **values: object) -> list[str]:
+        port = self.metrics_ports.get(name)
         return child_argv(
             command,
             self.settings.passed_on,
             nats_url=_spread(self.nats_urls, index),
             nats_replicas=self.replicas,
-            metrics_listen="off",
+            metrics_listen="off" if port is None else f"127.0.0.1:{port}",
             **values,
         )
 
     async def start_services(self) -> None:
         """Queue and delivery (a pair of each on a cluster), then ingress."""
-        for index in range(self.pairs):
-            suffix = f"-{index + 1}" if self.pairs > 1 else ""
+        for index, (queue, delivery) in enumerate(self.pairs):
             await self.supervisor.start(
-                f"queue{suffix}",
-                self._child_argv("queue", index, listen=self.queue_listens[index]),
+                queue, self._child_argv(queue, "queue", index, listen=self.queue_listens[index])
             )
-            await self.supervisor.start(
-                f"delivery{suffix}", self._child_argv("delivery", index + 1)
-            )
+            await self.supervisor.start(delivery, self._child_argv(delivery, "delivery", index + 1))
         await self.supervisor.start(
-            "ingress", self._child_argv("ingress", 2, queue_address=self.queue_address)
+            "ingress",
+            self._child_argv("ingress", "ingress", 2, queue_address=self.queue_address),
         )
 
     async def wait_until_ready(self) -> None:
@@ -284,9 +312,10 @@ class _LocalRelay:
         self.write_state()
 
     def announce_ready(self) -> None:
+        metrics = ",".join(f"{name}:{port}" for name, port in self.metrics_ports.items())
         print(
             f"kurrier ready smtp={self.settings.smtp} nats={self.nats_url} "
-            f"data-dir={self.data_dir}",
+            f"data-dir={self.data_dir} metrics={metrics or 'off'}",
             flush=True,
         )
 

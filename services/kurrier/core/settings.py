@@ -43,6 +43,10 @@ def port(text: str) -> int:
     return int(text)
 
 
+def optional_port(text: str) -> int | None:
+    return None if text == "off" else port(text)
+
+
 def duration(text: str) -> str:
     """Checked, and kept as written (5m): the services parse it, `kurrier up` passes it on."""
     try:
@@ -261,6 +265,14 @@ SERVICES: dict[str, tuple[Setting, ...]] = {
     "delivery": DELIVERY,
     "operator": OPERATOR,
 }
+
+# `kurrier up`'s own: where its children serve /metrics (the first port and up).
+METRICS_BASE_PORT = Setting(
+    "metrics_base_port",
+    "children serve /metrics and /healthz on 127.0.0.1 from this port up, one each ('off': none)",
+    optional_port,
+    "9464",
+)
 
 # The services' settings `kurrier up` takes too; each child gets those it has.
 PASSED_ON_BY_UP = (
