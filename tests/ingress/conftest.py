@@ -136,6 +136,7 @@ def hostile_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostileR
     relay = ServiceRelay(
         workdir,
         nats.url,
+        metrics=True,
         service_args={"ingress": [*ingress_tls_args(certificates, submission, smtps), *limits]},
     )
     try:

@@ -11,9 +11,12 @@ import uuid
 import warnings
 from pathlib import Path
 
+from cryptography import x509
+
 from tests.ingress.conftest import PASSWORDS, HostileRelay, fresh_ip
 from tests.ingress.smtp_probe import SmtpProbe, client_tls, plain
 from tests.support.certs import self_signed_context
+from tests.support.metrics import value
 from tests.support.processes import wait_until
 
 
@@ -136,19 +139,34 @@ def test_received_names_the_tls_version_and_cipher(hostile_relay: HostileRelay) 
     assert "with ESMTPSA id" in received, received
 
 
-def _served_fingerprint(port: int) -> str:
+def _served_certificate(port: int) -> bytes:
     with (
         socket.create_connection(("127.0.0.1", port), 10) as raw,
         client_tls().wrap_socket(raw, server_hostname="relay.test") as tls,
     ):
         der = tls.getpeercert(binary_form=True)
         assert der is not None
-        return hashlib.sha256(der).hexdigest()
+        return der
+
+
+def _served_fingerprint(port: int) -> str:
+    return hashlib.sha256(_served_certificate(port)).hexdigest()
+
+
+def _expiry_reported_and_served(relay: HostileRelay) -> tuple[float, float]:
+    """The ingress's certificate expiry metric, and the expiry of the certificate it serves."""
+    reported = value(
+        relay.relay.metrics_ports["ingress"], "kurrier_tls_certificate_expiry_timestamp_seconds"
+    )
+    served = x509.load_der_x509_certificate(_served_certificate(relay.smtps_port))
+    return reported, served.not_valid_after_utc.timestamp()
 
 
 def test_a_renewed_certificate_is_served_without_a_restart(hostile_relay: HostileRelay) -> None:
     certificates = hostile_relay.certificates
     before = _served_fingerprint(hostile_relay.smtps_port)
+    reported, served = _expiry_reported_and_served(hostile_relay)
+    assert reported == served
     renewed = certificates.server_cert.parent / "renewed"
     cert, key = certificates.issue("relay.test", directory=renewed)
     # A half-done renewal (new certificate, old key) must be ignored, not break TLS.
@@ -171,3 +189,6 @@ def test_a_renewed_certificate_is_served_without_a_restart(hostile_relay: Hostil
         assert smtp.starttls().code == 220
         der = smtp.sock.getpeercert(binary_form=True)  # type: ignore[attr-defined]
         assert hashlib.sha256(der).hexdigest() != before
+    # The expiry alert follows the renewal (the renewed certificate was issued later).
+    reported_now, served_now = _expiry_reported_and_served(hostile_relay)
+    assert reported_now == served_now > served

@@ -24,8 +24,10 @@ for counter in (m.MESSAGES_RECEIVED, m.MESSAGES_REJECTED, m.MESSAGES_QUEUED,
     counter.add(1)
 for histogram in (m.TIME_IN_QUEUE, m.DELIVERY_DURATION):
     histogram.record(1.0)
-m.SMTP_SESSIONS.follow(lambda: 1)
-m.QUEUE_DEPTH.update({"active": 1})
+for gauge in (m.SMTP_SESSIONS, m.NATS_CONNECTED, m.TLS_CERTIFICATE_EXPIRY):
+    gauge.follow(lambda: 1)
+for by_state in (m.QUEUE_DEPTH, m.QUEUE_OLDEST_AGE):
+    by_state.update({"active": 1})
 print(t.render_metrics().decode())
 """
 

@@ -60,6 +60,13 @@ def test_counters_gauges_and_histograms_move_as_mail_flows(relay: ServiceRelay, 
                 "a deferred message in the queue depth",
             )
             assert value(queue, "kurrier_recipients_deferred_total") >= 1
+            wait_until(
+                lambda: (
+                    value(queue, "kurrier_queue_oldest_message_age_seconds", state="deferred") > 0.5
+                ),
+                10,
+                "the deferred message to age",
+            )
             sink.behaviour.temp_failures = 0
             sink.wait_for(2)
 
@@ -85,6 +92,7 @@ def test_counters_gauges_and_histograms_move_as_mail_flows(relay: ServiceRelay, 
         assert value(queue, "kurrier_queue_time_seconds_count") == 1
         assert value(queue, "kurrier_queue_time_seconds_count", outcome="bounced") == 1
         wait_until(lambda: value(queue, "kurrier_queue_messages") == 0, 10, "the queue to be empty")
+        assert value(queue, "kurrier_queue_oldest_message_age_seconds") == 0
 
         by_route = {"route": "to-sink"}
         assert (
@@ -131,5 +139,6 @@ def test_counters_gauges_and_histograms_move_as_mail_flows(relay: ServiceRelay, 
         assert value(delivery, "kurrier_delivery_duration_seconds_count", **by_route) >= 4
 
         for port in (ingress, queue, delivery):
+            assert value(port, "kurrier_nats_connected") == 1
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as ok:
                 assert ok.status == 200

@@ -95,12 +95,12 @@ class Gauge:
     """A gauge read at scrape time from a function the service supplies (absent until then)."""
 
     def __init__(self, name: str, unit: str, description: str) -> None:
-        self._read: Callable[[], int] | None = None
+        self._read: Callable[[], float] | None = None
         _METER.create_observable_gauge(
             name, callbacks=[self._observe], unit=unit, description=description
         )
 
-    def follow(self, read: Callable[[], int]) -> None:
+    def follow(self, read: Callable[[], float]) -> None:
         self._read = read
 
     def _observe(self, _: CallbackOptions) -> Iterable[Observation]:
@@ -111,13 +111,13 @@ class StateGauge:
     """How many things are in each state, as last counted (absent until first counted)."""
 
     def __init__(self, name: str, unit: str, description: str, states: Sequence[str]) -> None:
-        self._counts: Mapping[str, int] | None = None
+        self._counts: Mapping[str, float] | None = None
         self._known = tuple(states)
         _METER.create_observable_gauge(
             name, callbacks=[self._observe], unit=unit, description=description
         )
 
-    def update(self, counts: Mapping[str, int]) -> None:
+    def update(self, counts: Mapping[str, float]) -> None:
         self._counts = counts
 
     def _observe(self, _: CallbackOptions) -> Iterable[Observation]:
@@ -126,10 +126,25 @@ class StateGauge:
         return [Observation(self._counts.get(s, 0), {"state": s}) for s in self._known]
 
 
+QUEUE_STATES = ("active", "deferred", "held")
 SMTP_SESSIONS = Gauge("kurrier.smtp.sessions", "{session}", "SMTP sessions open at ingress")
 QUEUE_DEPTH = StateGauge(
     "kurrier.queue.messages",
     "{message}",
     "Messages in the queue by state, counted from the message records when scraped",
-    ("active", "deferred", "held"),
+    QUEUE_STATES,
+)
+QUEUE_OLDEST_AGE = StateGauge(
+    "kurrier.queue.oldest_message.age",
+    "s",
+    "Age of the oldest message in the queue by state (0 when none), read with the depth",
+    QUEUE_STATES,
+)
+NATS_CONNECTED = Gauge(
+    "kurrier.nats.connected", "1", "1 while the service is connected to NATS, else 0"
+)
+TLS_CERTIFICATE_EXPIRY = Gauge(
+    "kurrier.tls.certificate.expiry_timestamp",
+    "s",
+    "When the ingress TLS certificate in use expires (Unix time; absent without TLS)",
 )

@@ -19,6 +19,7 @@ from typing import Any
 from kurrier.core.http_endpoint import HttpEndpoint, Refresh
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.lifecycle import ended_unexpectedly, run_until, stop_event
+from kurrier.core.metrics import NATS_CONNECTED
 from kurrier.core.table_store import TableFollower
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -100,6 +101,7 @@ async def serve(service: Service) -> None:
     """Run the service from connecting to NATS to disconnecting (the module's docstring)."""
     stop = asyncio.Event() if service.own_signals else stop_event()
     nc = await connect(service.nats_url, f"kurrier-{service.name}")
+    NATS_CONNECTED.follow(lambda: int(nc.is_connected))
     helpers: list[asyncio.Task[None]] = []
     hooks = Hooks()
     try:

@@ -9,7 +9,7 @@ import ssl
 from dataclasses import dataclass
 
 from kurrier.core.addresses import parse_host_port
-from kurrier.core.metrics import SMTP_SESSIONS
+from kurrier.core.metrics import SMTP_SESSIONS, TLS_CERTIFICATE_EXPIRY
 from kurrier.core.service import Connected, FirstTable, Hooks, Service, serve
 from kurrier.ingress.connection_gate import SHUTTING_DOWN
 from kurrier.ingress.handler import RelayHandler
@@ -89,6 +89,8 @@ async def _start(settings: IngressSettings, nats: Connected) -> Hooks:
     )
     sessions = Sessions(settings.limits, nats.tables)
     SMTP_SESSIONS.follow(lambda: sessions.gate.open_connections)
+    if certificate is not None:
+        TLS_CERTIFICATE_EXPIRY.follow(lambda: certificate.expires_at)
     tls = certificate.context if certificate else None
     listeners = _Listeners(settings, handler, sessions, tls)
     return Hooks(

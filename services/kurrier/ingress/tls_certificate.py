@@ -16,6 +16,8 @@ import ssl
 import tempfile
 from pathlib import Path
 
+from cryptography import x509
+
 log = logging.getLogger(__name__)
 
 RELOAD_INTERVAL = 2.0
@@ -44,6 +46,12 @@ def _new_context() -> ssl.SSLContext:
     return context
 
 
+def _expiry(cert_file: Path | str) -> float:
+    """When the chain's first certificate, the server's own, expires (Unix time)."""
+    certificate = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    return certificate.not_valid_after_utc.timestamp()
+
+
 def _fingerprint(*paths: str) -> tuple[tuple[int, int, int], ...]:
     stats = (os.stat(path) for path in paths)  # follows the Secret's symlinks
     return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in stats)
@@ -56,6 +64,7 @@ class ServerCertificate:
         self.context = _new_context()
         self._seen = _fingerprint(cert_file, key_file)
         self.context.load_cert_chain(cert_file, key_file)
+        self.expires_at = _expiry(cert_file)
 
     def reload_if_changed(self) -> bool:
         """Load the files again if they changed and are a valid pair; True if loaded."""
@@ -79,6 +88,7 @@ class ServerCertificate:
                 log.error("new TLS certificate not loaded, keeping the old one: %s", error)
                 return False
             self.context.load_cert_chain(cert, key)
+            self.expires_at = _expiry(cert)
         log.info("TLS certificate reloaded from %s", self._cert_file)
         return True
 

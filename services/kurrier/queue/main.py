@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kurrier.core.jetstream import LEASES_BUCKET
-from kurrier.core.metrics import QUEUE_DEPTH
+from kurrier.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 from kurrier.core.records import RecordStore
 from kurrier.core.service import Connected, Hooks, Service, serve
 from kurrier.core.telemetry import grpc_server_interceptors
@@ -76,11 +79,8 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
     sweeper_lease = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
     grpc_server = _GrpcServer(settings, QueueService(js, records, manager))
 
-    async def count_depth() -> None:
-        QUEUE_DEPTH.update(await records.count_by_state())
-
     return Hooks(
-        refresh_metrics=count_depth,
+        refresh_metrics=lambda: measure_queue(records),
         open=grpc_server.open,
         tasks=[
             lambda: run_results(js, manager),
@@ -89,6 +89,18 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
         ],
         drain=[grpc_server.drain],
     )
+
+
+async def measure_queue(records: RecordStore) -> None:
+    """The queue's depth and its oldest message's age, by state: one pass over the records."""
+    counts: Counter[str] = Counter()
+    oldest: dict[str, float] = {}
+    async for record in records.all():
+        counts[record.state] += 1
+        oldest[record.state] = min(oldest.get(record.state, math.inf), record.received_at)
+    now = time.time()
+    QUEUE_DEPTH.update(counts)
+    QUEUE_OLDEST_AGE.update({state: max(0.0, now - at) for state, at in oldest.items()})
 
 
 class _GrpcServer:
