@@ -2,7 +2,8 @@
 # Provide the test-infrastructure binaries (kube-apiserver, etcd, helm) in a
 # cache directory outside the repo, building them from the Go module proxy
 # only when missing, and the Debian packages the tests use (strace, for the
-# proof that a 250 follows an fsync). A second run is instant.
+# proof that a 250 follows an fsync; prometheus, whose server and promtool
+# check the metrics and alert rules). A second run is instant.
 #
 #   scripts/testbin.sh            # builds what is missing, prints the bin dir
 #   BIN=$(scripts/testbin.sh | tail -n1)
@@ -190,5 +191,6 @@ ensure kube-apiserver build_kube_apiserver "$KUBE_VERSION"
 ensure etcd build_etcd "$ETCD_VERSION"
 ensure helm build_helm "$HELM_VERSION"
 ensure_package strace strace
+ensure_package prometheus promtool
 
 printf '%s\n' "$BIN"
