@@ -6,7 +6,8 @@ recipients, or drop the connection in the middle of DATA. It also tracks how
 many connections are open at once. Given a TLS context it offers STARTTLS;
 given users it offers AUTH (PLAIN and LOGIN) and records who logged in; with
 chunking it offers PIPELINING and CHUNKING and takes BDAT (RFC 3030), which
-aiosmtpd lacks.
+aiosmtpd lacks. EHLO keywords named in `without` (8BITMIME, SMTPUTF8) are
+not offered, as by an older next hop.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Received:
     tls: bool = False
     auth_user: str = ""
     chunked: bool = False  # came by BDAT, not DATA
+    mail_options: tuple[str, ...] = ()  # MAIL FROM parameters: BODY=8BITMIME, SMTPUTF8
 
 
 @dataclass
@@ -119,6 +121,7 @@ class _Handler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
+        responses = [r for r in responses if r[4:].split(" ")[0] not in self._sink.without]
         if self._sink.chunking:
             return [*responses[:-1], "250-PIPELINING", "250-CHUNKING", responses[-1]]
         return responses
@@ -167,9 +170,11 @@ class Sink:
         auth_over_plaintext: bool = False,
         auth_exclude: tuple[str, ...] = (),
         chunking: bool = False,
+        without: tuple[str, ...] = (),
     ) -> None:
         self.host = host
         self.chunking = chunking
+        self.without = without
         self.port = port or free_port()
         self.behaviour = Behaviour()
         self.messages: list[Received] = []
@@ -274,6 +279,7 @@ class Sink:
                     tls=server.session.ssl is not None,
                     auth_user=str(server.session.auth_data or ""),
                     chunked=isinstance(server, _CountingSMTP) and server.chunked,
+                    mail_options=tuple(envelope.mail_options),
                 )
             )
             self._changed.notify_all()

@@ -14,6 +14,7 @@ from kurrier.core.routing import CompiledRoute, RoutingTable, domain_of
 from kurrier.delivery.connection_pool import ConnectionPool, Opener
 from kurrier.delivery.dkim_signer import DkimSigner
 from kurrier.delivery.mail_exchangers import MailDns, UnroutableDomain
+from kurrier.delivery.message_forms import MessageForms
 from kurrier.delivery.mta_sts import StsPolicies
 from kurrier.delivery.next_hop import NextHop, mx_hops, smarthost_hop
 from kurrier.delivery.sending_rate import SendingRates
@@ -62,15 +63,20 @@ class Courier:
             route = table.route_for(domain, sender_domain)
             key = (route.name if route else "", domain if route and route.mx else "")
             groups.setdefault(key, (route, []))[1].append(recipient)
-        # Signed once per attempt, whatever the number of groups.
-        signed = self._signer.sign(body, table.domain(sender_domain))
+        # Signed once per form the attempt's hops need, whatever the number of groups.
+        signing_domain = table.domain(sender_domain)
+        forms = MessageForms(
+            body,
+            declared_smtputf8=job.smtputf8,
+            sign=lambda content: self._signer.sign(content, signing_domain),
+        )
         results = await asyncio.gather(
             *(
                 traced_delivery(
                     table,
                     route,
                     recipients,
-                    self._deliver_group(job, route, domain, recipients, signed),
+                    self._deliver_group(job, route, domain, recipients, forms),
                 )
                 for (_, domain), (route, recipients) in groups.items()
             )
@@ -83,7 +89,7 @@ class Courier:
         route: CompiledRoute | None,
         domain: str,
         recipients: list[str],
-        body: bytes,
+        forms: MessageForms,
     ) -> list[RecipientOutcome]:
         if route is None:
             return deferred(recipients, "451 4.4.0 no route matches the recipient domain")
@@ -107,7 +113,7 @@ class Courier:
                     f"({route.rate_per_minute} per minute)",
                 )
             await asyncio.sleep(wait)
-        return await self._send(job, route, hops, recipients, body)
+        return await self._send(job, route, hops, recipients, forms)
 
     async def _hops(self, route: CompiledRoute, domain: str) -> list[NextHop]:
         if route.smarthost is not None:
@@ -144,7 +150,7 @@ class Courier:
         route: CompiledRoute,
         hops: list[NextHop],
         recipients: list[str],
-        body: bytes,
+        forms: MessageForms,
     ) -> list[RecipientOutcome]:
         """Try the hops in order; a recipient moves on only after a temporary failure
         before the server saw the message content (RFC 5321 5.1)."""
@@ -165,13 +171,20 @@ class Courier:
                 last_reply = f"451 {error.status} {hop.label}: {error}"
                 log.info("next hop failed: %s", last_reply, extra={"queue_id": job.queue_id})
                 continue
+            form = forms.for_hop(session.extensions, job.mail_from, pending, hop.label)
+            if isinstance(form, Reply):
+                # The hop cannot take the message: like a 5xx to MAIL, no other is asked.
+                await self.pool.release(key, session, reusable=True)
+                outcomes += [outcome_of(recipient, form) for recipient in pending]
+                pending = []
+                break
             try:
                 result = await session.send(
                     job.mail_from,
                     pending,
-                    body,
-                    smtputf8=job.smtputf8,
-                    body_type=job.body_type,
+                    form.body,
+                    smtputf8=form.smtputf8,
+                    body_type=form.body_type,
                 )
             except SmtpTemporaryError as error:
                 await self.pool.release(key, session, reusable=False)

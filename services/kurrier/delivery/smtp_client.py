@@ -236,11 +236,12 @@ class SmtpSession:
         smtputf8: bool = False,
         body_type: str = "",
     ) -> TransactionResult:
-        """One transaction of body (CRLF line endings, as stored)."""
-        if smtputf8 and "SMTPUTF8" not in self.extensions:
-            # RFC 6531 3.4: without the extension we must not send UTF-8 envelopes.
-            reply = Reply(553, "5.6.7 the next hop does not support SMTPUTF8")
-            return TransactionResult(reply, dict.fromkeys(recipients, reply), None)
+        """One transaction of body (CRLF line endings, as stored).
+
+        What the server may be sent (SMTPUTF8, 8-bit content) is the caller's
+        decision (message_forms.py); SMTPUTF8 and BODY=8BITMIME are only
+        named to a server that offers them.
+        """
         self.transactions += 1
         self.body_started = False
         if not body.endswith(b"\r\n"):
