@@ -1,4 +1,4 @@
-"""Shared fixtures: real nats-server, real SMTP sinks, kurrier processes."""
+"""Shared fixtures: real nats-server, real SMTP sinks, one real API server."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.kube import TestCluster, start_test_cluster
 from tests.support.nats import NatsServer
 from tests.support.sink import Sink
 
@@ -23,3 +24,16 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 def sink() -> Iterator[Sink]:
     with Sink() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
+    """One etcd and kube-apiserver for the session's tests that leave it running.
+
+    Tests keep apart by namespace and by the names of what is cluster-wide (the
+    chart prefixes its ClusterRoles with the release's namespace); CRDs are
+    installed, idempotently, by whichever test needs them. A test that needs an
+    API server in another state (without the CRDs, say) starts its own.
+    """
+    with start_test_cluster(tmp_path_factory.mktemp("kube")) as cluster:
+        yield cluster

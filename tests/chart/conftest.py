@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.chart import chart_crds, yaml_documents
-from tests.support.kube import Api, TestCluster, start_test_cluster, testbin_dir
+from tests.support.kube import Api, TestCluster, testbin_dir
 
 # Stand-ins for third-party CRDs the chart can render objects of (cert-manager,
 # Prometheus Operator): typed where the chart relies on a field, open elsewhere.
@@ -22,10 +21,10 @@ def helm_bin() -> Path:
 
 
 @pytest.fixture(scope="session")
-def chart_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
-    """One kube-apiserver (with etcd) for every chart test of the session."""
-    with start_test_cluster(tmp_path_factory.mktemp("chart-kube")) as cluster:
-        yield cluster
+def chart_cluster(kube_cluster: TestCluster) -> TestCluster:
+    """The session's kube-apiserver (tests/conftest.py); chart tests install into their own
+    namespaces, and the chart names its ClusterRoles after the release's namespace."""
+    return kube_cluster
 
 
 @pytest.fixture(scope="session")

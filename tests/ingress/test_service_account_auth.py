@@ -8,24 +8,15 @@ grant is enough.
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.ingress.smtp_probe import SmtpProbe, plain
-from tests.support.kube import TestCluster, start_test_cluster
+from tests.support.kube import TestCluster
 from tests.support.nats import NatsServer
 from tests.support.processes import free_port, wait_until
 from tests.support.relay import ServiceRelay, documents, inbound_domain, route
 
 MAILER = "system:serviceaccount:default:mailer"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
-    with start_test_cluster(tmp_path_factory.mktemp("kube")) as running:
-        yield running
 
 
 def _create(cluster: TestCluster, path: str, body: dict[str, object]) -> None:
@@ -104,12 +95,12 @@ def _auth(relay: ServiceRelay, submission: int, token: str, sender: str) -> tupl
 
 
 def test_service_account_tokens(
-    tmp_path: Path, cluster: TestCluster, nats_server: NatsServer
+    tmp_path: Path, kube_cluster: TestCluster, nats_server: NatsServer
 ) -> None:
-    token_file = _ingress_identity(cluster, tmp_path)
-    _service_account(cluster, "mailer")
-    token = _token(cluster, "mailer", ["kurrier"])
-    wrong_audience = _token(cluster, "mailer")
+    token_file = _ingress_identity(kube_cluster, tmp_path)
+    _service_account(kube_cluster, "mailer")
+    token = _token(kube_cluster, "mailer", ["kurrier"])
+    wrong_audience = _token(kube_cluster, "mailer")
     submission = free_port()
     relay = ServiceRelay(
         tmp_path,
@@ -119,11 +110,11 @@ def test_service_account_tokens(
                 "--submission",
                 f"127.0.0.1:{submission}",
                 "--kube-api-server",
-                cluster.server,
+                kube_cluster.server,
                 "--kube-token-file",
                 str(token_file),
                 "--kube-ca-file",
-                str(cluster.ca_file),
+                str(kube_cluster.ca_file),
                 "--token-cache-ttl",
                 "1s",
             ]
@@ -148,7 +139,7 @@ def test_service_account_tokens(
         auth, _ = _auth(relay, submission, wrong_audience, "app@apps.test")
         assert auth.startswith("535 5.7.8"), "a token for another audience is refused"
 
-        deleted = cluster.api().request(
+        deleted = kube_cluster.api().request(
             "DELETE", "/api/v1/namespaces/default/serviceaccounts/mailer"
         )
         assert deleted.status == 200, deleted

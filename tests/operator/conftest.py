@@ -1,8 +1,7 @@
-"""Fixtures for the operator tests: one real API server with the chart's CRDs and RBAC."""
+"""Fixtures for the operator tests: the session's API server with the chart's CRDs and RBAC."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,13 +9,7 @@ import pytest
 from tests.operator.objects import new_namespace
 from tests.operator.operator_process import install_operator_rbac, service_account_kubeconfig
 from tests.support.chart import Scenario, chart_crds
-from tests.support.kube import Api, TestCluster, start_test_cluster, testbin_dir
-
-
-@pytest.fixture(scope="session")
-def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
-    with start_test_cluster(tmp_path_factory.mktemp("operator-kube")) as cluster:
-        yield cluster
+from tests.support.kube import Api, TestCluster, testbin_dir
 
 
 @pytest.fixture(scope="session")

@@ -1,26 +1,19 @@
-"""The envtest-like fixture (tests/support/kube.py) gives a real, working API server (and helm)."""
+"""The envtest-like fixture (tests/support/kube.py) gives a real, working API server (and helm).
+
+kube_cluster is the session's (tests/conftest.py), started by start_test_cluster."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import uuid
-from collections.abc import Iterator
 
-import pytest
-
-from tests.support.kube import TestCluster, start_test_cluster
+from tests.support.kube import TestCluster
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
-    with start_test_cluster(tmp_path_factory.mktemp("kube")) as c:
-        yield c
-
-
-def test_create_and_get_namespace(cluster: TestCluster) -> None:
+def test_create_and_get_namespace(kube_cluster: TestCluster) -> None:
     name = f"x-{uuid.uuid4().hex[:8]}"
-    created = cluster.api().request(
+    created = kube_cluster.api().request(
         "POST",
         "/api/v1/namespaces",
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}},
@@ -28,40 +21,40 @@ def test_create_and_get_namespace(cluster: TestCluster) -> None:
     assert created.status == 201, created
     assert created.body["metadata"]["uid"]
 
-    got = cluster.api().request("GET", f"/api/v1/namespaces/{name}")
+    got = kube_cluster.api().request("GET", f"/api/v1/namespaces/{name}")
     assert got.status == 200, got
     assert got.body["metadata"]["name"] == name
     assert got.body["metadata"]["uid"] == created.body["metadata"]["uid"]
 
-    missing = cluster.api().request("GET", f"/api/v1/namespaces/{name}-absent")
+    missing = kube_cluster.api().request("GET", f"/api/v1/namespaces/{name}-absent")
     assert missing.status == 404, missing
 
 
-def test_dry_run_configmap_is_not_persisted(cluster: TestCluster) -> None:
+def test_dry_run_configmap_is_not_persisted(kube_cluster: TestCluster) -> None:
     body = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": "dry"},
         "data": {"k": "v"},
     }
-    created = cluster.api().request(
+    created = kube_cluster.api().request(
         "POST", "/api/v1/namespaces/default/configmaps", body, {"dryRun": "All"}
     )
     assert created.status == 201, created
     assert created.body["data"] == {"k": "v"}
 
-    got = cluster.api().request("GET", "/api/v1/namespaces/default/configmaps/dry")
+    got = kube_cluster.api().request("GET", "/api/v1/namespaces/default/configmaps/dry")
     assert got.status == 404, got
 
 
-def test_unknown_token_is_rejected(cluster: TestCluster) -> None:
-    response = cluster.api("not-a-valid-token").request("GET", "/api/v1/namespaces")
+def test_unknown_token_is_rejected(kube_cluster: TestCluster) -> None:
+    response = kube_cluster.api("not-a-valid-token").request("GET", "/api/v1/namespaces")
     assert response.status == 401, response
 
 
-def test_rbac_denies_service_account_without_roles(cluster: TestCluster) -> None:
+def test_rbac_denies_service_account_without_roles(kube_cluster: TestCluster) -> None:
     """RBAC is on and ServiceAccount tokens are issued and accepted by the server."""
-    admin = cluster.api()
+    admin = kube_cluster.api()
     sa = admin.request(
         "POST",
         "/api/v1/namespaces/default/serviceaccounts",
@@ -89,36 +82,38 @@ def test_rbac_denies_service_account_without_roles(cluster: TestCluster) -> None
     assert review.body["status"]["authenticated"] is True, review
     assert review.body["status"]["user"]["username"] == "system:serviceaccount:default:nobody"
 
-    denied = cluster.api(sa_token).request("GET", "/api/v1/namespaces")
+    denied = kube_cluster.api(sa_token).request("GET", "/api/v1/namespaces")
     assert denied.status == 403, denied
 
 
-def test_kubeconfig_is_valid_json_for_clients(cluster: TestCluster) -> None:
-    config = json.loads(cluster.kubeconfig.read_text())
-    assert config["clusters"][0]["cluster"]["server"] == cluster.server
-    assert config["users"][0]["user"]["token"] == cluster.token
+def test_kubeconfig_is_valid_json_for_clients(kube_cluster: TestCluster) -> None:
+    config = json.loads(kube_cluster.kubeconfig.read_text())
+    assert config["clusters"][0]["cluster"]["server"] == kube_cluster.server
+    assert config["users"][0]["user"]["token"] == kube_cluster.token
 
 
-def test_helm_version_runs(cluster: TestCluster) -> None:
+def test_helm_version_runs(kube_cluster: TestCluster) -> None:
     proc = subprocess.run(
-        [str(cluster.bin_dir / "helm"), "version", "--short"],
+        [str(kube_cluster.bin_dir / "helm"), "version", "--short"],
         capture_output=True,
         text=True,
         timeout=60,
-        env=cluster.env(),
+        env=kube_cluster.env(),
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("v3."), proc.stdout
 
 
-def test_helm_talks_to_the_cluster(cluster: TestCluster) -> None:
+def test_helm_talks_to_the_cluster(kube_cluster: TestCluster) -> None:
+    # A namespace of its own: other tests of the session install releases.
+    namespace = f"x-{uuid.uuid4().hex[:8]}"
     proc = subprocess.run(
-        [str(cluster.bin_dir / "helm"), "list", "--all-namespaces", "--output", "json"],
+        [str(kube_cluster.bin_dir / "helm"), "list", "--namespace", namespace, "--output", "json"],
         capture_output=True,
         text=True,
         timeout=60,
-        env=cluster.env(),
+        env=kube_cluster.env(),
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
