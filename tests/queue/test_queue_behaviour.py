@@ -240,7 +240,7 @@ def test_orderly_shutdown_with_mail_in_flight_delivers_everything_once(
                 for number in range(100):
                     smtp.sendmail("s@senders.test", ["r@example.com"], _message(f"drain-{number}"))
                     accepted.append(f"drain-{number}")
-            wait_until(lambda: sink.transactions_held == 2, 60, "two transactions held")
+            wait_until(lambda: sink.transactions_held >= 2, 60, "two transactions held")
             assert relay.process is not None
             relay.process.send_signal(signal.SIGTERM)
             wait_until(lambda: _delivery_stopping(relay), 60, "delivery to stop taking jobs")
