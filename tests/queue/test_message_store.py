@@ -41,6 +41,7 @@ def _template(queue_id: str) -> MessageRecord:
         received_at=0.0,
         size=0,
         body_store="stream",
+        client_trusted=True,  # its sender gets notifications under any policy
     )
 
 

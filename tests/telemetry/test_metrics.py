@@ -25,10 +25,12 @@ def _send(smtp: smtplib.SMTP, to: str, subject: str) -> None:
 def relay(tmp_path: Path, sink: Sink, nats_server: NatsServer) -> ServiceRelay:
     # As the chart runs the services without a collector: the SDK off, /metrics still served.
     relay = ServiceRelay(tmp_path, nats_server.url, env={"OTEL_SDK_DISABLED": "true"}, metrics=True)
-    # No trusted network: only mail for example.com is accepted; bounces go to the sink too.
+    # No trusted network: only mail for example.com is accepted; bounces go to the sink
+    # too, client.test being one of the relay's domains (bounceUnauthenticated).
     relay.publish(
         documents(
             inbound_domain("example.com"),
+            inbound_domain("client.test"),
             route("to-sink", ["example.com", "client.test"], sink.port),
         )
     )

@@ -34,8 +34,13 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 
 def _config(sink: Sink) -> str:
-    # client.test is routed too, so bounces to the sender arrive at the sink.
-    return documents(inbound_domain("example.com"), route("to-sink", ["*"], sink.port))
+    # client.test is routed too, and one of the relay's domains (bounceUnauthenticated),
+    # so bounces to the sender arrive at the sink.
+    return documents(
+        inbound_domain("example.com"),
+        inbound_domain("client.test"),
+        route("to-sink", ["*"], sink.port),
+    )
 
 
 def _message(marker: str, extra_headers: str = "") -> bytes:

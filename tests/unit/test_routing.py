@@ -186,6 +186,21 @@ def test_trusted_networks_escape_per_client_limits_unless_a_policy_says_otherwis
     assert strict.limits_client("10.1.2.3") and strict.limits_client("192.0.2.1")
 
 
+def test_bounces_for_unauthenticated_mail_go_as_far_as_the_narrowest_policy_says() -> None:
+    assert _compile().policy.bounce_unauthenticated == "relayDomains"
+    assert _compile(_policy("a")).policy.bounce_unauthenticated == "relayDomains"
+    everyone = _policy("a", bounceUnauthenticated="all")
+    assert _compile(everyone).policy.bounce_unauthenticated == "all"
+    # A policy that does not say takes the default, which is narrower than "all".
+    assert _compile(everyone, _policy("b")).policy.bounce_unauthenticated == "relayDomains"
+    for order in (("a", "b"), ("b", "a")):
+        table = _compile(
+            _policy(order[0], bounceUnauthenticated="none"),
+            _policy(order[1], bounceUnauthenticated="all"),
+        )
+        assert table.policy.bounce_unauthenticated == "none"
+
+
 def test_the_first_audience_wins_and_a_second_one_is_reported() -> None:
     table, problems = compile_table(
         parse_documents(

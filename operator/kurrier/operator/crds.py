@@ -206,6 +206,11 @@ DOCS: dict[str, str] = {
         "Apply maxConnectionsPerClient and rateLimit.perClientPerMinute to trusted networks "
         "too (by default they are exempt)."
     ),
+    "RelayPolicySpec.bounceUnauthenticated": (
+        "Who gets delivery status notifications (bounces) for mail from clients that "
+        "neither authenticated nor are in trustedNetworks: all senders, only senders in a "
+        "RelayDomain (relayDomains, the default), or none. Several policies: the narrowest."
+    ),
     "RelayPolicySpec.rateLimit": "Message rate limits.",
     "RateLimit.perClientPerMinute": "Messages per minute per client IP.",
     "RateLimit.perIdentityPerMinute": "Messages per minute per authenticated identity.",

@@ -58,6 +58,10 @@ class MessageRecord(_Model):
     client_address: str = ""
     client_helo: str = ""
     authenticated_as: str = ""
+    # The client was in trustedNetworks when it sent the message. Authenticated
+    # or trusted, its sender is believed; otherwise bounces follow the policy's
+    # bounceUnauthenticated (queue/notice_policy.py).
+    client_trusted: bool = False
     smtputf8: bool = False
     body_type: str = ""
     message_id_header: str = ""

@@ -197,6 +197,13 @@ class RateLimit(_Model):
     perIdentityPerMinute: int | None = Field(default=None, ge=1)
 
 
+# Who gets delivery status notifications for mail from a client that neither
+# authenticated nor is in trustedNetworks (queue/notice_policy.py): nobody, only
+# senders in a RelayDomain, or every sender. Strictest first.
+BounceScope = Literal["none", "relayDomains", "all"]
+BOUNCE_SCOPES: tuple[BounceScope, ...] = ("none", "relayDomains", "all")
+
+
 class RelayPolicySpec(_Model):
     trustedNetworks: list[str] = Field(default_factory=list)
     requireTLSForAuth: bool = True
@@ -210,6 +217,7 @@ class RelayPolicySpec(_Model):
     # Trusted networks are exempt from the per-client limits (connections, message
     # rate) unless this is true, as Postfix exempts $mynetworks.
     limitTrustedNetworks: bool = False
+    bounceUnauthenticated: BounceScope = "relayDomains"
 
     @field_validator("trustedNetworks")
     @classmethod

@@ -13,6 +13,8 @@ from typing import Any
 from kurrier.core.dkim_keys import DkimKeyError, signing_key
 from kurrier.core.domains import normalise_domain
 from kurrier.core.resources import (
+    BOUNCE_SCOPES,
+    BounceScope,
     RelayDomain,
     RelayPolicy,
     RelayRoute,
@@ -92,6 +94,7 @@ class CompiledPolicy(_Frozen):
     identity_rate_per_minute: int | None = None
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     limit_trusted_networks: bool = False
+    bounce_unauthenticated: BounceScope = "relayDomains"
 
 
 # Modular-crypt prefixes of the password hashes a users Secret may hold.
@@ -267,7 +270,8 @@ def _compile_policy(
     """Several policies merge into the strictest reading of all of them.
 
     Networks, users and sender rules add up; limits take the lowest value;
-    TLS before AUTH is required if any policy requires it. What cannot be
+    TLS before AUTH is required if any policy requires it; bounces for
+    unauthenticated mail go as far as the narrowest scope. What cannot be
     both (a ServiceAccount audience, a user's password hash) is taken from
     the policy that comes first by `_precedence`, and the others are told.
     """
@@ -313,6 +317,9 @@ def _compile_policy(
         identity_rate_per_minute=min(identity_rates) if identity_rates else None,
         max_connections_per_client=min(p.spec.maxConnectionsPerClient for p in policies),
         limit_trusted_networks=any(p.spec.limitTrustedNetworks for p in policies),
+        bounce_unauthenticated=min(
+            (p.spec.bounceUnauthenticated for p in policies), key=BOUNCE_SCOPES.index
+        ),
     )
 
 

@@ -315,6 +315,7 @@ class RelayHandler:
             client_address=client_ip,
             client_helo=session.host_name or "",
             authenticated_as=_identity(session),
+            client_trusted=self._tables.table.is_trusted(client_ip),
             smtputf8=smtputf8,
             body_type=body_type,
             size=len(header) + len(content),

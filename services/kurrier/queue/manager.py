@@ -23,6 +23,7 @@ from kurrier.queue.changes import Change
 from kurrier.queue.dispatch import publish_jobs
 from kurrier.queue.dsn import render_dsn
 from kurrier.queue.intake import Intake
+from kurrier.queue.notice_policy import withheld_because
 from kurrier.queue.retry_schedule import RetrySchedule
 from kurrier.queue.spans import bouncing
 from nats.js import JetStreamContext
@@ -55,6 +56,7 @@ class QueueManager:
         hostname: str,
     ) -> None:
         self._js = js
+        self._tables = tables
         self.schedule = schedule
         self._hostname = hostname
 
@@ -137,6 +139,15 @@ class QueueManager:
                     recipient.last_reply,
                     extra={"queue_id": record.queue_id},
                 )
+            return
+        withheld = withheld_because(record, self._tables.table)
+        if withheld:
+            log.info(
+                "no notification to <%s>: %s",
+                record.mail_from,
+                withheld,
+                extra={"queue_id": record.queue_id},
+            )
             return
         original = await load_body(self._js, record.queue_id, record.body_store)
         notice = render_dsn(record, failed, original, self._hostname, now)

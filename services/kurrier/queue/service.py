@@ -264,6 +264,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             client_address=envelope.client_address,
             client_helo=envelope.client_helo,
             authenticated_as=envelope.authenticated_as,
+            client_trusted=envelope.client_trusted,
             smtputf8=envelope.smtputf8,
             body_type=envelope.body_type,
             message_id_header=envelope.message_id_header,

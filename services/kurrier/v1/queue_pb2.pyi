@@ -56,6 +56,7 @@ class Envelope(_message.Message):
     BODY_TYPE_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     MESSAGE_ID_HEADER_FIELD_NUMBER: _builtins.int
+    CLIENT_TRUSTED_FIELD_NUMBER: _builtins.int
     queue_id: _builtins.str
     """Queue id chosen by the client; a retried Enqueue with the same id does
     not store the message twice.
@@ -74,6 +75,11 @@ class Envelope(_message.Message):
     """Exact size of the body that follows, in bytes."""
     message_id_header: _builtins.str
     """The Message-ID header of the message, for logs and tracing."""
+    client_trusted: _builtins.bool
+    """Whether the client's address is in the relay policy's trustedNetworks.
+    With authenticated_as, it decides who may get delivery status
+    notifications for the message (RelayPolicy bounceUnauthenticated).
+    """
     @_builtins.property
     def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -89,10 +95,11 @@ class Envelope(_message.Message):
         body_type: _builtins.str = ...,
         size: _builtins.int = ...,
         message_id_header: _builtins.str = ...,
+        client_trusted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "body_type", b"body_type", "client_address", b"client_address", "client_helo", b"client_helo", "mail_from", b"mail_from", "message_id_header", b"message_id_header", "queue_id", b"queue_id", "recipients", b"recipients", "size", b"size", "smtputf8", b"smtputf8"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "body_type", b"body_type", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "mail_from", b"mail_from", "message_id_header", b"message_id_header", "queue_id", b"queue_id", "recipients", b"recipients", "size", b"size", "smtputf8", b"smtputf8"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
