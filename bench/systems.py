@@ -392,9 +392,13 @@ class Postfix:
     name = "postfix"
     durability = "power cut (fsync before 250)"
 
-    def __init__(self, workdir: Path, sink_port: int) -> None:
+    def __init__(
+        self, workdir: Path, sink_port: int, settings: dict[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.sink_port = sink_port
+        # main.cf parameters over the benchmark's (tests make Postfix an older next hop).
+        self.settings = settings or {}
         self.smtp_port = free_port()
         self.stop_seconds = 0.0
         self.stopped_cleanly = True
@@ -419,6 +423,7 @@ class Postfix:
             POSTFIX_MAIN_CF.format(
                 root=root, sink_port=self.sink_port, connections=DESTINATION_CONCURRENCY
             )
+            + "".join(f"{name} = {value}\n" for name, value in self.settings.items())
         )
         (self.config_dir / "master.cf").write_text(
             POSTFIX_MASTER_CF.format(smtp_port=self.smtp_port)

@@ -27,7 +27,7 @@ PHOTO = bytes(range(256)) * 3  # every octet, bare CR and LF included
 TEXT = "Grüße aus Köln — 8 bit\r\n.a line with a dot\r\ntrailing space \r\n" + "ü" * 120 + "\r\n"
 
 
-def _mixed(text_encoding: str = "8bit") -> bytes:
+def mixed_message(text_encoding: str = "8bit") -> bytes:
     """A multipart/mixed message: 8-bit text, a 7-bit part, raw binary, a forwarded message."""
     forwarded = (
         b"From: b@sender.test\r\nSubject: inner\r\nMIME-Version: 1.0\r\n"
@@ -59,7 +59,7 @@ def _parts(message: bytes) -> list[Message]:
     return [part for part in parsed.walk() if not part.is_multipart()]
 
 
-def _payloads(message: bytes) -> list[bytes]:
+def payloads(message: bytes) -> list[bytes]:
     """Each leaf part's decoded content (a forwarded message's parts included)."""
     payloads = [part.get_payload(decode=True) for part in _parts(message)]
     assert all(isinstance(payload, bytes) for payload in payloads)
@@ -67,12 +67,12 @@ def _payloads(message: bytes) -> list[bytes]:
 
 
 def test_8bit_parts_are_reencoded_and_the_rest_stays_byte_for_byte() -> None:
-    original = _mixed()
+    original = mixed_message()
     converted = to_seven_bit(original)
     assert converted.isascii()
     assert max(len(line) for line in converted.split(b"\r\n")) <= 76
     # Same content, part for part: the text quoted-printable, the binary base64.
-    assert _payloads(converted) == _payloads(original)
+    assert payloads(converted) == payloads(original)
     encodings = [str(p.get("content-transfer-encoding", "7bit")) for p in _parts(converted)]
     assert encodings == ["quoted-printable", "7bit", "base64", "quoted-printable"]
     parsed = email.message_from_bytes(converted, policy=compat32)
@@ -96,16 +96,16 @@ def test_8bit_parts_are_reencoded_and_the_rest_stays_byte_for_byte() -> None:
     [
         (b"Subject: K\xc3\xa4se\r\nMIME-Version: 1.0\r\n\r\nbody\r\n", "header field"),
         (b"From: a@b.test\r\n\r\nK\xc3\xa4se\r\n", "not MIME"),
-        (_mixed("base64"), "declared base64"),
+        (mixed_message("base64"), "declared base64"),
         (
-            _mixed().replace(
+            mixed_message().replace(
                 b"application/octet-stream\r\n",
                 b"application/octet-stream\r\n"
                 b'Content-Disposition: attachment; filename="K\xc3\xa4se"\r\n',
             ),
             "header field",
         ),
-        (_mixed().replace(b"preamble", "Präambel".encode()), "preamble or epilogue"),
+        (mixed_message().replace(b"preamble", "Präambel".encode()), "preamble or epilogue"),
     ],
     ids=["8-bit header", "not MIME", "8-bit base64 part", "8-bit part header", "preamble"],
 )
@@ -125,14 +125,16 @@ async def test_a_hop_without_8bitmime_gets_7bit_mime_signed_after_conversion(
             route("old", ["old.test"], old.port),
             route("modern", ["modern.test"], modern.port),
         )
-        outcomes = await courier.deliver(job(["r@old.test", "r@modern.test"]), _mixed(), routes)
+        outcomes = await courier.deliver(
+            job(["r@old.test", "r@modern.test"]), mixed_message(), routes
+        )
         assert {o.outcome for o in outcomes} == {"delivered"}
         [downgraded], [as_is] = old.messages, modern.messages
     assert downgraded.content.isascii()
     assert "BODY=8BITMIME" not in downgraded.mail_options
-    assert _payloads(downgraded.content) == _payloads(_mixed())
+    assert payloads(downgraded.content) == payloads(mixed_message())
     # The hop offering 8BITMIME gets the 8-bit original, labelled so.
-    assert as_is.content.endswith(_mixed())
+    assert as_is.content.endswith(mixed_message())
     assert "BODY=8BITMIME" in as_is.mail_options
     # Each copy is signed as it was sent, so both verify.
     lookup = {record[0]: record[1].encode()}
