@@ -10,7 +10,7 @@ import pytest
 from kurrier.core.loader import parse_documents
 from kurrier.core.routing import CompiledPolicy, RoutingTable, compile_table
 from kurrier.delivery.smtp_client import to_wire_body
-from kurrier.ingress.command_lines import BARE_NEWLINE_COMMAND, CommandLineReader
+from kurrier.ingress.command_lines import BARE_NEWLINE_COMMAND, BareNewline, CommandLineReader
 from kurrier.ingress.connection_gate import ConnectionGate, client_key
 from kurrier.ingress.data_reader import DataLimits, DataReader
 from kurrier.ingress.handler import decode_plain
@@ -200,12 +200,18 @@ def test_command_lines_end_in_crlf_only() -> None:
     # the marker cannot come from a client.
     assert b"\n" in BARE_NEWLINE_COMMAND.encode().rstrip(b"\n")
 
-    async def other_separators() -> list[bytes]:
+    # DATA's reads name their separator and pass through; AUTH's answers to 334
+    # (readline) follow the commands' rule.
+    async def other_reads() -> tuple[bytes, bytes, str]:
         reader = CommandLineReader()
-        reader.feed_data(b"abc\n.\r\nAUTH\n")
-        return [await reader.readuntil(b".\r\n"), await reader.readline()]
+        reader.feed_data(b"abc\n.\r\nYWxpY2U=\r\nYWxpY2U=\n")
+        data = await reader.readuntil(b".\r\n")
+        answer = await reader.readline()
+        with pytest.raises(BareNewline) as refused:
+            await reader.readline()
+        return data, answer, refused.value.kind
 
-    assert asyncio.run(other_separators()) == [b"abc\n.\r\n", b"AUTH\n"]
+    assert asyncio.run(other_reads()) == (b"abc\n.\r\n", b"YWxpY2U=\r\n", "LF")
 
 
 def _postmaster_table(routed: bool) -> RoutingTable:
