@@ -1,24 +1,30 @@
-"""Between services: mutual TLS on ingress -> queue gRPC, credentials on NATS, nothing logged."""
+"""Between services: mutual TLS on ingress and the admin CLI -> queue gRPC, credentials
+on NATS, nothing logged."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import secrets
+import subprocess
 import uuid
 from pathlib import Path
 
+import grpc
 import nkeys
 import pytest
+from kurrier.core.grpc_tls import QueueTls, queue_channel
 from kurrier.core.jetstream import connect, disconnect
-from kurrier.ingress.queue_client import QueueClient, QueueTls, QueueUnavailable
-from kurrier.v1 import queue_pb2
+from kurrier.v1 import queue_pb2, queue_pb2_grpc
 
 from tests.ingress.smtp_probe import SmtpProbe
-from tests.support.certs import Certificates
+from tests.support.certs import Certificates, TestCA
 from tests.support.nats import NatsServer
-from tests.support.relay import ServiceRelay, documents, inbound_domain, route
+from tests.support.processes import kurrier_argv
+from tests.support.relay import ServiceRelay, UpRelay, documents, inbound_domain, route
 from tests.support.sink import Sink
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
 async def test_nats_nkey_seed_from_the_environment(
@@ -91,25 +97,85 @@ def test_mtls_to_the_queue_and_a_nats_password(tmp_path: Path, sink: Sink) -> No
             [delivered] = sink.wait_for(1)
             assert marker.encode() in delivered.content
 
-            # A client without a certificate of ours gets nothing stored.
-            anonymous = QueueTls(ca_file=str(certificates.ca_file), server_name="queue.test")
-            with pytest.raises(QueueUnavailable):
-                _enqueue(relay.queue_address, anonymous)
+            # Only a client with a certificate from the queue's client CA gets an answer:
+            # not one in plaintext, nor one without a certificate, nor one whose
+            # certificate another CA signed.
+            ca, name = str(certificates.ca_file), "queue.test"
+            stranger = TestCA(tmp_path / "stranger")
+            foreign_cert, foreign_key = stranger.issue("ingress.test", client=True)
+            refused = {
+                "plaintext": None,
+                "no certificate": QueueTls(ca, server_name=name),
+                "another CA's certificate": QueueTls(ca, str(foreign_cert), str(foreign_key), name),
+            }
+            for what, tls in refused.items():
+                assert _list_status(relay.queue_address, tls) == UNAVAILABLE, what
+            admin_flags = ["--queue-tls-ca", ca, "--queue-tls-server-name", name]
+            assert _admin(relay.queue_address, *admin_flags).returncode == 1
+            admin_flags += [
+                "--queue-tls-cert",
+                str(certificates.client_cert),
+                "--queue-tls-key",
+                str(certificates.client_key),
+            ]
+            listed = _admin(relay.queue_address, *admin_flags)
+            assert listed.returncode == 0, listed.stderr
+            assert listed.stdout.strip() == "Mail queue is empty"
+            foreign = [*admin_flags[:4], "--queue-tls-cert", str(foreign_cert)]
+            foreign += ["--queue-tls-key", str(foreign_key)]
+            refusal = _admin(relay.queue_address, *foreign)
+            assert refusal.returncode == 1
+            assert "cannot reach the queue" in refusal.stderr
     finally:
         nats.stop()
     for log in tmp_path.glob("*.log"):
         assert password not in log.read_text(errors="replace"), f"NATS password in {log.name}"
 
 
-def _enqueue(address: str, tls: QueueTls) -> None:
-    async def run() -> None:
-        client = QueueClient(address, tls)
-        try:
-            envelope = queue_pb2.Envelope(
-                queue_id=uuid.uuid4().hex[:20], mail_from="a@b.test", recipients=["c@d.test"]
-            )
-            await asyncio.wait_for(client.enqueue(envelope, [b"x\r\n"]), 30)
-        finally:
-            await client.close()
+def test_kurrier_up_runs_its_queue_behind_mutual_tls(tmp_path: Path, sink: Sink) -> None:
+    """`kurrier up` makes a CA of its own: its children and `kurrier queue --data-dir`
+    use it, a plaintext client of the queue's socket gets nothing."""
+    config = documents(inbound_domain("example.com"), route("to-sink", ["example.com"], sink.port))
+    with UpRelay(tmp_path, config) as relay:
+        address = str(relay.state["queue_address"])
+        assert _list_status(address, None) == UNAVAILABLE
+        with SmtpProbe(relay.smtp_port) as smtp:
+            smtp.reply()
+            smtp.command("EHLO probe.test")
+            smtp.command("MAIL FROM:<a@client.test>")
+            smtp.command("RCPT TO:<user@example.com>")
+            assert smtp.command("DATA").code == 354
+            smtp.send(b"Subject: through up\r\n\r\nover mTLS\r\n.\r\n")
+            assert smtp.reply().startswith("250 2.0.0")
+        sink.wait_for(1)
+        listed = subprocess.run(
+            kurrier_argv("queue", "list", "--data-dir", str(relay.data_dir)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert listed.returncode == 0, listed.stderr
 
-    asyncio.run(run())
+
+def _list_status(address: str, tls: QueueTls | None) -> grpc.StatusCode:
+    """The status of one admin call (ListMessages) to the queue with this client's TLS."""
+
+    async def call() -> grpc.StatusCode:
+        async with queue_channel(address, tls) as channel:
+            stub = queue_pb2_grpc.QueueServiceStub(channel)
+            try:
+                await stub.ListMessages(queue_pb2.ListMessagesRequest(), timeout=15)
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+            return grpc.StatusCode.OK
+
+    return asyncio.run(call())
+
+
+def _admin(address: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        kurrier_argv("queue", "list", "--queue-address", address, *flags),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -1,20 +1,21 @@
 """Keys and certificates made in the test: a private CA issuing host certificates; self-signed ones.
 
 Everything is made in-process with ``cryptography`` (EC P-256 for certificates,
-RSA where a caller needs it) and written as PEM files beside the test.
+built as `kurrier up` builds its own, RSA where a caller needs it) and written
+as PEM files beside the test.
 """
 
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import ssl
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kurrier.cli.local_ca import certificate
+from kurrier.cli.local_ca import private_pem as private_pem
 
 
 def rsa_key(bits: int = 2048) -> rsa.RSAPrivateKey:
@@ -27,17 +28,6 @@ def ed25519_key() -> ed25519.Ed25519PrivateKey:
     return ed25519.Ed25519PrivateKey.generate()
 
 
-def private_pem(
-    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey,
-) -> bytes:
-    """The key as unencrypted PKCS#8 PEM (``BEGIN PRIVATE KEY``)."""
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 def public_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     """The key's public half as SubjectPublicKeyInfo PEM (``BEGIN PUBLIC KEY``)."""
     return key.public_key().public_bytes(
@@ -45,62 +35,8 @@ def public_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     )
 
 
-def _san(names: tuple[str, ...]) -> x509.SubjectAlternativeName:
-    entries: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            entries.append(x509.DNSName(name))
-    return x509.SubjectAlternativeName(entries)
-
-
-def _certificate(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: x509.Name | None,
-    signer: ec.EllipticCurvePrivateKey,
-    names: tuple[str, ...] = (),
-    ca: bool = False,
-    client: bool = False,
-) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer or name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-    else:
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        builder = builder.add_extension(_san(names), critical=False).add_extension(
-            x509.ExtendedKeyUsage([usage]), critical=False
-        )
-        if issuer is not None:
-            builder = builder.add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False
-            )
-    return builder.sign(signer, hashes.SHA256())
+# Test certificates outlive no test by much.
+TEST_VALIDITY = datetime.timedelta(days=2)
 
 
 def _write_pair(
@@ -128,7 +64,9 @@ class TestCA:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self._key = ec.generate_private_key(ec.SECP256R1())
-        self._cert = _certificate("kurrier test CA", self._key, None, self._key, ca=True)
+        self._cert = certificate(
+            "kurrier test CA", self._key, None, self._key, ca=True, validity=TEST_VALIDITY
+        )
         self.ca_file = directory / "ca.pem"
         self.ca_file.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
@@ -141,7 +79,9 @@ class TestCA:
         default); (certificate file, key file).
         """
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = _certificate(names[0], key, self._cert.subject, self._key, names, client=client)
+        cert = certificate(
+            names[0], key, self._cert, self._key, names, client=client, validity=TEST_VALIDITY
+        )
         return _write_pair(directory or self.directory, names[0], cert, key)
 
     def server_context(self, *names: str) -> ssl.SSLContext:
@@ -152,7 +92,7 @@ class TestCA:
 def self_signed_context(directory: Path, *names: str) -> ssl.SSLContext:
     """A server-side TLS context with a certificate for names that no CA vouches for."""
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _certificate(names[0], key, None, key, names)
+    cert = certificate(names[0], key, None, key, names, validity=TEST_VALIDITY)
     return _server_context(*_write_pair(directory, f"self-signed-{names[0]}", cert, key))
 
 

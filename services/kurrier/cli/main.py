@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -25,7 +24,7 @@ from kurrier.core.settings import (
     OPERATOR,
     PASSED_ON_BY_UP,
     QUEUE,
-    QUEUE_ADDRESS,
+    QUEUE_ADMIN,
     SERVICES,
     add_settings,
     existing_file,
@@ -33,9 +32,8 @@ from kurrier.core.settings import (
 )
 
 if TYPE_CHECKING:
-    from kurrier.ingress.queue_client import QueueTls
+    from kurrier.core.grpc_tls import GrpcTls, QueueTls
     from kurrier.ingress.token_review import KubeApiSettings
-    from kurrier.queue.main import GrpcTls
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "state" / "kurrier"
 
@@ -50,10 +48,7 @@ class Parser(argparse.ArgumentParser):
 def _add_queue_admin(queue: argparse.ArgumentParser) -> None:
     admin = queue.add_subparsers(dest="action", parser_class=Parser, metavar="ACTION")
     where = Parser(add_help=False)
-    address = replace(
-        QUEUE_ADDRESS, default=None, help="the queue's gRPC address (default: from --data-dir)"
-    )
-    add_settings(where, [address])
+    add_settings(where, QUEUE_ADMIN)
     where.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="a `kurrier up`")
     where.add_argument("--json", action="store_true", help="machine-readable output")
     filters = Parser(add_help=False)
@@ -165,7 +160,7 @@ def _run_ingress(args: argparse.Namespace) -> int:
         limits=SessionLimits.from_flags(vars(args)),
         kube_api=_kube_api(args),
         token_cache_ttl=parse_duration(args.token_cache_ttl),
-        queue_tls=_queue_tls(args),
+        queue_tls=queue_tls(args),
     )
     run_service(serve_ingress(settings))
     return 0
@@ -183,8 +178,9 @@ def _kube_api(args: argparse.Namespace) -> KubeApiSettings | None:
     )
 
 
-def _queue_tls(args: argparse.Namespace) -> QueueTls | None:
-    from kurrier.ingress.queue_client import QueueTls
+def queue_tls(args: argparse.Namespace) -> QueueTls | None:
+    """TLS to the queue from the --queue-tls-* flags (ingress, `kurrier queue ACTION`)."""
+    from kurrier.core.grpc_tls import QueueTls
 
     if not args.queue_tls_ca:
         return None
@@ -197,7 +193,7 @@ def _queue_tls(args: argparse.Namespace) -> QueueTls | None:
 
 
 def _grpc_tls(args: argparse.Namespace) -> GrpcTls | None:
-    from kurrier.queue.main import GrpcTls
+    from kurrier.core.grpc_tls import GrpcTls
 
     if not (args.grpc_tls_cert and args.grpc_tls_key):
         return None
@@ -212,7 +208,7 @@ def _run_queue(args: argparse.Namespace) -> int:
     if args.action is not None:
         from kurrier.cli.queue_admin import run_admin
 
-        return run_admin(args)
+        return run_admin(args, queue_tls(args))
 
     from kurrier.queue.main import QueueSettings, serve_queue
     from kurrier.queue.retry_schedule import RetrySchedule

@@ -7,11 +7,13 @@ import asyncio
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from kurrier.core.grpc_tls import QueueTls, queue_channel
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 
 ACTIONS = {
@@ -30,9 +32,17 @@ class AdminError(Exception):
     """A failure to tell the user in one line (exit code 1)."""
 
 
-def queue_address(args: argparse.Namespace) -> str:
+@dataclass(frozen=True)
+class QueueTarget:
+    address: str
+    tls: QueueTls | None
+
+
+def queue_target(args: argparse.Namespace, tls: QueueTls | None) -> QueueTarget:
+    """The queue named by --queue-address and the --queue-tls-* flags, or else the
+    `kurrier up` in --data-dir, with the client certificate it made for its children."""
     if args.queue_address:
-        return str(args.queue_address)
+        return QueueTarget(str(args.queue_address), tls)
     state_file = Path(args.data_dir) / "state.json"
     try:
         state = json.loads(state_file.read_text())
@@ -40,7 +50,10 @@ def queue_address(args: argparse.Namespace) -> str:
         raise AdminError(
             f"no running `kurrier up` in {args.data_dir} (give --data-dir or --queue-address)"
         ) from None
-    return str(state["queue_address"])
+    local_tls = state.get("queue_tls")
+    return QueueTarget(
+        str(state["queue_address"]), tls or (QueueTls(**local_tls) if local_tls else None)
+    )
 
 
 def _filter(args: argparse.Namespace) -> queue_pb2.MessageFilter:
@@ -112,11 +125,11 @@ def _as_json(message: Any) -> str:
     return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2)
 
 
-async def _call(args: argparse.Namespace) -> str:
-    address = queue_address(args)
+async def _call(args: argparse.Namespace, tls: QueueTls | None) -> str:
+    target = queue_target(args, tls)
     # A listing of a large queue is many MB: lift gRPC's 4 MB default for replies.
     options = [("grpc.max_receive_message_length", -1)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
+    async with queue_channel(target.address, target.tls, options) as channel:
         stub = queue_pb2_grpc.QueueServiceStub(channel)
         try:
             if args.action == "list":
@@ -142,7 +155,7 @@ async def _call(args: argparse.Namespace) -> str:
             )
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNAVAILABLE:
-                raise AdminError(f"cannot reach the queue at {address}") from None
+                raise AdminError(f"cannot reach the queue at {target.address}") from None
             raise AdminError(error.details() or error.code().name) from None
     if args.json:
         return _as_json(response)
@@ -154,7 +167,7 @@ async def _call(args: argparse.Namespace) -> str:
     )
 
 
-def run_admin(args: argparse.Namespace) -> int:
+def run_admin(args: argparse.Namespace, tls: QueueTls | None) -> int:
     if args.action in ("hold", "release", "delete", "retry"):
         if bool(args.queue_ids) == bool(args.all):
             print(f"kurrier queue {args.action}: give queue ids or --all", file=sys.stderr)
@@ -163,7 +176,7 @@ def run_admin(args: argparse.Namespace) -> int:
             print("kurrier queue delete --all: add --yes to delete every match", file=sys.stderr)
             return 2
     try:
-        print(asyncio.run(_call(args)))
+        print(asyncio.run(_call(args, tls)))
     except AdminError as error:
         print(f"kurrier queue {args.action}: {error}", file=sys.stderr)
         return 1

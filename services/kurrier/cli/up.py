@@ -4,7 +4,8 @@ Starts an embedded nats-server (JetStream store under the data dir), publishes
 the routing table compiled from the resource file, then runs queue, delivery
 and ingress as child processes of this one. Each child gets, as flags, those
 of up's settings it has too (kurrier.core.settings), and what up decides:
-NATS URLs, the queue's address, its own /metrics port on 127.0.0.1
+NATS URLs, the queue's address, the certificates of the mutual TLS between
+ingress and the queue (`local_ca.py`), its own /metrics port on 127.0.0.1
 (`--metrics-base-port` and up, or none).
 """
 
@@ -16,9 +17,10 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kurrier.cli.local_ca import make_local_tls
 from kurrier.cli.nats_server import (
     cluster_nodes,
     default_sync_interval,
@@ -237,6 +239,9 @@ class _LocalRelay:
             # gRPC's pick_first takes the first queue that answers: ingress fails over.
             self.queue_listens = [f"127.0.0.1:{free_port()}" for _ in self.pairs]
             self.queue_address = "ipv4:" + ",".join(self.queue_listens)
+        # Mutual TLS between the children, as in the chart: another local user
+        # reaching the queue's loopback port or socket gets nothing from it.
+        self.queue_tls, self.client_tls = make_local_tls(self.data_dir / "tls")
         self.nats_urls: list[str] = []
         self.ready = False
         self.supervisor = Supervisor(on_spawn=self.write_state)
@@ -250,6 +255,7 @@ class _LocalRelay:
         state = {
             "nats_url": self.nats_url,
             "queue_address": self.queue_address,
+            "queue_tls": asdict(self.client_tls),
             "smtp": self.settings.smtp,
             "ready": self.ready,
             "metrics": {name: f"127.0.0.1:{port}" for name, port in self.metrics_ports.items()},
@@ -296,12 +302,30 @@ class _LocalRelay:
         """Queue and delivery (a pair of each on a cluster), then ingress."""
         for index, (queue, delivery) in enumerate(self.pairs):
             await self.supervisor.start(
-                queue, self._child_argv(queue, "queue", index, listen=self.queue_listens[index])
+                queue,
+                self._child_argv(
+                    queue,
+                    "queue",
+                    index,
+                    listen=self.queue_listens[index],
+                    grpc_tls_cert=self.queue_tls.cert_file,
+                    grpc_tls_key=self.queue_tls.key_file,
+                    grpc_tls_client_ca=self.queue_tls.client_ca_file,
+                ),
             )
             await self.supervisor.start(delivery, self._child_argv(delivery, "delivery", index + 1))
         await self.supervisor.start(
             "ingress",
-            self._child_argv("ingress", "ingress", 2, queue_address=self.queue_address),
+            self._child_argv(
+                "ingress",
+                "ingress",
+                2,
+                queue_address=self.queue_address,
+                queue_tls_ca=self.client_tls.ca_file,
+                queue_tls_cert=self.client_tls.cert_file,
+                queue_tls_key=self.client_tls.key_file,
+                queue_tls_server_name=self.client_tls.server_name,
+            ),
         )
 
     async def wait_until_ready(self) -> None:

@@ -192,8 +192,9 @@ TOKEN_REVIEW = (
     Setting("kube_ca_file", "CA of --kube-api-server", existing_file),
     Setting("token_cache_ttl", "keep passed tokens", duration, "30s"),
 )
+# Ingress and the admin commands (`kurrier queue list ...`) are the queue's clients.
 QUEUE_TLS = (
-    Setting("queue_tls_ca", "CA of the queue's certificate", existing_file),
+    Setting("queue_tls_ca", "CA of the queue's certificate (TLS to the queue)", existing_file),
     Setting("queue_tls_cert", "client certificate (mTLS)", existing_file),
     Setting("queue_tls_key", "client private key (mTLS)", existing_file),
     Setting("queue_tls_server_name", "name to verify in the queue's certificate"),
@@ -256,6 +257,15 @@ OPERATOR = (
         "kubeconfig file (default: KUBECONFIG, in-cluster, ~/.kube/config)",
         existing_file,
     ),
+)
+
+# --- queue administration (`kurrier queue list|show|...`) ---------------------
+
+QUEUE_ADMIN = (
+    replace(
+        QUEUE_ADDRESS, default=None, help="the queue's gRPC address (default: from --data-dir)"
+    ),
+    *QUEUE_TLS,
 )
 
 # The long-running services (the image's commands) and their settings.

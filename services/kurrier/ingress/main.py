@@ -9,12 +9,13 @@ import ssl
 from dataclasses import dataclass
 
 from kurrier.core.addresses import parse_host_port
+from kurrier.core.grpc_tls import QueueTls
 from kurrier.core.metrics import SMTP_SESSIONS, TLS_CERTIFICATE_EXPIRY
 from kurrier.core.service import Connected, FirstTable, Hooks, Service, serve
 from kurrier.ingress.connection_gate import SHUTTING_DOWN
 from kurrier.ingress.handler import RelayHandler
 from kurrier.ingress.identities import Identities
-from kurrier.ingress.queue_client import QueueClient, QueueTls
+from kurrier.ingress.queue_client import QueueClient
 from kurrier.ingress.session_limits import SessionLimits
 from kurrier.ingress.smtp_session import IngressSMTP, Listener, Sessions
 from kurrier.ingress.tls_certificate import ServerCertificate

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
+from kurrier.core.grpc_tls import QueueTls, queue_channel
 from kurrier.core.telemetry import grpc_metadata, inject_headers
 from kurrier.ingress.enqueue_stream import EnqueueStream, StreamEnded
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
@@ -42,31 +41,12 @@ class QueueFull(QueueUnavailable):
     """The message store is out of space; the client must retry later."""
 
 
-@dataclass(frozen=True)
-class QueueTls:
-    """Mutual TLS to the queue: the CA that signed the queue's certificate, and ours."""
-
-    ca_file: str
-    cert_file: str | None = None
-    key_file: str | None = None
-    server_name: str | None = None  # when the address is not the name in the certificate
-
-    def channel(self, address: str) -> grpc.aio.Channel:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=Path(self.ca_file).read_bytes(),
-            private_key=Path(self.key_file).read_bytes() if self.key_file else None,
-            certificate_chain=Path(self.cert_file).read_bytes() if self.cert_file else None,
-        )
-        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
-        return grpc.aio.secure_channel(address, credentials, options=options)
-
-
 class QueueClient:
     def __init__(
         self, address: str, tls: QueueTls | None = None, timeout: float = ENQUEUE_TIMEOUT
     ) -> None:
         self._timeout = timeout
-        self._channel = tls.channel(address) if tls else grpc.aio.insecure_channel(address)
+        self._channel = queue_channel(address, tls)
         self._stub = queue_pb2_grpc.QueueServiceStub(self._channel)
         self._stream: EnqueueStream | None = None
 

@@ -8,10 +8,10 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from kurrier.core.grpc_tls import GrpcTls
 from kurrier.core.jetstream import LEASES_BUCKET
 from kurrier.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 from kurrier.core.records import RecordStore
@@ -38,24 +38,6 @@ class QueueSettings:
     body_store_limit: int | None = None
     metrics_listen: str | None = None
     grpc_tls: GrpcTls | None = None
-
-
-@dataclass(frozen=True)
-class GrpcTls:
-    """TLS on the gRPC port; with client_ca_file, mutual TLS (a client certificate it signed)."""
-
-    cert_file: str
-    key_file: str
-    client_ca_file: str | None = None
-
-    def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())],
-            root_certificates=Path(self.client_ca_file).read_bytes()
-            if self.client_ca_file
-            else None,
-            require_client_auth=self.client_ca_file is not None,
-        )
 
 
 async def serve_queue(settings: QueueSettings) -> None:

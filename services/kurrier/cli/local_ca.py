@@ -1,0 +1,132 @@
+"""A private CA made at each `kurrier up`, for mutual TLS between its children.
+
+The queue gets a server certificate for `localhost`, ingress and the admin
+commands a client certificate; all are EC P-256, signed by a CA whose key is
+never written to disk (nothing can issue another certificate after start).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kurrier.core.grpc_tls import GrpcTls, QueueTls
+
+# The name the queue's certificate carries and its clients verify; a unix
+# socket or a loopback address has no name of its own.
+QUEUE_NAME = "localhost"
+LOCAL_VALIDITY = datetime.timedelta(days=365)
+
+
+def _san(names: tuple[str, ...]) -> x509.SubjectAlternativeName:
+    entries: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            entries.append(x509.DNSName(name))
+    return x509.SubjectAlternativeName(entries)
+
+
+def certificate(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate | None,
+    signer: ec.EllipticCurvePrivateKey,
+    names: tuple[str, ...] = (),
+    *,
+    ca: bool = False,
+    client: bool = False,
+    validity: datetime.timedelta = LOCAL_VALIDITY,
+) -> x509.Certificate:
+    """A certificate for key: a CA's (ca=True), else a server's for names or, with
+    client=True, a client's. Self-signed when issuer is None."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer.subject if issuer else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + validity)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+    else:
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        builder = builder.add_extension(_san(names or (subject,)), critical=False).add_extension(
+            x509.ExtendedKeyUsage([usage]), critical=False
+        )
+        if issuer is not None:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), False
+            )
+    return builder.sign(signer, hashes.SHA256())
+
+
+def certificate_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def private_pem(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey,
+) -> bytes:
+    """The key as unencrypted PKCS#8 PEM (``BEGIN PRIVATE KEY``)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def make_local_tls(directory: Path) -> tuple[GrpcTls, QueueTls]:
+    """A new CA and the queue's and its clients' certificates, written in directory:
+    (the queue's server side, its clients' side)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("kurrier up local CA", ca_key, None, ca_key, ca=True)
+    files: dict[str, Path] = {}
+    for stem, names, is_client in (
+        ("queue", (QUEUE_NAME, "127.0.0.1"), False),
+        ("client", (), True),
+    ):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = certificate(f"kurrier-{stem}", key, ca, ca_key, names, client=is_client)
+        files[f"{stem}.crt"] = directory / f"{stem}.crt"
+        files[f"{stem}.crt"].write_bytes(certificate_pem(cert))
+        files[f"{stem}.key"] = directory / f"{stem}.key"
+        _write_private(files[f"{stem}.key"], private_pem(key))
+    ca_file = directory / "ca.crt"
+    ca_file.write_bytes(certificate_pem(ca))
+    server = GrpcTls(str(files["queue.crt"]), str(files["queue.key"]), str(ca_file))
+    client = QueueTls(str(ca_file), str(files["client.crt"]), str(files["client.key"]), QUEUE_NAME)
+    return server, client

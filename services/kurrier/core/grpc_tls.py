@@ -1,0 +1,62 @@
+"""Mutual TLS on the queue's gRPC port: the server's side, and its clients' (ingress, admin CLI).
+
+Files are read once, when the server starts or the channel is made: a
+rotated certificate takes effect on the next start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+ChannelOptions = Sequence[tuple[str, str | int]]
+
+
+@dataclass(frozen=True)
+class GrpcTls:
+    """TLS on the gRPC port; with client_ca_file, mutual TLS (a client certificate it signed)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())],
+            root_certificates=Path(self.client_ca_file).read_bytes()
+            if self.client_ca_file
+            else None,
+            require_client_auth=self.client_ca_file is not None,
+        )
+
+
+@dataclass(frozen=True)
+class QueueTls:
+    """TLS to the queue: the CA that signed the queue's certificate, and ours for mutual TLS."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None  # when the address is not the name in the certificate
+
+    def channel(self, address: str, options: ChannelOptions = ()) -> grpc.aio.Channel:
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(self.ca_file).read_bytes(),
+            private_key=Path(self.key_file).read_bytes() if self.key_file else None,
+            certificate_chain=Path(self.cert_file).read_bytes() if self.cert_file else None,
+        )
+        if self.server_name:
+            options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
+        return grpc.aio.secure_channel(address, credentials, options=options)
+
+
+def queue_channel(
+    address: str, tls: QueueTls | None, options: ChannelOptions = ()
+) -> grpc.aio.Channel:
+    """A channel to the queue: over TLS when tls is given, else plaintext."""
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options)
+    return tls.channel(address, options)
