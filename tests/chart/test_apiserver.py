@@ -215,6 +215,14 @@ def test_helm_install_upgrade_uninstall(
         ):
             assert not subject_can(api, ns, account, verb, resource, group), (account, verb)
 
+    # This API server serves cert-manager's kinds, so cert-manager makes the gRPC certificates.
+    issued = api.request("GET", f"/apis/cert-manager.io/v1/namespaces/{ns}/certificates")
+    assert {c["spec"]["secretName"] for c in issued.body["items"]} >= {
+        "kurrier-queue-grpc-tls",
+        "kurrier-ingress-grpc-tls",
+        "kurrier-queue-admin-grpc-tls",
+    }
+
     # Going to a 3-node NATS cluster and back is an in-place upgrade (no
     # immutable field changes), and scoping the operator to namespaces swaps
     # its ClusterRole for Roles.

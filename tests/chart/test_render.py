@@ -76,8 +76,9 @@ def test_defaults(helm_bin: Path, tmp_path: Path) -> None:
 
     queue = container(objects, "Deployment", "kurrier-queue")
     assert env_of(queue)["KURRIER_LISTEN"] == "0.0.0.0:7070"
+    # The kubelet's gRPC probe has no client certificate for the mTLS port.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert queue[probe]["grpc"] == {"port": 7070}, probe
+        assert queue[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
 
     for component in ("delivery", "operator"):
         c = container(objects, "Deployment", f"kurrier-{component}")

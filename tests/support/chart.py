@@ -105,6 +105,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "extraEnv": [{"name": "EXTRA", "value": "1"}],
                 "tokenReview": {"enabled": True},
             },
+            "queue": {"mtls": {"certificates": "certManager"}},
             "delivery": {
                 "autoscaling": {"enabled": True},
                 "caBundle": {"configMapName": "corporate-ca"},
@@ -139,7 +140,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             "metrics": {"podAnnotations": False},
             "nats": {"pdb": {"enabled": False}},
             "ingress": {"pdb": {"enabled": False}, "ports": {"submission": {"enabled": False}}},
-            "queue": {"pdb": {"enabled": False}},
+            "queue": {"pdb": {"enabled": False}, "mtls": {"enabled": False}},
             "delivery": {"pdb": {"enabled": False}},
         },
     ),

@@ -110,6 +110,29 @@ app.kubernetes.io/component: {{ $component }}
 {{- end -}}
 {{- end -}}
 
+{{/* gRPC mutual TLS: where the certificates come from, certManager or chart ("" when off). */}}
+{{- define "kurrier.grpcTls.source" -}}
+{{- $mtls := .Values.queue.mtls -}}
+{{- if not $mtls.enabled -}}
+{{- else if ne $mtls.certificates "auto" -}}
+{{- $mtls.certificates -}}
+{{- else if .Capabilities.APIVersions.Has "cert-manager.io/v1/Certificate" -}}
+certManager
+{{- else -}}
+chart
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding one gRPC party's certificate (tls.crt, tls.key, ca.crt): queue | ingress | queue-admin. */}}
+{{- define "kurrier.grpcTls.secretName" -}}
+{{- $root := index . 0 -}}
+{{- $party := index . 1 -}}
+{{- include "kurrier.componentName" (list $root (printf "%s-grpc-tls" $party)) -}}
+{{- end -}}
+
+{{/* Where a pod mounts its gRPC certificate Secret. */}}
+{{- define "kurrier.grpcTls.dir" -}}/etc/kurrier/grpc-tls{{- end -}}
+
 {{/*
 Checks that a schema cannot express (they involve more than one value).
 Included by templates/validate.yaml, so `helm template` and `helm install` fail early.

@@ -70,6 +70,7 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
             lambda: sweeper_lease.run(Sweeper(js, manager).run),
         ],
         drain=[grpc_server.drain],
+        healthy=grpc_server.serving,
     )
 
 
@@ -93,6 +94,12 @@ class _GrpcServer:
         self._service = service
         self._server = grpc.aio.server(interceptors=grpc_server_interceptors([STREAM_METHOD]))
         self._health = health.aio.HealthServicer()
+        self._serving = False
+
+    def serving(self) -> bool:
+        """What gRPC health says, for /healthz: a probe speaks plain HTTP, whatever TLS the
+        gRPC port wants (the kubelet's gRPC probe cannot present a client certificate)."""
+        return self._serving
 
     async def open(self) -> None:
         queue_pb2_grpc.add_QueueServiceServicer_to_server(self._service, self._server)
@@ -105,9 +112,11 @@ class _GrpcServer:
             self._server.add_insecure_port(self._settings.listen)
         await self._server.start()
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
         log.info("queue listening on %s", self._settings.listen)
 
     async def drain(self) -> None:
+        self._serving = False
         await self._health.enter_graceful_shutdown()
         # Let Enqueue calls in flight finish: their clients are waiting for a 250.
         # Streams end once what they read is stored, so they need not use the grace.
