@@ -186,8 +186,15 @@ def message_records(nats_url: str) -> list[MessageRecord]:
 class UpRelay:
     """`kurrier up` as a subprocess, as a user runs it."""
 
-    def __init__(self, workdir: Path, config: str | None, *extra: str) -> None:
-        """config: the resource file's text; None when extra names the source (--kubeconfig)."""
+    def __init__(
+        self,
+        workdir: Path,
+        config: str | None,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """config: the resource file's text; None when extra names the source (--kubeconfig);
+        env is added to up's environment, which its children inherit (OTEL_*)."""
         self.workdir = workdir
         self.config = workdir / "resources.yaml"
         self.source: tuple[str, ...] = ()
@@ -197,6 +204,7 @@ class UpRelay:
         self.data_dir = workdir / "data"
         self.smtp_port = free_port()
         self.extra = extra
+        self.env = dict(env or {})
         self.process: subprocess.Popen[bytes] | None = None
         self.ready_line = ""
 
@@ -215,7 +223,9 @@ class UpRelay:
             "off",
             *self.extra,
         )
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log)
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self.log, env={**os.environ, **self.env}
+        )
         assert self.process.stdout is not None
         # `up` prints exactly one line, when SMTP accepts; EOF first means it died.
         self.ready_line = self.process.stdout.readline().decode()
