@@ -5,8 +5,6 @@ Every test runs the real `kurrier up` against programmable sinks on real sockets
 
 from __future__ import annotations
 
-import email
-import email.message
 import json
 import signal
 import smtplib
@@ -19,9 +17,10 @@ from typing import Any
 
 import pytest
 
+from tests.support.dsn_report import parse_report
 from tests.support.processes import kurrier_argv, wait_until
 from tests.support.relay import UpRelay, documents, queued_count, route, trusting
-from tests.support.sink import Received, Sink
+from tests.support.sink import Sink
 
 
 def _message(subject: str) -> bytes:
@@ -64,25 +63,6 @@ def _listing(relay: UpRelay, *filters: str) -> list[dict[str, Any]]:
     return messages
 
 
-def _report(notice: Received) -> tuple[email.message.Message, list[email.message.Message]]:
-    """The parsed DSN and its delivery-status field groups (per-message, per-recipient...)."""
-    dsn = email.message_from_bytes(notice.content)
-    assert dsn.get_content_type() == "multipart/report"
-    assert dsn.get_param("report-type") == "delivery-status"
-    [human, status, original] = _parts(dsn)
-    assert human.get_content_type() == "text/plain"
-    assert status.get_content_type() == "message/delivery-status"
-    assert original.get_content_type() in ("message/rfc822", "text/rfc822-headers")
-    return dsn, _parts(status)
-
-
-def _parts(message: email.message.Message) -> list[email.message.Message]:
-    parts = message.get_payload()
-    assert isinstance(parts, list)
-    assert all(isinstance(part, email.message.Message) for part in parts)
-    return [part for part in parts if isinstance(part, email.message.Message)]
-
-
 def test_deferred_then_delivered_exactly_once(
     tmp_path: Path, sink: Sink, bounce_sink: Sink
 ) -> None:
@@ -109,10 +89,9 @@ def test_550_for_one_recipient_bounces_it_and_delivers_the_other(
     assert delivered.recipients == ("ok@example.com",)
     assert notice.mail_from == "<>"  # notifications come from the null sender
     assert notice.recipients == ("s@senders.test",)
-    dsn, groups = _report(notice)
-    assert dsn["Auto-Submitted"] == "auto-replied"
-    per_message, per_recipient = groups
-    assert per_message["Reporting-MTA"].startswith("dns; ")
+    report = parse_report(notice.content)
+    assert report.message["Auto-Submitted"] == "auto-replied"
+    [per_recipient] = report.per_recipient
     assert per_recipient["Final-Recipient"] == "rfc822; gone@example.com"
     assert per_recipient["Action"] == "failed"
     assert per_recipient["Status"] == "5.1.1"
@@ -131,7 +110,7 @@ def test_expired_message_bounces_with_the_last_reply(
         [notice] = bounce_sink.wait_for(1, timeout=60)
         wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
     assert sink.messages == []
-    _, [_, per_recipient] = _report(notice)
+    [per_recipient] = parse_report(notice.content).per_recipient
     assert per_recipient["Final-Recipient"] == "rfc822; slow@example.com"
     assert per_recipient["Status"] == "4.7.1"
     assert "greylisted" in per_recipient["Diagnostic-Code"]

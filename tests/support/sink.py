@@ -6,8 +6,9 @@ recipients, or drop the connection in the middle of DATA. It also tracks how
 many connections are open at once. Given a TLS context it offers STARTTLS;
 given users it offers AUTH (PLAIN and LOGIN) and records who logged in; with
 chunking it offers PIPELINING and CHUNKING and takes BDAT (RFC 3030), which
-aiosmtpd lacks. EHLO keywords named in `without` (8BITMIME, SMTPUTF8) are
-not offered, as by an older next hop.
+aiosmtpd lacks; with dsn it offers DSN and takes its parameters (RFC 3461).
+EHLO keywords named in `without` (8BITMIME, SMTPUTF8) are not offered, as
+by an older next hop. It records the parameters of MAIL and of each RCPT.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,9 @@ class Received:
     auth_user: str = ""
     chunked: bool = False  # came by BDAT, not DATA
     mail_options: tuple[str, ...] = ()  # MAIL FROM parameters: BODY=8BITMIME, SMTPUTF8
+    # The parameters of MAIL FROM, and of each RCPT TO (in recipients' order), as sent.
+    mail_parameters: str = ""
+    rcpt_parameters: tuple[str, ...] = ()
 
 
 @dataclass
@@ -54,6 +59,13 @@ class Behaviour:
     outage_reply: str = "451 4.3.0 try again later"
 
 
+class _SinkEnvelope(Envelope):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mail_parameters = ""
+        self.rcpt_parameters: list[str] = []
+
+
 class _CountingSMTP(SMTP):
     def __init__(self, sink: Sink, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -61,6 +73,11 @@ class _CountingSMTP(SMTP):
         self.connection_number = 0
         self.chunks: list[bytes] = []
         self.chunked = False
+        # The parameters of the MAIL or RCPT being handled, as sent.
+        self.parameters = ""
+
+    def _create_envelope(self) -> _SinkEnvelope:
+        return _SinkEnvelope()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.connection_number = self._sink.connection_opened()
@@ -78,6 +95,18 @@ class _CountingSMTP(SMTP):
     def connection_lost(self, error: Exception | None) -> None:
         self._sink.connection_closed()
         super().connection_lost(error)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        address, parameters = super()._getaddr(arg)
+        self.parameters = parameters or ""
+        return address, parameters
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        # aiosmtpd refuses every parameter it does not know (555).
+        known = super()._getparams(params)
+        if known is None or not self._sink.dsn:
+            return known
+        return {k: v for k, v in known.items() if k not in ("RET", "ENVID", "NOTIFY", "ORCPT")}
 
     async def smtp_BDAT(self, arg: str) -> None:
         words = arg.split()
@@ -122,9 +151,9 @@ class _Handler:
     ) -> list[str]:
         session.host_name = hostname
         responses = [r for r in responses if r[4:].split(" ")[0] not in self._sink.without]
-        if self._sink.chunking:
-            return [*responses[:-1], "250-PIPELINING", "250-CHUNKING", responses[-1]]
-        return responses
+        offered = ["250-PIPELINING", "250-CHUNKING"] if self._sink.chunking else []
+        offered += ["250-DSN"] if self._sink.dsn else []
+        return [*responses[:-1], *offered, responses[-1]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -140,6 +169,8 @@ class _Handler:
             return reply
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        if isinstance(envelope, _SinkEnvelope) and isinstance(server, _CountingSMTP):
+            envelope.mail_parameters = server.parameters
         return "250 OK"
 
     async def handle_RCPT(
@@ -149,6 +180,8 @@ class _Handler:
         if reply:
             return reply
         envelope.rcpt_tos.append(address)
+        if isinstance(envelope, _SinkEnvelope) and isinstance(server, _CountingSMTP):
+            envelope.rcpt_parameters.append(server.parameters)
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -171,10 +204,12 @@ class Sink:
         auth_exclude: tuple[str, ...] = (),
         chunking: bool = False,
         without: tuple[str, ...] = (),
+        dsn: bool = False,
     ) -> None:
         self.host = host
         self.chunking = chunking
         self.without = without
+        self.dsn = dsn
         self.port = port or free_port()
         self.behaviour = Behaviour()
         self.messages: list[Received] = []
@@ -268,6 +303,7 @@ class Sink:
                 behaviour.temp_failures -= 1
                 return behaviour.temp_failure_reply
             assert isinstance(envelope.original_content, bytes)
+            parameters = envelope if isinstance(envelope, _SinkEnvelope) else _SinkEnvelope()
             connection = server.connection_number if isinstance(server, _CountingSMTP) else 0
             assert server.session is not None
             self.messages.append(
@@ -280,6 +316,8 @@ class Sink:
                     auth_user=str(server.session.auth_data or ""),
                     chunked=isinstance(server, _CountingSMTP) and server.chunked,
                     mail_options=tuple(envelope.mail_options),
+                    mail_parameters=parameters.mail_parameters,
+                    rcpt_parameters=tuple(parameters.rcpt_parameters),
                 )
             )
             self._changed.notify_all()

@@ -217,6 +217,7 @@ def _run_queue(args: argparse.Namespace) -> int:
         min_backoff=parse_duration(args.min_backoff),
         max_backoff=parse_duration(args.max_backoff),
         max_lifetime=parse_duration(args.max_lifetime),
+        delay_warning=parse_duration(args.delay_warning_time),
     )
     settings = QueueSettings(
         nats_url=args.nats_url,

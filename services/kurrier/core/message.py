@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
@@ -40,6 +40,12 @@ class RecipientState(_Model):
     last_reply: str = ""
     next_attempt: float = 0.0
     history: list[Attempt] = []
+    # The client's NOTIFY and ORCPT (core/dsn_parameters.py; "" when not given).
+    notify: str = ""
+    orcpt: str = ""
+    # Delivered to a next hop that does not offer DSN, so no later hop tells the
+    # sender of it: the queue sends a "relayed" notice if NOTIFY asked for SUCCESS.
+    relayed: bool = False
 
     def record_attempt(self, at: float, reply: str) -> None:
         self.last_reply = reply
@@ -65,6 +71,9 @@ class MessageRecord(_Model):
     smtputf8: bool = False
     body_type: str = ""
     message_id_header: str = ""
+    # The client's RET and ENVID (core/dsn_parameters.py; "" when not given).
+    dsn_ret: str = ""
+    dsn_envid: str = ""
     # How many times jobs were published for this message; part of each job's
     # dedup id so a re-dispatch is never mistaken for a duplicate.
     dispatches: int = 0
@@ -75,8 +84,17 @@ class MessageRecord(_Model):
     # Delivery status notifications sent for this message so far; part of each
     # notification's queue id, so re-applying a result cannot bounce twice.
     notices: int = 0
+    # Whether the sender was warned that the message is delayed (once per message).
+    delay_warned: bool = False
     # W3C traceparent of the message's trace, so retries and bounces join it.
     traceparent: str = ""
+
+    def document(self) -> bytes:
+        """The record as stored. Fields at their defaults are left out: a field
+        added later is then written only when a message uses it, and a record
+        that does not stays readable by the queue pods of the version before
+        (each reads what it does not know as a strict model's error)."""
+        return self.model_dump_json(exclude_defaults=True).encode()
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.status not in FINAL_STATUSES]
@@ -95,7 +113,11 @@ class MessageRecord(_Model):
 # added, as optional ones that an older pod ignores, and a field's name on the
 # wire never changes (an alias keeps it when the code's name does). A change
 # that an older pod would get wrong, rather than ignore, raises the version.
-WIRE_VERSION = 1
+# Version 2 carries the DSN parameters (RFC 3461) in jobs and "relayed" in
+# results: a version 1 pod would drop them unseen (a next hop never told of
+# NOTIFY=NEVER, a "relayed" notice never sent).
+WIRE_VERSION = 2
+DSN_WIRE_VERSION = 2
 
 
 class _Tolerant(BaseModel):
@@ -115,10 +137,23 @@ class WireMessage(_Tolerant):
         """False for a message in a newer format: leave it to a pod that reads it."""
         return self.version <= WIRE_VERSION
 
+    def in_oldest_format(self) -> Self:
+        """This message marked with the oldest version that says all it says, so that
+        pods of that version still take it while an upgrade rolls out."""
+        return self.model_copy(update={"version": self._version_needed()})
+
+    def _version_needed(self) -> int:
+        return 1
+
 
 def _wire_name(name: str, on_the_wire: str) -> Any:
     """A field called name in the code and on_the_wire between services."""
     return Field(validation_alias=AliasChoices(on_the_wire, name), serialization_alias=on_the_wire)
+
+
+class RecipientDsn(_Tolerant):
+    notify: str = ""
+    orcpt: str = ""
 
 
 class DeliveryJob(WireMessage):
@@ -140,6 +175,15 @@ class DeliveryJob(WireMessage):
     # revision, delivery removes the message itself (delivery/completion.py).
     record_revision: int | None = None
     received_at: float = 0.0
+    # The DSN parameters (core/dsn_parameters.py), for a next hop that offers DSN;
+    # recipient_dsn only has the recipients that gave NOTIFY or ORCPT.
+    dsn_ret: str = ""
+    dsn_envid: str = ""
+    recipient_dsn: dict[str, RecipientDsn] = {}
+
+    def _version_needed(self) -> int:
+        uses_dsn = self.dsn_ret or self.dsn_envid or self.recipient_dsn
+        return DSN_WIRE_VERSION if uses_dsn else 1
 
 
 Outcome = Literal["delivered", "deferred", "bounced"]
@@ -149,6 +193,9 @@ class RecipientOutcome(_Tolerant):
     address: str
     outcome: Outcome
     reply: str
+    # Delivered, to a next hop that does not offer DSN, for a recipient whose
+    # NOTIFY asked for SUCCESS: the queue owes the sender a "relayed" notice.
+    relayed: bool = False
 
 
 class DeliveryResult(WireMessage):
@@ -156,3 +203,6 @@ class DeliveryResult(WireMessage):
     # The dispatch of the job this result reports on (DeliveryJob.dispatch).
     dispatch: int = _wire_name("dispatch", "attempt")
     outcomes: list[RecipientOutcome]
+
+    def _version_needed(self) -> int:
+        return DSN_WIRE_VERSION if any(o.relayed for o in self.outcomes) else 1

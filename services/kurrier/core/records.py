@@ -81,7 +81,7 @@ class RecordStore:
     async def create(self, record: MessageRecord) -> int | None:
         """Store a new record; its revision, or None if one with this queue id exists already."""
         try:
-            return await self._kv.create(record.queue_id, record.model_dump_json().encode())
+            return await self._kv.create(record.queue_id, record.document())
         except KeyWrongLastSequenceError:
             return None
 
@@ -115,7 +115,7 @@ class RecordStore:
         return entry if entry.value else None
 
     async def update(self, record: MessageRecord, revision: int) -> int:
-        document = record.model_dump_json().encode()
+        document = record.document()
         try:
             revision = await self._kv.update(record.queue_id, document, last=revision)
         except KeyWrongLastSequenceError as error:

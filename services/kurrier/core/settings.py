@@ -218,6 +218,12 @@ RETRIES = (
     Setting("min_backoff", "first retry delay", duration, "5m"),
     Setting("max_backoff", "longest retry delay", duration, "1h"),
     Setting("max_lifetime", "bounce after this long", duration, "5d"),
+    Setting(
+        "delay_warning_time",
+        "warn the sender once of mail still queued after this long (0s: never)",
+        duration,
+        "4h",
+    ),
 )
 QUEUE = (
     *COMMON,

@@ -35,9 +35,9 @@ async def finish_delivered(
 
     False when the queue must hear the result instead (the job is not
     acknowledged): the job was not the message's last work, a recipient was
-    not delivered, or the record changed.
+    not delivered or is owed a "relayed" notice, or the record changed.
     """
-    if job.record_revision is None or any(o.outcome != "delivered" for o in outcomes):
+    if job.record_revision is None or any(o.outcome != "delivered" or o.relayed for o in outcomes):
         return False
     try:
         # A job that is all its message had left never has a retry schedule.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from kurrier.core.dsn_parameters import MailParameters, RcptParameters, notify_allows
 from kurrier.core.message import DeliveryJob, Outcome, RecipientOutcome
 from kurrier.core.routing import CompiledRoute, RoutingTable, domain_of
 from kurrier.delivery.connection_pool import ConnectionPool, Opener
@@ -35,6 +36,14 @@ def outcome_of(recipient: str, reply: Reply) -> RecipientOutcome:
     else:
         outcome = "deferred"
     return RecipientOutcome(address=recipient, outcome=outcome, reply=str(reply))
+
+
+def owes_success_notice(job: DeliveryJob, recipient: str, session: SmtpSession) -> bool:
+    """Whether the sender asked to hear of the recipient's delivery and this next
+    hop, not offering DSN, will not pass the request on (RFC 3461 5.2.2)."""
+    given = job.recipient_dsn.get(recipient)
+    notify = given.notify if given is not None else ""
+    return not session.offers_dsn and notify_allows(notify, "SUCCESS")
 
 
 def deferred(recipients: list[str], text: str) -> list[RecipientOutcome]:
@@ -185,6 +194,11 @@ class Courier:
                     form.body,
                     smtputf8=form.smtputf8,
                     body_type=form.body_type,
+                    dsn=MailParameters(ret=job.dsn_ret, envid=job.dsn_envid),
+                    recipient_dsn={
+                        address: RcptParameters(notify=given.notify, orcpt=given.orcpt)
+                        for address, given in job.recipient_dsn.items()
+                    },
                 )
             except SmtpTemporaryError as error:
                 await self.pool.release(key, session, reusable=False)
@@ -212,7 +226,11 @@ class Courier:
                     retry_elsewhere.append(recipient)
                     last_reply = str(reply)
                 else:
-                    outcomes.append(outcome_of(recipient, reply))
+                    outcome = outcome_of(recipient, reply)
+                    outcome.relayed = outcome.outcome == "delivered" and owes_success_notice(
+                        job, recipient, session
+                    )
+                    outcomes.append(outcome)
             pending = retry_elsewhere
             if not pending:
                 break

@@ -13,9 +13,18 @@ import asyncio
 import base64
 import contextlib
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from kurrier.core.dsn_parameters import (
+    MailParameters,
+    RcptParameters,
+    mail_parameters_text,
+    rcpt_parameters_text,
+)
+
 MAX_REPLY_LINES = 100
+NO_MAIL_PARAMETERS = MailParameters()
 
 
 @dataclass(frozen=True)
@@ -217,7 +226,13 @@ class SmtpSession:
         await self._send(line.encode() + b"\r\n")
         return await self.read_reply()
 
-    def _mail_command(self, mail_from: str, smtputf8: bool, body_type: str, size: int) -> str:
+    @property
+    def offers_dsn(self) -> bool:
+        return "DSN" in self.extensions
+
+    def _mail_command(
+        self, mail_from: str, smtputf8: bool, body_type: str, size: int, dsn: MailParameters
+    ) -> str:
         params = []
         if "SIZE" in self.extensions:
             params.append(f"SIZE={size}")
@@ -225,7 +240,13 @@ class SmtpSession:
             params.append("BODY=8BITMIME")
         if smtputf8 and "SMTPUTF8" in self.extensions:
             params.append("SMTPUTF8")
+        if self.offers_dsn:
+            params.extend(mail_parameters_text(dsn))
         return " ".join([f"MAIL FROM:<{mail_from}>", *params])
+
+    def _rcpt_command(self, recipient: str, dsn: RcptParameters | None) -> str:
+        params = rcpt_parameters_text(dsn) if dsn is not None and self.offers_dsn else []
+        return " ".join([f"RCPT TO:<{recipient}>", *params])
 
     async def send(
         self,
@@ -235,19 +256,23 @@ class SmtpSession:
         *,
         smtputf8: bool = False,
         body_type: str = "",
+        dsn: MailParameters = NO_MAIL_PARAMETERS,
+        recipient_dsn: Mapping[str, RcptParameters] | None = None,
     ) -> TransactionResult:
         """One transaction of body (CRLF line endings, as stored).
 
         What the server may be sent (SMTPUTF8, 8-bit content) is the caller's
         decision (message_forms.py); SMTPUTF8 and BODY=8BITMIME are only
-        named to a server that offers them.
+        named to a server that offers them, and the DSN parameters (RFC 3461)
+        only to one that offers DSN.
         """
         self.transactions += 1
         self.body_started = False
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
-        mail_line = self._mail_command(mail_from, smtputf8, body_type, len(body))
-        commands = [mail_line] + [f"RCPT TO:<{r}>" for r in recipients]
+        mail_line = self._mail_command(mail_from, smtputf8, body_type, len(body), dsn)
+        rcpt_lines = {r: self._rcpt_command(r, (recipient_dsn or {}).get(r)) for r in recipients}
+        commands = [mail_line, *rcpt_lines.values()]
         if "PIPELINING" in self.extensions and "CHUNKING" in self.extensions:
             return await self._send_chunked(commands, recipients, body)
         wire_body = to_wire_body(body)
@@ -260,7 +285,7 @@ class SmtpSession:
             mail = await self.command(mail_line)
             if not mail.ok:
                 return TransactionResult(mail, dict.fromkeys(recipients, mail), None)
-            replies = {r: await self.command(f"RCPT TO:<{r}>") for r in recipients}
+            replies = {r: await self.command(line) for r, line in rcpt_lines.items()}
             if not any(reply.ok for reply in replies.values()):
                 await self.reset()
                 return TransactionResult(mail, replies, None)

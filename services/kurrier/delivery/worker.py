@@ -146,7 +146,9 @@ class DeliveryWorker:
         Deduplicated per job (its stream sequence): a redelivered job reports
         once, while the jobs of one dispatch (one per route) each report.
         """
-        result = DeliveryResult(queue_id=job.queue_id, dispatch=job.dispatch, outcomes=outcomes)
+        result = DeliveryResult(
+            queue_id=job.queue_id, dispatch=job.dispatch, outcomes=outcomes
+        ).in_oldest_format()
         subject = result_subject(job.queue_id)
         with publishing(
             RESULTS_DESTINATION,

@@ -11,6 +11,14 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from kurrier.core.domains import InvalidDomain, canonical_address, normalise_domain
+from kurrier.core.dsn_parameters import (
+    MAIL_KEYWORDS,
+    RCPT_KEYWORDS,
+    BadParameter,
+    given_once,
+    mail_parameters,
+    rcpt_parameters,
+)
 from kurrier.core.message import new_queue_id
 from kurrier.core.routing import CompiledPolicy, domain_of
 from kurrier.core.smtp_text import header_section
@@ -117,6 +125,7 @@ class RelayHandler:
             *keep,
             f"250-SIZE {policy.max_message_size}",
             "250-PIPELINING",
+            "250-DSN",
             "250-ENHANCEDSTATUSCODES",
             responses[-1],
         ]
@@ -179,6 +188,10 @@ class RelayHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        try:
+            dsn = mail_parameters(_dsn_given(server, session, MAIL_KEYWORDS))
+        except BadParameter as error:
+            return f"501 5.5.4 {error}"
         sender = "" if address == NULL_PATH else address
         refusal = check_sender(sender)
         if refusal:
@@ -203,6 +216,8 @@ class RelayHandler:
         # Every later decision, and the next hop, sees the domain as A-labels (core/domains.py).
         envelope.mail_from = canonical_address(address)
         envelope.mail_options.extend(mail_options)
+        if isinstance(envelope, RelayEnvelope):
+            envelope.dsn = dsn
         return "250 2.1.0 Ok"
 
     def _spend_message_tokens(
@@ -240,6 +255,10 @@ class RelayHandler:
     ) -> str:
         if address == NULL_PATH:
             return "501 5.1.3 The null path <> is no recipient"
+        try:
+            dsn = rcpt_parameters(_dsn_given(server, session, RCPT_KEYWORDS))
+        except BadParameter as error:
+            return f"501 5.5.4 {error}"
         if not self._tables.loaded.is_set():
             # Before the first routing table, every domain would look foreign:
             # a temporary answer, never a permanent 554 for legitimate mail.
@@ -266,10 +285,13 @@ class RelayHandler:
         )
         if refusal:
             return refusal
-        envelope.rcpt_tos.append(canonical_address(address))
+        recipient = canonical_address(address)
+        envelope.rcpt_tos.append(recipient)
         envelope.rcpt_options.extend(rcpt_options)
         if key is not None:
             keys.add(key)
+        if isinstance(envelope, RelayEnvelope) and (dsn.notify or dsn.orcpt):
+            envelope.recipient_dsn[recipient] = dsn
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -321,6 +343,13 @@ class RelayHandler:
             size=len(header) + len(content),
             message_id_header=message_id_of(content),
         )
+        if isinstance(envelope, RelayEnvelope):
+            request.dsn_ret = envelope.dsn.ret
+            request.dsn_envid = envelope.dsn.envid
+            request.recipient_dsn.extend(
+                queue_pb2.RecipientDsn(address=address, notify=dsn.notify, orcpt=dsn.orcpt)
+                for address, dsn in envelope.recipient_dsn.items()
+            )
         try:
             await self._queue.enqueue(request, [header, content])
         except QueueFull as error:
@@ -349,6 +378,20 @@ async def _initial_or_challenge(server: SMTP, args: list[str], challenge: str) -
         await server.push("500 5.5.6 Authentication exchange line is too long")
         return None
     return answer if isinstance(answer, bytes) else None
+
+
+def _dsn_given(server: SMTP, session: Session, keywords: tuple[str, ...]) -> dict[str, str]:
+    """The DSN parameters given with this MAIL or RCPT (IngressSMTP took them out of
+    the line); BadParameter when they do not belong there."""
+    if not isinstance(server, IngressSMTP):
+        return {}
+    given = given_once(server.dsn_given)
+    if given and not session.extended_smtp:
+        raise BadParameter("DSN parameters need EHLO")
+    misplaced = sorted(set(given) - set(keywords))
+    if misplaced:
+        raise BadParameter(f"{misplaced[0]} is not a parameter of this command")
+    return given
 
 
 def _recipient_keys(envelope: Envelope) -> set[tuple[str, str]]:

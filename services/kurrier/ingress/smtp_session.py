@@ -26,6 +26,14 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, _Missing, syntax
+from kurrier.core.dsn_parameters import (
+    DSN_KEYWORDS,
+    MAIL_LINE_GROWTH,
+    RCPT_LINE_GROWTH,
+    MailParameters,
+    RcptParameters,
+    split_parameters,
+)
 from kurrier.core.metrics import rejected
 from kurrier.core.table_store import TableFollower
 from kurrier.ingress.command_lines import (
@@ -91,6 +99,9 @@ class RelayEnvelope(Envelope):
         super().__init__()
         # relay_policy.recipient_key of each of rcpt_tos: a duplicate RCPT is not added.
         self.recipient_keys: set[tuple[str, str]] = set()
+        # The DSN parameters (RFC 3461) of MAIL, and of the recipients that gave any.
+        self.dsn = MailParameters()
+        self.recipient_dsn: dict[str, RcptParameters] = {}
 
 
 class IngressSMTP(SMTP, CommandLineProtocol):
@@ -129,8 +140,16 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         # grows; each session gets its own, with room for AUTH and for SIZE on MAIL.
         self.command_size_limits = collections.defaultdict(
             lambda: self.command_size_limit,
-            {"AUTH": AUTH_LINE_LIMIT, "MAIL": self.command_size_limit + SIZE_PARAMETER},
+            {
+                "AUTH": AUTH_LINE_LIMIT,
+                "MAIL": self.command_size_limit + SIZE_PARAMETER + MAIL_LINE_GROWTH,
+                "RCPT": self.command_size_limit + RCPT_LINE_GROWTH,
+            },
         )
+        # The DSN parameters of the MAIL or RCPT being handled, as sent: taken out
+        # before aiosmtpd upper-cases the line (ENVID and ORCPT are case-sensitive)
+        # and refuses parameters it does not know. The handler checks them.
+        self.dsn_given: list[tuple[str, str | None]] = []
         # A line with a bare CR or LF reaches aiosmtpd as this command (command_lines.py).
         self._smtp_methods[BARE_NEWLINE_COMMAND] = self._refuse_bare_newline
         self.listener = listener
@@ -274,6 +293,7 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         if parsed is None:
             return None, None
         mailbox, parameters = parsed
+        parameters, self.dsn_given = split_parameters(parameters, DSN_KEYWORDS)
         return mailbox or NULL_PATH, parameters
 
     # -- DATA -------------------------------------------------------------------------

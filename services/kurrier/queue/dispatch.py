@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kurrier.core.jetstream import JOBS_STREAM, job_subject
-from kurrier.core.message import DeliveryJob, MessageRecord
+from kurrier.core.message import DeliveryJob, MessageRecord, RecipientDsn
 from kurrier.core.routing import RoutingTable, domain_of
 from kurrier.core.telemetry import JOBS_DESTINATION, publishing
 from nats.js import JetStreamContext
@@ -52,6 +52,7 @@ async def publish_jobs(
     pending = {r.address for r in record.pending()}
     sole = len(groups) == 1 and set(groups[0]) == pending and not record.scheduled
     for index, group in enumerate(groups):
+        members = set(group)
         job = DeliveryJob(
             queue_id=record.queue_id,
             dispatch=record.dispatches,
@@ -63,7 +64,14 @@ async def publish_jobs(
             body_type=record.body_type,
             record_revision=revision if sole else None,
             received_at=record.received_at,
-        )
+            dsn_ret=record.dsn_ret,
+            dsn_envid=record.dsn_envid,
+            recipient_dsn={
+                r.address: RecipientDsn(notify=r.notify, orcpt=r.orcpt)
+                for r in record.recipients
+                if r.address in members and (r.notify or r.orcpt)
+            },
+        ).in_oldest_format()
         subject = job_subject(record.queue_id)
         with publishing(
             JOBS_DESTINATION,

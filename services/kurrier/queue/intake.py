@@ -37,7 +37,10 @@ class Intake:
             update={
                 "received_at": now,
                 "size": size,
-                "recipients": [RecipientState(address=r.address) for r in template.recipients],
+                "recipients": [
+                    RecipientState(address=r.address, notify=r.notify, orcpt=r.orcpt)
+                    for r in template.recipients
+                ],
                 # The trace this message's retries and bounce will join.
                 "traceparent": current_traceparent(),
             }

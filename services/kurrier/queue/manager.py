@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from kurrier.core.body_store import load_body
+from kurrier.core.dsn_parameters import notify_allows
 from kurrier.core.message import FAILED_STATUSES, FINAL_STATUSES, MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
 from kurrier.core.metrics import RECIPIENTS_DEFERRED, count_final
@@ -21,11 +22,12 @@ from kurrier.core.records import RecordChanged, RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.changes import Change
 from kurrier.queue.dispatch import publish_jobs
-from kurrier.queue.dsn import render_dsn
+from kurrier.queue.dsn import FAILED, render_dsn
 from kurrier.queue.intake import Intake
 from kurrier.queue.notice_policy import withheld_because
+from kurrier.queue.notices import OwedNotice, take_owed_notices
 from kurrier.queue.retry_schedule import RetrySchedule
-from kurrier.queue.spans import bouncing
+from kurrier.queue.spans import notifying
 from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
@@ -93,7 +95,6 @@ class QueueManager:
                 return None
             record, revision = found
             before = [r.status for r in record.recipients]
-            failed_before = {r.address for r in record.recipients if r.status in FAILED_STATUSES}
             now = time.time()
             edit = change(record, now)
             if not edit.changed:
@@ -101,15 +102,10 @@ class QueueManager:
                     return record
                 confirming = True
                 continue
-            newly_failed = [
-                r
-                for r in record.recipients
-                if r.status in FAILED_STATUSES and r.address not in failed_before
-            ]
-            if newly_failed:
-                # The notification is stored before the record moves on, so a
-                # crash in between re-applies the change and finds it stored.
-                await self._notify_sender(record, newly_failed, now)
+            # Notifications are stored before the record moves on, so a crash in
+            # between re-applies the change and finds them stored.
+            for notice in take_owed_notices(record, before, self.schedule, now):
+                await self._notify_sender(record, notice, now)
             try:
                 if record.pending():
                     await self.store.update(record, revision, list(edit.dispatch))
@@ -119,6 +115,7 @@ class QueueManager:
                 fresh = True
                 continue
             count_recipient_changes(record, before, now)
+            self._log_unwanted_failures(record, before)
             return record
 
     async def delete(self, queue_id: str) -> bool:
@@ -127,12 +124,10 @@ class QueueManager:
             log.info("deleted by the administrator", extra={"queue_id": queue_id})
         return removed is not None
 
-    async def _notify_sender(
-        self, record: MessageRecord, failed: list[RecipientState], now: float
-    ) -> None:
+    async def _notify_sender(self, record: MessageRecord, owed: OwedNotice, now: float) -> None:
         if not record.mail_from:
             # RFC 5321 6.1: never bounce a bounce; log it and let it go.
-            for recipient in failed:
+            for recipient in owed.recipients if owed.kind is FAILED else []:
                 log.warning(
                     "undeliverable notification to %s dropped: %s",
                     recipient.address,
@@ -150,7 +145,15 @@ class QueueManager:
             )
             return
         original = await load_body(self._js, record.queue_id, record.body_store)
-        notice = render_dsn(record, failed, original, self._hostname, now)
+        notice = render_dsn(
+            record,
+            owed.recipients,
+            original,
+            self._hostname,
+            now,
+            kind=owed.kind,
+            will_retry_until=owed.will_retry_until,
+        )
         record.notices += 1
         template = MessageRecord(
             queue_id=notice.queue_id,
@@ -163,11 +166,25 @@ class QueueManager:
             body_type="8BITMIME",
             message_id_header=f"<{notice.queue_id}@{self._hostname}>",
         )
-        with bouncing(record, notice.queue_id):
+        with notifying(record, notice.queue_id, owed.kind.action):
             await self.intake.accept(template, io.BytesIO(notice.content), len(notice.content))
         log.info(
-            "sender notified of %d failed recipient(s) in %s",
-            len(failed),
+            "sender notified (%s) of %d recipient(s) in %s",
+            owed.kind.action,
+            len(owed.recipients),
             notice.queue_id,
             extra={"queue_id": record.queue_id},
         )
+
+    @staticmethod
+    def _log_unwanted_failures(record: MessageRecord, statuses_before: Sequence[str]) -> None:
+        """Failures whose recipient asked for no notification (NOTIFY) are only logged."""
+        for state, before in zip(record.recipients, statuses_before, strict=True):
+            newly_failed = state.status in FAILED_STATUSES and before != state.status
+            if newly_failed and not notify_allows(state.notify, FAILED.condition):
+                log.info(
+                    "to=<%s> failed, no notification (NOTIFY=%s)",
+                    state.address,
+                    state.notify,
+                    extra={"queue_id": record.queue_id},
+                )

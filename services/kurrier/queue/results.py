@@ -26,6 +26,7 @@ def apply_result(result: DeliveryResult, schedule: RetrySchedule) -> Change:
             state.record_attempt(now, outcome.reply)
             if outcome.outcome != "deferred":
                 state.status = outcome.outcome
+                state.relayed = outcome.relayed
             elif schedule.expired(record.received_at, now):
                 state.status = "expired"
             else:

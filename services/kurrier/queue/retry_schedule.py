@@ -1,4 +1,5 @@
-"""When to try a deferred recipient again: exponential backoff with jitter (pure)."""
+"""When to try a deferred recipient again (exponential backoff with jitter), when to
+warn of a delay, and when to give up (pure)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ class RetrySchedule:
     max_backoff: float = 3600.0
     max_lifetime: float = 5 * 86400.0
     jitter: float = 0.1
+    # A message still queued this long gets one delay warning (0: never); the
+    # age Postfix's documentation suggests for its delay_warning_time.
+    delay_warning: float = 4 * 3600.0
 
     def delay(self, attempts: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after the given number of failed attempts (1 = first failure)."""
@@ -22,3 +26,6 @@ class RetrySchedule:
 
     def expired(self, received_at: float, now: float) -> bool:
         return now - received_at >= self.max_lifetime
+
+    def warning_due(self, received_at: float, now: float) -> bool:
+        return self.delay_warning > 0 and now - received_at >= self.delay_warning

@@ -17,6 +17,7 @@ import nats.js.errors
 from kurrier.core.batch_writer import BatchWriter
 from kurrier.core.body_store import load_body
 from kurrier.core.domains import InvalidDomain, canonical_address, normalise_domain
+from kurrier.core.dsn_parameters import dsn_problem
 from kurrier.core.jetstream import INLINE_BODY_LIMIT
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
@@ -75,6 +76,15 @@ def check_envelope(envelope: queue_pb2.Envelope) -> None:
             canonical_address(address)
         except InvalidDomain as error:
             raise InvalidRequest(str(error)) from None
+    problem = dsn_problem(
+        envelope.dsn_ret,
+        envelope.dsn_envid,
+        [(given.notify, given.orcpt) for given in envelope.recipient_dsn],
+    )
+    if problem:
+        raise InvalidRequest(problem)
+    if not {given.address for given in envelope.recipient_dsn} <= set(envelope.recipients):
+        raise InvalidRequest("recipient_dsn names an address that is not a recipient")
 
 
 def check_size(envelope: queue_pb2.Envelope, size: int) -> None:
@@ -253,11 +263,19 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
 
     async def _store(self, envelope: queue_pb2.Envelope, body: IO[bytes], size: int) -> None:
         """Store a checked message durably; raises Refused with the reason it was not."""
+        dsn = {given.address: given for given in envelope.recipient_dsn}
         template = MessageRecord(
             queue_id=envelope.queue_id,
             # Any client's addresses in the one form ingress gives them (core/domains.py).
             mail_from=canonical_address(envelope.mail_from),
-            recipients=[RecipientState(address=canonical_address(r)) for r in envelope.recipients],
+            recipients=[
+                RecipientState(
+                    address=canonical_address(r),
+                    notify=dsn[r].notify if r in dsn else "",
+                    orcpt=dsn[r].orcpt if r in dsn else "",
+                )
+                for r in envelope.recipients
+            ],
             received_at=0.0,
             size=size,
             body_store="stream",
@@ -268,6 +286,8 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             smtputf8=envelope.smtputf8,
             body_type=envelope.body_type,
             message_id_header=envelope.message_id_header,
+            dsn_ret=envelope.dsn_ret,
+            dsn_envid=envelope.dsn_envid,
         )
         try:
             await self._manager.intake.accept(template, body, size)

@@ -56,6 +56,9 @@ class Envelope(_message.Message):
     BODY_TYPE_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     MESSAGE_ID_HEADER_FIELD_NUMBER: _builtins.int
+    DSN_RET_FIELD_NUMBER: _builtins.int
+    DSN_ENVID_FIELD_NUMBER: _builtins.int
+    RECIPIENT_DSN_FIELD_NUMBER: _builtins.int
     CLIENT_TRUSTED_FIELD_NUMBER: _builtins.int
     queue_id: _builtins.str
     """Queue id chosen by the client; a retried Enqueue with the same id does
@@ -75,6 +78,11 @@ class Envelope(_message.Message):
     """Exact size of the body that follows, in bytes."""
     message_id_header: _builtins.str
     """The Message-ID header of the message, for logs and tracing."""
+    dsn_ret: _builtins.str
+    """The DSN parameters of MAIL FROM (RFC 3461): RET ("FULL", "HDRS" or empty
+    when not given) and ENVID (decoded from xtext; empty when not given).
+    """
+    dsn_envid: _builtins.str
     client_trusted: _builtins.bool
     """Whether the client's address is in the relay policy's trustedNetworks.
     With authenticated_as, it decides who may get delivery status
@@ -82,6 +90,10 @@ class Envelope(_message.Message):
     """
     @_builtins.property
     def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def recipient_dsn(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecipientDsn]:
+        """NOTIFY and ORCPT of the recipients that gave them."""
+
     def __init__(
         self,
         *,
@@ -95,15 +107,49 @@ class Envelope(_message.Message):
         body_type: _builtins.str = ...,
         size: _builtins.int = ...,
         message_id_header: _builtins.str = ...,
+        dsn_ret: _builtins.str = ...,
+        dsn_envid: _builtins.str = ...,
+        recipient_dsn: _abc.Iterable[Global___RecipientDsn] | None = ...,
         client_trusted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "body_type", b"body_type", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "mail_from", b"mail_from", "message_id_header", b"message_id_header", "queue_id", b"queue_id", "recipients", b"recipients", "size", b"size", "smtputf8", b"smtputf8"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "body_type", b"body_type", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "dsn_envid", b"dsn_envid", "dsn_ret", b"dsn_ret", "mail_from", b"mail_from", "message_id_header", b"message_id_header", "queue_id", b"queue_id", "recipient_dsn", b"recipient_dsn", "recipients", b"recipients", "size", b"size", "smtputf8", b"smtputf8"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
+
+@_typing.final
+class RecipientDsn(_message.Message):
+    """The DSN parameters of one RCPT TO (RFC 3461)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    NOTIFY_FIELD_NUMBER: _builtins.int
+    ORCPT_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    notify: _builtins.str
+    """"NEVER", or some of "SUCCESS,FAILURE,DELAY" in that order; empty when
+    not given (then failures and delays are reported).
+    """
+    orcpt: _builtins.str
+    """"addr-type;address", decoded from xtext; empty when not given."""
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        notify: _builtins.str = ...,
+        orcpt: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "notify", b"notify", "orcpt", b"orcpt"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecipientDsn: _TypeAlias = RecipientDsn  # noqa: Y015
 
 @_typing.final
 class EnqueueRequest(_message.Message):
