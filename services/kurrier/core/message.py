@@ -90,10 +90,10 @@ class MessageRecord(_Model):
     traceparent: str = ""
 
     def document(self) -> bytes:
-        """The record as stored. Fields at their defaults are left out: a field
-        added later is then written only when a message uses it, and a record
-        that does not stays readable by the queue pods of the version before
-        (each reads what it does not know as a strict model's error)."""
+        """The record as stored. Fields at their defaults are left out, so a field
+        added later is written only when a message uses it: a record that does
+        not stays readable by queue pods of the version before, whose strict
+        model refuses fields it does not know."""
         return self.model_dump_json(exclude_defaults=True).encode()
 
     def pending(self) -> list[RecipientState]:
