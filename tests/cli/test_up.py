@@ -8,7 +8,10 @@ import socket
 import subprocess
 from pathlib import Path
 
+import pytest
+from kurrier.cli.main import build_parser
 from kurrier.cli.nats_server import nats_server_env
+from kurrier.cli.up import UpSettings, metrics_ports
 
 from tests.support.metrics import value
 from tests.support.processes import free_ports, kurrier_argv, wait_until
@@ -82,3 +85,38 @@ def test_up_refuses_to_start_when_a_metrics_port_is_taken(tmp_path: Path) -> Non
     assert done.returncode == 1, done.stderr
     assert f"metrics port(s) {base + 1} in use" in done.stderr
     assert not (tmp_path / "data").exists()  # nothing was started
+
+
+def _up_settings(*flags: str) -> UpSettings:
+    args = build_parser().parse_args(["up", *flags])
+    return UpSettings(
+        config=args.config,
+        kubeconfig=args.kubeconfig,
+        namespaces=(),
+        data_dir=Path("/unused"),
+        nats_cluster=args.nats_cluster,
+        passed_on={},
+        metrics_base_port=args.metrics_base_port,
+    )
+
+
+def test_metrics_ports_follow_the_children_up_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    here = str(Path(__file__))
+    assert metrics_ports(_up_settings("--config", here)) == {
+        "ingress": 9464,
+        "queue": 9465,
+        "delivery": 9466,
+    }
+    assert metrics_ports(
+        _up_settings("--kubeconfig", here, "--nats-cluster", "3", "--metrics-base-port", "9000")
+    ) == {
+        "ingress": 9000,
+        "queue-1": 9001,
+        "delivery-1": 9002,
+        "queue-2": 9003,
+        "delivery-2": 9004,
+        "operator": 9005,
+    }
+    assert metrics_ports(_up_settings("--config", here, "--metrics-base-port", "off")) == {}
+    monkeypatch.setenv("KURRIER_METRICS_BASE_PORT", "off")
+    assert metrics_ports(_up_settings("--config", here)) == {}

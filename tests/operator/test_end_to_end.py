@@ -15,7 +15,8 @@ import pytest
 from tests.operator.objects import apply, delete, wait_for_status
 from tests.operator.published_table import route_names, wait_for_table
 from tests.support.kube import Api
-from tests.support.processes import kurrier_argv, wait_until
+from tests.support.metrics import value
+from tests.support.processes import free_ports, kurrier_argv, wait_until
 from tests.support.relay import UpRelay, route, trusting
 from tests.support.sink import Sink
 
@@ -46,7 +47,11 @@ def test_apply_route_send_change_route_send_delete_route(
         apply(kube, namespace, trusting("127.0.0.0/8"))
         apply(kube, namespace, route("mail", ["example.com"], first.port))
         source = ("--kubeconfig", str(operator_kubeconfig), "--namespace", namespace)
-        with UpRelay(tmp_path, None, *source) as relay:
+        base = free_ports(4)
+        with UpRelay(tmp_path, None, *source, "--metrics-base-port", str(base)) as relay:
+            # The operator serves its metrics on the last port; up's readiness waited on it.
+            assert relay.ready_line.rstrip().endswith(f",operator:{base + 3}")
+            assert value(base + 3, "kurrier_nats_connected") == 1
             body = wait_for_status(kube, "RelayRoute", namespace, "mail", ready=True)
             _wait_until_services_use(relay, body["status"]["tableRevision"])
             _send(relay, "to the first sink")
