@@ -146,3 +146,43 @@ async def _early_due(nats_url: str) -> int:
 
 def test_a_due_that_comes_early_brings_the_retry_back_when_due(nats_server: NatsServer) -> None:
     assert asyncio.run(_early_due(nats_server.url)) == 2
+
+
+async def _delay_warnings_from_two_processes(nats_url: str) -> tuple[list[str], bool]:
+    """Both processes apply the same deferral (a redelivered result) to a message past
+    the warning age at once; then a later deferral comes. How many notices are stored?"""
+    schedule = RetrySchedule(min_backoff=60.0, max_backoff=60.0, delay_warning=0.001)
+    async with (
+        _queue_process(nats_url, schedule) as (first, _),
+        _queue_process(nats_url, schedule) as (second, _),
+    ):
+        template = MessageRecord(
+            queue_id="DELAYWARN00000000001",
+            mail_from="a@client.test",
+            recipients=[RecipientState(address=RECIPIENT)],
+            received_at=0.0,
+            size=0,
+            body_store="stream",
+            client_trusted=True,
+        )
+        accepted = await first.intake.accept(template, io.BytesIO(b"Subject: x\r\n\r\nx\r\n"), 17)
+        assert accepted is not None
+        queue_id = accepted.queue_id
+        result = apply_result(_deferral(queue_id, 1), schedule)
+        await asyncio.gather(first.mutate(queue_id, result), second.mutate(queue_id, result))
+        await second.mutate(queue_id, apply_result(_deferral(queue_id, 2), schedule))
+        notices = [
+            record.queue_id
+            async for record in first.records.all()
+            if record.queue_id.startswith(f"{queue_id}N")
+        ]
+        found = await first.records.get(queue_id, fresh=True)
+        assert found is not None
+        return notices, found[0].delay_warned
+
+
+def test_two_processes_send_one_delay_warning(nats_server: NatsServer) -> None:
+    # A notice is stored before the record moves on; the process whose write
+    # loses re-applies the change to a record already marked delay_warned.
+    notices, warned = asyncio.run(_delay_warnings_from_two_processes(nats_server.url))
+    assert (notices, warned) == (["DELAYWARN00000000001N1"], True)
