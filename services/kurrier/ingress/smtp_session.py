@@ -137,7 +137,8 @@ class IngressSMTP(SMTP, CommandLineProtocol):
             command_call_limit=limits.command_budgets(),
         )
         # aiosmtpd keeps command size limits in one class-wide dict that every EHLO
-        # grows; each session gets its own, with room for AUTH and for SIZE on MAIL.
+        # grows; each session gets its own, with room for AUTH, for SIZE on MAIL
+        # and for the DSN parameters on MAIL and RCPT.
         self.command_size_limits = collections.defaultdict(
             lambda: self.command_size_limit,
             {
