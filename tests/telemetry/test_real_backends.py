@@ -138,6 +138,11 @@ def test_every_dashboard_query_returns_series(observed: Observed) -> None:
             expr = expr.replace(variable, value)
         assert "$" not in expr, expr
         _with_series(observed.prometheus, expr)
+    # The variables' label_values(metric, label) are Grafana's: their metrics must exist.
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            [metric] = re.findall(r"label_values\((\w+),", variable["definition"])
+            _with_series(observed.prometheus, metric)
 
 
 def _alerts() -> dict[str, str]:
