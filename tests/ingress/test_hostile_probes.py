@@ -252,8 +252,24 @@ PROBES = [
         [EHLO, Step("XYZZY-" + "A" * 200, "500 5.5.2", absent="XYZZY")],
     ),
     Probe(
+        "five unknown commands end the session with a 421, as a server closing says",
+        [
+            EHLO,
+            *[Step(f"XYZZY{n}", "500 5.5.2") for n in range(4)],
+            Step("XYZZY4", "421 4.7.0"),
+        ],
+    ),
+    Probe(
         "control bytes in VRFY",
         [EHLO, Step(b"VRFY \x01\x07\x7f\xc2\x85x\r\n", "502", absent="\x07")],
+    ),
+    Probe(
+        "a bidi override in a refused address is not echoed",
+        [
+            EHLO,
+            Step("MAIL FROM:<someone@client.test> SMTPUTF8", "250 2.1.0"),
+            Step("RCPT TO:<\u202emoc.elpmaxe@elsewhere.test>", "554 5.7.1", absent="\u202e"),
+        ],
     ),
     Probe(
         "undecodable octets in VRFY",

@@ -174,6 +174,12 @@ def test_enhanced_codes(reply: str, enhanced: str) -> None:
         ('500 Error: command "X\x1b[2J" not recognized', "500 Error: command not recognized"),
         ("502 Could not VRFY \x01\x07\x1b[0m\r\n\x85\u2028", "502 Could not VRFY [0m"),
         ("501 Syntax: VRFY \udcff<x>", "501 Syntax: VRFY <x>"),
+        (
+            "502 5.5.1 Too many unrecognized commands, goodbye.",
+            "421 4.7.0 Too many unrecognized commands, closing connection",
+        ),
+        # Format characters: a bidi override would show the address reversed.
+        ("554 5.7.1 <\u202eresu@x\u200b.test>: no", "554 5.7.1 <resu@x.test>: no"),
         ("553 5.6.7 <jürgen@bücher.test>: a non-ASCII address needs SMTPUTF8", None),
         ("250 2.0.0 Ok: queued as 01J", None),
     ],

@@ -6,8 +6,15 @@ not VRFY ...'). A NUL, an escape sequence or a bare CR there reaches the
 client's terminal or log, or another parser, and an undecodable octet
 (surrogate-escaped) made the reply's encoding fail. The unknown command is
 not repeated at all (Postfix too answers "Error: command not recognized"),
-and no reply keeps a control character, C1 control, line separator or lone
-surrogate.
+and no reply keeps a character str.isprintable() refuses: control
+characters, C1 controls, line separators, lone surrogates, and format
+characters such as the bidi overrides (U+202E would show a refused address
+backwards in the client's log) and zero-width characters.
+
+aiosmtpd ends a session after five unknown commands with "502 5.5.1 Too many
+unrecognized commands, goodbye." and closes it; a server that closes the
+channel says 421 (RFC 5321 3.8), as Postfix does past smtpd_hard_error_limit,
+so a client knows not to send its next command into a closed connection.
 
 Enhanced status codes (RFC 3463) on every refusal, since EHLO offers
 ENHANCEDSTATUSCODES: aiosmtpd's own replies ("503 Error: need MAIL command")
@@ -23,7 +30,8 @@ from kurrier.core.smtp_text import enhanced_status
 
 _UNRECOGNISED = re.compile(r'500 Error: command ".*" not recognized', re.DOTALL)
 UNRECOGNISED = "500 Error: command not recognized"
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_AIOSMTPD_GOODBYE = "502 5.5.1 Too many unrecognized commands, goodbye."
+TOO_MANY_UNRECOGNISED = "421 4.7.0 Too many unrecognized commands, closing connection"
 
 _FOR_BASIC_CODE = {
     "421": "4.3.0",
@@ -54,9 +62,12 @@ def with_enhanced_code(reply: str) -> str:
 
 
 def safe_reply(reply: str) -> str:
-    """reply without the client text aiosmtpd echoes, and without unprintable characters."""
+    """reply without the client text aiosmtpd echoes, without unprintable characters,
+    and aiosmtpd's goodbye as a 421."""
     if reply.startswith('500 Error: command "') and _UNRECOGNISED.fullmatch(reply):
         return UNRECOGNISED
+    if reply == _AIOSMTPD_GOODBYE:
+        return TOO_MANY_UNRECOGNISED
     if reply.isprintable():  # nearly every reply; the check is one C-speed pass
         return reply
-    return _UNPRINTABLE.sub("", reply)
+    return "".join(filter(str.isprintable, reply))
