@@ -146,7 +146,7 @@ async def _scenario(nats_url: str, sink: Sink) -> tuple[list[tuple[str, str, int
             "both recipients at the sink",
         )
         deadline = time.monotonic() + 30
-        while await records.count_by_state():
+        while [record async for record in records.all()]:
             assert time.monotonic() < deadline, "the message was not finished"
             await asyncio.sleep(0.05)
         assert statuses == {NO_ROUTE, UNUSABLE}, statuses

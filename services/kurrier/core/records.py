@@ -7,7 +7,6 @@ records, bodies, schedules and jobs are written is message_store.py's business.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from collections.abc import AsyncIterator
 
 from kurrier.core.jetstream import MESSAGES_BUCKET, MESSAGES_STREAM, RECORDS_PREFIX
@@ -140,10 +139,6 @@ class RecordStore:
             if revision is not None and error.err_code in _WRONG_LAST_SEQUENCE:
                 raise RecordChanged(queue_id) from error
             raise
-
-    async def count_by_state(self) -> Counter[str]:
-        """How many records are active, deferred or held: one pass over the bucket."""
-        return Counter([record.state async for record in self.all()])
 
     async def all(self) -> AsyncIterator[MessageRecord]:
         """Every record, in one streamed pass over the bucket (not a request per key).
