@@ -78,9 +78,11 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
             yield Relay(up, sink, submission)
 
 
-def _refused_message(relay: Relay, client: str, sender: str) -> tuple[str, list[Received]]:
-    """Send a message the next hop refuses: its queue id, and the notifications of it
-    that reached sender."""
+def _send(
+    relay: Relay, client: str, sender: str, rcpt: str = f"RCPT TO:<{GONE}>"
+) -> tuple[str, list[Received]]:
+    """Send a message (by default one the next hop refuses): its queue id, and the
+    notifications of it that reached sender."""
     marker = uuid.uuid4().hex
     port = relay.submission_port if client == "authenticated" else relay.up.smtp_port
     source = TRUSTED_IP if client == "trusted" else fresh_ip()
@@ -90,19 +92,21 @@ def _refused_message(relay: Relay, client: str, sender: str) -> tuple[str, list[
         if client == "authenticated":
             assert smtp.command(plain("alice", PASSWORDS["alice"])).startswith("235")
         assert smtp.command(f"MAIL FROM:<{sender}>").startswith("250")
-        assert smtp.command(f"RCPT TO:<{GONE}>").startswith("250")
+        assert smtp.command(rcpt).startswith("250")
         assert smtp.command("DATA").code == 354
         accepted = smtp.command(f"Subject: {marker}\r\n\r\nclick here\r\n.")
         assert accepted.startswith("250 2.0.0"), accepted.text
     queue_id = accepted.lines[-1].rsplit(" ", 1)[-1]
 
-    # A notification is stored before the bounced message's record goes, and its
-    # queue id starts with the message's: once none is left, any was delivered.
+    # A notification is stored before the message's record goes, and its queue
+    # id starts with the message's: once none is left, any was delivered.
     def settled() -> bool:
         return not any(r.queue_id.startswith(queue_id) for r in message_records(relay.up.nats_url))
 
-    wait_until(settled, 60, "the message bounced and any notification delivered")
-    notices = [m for m in relay.sink.messages if marker.encode() in m.content]
+    wait_until(settled, 60, "the message settled and any notification delivered")
+    notices = [
+        m for m in relay.sink.messages if marker.encode() in m.content and m.mail_from == "<>"
+    ]
     assert all(m.recipients == (sender,) for m in notices), notices
     return queue_id, notices
 
@@ -128,7 +132,7 @@ def test_notification_by_client_and_policy(
     relay: Relay, scope: str | None, client: str, sender: str, notified: bool
 ) -> None:
     relay.use(scope)
-    queue_id, notices = _refused_message(relay, client, sender)
+    queue_id, notices = _send(relay, client, sender)
     assert len(notices) == (1 if notified else 0), notices
     if notified:
         assert notices[0].mail_from == "<>"
@@ -136,3 +140,16 @@ def test_notification_by_client_and_policy(
     else:
         log = (relay.up.workdir / "up.log").read_text(errors="replace").splitlines()
         assert any(f"no notification to <{sender}>" in line and queue_id in line for line in log)
+
+
+@pytest.mark.parametrize(("scope", "notified"), [(None, False), ("all", True)])
+def test_a_success_notice_an_unproven_client_asks_for(
+    relay: Relay, scope: str | None, notified: bool
+) -> None:
+    """NOTIFY=SUCCESS (RFC 3461) to a next hop without DSN makes a "relayed" notice,
+    with the message's headers, to MAIL FROM: the same rule holds for it."""
+    relay.use(scope)
+    _, notices = _send(relay, "untrusted", OUTSIDE, "RCPT TO:<ok@in.test> NOTIFY=SUCCESS")
+    assert len(notices) == (1 if notified else 0), notices
+    if notified:
+        assert b"Action: relayed" in notices[0].content
