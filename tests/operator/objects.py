@@ -67,21 +67,30 @@ def wait_for_status(
     ready: bool,
     generation: int = 1,
     timeout: float = 20,
+    condition: str = "Ready",
+    reason: str | None = None,
 ) -> Obj:
-    """Poll until the operator wrote Ready=ready for this generation; the object then."""
+    """Poll until the operator wrote condition=ready (with reason, if given) for this
+    generation; the object then."""
     found: list[Obj] = []
 
     def written() -> bool:
         body = api.request("GET", path_of(kind, namespace, name)).body
         status = body.get("status") or {}
         conditions = status.get("conditions") or []
-        condition: Obj = next((c for c in conditions if c["type"] == "Ready"), {})
-        if status.get("observedGeneration") == generation and condition.get("status") == str(ready):
+        written: Obj = next((c for c in conditions if c["type"] == condition), {})
+        if (
+            status.get("observedGeneration") == generation
+            and written.get("status") == str(ready)
+            and reason in (None, written.get("reason"))
+        ):
             found.append(body)
             return True
         return False
 
-    wait_until(written, timeout, f"{kind} {namespace}/{name} Ready={ready} at gen {generation}")
+    wait_until(
+        written, timeout, f"{kind} {namespace}/{name} {condition}={ready} at gen {generation}"
+    )
     return found[0]
 
 

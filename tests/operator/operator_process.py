@@ -58,7 +58,12 @@ class OperatorProcess:
     """`kurrier operator` as its container runs it; ready once /healthz says the table is out."""
 
     def __init__(
-        self, workdir: Path, kubeconfig: Path, nats_url: str, namespaces: Sequence[str]
+        self,
+        workdir: Path,
+        kubeconfig: Path,
+        nats_url: str,
+        namespaces: Sequence[str],
+        *flags: str,
     ) -> None:
         self.workdir = workdir
         self.health_port = free_port()
@@ -72,6 +77,7 @@ class OperatorProcess:
             ",".join(namespaces),
             "--metrics-listen",
             f"127.0.0.1:{self.health_port}",
+            *flags,
         )
         self.log_path = workdir / f"operator-{self.health_port}.log"
         self.process: subprocess.Popen[bytes] | None = None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dkim
 import yaml
+from kurrier.core.dkim_keys import dkim_txt_record
 from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY, connect, disconnect
 from kurrier.core.routing import CompiledDkimKey, CompiledDomain
 from kurrier.delivery.dkim_signer import DkimSigner
@@ -35,10 +36,11 @@ from tests.operator.operator_process import (
 from tests.operator.published_table import route_names, routing_table, wait_for_table
 from tests.support.certs import ed25519_key, private_pem, rsa_key
 from tests.support.chart import Scenario
+from tests.support.dns_server import DnsServer, txt
 from tests.support.kube import Api, TestCluster, start_test_cluster
 from tests.support.nats import NatsServer
 from tests.support.processes import kurrier_argv, wait_until
-from tests.support.relay import inbound_domain, route, trusting
+from tests.support.relay import inbound_domain, route, signing_domain, trusting
 
 # A change must reach NATS within this, where a poll or resync would take
 # minutes; what it measures is that changes are pushed, not how fast.
@@ -255,6 +257,61 @@ def test_a_signing_domain_shows_the_dns_record_of_each_key(
             ),
             "the DKIM keys in the table",
         )
+
+
+def test_dkim_records_are_checked_against_what_dns_publishes(
+    kube: Api, operator_kubeconfig: Path, namespace: str, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # A local authoritative server stands in for the public DNS, which is out of
+    # reach here; TTL 1 s and a check every second, so each change is seen soon.
+    key, other = private_pem(ed25519_key()).decode(), private_pem(ed25519_key()).decode()
+    name, value = dkim_txt_record(key, "k1", "signed.example")
+    with (
+        DnsServer() as dns,
+        OperatorProcess(
+            tmp_path,
+            operator_kubeconfig,
+            nats_server.url,
+            [namespace],
+            "--dkim-dns-check",
+            "1s",
+            "--dns-resolver",
+            dns.address,
+        ),
+    ):
+        # First another key's record, then this key's, then none.
+        dns.add(name, "TXT", txt(dkim_txt_record(other, "k1", "signed.example")[1]), ttl=1)
+        apply(kube, namespace, _secret("dkim-key", **{"private.pem": key}))
+        apply(kube, namespace, signing_domain("signed.example", "k1", "dkim-key"))
+        body = wait_for_status(
+            kube, "RelayDomain", namespace, "signed-example", ready=False, condition="DkimPublished"
+        )
+        ready, published = body["status"]["conditions"]
+        assert ready["status"] == "True"  # mail is signed whatever DNS says
+        assert (published["reason"], published["message"]) == (
+            "RecordMismatch",
+            f"DNS publishes another key at {name}",
+        )
+        revision = body["status"]["tableRevision"]
+        # Other spacing, same key: the record matches.
+        dns.add(name, "TXT", txt(value.replace("; ", ";  ")), ttl=1)
+        body = wait_for_status(
+            kube, "RelayDomain", namespace, "signed-example", ready=True, condition="DkimPublished"
+        )
+        assert body["status"]["conditions"][1]["reason"] == "RecordsPublished"
+        assert body["status"]["tableRevision"] == revision  # DNS changed, not the table
+        dns.remove(name, "TXT")
+        body = wait_for_status(
+            kube,
+            "RelayDomain",
+            namespace,
+            "signed-example",
+            ready=False,
+            condition="DkimPublished",
+            reason="RecordMissing",
+        )
+        notes = [(e["type"], e["reason"]) for e in events_of(kube, namespace, "signed-example")]
+        assert ("Warning", "RecordMismatch") in notes and ("Normal", "RecordsPublished") in notes
 
 
 def test_cross_resource_gaps_are_reported_and_heal(

@@ -15,7 +15,9 @@ from kurrier.operator.cluster_objects import (
     relay_resources,
     secret_resources,
 )
+from kurrier.operator.dkim_dns import DKIM_PUBLISHED
 from kurrier.operator.status import (
+    DomainStatus,
     RelayStatus,
     RouteStatus,
     Verdict,
@@ -68,8 +70,8 @@ def test_first_status_records_generation_revision_and_transition() -> None:
     assert ready.observedGeneration == 1
     assert ready.lastTransitionTime == T0.replace(microsecond=0)
     assert (change.status.observedGeneration, change.status.tableRevision) == (1, 5)
-    assert (change.event.type, change.event.reason) == ("Normal", "Published")
-    assert change.event.message == "generation 1 is in routing table revision 5"
+    assert (change.events[0].type, change.events[0].reason) == ("Normal", "Published")
+    assert change.events[0].message == "generation 1 is in routing table revision 5"
 
 
 def test_an_unchanged_resource_is_not_rewritten_when_other_resources_bump_the_revision() -> None:
@@ -87,7 +89,7 @@ def test_a_new_generation_keeps_the_transition_time_while_ready_stays_true() -> 
     assert second.status.observedGeneration == 2
     assert second.status.tableRevision == 6
     assert second.status.conditions[0].lastTransitionTime == T0.replace(microsecond=0)
-    assert second.event.message == "generation 2 is in routing table revision 6"
+    assert second.events[0].message == "generation 2 is in routing table revision 6"
 
 
 def test_turning_unready_is_a_transition_with_a_warning() -> None:
@@ -103,7 +105,7 @@ def test_turning_unready_is_a_transition_with_a_warning() -> None:
         "auth Secret 'creds' not found",
     )
     assert ready.lastTransitionTime == later.replace(microsecond=0)
-    assert (broken.event.type, broken.event.reason) == ("Warning", "SecretInvalid")
+    assert (broken.events[0].type, broken.events[0].reason) == ("Warning", "SecretInvalid")
     assert next_status(broken.status, 1, MISSING, 7, later) is None
 
 
@@ -195,3 +197,36 @@ def test_a_domain_the_crd_lets_through_but_idna_refuses_is_invalid_on_that_objec
     assert problem.message.startswith(
         "spec.domain: Value error, 'xn--abc.test' is not a valid domain name: "
     )
+
+
+def test_a_dns_condition_changing_alone_keeps_the_revision_and_notes_only_itself() -> None:
+    missing = Verdict(False, "RecordMissing", "no DKIM record in DNS at k1._domainkey.x.test")
+    found = Verdict(True, "RecordsPublished", "DNS publishes every DKIM key")
+    first = next_status(None, 1, OK, 5, T0, DomainStatus, None, {DKIM_PUBLISHED: missing})
+    assert first is not None
+    assert [c.type for c in first.status.conditions] == ["Ready", "DkimPublished"]
+    assert [(e.type, e.reason) for e in first.events] == [
+        ("Normal", "Published"),
+        ("Warning", "RecordMissing"),
+    ]
+    later = T0 + timedelta(minutes=5)
+    assert (
+        next_status(first.status, 1, OK, 9, later, DomainStatus, None, {"DkimPublished": missing})
+        is None
+    )
+    healed = next_status(
+        first.status, 1, OK, 9, later, DomainStatus, None, {"DkimPublished": found}
+    )
+    assert healed is not None
+    assert healed.status.tableRevision == 5  # DNS changed, not the table
+    ready, published = healed.status.conditions
+    assert ready.lastTransitionTime == T0.replace(microsecond=0)
+    assert (published.status, published.lastTransitionTime) == (
+        "True",
+        later.replace(microsecond=0),
+    )
+    assert [(e.type, e.reason) for e in healed.events] == [("Normal", "RecordsPublished")]
+    # The check turned off: the condition goes, nothing to note.
+    dropped = next_status(healed.status, 1, OK, 9, later, DomainStatus)
+    assert dropped is not None
+    assert ([c.type for c in dropped.status.conditions], dropped.events) == (["Ready"], ())

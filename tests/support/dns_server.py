@@ -54,6 +54,10 @@ class DnsServer:
         with self._lock:
             self._records[(name.lower().rstrip("."), rdtype.upper())] = (ttl, list(rdatas))
 
+    def remove(self, name: str, rdtype: str) -> None:
+        with self._lock:
+            self._records.pop((name.lower().rstrip("."), rdtype.upper()), None)
+
     def fail(self, name: str) -> None:
         with self._lock:
             self._failing.add(name.lower().rstrip("."))

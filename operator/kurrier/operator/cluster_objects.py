@@ -202,5 +202,5 @@ def status_details(
         return {"destination": destination(resource)}
     if kind == "RelayDomain":
         records = dkim_records(resource, secrets) if isinstance(resource, RelayDomain) else []
-        return {"dkimRecords": [record.model_dump() for record in records]}
+        return {"dkimRecords": records}
     return {}

@@ -229,11 +229,16 @@ DOCS: dict[str, str] = {
     "DkimRecord.selector": "The key's selector.",
     "DkimRecord.name": "The record's name: <selector>._domainkey.<domain>.",
     "DkimRecord.value": "The record's value (one logical string; split into 255-octet chunks).",
-    "Condition.type": "Condition type; the operator writes Ready.",
+    "Condition.type": (
+        "Condition type: Ready; DkimPublished on RelayDomains when the operator checks DNS."
+    ),
     "Condition.status": "True, False or Unknown.",
     "Condition.observedGeneration": "The generation this condition was computed from.",
     "Condition.lastTransitionTime": "When status last changed.",
-    "Condition.reason": "A CamelCase reason: Published, Invalid, SecretInvalid, Conflict, NoRoute.",
+    "Condition.reason": (
+        "A CamelCase reason: Published, Invalid, SecretInvalid, Conflict, NoRoute (Ready); "
+        "RecordsPublished, RecordMissing, RecordMismatch, LookupFailed (DkimPublished)."
+    ),
     "Condition.message": "A human-readable explanation.",
 }
 

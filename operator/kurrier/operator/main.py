@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kopf
+from kurrier.core.dns_resolver import dns_resolver
 from kurrier.core.service import Connected, Hooks, Service, serve
 from kurrier.operator.apiserver import ApiError, ApiServer, CredentialsError, credentials
 from kurrier.operator.cluster_objects import PLURALS
+from kurrier.operator.dkim_dns import DKIM_LOOKUP_TIMEOUT, DkimDnsCheck
 from kurrier.operator.reconciler import Reconciler
 from kurrier.operator.watches import build_registry
 
@@ -37,6 +39,8 @@ class OperatorSettings:
     namespaces: tuple[str, ...]  # empty: all namespaces
     kubeconfig: Path | None
     metrics_listen: str | None
+    dkim_dns_check: float | None = None  # seconds between DkimPublished checks; None: off
+    dns_resolver: str | None = None
 
 
 def kopf_settings() -> kopf.OperatorSettings:
@@ -109,7 +113,11 @@ async def serve_operator(settings: OperatorSettings) -> None:
 async def _start(
     settings: OperatorSettings, options: kopf.OperatorSettings, api: ApiServer, nats: Connected
 ) -> Hooks:
-    reconciler = Reconciler(nats.js, api, settings.namespaces)
+    dkim_check = None
+    if settings.dkim_dns_check is not None:
+        resolver = dns_resolver(settings.dns_resolver, DKIM_LOOKUP_TIMEOUT)
+        dkim_check = DkimDnsCheck(resolver, settings.dkim_dns_check)
+    reconciler = Reconciler(nats.js, api, settings.namespaces, dkim_check)
 
     async def operate() -> None:
         # Created before kopf starts, so kopf does not count it among its own tasks.

@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from kurrier.core.routing import Problem, compile_table
 from kurrier.core.table_store import publish_table
@@ -28,9 +29,11 @@ from kurrier.operator.cluster_objects import (
     secret_resources,
     status_details,
 )
+from kurrier.operator.dkim_dns import DKIM_PUBLISHED, DkimDnsCheck
 from kurrier.operator.status import (
     STATUS_MODELS,
     StatusChange,
+    Verdict,
     next_status,
     read_status,
     verdict,
@@ -54,8 +57,16 @@ class ClusterView:
 
 
 class Reconciler:
-    def __init__(self, js: JetStreamContext, api: ApiServer, namespaces: Sequence[str]) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        api: ApiServer,
+        namespaces: Sequence[str],
+        dkim_check: DkimDnsCheck | None = None,
+    ) -> None:
         self._js = js
+        self._dkim_check = dkim_check
+        self._next_check: asyncio.TimerHandle | None = None
         self._api = api
         self._namespaces = namespaces
         self._view: ClusterView | None = None
@@ -138,11 +149,17 @@ class Reconciler:
                     "%s %s/%s: %s", problem.kind, problem.namespace, problem.name, problem.message
                 )
         self._reported = {*problems, *compile_problems}
+        details = {
+            o.identity: status_details(o.kind, resources.get(o.identity), referenced)
+            for o in objects
+        }
+        published = await self._check_dns(details)
         now = datetime.now(UTC)
         present = set()
         for observed in objects:
             present.add(observed.identity)
             model = STATUS_MODELS[observed.kind]
+            found = published.get(observed.identity)
             change = next_status(
                 read_status(observed.status, model),
                 observed.generation,
@@ -150,11 +167,25 @@ class Reconciler:
                 revision,
                 now,
                 model,
-                status_details(observed.kind, resources.get(observed.identity), referenced),
+                details[observed.identity],
+                {DKIM_PUBLISHED: found} if found else None,
             )
             if change is not None:
                 await self._write(observed, change)
         self._written = {k: v for k, v in self._written.items() if k in present}
+
+    async def _check_dns(self, details: dict[Identity, dict[str, Any]]) -> dict[Identity, Verdict]:
+        """Each signing domain's DkimPublished verdict; asked again every check interval,
+        since DNS changes send no events."""
+        wanted = {k: d["dkimRecords"] for k, d in details.items() if d.get("dkimRecords")}
+        if self._dkim_check is None or not wanted:
+            return {}
+        if self._next_check is not None:
+            self._next_check.cancel()
+        self._next_check = asyncio.get_running_loop().call_later(
+            self._dkim_check.interval, self._wanted.set
+        )
+        return await self._dkim_check.verdicts(wanted)
 
     async def _write(self, observed: ObservedObject, change: StatusChange) -> None:
         if self._written.get(observed.identity) == observed.resource_version:
@@ -166,8 +197,9 @@ class Reconciler:
                 return  # deleted meanwhile; its DELETED event brings the next pass
             raise
         self._written[observed.identity] = observed.resource_version
-        try:
-            await self._api.record_event(observed, change.event)
-        except ApiError as error:
-            # An Event is a courtesy; the status already says it all.
-            log.warning("could not record an Event for %s: %s", observed.name, error)
+        for event in change.events:
+            try:
+                await self._api.record_event(observed, event)
+            except ApiError as error:
+                # An Event is a courtesy; the status already says it all.
+                log.warning("could not record an Event for %s: %s", observed.name, error)

@@ -99,7 +99,7 @@ class EventNote:
 @dataclass(frozen=True)
 class StatusChange:
     status: RelayStatus
-    event: EventNote
+    events: tuple[EventNote, ...]  # Ready's when it changed, then each other condition's
 
 
 def verdict(problems: Iterable[Problem]) -> Verdict:
@@ -120,6 +120,33 @@ def read_status(raw: object, model: type[RelayStatus]) -> RelayStatus | None:
         return None
 
 
+def _same(condition: Condition | None, judged: Verdict) -> bool:
+    return (
+        condition is not None
+        and (condition.status == "True") == judged.ready
+        and (condition.reason, condition.message) == (judged.reason, judged.message)
+    )
+
+
+def _condition(
+    kind: str, judged: Verdict, before: Condition | None, generation: int, now: datetime
+) -> Condition:
+    status_text: Literal["True", "False"] = "True" if judged.ready else "False"
+    since = (
+        now.replace(microsecond=0)
+        if before is None or before.status != status_text
+        else before.lastTransitionTime
+    )
+    return Condition(
+        type=kind,
+        status=status_text,
+        observedGeneration=generation,
+        lastTransitionTime=since,
+        reason=judged.reason,
+        message=judged.message,
+    )
+
+
 def next_status(
     current: RelayStatus | None,
     generation: int,
@@ -128,53 +155,54 @@ def next_status(
     now: datetime,
     model: type[RelayStatus] = RelayStatus,
     details: Mapping[str, object] | None = None,
+    conditions: Mapping[str, Verdict] | None = None,
 ) -> StatusChange | None:
     """The status to write, or None when the current one already says it all.
 
     details are the fields of the kind's own status (a route's destination,
-    a domain's DKIM records), compared and written with the rest. The table
-    revision is recorded when this generation (or its verdict) is first
-    published, not on every revision: a change to one resource must not
-    rewrite the status of all the others.
+    a domain's DKIM records), conditions its conditions besides Ready (a
+    domain's DkimPublished), compared and written with the rest. The table
+    revision is recorded when this generation (or its Ready verdict) is
+    first published, not on every revision: a change to one resource must
+    not rewrite the status of all the others.
     """
     details = details or {}
-    ready = current.condition(READY) if current else None
-    if (
+    judged_all = {READY: judged, **(conditions or {})}
+    same_ready = (
         current is not None
-        and ready is not None
         and current.observedGeneration == generation
         and current.tableRevision is not None
-        and (ready.status == "True") == judged.ready
-        and (ready.reason, ready.message) == (judged.reason, judged.message)
+        and _same(current.condition(READY), judged)
         and current.model_dump(mode="json", include=set(details))
         == model.model_validate(details).model_dump(mode="json", include=set(details))
-    ):
+    )
+    changed = [
+        verdict
+        for kind, verdict in judged_all.items()
+        if kind != READY and not _same(current.condition(kind) if current else None, verdict)
+    ]
+    if same_ready and not changed and current and len(current.conditions) == len(judged_all):
         return None
-    status_text: Literal["True", "False"] = "True" if judged.ready else "False"
-    since = (
-        now.replace(microsecond=0)
-        if ready is None or ready.status != status_text
-        else ready.lastTransitionTime
-    )
-    condition = Condition(
-        type=READY,
-        status=status_text,
-        observedGeneration=generation,
-        lastTransitionTime=since,
-        reason=judged.reason,
-        message=judged.message,
-    )
     fields: dict[str, object] = {
         "observedGeneration": generation,
-        "tableRevision": revision,
-        "conditions": [condition],
+        # Only another condition moved (DNS changed): the table revision stays.
+        "tableRevision": current.tableRevision if same_ready and current else revision,
+        "conditions": [
+            _condition(kind, v, current.condition(kind) if current else None, generation, now)
+            for kind, v in judged_all.items()
+        ],
         **details,
     }
-    status = model.model_validate(fields)
-    if judged.ready:
-        event = EventNote(
-            "Normal", PUBLISHED, f"generation {generation} is in routing table revision {revision}"
+    events = []
+    if not same_ready:
+        published = f"generation {generation} is in routing table revision {revision}"
+        events.append(
+            EventNote("Normal", PUBLISHED, published)
+            if judged.ready
+            else EventNote("Warning", judged.reason, judged.message)
         )
-    else:
-        event = EventNote("Warning", judged.reason, judged.message)
-    return StatusChange(status, event)
+    events += [
+        EventNote("Normal" if note.ready else "Warning", note.reason, note.message)
+        for note in changed
+    ]
+    return StatusChange(model.model_validate(fields), tuple(events))

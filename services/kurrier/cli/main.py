@@ -261,6 +261,8 @@ def _run_operator(args: argparse.Namespace) -> int:
         namespaces=_namespaces(args.namespaces),
         kubeconfig=args.kubeconfig,
         metrics_listen=args.metrics_listen,
+        dkim_dns_check=parse_duration(args.dkim_dns_check) if args.dkim_dns_check else None,
+        dns_resolver=args.dns_resolver,
     )
     try:
         asyncio.run(serve_operator(settings))

@@ -56,6 +56,10 @@ def duration(text: str) -> str:
     return text
 
 
+def optional_duration(text: str) -> str | None:
+    return None if text == "off" else duration(text)
+
+
 def size(text: str) -> int:
     try:
         return parse_size(text)
@@ -243,7 +247,9 @@ QUEUE = (
 # --- delivery ----------------------------------------------------------------
 
 TLS_CA_FILE = Setting("tls_ca_file", "CA bundle for 'verify' routes", existing_file)
-DNS_RESOLVER = Setting("dns_resolver", "DNS server HOST:PORT for MX lookups", host_port)
+DNS_RESOLVER = Setting(
+    "dns_resolver", "DNS server HOST:PORT (MX, MTA-STS, DKIM record lookups)", host_port
+)
 MX_PORT = Setting("mx_port", "port MX hosts are contacted on", port, "25")
 DELIVERY = (
     *COMMON,
@@ -263,6 +269,13 @@ OPERATOR = (
         "kubeconfig file (default: KUBECONFIG, in-cluster, ~/.kube/config)",
         existing_file,
     ),
+    Setting(
+        "dkim_dns_check",
+        "how often to check that DNS publishes each RelayDomain's DKIM records ('off': never)",
+        optional_duration,
+        "off",
+    ),
+    DNS_RESOLVER,
 )
 
 # --- queue administration (`kurrier queue list|show|...`) ---------------------

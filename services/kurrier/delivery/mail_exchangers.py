@@ -7,17 +7,13 @@ domain costs one lookup per record TTL, not one per message.
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 from dataclasses import dataclass
 
-import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.resolver
-from kurrier.core.addresses import parse_host_port
-
-log = logging.getLogger(__name__)
+from kurrier.core.dns_resolver import dns_resolver
 
 # Postfix's smtp_mx_address_limit spirit: past this, more addresses only delay the deferral.
 MAX_ADDRESSES = 10
@@ -51,20 +47,7 @@ class MailDns:
     """The DNS questions delivery asks, against one configurable resolver."""
 
     def __init__(self, resolver_address: str | None = None, timeout: float = DNS_TIMEOUT) -> None:
-        if resolver_address is None:
-            try:
-                self._resolver = dns.asyncresolver.Resolver()  # /etc/resolv.conf
-            except dns.resolver.NoResolverConfiguration:
-                # Smarthost routes need no DNS of ours; MX lookups will defer, saying why.
-                log.warning("no resolver configured (/etc/resolv.conf); MX lookups will fail")
-                self._resolver = dns.asyncresolver.Resolver(configure=False)
-        else:
-            host, port = parse_host_port(resolver_address, default_host="127.0.0.1")
-            self._resolver = dns.asyncresolver.Resolver(configure=False)
-            self._resolver.nameservers = [host]
-            self._resolver.port = port
-        self._resolver.lifetime = timeout
-        self._resolver.cache = dns.resolver.LRUCache(max_size=10000)
+        self._resolver = dns_resolver(resolver_address, timeout)
 
     async def _answer(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """The answer; None when the name exists without such records.
