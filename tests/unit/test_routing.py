@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kurrier.core.loader import parse_documents
@@ -273,3 +274,29 @@ def test_the_older_resource_keeps_what_two_claim() -> None:
         ("RelayDomain", "b-old", "NoRoute"),
         ("RelayPolicy", "a-new", "Conflict"),
     ]
+
+
+def test_a_table_with_one_key_per_domain_from_an_older_operator_is_read() -> None:
+    # What the operator published before domains had several keys: pods read it
+    # during an upgrade instead of waiting for a table they understand.
+    older = {
+        "revision": 3,
+        "domains": [
+            {
+                "domain": "a.test",
+                "accept_inbound": False,
+                "dkim_selector": "k1",
+                "dkim_private_key": "PEM",
+            },
+            {
+                "domain": "b.test",
+                "accept_inbound": True,
+                "dkim_selector": None,
+                "dkim_private_key": None,
+            },
+        ],
+    }
+    table = RoutingTable.model_validate_json(json.dumps(older))
+    signing, inbound = table.domains
+    assert [(k.selector, k.private_key) for k in signing.dkim_keys] == [("k1", "PEM")]
+    assert inbound.dkim_keys == ()

@@ -21,7 +21,7 @@ from kurrier.core.resources import (
     Resource,
     Secret,
 )
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 DEFAULT_MAX_MESSAGE_SIZE = 26214400
 DEFAULT_MAX_RECIPIENTS = 100
@@ -80,6 +80,18 @@ class CompiledDomain(_Frozen):
     accept_inbound: bool
     # Usable keys only, in the order their signatures go on the message.
     dkim_keys: tuple[CompiledDkimKey, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_key_as_published_before(cls, data: Any) -> Any:
+        """A table from an operator that knew one key per domain (dkim_selector and
+        dkim_private_key): a pod of this version reads it while the operator is upgraded."""
+        if isinstance(data, dict) and "dkim_selector" in data:
+            data = dict(data)
+            selector, key = data.pop("dkim_selector"), data.pop("dkim_private_key", None)
+            if selector and key:
+                data["dkim_keys"] = [{"selector": selector, "private_key": key}]
+        return data
 
 
 class CompiledPolicy(_Frozen):
