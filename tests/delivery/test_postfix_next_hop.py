@@ -12,9 +12,7 @@ public DNS is out of reach here.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import dkim
 import pytest
@@ -24,6 +22,7 @@ from kurrier.delivery.courier import Courier
 from bench.systems import Postfix
 from tests.delivery.attempts import job, table
 from tests.delivery.test_mime_downgrade import DKIM_KEY, mixed_message, payloads
+from tests.support.postfix import private_postfix
 from tests.support.relay import route, secret, signing_domain
 from tests.support.sink import Sink
 
@@ -37,16 +36,9 @@ OLDER_NEXT_HOP = {
 
 @pytest.fixture
 async def postfix() -> AsyncIterator[tuple[Postfix, Sink]]:
-    # Not under pytest's tmp_path: Postfix's daemons run as the postfix user,
-    # who cannot enter its private (0700) directories.
-    with Sink() as sink, tempfile.TemporaryDirectory(dir="/var/tmp") as workdir:
-        Path(workdir).chmod(0o755)
-        server = Postfix(Path(workdir) / "postfix", sink.port, OLDER_NEXT_HOP)
-        await server.start()
-        try:
+    with Sink() as sink:
+        async with private_postfix(sink.port, OLDER_NEXT_HOP) as server:
             yield server, sink
-        finally:
-            await server.stop()
 
 
 async def test_postfix_takes_the_7bit_form_and_relays_it_intact(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dsn_report import parse_report
-from tests.support.postfix import postfix_client, postfix_log, sendmail
+from tests.support.postfix import postfix_log, private_postfix, sendmail
 from tests.support.relay import UpRelay, documents, route, trusting
 from tests.support.sink import Sink
 
@@ -32,7 +32,7 @@ async def test_postfix_sendmail_dsn_options_reach_the_next_hop_and_the_bounce(
         trusting("127.0.0.0/8"),
     )
     with UpRelay(tmp_path, config) as relay:
-        async with postfix_client(relay.smtp_port) as postfix:
+        async with private_postfix(relay.smtp_port) as postfix:
             sendmail(
                 postfix,
                 "s@senders.test",

@@ -1,8 +1,10 @@
-"""Debian's Postfix as a submitting client: the benchmark's private instance
-(bench.systems.Postfix) with the relay under test as its relayhost, fed by
-Postfix's own sendmail(1). Its smtp client then speaks to the relay as
-Postfix does to any relayhost (EHLO, PIPELINING, the DSN parameters when
-offered). Needs root, as Postfix does.
+"""Debian's Postfix in tests: the benchmark's private instance
+(bench.systems.Postfix), relaying everything it takes to one port.
+
+As a submitting client, fed by Postfix's own sendmail(1), it speaks to the
+relay under test as Postfix does to any relayhost (EHLO, PIPELINING, the
+DSN parameters when offered); as a next hop it stands in for an older MTA.
+Needs root, as Postfix does.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from bench.systems import Postfix
 
 
 @asynccontextmanager
-async def postfix_client(relay_port: int) -> AsyncIterator[Postfix]:
+async def private_postfix(
+    relayhost_port: int, settings: dict[str, str] | None = None
+) -> AsyncIterator[Postfix]:
+    """A running Postfix relaying to 127.0.0.1:relayhost_port; settings go into main.cf."""
     # Not under pytest's tmp_path: Postfix's daemons run as the postfix user,
     # who cannot enter its private (0700) directories; and under /var, where
     # Postfix lets maillog_file be.
     with tempfile.TemporaryDirectory(dir="/var/tmp") as workdir:
         Path(workdir).chmod(0o755)
-        postfix = Postfix(Path(workdir) / "postfix", relay_port)
+        postfix = Postfix(Path(workdir) / "postfix", relayhost_port, settings)
         await postfix.start()
         try:
             yield postfix
