@@ -153,6 +153,9 @@ def test_admin_commands(tmp_path: Path, sink: Sink, bounce_sink: Sink) -> None:
         shown = _admin(relay, "show", ids[0])
         assert shown.returncode == 0
         assert f"Queue ID:     {ids[0]}" in shown.stdout
+        # Sent from 127.0.0.1, which _config trusts: its sender gets notifications.
+        assert "Client:       127.0.0.1 (HELO " in shown.stdout
+        assert ", trusted network)" in shown.stdout
         assert "Subject: m0" in shown.stdout
         assert _admin(relay, "show", "NOSUCHID0000").returncode == 1
 

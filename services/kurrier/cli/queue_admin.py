@@ -105,7 +105,8 @@ def format_detail(detail: queue_pb2.MessageDetail) -> str:
         f"Sender:       <{summary.sender}>",
         f"Arrival:      {_when(summary.received_at)}",
         f"Size:         {summary.size}",
-        f"Client:       {detail.client_address} (HELO {detail.client_helo or '-'})",
+        f"Client:       {detail.client_address} (HELO {detail.client_helo or '-'}"
+        f"{', trusted network' if detail.client_trusted else ''})",
         f"Auth:         {detail.authenticated_as or '-'}",
         f"Message-ID:   {detail.message_id_header or '-'}",
         "",

@@ -343,6 +343,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             client_address=record.client_address,
             client_helo=record.client_helo,
             authenticated_as=record.authenticated_as,
+            client_trusted=record.client_trusted,
             message_id_header=record.message_id_header,
             headers=header_section(body),
         )

@@ -535,12 +535,15 @@ class MessageDetail(_message.Message):
     AUTHENTICATED_AS_FIELD_NUMBER: _builtins.int
     MESSAGE_ID_HEADER_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
+    CLIENT_TRUSTED_FIELD_NUMBER: _builtins.int
     client_address: _builtins.str
     client_helo: _builtins.str
     authenticated_as: _builtins.str
     message_id_header: _builtins.str
     headers: _builtins.bytes
     """The message's header section as stored (up to 64 KiB)."""
+    client_trusted: _builtins.bool
+    """The client was in trustedNetworks (Envelope.client_trusted)."""
     @_builtins.property
     def summary(self) -> Global___MessageSummary: ...
     def __init__(
@@ -552,10 +555,11 @@ class MessageDetail(_message.Message):
         authenticated_as: _builtins.str = ...,
         message_id_header: _builtins.str = ...,
         headers: _builtins.bytes = ...,
+        client_trusted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "client_address", b"client_address", "client_helo", b"client_helo", "headers", b"headers", "message_id_header", b"message_id_header", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "headers", b"headers", "message_id_header", b"message_id_header", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
