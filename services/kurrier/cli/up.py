@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -37,8 +38,15 @@ from kurrier.core.jetstream import connect, ensure_layout
 from kurrier.core.lifecycle import signal_event, stop_event
 from kurrier.core.loader import ResourceError, load_resources
 from kurrier.core.routing import compile_table
-from kurrier.core.settings import SERVICES, SMTP, command_line
+from kurrier.core.settings import SERVICES, SMTP, TABLE_KEYS, command_line
 from kurrier.core.smtp_probe import wait_for_smtp_banner
+from kurrier.core.table_secrets import (
+    DELIVERY,
+    INGRESS,
+    PUBLISHER,
+    TableKeys,
+    local_key_directories,
+)
 from kurrier.core.table_store import publish_table
 from nats.errors import Error as NatsError
 
@@ -80,7 +88,7 @@ def child_argv(command: str, passed_on: Mapping[str, object], **values: object) 
     return [sys.executable, "-m", "kurrier.cli", command, *flags]
 
 
-async def _publish_config(nats_url: str, config: Path, replicas: int) -> None:
+async def _publish_config(nats_url: str, config: Path, replicas: int, keys: TableKeys) -> None:
     resources = load_resources(config)
     table, problems = compile_table(resources)
     for problem in problems:
@@ -89,7 +97,7 @@ async def _publish_config(nats_url: str, config: Path, replicas: int) -> None:
     try:
         js = nc.jetstream()
         await _until_jetstream_ready(lambda: ensure_layout(js, replicas))
-        revision = await publish_table(js, table)
+        revision = await publish_table(js, table, keys)
     finally:
         await nc.close()
     log.info("routing table revision %d published from %s", revision, config)
@@ -242,6 +250,9 @@ class _LocalRelay:
         # Mutual TLS between the children, as in the chart: another local user
         # reaching the queue's loopback port or socket gets nothing from it.
         self.queue_tls, self.client_tls = make_local_tls(self.data_dir / "tls")
+        # Each child gets the key of the routing table's secrets it reads, no other.
+        self.table_keys = local_key_directories(self.data_dir / "table-keys")
+        self.publisher_keys = TableKeys.from_directory(self.table_keys[PUBLISHER])
         self.nats_urls: list[str] = []
         self.ready = False
         self.supervisor = Supervisor(on_spawn=self.write_state)
@@ -272,7 +283,9 @@ class _LocalRelay:
 
     async def take_resources(self) -> None:
         if self.settings.config is not None:
-            await _publish_config(self.nats_url, self.settings.config, self.replicas)
+            await _publish_config(
+                self.nats_url, self.settings.config, self.replicas, self.publisher_keys
+            )
             return
         await self.supervisor.start(
             "operator",
@@ -285,7 +298,15 @@ class _LocalRelay:
                 namespaces=",".join(self.settings.namespaces),
                 metrics_listen=self.operator_health,
             ),
+            self._env(PUBLISHER),
         )
+
+    def _env(self, holder: str | None) -> dict[str, str]:
+        """up's environment, with the routing table keys of holder (None: no keys)."""
+        env = {k: v for k, v in os.environ.items() if k != TABLE_KEYS.variable}
+        if holder is not None:
+            env[TABLE_KEYS.variable] = str(self.table_keys[holder])
+        return env
 
     def _child_argv(self, name: str, command: str, index: int, **values: object) -> list[str]:
         port = self.metrics_ports.get(name)
@@ -312,8 +333,11 @@ class _LocalRelay:
                     grpc_tls_key=self.queue_tls.key_file,
                     grpc_tls_client_ca=self.queue_tls.client_ca_file,
                 ),
+                self._env(None),
             )
-            await self.supervisor.start(delivery, self._child_argv(delivery, "delivery", index + 1))
+            await self.supervisor.start(
+                delivery, self._child_argv(delivery, "delivery", index + 1), self._env(DELIVERY)
+            )
         await self.supervisor.start(
             "ingress",
             self._child_argv(
@@ -326,6 +350,7 @@ class _LocalRelay:
                 queue_tls_key=self.client_tls.key_file,
                 queue_tls_server_name=self.client_tls.server_name,
             ),
+            self._env(INGRESS),
         )
 
     async def wait_until_ready(self) -> None:
@@ -356,7 +381,9 @@ class _LocalRelay:
                 if self.settings.config is None:
                     continue  # the operator follows the cluster: nothing to re-read
                 try:
-                    await _publish_config(self.nats_url, self.settings.config, self.replicas)
+                    await _publish_config(
+                        self.nats_url, self.settings.config, self.replicas, self.publisher_keys
+                    )
                 except ResourceError as error:
                     log.error("config not reloaded, keeping the live table:\n%s", error)
 

@@ -140,6 +140,11 @@ NATS_CREDS = Setting(
     "nats_creds", "NATS credentials file (JWT and nkey seed)", environment_only=True
 )
 NATS_NKEY = Setting("nats_nkey", "NATS nkey seed file", environment_only=True)
+TABLE_KEYS = Setting(
+    "table_keys",
+    "directory of the keys (<reader>.key) that open the routing table's secrets",
+    environment_only=True,
+)
 HOSTNAME = Setting("hostname", "name in banners and Received", default=socket.getfqdn)
 LOG_LEVEL = Setting("log_level", default="INFO")
 METRICS_LISTEN = Setting(
@@ -163,6 +168,7 @@ COMMON = (
     NATS_REPLICAS,
     NATS_CREDS,
     NATS_NKEY,
+    TABLE_KEYS,
     HOSTNAME,
     LOG_LEVEL,
     METRICS_LISTEN,

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY
 from kurrier.core.routing import RoutingTable
+from kurrier.core.table_secrets import TableKeys, open_table, seal_table
 from kurrier.core.telemetry import TRACER
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
@@ -35,15 +36,18 @@ def publishing_table(table: RoutingTable) -> Iterator[Span]:
         yield span
 
 
-async def publish_table(js: JetStreamContext, table: RoutingTable) -> int:
-    """Publish table (see _store_table) in a span, so each publish shows in traces."""
+async def publish_table(
+    js: JetStreamContext, table: RoutingTable, keys: TableKeys | None = None
+) -> int:
+    """Publish table (see _store_table) in a span, so each publish shows in traces; its
+    secrets sealed with keys (default: those KURRIER_TABLE_KEYS names)."""
     with publishing_table(table) as span:
-        revision = await _store_table(js, table)
+        revision = await _store_table(js, table, keys or TableKeys.from_environment())
         span.set_attribute("kurrier.table.revision", revision)
         return revision
 
 
-async def _store_table(js: JetStreamContext, table: RoutingTable) -> int:
+async def _store_table(js: JetStreamContext, table: RoutingTable, keys: TableKeys) -> int:
     """Store table as the next revision (unless unchanged); returns the live revision.
 
     Safe against concurrent publishers.
@@ -54,14 +58,14 @@ async def _store_table(js: JetStreamContext, table: RoutingTable) -> int:
             entry = await kv.get(ROUTING_TABLE_KEY)
         except KeyNotFoundError:
             entry = None
-        previous = RoutingTable.model_validate_json(entry.value) if entry and entry.value else None
+        previous = open_table(entry.value, keys) if entry and entry.value else None
         if previous is not None and previous.model_dump() == (
             table.model_copy(update={"revision": previous.revision}).model_dump()
         ):
             # Unchanged: operator replicas compiling the same objects add no revisions.
             return previous.revision
         revision = previous.revision + 1 if previous else 1
-        document = table.model_copy(update={"revision": revision}).model_dump_json().encode()
+        document = seal_table(table.model_copy(update={"revision": revision}), keys)
         try:
             if entry is None:
                 await kv.create(ROUTING_TABLE_KEY, document)
@@ -73,11 +77,13 @@ async def _store_table(js: JetStreamContext, table: RoutingTable) -> int:
 
 
 class TableFollower:
-    """Holds the live routing table; `run` swaps in each new revision whole."""
+    """Holds the live routing table; `run` swaps in each new revision whole, with the
+    secrets keys (default: those KURRIER_TABLE_KEYS names) open."""
 
-    def __init__(self) -> None:
+    def __init__(self, keys: TableKeys | None = None) -> None:
         self.table = RoutingTable()
         self.loaded = asyncio.Event()
+        self._keys = keys or TableKeys.from_environment()
 
     async def run(self, js: JetStreamContext) -> None:
         kv = await js.key_value(CONFIG_BUCKET)
@@ -86,7 +92,7 @@ class TableFollower:
             if entry is None or not entry.value:
                 continue  # the end-of-history marker, or a deleted key: keep what we have
             try:
-                table = RoutingTable.model_validate_json(entry.value)
+                table = open_table(entry.value, self._keys)
             except ValidationError as error:
                 log.error("ignoring an unreadable routing table: %s", error)
                 continue
