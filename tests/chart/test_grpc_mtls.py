@@ -5,7 +5,6 @@ and refuses everyone else."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import os
 import subprocess
 from collections.abc import Mapping
@@ -15,7 +14,17 @@ import grpc
 from kurrier.core.grpc_tls import QueueTls, queue_channel
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 
-from tests.support.chart import CHART, RELEASE, Scenario, by_kind, env_of, find, helm, render
+from tests.support.chart import (
+    CHART,
+    RELEASE,
+    Scenario,
+    by_kind,
+    env_of,
+    find,
+    helm,
+    mount_secrets,
+    render,
+)
 from tests.support.kube import Api, Obj, TestCluster
 from tests.support.nats import NatsServer
 from tests.support.processes import free_port, kurrier_argv, stop_process, wait_until
@@ -26,21 +35,6 @@ MOUNTS = "/etc/kurrier"
 def _container(objects: list[Obj], name: str) -> Obj:
     container: Obj = find(objects, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
     return container
-
-
-def _mount_secrets(objects: list[Obj], deployment: str, root: Path) -> None:
-    """Write the Secrets the Deployment mounts under root, as the kubelet would under /."""
-    spec = find(objects, "Deployment", deployment)["spec"]["template"]["spec"]
-    secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
-    volumes = {v["name"]: v for v in spec["volumes"]}
-    for mount in spec["containers"][0]["volumeMounts"]:
-        source = volumes[mount["name"]].get("secret")
-        if source is None:
-            continue
-        directory = root / mount["mountPath"].lstrip("/")
-        directory.mkdir(parents=True, exist_ok=True)
-        for key, value in secrets[source["secretName"]]["data"].items():
-            (directory / key).write_bytes(base64.b64decode(value))
 
 
 def _env(container: Obj, root: Path, **overrides: str) -> dict[str, str]:
@@ -81,8 +75,8 @@ def test_default_values_run_the_queue_behind_mutual_tls(
 ) -> None:
     objects = render(helm_bin, Scenario("mtls"), tmp_path)
     queue_root, ingress_root = tmp_path / "queue-pod", tmp_path / "ingress-pod"
-    _mount_secrets(objects, "kurrier-queue", queue_root)
-    _mount_secrets(objects, "kurrier-ingress", ingress_root)
+    mount_secrets(objects, "kurrier-queue", queue_root)
+    mount_secrets(objects, "kurrier-ingress", ingress_root)
     queue = _container(objects, "kurrier-queue")
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -127,7 +121,9 @@ def _mounted_secrets(objects: list[Obj]) -> set[str]:
     names = set()
     for deployment in ("kurrier-queue", "kurrier-ingress"):
         spec = find(objects, "Deployment", deployment)["spec"]["template"]["spec"]
-        names |= {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+        names |= {
+            v["secret"]["secretName"] for v in spec["volumes"] if v["name"].startswith("grpc")
+        }
     return names
 
 
@@ -139,7 +135,8 @@ def test_certificates_come_from_cert_manager_where_the_cluster_serves_it(
     certificates = {c["metadata"]["name"]: c["spec"] for c in by_kind(objects, "Certificate")}
     issued = {spec["secretName"] for spec in certificates.values() if not spec.get("isCA")}
     assert issued == _mounted_secrets(objects)
-    assert not by_kind(objects, "Secret"), "no key material in the release itself"
+    rendered = {s["metadata"]["name"] for s in by_kind(objects, "Secret")}
+    assert not rendered & issued, "cert-manager's Secrets are not the release's"
     queue = certificates["kurrier-queue-grpc-tls"]
     assert "kurrier-queue" in queue["dnsNames"] and queue["usages"][0] == "server auth"
     assert certificates["kurrier-ingress-grpc-tls"]["usages"][0] == "client auth"
@@ -164,8 +161,12 @@ def test_chart_made_certificates_are_kept_across_upgrades(
         "kurrier-ingress-grpc-tls",
         "kurrier-queue-admin-grpc-tls",
     }
+    table_keys = crds.request("GET", f"/api/v1/namespaces/{ns}/secrets/kurrier-table-keys")
     helm(helm_bin, "upgrade", RELEASE, str(CHART), "-n", ns, *chart_made, env=env)
     assert _stored_certificates(crds, ns) == installed
+    # So are the routing table keys: new ones would not open the table stored.
+    kept = crds.request("GET", f"/api/v1/namespaces/{ns}/secrets/kurrier-table-keys")
+    assert kept.body["data"] == table_keys.body["data"]
 
     # A Secret gone is made again, by the same CA: the others still trust it.
     gone = crds.request("DELETE", f"/api/v1/namespaces/{ns}/secrets/kurrier-ingress-grpc-tls")

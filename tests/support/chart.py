@@ -8,6 +8,7 @@ telemetry tests render with it.
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -224,6 +225,22 @@ def pod_specs(objects: Sequence[Obj]) -> Iterator[tuple[str, Obj]]:
 
 def env_of(container: Obj) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def mount_secrets(objects: list[Obj], deployment: str, root: Path) -> None:
+    """Write the Secrets the Deployment mounts under root, as the kubelet would under /."""
+    spec = find(objects, "Deployment", deployment)["spec"]["template"]["spec"]
+    secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for mount in spec["containers"][0]["volumeMounts"]:
+        source = volumes[mount["name"]].get("secret")
+        if source is None:
+            continue
+        directory = root / mount["mountPath"].lstrip("/")
+        directory.mkdir(parents=True, exist_ok=True)
+        data = secrets[source["secretName"]]["data"]
+        for item in source.get("items") or [{"key": key, "path": key} for key in data]:
+            (directory / item["path"]).write_bytes(base64.b64decode(data[item["key"]]))
 
 
 def yaml_documents(directory: Path, pattern: str = "*.y*ml") -> list[Obj]:

@@ -14,6 +14,7 @@ One Deployment of the kurrier image. Called with a dict:
   noCommonEnv leave out the shared kurrier env (the dev sink)
   noMetrics   the container serves no metrics (no Prometheus annotations)
   serviceAccountName  override the component's ServiceAccount name
+  tableKeys   the readers whose routing table keys it mounts (KURRIER_TABLE_KEYS)
 */}}
 {{- define "kurrier.deployment" -}}
 {{- $root := .root -}}
@@ -103,6 +104,9 @@ spec:
           {{- with .env }}
           {{- $env = printf "%s\n%s" $env . }}
           {{- end }}
+          {{- if .tableKeys }}
+          {{- $env = printf "%s\n- name: KURRIER_TABLE_KEYS\n  value: /etc/kurrier/table-keys" $env }}
+          {{- end }}
           {{- with $values.extraEnv }}
           {{- $env = printf "%s\n%s" $env (toYaml .) }}
           {{- end }}
@@ -129,6 +133,11 @@ spec:
               mountPath: /etc/kurrier/nats
               readOnly: true
             {{- end }}
+            {{- if .tableKeys }}
+            - name: table-keys
+              mountPath: /etc/kurrier/table-keys
+              readOnly: true
+            {{- end }}
             {{- with .mounts }}
             {{- . | nindent 12 }}
             {{- end }}
@@ -146,6 +155,17 @@ spec:
             items:
               - key: {{ $root.Values.nats.external.credentials.key }}
                 path: {{ $root.Values.nats.external.credentials.key }}
+        {{- end }}
+        {{- with .tableKeys }}
+        - name: table-keys
+          secret:
+            secretName: {{ include "kurrier.tableKeys.secretName" $root }}
+            defaultMode: 0440
+            items:
+              {{- range . }}
+              - key: {{ . }}.key
+                path: {{ . }}.key
+              {{- end }}
         {{- end }}
         {{- with .volumes }}
         {{- . | nindent 8 }}

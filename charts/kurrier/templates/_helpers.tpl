@@ -130,6 +130,10 @@ chart
 {{- include "kurrier.componentName" (list $root (printf "%s-grpc-tls" $party)) -}}
 {{- end -}}
 
+{{- define "kurrier.tableKeys.secretName" -}}
+{{- include "kurrier.componentName" (list . "table-keys") -}}
+{{- end -}}
+
 {{/* Where a pod mounts its gRPC certificate Secret. */}}
 {{- define "kurrier.grpcTls.dir" -}}/etc/kurrier/grpc-tls{{- end -}}
 
