@@ -300,3 +300,44 @@ def test_a_table_with_one_key_per_domain_from_an_older_operator_is_read() -> Non
     signing, inbound = table.domains
     assert [(k.selector, k.private_key) for k in signing.dkim_keys] == [("k1", "PEM")]
     assert inbound.dkim_keys == ()
+
+
+def test_problems_and_the_tables_repr_name_secrets_never_their_values() -> None:
+    """Problems become CR status and log lines; a table may be logged whole."""
+    marks = {
+        "half": "MARK-HALF",
+        "password": "MARK-PASSWORD",
+        "pem": "MARKPEMBODY",
+        "plaintext": "MARK-PLAINTEXT",
+    }
+    documents = [
+        _route("r", ["*"], auth={"secretRef": {"name": "half"}}),
+        _users("half", password=marks["half"]),
+        _route("s", ["s.test"], auth={"secretRef": {"name": "creds"}}),
+        _users("creds", username="u", password=marks["password"]),
+        {
+            "apiVersion": "kurrier.io/v1alpha1",
+            "kind": "RelayDomain",
+            "metadata": {"name": "signed"},
+            "spec": {
+                "domain": "signed.test",
+                "dkim": {"selector": "k1", "secretRef": {"name": "dkim", "key": "private.pem"}},
+            },
+        },
+        _users(
+            "dkim",
+            **{
+                "private.pem": "-----BEGIN PRIVATE KEY-----\n"
+                f"{marks['pem']}\n-----END PRIVATE KEY-----\n"
+            },
+        ),
+        _policy("p", auth={"usersSecretRef": {"name": "users"}}),
+        _users("users", alice=marks["plaintext"], bob="$2b$04$" + "h" * 53),
+    ]
+    table, problems = compile_table(parse_documents(documents, "t"))
+    assert {p.kind for p in problems} == {"RelayRoute", "RelayDomain", "RelayPolicy"}
+    shown = "\n".join(p.message for p in problems) + repr(table)
+    assert table.policy.users and "$2b$04$" not in repr(table)
+    assert any(route.password == marks["password"] for route in table.routes)
+    for mark in marks.values():
+        assert mark not in shown
