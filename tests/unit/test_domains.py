@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from kurrier.core.domains import InvalidDomain, canonical_address, normalise_domain
 from kurrier.core.loader import ResourceError, parse_documents
+from kurrier.core.resources import SmarthostDestination
 from kurrier.core.routing import domain_of
+from pydantic import ValidationError
 
 
 @pytest.mark.parametrize(
@@ -96,3 +98,21 @@ def test_an_invalid_resource_domain_is_refused_saying_why() -> None:
     assert "f.yaml: document 1 (RelayDomain 'd'): spec.domain:" in message
     assert "'xn--abc.test' is not a valid domain name: Codepoint U+0082" in message
     assert "\\x82" in message and "\x82" not in message  # escaped, fit for a status
+
+
+@pytest.mark.parametrize(
+    ("given", "host"),
+    [
+        ("smtp.Stra\u00dfe.example", "smtp.xn--strae-oqa.example"),  # IDNA 2003: strasse
+        ("Mail.Example.NET", "mail.example.net"),
+        ("192.0.2.25", "192.0.2.25"),
+        ("2001:db8::25", "2001:db8::25"),
+    ],
+)
+def test_a_smarthost_name_is_normalised_like_every_domain(given: str, host: str) -> None:
+    assert SmarthostDestination(host=given).host == host
+
+
+def test_a_smarthost_name_idna_refuses_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"'smtp_relay\.example' is not a valid domain name"):
+        SmarthostDestination(host="smtp_relay.example")

@@ -115,6 +115,17 @@ class SmarthostDestination(_Model):
     host: str = Field(min_length=1, max_length=253)
     port: int = Field(default=25, ge=1, le=65535)
 
+    @field_validator("host")
+    @classmethod
+    def _address_or_name(cls, value: str) -> str:
+        # A name is resolved and its certificate checked as A-labels: normalised like
+        # every domain, not by the resolver's IDNA 2003 (straße is not strasse).
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            return normalise_domain(value)
+        return value
+
 
 class MxDestination(_Model):
     pass
