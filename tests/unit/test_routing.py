@@ -341,3 +341,11 @@ def test_problems_and_the_tables_repr_name_secrets_never_their_values() -> None:
     assert any(route.password == marks["password"] for route in table.routes)
     for mark in marks.values():
         assert mark not in shown
+
+
+def test_a_stored_domain_idna_2008_refuses_is_taken_as_written() -> None:
+    # What an older version's IDNA 2003 let into the queue must still route.
+    assert domain_of("u@Under_Score.test") == "under_score.test"
+    table, _ = compile_table(parse_documents([_route("all", ["*"])], "t"))
+    route = table.route_for(domain_of("u@Under_Score.test"), "")
+    assert route is not None and route.name == "all"

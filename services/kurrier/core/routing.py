@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from kurrier.core.dkim_keys import DkimKeyError, signing_key
-from kurrier.core.domains import normalise_domain
+from kurrier.core.domains import InvalidDomain, normalise_domain
 from kurrier.core.resources import (
     BOUNCE_SCOPES,
     BounceScope,
@@ -137,10 +137,18 @@ def domain_matches(pattern: str, domain: str) -> bool:
 def domain_of(address: str) -> str:
     """The normalised domain of a mailbox; '' for the null sender or a bare local part.
 
-    Raises InvalidDomain for a domain IDNA 2008 refuses (ingress and Enqueue take none).
+    Ingress and Enqueue refuse any domain IDNA 2008 refuses, but a message
+    stored by an older version (IDNA 2003) may hold one: it is taken as
+    written, lower-cased, so the message still routes, defers or bounces
+    like any other instead of failing every queue and delivery step it meets.
     """
     _, at, domain = address.rpartition("@")
-    return normalise_domain(domain) if at and domain else ""
+    if not (at and domain):
+        return ""
+    try:
+        return normalise_domain(domain)
+    except InvalidDomain:
+        return domain.lower()
 
 
 class RoutingTable(_Frozen):
