@@ -1,7 +1,8 @@
 """The JetStream layout kurrier keeps its state in, and the connection to NATS.
 
-Every service calls `ensure_layout` at start; it is idempotent, so no service
-has to start first.
+The queue creates the layout at start (`ensure_layout`, idempotent); the
+operator may create the routing table's bucket; every other service waits for
+the streams it uses (`wait_for_layout`), so no service has to start first.
 """
 
 from __future__ import annotations
@@ -9,8 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-from kurrier.core.settings import NATS_CREDS, NATS_NKEY
+from kurrier.core.settings import NATS_CREDS, NATS_NKEY, NATS_PASSWORD_FILE, NATS_TLS_CA, NATS_USER
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -51,6 +57,33 @@ RESULTS_CONSUMER = "queue-results"
 DUE_CONSUMER = "queue-due"
 
 
+def kv_stream(bucket: str) -> str:
+    """The stream behind a KV bucket (NATS ADR-8)."""
+    return f"KV_{bucket}"
+
+
+def object_stream(bucket: str) -> str:
+    """The stream behind an object store (NATS ADR-20)."""
+    return f"OBJ_{bucket}"
+
+
+def inbox_prefix(user: str) -> str:
+    """Where a user's replies arrive; each user may subscribe to its own inbox only."""
+    return f"_INBOX.{user}"
+
+
+# Every stream of the layout, in the order ensure_layout creates them.
+LAYOUT = (
+    BODIES_STREAM,
+    JOBS_STREAM,
+    RESULTS_STREAM,
+    MESSAGES_STREAM,
+    kv_stream(CONFIG_BUCKET),
+    kv_stream(LEASES_BUCKET),
+    object_stream(OBJECT_BUCKET),
+)
+
+
 def body_subject(queue_id: str) -> str:
     return f"kurrier.body.{queue_id}"
 
@@ -74,13 +107,42 @@ def schedule_subject(queue_id: str) -> str:
     return f"kurrier.schedule.{queue_id}"
 
 
-async def connect(url: str, name: str) -> NATS:
+def _login(url: str, user: str | None, password: str | None) -> dict[str, Any]:
+    """How to authenticate: the user given, else KURRIER_NATS_USER with the password in
+    KURRIER_NATS_PASSWORD_FILE, else a user in the URL (nats://user:pass@host), a
+    credentials file (JWT + nkey seed) or an nkey seed file named in the environment;
+    and KURRIER_NATS_TLS_CA to verify the servers' certificates."""
+    if user is None and os.environ.get(NATS_USER.variable):
+        user = os.environ[NATS_USER.variable]
+        password_file = os.environ.get(NATS_PASSWORD_FILE.variable)
+        if not password_file:
+            raise ValueError(f"{NATS_USER.variable} needs {NATS_PASSWORD_FILE.variable}")
+        password = Path(password_file).read_text().strip()
+    login: dict[str, Any] = {
+        "user_credentials": os.environ.get(NATS_CREDS.variable) or None,
+        "nkeys_seed": os.environ.get(NATS_NKEY.variable) or None,
+    }
+    if user is not None:
+        login |= {"user": user, "password": password}
+    inbox_user = user or urlsplit(url.split(",")[0]).username
+    if inbox_user:
+        login["inbox_prefix"] = inbox_prefix(inbox_user)
+    ca = os.environ.get(NATS_TLS_CA.variable)
+    if ca:
+        login["tls"] = ssl.create_default_context(cafile=ca)
+    return login
+
+
+async def connect(
+    url: str, name: str, user: str | None = None, password: str | None = None
+) -> NATS:
     """Connect with endless reconnects and no client-side publish buffer.
 
     A buffered publish would look sent while NATS is away; with the buffer off
     a publish during an outage fails at once, so ingress answers 451 instead of
-    pretending.
+    pretending. user and password: see _login.
     """
+    login = _login(url, user, password)
 
     nc = NATS()
 
@@ -106,10 +168,7 @@ async def connect(url: str, name: str) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
-        # User and password go in the URL (nats://user:pass@host); a credentials
-        # file (JWT + nkey seed) or an nkey seed file are named in the environment.
-        user_credentials=os.environ.get(NATS_CREDS.variable) or None,
-        nkeys_seed=os.environ.get(NATS_NKEY.variable) or None,
+        **login,
     )
     return nc
 
@@ -143,71 +202,81 @@ async def ensure_layout(
     *,
     owner: bool = False,
     body_store_limit: int | None = None,
+    streams: Collection[str] | None = None,
 ) -> None:
     """Create kurrier's streams, KV buckets and object store if missing.
 
+    streams: only these (by stream name, as LAYOUT names them); None: all.
     body_store_limit caps the bytes of stored bodies (stream and object
     store alike). Set below the JetStream storage, it keeps headroom for the
     small writes (records, jobs, results) that let the queue drain and free
     space once it is full: without it a full disk could not even record a
     delivery.
     """
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=BODIES_STREAM,
-            subjects=["kurrier.body.*"],
-            storage=StorageType.FILE,
-            num_replicas=replicas,
-            max_msgs_per_subject=1,
-            max_bytes=body_store_limit or -1,
-            allow_direct=True,
-            discard=DiscardPolicy.NEW,
-        ),
-        owner,
-    )
+    wanted = LAYOUT if streams is None else [name for name in LAYOUT if name in streams]
+    if BODIES_STREAM in wanted:
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=BODIES_STREAM,
+                subjects=["kurrier.body.*"],
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+                max_msgs_per_subject=1,
+                max_bytes=body_store_limit or -1,
+                allow_direct=True,
+                discard=DiscardPolicy.NEW,
+            ),
+            owner,
+        )
     # Retries are server-side message schedules: the time a deferred message is
     # due lives in JetStream itself and fires into kurrier.due.* whichever
     # queue process is alive then.
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=JOBS_STREAM,
-            subjects=["kurrier.job.*", "kurrier.due.*", "kurrier.schedule.*"],
-            storage=StorageType.FILE,
-            num_replicas=replicas,
-            retention=RetentionPolicy.WORK_QUEUE,
-            allow_msg_schedules=True,
-        ),
-        owner,
-    )
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=RESULTS_STREAM,
-            subjects=["kurrier.result.*"],
-            storage=StorageType.FILE,
-            num_replicas=replicas,
-            retention=RetentionPolicy.WORK_QUEUE,
-            discard=DiscardPolicy.NEW,
-        ),
-        owner,
-    )
+    if JOBS_STREAM in wanted:
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=JOBS_STREAM,
+                subjects=["kurrier.job.*", "kurrier.due.*", "kurrier.schedule.*"],
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+                retention=RetentionPolicy.WORK_QUEUE,
+                allow_msg_schedules=True,
+            ),
+            owner,
+        )
+    if RESULTS_STREAM in wanted:
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=RESULTS_STREAM,
+                subjects=["kurrier.result.*"],
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+                retention=RetentionPolicy.WORK_QUEUE,
+                discard=DiscardPolicy.NEW,
+            ),
+            owner,
+        )
     for bucket, ttl in ((MESSAGES_BUCKET, None), (CONFIG_BUCKET, None), (LEASES_BUCKET, LEASE_TTL)):
+        if kv_stream(bucket) not in wanted:
+            continue
         try:
             await js.key_value(bucket)
             if owner:
-                await _converge_replicas(js, f"KV_{bucket}", replicas)
+                await _converge_replicas(js, kv_stream(bucket), replicas)
         except NotFoundError:
             await js.create_key_value(
                 KeyValueConfig(
                     bucket=bucket, storage=StorageType.FILE, replicas=replicas, history=1, ttl=ttl
                 )
             )
+    if object_stream(OBJECT_BUCKET) not in wanted:
+        return
     try:
         await js.object_store(OBJECT_BUCKET)
         if owner:
-            await _converge_replicas(js, f"OBJ_{OBJECT_BUCKET}", replicas)
+            await _converge_replicas(js, object_stream(OBJECT_BUCKET), replicas)
     except NotFoundError:
         await js.create_object_store(
             OBJECT_BUCKET,
@@ -215,6 +284,25 @@ async def ensure_layout(
                 storage=StorageType.FILE, replicas=replicas, max_bytes=body_store_limit or -1
             ),
         )
+
+
+async def wait_for_layout(
+    js: JetStreamContext, streams: Collection[str], poll: float = 1.0
+) -> None:
+    """Until these streams exist: those a component uses but may not create (the
+    queue creates them)."""
+    missing = set(streams)
+    while True:
+        for stream in sorted(missing):
+            try:
+                await js.stream_info(stream)
+                missing.discard(stream)
+            except NotFoundError:
+                pass
+        if not missing:
+            return
+        log.info("waiting for the queue to create %s", ", ".join(sorted(missing)))
+        await asyncio.sleep(poll)
 
 
 async def pull_batch(

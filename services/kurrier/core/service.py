@@ -1,7 +1,8 @@
 """One skeleton for the long-running services, in the spirit of Postfix's single_server.
 
 `serve` does, once and in one order, what every service needs: connect to
-NATS, ensure the JetStream layout, follow the routing table, build the service
+NATS, create the JetStream streams it may create and wait for the others it
+uses (kurrier.core.nats_access), follow the routing table, build the service
 (its `start` hook), serve /healthz and /metrics, wait for the first routing
 table when the service needs it, open to clients, run until SIGTERM or SIGINT,
 drain in the service's order, close, disconnect. A service declares a
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from kurrier.core.http_endpoint import HttpEndpoint, Refresh
-from kurrier.core.jetstream import connect, disconnect, ensure_layout
+from kurrier.core.jetstream import connect, disconnect, ensure_layout, wait_for_layout
 from kurrier.core.lifecycle import ended_unexpectedly, run_until, stop_event
 from kurrier.core.metrics import NATS_CONNECTED
+from kurrier.core.nats_access import streams_created, streams_used
 from kurrier.core.table_store import TableFollower
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -106,12 +108,15 @@ async def serve(service: Service) -> None:
     hooks = Hooks()
     try:
         js = nc.jetstream()
+        created = streams_created(service.name)
         await ensure_layout(
             js,
             service.replicas,
             owner=service.owns_layout,
             body_store_limit=service.body_store_limit,
+            streams=created,
         )
+        await wait_for_layout(js, streams_used(service.name) - created)
         tables = TableFollower()
         if service.follows_table:
             helpers.append(asyncio.create_task(tables.run(js), name="routing table"))

@@ -140,6 +140,13 @@ NATS_CREDS = Setting(
     "nats_creds", "NATS credentials file (JWT and nkey seed)", environment_only=True
 )
 NATS_NKEY = Setting("nats_nkey", "NATS nkey seed file", environment_only=True)
+NATS_USER = Setting("nats_user", "NATS user name", environment_only=True)
+NATS_PASSWORD_FILE = Setting(
+    "nats_password_file", "file holding the NATS user's password", environment_only=True
+)
+NATS_TLS_CA = Setting(
+    "nats_tls_ca", "CA bundle to verify the NATS servers' certificates", environment_only=True
+)
 TABLE_KEYS = Setting(
     "table_keys",
     "directory of the keys (<reader>.key) that open the routing table's secrets",
@@ -168,6 +175,9 @@ COMMON = (
     NATS_REPLICAS,
     NATS_CREDS,
     NATS_NKEY,
+    NATS_USER,
+    NATS_PASSWORD_FILE,
+    NATS_TLS_CA,
     TABLE_KEYS,
     HOSTNAME,
     LOG_LEVEL,

@@ -1,0 +1,142 @@
+"""Each component's NATS identity: the streams it uses and what it may do there.
+
+The one place that says who may do what in NATS. `kurrier up` writes these
+permissions into its nats-server configuration; the chart renders them from
+charts/kurrier/files/nats-permissions.json, written from here by
+`python -m kurrier.core.nats_access` (a test keeps the file current). The
+service skeleton creates the streams its component may create and waits for
+the others it uses.
+
+A JetStream request is a publish to `$JS.API.<verb>.<stream>...`, so
+permissions on those subjects are permissions on streams. Replies come back
+on the client's inbox, and each user has its own (`_INBOX.<user>.>`): with a
+shared `_INBOX.>` any user could read the replies to another's reads, bodies
+included.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from kurrier.core.jetstream import (
+    BODIES_STREAM,
+    CONFIG_BUCKET,
+    JOBS_STREAM,
+    LEASES_BUCKET,
+    MESSAGES_BUCKET,
+    MESSAGES_STREAM,
+    OBJECT_BUCKET,
+    RESULTS_STREAM,
+    ROUTING_TABLE_KEY,
+    inbox_prefix,
+    kv_stream,
+    object_stream,
+)
+
+API = "$JS.API"
+CONFIG_STREAM = kv_stream(CONFIG_BUCKET)
+LEASES_STREAM = kv_stream(LEASES_BUCKET)
+OBJECT_STREAM = object_stream(OBJECT_BUCKET)
+
+
+@dataclass(frozen=True)
+class Use:
+    """One stream a component uses. Every use may look the stream up (STREAM.INFO)."""
+
+    stream: str
+    # Subjects it stores into the stream.
+    publish: tuple[str, ...] = ()
+    # Gets and consumers (with their acknowledgements and flow control).
+    read: bool = True
+    # Deleting messages, purging subjects.
+    remove: bool = False
+    # Creating it when missing, and (the layout's owner) converging its configuration.
+    create: bool = False
+    # Finding its name by subject (STREAM.NAMES, stream names only): nats-py does to
+    # read an object's chunks.
+    find: bool = False
+
+
+# The message state: the queue's, all of it.
+_QUEUE_STATE = (
+    Use(BODIES_STREAM, ("kurrier.body.*",), remove=True, create=True),
+    Use(OBJECT_STREAM, (f"$O.{OBJECT_BUCKET}.>",), remove=True, create=True, find=True),
+    Use(MESSAGES_STREAM, (f"$KV.{MESSAGES_BUCKET}.>",), remove=True, create=True),
+    Use(JOBS_STREAM, ("kurrier.job.*", "kurrier.due.*", "kurrier.schedule.*"), True, True, True),
+    Use(RESULTS_STREAM, ("kurrier.result.*",), remove=True, create=True),
+    Use(LEASES_STREAM, (f"$KV.{LEASES_BUCKET}.>",), remove=True, create=True),
+)
+
+COMPONENTS: dict[str, tuple[Use, ...]] = {
+    # The routing table, read-only. Mail reaches the queue over gRPC.
+    "ingress": (Use(CONFIG_STREAM),),
+    # Writes the routing table, nothing else.
+    "operator": (Use(CONFIG_STREAM, (f"$KV.{CONFIG_BUCKET}.{ROUTING_TABLE_KEY}",), create=True),),
+    # Takes jobs, reads bodies and records, reports results, and ends a
+    # message it delivered completely: its record, body and schedule.
+    "delivery": (
+        Use(JOBS_STREAM, remove=True),
+        Use(RESULTS_STREAM, ("kurrier.result.*",), read=False),
+        Use(BODIES_STREAM, remove=True),
+        Use(OBJECT_STREAM, (f"$O.{OBJECT_BUCKET}.M.>",), remove=True, find=True),
+        Use(MESSAGES_STREAM, (f"$KV.{MESSAGES_BUCKET}.>",), remove=True),
+        Use(CONFIG_STREAM),
+    ),
+    # Everything else: it owns the layout and the messages; it reads the table.
+    "queue": (*_QUEUE_STATE, Use(CONFIG_STREAM, create=True)),
+}
+
+
+def _allowed_publish(use: Use) -> list[str]:
+    stream = use.stream
+    subjects = [f"{API}.STREAM.INFO.{stream}"]
+    if use.read:
+        subjects += [
+            f"{API}.DIRECT.GET.{stream}",
+            f"{API}.DIRECT.GET.{stream}.>",
+            f"{API}.STREAM.MSG.GET.{stream}",
+            f"{API}.CONSUMER.CREATE.{stream}",
+            f"{API}.CONSUMER.CREATE.{stream}.>",
+            f"{API}.CONSUMER.DURABLE.CREATE.{stream}.>",
+            f"{API}.CONSUMER.INFO.{stream}.>",
+            f"{API}.CONSUMER.DELETE.{stream}.>",
+            f"{API}.CONSUMER.MSG.NEXT.{stream}.>",
+            f"$JS.ACK.{stream}.>",
+            f"$JS.FC.{stream}.>",
+        ]
+    if use.remove:
+        subjects += [f"{API}.STREAM.MSG.DELETE.{stream}", f"{API}.STREAM.PURGE.{stream}"]
+    if use.create:
+        subjects += [f"{API}.STREAM.CREATE.{stream}", f"{API}.STREAM.UPDATE.{stream}"]
+    if use.find:
+        subjects.append(f"{API}.STREAM.NAMES")
+    return subjects + list(use.publish)
+
+
+def permissions(component: str) -> dict[str, Any]:
+    """The component's permissions in nats-server's configuration form (JSON is valid there)."""
+    publish = [subject for use in COMPONENTS[component] for subject in _allowed_publish(use)]
+    return {
+        "publish": {"allow": publish},
+        "subscribe": {"allow": [f"{inbox_prefix(component)}.>"]},
+    }
+
+
+def streams_created(component: str) -> frozenset[str]:
+    return frozenset(use.stream for use in COMPONENTS[component] if use.create)
+
+
+def streams_used(component: str) -> frozenset[str]:
+    return frozenset(use.stream for use in COMPONENTS[component])
+
+
+def chart_permissions() -> str:
+    """charts/kurrier/files/nats-permissions.json: every component's permissions."""
+    return json.dumps({name: permissions(name) for name in COMPONENTS}, indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(chart_permissions())
