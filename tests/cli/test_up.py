@@ -1,17 +1,23 @@
-"""`kurrier up`'s embedded nats-server: how it is started."""
+"""`kurrier up`'s embedded nats-server: how it is started, and who may log in."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import smtplib
 import socket
 import subprocess
 from pathlib import Path
 
+import nats
+import nats.errors
 import pytest
 from kurrier.cli.main import build_parser
 from kurrier.cli.nats_server import nats_server_env
-from kurrier.cli.up import UpSettings, metrics_ports
+from kurrier.cli.up import NATS_USERS_DIR, UpSettings, metrics_ports
+from kurrier.core.jetstream import BODIES_STREAM, connect, disconnect
+from kurrier.core.nats_access import COMPONENTS
+from kurrier.core.settings import NATS_PASSWORD_FILE, NATS_USER
 
 from tests.support.metrics import value
 from tests.support.processes import free_ports, kurrier_argv, wait_until
@@ -120,3 +126,38 @@ def test_metrics_ports_follow_the_children_up_runs(monkeypatch: pytest.MonkeyPat
     assert metrics_ports(_up_settings("--config", here, "--metrics-base-port", "off")) == {}
     monkeypatch.setenv("KURRIER_METRICS_BASE_PORT", "off")
     assert metrics_ports(_up_settings("--config", here)) == {}
+
+
+def test_up_runs_nats_with_a_login_per_component(tmp_path: Path, sink: Sink) -> None:
+    """Each child logs in as its own component with a password only up's user can read;
+    without one NATS is closed, and ingress's login reaches no message body."""
+    config = documents(
+        inbound_domain("example.com"), route("to-sink", ["example.com"], sink.port), trusting()
+    )
+    with UpRelay(tmp_path, config) as relay:
+        bare_url = str(relay.state["nats_url"])
+        users = relay.data_dir / NATS_USERS_DIR
+        for child in ("queue", "delivery", "ingress"):
+            environ = Path(f"/proc/{relay.pid(child)}/environ").read_bytes()
+            variables = dict(entry.split(b"=", 1) for entry in environ.split(b"\0") if entry)
+            assert variables[NATS_USER.variable.encode()] == child.encode()
+            assert variables[NATS_PASSWORD_FILE.variable.encode()] == str(users / child).encode()
+        passwords = {user: (users / user).read_text() for user in COMPONENTS}
+        assert len(set(passwords.values())) == len(COMPONENTS)
+        assert all(len(password) >= 32 for password in passwords.values())
+        private = [users / user for user in COMPONENTS] + [relay.data_dir / "nats-server.conf"]
+        assert {oct(path.stat().st_mode & 0o777) for path in private} == {"0o600"}
+        assert oct(users.stat().st_mode & 0o777) == "0o700"
+
+        async def check() -> None:
+            with pytest.raises(nats.errors.Error, match=r"[Aa]uthorization"):
+                await nats.connect(bare_url, allow_reconnect=False, max_reconnect_attempts=0)
+            nc = await connect(bare_url, "test-ingress", "ingress", passwords["ingress"])
+            try:
+                with pytest.raises(nats.errors.TimeoutError):
+                    await nc.jetstream(timeout=1).stream_info(BODIES_STREAM)
+            finally:
+                await disconnect(nc)
+
+        asyncio.run(check())
+    assert "Publish Violation" in (tmp_path / "up.log").read_text()

@@ -12,9 +12,8 @@ import textwrap
 from pathlib import Path
 
 import bcrypt
-import nats
 import pytest
-from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY
+from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY, connect
 
 from tests.ingress.smtp_probe import SmtpProbe, plain
 from tests.support.certs import private_pem, rsa_key, self_signed_context
@@ -37,8 +36,9 @@ def _policy() -> str:
 
 
 async def _stored_table(nats_url: str) -> bytes:
-    """The routing table as any NATS client with access to the bucket reads it."""
-    nc = await nats.connect(nats_url)
+    """The routing table as any NATS client with access to the bucket reads it (here the
+    queue's login; its replies come to its own inbox, which kurrier's connect names)."""
+    nc = await connect(nats_url, "test-reader")
     try:
         kv = await nc.jetstream().key_value(CONFIG_BUCKET)
         entry = await kv.get(ROUTING_TABLE_KEY)

@@ -14,6 +14,7 @@ from pathlib import Path
 import nats.errors
 import nats.js.errors
 import yaml
+from kurrier.cli.up import NATS_USERS_DIR
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     connect,
@@ -255,7 +256,10 @@ class UpRelay:
 
     @property
     def nats_url(self) -> str:
-        return str(self.state["nats_url"])
+        """The embedded NATS, logged in as the queue: the user that may read what tests inspect."""
+        password = (self.data_dir / NATS_USERS_DIR / "queue").read_text()
+        urls = str(self.state["nats_url"]).split(",")
+        return ",".join(url.replace("nats://", f"nats://queue:{password}@") for url in urls)
 
     def table_revision_in_use(self, service: str) -> int:
         """The newest routing table revision a child ('ingress', 'delivery') logged it uses."""

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kurrier.cli.private_files import private_directory, write_private
 from kurrier.core.grpc_tls import GrpcTls, QueueTls
 
 # The name the queue's certificate carries and its clients verify; a unix
@@ -101,17 +101,10 @@ def private_pem(
     )
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-
-
 def make_local_tls(directory: Path) -> tuple[GrpcTls, QueueTls]:
     """A new CA and the queue's and its clients' certificates, written in directory:
     (the queue's server side, its clients' side)."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_directory(directory)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = certificate("kurrier up local CA", ca_key, None, ca_key, ca=True)
     files: dict[str, Path] = {}
@@ -124,7 +117,7 @@ def make_local_tls(directory: Path) -> tuple[GrpcTls, QueueTls]:
         files[f"{stem}.crt"] = directory / f"{stem}.crt"
         files[f"{stem}.crt"].write_bytes(certificate_pem(cert))
         files[f"{stem}.key"] = directory / f"{stem}.key"
-        _write_private(files[f"{stem}.key"], private_pem(key))
+        write_private(files[f"{stem}.key"], private_pem(key))
     ca_file = directory / "ca.crt"
     ca_file.write_bytes(certificate_pem(ca))
     server = GrpcTls(str(files["queue.crt"]), str(files["queue.key"]), str(ca_file))

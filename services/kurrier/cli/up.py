@@ -32,11 +32,13 @@ from kurrier.cli.nats_server import (
     wait_for_port,
     write_config,
 )
+from kurrier.cli.nats_users import NatsUsers
 from kurrier.cli.supervisor import Supervisor
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.jetstream import connect, ensure_layout
 from kurrier.core.lifecycle import signal_event, stop_event
 from kurrier.core.loader import ResourceError, load_resources
+from kurrier.core.nats_access import streams_created
 from kurrier.core.routing import compile_table
 from kurrier.core.settings import SERVICES, SMTP, TABLE_KEYS, command_line
 from kurrier.core.smtp_probe import wait_for_smtp_banner
@@ -53,6 +55,8 @@ from nats.errors import Error as NatsError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+# The NATS users' password files, in the data dir.
+NATS_USERS_DIR = "nats-users"
 READY_TIMEOUT = 60.0
 
 
@@ -88,15 +92,19 @@ def child_argv(command: str, passed_on: Mapping[str, object], **values: object) 
     return [sys.executable, "-m", "kurrier.cli", command, *flags]
 
 
-async def _publish_config(nats_url: str, config: Path, replicas: int, keys: TableKeys) -> None:
+async def _publish_config(
+    nats_url: str, config: Path, replicas: int, keys: TableKeys, users: NatsUsers
+) -> None:
+    """Publish the table as the operator would, with the operator's NATS identity."""
     resources = load_resources(config)
     table, problems = compile_table(resources)
     for problem in problems:
         log.warning("%s %s: %s", problem.kind, problem.name, problem.message)
-    nc = await connect(nats_url, "kurrier-up")
+    nc = await connect(nats_url, "kurrier-up", "operator", users.password("operator"))
     try:
         js = nc.jetstream()
-        await _until_jetstream_ready(lambda: ensure_layout(js, replicas))
+        created = streams_created("operator")
+        await _until_jetstream_ready(lambda: ensure_layout(js, replicas, streams=created))
         revision = await publish_table(js, table, keys)
     finally:
         await nc.close()
@@ -117,10 +125,12 @@ async def _until_jetstream_ready(attempt: Callable[[], Awaitable[None]]) -> None
 
 
 async def _start_nats(
-    supervisor: Supervisor, data_dir: Path, nodes: int, sync: str | None
+    supervisor: Supervisor, data_dir: Path, nodes: int, sync: str | None, users: NatsUsers
 ) -> list[str]:
     """Start the embedded NATS (one server or a cluster); returns the client URLs."""
-    config = write_config(data_dir / "nats-server.conf", sync or default_sync_interval(nodes))
+    config = write_config(
+        data_dir / "nats-server.conf", sync or default_sync_interval(nodes), users.authorization()
+    )
     if nodes == 1:
         port = free_port()
         argv = nats_server_argv(data_dir / "nats", port, config=config)
@@ -254,6 +264,7 @@ class _LocalRelay:
         self.table_keys = local_key_directories(self.data_dir / "table-keys")
         self.publisher_keys = TableKeys.from_directory(self.table_keys[PUBLISHER])
         self.nats_urls: list[str] = []
+        self.nats_users = NatsUsers.create(self.data_dir / NATS_USERS_DIR)
         self.ready = False
         self.supervisor = Supervisor(on_spawn=self.write_state)
 
@@ -278,13 +289,21 @@ class _LocalRelay:
 
     async def start_nats(self) -> None:
         self.nats_urls = await _start_nats(
-            self.supervisor, self.data_dir, self.settings.nats_cluster, self.settings.nats_sync
+            self.supervisor,
+            self.data_dir,
+            self.settings.nats_cluster,
+            self.settings.nats_sync,
+            self.nats_users,
         )
 
     async def take_resources(self) -> None:
         if self.settings.config is not None:
             await _publish_config(
-                self.nats_url, self.settings.config, self.replicas, self.publisher_keys
+                self.nats_url,
+                self.settings.config,
+                self.replicas,
+                self.publisher_keys,
+                self.nats_users,
             )
             return
         await self.supervisor.start(
@@ -298,15 +317,16 @@ class _LocalRelay:
                 namespaces=",".join(self.settings.namespaces),
                 metrics_listen=self.operator_health,
             ),
-            self._env(PUBLISHER),
+            self._env(PUBLISHER, "operator"),
         )
 
-    def _env(self, holder: str | None) -> dict[str, str]:
-        """up's environment, with the routing table keys of holder (None: no keys)."""
+    def _env(self, holder: str | None, user: str) -> dict[str, str]:
+        """up's environment, with the routing table keys of holder (None: no keys) and
+        the NATS login of user."""
         env = {k: v for k, v in os.environ.items() if k != TABLE_KEYS.variable}
         if holder is not None:
             env[TABLE_KEYS.variable] = str(self.table_keys[holder])
-        return env
+        return self.nats_users.environment(user, env)
 
     def _child_argv(self, name: str, command: str, index: int, **values: object) -> list[str]:
         port = self.metrics_ports.get(name)
@@ -333,10 +353,12 @@ class _LocalRelay:
                     grpc_tls_key=self.queue_tls.key_file,
                     grpc_tls_client_ca=self.queue_tls.client_ca_file,
                 ),
-                self._env(None),
+                self._env(None, "queue"),
             )
             await self.supervisor.start(
-                delivery, self._child_argv(delivery, "delivery", index + 1), self._env(DELIVERY)
+                delivery,
+                self._child_argv(delivery, "delivery", index + 1),
+                self._env(DELIVERY, "delivery"),
             )
         await self.supervisor.start(
             "ingress",
@@ -350,7 +372,7 @@ class _LocalRelay:
                 queue_tls_key=self.client_tls.key_file,
                 queue_tls_server_name=self.client_tls.server_name,
             ),
-            self._env(INGRESS),
+            self._env(INGRESS, "ingress"),
         )
 
     async def wait_until_ready(self) -> None:
@@ -382,7 +404,11 @@ class _LocalRelay:
                     continue  # the operator follows the cluster: nothing to re-read
                 try:
                     await _publish_config(
-                        self.nats_url, self.settings.config, self.replicas, self.publisher_keys
+                        self.nats_url,
+                        self.settings.config,
+                        self.replicas,
+                        self.publisher_keys,
+                        self.nats_users,
                     )
                 except ResourceError as error:
                     log.error("config not reloaded, keeping the live table:\n%s", error)
