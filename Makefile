@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint typecheck testbin proto up bench clean
+.PHONY: install test lint typecheck testbin proto nats-permissions up bench clean
 
 $(BIN)/kurrier: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ install: $(BIN)/kurrier
 proto: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=services \
 		--grpc_python_out=services --mypy_out=services --mypy_grpc_out=services proto/kurrier/v1/*.proto
+
+# The chart's copy of each component's NATS permissions (kurrier.core.nats_access).
+nats-permissions: install
+	$(BIN)/python -m kurrier.core.nats_access > charts/kurrier/files/nats-permissions.json
 
 lint: install
 	$(BIN)/ruff check .

@@ -24,6 +24,7 @@ from tests.support.chart import (
 )
 from tests.support.kube import Api, TestCluster
 
+NATS_SECRETS = ("kurrier-nats-auth", "kurrier-nats-tls")
 RELAY_KINDS = {"RelayDomain", "RelayRoute", "RelayPolicy"}
 RESTRICTED = {
     f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "warn", "audit")
@@ -166,6 +167,13 @@ def subject_can(
     return allowed
 
 
+def secret_data(api: Api, namespace: str, name: str) -> dict[str, str]:
+    got = api.request("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+    assert got.status == 200, got.message
+    data: dict[str, str] = got.body["data"]
+    return data
+
+
 def test_helm_install_upgrade_uninstall(
     helm_bin: Path, chart_cluster: TestCluster, crds: Api, tmp_path: Path
 ) -> None:
@@ -173,8 +181,10 @@ def test_helm_install_upgrade_uninstall(
     ns = "kurrier-install"
     env = chart_cluster.env()
     api.ensure_namespace(ns, RESTRICTED)
-    out = helm(helm_bin, "install", RELEASE, str(CHART), "--namespace", ns, env=env)
+    chart_ca = ("--set", "nats.tls.certificates=chart")
+    out = helm(helm_bin, "install", RELEASE, str(CHART), "--namespace", ns, *chart_ca, env=env)
     assert "STATUS: deployed" in out, out
+    nats_secrets = {name: secret_data(api, ns, name) for name in NATS_SECRETS}
     # NOTES.txt tells how to send a test mail.
     assert f"kubectl port-forward -n {ns} svc/kurrier-ingress 2525:25" in out, out
     assert f"helm test {RELEASE} -n {ns}" in out, out
@@ -230,7 +240,7 @@ def test_helm_install_upgrade_uninstall(
     values.write_text(
         yaml.safe_dump(
             {
-                "nats": {"replicas": 3},
+                "nats": {"replicas": 3, "tls": {"certificates": "chart"}},
                 "operator": {"namespaces": [ns]},
                 "ingress": {"tokenReview": {"enabled": True}},
             }
@@ -250,6 +260,8 @@ def test_helm_install_upgrade_uninstall(
     assert "STATUS: deployed" in out, out
     sts = api.request("GET", f"/apis/apps/v1/namespaces/{ns}/statefulsets/kurrier-nats")
     assert sts.body["spec"]["replicas"] == 3
+    # NATS passwords, CA and certificate were made at install and kept (helm lookup).
+    assert {name: secret_data(api, ns, name) for name in NATS_SECRETS} == nats_secrets
     assert subject_can(api, ns, op, "list", "relayroutes", "kurrier.io")
     assert not subject_can(api, ns, op, "list", "relayroutes", "kurrier.io", in_namespace="other")
     assert not subject_can(api, ns, op, "get", "secrets", in_namespace="other")
@@ -261,6 +273,7 @@ def test_helm_install_upgrade_uninstall(
 
     out = helm(helm_bin, "upgrade", RELEASE, str(CHART), "-n", ns, "--reset-values", env=env)
     assert "STATUS: deployed" in out, out
+    assert secret_data(api, ns, "kurrier-nats-auth") == nats_secrets["kurrier-nats-auth"]
     assert not subject_can(api, ns, "kurrier-ingress", *review)
     assert subject_can(api, ns, op, "list", "relayroutes", "kurrier.io", in_namespace="other")
 

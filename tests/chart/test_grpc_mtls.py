@@ -30,6 +30,9 @@ from tests.support.nats import NatsServer
 from tests.support.processes import free_port, kurrier_argv, stop_process, wait_until
 
 MOUNTS = "/etc/kurrier"
+# Default values but the bundled NATS's login and TLS (tests/chart/test_nats_security.py):
+# the queue here uses a bare test NATS, and only gRPC's key material is looked at.
+MTLS = Scenario("mtls", {"nats": {"auth": {"enabled": False}, "tls": {"enabled": False}}})
 
 
 def _container(objects: list[Obj], name: str) -> Obj:
@@ -73,7 +76,7 @@ def _client_tls(env: Mapping[str, str], server_name: str) -> QueueTls:
 def test_default_values_run_the_queue_behind_mutual_tls(
     helm_bin: Path, nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    objects = render(helm_bin, Scenario("mtls"), tmp_path)
+    objects = render(helm_bin, MTLS, tmp_path)
     queue_root, ingress_root = tmp_path / "queue-pod", tmp_path / "ingress-pod"
     mount_secrets(objects, "kurrier-queue", queue_root)
     mount_secrets(objects, "kurrier-ingress", ingress_root)
@@ -131,7 +134,7 @@ def test_certificates_come_from_cert_manager_where_the_cluster_serves_it(
     helm_bin: Path, tmp_path: Path
 ) -> None:
     served = ["--api-versions", "cert-manager.io/v1/Certificate"]
-    objects = render(helm_bin, Scenario("mtls"), tmp_path, extra=served)
+    objects = render(helm_bin, MTLS, tmp_path, extra=served)
     certificates = {c["metadata"]["name"]: c["spec"] for c in by_kind(objects, "Certificate")}
     issued = {spec["secretName"] for spec in certificates.values() if not spec.get("isCA")}
     assert issued == _mounted_secrets(objects)
@@ -142,7 +145,7 @@ def test_certificates_come_from_cert_manager_where_the_cluster_serves_it(
     assert certificates["kurrier-ingress-grpc-tls"]["usages"][0] == "client auth"
 
     # Without cert-manager the chart makes them, and the Secrets hold what is mounted.
-    objects = render(helm_bin, Scenario("mtls"), tmp_path)
+    objects = render(helm_bin, MTLS, tmp_path)
     assert not by_kind(objects, "Certificate")
     assert _mounted_secrets(objects) <= {s["metadata"]["name"] for s in by_kind(objects, "Secret")}
 

@@ -12,42 +12,43 @@ from pathlib import Path
 import pytest
 from kurrier.cli.nats_server import nats_server_binary
 
-from tests.support.chart import Scenario, find, render
-from tests.support.kube import Obj
-from tests.support.processes import free_port
-
-
-def nats_objects(
-    helm_bin: Path, replicas: int, tmp_path: Path, sync: str | None = None
-) -> tuple[str, Obj]:
-    values: dict[str, object] = {"replicas": replicas}
-    if sync is not None:
-        values["jetstream"] = {"syncInterval": sync}
-    objects = render(helm_bin, Scenario(f"nats{replicas}", {"nats": values}), tmp_path)
-    conf: str = find(objects, "ConfigMap", "kurrier-nats")["data"]["nats.conf"]
-    return conf, find(objects, "StatefulSet", "kurrier-nats")
+from tests.chart.rendered_nats import SERVER_ENV, lay_out, render_nats, running
 
 
 @pytest.mark.parametrize("replicas", [1, 3, 5])
 def test_config_is_valid_for_nats_server(helm_bin: Path, replicas: int, tmp_path: Path) -> None:
-    conf, sts = nats_objects(helm_bin, replicas, tmp_path)
-    path = tmp_path / "nats.conf"
-    path.write_text(conf)
+    nats = render_nats(helm_bin, tmp_path, {"replicas": replicas})
+    laid_out = lay_out(nats, tmp_path)
     proc = subprocess.run(
-        [nats_server_binary(), "--config", str(path), "-t"],
+        [nats_server_binary(), "--config", str(laid_out.config), "-t"],
         capture_output=True,
         text=True,
-        env={**os.environ, "SERVER_NAME": "kurrier-nats-0"},
+        env={**os.environ, **SERVER_ENV},
         timeout=30,
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "is valid" in proc.stdout + proc.stderr
-    # The container runs the same file from the mounted ConfigMap.
-    c = sts["spec"]["template"]["spec"]["containers"][0]
+    # The container runs the same file from the mounted ConfigMap, auth.conf
+    # beside it from the Secret, the certificate from its own Secret.
+    spec = nats.statefulset["spec"]["template"]["spec"]
+    c = spec["containers"][0]
     assert c["args"] == ["--config", "/etc/nats-config/nats.conf"]
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    assert mounts == {"config": "/etc/nats-config", "data": "/data", "run": "/var/run/nats"}
+    assert mounts == {
+        "config": "/etc/nats-config",
+        "tls": "/etc/nats-tls",
+        "data": "/data",
+        "run": "/var/run/nats",
+    }
+    [config] = [v for v in spec["volumes"] if v["name"] == "config"]
+    sources = config["projected"]["sources"]
+    assert sources[0]["configMap"]["name"] == "kurrier-nats"
+    assert sources[1]["secret"] == {
+        "name": "kurrier-nats-auth",
+        "items": [{"key": "auth.conf", "path": "auth.conf"}],
+    }
+    conf = nats.conf
     assert "store_dir: /data" in conf and "pid_file: /var/run/nats/nats.pid" in conf
     assert ("cluster {" in conf) == (replicas > 1)
 
@@ -64,7 +65,10 @@ def test_config_is_valid_for_nats_server(helm_bin: Path, replicas: int, tmp_path
 def test_a_single_node_syncs_every_write_unless_told_otherwise(
     helm_bin: Path, tmp_path: Path, replicas: int, sync: str | None, rendered: str | None
 ) -> None:
-    conf, _ = nats_objects(helm_bin, replicas, tmp_path, sync)
+    values: dict[str, object] = {"replicas": replicas}
+    if sync is not None:
+        values["jetstream"] = {"syncInterval": sync}
+    conf = render_nats(helm_bin, tmp_path, values).conf
     lines = [line.strip() for line in conf.splitlines() if "sync_interval" in line]
     assert lines == ([f"sync_interval: {rendered}"] if rendered else [])
 
@@ -84,26 +88,11 @@ def test_single_node_serves_the_probes_and_lame_duck_prestop(
     helm_bin: Path, tmp_path: Path
 ) -> None:
     """Run the rendered single-node config for real (ports and paths moved to tmp)."""
-    conf, sts = nats_objects(helm_bin, 1, tmp_path)
-    client, monitor = free_port(), free_port()
-    conf = (
-        conf.replace("/var/run/nats/nats.pid", str(tmp_path / "nats.pid"))
-        .replace("store_dir: /data", f"store_dir: {tmp_path / 'data'}")
-        .replace("listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{client}")
-        .replace("http: 0.0.0.0:8222", f"http: 127.0.0.1:{monitor}")
-        .replace("lame_duck_grace_period: 10s", "lame_duck_grace_period: 0s")
-    )
-    path = tmp_path / "nats.conf"
-    path.write_text(conf)
-    log = (tmp_path / "nats.log").open("wb")
-    server = subprocess.Popen(
-        [nats_server_binary(), "--config", str(path)],
-        env={**os.environ, "SERVER_NAME": "kurrier-nats-0"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        c = sts["spec"]["template"]["spec"]["containers"][0]
+    nats = render_nats(helm_bin, tmp_path, {"replicas": 1})
+    laid_out = lay_out(nats, tmp_path)
+    monitor = laid_out.monitor_port
+    with running(laid_out) as server:
+        c = nats.statefulset["spec"]["template"]["spec"]["containers"][0]
         paths = [
             c[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")
         ]
@@ -125,8 +114,3 @@ def test_single_node_serves_the_probes_and_lame_duck_prestop(
         subprocess.run(command, check=True, capture_output=True, timeout=30)
         assert server.wait(timeout=30) == 0
         assert "lame duck" in (tmp_path / "nats.log").read_text().lower()
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        log.close()

@@ -56,7 +56,11 @@ def test_defaults(helm_bin: Path, tmp_path: Path) -> None:
         c = container(objects, "Deployment", f"kurrier-{component}")
         assert c["args"] == [component]
         env = env_of(c)
-        assert env["KURRIER_NATS_URL"] == "nats://kurrier-nats:4222"
+        # NATS with a login per component, over TLS.
+        assert env["KURRIER_NATS_URL"] == "tls://kurrier-nats:4222"
+        assert env["KURRIER_NATS_USER"] == component
+        assert env["KURRIER_NATS_PASSWORD_FILE"] == "/etc/kurrier/nats-auth/password"
+        assert env["KURRIER_NATS_TLS_CA"] == "/etc/kurrier/nats-tls/ca.crt"
         assert env["KURRIER_NATS_REPLICAS"] == "1"
         assert env["KURRIER_METRICS_LISTEN"] == "0.0.0.0:9090"
         assert env["OTEL_SERVICE_NAME"] == f"kurrier-{component}"
@@ -99,6 +103,9 @@ def test_defaults(helm_bin: Path, tmp_path: Path) -> None:
     assert find(objects, "Service", "kurrier-nats-headless")["spec"]["clusterIP"] == "None"
     conf = find(objects, "ConfigMap", "kurrier-nats")["data"]["nats.conf"]
     assert "jetstream {" in conf and "cluster {" not in conf
+    assert "include ./auth.conf" in conf and "tls {" in conf
+    assert find(objects, "Secret", "kurrier-nats-auth")["type"] == "Opaque"
+    assert find(objects, "Secret", "kurrier-nats-tls")["type"] == "kubernetes.io/tls"
 
     kinds = {o["kind"] for o in objects}
     assert {"NetworkPolicy", "PodDisruptionBudget", "ClusterRole", "Pod"} <= kinds
@@ -113,6 +120,8 @@ def test_external_nats(helm_bin: Path, tmp_path: Path) -> None:
     objects = render(helm_bin, scenario("external-nats"), tmp_path)
     assert not by_kind(objects, "StatefulSet")
     assert not [o for o in objects if o["metadata"]["name"].startswith("kurrier-nats")]
+    # The user's NATS, the user's login: none of the bundled NATS's.
+    assert not any("KURRIER_NATS_USER" in str(o) or "nats-tls" in str(o) for o in objects)
     for component in COMPONENTS:
         deployment = find(objects, "Deployment", f"kurrier-{component}")
         c = deployment["spec"]["template"]["spec"]["containers"][0]

@@ -107,6 +107,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "tokenReview": {"enabled": True},
             },
             "queue": {"mtls": {"certificates": "certManager"}},
+            "nats": {"tls": {"certificates": "certManager"}},
             "delivery": {
                 "autoscaling": {"enabled": True},
                 "caBundle": {"configMapName": "corporate-ca"},
@@ -139,7 +140,11 @@ SCENARIOS: tuple[Scenario, ...] = (
             "networkPolicy": {"enabled": False},
             "tests": {"enabled": False},
             "metrics": {"podAnnotations": False},
-            "nats": {"pdb": {"enabled": False}},
+            "nats": {
+                "pdb": {"enabled": False},
+                "auth": {"enabled": False},
+                "tls": {"enabled": False},
+            },
             "ingress": {"pdb": {"enabled": False}, "ports": {"submission": {"enabled": False}}},
             "queue": {"pdb": {"enabled": False}, "mtls": {"enabled": False}},
             "delivery": {"pdb": {"enabled": False}},

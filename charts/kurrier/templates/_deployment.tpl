@@ -49,6 +49,10 @@ spec:
         {{- end }}
       annotations:
         kubectl.kubernetes.io/default-container: {{ $component }}
+        {{- if and (not .noCommonEnv) (include "kurrier.nats.auth" $root) }}
+        {{- /* A new password (rotation) restarts the pods. */}}
+        checksum/nats-password: {{ get (include "kurrier.nats.passwords" $root | fromJson) $component | sha256sum | trunc 16 | quote }}
+        {{- end }}
         {{- if and $root.Values.metrics.podAnnotations (not .noMetrics) }}
         prometheus.io/scrape: "true"
         prometheus.io/port: {{ $root.Values.metrics.port | quote }}
@@ -138,6 +142,16 @@ spec:
               mountPath: /etc/kurrier/table-keys
               readOnly: true
             {{- end }}
+            {{- if and (not .noCommonEnv) (include "kurrier.nats.auth" $root) }}
+            - name: nats-password
+              mountPath: /etc/kurrier/nats-auth
+              readOnly: true
+            {{- end }}
+            {{- if and (not .noCommonEnv) (include "kurrier.nats.tls" $root) }}
+            - name: nats-ca
+              mountPath: /etc/kurrier/nats-tls
+              readOnly: true
+            {{- end }}
             {{- with .mounts }}
             {{- . | nindent 12 }}
             {{- end }}
@@ -166,6 +180,24 @@ spec:
               - key: {{ . }}.key
                 path: {{ . }}.key
               {{- end }}
+        {{- end }}
+        {{- if and (not .noCommonEnv) (include "kurrier.nats.auth" $root) }}
+        - name: nats-password
+          secret:
+            secretName: {{ include "kurrier.nats.authSecretName" $root }}
+            defaultMode: 0440
+            items:
+              - key: {{ $component }}
+                path: password
+        {{- end }}
+        {{- if and (not .noCommonEnv) (include "kurrier.nats.tls" $root) }}
+        - name: nats-ca
+          secret:
+            secretName: {{ include "kurrier.nats.tlsSecretName" $root }}
+            defaultMode: 0440
+            items:
+              - key: ca.crt
+                path: ca.crt
         {{- end }}
         {{- with .volumes }}
         {{- . | nindent 8 }}

@@ -87,7 +87,8 @@ app.kubernetes.io/component: {{ $component }}
 {{- if .Values.nats.external.url -}}
 {{- .Values.nats.external.url -}}
 {{- else -}}
-{{- printf "nats://%s:4222" (include "kurrier.nats.name" .) -}}
+{{- /* tls://: the client insists on TLS, so no server can ask for the password in the clear. */ -}}
+{{- printf "%s://%s:4222" (ternary "tls" "nats" (eq (include "kurrier.nats.tls" .) "true")) (include "kurrier.nats.name" .) -}}
 {{- end -}}
 {{- end -}}
 
@@ -112,11 +113,19 @@ app.kubernetes.io/component: {{ $component }}
 
 {{/* gRPC mutual TLS: where the certificates come from, certManager or chart ("" when off). */}}
 {{- define "kurrier.grpcTls.source" -}}
-{{- $mtls := .Values.queue.mtls -}}
-{{- if not $mtls.enabled -}}
-{{- else if ne $mtls.certificates "auto" -}}
-{{- $mtls.certificates -}}
-{{- else if .Capabilities.APIVersions.Has "cert-manager.io/v1/Certificate" -}}
+{{- if .Values.queue.mtls.enabled -}}
+{{- include "kurrier.certificateSource" (list . .Values.queue.mtls.certificates) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where certificates come from for a `certificates` value (auto | certManager | chart):
+auto is cert-manager when the cluster serves it. */}}
+{{- define "kurrier.certificateSource" -}}
+{{- $root := index . 0 -}}
+{{- $setting := index . 1 -}}
+{{- if ne $setting "auto" -}}
+{{- $setting -}}
+{{- else if $root.Capabilities.APIVersions.Has "cert-manager.io/v1/Certificate" -}}
 certManager
 {{- else -}}
 chart
@@ -229,6 +238,16 @@ podAntiAffinity:
 - name: KURRIER_NATS_CREDS
   value: /etc/kurrier/nats/{{ $root.Values.nats.external.credentials.key }}
 {{- end }}
+{{- if include "kurrier.nats.auth" $root }}
+- name: KURRIER_NATS_USER
+  value: {{ $component }}
+- name: KURRIER_NATS_PASSWORD_FILE
+  value: /etc/kurrier/nats-auth/password
+{{- end }}
+{{- if include "kurrier.nats.tls" $root }}
+- name: KURRIER_NATS_TLS_CA
+  value: /etc/kurrier/nats-tls/ca.crt
+{{- end }}
 {{- with $root.Values.hostname }}
 - name: KURRIER_HOSTNAME
   value: {{ . | quote }}
@@ -275,4 +294,91 @@ podAntiAffinity:
 {{- with $root.Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
+{{- end -}}
+
+{{/*
+The bundled NATS's security: one user per component with its permissions
+(files/nats-permissions.json, written from kurrier.core.nats_access), and TLS.
+*/}}
+{{- define "kurrier.nats.auth" -}}
+{{- if and (include "kurrier.nats.bundled" .) .Values.nats.auth.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{- define "kurrier.nats.tls" -}}
+{{- if and (include "kurrier.nats.bundled" .) .Values.nats.tls.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* Where the NATS certificate comes from: certManager or chart ("" without TLS). */}}
+{{- define "kurrier.nats.tlsSource" -}}
+{{- if include "kurrier.nats.tls" . -}}
+{{- include "kurrier.certificateSource" (list . .Values.nats.tls.certificates) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kurrier.nats.authSecretName" -}}
+{{- include "kurrier.componentName" (list . "nats-auth") -}}
+{{- end -}}
+
+{{- define "kurrier.nats.tlsSecretName" -}}
+{{- include "kurrier.componentName" (list . "nats-tls") -}}
+{{- end -}}
+
+{{/* Every component's NATS permissions, by user. */}}
+{{- define "kurrier.nats.permissions" -}}
+{{- .Files.Get "files/nats-permissions.json" -}}
+{{- end -}}
+
+{{/*
+The users' passwords (JSON, by user): those of the existing Secret, so they
+stay across upgrades, else new random ones. Made once per render and kept in
+.Release, so every template that includes this sees the same passwords.
+*/}}
+{{- define "kurrier.nats.passwords" -}}
+{{- if not (hasKey .Release "kurrierNatsPasswords") -}}
+{{- $existing := (lookup "v1" "Secret" .Release.Namespace (include "kurrier.nats.authSecretName" .)).data | default dict -}}
+{{- $passwords := dict -}}
+{{- range $user := include "kurrier.nats.permissions" . | fromJson | keys | sortAlpha -}}
+{{- $_ := set $passwords $user (get $existing $user | b64dec | default (randAlphaNum 32)) -}}
+{{- end -}}
+{{- $_ := set .Release "kurrierNatsPasswords" $passwords -}}
+{{- end -}}
+{{- .Release.kurrierNatsPasswords | toJson -}}
+{{- end -}}
+
+{{/* nats-server's authorization block: every user, its password and permissions. */}}
+{{- define "kurrier.nats.authorization" -}}
+{{- $passwords := include "kurrier.nats.passwords" . | fromJson -}}
+authorization {
+  users = [
+    {{- range $user, $permissions := include "kurrier.nats.permissions" . | fromJson }}
+    {
+      user: {{ $user | quote }}
+      password: {{ get $passwords $user | quote }}
+      permissions: {
+        {{- range $direction := list "publish" "subscribe" }}
+        {{ $direction }}: { allow: [
+          {{- range $i, $subject := (index $permissions $direction).allow }}
+          {{- if $i }},{{ end }}
+          {{ $subject | quote }}
+          {{- end }}
+        ] }
+        {{- end }}
+      }
+    }
+    {{- end }}
+  ]
+}
+{{- end -}}
+
+{{/* The names clients and routes reach the bundled NATS by. */}}
+{{- define "kurrier.nats.dnsNames" -}}
+{{- $name := include "kurrier.nats.name" . -}}
+{{- $headless := include "kurrier.nats.headlessName" . -}}
+{{- $names := list -}}
+{{- range $host := list $name (printf "*.%s" $headless) -}}
+{{- range $suffix := list "" (printf ".%s" $.Release.Namespace) (printf ".%s.svc" $.Release.Namespace) (printf ".%s.svc.cluster.local" $.Release.Namespace) -}}
+{{- $names = append $names (printf "%s%s" $host $suffix) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $names -}}
 {{- end -}}

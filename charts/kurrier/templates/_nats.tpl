@@ -22,11 +22,34 @@ jetstream {
   sync_interval: {{ $sync }}
   {{- end }}
 }
+{{- if include "kurrier.nats.auth" . }}
+# One user per component, with its permissions (the Secret's auth.conf).
+include ./auth.conf
+{{- end }}
+{{- $tls := include "kurrier.nats.tls" . }}
+{{- if $tls }}
+tls {
+  cert_file: /etc/nats-tls/tls.crt
+  key_file: /etc/nats-tls/tls.key
+  ca_file: /etc/nats-tls/ca.crt
+  timeout: 5
+}
+{{- end }}
 {{- if gt $replicas 1 }}
 cluster {
   name: {{ $n.clusterName }}
   listen: 0.0.0.0:6222
   no_advertise: true
+  {{- if $tls }}
+  # Routes carry every message: a server joins only with a certificate of this CA.
+  tls {
+    cert_file: /etc/nats-tls/tls.crt
+    key_file: /etc/nats-tls/tls.key
+    ca_file: /etc/nats-tls/ca.crt
+    verify: true
+    timeout: 5
+  }
+  {{- end }}
   routes: [
     {{- range $i := until $replicas }}
     nats://{{ $name }}-{{ $i }}.{{ $headless }}:6222
