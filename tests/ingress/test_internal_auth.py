@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import nkeys
 import pytest
-from kurrier.core.grpc_tls import QueueTls, queue_channel
+from kurrier.core.grpc_tls import INGRESS_IDENTITY, QueueTls, queue_channel
 from kurrier.core.jetstream import connect, disconnect
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 
@@ -114,9 +114,9 @@ def test_mtls_to_the_queue_and_a_nats_password(tmp_path: Path, sink: Sink) -> No
             assert _admin(relay.queue_address, *admin_flags).returncode == 1
             admin_flags += [
                 "--queue-tls-cert",
-                str(certificates.client_cert),
+                str(certificates.admin_cert),
                 "--queue-tls-key",
-                str(certificates.client_key),
+                str(certificates.admin_key),
             ]
             listed = _admin(relay.queue_address, *admin_flags)
             assert listed.returncode == 0, listed.stderr
@@ -134,7 +134,8 @@ def test_mtls_to_the_queue_and_a_nats_password(tmp_path: Path, sink: Sink) -> No
 
 def test_kurrier_up_runs_its_queue_behind_mutual_tls(tmp_path: Path, sink: Sink) -> None:
     """`kurrier up` makes a CA of its own: its children and `kurrier queue --data-dir`
-    use it, a plaintext client of the queue's socket gets nothing."""
+    use it, a plaintext client of the queue's socket gets nothing, and ingress's
+    certificate may enqueue but not read the queue."""
     config = documents(inbound_domain("example.com"), route("to-sink", ["example.com"], sink.port))
     with UpRelay(tmp_path, config) as relay:
         address = str(relay.state["queue_address"])
@@ -155,6 +156,14 @@ def test_kurrier_up_runs_its_queue_behind_mutual_tls(tmp_path: Path, sink: Sink)
             timeout=60,
         )
         assert listed.returncode == 0, listed.stderr
+        tls = relay.data_dir / "tls"
+        ingress = QueueTls(
+            str(tls / "ca.crt"),
+            str(tls / f"{INGRESS_IDENTITY}.crt"),
+            str(tls / f"{INGRESS_IDENTITY}.key"),
+            "localhost",
+        )
+        assert _list_status(address, ingress) == grpc.StatusCode.PERMISSION_DENIED
 
 
 def _list_status(address: str, tls: QueueTls | None) -> grpc.StatusCode:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from kurrier.cli.local_ca import certificate
 from kurrier.cli.local_ca import private_pem as private_pem
+from kurrier.core.grpc_tls import ADMIN_IDENTITY, INGRESS_IDENTITY
 
 
 def rsa_key(bits: int = 2048) -> rsa.RSAPrivateKey:
@@ -100,11 +101,13 @@ class Certificates(TestCA):
     """A test CA and the certificate files for TLS between the relay's parts.
 
     ``server_cert``/``server_key`` name relay.test, queue.test and 127.0.0.1;
-    ``client_cert``/``client_key`` are ingress.test's, for mutual TLS. ``ca_file``
-    verifies both; :meth:`issue` makes more (a renewed certificate, say).
+    ``client_cert``/``client_key`` are ingress's and ``admin_cert``/``admin_key``
+    the admin commands', for mutual TLS, with the identities the queue knows.
+    ``ca_file`` verifies all; :meth:`issue` makes more (a renewed certificate, say).
     """
 
     def __init__(self, directory: Path) -> None:
         super().__init__(directory)
         self.server_cert, self.server_key = self.issue("relay.test", "queue.test", "127.0.0.1")
-        self.client_cert, self.client_key = self.issue("ingress.test", client=True)
+        self.client_cert, self.client_key = self.issue(INGRESS_IDENTITY, client=True)
+        self.admin_cert, self.admin_key = self.issue(ADMIN_IDENTITY, client=True)

@@ -1,7 +1,8 @@
 """A private CA made at each `kurrier up`, for mutual TLS between its children.
 
 The queue gets a server certificate for `localhost`, ingress and the admin
-commands a client certificate; all are EC P-256, signed by a CA whose key is
+commands a client certificate each, with the identities the queue authorises
+calls by (`core/grpc_tls.py`); all are EC P-256, signed by a CA whose key is
 never written to disk (nothing can issue another certificate after start).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -16,7 +18,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kurrier.cli.private_files import private_directory, write_private
-from kurrier.core.grpc_tls import GrpcTls, QueueTls
+from kurrier.core.grpc_tls import (
+    ADMIN_IDENTITY,
+    INGRESS_IDENTITY,
+    QUEUE_IDENTITY,
+    GrpcTls,
+    QueueTls,
+)
 
 # The name the queue's certificate carries and its clients verify; a unix
 # socket or a loopback address has no name of its own.
@@ -101,25 +109,34 @@ def private_pem(
     )
 
 
-def make_local_tls(directory: Path) -> tuple[GrpcTls, QueueTls]:
-    """A new CA and the queue's and its clients' certificates, written in directory:
-    (the queue's server side, its clients' side)."""
+@dataclass(frozen=True)
+class LocalTls:
+    """The queue's server side and each client's side of mutual TLS in `kurrier up`."""
+
+    queue: GrpcTls
+    ingress: QueueTls
+    admin: QueueTls
+
+
+def make_local_tls(directory: Path) -> LocalTls:
+    """A new CA and the queue's, ingress's and the admin commands' certificates, written
+    in directory."""
     private_directory(directory)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = certificate("kurrier up local CA", ca_key, None, ca_key, ca=True)
-    files: dict[str, Path] = {}
-    for stem, names, is_client in (
-        ("queue", (QUEUE_NAME, "127.0.0.1"), False),
-        ("client", (), True),
-    ):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = certificate(f"kurrier-{stem}", key, ca, ca_key, names, client=is_client)
-        files[f"{stem}.crt"] = directory / f"{stem}.crt"
-        files[f"{stem}.crt"].write_bytes(certificate_pem(cert))
-        files[f"{stem}.key"] = directory / f"{stem}.key"
-        write_private(files[f"{stem}.key"], private_pem(key))
     ca_file = directory / "ca.crt"
     ca_file.write_bytes(certificate_pem(ca))
-    server = GrpcTls(str(files["queue.crt"]), str(files["queue.key"]), str(ca_file))
-    client = QueueTls(str(ca_file), str(files["client.crt"]), str(files["client.key"]), QUEUE_NAME)
-    return server, client
+
+    def issue(identity: str, names: tuple[str, ...] = (), client: bool = True) -> tuple[str, str]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = certificate(identity, key, ca, ca_key, names, client=client)
+        cert_file, key_file = directory / f"{identity}.crt", directory / f"{identity}.key"
+        cert_file.write_bytes(certificate_pem(cert))
+        write_private(key_file, private_pem(key))
+        return str(cert_file), str(key_file)
+
+    def client(identity: str) -> QueueTls:
+        return QueueTls(str(ca_file), *issue(identity), QUEUE_NAME)
+
+    queue = GrpcTls(*issue(QUEUE_IDENTITY, (QUEUE_NAME, "127.0.0.1"), client=False), str(ca_file))
+    return LocalTls(queue, client(INGRESS_IDENTITY), client(ADMIN_IDENTITY))

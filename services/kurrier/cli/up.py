@@ -259,7 +259,7 @@ class _LocalRelay:
             self.queue_address = "ipv4:" + ",".join(self.queue_listens)
         # Mutual TLS between the children, as in the chart: another local user
         # reaching the queue's loopback port or socket gets nothing from it.
-        self.queue_tls, self.client_tls = make_local_tls(self.data_dir / "tls")
+        self.tls = make_local_tls(self.data_dir / "tls")
         # Each child gets the key of the routing table's secrets it reads, no other.
         self.table_keys = local_key_directories(self.data_dir / "table-keys")
         self.publisher_keys = TableKeys.from_directory(self.table_keys[PUBLISHER])
@@ -277,7 +277,8 @@ class _LocalRelay:
         state = {
             "nats_url": self.nats_url,
             "queue_address": self.queue_address,
-            "queue_tls": asdict(self.client_tls),
+            # The admin commands' certificate: ingress's may only enqueue.
+            "queue_tls": asdict(self.tls.admin),
             "smtp": self.settings.smtp,
             "ready": self.ready,
             "metrics": {name: f"127.0.0.1:{port}" for name, port in self.metrics_ports.items()},
@@ -349,9 +350,9 @@ class _LocalRelay:
                     "queue",
                     index,
                     listen=self.queue_listens[index],
-                    grpc_tls_cert=self.queue_tls.cert_file,
-                    grpc_tls_key=self.queue_tls.key_file,
-                    grpc_tls_client_ca=self.queue_tls.client_ca_file,
+                    grpc_tls_cert=self.tls.queue.cert_file,
+                    grpc_tls_key=self.tls.queue.key_file,
+                    grpc_tls_client_ca=self.tls.queue.client_ca_file,
                 ),
                 self._env(None, "queue"),
             )
@@ -367,10 +368,10 @@ class _LocalRelay:
                 "ingress",
                 2,
                 queue_address=self.queue_address,
-                queue_tls_ca=self.client_tls.ca_file,
-                queue_tls_cert=self.client_tls.cert_file,
-                queue_tls_key=self.client_tls.key_file,
-                queue_tls_server_name=self.client_tls.server_name,
+                queue_tls_ca=self.tls.ingress.ca_file,
+                queue_tls_cert=self.tls.ingress.cert_file,
+                queue_tls_key=self.tls.ingress.key_file,
+                queue_tls_server_name=self.tls.ingress.server_name,
             ),
             self._env(INGRESS, "ingress"),
         )

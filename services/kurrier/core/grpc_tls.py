@@ -1,7 +1,11 @@
 """Mutual TLS on the queue's gRPC port: the server's side, and its clients' (ingress, admin CLI).
 
-Files are read once, when the server starts or the channel is made: a
-rotated certificate takes effect on the next start.
+A client is known by its certificate's subject Common Name, as the
+Kubernetes API server knows its clients: every issuer (the chart's genCA,
+its cert-manager Certificates, `kurrier up`'s CA) writes one of the names
+below, and the queue decides on it what the client may call
+(`queue/callers.py`). Files are read once, when the server starts or the
+channel is made: a rotated certificate takes effect on the next start.
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ import grpc
 
 ChannelOptions = Sequence[tuple[str, str | int]]
 
+# The Common Names of the certificates, fixed whatever the release is called.
+QUEUE_IDENTITY = "kurrier-queue"
+INGRESS_IDENTITY = "kurrier-ingress"
+ADMIN_IDENTITY = "kurrier-queue-admin"
+
 
 @dataclass(frozen=True)
 class GrpcTls:
@@ -23,13 +32,18 @@ class GrpcTls:
     key_file: str
     client_ca_file: str | None = None
 
+    @property
+    def knows_clients(self) -> bool:
+        """Whether every client presents a certificate, so its identity can be checked."""
+        return self.client_ca_file is not None
+
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(
             [(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())],
             root_certificates=Path(self.client_ca_file).read_bytes()
             if self.client_ca_file
             else None,
-            require_client_auth=self.client_ca_file is not None,
+            require_client_auth=self.knows_clients,
         )
 
 

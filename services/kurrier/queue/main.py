@@ -17,6 +17,7 @@ from kurrier.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 from kurrier.core.records import RecordStore
 from kurrier.core.service import Connected, Hooks, Service, serve
 from kurrier.core.telemetry import grpc_server_interceptors
+from kurrier.queue.callers import CallerCheck
 from kurrier.queue.consumers import run_due, run_results
 from kurrier.queue.leadership import Lease
 from kurrier.queue.manager import QueueManager
@@ -92,7 +93,11 @@ class _GrpcServer:
     def __init__(self, settings: QueueSettings, service: QueueService) -> None:
         self._settings = settings
         self._service = service
-        self._server = grpc.aio.server(interceptors=grpc_server_interceptors([STREAM_METHOD]))
+        tls = settings.grpc_tls
+        callers = [CallerCheck()] if tls is not None and tls.knows_clients else []
+        self._server = grpc.aio.server(
+            interceptors=[*callers, *grpc_server_interceptors([STREAM_METHOD])]
+        )
         self._health = health.aio.HealthServicer()
         self._serving = False
 
