@@ -1,17 +1,26 @@
 """gRPC mutual TLS as the chart renders it by default: the certificates it makes, mounted
 where its Deployments say, run a real queue that answers ingress and the admin commands
-and refuses everyone else."""
+what each may call, and refuses everyone else."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
 import grpc
-from kurrier.core.grpc_tls import QueueTls, queue_channel
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from kurrier.core.grpc_tls import (
+    ADMIN_IDENTITY,
+    INGRESS_IDENTITY,
+    QUEUE_IDENTITY,
+    QueueTls,
+    queue_channel,
+)
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 
 from tests.support.chart import (
@@ -100,10 +109,11 @@ def test_default_values_run_the_queue_behind_mutual_tls(
         ingress_env = _env(_container(objects, "kurrier-ingress"), ingress_root)
         assert ingress_env["KURRIER_QUEUE_ADDRESS"] == "kurrier-queue:7070"
         ingress_tls = _client_tls(ingress_env, "kurrier-queue")
+        # Ingress's certificate is the queue's CA's, but it may not read the queue.
         wait_until(
-            lambda: _list_status(address, ingress_tls) == grpc.StatusCode.OK,
+            lambda: _list_status(address, ingress_tls) == grpc.StatusCode.PERMISSION_DENIED,
             30,
-            "the queue to answer ingress",
+            "the queue to refuse ingress a listing",
         )
         # `kubectl exec deploy/kurrier-queue -- kurrier queue list`, as NOTES.txt says.
         listed = subprocess.run(
@@ -118,6 +128,12 @@ def test_default_values_run_the_queue_behind_mutual_tls(
     finally:
         stop_process(process)
         log.close()
+
+
+def _common_name(encoded_pem: str) -> str:
+    certificate = x509.load_pem_x509_certificate(base64.b64decode(encoded_pem))
+    [name] = certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(name.value)
 
 
 def _mounted_secrets(objects: list[Obj]) -> set[str]:
@@ -150,6 +166,27 @@ def test_certificates_come_from_cert_manager_where_the_cluster_serves_it(
     assert _mounted_secrets(objects) <= {s["metadata"]["name"] for s in by_kind(objects, "Secret")}
 
 
+def test_each_certificate_names_its_party_whatever_the_release_is_called(
+    helm_bin: Path, tmp_path: Path
+) -> None:
+    """The queue knows its clients by their certificates' Common Names, which do not
+    follow the release's name: both issuers write the same ones."""
+    identities = {
+        "mail-kurrier-queue-grpc-tls": QUEUE_IDENTITY,
+        "mail-kurrier-ingress-grpc-tls": INGRESS_IDENTITY,
+        "mail-kurrier-queue-admin-grpc-tls": ADMIN_IDENTITY,
+    }
+    served = ["--api-versions", "cert-manager.io/v1/Certificate"]
+    objects = render(helm_bin, Scenario("mtls"), tmp_path, extra=served, release="mail")
+    certificates = {c["metadata"]["name"]: c["spec"] for c in by_kind(objects, "Certificate")}
+    assert {name: certificates[name]["commonName"] for name in identities} == identities
+
+    objects = render(helm_bin, Scenario("mtls"), tmp_path, release="mail")
+    secrets = {s["metadata"]["name"]: s for s in by_kind(objects, "Secret")}
+    made = {name: _common_name(secrets[name]["data"]["tls.crt"]) for name in identities}
+    assert made == identities
+
+
 def test_chart_made_certificates_are_kept_across_upgrades(
     helm_bin: Path, chart_cluster: TestCluster, crds: Api
 ) -> None:
@@ -180,6 +217,17 @@ def test_chart_made_certificates_are_kept_across_upgrades(
     assert {k: v for k, v in again.items() if k != "kurrier-ingress-grpc-tls"} == {
         k: v for k, v in installed.items() if k != "kurrier-ingress-grpc-tls"
     }
+
+    # A certificate an older chart made, named after the release and not annotated
+    # with its identity, is made again with the identity the queue authorises.
+    admin = f"/api/v1/namespaces/{ns}/secrets/kurrier-queue-admin-grpc-tls"
+    unmarked = {"metadata": {"annotations": None}}
+    patched = crds.request("PATCH", admin, unmarked, content_type="application/merge-patch+json")
+    assert patched.status == 200, patched
+    helm(helm_bin, "upgrade", RELEASE, str(CHART), "-n", ns, *chart_made, env=env)
+    renewed = _stored_certificates(crds, ns)["kurrier-queue-admin-grpc-tls"]
+    assert renewed != again["kurrier-queue-admin-grpc-tls"]
+    assert _common_name(renewed) == ADMIN_IDENTITY
     helm(helm_bin, "uninstall", RELEASE, "-n", ns, env=env)
 
 
