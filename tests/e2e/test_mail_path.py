@@ -183,6 +183,7 @@ def test_nats_outage_answers_451_and_loses_nothing(
     assert sorted(_marker(m) for m in delivered) == ["after", "before"]
 
 
+@pytest.mark.slow
 def test_kill_9_of_delivery_while_mail_flows_loses_nothing(tmp_path: Path, sink: Sink) -> None:
     accepted: list[str] = []
 

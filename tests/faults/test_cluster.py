@@ -22,6 +22,8 @@ from tests.support.processes import wait_until
 from tests.support.relay import ServiceRelay, UpRelay, documents, queued_count, route, trusting
 from tests.support.sink import Sink
 
+pytestmark = pytest.mark.slow
+
 REPLICAS = ["--nats-replicas", "3"]
 
 

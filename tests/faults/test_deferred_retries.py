@@ -29,6 +29,8 @@ from tests.support.relay import (
 )
 from tests.support.sink import Sink
 
+pytestmark = pytest.mark.slow
+
 MESSAGES = 24
 # Attempts every message must have had while the next hop was in trouble:
 # enough that its retries moved between queue processes several times.

@@ -32,6 +32,8 @@ from kurrier.cli.nats_server import nats_server_binary
 from tests.support.relay import UpRelay, documents, route, trusting
 from tests.support.sink import Sink
 
+pytestmark = pytest.mark.slow
+
 MESSAGES = 20
 _EVENT = re.compile(
     r"^\d+\s+(?P<at>\d+\.\d+) (?P<call>pwrite64|fsync|fdatasync)\(\d+<(?P<path>[^>]+)>(?P<rest>.*)$"

@@ -28,6 +28,8 @@ from tests.support.processes import wait_until
 from tests.support.relay import UpRelay, documents, queued_count, route, stored_bodies, trusting
 from tests.support.sink import Sink
 
+pytestmark = pytest.mark.slow
+
 SOAK_SECONDS = float(os.environ.get("KURRIER_SOAK_SECONDS", "0"))
 CHILDREN = ("ingress", "queue", "delivery", "nats-server")
 PROGRESS_PER_STEP = 25

@@ -96,6 +96,7 @@ def _proxied(kubeconfig: Path, proxy: TcpProxy, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_an_api_server_outage_is_ridden_out(
     kube: Api,
     kube_cluster: TestCluster,
