@@ -17,7 +17,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from kurrier.cli.private_files import private_directory, write_private
 from kurrier.core.grpc_tls import (
     ADMIN_IDENTITY,
     INGRESS_IDENTITY,
@@ -25,6 +24,7 @@ from kurrier.core.grpc_tls import (
     GrpcTls,
     QueueTls,
 )
+from kurrier.core.private_files import private_directory, write_private
 
 # The name the queue's certificate carries and its clients verify; a unix
 # socket or a loopback address has no name of its own.

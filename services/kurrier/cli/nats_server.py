@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kurrier.cli.private_files import write_private
+from kurrier.core.private_files import write_private
 
 
 def nats_server_binary() -> str:

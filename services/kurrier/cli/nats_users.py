@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kurrier.cli.private_files import private_directory, write_private
 from kurrier.core.nats_access import COMPONENTS, permissions
+from kurrier.core.private_files import private_directory, write_private
 from kurrier.core.settings import NATS_PASSWORD_FILE, NATS_USER
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from kurrier.core.private_files import private_directory, write_private
 from kurrier.core.routing import RoutingTable
 from kurrier.core.settings import TABLE_KEYS
 
@@ -79,21 +80,15 @@ def local_key_directories(directory: Path) -> dict[str, Path]:
     publisher's with all of them. The directory for each holder, by name."""
     holders = {name: directory / name for name in (*READERS, PUBLISHER)}
     for path in holders.values():
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_directory(path)
     for reader in READERS:
         own = holders[reader] / f"{reader}.key"
         if not own.is_file():
-            _write_secret(own, new_key())
+            write_private(own, new_key().encode())
         published = holders[PUBLISHER] / f"{reader}.key"
         if not published.is_file() or published.read_text() != own.read_text():
-            _write_secret(published, own.read_text())
+            write_private(published, own.read_bytes())
     return holders
-
-
-def _write_secret(path: Path, text: str) -> None:
-    path.unlink(missing_ok=True)
-    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
-        file.write(text)
 
 
 def _decode_key(path: Path) -> bytes:
