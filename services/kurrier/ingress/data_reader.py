@@ -17,6 +17,10 @@ delivery's dot-stuffing puts before a line starting with "." (it may send by
 DATA even when the next hop offers BDAT). A bare LF can turn the tail of a
 line into a line of its own, and nothing after a bare LF is unstuffed, so a
 run that came with a transparency dot may go out with one too.
+
+BDAT chunks (RFC 3030) go through the same judgements with take(): their
+octets are the message as sent, so nothing is unstuffed and nothing in them
+ends the data; finish() ends it at BDAT LAST.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ class DataLimits:
 
 
 class DataReader:
-    """Feed it the bytes after `354`; it says how many belonged to the DATA."""
+    """Feed it the bytes after `354`, or take() the octets of BDAT chunks; never both."""
 
     def __init__(self, limits: DataLimits) -> None:
         self._limits = limits
@@ -100,6 +104,20 @@ class DataReader:
         self._before = (self._before + taken)[-2:]
         self._held = window[len(window) - keep :]
         return len(data)
+
+    def take(self, chunk: bytes) -> None:
+        """Take octets of a BDAT chunk: message octets as they are, whatever they hold."""
+        if not self.done:
+            self._take(chunk)
+
+    def finish(self) -> None:
+        """End a chunked message (BDAT LAST). A last line without its CRLF gets one,
+        since delivery by DATA can only end data after a CRLF."""
+        if self._after_cr:
+            self._take(b"\n")
+        elif self._partial:
+            self._take(_NEWLINE_OCTETS)
+        self.done = True
 
     def _find_end(self, search: bytes) -> int:
         """Where the terminator starts in search, or -1; notes a dot-stuffed line.

@@ -127,6 +127,7 @@ class RelayHandler:
             "250-PIPELINING",
             "250-DSN",
             "250-ENHANCEDSTATUSCODES",
+            "250-CHUNKING",
             responses[-1],
         ]
 

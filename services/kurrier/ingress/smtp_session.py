@@ -6,7 +6,8 @@ aiosmtpd offers no option or hook for, each override saying why: admission
 bounded DATA reader, the strict RFC 5321 path parser, command lines that end
 in CRLF only, "<postmaster>" as a recipient, replies without the client's
 control bytes and with enhanced status codes, replies to pipelined commands
-written together, and closing the connection after every 421.
+written together, closing the connection after every 421, and BDAT
+(RFC 3030 CHUNKING), which aiosmtpd does not have.
 
 STARTTLS is aiosmtpd's own and already right: when the handshake completes it
 clears every byte the client pipelined after STARTTLS (CVE-2011-0411) and
@@ -61,6 +62,12 @@ AUTH_LINE_LIMIT = 12288
 SIZE_PARAMETER = 26
 # RFC 5321 4.1.1.3: "RCPT TO:<Postmaster>", no domain, is this server's postmaster.
 _POSTMASTER = re.compile(r"^(TO:\s*)<postmaster>(?=\s|$)", re.IGNORECASE)
+# RFC 3030 2: "BDAT" SP chunk-size [SP end-marker]; 20 digits hold any size a client means.
+_BDAT_ARGUMENT = re.compile(r"([0-9]{1,20})(?: +(LAST))?", re.IGNORECASE)
+BDAT_SYNTAX = "501 5.5.4 Syntax: BDAT <size> [LAST]"
+BDAT_LOST_TRACK = "421 4.5.0 BDAT without a readable size: the chunk's end is unknown, closing"
+DATA_AFTER_BDAT = "503 5.5.1 Error: DATA after BDAT in one transaction, send RSET"
+RCPT_AFTER_BDAT = "503 5.5.1 Error: RCPT after BDAT"
 IDLE_TIMEOUT = "421 4.4.2 Idle timeout, closing connection"
 SESSION_TIMEOUT = "421 4.4.2 Session time limit reached, closing connection"
 
@@ -102,6 +109,9 @@ class RelayEnvelope(Envelope):
         # The DSN parameters (RFC 3461) of MAIL, and of the recipients that gave any.
         self.dsn = MailParameters()
         self.recipient_dsn: dict[str, RcptParameters] = {}
+        # The message so far once a BDAT chunk came; a new envelope (RSET, the
+        # end of the transaction) discards it.
+        self.chunks: DataReader | None = None
 
 
 class IngressSMTP(SMTP, CommandLineProtocol):
@@ -285,6 +295,9 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         if arg is not None:
             own = f"<postmaster@{self.hostname}>"
             arg = _POSTMASTER.sub(lambda found: found[1] + own, arg, count=1)
+        if isinstance(self.envelope, RelayEnvelope) and self.envelope.chunks is not None:
+            await self.push(RCPT_AFTER_BDAT)
+            return
         await super().smtp_RCPT(arg)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
@@ -313,17 +326,11 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         if arg:
             await self.push("501 5.5.4 Syntax: DATA")
             return
+        if isinstance(self.envelope, RelayEnvelope) and self.envelope.chunks is not None:
+            await self.push(DATA_AFTER_BDAT)
+            return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        limits = self._sessions.limits
-        reader = DataReader(
-            DataLimits(
-                max_size=self._sessions.tables.table.policy.max_message_size,
-                max_line_length=limits.max_line_length,
-                max_header_size=limits.max_header_size,
-                max_headers=limits.max_headers,
-                max_hops=limits.max_hops,
-            )
-        )
+        reader = self._message_reader()
         while not reader.done:
             try:
                 # Never past the first ".\r\n": what follows the end of data is
@@ -336,6 +343,24 @@ class IngressSMTP(SMTP, CommandLineProtocol):
             # A client that keeps sending is not idle; the session limit still holds.
             self._reset_timeout()
             reader.feed(chunk)
+        await self._end_message(reader)
+
+    def _message_reader(self) -> DataReader:
+        limits = self._sessions.limits
+        return DataReader(
+            DataLimits(
+                max_size=self._sessions.tables.table.policy.max_message_size,
+                max_line_length=limits.max_line_length,
+                max_header_size=limits.max_header_size,
+                max_headers=limits.max_headers,
+                max_hops=limits.max_hops,
+            )
+        )
+
+    async def _end_message(self, reader: DataReader) -> None:
+        """The message read by DATA or BDAT goes to the handler's DATA hook, or is refused;
+        either way the transaction ends."""
+        assert self.envelope is not None
         if reader.refusal is not None:
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             await self.push(reader.refusal)
@@ -345,6 +370,67 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
+
+    # -- BDAT -------------------------------------------------------------------------
+
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        # The octets after the command line are the chunk, whatever the reply:
+        # a refused chunk is read and dropped (RFC 3030 2), else its octets
+        # would run as commands. Only a size that cannot be read leaves the
+        # chunk's end unknown, and then the connection cannot go on.
+        given = _BDAT_ARGUMENT.fullmatch(arg or "")
+        if given is None:
+            await self.push(BDAT_SYNTAX)
+            self.say_goodbye(BDAT_LOST_TRACK)
+            return
+        size, last = int(given[1]), given[2] is not None
+        refusal = self._bdat_refusal()
+        if refusal is not None:
+            if await self._read_chunk(size, None):
+                await self.push(refusal)
+            return
+        envelope = self.envelope
+        assert isinstance(envelope, RelayEnvelope)  # _create_envelope
+        if envelope.chunks is None:
+            envelope.chunks = self._message_reader()
+        reader = envelope.chunks
+        if not await self._read_chunk(size, reader):
+            return  # the client went away; nothing was accepted
+        if last:
+            reader.finish()
+        if last or reader.refusal is not None:
+            await self._end_message(reader)
+            return
+        await self.push(f"250 2.0.0 {size} octets received")
+
+    def _bdat_refusal(self) -> str | None:
+        """Why this session cannot take a chunk now, or None."""
+        session, envelope = self.session, self.envelope
+        if session is None or not session.extended_smtp:
+            return "503 5.5.1 Error: send EHLO first"
+        if self._auth_required and not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        if not isinstance(envelope, RelayEnvelope) or envelope.mail_from is None:
+            return "503 5.5.1 Error: need MAIL command"
+        if not envelope.rcpt_tos:
+            return "503 5.5.1 Error: need RCPT command"
+        return None
+
+    async def _read_chunk(self, size: int, reader: DataReader | None) -> bool:
+        """Read size octets into reader (None: drop them), a stream buffer at a time;
+        False if the client went away first."""
+        left = size
+        while left:
+            try:
+                piece = await self._reader.readexactly(min(left, self.line_length_limit))
+            except asyncio.IncompleteReadError:
+                return False
+            left -= len(piece)
+            # A client that keeps sending is not idle; the session limit still holds.
+            self._reset_timeout()
+            if reader is not None:
+                reader.take(piece)
+        return True
 
 
 def _final(reply: str) -> bool:
