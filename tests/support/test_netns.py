@@ -1,0 +1,102 @@
+"""Test hosts (tests/support/netns.py): own addresses, the cuts the nemesis makes, and
+nothing left behind, also by a run that died."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+from tests.support.netns import PREFIX, Host, TestNetwork, ip, remove_leftovers
+from tests.support.processes import wait_until
+
+
+def _listening(host: Host, port: int) -> socket.socket:
+    def listen() -> socket.socket:
+        server = socket.socket()
+        server.bind((host.address, port))
+        server.listen(8)
+        return server
+
+    return host.call(listen)
+
+
+def _reaches(address: str, port: int, source: Host | None = None) -> bool:
+    """Whether a TCP connection from source (the root namespace when None) gets through."""
+
+    def connect() -> bool:
+        try:
+            socket.create_connection((address, port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    return source.call(connect) if source else connect()
+
+
+def _names() -> str:
+    """Every namespace and link of this machine, as ip lists them."""
+    return ip("netns", "list") + ip("-o", "link")
+
+
+def _gone(pid: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_hosts_reach_each_other_until_cut_and_leave_nothing_behind() -> None:
+    with TestNetwork(["a", "b"]) as network:
+        a, b = network.hosts["a"], network.hosts["b"]
+        with _listening(a, 2525):
+            assert _reaches(a.address, 2525, b)
+            assert _reaches(a.address, 2525)  # the control address on the bridge
+            # Not from b's loopback: the listener is in a's namespace only.
+            assert not _reaches("127.0.0.1", 2525, b)
+
+            b.drop_to(a)
+            assert not _reaches(a.address, 2525, b)
+            assert _reaches(a.address, 2525)
+            b.restore_to(a)
+            assert _reaches(a.address, 2525, b)
+
+            a.set_link(False)
+            assert not _reaches(a.address, 2525, b)
+            assert not _reaches(a.address, 2525)
+            a.set_link(True)
+            assert _reaches(a.address, 2525, b)
+    assert network.run not in _names()
+
+
+def test_what_a_dead_run_left_is_removed_with_its_processes() -> None:
+    # A run killed before its cleanup: its namespace, links and a process inside remain.
+    script = textwrap.dedent("""
+        import os, subprocess
+        from tests.support.netns import TestNetwork
+        network = TestNetwork(["x"]).__enter__()
+        host = network.hosts["x"]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        subprocess.Popen(host.argv(["sleep", "600"]), start_new_session=True, **quiet)
+        print(network.run, flush=True)
+        os._exit(0)
+        """)
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert run.startswith(PREFIX) and run in _names()
+    namespace = f"{run}-x"
+    orphans = ip("netns", "pids", namespace).split()
+    assert orphans
+
+    removed = remove_leftovers()
+
+    assert namespace in removed and f"{run}br" in removed
+    assert run not in _names()
+    wait_until(
+        lambda: all(_gone(pid) for pid in orphans),
+        10,
+        "the dead run's process to be gone",
+    )
