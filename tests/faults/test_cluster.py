@@ -5,7 +5,6 @@ process; nothing acknowledged may be lost."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -13,11 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kurrier.core.jetstream import JOBS_STREAM, connect, disconnect, ensure_layout
-from nats.js.errors import Error as JetStreamError
 
 from tests.support.load import SteadyLoad
-from tests.support.nats import NatsCluster
+from tests.support.nats import NatsCluster, cluster_layout_error, stream_leader
 from tests.support.processes import wait_until
 from tests.support.relay import ServiceRelay, UpRelay, documents, queued_count, route, trusting
 from tests.support.sink import Sink
@@ -25,28 +22,6 @@ from tests.support.sink import Sink
 pytestmark = pytest.mark.slow
 
 REPLICAS = ["--nats-replicas", "3"]
-
-
-async def _prepare(url: str) -> str | None:
-    """Create the R3 layout; returns an error text while the cluster still elects leaders."""
-    nc = await connect(url, "test-cluster-setup")
-    try:
-        await ensure_layout(nc.jetstream(), 3, owner=True)
-        return None
-    except (JetStreamError, TimeoutError) as error:
-        return repr(error)
-    finally:
-        await disconnect(nc)
-
-
-async def _stream_leader(url: str) -> str:
-    nc = await connect(url, "test-cluster-leader")
-    try:
-        info = await nc.jetstream().stream_info(JOBS_STREAM)
-        assert info.cluster is not None and info.cluster.leader
-        return str(info.cluster.leader)
-    finally:
-        await disconnect(nc)
 
 
 def _subject(content: bytes) -> str:
@@ -65,7 +40,7 @@ def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
 def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
     tmp_path: Path, sink: Sink, cluster: NatsCluster
 ) -> None:
-    wait_until(lambda: asyncio.run(_prepare(cluster.url())) is None, 60, "JetStream in the cluster")
+    wait_until(lambda: cluster_layout_error(cluster.url()) is None, 60, "JetStream in the cluster")
     config = documents(route("to-sink", ["example.com"], sink.port), trusting("127.0.0.0/8"))
     relays = []
     for index in range(2):
@@ -101,7 +76,7 @@ def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
         cluster.kill("kurrier-3")
         progress("killing node kurrier-3")
         cluster.start("kurrier-3")
-        leader = asyncio.run(_stream_leader(cluster.url()))
+        leader = stream_leader(cluster.url())
         cluster.kill(leader)
         progress(f"killing the stream leader {leader}")
         cluster.start(leader)

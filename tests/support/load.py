@@ -35,8 +35,15 @@ class SteadyLoad:
     """`clients` threads, each sending on one reused session until stopped or out of budget."""
 
     def __init__(
-        self, port: int, recipient: str, clients: int = 4, budget: int = 100_000, pace: float = 0.0
+        self,
+        port: int,
+        recipient: str,
+        clients: int = 4,
+        budget: int = 100_000,
+        pace: float = 0.0,
+        host: str = "127.0.0.1",
     ) -> None:
+        self.host = host
         self.port = port
         self.recipient = recipient
         self.ledger = Ledger()
@@ -67,7 +74,7 @@ class SteadyLoad:
                 break
             try:
                 if smtp is None:
-                    smtp = smtplib.SMTP("127.0.0.1", self.port, timeout=30)
+                    smtp = smtplib.SMTP(self.host, self.port, timeout=30)
                 smtp.sendmail("load@client.test", [self.recipient], message(marker))
                 self._record(self.ledger.acknowledged, marker)
             except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 from kurrier.cli.nats_server import cluster_nodes, nats_server_argv
+from kurrier.core.jetstream import JOBS_STREAM, connect, disconnect, ensure_layout
+from nats.js.errors import Error as JetStreamError
 
 from tests.support.processes import free_port, port_open, wait_until
 
@@ -95,3 +98,34 @@ class NatsCluster:
             process = self._processes.pop(name)
             process.terminate()
             process.wait(timeout=30)
+
+
+async def _cluster_layout_error(url: str) -> str | None:
+    nc = await connect(url, "test-cluster-setup")
+    try:
+        await ensure_layout(nc.jetstream(), 3, owner=True)
+        return None
+    except (JetStreamError, TimeoutError) as error:
+        return repr(error)
+    finally:
+        await disconnect(nc)
+
+
+def cluster_layout_error(url: str) -> str | None:
+    """Create the R3 layout; returns an error text while the cluster still elects leaders."""
+    return asyncio.run(_cluster_layout_error(url))
+
+
+async def _stream_leader(url: str) -> str:
+    nc = await connect(url, "test-cluster-leader")
+    try:
+        info = await nc.jetstream().stream_info(JOBS_STREAM)
+        assert info.cluster is not None and info.cluster.leader
+        return str(info.cluster.leader)
+    finally:
+        await disconnect(nc)
+
+
+def stream_leader(url: str) -> str:
+    """The server name of the jobs stream's leader."""
+    return asyncio.run(_stream_leader(url))

@@ -134,6 +134,22 @@ def documents(*parts: str) -> str:
     return "\n---\n".join(parts) + "\n"
 
 
+def publish_config(nats_url: str, config: str) -> None:
+    """Compile the resources file's text and publish the routing table, as `kurrier up` does."""
+    table, problems = compile_table(parse_documents(yaml.safe_load_all(config), "test"))
+    assert not problems, problems
+
+    async def run() -> None:
+        nc = await connect(nats_url, "test-publisher")
+        try:
+            await ensure_layout(nc.jetstream())
+            await publish_table(nc.jetstream(), table)
+        finally:
+            await disconnect(nc)
+
+    asyncio.run(run())
+
+
 async def _queued_count(nats_url: str) -> int:
     # Through RecordStore, not kv.keys(): its pass leaves no consumer behind for
     # minutes, and a test polling the count many times a second would pile them up.
@@ -299,18 +315,7 @@ class ServiceRelay:
         self.metrics_ports = {name: free_port() for name in names} if metrics else {}
 
     def publish(self, config: str) -> None:
-        table, problems = compile_table(parse_documents(yaml.safe_load_all(config), "test"))
-        assert not problems, problems
-
-        async def run() -> None:
-            nc = await connect(self.nats_url, "test-publisher")
-            try:
-                await ensure_layout(nc.jetstream())
-                await publish_table(nc.jetstream(), table)
-            finally:
-                await disconnect(nc)
-
-        asyncio.run(run())
+        publish_config(self.nats_url, config)
         self.published = True
 
     def start(self, name: str, wait: bool = True) -> None:

@@ -1,0 +1,185 @@
+"""kurrier spread over test hosts, as the chart spreads its pods over nodes.
+
+Three hosts run a NATS node each (the StatefulSet), and the services beside
+them (the Deployments): ingress on n1, a queue on n1 and n2, delivery on n2
+and n3. The SMTP load runs on the `client` host, the next hop on `sink`.
+Every service's NATS URL lists its own host's node first. The test process
+watches from the bridge's control address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from kurrier.cli.nats_server import nats_server_argv, nats_server_env
+
+from tests.support.load import SteadyLoad
+from tests.support.nats import cluster_layout_error
+from tests.support.netns import Host, TestNetwork
+from tests.support.processes import (
+    kurrier_argv,
+    port_open,
+    smtp_banner,
+    stop_process,
+    wait_until,
+)
+from tests.support.relay import FAST_RETRIES, documents, publish_config, route, trusting
+from tests.support.sink import Sink
+
+HOSTS = ("n1", "n2", "n3", "client", "sink")
+NATS_HOSTS = ("n1", "n2", "n3")
+# process name -> host
+SERVICES = {
+    "queue-1": "n1",
+    "queue-2": "n2",
+    "delivery-1": "n2",
+    "delivery-2": "n3",
+    "ingress-1": "n1",
+}
+NATS_PORT = 4222
+ROUTE_PORT = 6222
+QUEUE_PORT = 7070
+SMTP_PORT = 2525
+RECIPIENT = "r@example.com"
+# The load's sender; its domain routes to the sink too, so a bounce (DSN) arrives there.
+SENDER_DOMAIN = "client.test"
+
+
+def nats_name(host: str) -> str:
+    return f"nats-{host}"
+
+
+class Fleet:
+    """The processes of one kurrier on a TestNetwork, started and stopped together."""
+
+    def __init__(self, network: TestNetwork, workdir: Path) -> None:
+        self.network = network
+        self.hosts = network.hosts
+        self.workdir = workdir
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.sink: Sink | None = None
+        self.load: SteadyLoad | None = None
+
+    def host_of(self, process: str) -> Host:
+        if process.startswith("nats-"):
+            return self.hosts[process.removeprefix("nats-")]
+        return self.hosts[SERVICES[process]]
+
+    def nats_url(self, first: str = "n1") -> str:
+        """Every node, starting with `first`'s: a client spread over the cluster."""
+        order = NATS_HOSTS[NATS_HOSTS.index(first) :] + NATS_HOSTS[: NATS_HOSTS.index(first)]
+        return ",".join(f"nats://{self.hosts[name].address}:{NATS_PORT}" for name in order)
+
+    @property
+    def control_url(self) -> str:
+        return self.nats_url()
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            self.processes[name] = subprocess.Popen(
+                self.host_of(name).argv(argv), stdout=log, stderr=log, env=env
+            )
+
+    def start_nats(self, host: str) -> None:
+        """Start (or restart) host's node on its store."""
+        address = self.hosts[host].address
+        routes = ",".join(
+            f"nats://{self.hosts[peer].address}:{ROUTE_PORT}" for peer in NATS_HOSTS if peer != host
+        )
+        argv = nats_server_argv(self.workdir / nats_name(host), NATS_PORT, host=address)
+        # Later flags win: the single-node name becomes this member's, with its peers.
+        argv += ["--server_name", nats_name(host), "--cluster_name", "kurrier"]
+        argv += ["--cluster", f"nats://{address}:{ROUTE_PORT}", "--routes", routes]
+        self._spawn(nats_name(host), argv, nats_server_env())
+        wait_until(lambda: port_open(NATS_PORT, address), 60, f"{nats_name(host)} to listen")
+
+    def start_service(self, name: str) -> None:
+        host = self.host_of(name)
+        service = name.split("-")[0]
+        queue = self.hosts[SERVICES["queue-1"]].address
+        own = {
+            "queue": ["--listen", f"{host.address}:{QUEUE_PORT}", *FAST_RETRIES],
+            "delivery": [],
+            "ingress": [
+                *("--queue-address", f"{queue}:{QUEUE_PORT}"),
+                *("--smtp", f"{host.address}:{SMTP_PORT}"),
+            ],
+        }[service]
+        common = ["--nats-url", self.nats_url(host.name), "--nats-replicas", "3"]
+        common += ["--hostname", f"{name}.relay.test", "--metrics-listen", "off"]
+        self._spawn(name, kurrier_argv(service, *common, *own), dict(os.environ))
+
+    def config(self) -> str:
+        sink = self.hosts["sink"].address
+        return documents(
+            route("to-sink", [RECIPIENT.split("@")[1]], SMTP_PORT, host=sink),
+            route("bounces", [SENDER_DOMAIN], SMTP_PORT, host=sink),
+            trusting(self.network.network),
+        )
+
+    def __enter__(self) -> Fleet:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _start(self) -> None:
+        for host in NATS_HOSTS:
+            self.start_nats(host)
+        wait_until(
+            lambda: cluster_layout_error(self.control_url) is None, 120, "JetStream's R3 layout"
+        )
+        publish_config(self.control_url, self.config())
+        self.sink = self.hosts["sink"].call(
+            lambda: Sink(SMTP_PORT, self.hosts["sink"].address).__enter__()
+        )
+        for name in SERVICES:
+            self.start_service(name)
+        ingress = self.host_of("ingress-1").address
+        wait_until(lambda: smtp_banner(SMTP_PORT, ingress), 120, "ingress to answer SMTP")
+        log = self.workdir / "ingress-1.log"
+        wait_until(
+            lambda: "routing table revision" in log.read_text(errors="replace"),
+            60,
+            "ingress to load the routing table",
+        )
+
+    def start_load(self, clients: int = 2) -> SteadyLoad:
+        ingress = self.host_of("ingress-1").address
+        load = SteadyLoad(SMTP_PORT, RECIPIENT, clients=clients, host=ingress)
+        self.load = self.hosts["client"].call(load.start)
+        return load
+
+    def signal(self, name: str, number: signal.Signals) -> None:
+        self.processes[name].send_signal(number)
+
+    def kill(self, name: str) -> None:
+        process = self.processes.pop(name)
+        process.kill()
+        process.wait(timeout=30)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.load is not None:
+            self.load.stop()
+        for process in self.processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGCONT)  # a paused one cannot take SIGTERM
+        for name in [*reversed(SERVICES), *(nats_name(h) for h in NATS_HOSTS)]:
+            if name in self.processes:
+                stop_process(self.processes.pop(name))
+        if self.sink is not None:
+            self.sink.__exit__()
+
+
+@contextlib.contextmanager
+def running_fleet(workdir: Path) -> Iterator[Fleet]:
+    """A TestNetwork of HOSTS with a Fleet on it; everything removed on the way out."""
+    with TestNetwork(HOSTS) as network, Fleet(network, workdir) as fleet:
+        yield fleet

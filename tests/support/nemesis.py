@@ -1,0 +1,244 @@
+"""A nemesis for kurrier on test hosts: faults in a seeded random order, under SMTP load.
+
+The faults, each healed before the next:
+
+- partition: one NATS node's host drops what it sends to the other two NATS
+  hosts and they drop what they send to it (blackhole routes in each
+  namespace); clients and services still reach it, it no longer reaches its
+  peers.
+- isolate-leader: the host of the jobs stream's leader loses its link (its
+  veth down): nothing reaches it or leaves it, also the services beside it.
+- pause: SIGSTOP of a queue or delivery process for longer than the jobs'
+  ack wait and the sweeper's lease, then SIGCONT (a long GC, a frozen VM).
+- kill-node: SIGKILL of a NATS node, restarted on its store.
+
+After each heal the load must make progress again. At the end the load stops,
+the cluster settles, and the checker compares what the client was told with
+what reached the next hop. The seed is printed first; the same seed picks the
+same faults, targets and durations (the timing of the load is not replayed).
+
+A long run, as root on a machine with iproute2:
+
+    .venv/bin/python -m tests.support.nemesis --minutes 30 --seed 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kurrier.core.jetstream import LEASE_TTL
+from kurrier.delivery.worker import ACK_WAIT
+
+from tests.support.checker import Report, check, outcome
+from tests.support.fleet import (
+    NATS_HOSTS,
+    RECIPIENT,
+    SENDER_DOMAIN,
+    Fleet,
+    nats_name,
+    running_fleet,
+)
+from tests.support.load import SteadyLoad
+from tests.support.nats import stream_leader
+from tests.support.processes import wait_until
+from tests.support.relay import NATS_BUSY, queued_count, stored_bodies
+
+# Longer than a delivery job's ack wait and the sweeper's lease: both move to another process.
+PAUSE = max(ACK_WAIT, LEASE_TTL) + 5
+PAUSED = ("queue-1", "queue-2", "delivery-1", "delivery-2")
+FAULTS = ("partition", "isolate-leader", "pause", "kill-node")
+SENDER = f"load@{SENDER_DOMAIN}"
+
+
+class Nemesis:
+    def __init__(
+        self, fleet: Fleet, load: SteadyLoad, rng: random.Random, say: Callable[[str], None]
+    ):
+        self.fleet = fleet
+        self.load = load
+        self.rng = rng
+        self.say = say
+        self.counts: Counter[str] = Counter()
+        self.began = time.monotonic()
+
+    def _hold(self, low: float, high: float) -> None:
+        # The fault's duration, drawn from the seed: a deliberate wait, not a synchronisation.
+        time.sleep(self.rng.uniform(low, high))
+
+    def run(self, fault: str) -> None:
+        started = time.monotonic()
+        target = {
+            "partition": self.partition,
+            "isolate-leader": self.isolate_leader,
+            "pause": self.pause,
+            "kill-node": self.kill_node,
+        }[fault]()
+        self.counts[fault] += 1
+        self.say(f"{self.clock()} {fault} {target}: healed after {time.monotonic() - started:.1f}s")
+        self._progress(f"{fault} {target}")
+
+    def clock(self) -> str:
+        return f"{time.monotonic() - self.began:6.1f}s"
+
+    def _progress(self, after: str) -> None:
+        try:
+            self.load.wait_for_acknowledged(len(self.load.ledger.acknowledged) + 10, timeout=180)
+        except AssertionError as error:
+            raise AssertionError(f"no progress after {after}: {error}") from None
+
+    def partition(self) -> str:
+        cut = self.fleet.hosts[self.rng.choice(NATS_HOSTS)]
+        others = [self.fleet.hosts[name] for name in NATS_HOSTS if name != cut.name]
+        for other in others:
+            cut.drop_to(other)
+            other.drop_to(cut)
+        try:
+            self._hold(5, 12)
+        finally:
+            for other in others:
+                cut.restore_to(other)
+                other.restore_to(cut)
+        return cut.name
+
+    def _leader_host(self) -> str:
+        leaders: list[str] = []
+
+        def answered() -> bool:
+            try:
+                leaders.append(stream_leader(self.fleet.control_url))
+            except (*NATS_BUSY, AssertionError, TimeoutError):
+                return False
+            return True
+
+        wait_until(answered, 120, "the jobs stream to name its leader")
+        return leaders[-1].removeprefix("nats-")
+
+    def isolate_leader(self) -> str:
+        host = self.fleet.hosts[self._leader_host()]
+        host.set_link(False)
+        try:
+            self._hold(5, 12)
+        finally:
+            host.set_link(True)
+        return host.name
+
+    def pause(self) -> str:
+        name = self.rng.choice(PAUSED)
+        self.fleet.signal(name, signal.SIGSTOP)
+        try:
+            self._hold(PAUSE, PAUSE + 5)
+        finally:
+            self.fleet.signal(name, signal.SIGCONT)
+        return name
+
+    def kill_node(self) -> str:
+        host = self.rng.choice(NATS_HOSTS)
+        self.fleet.kill(nats_name(host))
+        self._hold(1, 5)
+        self.fleet.start_nats(host)
+        return nats_name(host)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    report: Report
+    faults: Counter[str]
+    queue_left: int  # records; -1 when NATS did not answer
+    bodies_left: int
+
+    def lines(self) -> list[str]:
+        faults = ", ".join(f"{name} {count}" for name, count in sorted(self.faults.items()))
+        return [
+            f"faults: {faults}",
+            *self.report.lines(),
+            f"left in the queue {self.queue_left}, in the bodies stream {self.bodies_left}",
+        ]
+
+    @property
+    def passed(self) -> bool:
+        return (
+            not self.report.lost
+            and not self.report.phantoms
+            and self.queue_left == 0
+            and self.bodies_left == 0
+        )
+
+
+def _settle(fleet: Fleet, load: SteadyLoad, timeout: float) -> tuple[Report, int, int]:
+    """Stop the load, wait for the acknowledged to arrive and the store to empty; the report."""
+    ledger = load.stop()
+    sink = fleet.sink
+    assert sink is not None
+
+    def report() -> Report:
+        return check(ledger, outcome(list(sink.messages), RECIPIENT, SENDER, ledger.attempted))
+
+    def left() -> tuple[int, int]:
+        return queued_count(fleet.control_url), stored_bodies(fleet.control_url)
+
+    with contextlib.suppress(AssertionError):  # the verdict says what is missing
+        wait_until(
+            lambda: not report().lost and left() == (0, 0),
+            timeout,
+            "the acknowledged to arrive and the queue to empty",
+        )
+    return report(), *left()
+
+
+def run(
+    fleet: Fleet,
+    seed: int,
+    faults: int | None = None,
+    minutes: float | None = None,
+    say: Callable[[str], None] = print,
+    settle_timeout: float = 300,
+) -> Verdict:
+    """`faults` rounds of every fault in a seeded order, or random faults for `minutes`."""
+    rng = random.Random(seed)
+    load = fleet.start_load()
+    nemesis = Nemesis(fleet, load, rng, say)
+    nemesis._progress("start")
+    if minutes is not None:
+        deadline = time.monotonic() + minutes * 60
+        while time.monotonic() < deadline:
+            nemesis.run(rng.choice(FAULTS))
+    for _ in range(faults or 0):
+        for fault in rng.sample(FAULTS, len(FAULTS)):
+            nemesis.run(fault)
+    report, queue_left, bodies_left = _settle(fleet, load, settle_timeout)
+    say(f"{nemesis.clock()} settled")
+    return Verdict(report, nemesis.counts, queue_left, bodies_left)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--workdir", type=Path, default=None, help="logs (default: a temp dir)")
+    args = parser.parse_args(argv)
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kurrier-nemesis-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"nemesis seed {seed}, logs in {workdir}", flush=True)
+
+    def say(line: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+
+    with running_fleet(workdir) as fleet:
+        verdict = run(fleet, seed, minutes=args.minutes, say=say)
+    print("\n".join([f"seed {seed}", *verdict.lines()]), flush=True)
+    return 0 if verdict.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
