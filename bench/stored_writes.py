@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import smtplib
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -25,7 +23,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-_EVENT = re.compile(r"^\d+\s+\d+\.\d+ (?P<call>pwrite64|fsync|fdatasync)\(\d+<(?P<path>[^>]+)>")
+from bench.traced_nats import block_file_events, install_traced_nats_server
+
 _STREAM = re.compile(r"/streams/(?P<stream>[^/]+)/")
 
 
@@ -39,28 +38,12 @@ def _kurrier(*args: str) -> list[str]:
     return [sys.executable, "-m", "kurrier.cli", *args]
 
 
-def _wrapper(bindir: Path, trace: Path) -> None:
-    real = shutil.which("nats-server") or str(Path(sys.executable).parent / "nats-server")
-    strace = shutil.which("strace")
-    if strace is None:
-        raise SystemExit("strace is needed: scripts/testbin.sh installs it")
-    wrapper = bindir / "nats-server"
-    wrapper.write_text(
-        f"#!/bin/sh\nexec {strace} -f -ttt -y -e trace=pwrite64,fsync,fdatasync "
-        f'-o {trace} {real} "$@"\n'
-    )
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-
-
 def _count(trace: Path) -> Counter[tuple[str, str]]:
     """(stream, call) -> calls on block files; 'sync' stands for fsync and fdatasync."""
     counts: Counter[tuple[str, str]] = Counter()
-    for line in trace.read_text(errors="replace").splitlines():
-        found = _EVENT.match(line)
-        if not found or not found["path"].endswith(".blk"):
-            continue
-        stream = _STREAM.search(found["path"])
-        call = "write" if found["call"] == "pwrite64" else "sync"
+    for event in block_file_events(trace):
+        stream = _STREAM.search(event.path)
+        call = "write" if event.call == "pwrite64" else "sync"
         counts[(stream["stream"] if stream else "?", call)] += 1
     return counts
 
@@ -68,7 +51,7 @@ def _count(trace: Path) -> Counter[tuple[str, str]]:
 def measure(messages: int, sync: str | None, workdir: Path) -> Counter[tuple[str, str]]:
     bindir, trace, mail = workdir / "bin", workdir / "nats.strace", workdir / "mail"
     bindir.mkdir()
-    _wrapper(bindir, trace)
+    install_traced_nats_server(bindir, trace)
     sink_port, smtp_port = _free_port(), _free_port()
     config = workdir / "resources.yaml"
     config.write_text(

@@ -18,56 +18,19 @@ default, must fail the same check, which shows the check can fail.
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import smtplib
-import stat
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from kurrier.cli.nats_server import nats_server_binary
 
+from bench.traced_nats import Event, block_file_events, install_traced_nats_server
 from tests.support.relay import UpRelay, documents, route, trusting
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.slow
 
 MESSAGES = 20
-_EVENT = re.compile(
-    r"^\d+\s+(?P<at>\d+\.\d+) (?P<call>pwrite64|fsync|fdatasync)\(\d+<(?P<path>[^>]+)>(?P<rest>.*)$"
-)
-
-
-@dataclass(frozen=True)
-class Event:
-    at: float
-    call: str
-    path: str
-    written: str  # the start of what a pwrite64 wrote, as strace prints it
-
-
-def _traced_nats_server(bindir: Path, trace: Path) -> None:
-    """A `nats-server` that runs the real one under strace, logging to trace."""
-    strace = shutil.which("strace")
-    assert strace, "strace is installed by scripts/testbin.sh"
-    wrapper = bindir / "nats-server"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f"exec {strace} -f -ttt -y -s 160 -e trace=pwrite64,fsync,fdatasync "
-        f'-o {trace} {nats_server_binary()} "$@"\n'
-    )
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-
-
-def _events(trace: Path) -> list[Event]:
-    events = []
-    for line in trace.read_text(errors="replace").splitlines():
-        found = _EVENT.match(line)
-        if found and found["path"].endswith(".blk"):
-            events.append(Event(float(found["at"]), found["call"], found["path"], found["rest"]))
-    return events
 
 
 def _send(port: int) -> list[tuple[str, float, float]]:
@@ -108,14 +71,14 @@ def _unsynced(events: list[Event], sent: list[tuple[str, float, float]]) -> list
 def _run(tmp_path: Path, sink: Sink, *flags: str) -> list[str]:
     bindir, trace = tmp_path / "bin", tmp_path / "nats.strace"
     bindir.mkdir()
-    _traced_nats_server(bindir, trace)
+    install_traced_nats_server(bindir, trace)
     config = documents(route("to-sink", ["example.com"], sink.port), trusting("127.0.0.0/8"))
     path = f"{bindir}{os.pathsep}{os.environ['PATH']}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PATH", path)
         with UpRelay(tmp_path, config, *flags) as relay:
             sent = _send(relay.smtp_port)
-    return _unsynced(_events(trace), sent)
+    return _unsynced(block_file_events(trace), sent)
 
 
 def test_every_250_follows_a_sync_of_its_body_and_record(tmp_path: Path, sink: Sink) -> None:
