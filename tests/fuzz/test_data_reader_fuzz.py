@@ -108,3 +108,44 @@ def test_a_line_is_refused_exactly_when_it_goes_out_too_long(
     assert reader.done
     too_long = LINE_TOO_LONG.format(limit=line)
     assert (reader.refusal == too_long) == any(len(x) + 2 > line for x in sent)
+
+
+def chunked_reference(wire: bytes) -> bytes:
+    """The message BDAT chunks holding wire make, by the book: nothing unstuffed or
+    ended inside, line ends made CRLF, and a last line without one given a CRLF."""
+    stored = re.sub(rb"\r(?!\n)|(?<!\r)\n", b"\r\n", wire)
+    return stored if stored.endswith(b"\r\n") or not stored else stored + b"\r\n"
+
+
+def take_in_chunks(wire: bytes, cuts: list[int], limits: DataLimits) -> DataReader:
+    reader = DataReader(limits)
+    start = 0
+    for cut in [*sorted(c for c in cuts if c <= len(wire)), len(wire)]:
+        reader.take(wire[start:cut])
+        start = cut
+    reader.finish()
+    return reader
+
+
+@given(wire=WIRE, cuts=st.lists(st.integers(0, 400), max_size=20))
+def test_chunks_make_the_reference_message_wherever_they_are_cut(
+    wire: bytes, cuts: list[int]
+) -> None:
+    reader = take_in_chunks(wire, cuts, NO_LIMITS)
+    assert reader.done and reader.refusal is None
+    assert reader.content() == chunked_reference(wire)
+
+
+@given(
+    wire=st.one_of(WIRE, NEAR_LIMIT),
+    line=st.integers(3, 50),
+    cuts=st.lists(st.integers(0, 400), max_size=20),
+)
+def test_a_chunked_line_is_refused_exactly_when_it_goes_out_too_long(
+    wire: bytes, line: int, cuts: list[int]
+) -> None:
+    sent = to_wire_body(chunked_reference(wire)).split(b"\r\n")
+    limits = DataLimits(max_size=10**9, max_line_length=line, max_header_size=10**9)
+    reader = take_in_chunks(wire, cuts, limits)
+    too_long = LINE_TOO_LONG.format(limit=line)
+    assert (reader.refusal == too_long) == any(len(x) + 2 > line for x in sent)

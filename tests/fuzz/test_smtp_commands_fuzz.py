@@ -201,3 +201,20 @@ def test_a_command_with_a_bare_cr_or_lf_is_never_carried_out(
     assert helo.startswith(b"250")
     assert refusal.startswith(b"500 5.5.2 Error: bare <"), refusal
     assert noop.startswith(b"250"), "the session goes on (QUIT was not carried out)"
+
+
+@given(st.lists(st.tuples(st.binary(max_size=80), st.booleans()), min_size=1, max_size=8))
+def test_refused_bdat_chunks_are_read_whatever_they_hold(
+    live_port: int, chunks: list[tuple[bytes, bool]]
+) -> None:
+    """No transaction, so each chunk is refused; its octets (commands, CRLF.CRLF,
+    anything) are read to the announced end and never run: one reply per BDAT."""
+    bdats = b"".join(
+        f"BDAT {len(chunk)}{' LAST' if last else ''}\r\n".encode() + chunk for chunk, last in chunks
+    )
+    with socket.create_connection(("127.0.0.1", live_port), timeout=10) as sock:
+        assert _replies(sock, 1)[0].startswith(b"220")
+        sock.sendall(b"EHLO fuzz.test\r\n" + bdats + b"NOOP\r\nQUIT\r\n")
+        replies = _replies_until_closed(sock)
+    refusals = [b"503 5.5.1 Error: need MAIL command"] * len(chunks)
+    assert replies[1:] == [*refusals, b"250 OK", b"221 Bye"], (chunks, replies)

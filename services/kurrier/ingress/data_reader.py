@@ -111,12 +111,16 @@ class DataReader:
             self._take(chunk)
 
     def finish(self) -> None:
-        """End a chunked message (BDAT LAST). A last line without its CRLF gets one,
-        since delivery by DATA can only end data after a CRLF."""
+        """End a chunked message (BDAT LAST). A last line without a line end gets a
+        CRLF, since delivery by DATA can only end data after a CRLF."""
         if self._after_cr:
-            self._take(b"\n")
-        elif self._partial:
+            self._take(b"\n")  # the CR that ended the chunk was bare
+        elif self._partial and not self._partial.endswith(b"\n"):
             self._take(_NEWLINE_OCTETS)
+        if self._partial and not self.refusal:
+            # Its CRLF came in two takes, or it ends in a bare LF: a whole line.
+            self._store(bytes(self._partial))
+            self._partial.clear()
         self.done = True
 
     def _find_end(self, search: bytes) -> int:
