@@ -24,7 +24,7 @@ OK = grpc.StatusCode.OK
 BODY = b"Subject: callers\r\n\r\nhello\r\n"
 QUEUED = "CALLERS000000001"
 ENQUEUE = ("Enqueue", "EnqueueMessages")
-ADMIN = ("ListMessages", "GetMessage", "ApplyAction")
+ADMIN = ("ListMessages", "GetMessage", "ApplyAction", "MessageHistory")
 # Every call the queue serves: a new one is refused until callers.py gives it an owner.
 EVERY_CALL = (
     *queue_pb2.DESCRIPTOR.services_by_name["QueueService"].methods_by_name,
@@ -73,6 +73,8 @@ async def _call(
             action=queue_pb2.ACTION_HOLD, filter=queue_pb2.MessageFilter(queue_ids=[QUEUED])
         )
         await stub.ApplyAction(held, timeout=20)
+    elif name == "MessageHistory":
+        await stub.MessageHistory(queue_pb2.HistoryRequest(queue_id=QUEUED), timeout=20)
     else:
         health = health_pb2_grpc.HealthStub(channel)
         if name == "Health/Check":

@@ -27,6 +27,7 @@ from kurrier.core.settings import (
     QUEUE_ADMIN,
     SERVICES,
     add_settings,
+    duration,
     existing_file,
     host_port,
 )
@@ -71,6 +72,20 @@ def _add_queue_admin(queue: argparse.ArgumentParser) -> None:
         if action == "delete":
             command.add_argument("--yes", action="store_true", help="confirm deleting with --all")
     admin.add_parser("flush", parents=[where], help="retry every deferred message now")
+    history = admin.add_parser(
+        "history",
+        parents=[where],
+        help="what happened to a message, delivered or not: by queue id, sender or recipient",
+    )
+    history.add_argument("queue_id", nargs="?", help="one message")
+    history.add_argument("--rcpt", help="every message to this address")
+    history.add_argument("--sender", help="every message from this address ('<>' for bounces)")
+    history.add_argument(
+        "--since",
+        type=duration,
+        help="events of the last DURATION only (default: 1h for --rcpt and --sender, "
+        "a message's whole history for a queue id)",
+    )
 
 
 def build_parser() -> Parser:
@@ -210,6 +225,7 @@ def _run_queue(args: argparse.Namespace) -> int:
 
         return run_admin(args, queue_tls(args))
 
+    from kurrier.core.jetstream import HistoryLimits
     from kurrier.queue.main import QueueSettings, serve_queue
     from kurrier.queue.retry_schedule import RetrySchedule
 
@@ -227,6 +243,7 @@ def _run_queue(args: argparse.Namespace) -> int:
         hostname=args.hostname,
         metrics_listen=args.metrics_listen,
         body_store_limit=args.body_store_limit,
+        history=HistoryLimits(parse_duration(args.history_retention), args.history_max_bytes),
         grpc_tls=_grpc_tls(args),
     )
     run_service(serve_queue(settings))

@@ -1,4 +1,5 @@
-"""`kurrier queue list|show|hold|release|delete|retry|flush`: postqueue/postsuper for kurrier."""
+"""`kurrier queue list|show|hold|release|delete|retry|flush|history`: postqueue/postsuper
+for kurrier, and a message trace."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from kurrier.core.durations import parse_duration
 from kurrier.core.grpc_tls import QueueTls, queue_channel
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 
@@ -26,6 +28,8 @@ ACTIONS = {
 # Like postqueue -p: '*' marks a message being delivered, '!' one on hold.
 STATE_MARK = {"active": "*", "held": "!", "deferred": " "}
 RPC_TIMEOUT = 60.0
+# How far back `kurrier queue history --rcpt|--sender` looks unless told.
+DEFAULT_HISTORY_SINCE = "1h"
 
 
 class AdminError(Exception):
@@ -122,6 +126,42 @@ def format_detail(detail: queue_pb2.MessageDetail) -> str:
     return "\n".join(lines).replace("\r\n", "\n")
 
 
+def _history_request(args: argparse.Namespace) -> queue_pb2.HistoryRequest:
+    since = args.since or (None if args.queue_id else DEFAULT_HISTORY_SINCE)
+    return queue_pb2.HistoryRequest(
+        queue_id=args.queue_id or "",
+        sender=args.sender or "",
+        recipient=args.rcpt or "",
+        since=time.time() - parse_duration(since) if since else 0.0,
+    )
+
+
+def _details(details: Any) -> str:
+    return " ".join(f"{key}={value}" for key, value in sorted(details.items()))
+
+
+def format_history(response: queue_pb2.HistoryResponse) -> str:
+    """A timeline per message, in the order its first events happened."""
+    if not response.events:
+        return "No history found (it is kept for the queue's --history-retention)"
+    by_message: dict[str, list[queue_pb2.HistoryEvent]] = {}
+    for event in response.events:
+        by_message.setdefault(event.queue_id, []).append(event)
+    lines = []
+    for queue_id, events in by_message.items():
+        trace_id = next((e.trace_id for e in events if e.trace_id), "")
+        lines.append(f"{queue_id}  trace {trace_id or '-'}")
+        for event in events:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.at))
+            other_trace = f" trace={event.trace_id}" if event.trace_id not in ("", trace_id) else ""
+            lines.append(
+                f"  {when}.{int(event.at * 1000) % 1000:03d}  {event.service:<8} "
+                f"{event.event:<10} {_details(event.details)}{other_trace}".rstrip()
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
 def _as_json(message: Any) -> str:
     return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2)
 
@@ -143,6 +183,9 @@ async def _call(args: argparse.Namespace, tls: QueueTls | None) -> str:
                     queue_pb2.GetMessageRequest(queue_id=args.queue_id), timeout=RPC_TIMEOUT
                 )
                 return _as_json(detail) if args.json else format_detail(detail)
+            if args.action == "history":
+                history = await stub.MessageHistory(_history_request(args), timeout=RPC_TIMEOUT)
+                return _as_json(history) if args.json else format_history(history)
             selector = _filter(args)
             if args.action == "flush":
                 selector = queue_pb2.MessageFilter(state="deferred")
@@ -169,6 +212,9 @@ async def _call(args: argparse.Namespace, tls: QueueTls | None) -> str:
 
 
 def run_admin(args: argparse.Namespace, tls: QueueTls | None) -> int:
+    if args.action == "history" and bool(args.queue_id) == bool(args.rcpt or args.sender):
+        print("kurrier queue history: give a queue id, or --rcpt or --sender", file=sys.stderr)
+        return 2
     if args.action in ("hold", "release", "delete", "retry"):
         if bool(args.queue_ids) == bool(args.all):
             print(f"kurrier queue {args.action}: give queue ids or --all", file=sys.stderr)

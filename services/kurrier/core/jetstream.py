@@ -12,11 +12,22 @@ import logging
 import os
 import ssl
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from kurrier.core.settings import NATS_CREDS, NATS_NKEY, NATS_PASSWORD_FILE, NATS_TLS_CA, NATS_USER
+from kurrier.core.durations import parse_duration
+from kurrier.core.settings import (
+    HISTORY_MAX_BYTES,
+    HISTORY_RETENTION,
+    NATS_CREDS,
+    NATS_NKEY,
+    NATS_PASSWORD_FILE,
+    NATS_TLS_CA,
+    NATS_USER,
+)
+from kurrier.core.sizes import parse_size
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -40,6 +51,8 @@ INLINE_BODY_LIMIT = 900 * 1024
 BODIES_STREAM = "KURRIER_BODIES"
 JOBS_STREAM = "KURRIER_JOBS"
 RESULTS_STREAM = "KURRIER_RESULTS"
+HISTORY_STREAM = "KURRIER_HISTORY"
+HISTORY_SUBJECTS = "kurrier.history.>"
 MESSAGES_BUCKET = "kurrier-messages"
 # The records bucket as JetStream names a KV bucket's stream and subjects
 # (NATS ADR-8, JetStream based Key-Value Stores), for the places that go past
@@ -77,11 +90,25 @@ LAYOUT = (
     BODIES_STREAM,
     JOBS_STREAM,
     RESULTS_STREAM,
+    HISTORY_STREAM,
     MESSAGES_STREAM,
     kv_stream(CONFIG_BUCKET),
     kv_stream(LEASES_BUCKET),
     object_stream(OBJECT_BUCKET),
 )
+
+
+@dataclass(frozen=True)
+class HistoryLimits:
+    """How long (seconds) and how much (bytes) of the messages' history is kept."""
+
+    max_age: float = parse_duration(str(HISTORY_RETENTION.default))
+    max_bytes: int = parse_size(str(HISTORY_MAX_BYTES.default))
+
+
+def history_subjects(service: str) -> str:
+    """Where a service's processes store their history batches, one subject each."""
+    return f"kurrier.history.{service}.*"
 
 
 def body_subject(queue_id: str) -> str:
@@ -203,6 +230,7 @@ async def ensure_layout(
     owner: bool = False,
     body_store_limit: int | None = None,
     streams: Collection[str] | None = None,
+    history: HistoryLimits | None = None,
 ) -> None:
     """Create kurrier's streams, KV buckets and object store if missing.
 
@@ -212,6 +240,9 @@ async def ensure_layout(
     small writes (records, jobs, results) that let the queue drain and free
     space once it is full: without it a full disk could not even record a
     delivery.
+
+    history bounds the messages' history by age and size (the owner's
+    settings).
     """
     wanted = LAYOUT if streams is None else [name for name in LAYOUT if name in streams]
     if BODIES_STREAM in wanted:
@@ -255,6 +286,22 @@ async def ensure_layout(
                 num_replicas=replicas,
                 retention=RetentionPolicy.WORK_QUEUE,
                 discard=DiscardPolicy.NEW,
+            ),
+            owner,
+        )
+    if HISTORY_STREAM in wanted:
+        # Best-effort and bounded: the oldest batches go first, by age or size.
+        history = history or HistoryLimits()
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=HISTORY_STREAM,
+                subjects=[HISTORY_SUBJECTS],
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+                max_age=history.max_age,
+                max_bytes=history.max_bytes,
+                discard=DiscardPolicy.OLD,
             ),
             owner,
         )

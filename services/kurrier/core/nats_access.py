@@ -24,6 +24,7 @@ from typing import Any
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     CONFIG_BUCKET,
+    HISTORY_STREAM,
     JOBS_STREAM,
     LEASES_BUCKET,
     MESSAGES_BUCKET,
@@ -31,6 +32,7 @@ from kurrier.core.jetstream import (
     OBJECT_BUCKET,
     RESULTS_STREAM,
     ROUTING_TABLE_KEY,
+    history_subjects,
     inbox_prefix,
     kv_stream,
     object_stream,
@@ -68,11 +70,19 @@ _QUEUE_STATE = (
     Use(JOBS_STREAM, ("kurrier.job.*", "kurrier.due.*", "kurrier.schedule.*"), True, True, True),
     Use(RESULTS_STREAM, ("kurrier.result.*",), remove=True, create=True),
     Use(LEASES_STREAM, (f"$KV.{LEASES_BUCKET}.>",), remove=True, create=True),
+    # Reads every message's history back (MessageHistory).
+    Use(HISTORY_STREAM, (history_subjects("queue"),), create=True),
 )
+
+
+def _history_of(component: str) -> Use:
+    """Storing its own messages' history, on its own subjects (core/history.py)."""
+    return Use(HISTORY_STREAM, (history_subjects(component),), read=False)
+
 
 COMPONENTS: dict[str, tuple[Use, ...]] = {
     # The routing table, read-only. Mail reaches the queue over gRPC.
-    "ingress": (Use(CONFIG_STREAM),),
+    "ingress": (Use(CONFIG_STREAM), _history_of("ingress")),
     # Writes the routing table, nothing else.
     "operator": (Use(CONFIG_STREAM, (f"$KV.{CONFIG_BUCKET}.{ROUTING_TABLE_KEY}",), create=True),),
     # Takes jobs, reads bodies and records, reports results, and ends a
@@ -84,6 +94,7 @@ COMPONENTS: dict[str, tuple[Use, ...]] = {
         Use(OBJECT_STREAM, (f"$O.{OBJECT_BUCKET}.M.>",), remove=True, find=True),
         Use(MESSAGES_STREAM, (f"$KV.{MESSAGES_BUCKET}.>",), remove=True),
         Use(CONFIG_STREAM),
+        _history_of("delivery"),
     ),
     # Everything else: it owns the layout and the messages; it reads the table.
     "queue": (*_QUEUE_STATE, Use(CONFIG_STREAM, create=True)),

@@ -2,7 +2,8 @@
 
 `serve` does, once and in one order, what every service needs: connect to
 NATS, create the JetStream streams it may create and wait for the others it
-uses (kurrier.core.nats_access), follow the routing table, build the service
+uses (kurrier.core.nats_access), publish the messages' history
+(core/history.py), follow the routing table, build the service
 (its `start` hook), serve /healthz and /metrics, wait for the first routing
 table when the service needs it, open to clients, run until SIGTERM or SIGINT,
 drain in the service's order, close, disconnect. A service declares a
@@ -17,8 +18,15 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kurrier.core.history import HISTORY
 from kurrier.core.http_endpoint import HttpEndpoint, Refresh
-from kurrier.core.jetstream import connect, disconnect, ensure_layout, wait_for_layout
+from kurrier.core.jetstream import (
+    HistoryLimits,
+    connect,
+    disconnect,
+    ensure_layout,
+    wait_for_layout,
+)
 from kurrier.core.lifecycle import ended_unexpectedly, run_until, stop_event
 from kurrier.core.metrics import NATS_CONNECTED
 from kurrier.core.nats_access import streams_created, streams_used
@@ -93,6 +101,7 @@ class Service:
     # Converges existing streams and buckets to its replicas and limits (the queue).
     owns_layout: bool = False
     body_store_limit: int | None = None
+    history: HistoryLimits | None = None
     follows_table: bool = True
     first_table: FirstTable | None = None
     # Its main hook handles SIGTERM and SIGINT itself (kopf does).
@@ -115,8 +124,10 @@ async def serve(service: Service) -> None:
             owner=service.owns_layout,
             body_store_limit=service.body_store_limit,
             streams=created,
+            history=service.history,
         )
         await wait_for_layout(js, streams_used(service.name) - created)
+        helpers.append(asyncio.create_task(HISTORY.run(js, service.name), name="history"))
         tables = TableFollower()
         if service.follows_table:
             helpers.append(asyncio.create_task(tables.run(js), name="routing table"))

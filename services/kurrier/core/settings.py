@@ -245,6 +245,15 @@ RETRIES = (
         "4h",
     ),
 )
+HISTORY_RETENTION = Setting(
+    "history_retention",
+    "keep each message's history (addresses included) this long",
+    duration,
+    "7d",
+)
+HISTORY_MAX_BYTES = Setting(
+    "history_max_bytes", "cap on stored history; the oldest goes first", size, "1GiB"
+)
 QUEUE = (
     *COMMON,
     Setting("listen", "gRPC listen address (or unix:PATH)", default="0.0.0.0:7070"),
@@ -257,6 +266,8 @@ QUEUE = (
         " Keep it below JetStream's storage so the queue can always drain",
         size,
     ),
+    HISTORY_RETENTION,
+    HISTORY_MAX_BYTES,
     *RETRIES,
 )
 

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from kurrier.core.history import HISTORY
 from kurrier.core.message import DeliveryJob, RecipientOutcome
 from kurrier.core.message_store import MessageStore
 from kurrier.core.metrics import count_final
@@ -61,6 +62,9 @@ async def finish_delivered(
     now = time.time()
     for outcome in outcomes:
         count_final("delivered", job.received_at, now)
+        HISTORY.record(
+            job.queue_id, "delivered", at=now, recipient=outcome.address, reply=outcome.reply
+        )
         log.info(
             "to=<%s> status=delivered dispatch=%d reply=%s",
             outcome.address,

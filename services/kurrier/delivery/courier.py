@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 from kurrier.core.dsn_parameters import MailParameters, RcptParameters, notify_allows
+from kurrier.core.history import HISTORY
 from kurrier.core.message import DeliveryJob, Outcome, RecipientOutcome
 from kurrier.core.routing import CompiledRoute, RoutingTable, domain_of
 from kurrier.delivery.connection_pool import ConnectionPool, Opener
@@ -48,6 +49,25 @@ def owes_success_notice(job: DeliveryJob, recipient: str, session: SmtpSession) 
 
 def deferred(recipients: list[str], text: str) -> list[RecipientOutcome]:
     return [RecipientOutcome(address=r, outcome="deferred", reply=text) for r in recipients]
+
+
+def attempted(
+    job: DeliveryJob,
+    recipients: list[str],
+    hop: NextHop,
+    reply: str,
+    session: SmtpSession | None = None,
+) -> None:
+    """Write one attempt at a next hop into each recipient's history."""
+    for recipient in recipients:
+        HISTORY.record(
+            job.queue_id,
+            "attempt",
+            recipient=recipient,
+            hop=hop.label,
+            tls="yes" if session is not None and session.tls else "no",
+            reply=reply,
+        )
 
 
 class Courier:
@@ -179,6 +199,7 @@ class Courier:
             except SmtpTemporaryError as error:
                 last_reply = f"451 {error.status} {hop.label}: {error}"
                 log.info("next hop failed: %s", last_reply, extra={"queue_id": job.queue_id})
+                attempted(job, pending, hop, last_reply)
                 continue
             form = forms.for_hop(session.extensions, job.mail_from, pending, hop.label)
             if isinstance(form, Reply):
@@ -203,6 +224,7 @@ class Courier:
             except SmtpTemporaryError as error:
                 await self.pool.release(key, session, reusable=False)
                 last_reply = f"451 4.4.2 {hop.label}: {error}"
+                attempted(job, pending, hop, last_reply, session)
                 if session.body_started:
                     # The server may have the message: another host could duplicate it.
                     break
@@ -218,6 +240,7 @@ class Courier:
             retry_elsewhere = []
             for recipient in pending:
                 reply = result.reply_for(recipient)
+                attempted(job, [recipient], hop, str(reply), session)
                 if (
                     not reply.ok
                     and not reply.permanent

@@ -19,6 +19,7 @@ from kurrier.core.dsn_parameters import (
     mail_parameters,
     rcpt_parameters,
 )
+from kurrier.core.history import HISTORY
 from kurrier.core.message import new_queue_id
 from kurrier.core.routing import CompiledPolicy, domain_of
 from kurrier.core.smtp_text import header_section
@@ -319,6 +320,7 @@ class RelayHandler:
         smtputf8 = "SMTPUTF8" in options
         body_type = next((o[5:] for o in options if o.startswith("BODY=")), "")
         tls = session.ssl is not None
+        received_at = time.time()
         header = received_header(
             helo=session.host_name or "",
             client_ip=client_ip,
@@ -328,7 +330,7 @@ class RelayHandler:
             ),
             queue_id=queue_id,
             recipients=envelope.rcpt_tos,
-            timestamp=time.time(),
+            timestamp=received_at,
             tls_detail=tls_description(session.ssl),
         )
         request = queue_pb2.Envelope(
@@ -359,6 +361,19 @@ class RelayHandler:
         except QueueUnavailable as error:
             log.warning("not accepted, queue unavailable: %s", error, extra={"queue_id": queue_id})
             return "451 4.3.0 Queue temporarily unavailable, try again later"
+        HISTORY.record(
+            queue_id,
+            "received",
+            at=received_at,
+            client=client_ip,
+            helo=request.client_helo,
+            identity=request.authenticated_as,
+            tls=tls_description(session.ssl) if tls else "",
+            sender=f"<{request.mail_from}>",
+            recipients=", ".join(request.recipients),
+            size=request.size,
+            message_id=request.message_id_header,
+        )
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
 

@@ -11,6 +11,7 @@ import logging
 import time
 from typing import IO
 
+from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
 from kurrier.core.metrics import MESSAGES_QUEUED
@@ -52,6 +53,16 @@ class Intake:
             return None
         record = stored[0]
         MESSAGES_QUEUED.add(1)
+        HISTORY.record(
+            record.queue_id,
+            "queued",
+            trace_id=trace_id_of(record.traceparent),
+            # When it was taken in: its first jobs went out before the store returned.
+            at=record.received_at,
+            sender=f"<{record.mail_from}>",
+            recipients=", ".join(r.address for r in record.recipients),
+            size=size,
+        )
         log.info(
             "queued from=<%s> nrcpt=%d size=%d",
             record.mail_from,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kurrier.core.grpc_tls import GrpcTls
-from kurrier.core.jetstream import LEASES_BUCKET
+from kurrier.core.jetstream import LEASES_BUCKET, HistoryLimits
 from kurrier.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 from kurrier.core.records import RecordStore
 from kurrier.core.service import Connected, Hooks, Service, serve
@@ -37,6 +37,7 @@ class QueueSettings:
     schedule: RetrySchedule
     hostname: str
     body_store_limit: int | None = None
+    history: HistoryLimits | None = None
     metrics_listen: str | None = None
     grpc_tls: GrpcTls | None = None
 
@@ -51,6 +52,7 @@ async def serve_queue(settings: QueueSettings) -> None:
             functools.partial(_start, settings),
             owns_layout=True,
             body_store_limit=settings.body_store_limit,
+            history=settings.history,
         )
     )
 

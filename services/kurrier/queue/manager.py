@@ -8,6 +8,7 @@ JetStream consumers that drive them are in consumers.py.
 
 from __future__ import annotations
 
+import datetime
 import io
 import logging
 import time
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 from kurrier.core.body_store import load_body
 from kurrier.core.dsn_parameters import notify_allows
+from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.message import FAILED_STATUSES, FINAL_STATUSES, MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
 from kurrier.core.metrics import RECIPIENTS_DEFERRED, count_final
@@ -33,19 +35,47 @@ from nats.js import JetStreamContext
 log = logging.getLogger(__name__)
 
 
-def count_recipient_changes(record: MessageRecord, before: Sequence[str], now: float) -> None:
-    """Count the recipients whose status a stored change of record moved on.
+def report_recipient_changes(record: MessageRecord, before: Sequence[str], now: float) -> None:
+    """Count, and write into the history, the recipients a stored change of record moved on.
 
     before holds each recipient's status as read, in record order; called
     once the change is stored, so a write retried after a conflict counts once.
+    A dispatch (back to queued) is in the history as its delivery attempt.
     """
     for state, previous in zip(record.recipients, before, strict=True):
-        if state.status == previous:
+        if state.status in (previous, "queued"):
             continue
         if state.status == "deferred":
             RECIPIENTS_DEFERRED.add(1)
         elif state.status in FINAL_STATUSES:
             count_final(state.status, record.received_at, now)
+        HISTORY.record(
+            record.queue_id,
+            state.status,
+            trace_id=trace_id_of(record.traceparent),
+            at=now,
+            recipient=state.address,
+            reply=state.last_reply,
+            next_attempt=_when(state.next_attempt) if state.status == "deferred" else "",
+        )
+
+
+def _report_notice(record: MessageRecord, owed: OwedNotice, notice_id: str, now: float) -> None:
+    """The notification sent, in the history after the change that owed it."""
+    HISTORY.record(
+        record.queue_id,
+        "dsn",
+        trace_id=trace_id_of(record.traceparent),
+        at=now,
+        action=owed.kind.action,
+        to=f"<{record.mail_from}>",
+        recipients=", ".join(r.address for r in owed.recipients),
+        notice=notice_id,
+    )
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="seconds")
 
 
 class QueueManager:
@@ -104,8 +134,10 @@ class QueueManager:
                 continue
             # Notifications are stored before the record moves on, so a crash in
             # between re-applies the change and finds them stored.
-            for notice in take_owed_notices(record, before, self.schedule, now):
-                await self._notify_sender(record, notice, now)
+            notified = [
+                (owed, await self._notify_sender(record, owed, now))
+                for owed in take_owed_notices(record, before, self.schedule, now)
+            ]
             try:
                 if record.pending():
                     await self.store.update(record, revision, list(edit.dispatch))
@@ -114,7 +146,10 @@ class QueueManager:
             except RecordChanged:
                 fresh = True
                 continue
-            count_recipient_changes(record, before, now)
+            report_recipient_changes(record, before, now)
+            for owed, notice_id in notified:
+                if notice_id is not None:
+                    _report_notice(record, owed, notice_id, now)
             self._log_unwanted_failures(record, before)
             return record
 
@@ -122,9 +157,13 @@ class QueueManager:
         removed = await self.store.delete(queue_id)
         if removed is not None:
             log.info("deleted by the administrator", extra={"queue_id": queue_id})
+            HISTORY.record(queue_id, "deleted", trace_id=trace_id_of(removed.traceparent))
         return removed is not None
 
-    async def _notify_sender(self, record: MessageRecord, owed: OwedNotice, now: float) -> None:
+    async def _notify_sender(
+        self, record: MessageRecord, owed: OwedNotice, now: float
+    ) -> str | None:
+        """Store the notification owed; its queue id, or None when none is sent."""
         if not record.mail_from:
             # RFC 5321 6.1: never bounce a bounce; log it and let it go.
             for recipient in owed.recipients if owed.kind is FAILED else []:
@@ -134,7 +173,7 @@ class QueueManager:
                     recipient.last_reply,
                     extra={"queue_id": record.queue_id},
                 )
-            return
+            return None
         withheld = withheld_because(record, self._tables.table)
         if withheld:
             log.info(
@@ -143,7 +182,7 @@ class QueueManager:
                 withheld,
                 extra={"queue_id": record.queue_id},
             )
-            return
+            return None
         original = await load_body(self._js, record.queue_id, record.body_store)
         notice = render_dsn(
             record,
@@ -175,6 +214,7 @@ class QueueManager:
             notice.queue_id,
             extra={"queue_id": record.queue_id},
         )
+        return notice.queue_id
 
     @staticmethod
     def _log_unwanted_failures(record: MessageRecord, statuses_before: Sequence[str]) -> None:

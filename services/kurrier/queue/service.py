@@ -1,5 +1,5 @@
 """The QueueService gRPC API: Enqueue stores a message durably before it answers;
-the admin calls list, show, hold, release, delete and retry."""
+the admin calls list, show, hold, release, delete and retry, and messages' history."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from kurrier.core.batch_writer import BatchWriter
 from kurrier.core.body_store import load_body
 from kurrier.core.domains import InvalidDomain, canonical_address, normalise_domain
 from kurrier.core.dsn_parameters import dsn_problem
+from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.jetstream import INLINE_BODY_LIMIT
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
@@ -26,6 +27,7 @@ from kurrier.core.smtp_text import header_section
 from kurrier.core.telemetry import serving_message
 from kurrier.queue import admin
 from kurrier.queue.changes import Change
+from kurrier.queue.history_search import search_history
 from kurrier.queue.manager import QueueManager
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 from nats.js import JetStreamContext
@@ -37,6 +39,12 @@ QUEUE_ID_RE = re.compile(r"^[A-Za-z0-9]{8,64}$")
 NATS_FAILURES = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 INSUFFICIENT_RESOURCES = 10023  # JetStream's error code when its storage is full
 STATES = ("active", "deferred", "held")
+# What an administrator's change of a message is in its history (a delete: QueueManager).
+ADMIN_EVENTS = {
+    queue_pb2.ACTION_HOLD: "held",
+    queue_pb2.ACTION_RELEASE: "released",
+    queue_pb2.ACTION_RETRY: "retry requested",
+}
 # Messages of one EnqueueMessages call being stored at once; past this the
 # server reads no further until one is done, so a client cannot pile up work.
 STREAM_IN_FLIGHT = 256
@@ -377,5 +385,38 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             )
             if after is not None and after.model_dump() != before:
                 changed.append(record.queue_id)
+                HISTORY.record(
+                    record.queue_id,
+                    ADMIN_EVENTS[request.action],
+                    trace_id=trace_id_of(after.traceparent),
+                )
         log.info("admin %s on %d message(s)", queue_pb2.Action.Name(request.action), len(changed))
         return queue_pb2.ActionResponse(queue_ids=changed)
+
+    async def MessageHistory(
+        self, request: queue_pb2.HistoryRequest, context: grpc.aio.ServicerContext
+    ) -> queue_pb2.HistoryResponse:
+        try:
+            if bool(request.queue_id) == bool(request.sender or request.recipient):
+                raise InvalidRequest("give a queue id, or a sender or recipient")
+            if request.queue_id and not QUEUE_ID_RE.match(request.queue_id):
+                raise InvalidRequest("queue_id must be 8-64 letters or digits")
+            events = await search_history(
+                self._js, request.queue_id, request.sender, request.recipient, request.since
+            )
+        except (InvalidRequest, InvalidDomain) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise
+        return queue_pb2.HistoryResponse(
+            events=[
+                queue_pb2.HistoryEvent(
+                    at=event.at,
+                    queue_id=event.queue_id,
+                    service=event.service,
+                    event=event.event,
+                    details=event.details,
+                    trace_id=event.trace_id,
+                )
+                for event in events
+            ]
+        )

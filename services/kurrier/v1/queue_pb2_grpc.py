@@ -60,6 +60,11 @@ class QueueServiceStub:
                 request_serializer=kurrier_dot_v1_dot_queue__pb2.ActionRequest.SerializeToString,
                 response_deserializer=kurrier_dot_v1_dot_queue__pb2.ActionResponse.FromString,
                 _registered_method=True)
+        self.MessageHistory = channel.unary_unary(
+                '/kurrier.v1.QueueService/MessageHistory',
+                request_serializer=kurrier_dot_v1_dot_queue__pb2.HistoryRequest.SerializeToString,
+                response_deserializer=kurrier_dot_v1_dot_queue__pb2.HistoryResponse.FromString,
+                _registered_method=True)
 
 
 class QueueServiceServicer:
@@ -110,6 +115,15 @@ class QueueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MessageHistory(self, request, context):
+        """The history of messages, finished ones included, for as long as it is
+        kept (the queue's --history-retention): every event, oldest first.
+        Best-effort: an event a process could not publish is missing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueueServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +151,11 @@ def add_QueueServiceServicer_to_server(servicer, server):
                     servicer.ApplyAction,
                     request_deserializer=kurrier_dot_v1_dot_queue__pb2.ActionRequest.FromString,
                     response_serializer=kurrier_dot_v1_dot_queue__pb2.ActionResponse.SerializeToString,
+            ),
+            'MessageHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.MessageHistory,
+                    request_deserializer=kurrier_dot_v1_dot_queue__pb2.HistoryRequest.FromString,
+                    response_serializer=kurrier_dot_v1_dot_queue__pb2.HistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -275,6 +294,33 @@ class QueueService:
             '/kurrier.v1.QueueService/ApplyAction',
             kurrier_dot_v1_dot_queue__pb2.ActionRequest.SerializeToString,
             kurrier_dot_v1_dot_queue__pb2.ActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MessageHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kurrier.v1.QueueService/MessageHistory',
+            kurrier_dot_v1_dot_queue__pb2.HistoryRequest.SerializeToString,
+            kurrier_dot_v1_dot_queue__pb2.HistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

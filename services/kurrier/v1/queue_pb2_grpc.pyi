@@ -54,6 +54,11 @@ class QueueServiceStub:
     GetMessage: _grpc.UnaryUnaryMultiCallable[_queue_pb2.GetMessageRequest, _queue_pb2.MessageDetail]
     ApplyAction: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ActionRequest, _queue_pb2.ActionResponse]
     """Hold, release, delete or retry now the selected messages."""
+    MessageHistory: _grpc.UnaryUnaryMultiCallable[_queue_pb2.HistoryRequest, _queue_pb2.HistoryResponse]
+    """The history of messages, finished ones included, for as long as it is
+    kept (the queue's --history-retention): every event, oldest first.
+    Best-effort: an event a process could not publish is missing.
+    """
 
 @_typing.type_check_only
 class QueueServiceAsyncStub(QueueServiceStub):
@@ -81,6 +86,11 @@ class QueueServiceAsyncStub(QueueServiceStub):
     GetMessage: _aio.UnaryUnaryMultiCallable[_queue_pb2.GetMessageRequest, _queue_pb2.MessageDetail]  # type: ignore[assignment]
     ApplyAction: _aio.UnaryUnaryMultiCallable[_queue_pb2.ActionRequest, _queue_pb2.ActionResponse]  # type: ignore[assignment]
     """Hold, release, delete or retry now the selected messages."""
+    MessageHistory: _aio.UnaryUnaryMultiCallable[_queue_pb2.HistoryRequest, _queue_pb2.HistoryResponse]  # type: ignore[assignment]
+    """The history of messages, finished ones included, for as long as it is
+    kept (the queue's --history-retention): every event, oldest first.
+    Best-effort: an event a process could not publish is missing.
+    """
 
 class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
     """QueueService stores accepted mail durably and administers the queue."""
@@ -135,5 +145,16 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_queue_pb2.ActionResponse, _abc.Awaitable[_queue_pb2.ActionResponse]]:
         """Hold, release, delete or retry now the selected messages."""
+
+    @_abc_1.abstractmethod
+    def MessageHistory(
+        self,
+        request: _queue_pb2.HistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.HistoryResponse, _abc.Awaitable[_queue_pb2.HistoryResponse]]:
+        """The history of messages, finished ones included, for as long as it is
+        kept (the queue's --history-retention): every event, oldest first.
+        Best-effort: an event a process could not publish is missing.
+        """
 
 def add_QueueServiceServicer_to_server(servicer: QueueServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
