@@ -7,9 +7,11 @@ dot-stuffed, so a chunk holding "<CRLF>.<CRLF>" shows that stuffing is right.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
+from kurrier.delivery.smtp_client import SmtpSession, TransactionResult
 
 from tests.ingress.conftest import MAX_HEADERS, MAX_MESSAGE_SIZE, HostileRelay, fresh_ip
 from tests.ingress.smtp_probe import SmtpProbe
@@ -163,3 +165,46 @@ def test_rset_and_a_lost_connection_discard_the_chunks(hostile_relay: HostileRel
     contents = b"".join(m.content for m in hostile_relay.sink.messages)
     assert discarded.encode() not in contents
     assert lost.encode() not in contents
+
+
+async def _sent_by_kurriers_client(port: int, *transactions: tuple[str, bytes]) -> list[str]:
+    """Each (recipient, body) as delivery sends it to a hop offering CHUNKING: MAIL, RCPT
+    and one BDAT LAST in a write. The final reply of each transaction."""
+    session = await SmtpSession.open(
+        "127.0.0.1",
+        port,
+        server_name="relay.test",
+        helo_name="client.test",
+        tls_mode="none",
+        tls_context=None,
+        timeout=10,
+        connect_timeout=5,
+    )
+    try:
+        assert "CHUNKING" in session.extensions
+        results: list[TransactionResult] = [
+            await session.send("someone@client.test", [rcpt], body) for rcpt, body in transactions
+        ]
+    finally:
+        await session.quit()
+    return [
+        str(r.data or r.reply_for(rcpt)) for r, (rcpt, _) in zip(results, transactions, strict=True)
+    ]
+
+
+def test_kurriers_own_delivery_client_sends_to_ingress_by_bdat(hostile_relay: HostileRelay) -> None:
+    """Relay to relay: the BDAT delivery sends, refused recipient and all, is one ingress takes."""
+    first, second = uuid.uuid4().hex, uuid.uuid4().hex
+    replies = asyncio.run(
+        _sent_by_kurriers_client(
+            hostile_relay.smtp_port,
+            ("user@example.com", f"Subject: {first}\r\n\r\n.\r\n..\r\n".encode()),
+            ("victim@elsewhere.test", b"Subject: refused\r\n\r\nnot relayed\r\n"),
+            ("user@example.com", f"Subject: {second}\r\n\r\nno CRLF".encode()),
+        )
+    )
+    assert replies[0].startswith("250 2.0.0 Ok: queued as")
+    assert replies[1].startswith("554 5.7.1")
+    assert replies[2].startswith("250 2.0.0 Ok: queued as")
+    assert _delivered(hostile_relay, first).content.endswith(b"\r\n\r\n.\r\n..\r\n")
+    assert _delivered(hostile_relay, second).content.endswith(b"\r\n\r\nno CRLF\r\n")
