@@ -140,6 +140,22 @@ def test_external_nats(helm_bin: Path, tmp_path: Path) -> None:
         }
 
 
+def test_external_nats_with_its_own_ca(helm_bin: Path, tmp_path: Path) -> None:
+    objects = render(helm_bin, scenario("external-nats-tls"), tmp_path)
+    for component in COMPONENTS:
+        deployment = find(objects, "Deployment", f"kurrier-{component}")
+        c = deployment["spec"]["template"]["spec"]["containers"][0]
+        env = env_of(c)
+        assert env["KURRIER_NATS_URL"] == "tls://nats.infra:4222"
+        assert env["KURRIER_NATS_TLS_CA"] == "/etc/kurrier/nats-tls/ca.crt"
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        ca = next(v for v in volumes if v["name"] == "nats-ca")
+        assert ca["secret"]["secretName"] == "infra-nats-ca"
+        assert ca["secret"]["items"] == [{"key": "root.pem", "path": "ca.crt"}]
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "nats-ca")
+        assert mount["mountPath"] == "/etc/kurrier/nats-tls"
+
+
 def test_three_node_nats(helm_bin: Path, tmp_path: Path) -> None:
     objects = render(helm_bin, scenario("nats-cluster"), tmp_path)
     nats = find(objects, "StatefulSet", "kurrier-nats")

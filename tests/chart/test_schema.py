@@ -189,6 +189,11 @@ TEMPLATE_CASES: list[tuple[str, dict[str, Any], str]] = [
         {"nats": {"external": {"credentials": {"secretName": "creds"}}}},
         "nats.external.credentials.secretName is only used with nats.external.url",
     ),
+    (
+        "nats-ca-without-url",
+        {"nats": {"external": {"tls": {"caSecretName": "ca"}}}},
+        "nats.external.tls.caSecretName is only used with nats.external.url",
+    ),
 ]
 
 

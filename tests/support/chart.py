@@ -58,6 +58,17 @@ SCENARIOS: tuple[Scenario, ...] = (
         },
     ),
     Scenario(
+        "external-nats-tls",
+        {
+            "nats": {
+                "external": {
+                    "url": "tls://nats.infra:4222",
+                    "tls": {"caSecretName": "infra-nats-ca", "key": "root.pem"},
+                }
+            }
+        },
+    ),
+    Scenario(
         "nats-cluster",
         {"nats": {"replicas": 3, "storage": {"size": "20Gi", "storageClassName": "fast-ssd"}}},
     ),

@@ -147,7 +147,7 @@ spec:
               mountPath: /etc/kurrier/nats-auth
               readOnly: true
             {{- end }}
-            {{- if and (not .noCommonEnv) (include "kurrier.nats.tls" $root) }}
+            {{- if and (not .noCommonEnv) (include "kurrier.nats.clientCA" $root) }}
             - name: nats-ca
               mountPath: /etc/kurrier/nats-tls
               readOnly: true
@@ -197,6 +197,14 @@ spec:
             defaultMode: 0440
             items:
               - key: ca.crt
+                path: ca.crt
+        {{- else if and (not .noCommonEnv) (include "kurrier.nats.clientCA" $root) }}
+        - name: nats-ca
+          secret:
+            secretName: {{ $root.Values.nats.external.tls.caSecretName }}
+            defaultMode: 0440
+            items:
+              - key: {{ $root.Values.nats.external.tls.key }}
                 path: ca.crt
         {{- end }}
         {{- with .volumes }}

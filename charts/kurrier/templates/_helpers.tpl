@@ -177,6 +177,9 @@ Included by templates/validate.yaml, so `helm template` and `helm install` fail 
 {{- if and .Values.nats.external.credentials.secretName (not .Values.nats.external.url) -}}
 {{- fail "nats.external.credentials.secretName is only used with nats.external.url" -}}
 {{- end -}}
+{{- if and .Values.nats.external.tls.caSecretName (not .Values.nats.external.url) -}}
+{{- fail "nats.external.tls.caSecretName is only used with nats.external.url" -}}
+{{- end -}}
 {{- range $c := list "ingress" "delivery" -}}
 {{- $a := (index $.Values $c).autoscaling -}}
 {{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
@@ -244,7 +247,7 @@ podAntiAffinity:
 - name: KURRIER_NATS_PASSWORD_FILE
   value: /etc/kurrier/nats-auth/password
 {{- end }}
-{{- if include "kurrier.nats.tls" $root }}
+{{- if include "kurrier.nats.clientCA" $root }}
 - name: KURRIER_NATS_TLS_CA
   value: /etc/kurrier/nats-tls/ca.crt
 {{- end }}
@@ -306,6 +309,11 @@ The bundled NATS's security: one user per component with its permissions
 
 {{- define "kurrier.nats.tls" -}}
 {{- if and (include "kurrier.nats.bundled" .) .Values.nats.tls.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* Whether clients get a CA to verify NATS with: the bundled NATS's, or the one given for an external NATS. */}}
+{{- define "kurrier.nats.clientCA" -}}
+{{- if or (include "kurrier.nats.tls" .) (and .Values.nats.external.url .Values.nats.external.tls.caSecretName) -}}true{{- end -}}
 {{- end -}}
 
 {{/* Where the NATS certificate comes from: certManager or chart ("" without TLS). */}}
