@@ -46,7 +46,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_queue_admin(queue: argparse.ArgumentParser) -> None:
+def add_queue_admin(queue: argparse.ArgumentParser) -> None:
     admin = queue.add_subparsers(dest="action", parser_class=Parser, metavar="ACTION")
     where = Parser(add_help=False)
     add_settings(where, QUEUE_ADMIN)
@@ -123,7 +123,7 @@ def build_parser() -> Parser:
         "queue", help="run the queue service, or administer the queue (list, show, hold, ...)"
     )
     add_settings(queue, QUEUE)
-    _add_queue_admin(queue)
+    add_queue_admin(queue)
     delivery = commands.add_parser("delivery", help="run the delivery service")
     add_settings(delivery, DELIVERY)
     operator = commands.add_parser("operator", help="run the Kubernetes operator")

@@ -166,7 +166,8 @@ def _as_json(message: Any) -> str:
     return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2)
 
 
-async def _call(args: argparse.Namespace, tls: QueueTls | None) -> str:
+async def call_queue(args: argparse.Namespace, tls: QueueTls | None) -> str:
+    """Make the admin call args name; what to print."""
     target = queue_target(args, tls)
     # A listing of a large queue is many MB: lift gRPC's 4 MB default for replies.
     options = [("grpc.max_receive_message_length", -1)]
@@ -211,19 +212,27 @@ async def _call(args: argparse.Namespace, tls: QueueTls | None) -> str:
     )
 
 
-def run_admin(args: argparse.Namespace, tls: QueueTls | None) -> int:
+def check_admin_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line that argparse cannot tell, or None."""
+    if args.action is None:
+        return "give an action (list, show, history, hold, ...)"
     if args.action == "history" and bool(args.queue_id) == bool(args.rcpt or args.sender):
-        print("kurrier queue history: give a queue id, or --rcpt or --sender", file=sys.stderr)
-        return 2
+        return "give a queue id, or --rcpt or --sender"
     if args.action in ("hold", "release", "delete", "retry"):
         if bool(args.queue_ids) == bool(args.all):
-            print(f"kurrier queue {args.action}: give queue ids or --all", file=sys.stderr)
-            return 2
+            return "give queue ids or --all"
         if args.action == "delete" and args.all and not args.yes:
-            print("kurrier queue delete --all: add --yes to delete every match", file=sys.stderr)
-            return 2
+            return "--all: add --yes to delete every match"
+    return None
+
+
+def run_admin(args: argparse.Namespace, tls: QueueTls | None) -> int:
+    usage = check_admin_args(args)
+    if usage:
+        print(f"kurrier queue {args.action}: {usage}", file=sys.stderr)
+        return 2
     try:
-        print(asyncio.run(_call(args, tls)))
+        print(asyncio.run(call_queue(args, tls)))
     except AdminError as error:
         print(f"kurrier queue {args.action}: {error}", file=sys.stderr)
         return 1
