@@ -4,9 +4,9 @@ The method: nats-server runs under strace (a wrapper first on the PATH of
 `kurrier up`), which logs, with wall-clock times, every pwrite64 to a
 JetStream block file (with the start of what was written, which names the
 subject) and every fsync/fdatasync. For each message the test sends, it
-finds the writes of its body (`kurrier.body.<id>`) and of its record
-(`$KV.kurrier-messages.<id>`) and requires an fsync of the same file after
-each write and before the client saw 250.
+finds the writes of its record (`$KV.kurrier-messages.<id>`, which holds a
+body this small) and of its job (`kurrier.job.<id>`) and requires an fsync
+of the same file after each write and before the client saw 250.
 
 Why strace and not a lost-write device: dm-flakey, dm-log-writes and a
 FUSE layer that drops unsynced writes need kernel modules or /dev/fuse,
@@ -53,7 +53,7 @@ def _unsynced(events: list[Event], sent: list[tuple[str, float, float]]) -> list
     """What was acknowledged before a sync covered it; [] when every 250 followed one."""
     problems = []
     for queue_id, began, answered in sent:
-        for subject in (f"kurrier.body.{queue_id}", f"$KV.kurrier-messages.{queue_id}"):
+        for subject in (f"$KV.kurrier-messages.{queue_id}", f"kurrier.job.{queue_id}"):
             writes = [e for e in events if e.call == "pwrite64" and subject in e.written]
             if not writes or not began <= writes[0].at <= answered:
                 problems.append(f"{subject}: no write seen between DATA and 250")
@@ -81,7 +81,7 @@ def _run(tmp_path: Path, sink: Sink, *flags: str) -> list[str]:
     return _unsynced(block_file_events(trace), sent)
 
 
-def test_every_250_follows_a_sync_of_its_body_and_record(tmp_path: Path, sink: Sink) -> None:
+def test_every_250_follows_a_sync_of_its_record_and_job(tmp_path: Path, sink: Sink) -> None:
     assert _run(tmp_path, sink) == []
 
 

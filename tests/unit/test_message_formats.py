@@ -53,7 +53,7 @@ def test_records_store_only_the_fields_a_message_uses() -> None:
         body_store="stream",
     )
     stored = json.loads(record.document())
-    new_fields = {"dsn_ret", "dsn_envid", "delay_warned"}
+    new_fields = {"dsn_ret", "dsn_envid", "delay_warned", "body"}
     assert not new_fields & set(stored)
     assert not {"notify", "orcpt", "relayed"} & set(stored["recipients"][0])
     assert MessageRecord.model_validate_json(record.document()) == record

@@ -1,4 +1,5 @@
-"""Message bodies in JetStream: one stream message when small, the object store when large."""
+"""Message bodies in JetStream: in the record when small (core/message.py,
+RECORD_BODY_LIMIT), one stream message when larger, the object store when large."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from kurrier.core.jetstream import (
     OBJECT_BUCKET,
     body_subject,
 )
-from kurrier.core.message import BodyStore
+from kurrier.core.message import BodyStore, DeliveryJob, MessageRecord
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 
 async def store_body(js: JetStreamContext, queue_id: str, body: IO[bytes], size: int) -> BodyStore:
-    """Store body durably (acknowledged by JetStream); the queue id makes a retry a no-op."""
+    """Store a body too large for its record durably (acknowledged by JetStream);
+    the queue id makes a retry a no-op."""
     if size <= INLINE_BODY_LIMIT:
         body.seek(0)
         await js.publish(
@@ -33,7 +35,11 @@ async def store_body(js: JetStreamContext, queue_id: str, body: IO[bytes], size:
     return "object"
 
 
-async def load_body(js: JetStreamContext, queue_id: str, where: BodyStore) -> bytes:
+async def load_body(js: JetStreamContext, holder: MessageRecord | DeliveryJob) -> bytes:
+    """The body of the message that holder (its record or one of its jobs) is about."""
+    queue_id, where = holder.queue_id, holder.body_store
+    if where == "record":
+        return holder.body or b""
     if where == "stream":
         subject = body_subject(queue_id)
         try:
@@ -51,6 +57,8 @@ async def load_body(js: JetStreamContext, queue_id: str, where: BodyStore) -> by
 
 async def body_exists(js: JetStreamContext, queue_id: str, where: BodyStore) -> bool:
     """Whether the body is stored, asked of the leader (a replica may not have it yet)."""
+    if where == "record":
+        return True
     try:
         if where == "stream":
             await js.get_last_msg(BODIES_STREAM, body_subject(queue_id))
@@ -63,6 +71,8 @@ async def body_exists(js: JetStreamContext, queue_id: str, where: BodyStore) -> 
 
 
 async def delete_body(js: JetStreamContext, queue_id: str, where: BodyStore) -> None:
+    if where == "record":
+        return  # it went with the record
     try:
         if where == "stream":
             await js.purge_stream(BODIES_STREAM, subject=body_subject(queue_id))

@@ -6,12 +6,24 @@ import os
 import time
 from typing import Any, Literal, Self
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 RecipientStatus = Literal["queued", "deferred", "delivered", "bounced", "expired"]
 FAILED_STATUSES: frozenset[str] = frozenset({"bounced", "expired"})
 FINAL_STATUSES: frozenset[str] = FAILED_STATUSES | {"delivered"}
-BodyStore = Literal["stream", "object"]
+# Where a message's body is: in its record (and each job) when it is at most
+# RECORD_BODY_LIMIT, else one message of the bodies stream or, when larger than
+# INLINE_BODY_LIMIT (core/jetstream.py), the object store.
+BodyStore = Literal["record", "stream", "object"]
+
+# A body this small is kept in the record and carried by each job, so storing
+# a message is one synced write (the record) and removing it another, rather
+# than two each, and delivery reads nothing to send it. Bounded because every
+# record is read by each sweeper round and up to RECENT_LIMIT of them
+# (core/records.py) are cached by each queue process: 4 KiB, base64 in JSON,
+# keeps a record under about 6 KB, covering notifications and plain-text
+# mail while a message with attachments goes to the bodies stream.
+RECORD_BODY_LIMIT = 4 * 1024
 
 
 class _Model(BaseModel):
@@ -55,6 +67,8 @@ class RecipientState(_Model):
 class MessageRecord(_Model):
     """Everything the queue knows about one accepted message, kept in NATS KV."""
 
+    model_config = ConfigDict(extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
     queue_id: str
     mail_from: str
     recipients: list[RecipientState]
@@ -88,6 +102,8 @@ class MessageRecord(_Model):
     delay_warned: bool = False
     # W3C traceparent of the message's trace, so retries and bounces join it.
     traceparent: str = ""
+    # The body itself when body_store is "record".
+    body: bytes | None = None
 
     def document(self) -> bytes:
         """The record as stored. Fields at their defaults are left out, so a field
@@ -115,9 +131,12 @@ class MessageRecord(_Model):
 # that an older pod would get wrong, rather than ignore, raises the version.
 # Version 2 carries the DSN parameters (RFC 3461) in jobs and "relayed" in
 # results: a version 1 pod would drop them unseen (a next hop never told of
-# NOTIFY=NEVER, a "relayed" notice never sent).
-WIRE_VERSION = 2
+# NOTIFY=NEVER, a "relayed" notice never sent). Version 3 jobs carry their
+# body: a version 2 pod would look for it in the bodies stream, find nothing
+# and drop the job as a deleted message's.
+WIRE_VERSION = 3
 DSN_WIRE_VERSION = 2
+BODY_WIRE_VERSION = 3
 
 
 class _Tolerant(BaseModel):
@@ -159,6 +178,8 @@ class RecipientDsn(_Tolerant):
 class DeliveryJob(WireMessage):
     """One delivery attempt of a message to a group of its recipients."""
 
+    model_config = ConfigDict(ser_json_bytes="base64", val_json_bytes="base64")
+
     queue_id: str
     # The record's dispatch count when the job was published (MessageRecord.
     # dispatches): which dispatch this job belongs to, not a recipient's attempts.
@@ -180,8 +201,25 @@ class DeliveryJob(WireMessage):
     dsn_ret: str = ""
     dsn_envid: str = ""
     recipient_dsn: dict[str, RecipientDsn] = {}
+    # The body, when the record holds it (body_store "record").
+    body: bytes | None = None
+
+    @field_serializer("body_store")
+    def _store_on_the_wire(self, where: BodyStore) -> str:
+        # A pod of wire version 2 refuses a store it does not know as unreadable
+        # and terminates the job; told "stream", it reads the job, sees version
+        # 3 and leaves it for a pod that reads it.
+        return "stream" if where == "record" else where
+
+    @model_validator(mode="after")
+    def _carried_body_is_the_records(self) -> Self:
+        if self.body is not None:
+            self.body_store = "record"
+        return self
 
     def _version_needed(self) -> int:
+        if self.body is not None:
+            return BODY_WIRE_VERSION
         uses_dsn = self.dsn_ret or self.dsn_envid or self.recipient_dsn
         return DSN_WIRE_VERSION if uses_dsn else 1
 

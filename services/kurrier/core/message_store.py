@@ -8,7 +8,9 @@ below makes each half-way state one that the sweeper repairs (queue/sweeper.py)
 and none that loses an accepted message:
 
 1. The body before the record (`create`). A live record always has its body;
-   a record without one was never accepted, and the sweeper removes it.
+   a record without one was never accepted, and the sweeper removes it. A
+   body of at most RECORD_BODY_LIMIT is inside its record (core/message.py),
+   so both are one write: a crash cannot separate them.
 2. The record before its jobs (`create`, `update`). A job always has its
    record; a record whose job was lost is dispatched again by the sweeper.
    When the jobs of a new message cannot be published the client hears 451,
@@ -21,8 +23,8 @@ and none that loses an accepted message:
 5. The record before the body, schedule and jobs when a message ends
    (`finish`, `delete`). Once the record is gone the message is over for
    everyone; what a crash leaves behind is an orphan body (the sweeper
-   deletes it), a schedule firing for no record or a job whose body is gone
-   (both are acknowledged and dropped).
+   deletes it; a body inside its record went with it), a schedule firing for
+   no record or a job whose body is gone (both are acknowledged and dropped).
 
 Delivery status notifications follow rule 2 of the message they report on:
 the queue stores the notification (`create`) before the record moves on.
@@ -46,7 +48,7 @@ from kurrier.core.jetstream import (
     job_subject,
     schedule_subject,
 )
-from kurrier.core.message import BodyStore, MessageRecord
+from kurrier.core.message import RECORD_BODY_LIMIT, BodyStore, MessageRecord
 from kurrier.core.records import RecordChanged, RecordStore
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -76,14 +78,19 @@ class MessageStore:
         """Store a new message and publish the jobs of its first dispatch.
 
         record is complete but for where the body goes, and already marked
-        dispatched. Idempotent per queue id: the body is deduplicated by
-        JetStream, the record is created only once, and the first jobs carry
-        the same dedup ids on every retry. Returns the record as stored and its
-        revision, or None if a retry found the message already past its first
-        dispatch.
+        dispatched. Idempotent per queue id: a body outside the record is
+        deduplicated by JetStream, the record is created only once (and not
+        again within JetStream's duplicate window once the message finished:
+        RecordStore.create), and the first jobs carry the same dedup ids on
+        every retry. Returns the record as stored and its revision, or None if
+        a retry found the message already past its first dispatch or finished.
         """
-        where = await store_body(self._js, record.queue_id, body, size)
-        record = record.model_copy(update={"body_store": where})
+        if size <= RECORD_BODY_LIMIT:
+            body.seek(0)
+            record = record.model_copy(update={"body_store": "record", "body": body.read()})
+        else:
+            where = await store_body(self._js, record.queue_id, body, size)
+            record = record.model_copy(update={"body_store": where})
         dispatch = [r.address for r in record.recipients if r.status == "queued"]
         try:
             revision = await self.records.create(record)
@@ -138,8 +145,9 @@ class MessageStore:
         jobs not yet taken, body, schedule. Returns the record it removed, or None.
 
         A job a delivery worker holds already finds the body gone and is
-        dropped, unless it loaded the body first: then that one attempt is
-        still made, as with Postfix's postsuper -d on the active queue.
+        dropped, unless it loaded the body first or carries it (a body inside
+        the record): then that one attempt is still made, as with Postfix's
+        postsuper -d on the active queue.
         """
         while True:
             found = await self.records.get(queue_id, at_leader=True)

@@ -19,8 +19,9 @@ from nats.js.errors import (
     FetchTimeoutError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
+    NotFoundError,
 )
-from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT, KeyValue
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT, KeyValue
 
 # Records this process updated last, so applying the next change usually needs
 # no KV read first. Bounded; oldest go first. A new record is not kept: most
@@ -78,11 +79,44 @@ class RecordStore:
         return cls(js, await js.key_value(MESSAGES_BUCKET), at_leader)
 
     async def create(self, record: MessageRecord) -> int | None:
-        """Store a new record; its revision, or None if one with this queue id exists already."""
+        """Store a new record; its revision, or None if one with this queue id exists
+        already, or existed within JetStream's duplicate window (2 minutes).
+
+        The second case is a message taken in again after its first copy
+        finished (ingress sending it again after a broken stream, a result
+        applied again after its notification was delivered): its body may be
+        inside the record (RECORD_BODY_LIMIT), so a record created again would
+        be delivered again. Deduplicated, it is not created at all.
+        """
+        subject = RECORDS_PREFIX + record.queue_id
+        document = record.document()
+        last = 0
+        for _ in range(2):
+            headers = {
+                Header.MSG_ID.value: f"record:{record.queue_id}",
+                Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(last),
+            }
+            try:
+                ack = await self._js.publish(subject, document, headers=headers)
+            except APIError as error:
+                if error.err_code not in _WRONG_LAST_SEQUENCE:
+                    raise
+                removed_at = await self._removed_at(subject)
+                if removed_at is None:
+                    return None
+                last = removed_at
+                continue
+            return None if ack.duplicate else ack.seq
+        return None
+
+    async def _removed_at(self, subject: str) -> int | None:
+        """The sequence of the removal marker that is the subject's last message, if it is one."""
         try:
-            return await self._kv.create(record.queue_id, record.document())
-        except KeyWrongLastSequenceError:
-            return None
+            last = await self._js.get_last_msg(MESSAGES_STREAM, subject)
+        except NotFoundError:
+            return 0  # the marker expired meanwhile
+        operation = (last.headers or {}).get(KV_OP)
+        return last.seq if operation in (KV_PURGE, KV_DEL) and last.seq is not None else None
 
     async def get(
         self, queue_id: str, fresh: bool = False, at_leader: bool = False

@@ -122,7 +122,7 @@ class DeliveryWorker:
         annotate(job.queue_id, attempt=job.dispatch)
         try:
             try:
-                body = await load_body(self._js, job.queue_id, job.body_store)
+                body = await load_body(self._js, job)
             except NotFoundError:
                 log.warning("body gone (message deleted)", extra={"queue_id": job.queue_id})
                 await message.ack()

@@ -71,6 +71,7 @@ async def publish_jobs(
                 for r in record.recipients
                 if r.address in members and (r.notify or r.orcpt)
             },
+            body=record.body,
         ).in_oldest_format()
         subject = job_subject(record.queue_id)
         with publishing(

@@ -183,7 +183,7 @@ class QueueManager:
                 extra={"queue_id": record.queue_id},
             )
             return None
-        original = await load_body(self._js, record.queue_id, record.body_store)
+        original = await load_body(self._js, record)
         notice = render_dsn(
             record,
             owed.recipients,

@@ -343,7 +343,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             raise InvalidRequest(request.queue_id)
         record = found[0]
         try:
-            body = await load_body(self._js, record.queue_id, record.body_store)
+            body = await load_body(self._js, record)
         except nats.js.errors.NotFoundError:
             body = b""
         return queue_pb2.MessageDetail(

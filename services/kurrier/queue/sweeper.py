@@ -13,8 +13,7 @@ Every SWEEP_INTERVAL it reads every record once and
 - removes, instead of re-dispatching, a record whose body is gone. A live
   record always has its body (stored first, purged last), so such a record
   was never accepted: an Enqueue that failed and could not take its record
-  back, or one sent again after a write that had in fact arrived, whose
-  body and job JetStream deduplicated away after the first copy finished.
+  back. (A body inside its record cannot be gone while the record is there.)
 
 Re-dispatching may duplicate a message, never lose one.
 """

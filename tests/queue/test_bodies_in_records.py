@@ -1,0 +1,134 @@
+"""Where a body lives: a small one inside its record and each job, a larger one in
+the bodies stream; both survive a deferral and a restart of the queue."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import smtplib
+from pathlib import Path
+
+from kurrier.core.jetstream import (
+    BODIES_STREAM,
+    JOBS_STREAM,
+    body_subject,
+    connect,
+    disconnect,
+    ensure_layout,
+    job_subject,
+)
+from kurrier.core.message import (
+    BODY_WIRE_VERSION,
+    RECORD_BODY_LIMIT,
+    DeliveryJob,
+    MessageRecord,
+    RecipientState,
+)
+from kurrier.core.records import RecordStore
+from kurrier.core.table_store import TableFollower
+from kurrier.queue.manager import QueueManager
+from kurrier.queue.retry_schedule import RetrySchedule
+
+from tests.support.nats import NatsServer
+from tests.support.processes import stop_process, wait_until
+from tests.support.relay import (
+    ServiceRelay,
+    documents,
+    message_records,
+    queued_count,
+    route,
+    stored_bodies,
+    trusting,
+)
+from tests.support.sink import Sink
+
+# 8-bit bytes that are not UTF-8: the body must cross JSON intact.
+SMALL = b"Subject: small\r\n\r\n\xe9t\xe9 \xff\r\n" + b"x" * 100 + b"\r\n"
+LARGE = b"Subject: large\r\n\r\n" + (b"y" * 78 + b"\r\n") * (RECORD_BODY_LIMIT // 80 + 1)
+
+
+def _template(queue_id: str) -> MessageRecord:
+    return MessageRecord(
+        queue_id=queue_id,
+        mail_from="a@client.test",
+        recipients=[RecipientState(address="r@example.com")],
+        received_at=0.0,
+        size=0,
+        body_store="stream",
+    )
+
+
+async def _accept(nats_url: str, queue_id: str, body: bytes) -> tuple[MessageRecord, bytes, int]:
+    """Accept body; (its record as stored, its job as on the wire, bodies-stream messages)."""
+    nc = await connect(nats_url, "test-bodies")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        records = await RecordStore.open(js)
+        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+        await manager.intake.accept(_template(queue_id), io.BytesIO(body), len(body))
+        found = await records.get(queue_id, fresh=True)
+        assert found is not None
+        job = await js.get_last_msg(JOBS_STREAM, job_subject(queue_id))
+        subjects = (
+            await js.stream_info(BODIES_STREAM, subjects_filter=body_subject(queue_id))
+        ).state.subjects or {}
+        return found[0], job.data or b"", subjects.get(body_subject(queue_id), 0)
+    finally:
+        await disconnect(nc)
+
+
+def test_a_small_body_is_stored_in_its_record_and_carried_by_its_job(
+    nats_server: NatsServer,
+) -> None:
+    record, wire, in_stream = asyncio.run(_accept(nats_server.url, "SMALLBODY00000000001", SMALL))
+    assert (record.body_store, record.body, in_stream) == ("record", SMALL, 0)
+    job = DeliveryJob.model_validate_json(wire)
+    assert (job.version, job.body_store, job.body) == (BODY_WIRE_VERSION, "record", SMALL)
+    # What a pod of wire version 2 reads: a store it knows, and a version to leave alone.
+    assert b'"body_store":"stream"' in wire
+
+
+def test_a_body_over_the_limit_goes_to_the_bodies_stream_as_before(
+    nats_server: NatsServer,
+) -> None:
+    record, wire, in_stream = asyncio.run(_accept(nats_server.url, "LARGEBODY00000000001", LARGE))
+    assert (record.body_store, record.body, in_stream) == ("stream", None, 1)
+    job = DeliveryJob.model_validate_json(wire)
+    assert (job.version, job.body_store, job.body) == (1, "stream", None)
+
+
+def test_small_and_large_bodies_survive_a_deferral_and_a_queue_restart(
+    tmp_path: Path, sink: Sink, nats_server: NatsServer
+) -> None:
+    sink.behaviour.outage_phase = "DATA"
+    relay = ServiceRelay(tmp_path, nats_server.url)
+    relay.publish(documents(route("r", ["example.com"], sink.port), trusting("127.0.0.0/8")))
+    with relay:
+        with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as smtp:
+            for body in (SMALL, LARGE):
+                smtp.sendmail(
+                    "a@client.test", ["r@example.com"], body, mail_options=["BODY=8BITMIME"]
+                )
+
+        records: list[MessageRecord] = []
+
+        def deferred() -> bool:
+            records[:] = message_records(nats_server.url)
+            return len(records) == 2 and all(r.state == "deferred" for r in records)
+
+        wait_until(deferred, 60, "both messages to be deferred")
+        stores = sorted((r.size, r.body_store, r.body is not None) for r in records)
+        assert [(store, carried) for _, store, carried in stores] == [
+            ("record", True),
+            ("stream", False),
+        ]
+        assert stored_bodies(nats_server.url) == 1
+        stop_process(relay.processes["queue"])
+        relay.start("queue")
+        sink.behaviour.outage_phase = None
+        delivered = sink.wait_for(2, timeout=60)
+        wait_until(lambda: queued_count(nats_server.url) == 0, 30, "the queue to drain")
+        wait_until(lambda: stored_bodies(nats_server.url) == 0, 30, "the large body's removal")
+    assert sorted(m.content.endswith(SMALL) for m in delivered) == [False, True]
+    assert sorted(m.content.endswith(LARGE) for m in delivered) == [False, True]
