@@ -1,7 +1,8 @@
 """kurrier on five test hosts with their own addresses (network namespaces), under a
 seeded nemesis: a NATS node partitioned from its peers, the stream leader's host cut
 off, a queue or delivery process paused past its leases, a NATS node killed and
-restarted. Nothing the client saw acknowledged may be lost."""
+restarted on its store, and one on an empty store. Nothing the client saw
+acknowledged may be lost."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 from tests.support.fleet import running_fleet
 from tests.support.nemesis import run
 
-# Each delivery holds up to 32 transactions; a pause past the ack wait sends those again.
-DUPLICATES_BOUND = 64
+# As test_faults.py: a message sent whose result JetStream could not store (a stream
+# electing its leader) is sent again, every 5 s until the result is stored.
+DUPLICATES_SHARE = 0.10
 
 
 @pytest.mark.slow
@@ -35,4 +37,4 @@ def test_a_seeded_nemesis_loses_nothing_acknowledged(tmp_path: Path) -> None:
     print(summary)
     assert verdict.passed, summary
     assert verdict.report.acknowledged >= 100, summary
-    assert verdict.report.extra_copies <= DUPLICATES_BOUND, summary
+    assert verdict.report.extra_copies <= DUPLICATES_SHARE * verdict.report.acknowledged, summary

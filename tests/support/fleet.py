@@ -85,13 +85,16 @@ class Fleet:
                 self.host_of(name).argv(argv), stdout=log, stderr=log, env=env
             )
 
+    def store(self, host: str) -> Path:
+        return self.workdir / nats_name(host)
+
     def start_nats(self, host: str) -> None:
         """Start (or restart) host's node on its store."""
         address = self.hosts[host].address
         routes = ",".join(
             f"nats://{self.hosts[peer].address}:{ROUTE_PORT}" for peer in NATS_HOSTS if peer != host
         )
-        argv = nats_server_argv(self.workdir / nats_name(host), NATS_PORT, host=address)
+        argv = nats_server_argv(self.store(host), NATS_PORT, host=address)
         # Later flags win: the single-node name becomes this member's, with its peers.
         argv += ["--server_name", nats_name(host), "--cluster_name", "kurrier"]
         argv += ["--cluster", f"nats://{address}:{ROUTE_PORT}", "--routes", routes]

@@ -11,6 +11,8 @@ The faults, each healed before the next:
 - pause: SIGSTOP of a queue or delivery process for longer than the jobs'
   ack wait and the sweeper's lease, then SIGCONT (a long GC, a frozen VM).
 - kill-node: SIGKILL of a NATS node, restarted on its store.
+- wipe-node: SIGKILL of a NATS node, restarted on an empty store (a pod
+  replaced with a new volume); it catches up from its peers.
 
 After each heal the load must make progress again. At the end the load stops,
 the cluster settles, and the checker compares what the client was told with
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -56,7 +59,7 @@ from tests.support.relay import NATS_BUSY, queued_count, stored_bodies
 # Longer than a delivery job's ack wait and the sweeper's lease: both move to another process.
 PAUSE = max(ACK_WAIT, LEASE_TTL) + 5
 PAUSED = ("queue-1", "queue-2", "delivery-1", "delivery-2")
-FAULTS = ("partition", "isolate-leader", "pause", "kill-node")
+FAULTS = ("partition", "isolate-leader", "pause", "kill-node", "wipe-node")
 SENDER = f"load@{SENDER_DOMAIN}"
 
 
@@ -82,6 +85,7 @@ class Nemesis:
             "isolate-leader": self.isolate_leader,
             "pause": self.pause,
             "kill-node": self.kill_node,
+            "wipe-node": self.wipe_node,
         }[fault]()
         self.counts[fault] += 1
         self.say(f"{self.clock()} {fault} {target}: healed after {time.monotonic() - started:.1f}s")
@@ -141,12 +145,17 @@ class Nemesis:
             self.fleet.signal(name, signal.SIGCONT)
         return name
 
-    def kill_node(self) -> str:
+    def kill_node(self, wipe: bool = False) -> str:
         host = self.rng.choice(NATS_HOSTS)
         self.fleet.kill(nats_name(host))
+        if wipe:
+            shutil.rmtree(self.fleet.store(host))
         self._hold(1, 5)
         self.fleet.start_nats(host)
         return nats_name(host)
+
+    def wipe_node(self) -> str:
+        return self.kill_node(wipe=True)
 
 
 @dataclass(frozen=True)
