@@ -58,6 +58,7 @@ class DeliveryWorker:
         # Each job being handled, by the task handling it.
         self._in_flight: dict[asyncio.Task[None], Msg] = {}
         self._store: MessageStore | None = None
+        self._stopping = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pull jobs while free slots remain; on stop, finish what is in flight."""
@@ -96,6 +97,7 @@ class DeliveryWorker:
                     task.add_done_callback(self._in_flight.pop)
         finally:
             stopping.cancel()
+            self._stopping.set()
             if self._in_flight:
                 log.info("taking no more jobs; finishing the %d in flight", len(self._in_flight))
                 await asyncio.wait(self._in_flight)
@@ -120,6 +122,13 @@ class DeliveryWorker:
         if job is None:
             return
         annotate(job.queue_id, attempt=job.dispatch)
+        if message.metadata.num_delivered > 1 and await self._finished(job):
+            log.info(
+                "job given again for a finished message; not sent again",
+                extra={"queue_id": job.queue_id},
+            )
+            await message.ack()
+            return
         try:
             try:
                 body = await load_body(self._js, job)
@@ -128,15 +137,72 @@ class DeliveryWorker:
                 await message.ack()
                 return
             outcomes = await self.courier.deliver(job, body, self._tables.table)
-            assert self._store is not None  # run() opened it before taking jobs
-            if not await finish_delivered(self._store, job, outcomes, message.ack):
-                await self._report(job, message.metadata.sequence.stream, outcomes)
-                await message.ack()
         except Exception:
-            # NATS trouble while loading or reporting: leave the job to be redelivered.
+            # NATS trouble before anything was sent: leave the job to be redelivered.
             log.exception("delivery attempt failed", extra={"queue_id": job.queue_id})
             with contextlib.suppress(Exception):
                 await message.nak(delay=5)
+            return
+        await self._hand_over(job, message, outcomes)
+
+    async def _finished(self, job: DeliveryJob) -> bool:
+        """Whether the job's message has no record any more (delivered, bounced or deleted).
+
+        Asked only of a job JetStream gives again: its first taker may have
+        sent it and lost the acknowledgement (an ack is not confirmed, and one
+        sent while a stream elects its leader is lost). A body inside the job
+        would otherwise go out again. When the record cannot be read, the job
+        is sent: a duplicate rather than a loss.
+        """
+        assert self._store is not None  # run() opened it before taking jobs
+        try:
+            return await self._store.records.get(job.queue_id, fresh=True) is None
+        except Exception as error:
+            log.warning(
+                "could not read the record of a job given again: %r",
+                error,
+                extra={"queue_id": job.queue_id},
+            )
+            return False
+
+    async def _hand_over(
+        self, job: DeliveryJob, message: Msg, outcomes: list[RecipientOutcome]
+    ) -> None:
+        """Record what the attempt did, then acknowledge the job; retried in place.
+
+        The message has gone out, so giving the job back would send it again.
+        While a stream elects its leader (a NATS node restarted, a partition
+        healed) removing the record or storing the result fails for seconds:
+        the heartbeat keeps the job meanwhile. Only when the worker stops is
+        the job given back, to be sent again by whoever takes it.
+        """
+        assert self._store is not None  # run() opened it before taking jobs
+        retry_in = 0.2
+        while True:
+            try:
+                if not await finish_delivered(self._store, job, outcomes, message.ack):
+                    await self._report(job, message.metadata.sequence.stream, outcomes)
+                    await message.ack()
+                return
+            except Exception as error:
+                if self._stopping.is_set():
+                    log.warning(
+                        "stopping before the attempt was recorded; it will be sent again: %r",
+                        error,
+                        extra={"queue_id": job.queue_id},
+                    )
+                    with contextlib.suppress(Exception):
+                        await message.nak()
+                    return
+                log.warning(
+                    "could not record the attempt yet, trying again in %.1fs: %r",
+                    retry_in,
+                    error,
+                    extra={"queue_id": job.queue_id},
+                )
+            # A back-off between tries, not a wait for something to happen.
+            await asyncio.sleep(retry_in)
+            retry_in = min(retry_in * 2, 5.0)
 
     async def _report(
         self, job: DeliveryJob, job_sequence: int, outcomes: list[RecipientOutcome]

@@ -1,0 +1,123 @@
+"""A job JetStream gives again is not sent again once its message has finished.
+
+The first taker of a job may have sent the message and lost the
+acknowledgement (an ack is not confirmed; one sent while a stream elects its
+leader is lost): JetStream then gives the job again after its ack wait. With
+the body inside the job, nothing else would stop a second copy. The worker
+asks for the message's record first, only for a job given again; no record
+means the message finished, and the job is acknowledged without sending.
+Here the first taker is the test, which takes both jobs and never
+acknowledges them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import yaml
+from kurrier.core.jetstream import (
+    DELIVERY_CONSUMER,
+    JOBS_STREAM,
+    RESULTS_STREAM,
+    connect,
+    disconnect,
+    ensure_layout,
+    job_subject,
+)
+from kurrier.core.loader import parse_documents
+from kurrier.core.message import DeliveryJob, MessageRecord, RecipientState
+from kurrier.core.records import RecordStore
+from kurrier.core.routing import compile_table
+from kurrier.core.table_store import TableFollower
+from kurrier.delivery.settings import DeliverySettings
+from kurrier.delivery.worker import DeliveryWorker
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from tests.support.nats import NatsServer
+from tests.support.relay import route
+from tests.support.sink import Sink
+
+ACK_WAIT = 2.0
+CONCURRENCY = 4
+
+
+def _job(queue_id: str) -> DeliveryJob:
+    body = f"Subject: {queue_id}\r\n\r\nbody\r\n".encode()
+    return DeliveryJob(
+        queue_id=queue_id,
+        dispatch=1,
+        mail_from="a@client.test",
+        recipients=["r@example.com"],
+        size=len(body),
+        body_store="record",
+        body=body,
+    )
+
+
+async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
+    nats_server: NatsServer, sink: Sink
+) -> None:
+    nc = await connect(nats_server.url, "test-given-again")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        # LIVE is still queued; FINISHED's record is gone: it was delivered.
+        live = MessageRecord(
+            queue_id="LIVE000000000001",
+            mail_from="a@client.test",
+            recipients=[RecipientState(address="r@example.com")],
+            received_at=time.time(),
+            size=1,
+            body_store="record",
+            body=b"x",
+        )
+        assert await (await RecordStore.open(js)).create(live)
+        first_taker = await js.pull_subscribe(
+            "kurrier.job.*",
+            durable=DELIVERY_CONSUMER,
+            stream=JOBS_STREAM,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ACK_WAIT,
+                max_deliver=-1,
+                max_ack_pending=max(1000, CONCURRENCY * 4),
+            ),
+        )
+        for queue_id in ("FINISHED00000001", "LIVE000000000001"):
+            job = _job(queue_id)
+            await js.publish(
+                job_subject(queue_id), job.model_dump_json().encode(), stream=JOBS_STREAM
+            )
+        taken = await first_taker.fetch(2, timeout=10)
+        assert len(taken) == 2  # and never acknowledged
+
+        tables = TableFollower()
+        table, problems = compile_table(
+            parse_documents([yaml.safe_load(route("r", ["example.com"], sink.port))], "test")
+        )
+        assert not problems
+        tables.table = table
+        worker = DeliveryWorker(
+            js,
+            tables,
+            DeliverySettings(helo_name="relay.test", concurrency=CONCURRENCY),
+            ack_wait=ACK_WAIT,
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        results = await js.pull_subscribe("kurrier.result.*", stream=RESULTS_STREAM)
+        # LIVE's record has no revision in its job, so the worker reports it.
+        [reported] = await results.fetch(1, timeout=30)
+        deadline = time.monotonic() + 30
+        while (await js.stream_info(JOBS_STREAM)).state.messages:
+            assert time.monotonic() < deadline, "the jobs were not acknowledged"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(running, timeout=30)
+        assert reported.subject.endswith("LIVE000000000001")
+        assert [m.content.split(b"\r\n")[0] for m in sink.messages] == [
+            b"Subject: LIVE000000000001"
+        ]
+    finally:
+        await disconnect(nc)
