@@ -40,9 +40,12 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, FetchTimeoutError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, FetchTimeoutError, NotFoundError
 
 log = logging.getLogger(__name__)
+
+# JetStream's error code for a stream whose limits the store cannot reserve.
+_INSUFFICIENT_STORAGE = 10047
 
 # Bodies up to this size are one stream message; larger ones go to the object
 # store in chunks. It stays under NATS's default 1 MiB max_payload.
@@ -292,19 +295,31 @@ async def ensure_layout(
     if HISTORY_STREAM in wanted:
         # Best-effort and bounded: the oldest batches go first, by age or size.
         history = history or HistoryLimits()
-        await _ensure_stream(
-            js,
-            StreamConfig(
-                name=HISTORY_STREAM,
-                subjects=[HISTORY_SUBJECTS],
-                storage=StorageType.FILE,
-                num_replicas=replicas,
-                max_age=history.max_age,
-                max_bytes=history.max_bytes,
-                discard=DiscardPolicy.OLD,
-            ),
-            owner,
-        )
+        try:
+            await _ensure_stream(
+                js,
+                StreamConfig(
+                    name=HISTORY_STREAM,
+                    subjects=[HISTORY_SUBJECTS],
+                    storage=StorageType.FILE,
+                    num_replicas=replicas,
+                    max_age=history.max_age,
+                    max_bytes=history.max_bytes,
+                    discard=DiscardPolicy.OLD,
+                ),
+                owner,
+            )
+        except APIError as error:
+            if error.err_code != _INSUFFICIENT_STORAGE:
+                raise
+            # JetStream reserves a stream's max_bytes up front: on a small store
+            # the history must not keep the mail path from starting.
+            log.error(
+                "no message history: JetStream cannot reserve %d bytes for %s; "
+                "lower --history-max-bytes",
+                history.max_bytes,
+                HISTORY_STREAM,
+            )
     for bucket, ttl in ((MESSAGES_BUCKET, None), (CONFIG_BUCKET, None), (LEASES_BUCKET, LEASE_TTL)):
         if kv_stream(bucket) not in wanted:
             continue
@@ -337,8 +352,9 @@ async def wait_for_layout(
     js: JetStreamContext, streams: Collection[str], poll: float = 1.0
 ) -> None:
     """Until these streams exist: those a component uses but may not create (the
-    queue creates them)."""
-    missing = set(streams)
+    queue creates them). Not the history, which is best-effort and may be
+    missing for good (a store too small for its limit)."""
+    missing = set(streams) - {HISTORY_STREAM}
     while True:
         for stream in sorted(missing):
             try:
