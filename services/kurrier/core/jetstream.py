@@ -8,10 +8,12 @@ the streams it uses (`wait_for_layout`), so no service has to start first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import logging
 import os
 import ssl
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,9 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
     ObjectStoreConfig,
@@ -366,6 +371,69 @@ async def wait_for_layout(
             return
         log.info("waiting for the queue to create %s", ", ".join(sorted(missing)))
         await asyncio.sleep(poll)
+
+
+# A pass's consumer is transient: dropped by the server if its reader dies.
+PASS_CONSUMER_INACTIVE = 5.0
+PASS_BATCH = 256
+
+
+async def one_pass(
+    js: JetStreamContext,
+    subjects: str,
+    stream: str,
+    deliver_policy: DeliverPolicy,
+    start: datetime.datetime | None = None,
+    until_sequence: int | None = None,
+) -> AsyncIterator[Msg]:
+    """Every message the consumer counts when created, in one streamed pass.
+
+    A pull consumer, not nats-py's watcher: the watcher decides that a stream
+    is empty from consumer info, which nats-server may answer before the
+    deliveries it already counted arrive, and then ends a pass over a full
+    stream at once (tests/queue/test_record_passes.py). A pull consumer
+    delivers nothing until asked, so its first count is the whole pass. It
+    is one replica in memory, and removed at the end rather than after its
+    inactivity: a caller polling passes several times a second would pile
+    them up. until_sequence ends the pass at that stream sequence.
+    """
+    subscription = await js.pull_subscribe(
+        subjects,
+        stream=stream,
+        config=ConsumerConfig(
+            deliver_policy=deliver_policy,
+            opt_start_time=start,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=PASS_CONSUMER_INACTIVE,
+            num_replicas=1,
+            mem_storage=True,
+        ),
+    )
+    consumer = None
+    try:
+        info = await subscription.consumer_info()
+        consumer, remaining = info.name, info.num_pending or 0
+        while remaining > 0:
+            try:
+                batch = await subscription.fetch(min(remaining, PASS_BATCH), timeout=1)
+            except (FetchTimeoutError, TimeoutError):
+                # What was counted may have been removed meanwhile: count again.
+                remaining = (await subscription.consumer_info()).num_pending or 0
+                continue
+            for message in batch:
+                remaining = message.metadata.num_pending
+                yield message
+                if (
+                    until_sequence is not None
+                    and message.metadata.sequence.stream >= until_sequence
+                ):
+                    remaining = 0
+                    break
+    finally:
+        await subscription.unsubscribe()
+        if consumer is not None:
+            with contextlib.suppress(NatsError):
+                await js.delete_consumer(stream, consumer)
 
 
 async def pull_batch(

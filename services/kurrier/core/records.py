@@ -6,17 +6,14 @@ records, bodies, schedules and jobs are written is message_store.py's business.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator
 
-from kurrier.core.jetstream import MESSAGES_BUCKET, MESSAGES_STREAM, RECORDS_PREFIX
+from kurrier.core.jetstream import MESSAGES_BUCKET, MESSAGES_STREAM, RECORDS_PREFIX, one_pass
 from kurrier.core.message import MessageRecord
-from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, Header
+from nats.js.api import DeliverPolicy, Header
 from nats.js.errors import (
     APIError,
-    FetchTimeoutError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NotFoundError,
@@ -31,8 +28,6 @@ RECENT_LIMIT = 10_000
 # A pass over the bucket is an ephemeral consumer on the server, which outlives
 # the pass by this long (nats-py's default is 5 minutes: frequent passes, such
 # as a depth gauge scraped often, then pile up to JetStream's consumer limit).
-PASS_CONSUMER_INACTIVE = 5.0
-PASS_BATCH = 256
 
 
 # A removal leaves a purge marker in the bucket (so watchers learn of the
@@ -175,47 +170,10 @@ class RecordStore:
             raise
 
     async def all(self) -> AsyncIterator[MessageRecord]:
-        """Every record, in one streamed pass over the bucket (not a request per key).
-
-        A pull consumer of each key's last message, not nats-py's watcher: the
-        watcher decides that the bucket is empty from consumer info, which
-        nats-server may answer before the deliveries it already counted
-        arrive, and then ends a pass over a full bucket at once
-        (tests/queue/test_record_passes.py). A pull consumer delivers nothing
-        until asked, so its first count is the whole pass.
-        """
-        subscription = await self._js.pull_subscribe(
-            RECORDS_PREFIX + ">",
-            stream=MESSAGES_STREAM,
-            # A pass is transient: one replica in memory is all it needs, and
-            # a clustered bucket then need not replicate the consumer.
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                ack_policy=AckPolicy.NONE,
-                inactive_threshold=PASS_CONSUMER_INACTIVE,
-                num_replicas=1,
-                mem_storage=True,
-            ),
+        """Every record, in one streamed pass over the bucket (not a request per key)."""
+        passing = one_pass(
+            self._js, RECORDS_PREFIX + ">", MESSAGES_STREAM, DeliverPolicy.LAST_PER_SUBJECT
         )
-        consumer = None
-        try:
-            info = await subscription.consumer_info()
-            consumer, remaining = info.name, info.num_pending or 0
-            while remaining > 0:
-                try:
-                    batch = await subscription.fetch(min(remaining, PASS_BATCH), timeout=1)
-                except (FetchTimeoutError, TimeoutError):
-                    # What was counted may have been removed meanwhile: count again.
-                    remaining = (await subscription.consumer_info()).num_pending or 0
-                    continue
-                for message in batch:
-                    remaining = message.metadata.num_pending
-                    if message.data:  # a removal's purge marker is empty
-                        yield MessageRecord.model_validate_json(message.data)
-        finally:
-            await subscription.unsubscribe()
-            # Removed now rather than after its inactivity: a caller polling
-            # passes several times a second would otherwise pile them up.
-            if consumer is not None:
-                with contextlib.suppress(NatsError):
-                    await self._js.delete_consumer(MESSAGES_STREAM, consumer)
+        async for message in passing:
+            if message.data:  # a removal's purge marker is empty
+                yield MessageRecord.model_validate_json(message.data)

@@ -404,7 +404,7 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         await self.push(f"250 2.0.0 {size} octets received")
 
     def _bdat_refusal(self) -> str | None:
-        """Why this session cannot take a chunk now, or None."""
+        """The reply refusing a chunk in the session's state, or None when it may be taken."""
         session, envelope = self.session, self.envelope
         if session is None or not session.extended_smtp:
             return "503 5.5.1 Error: send EHLO first"

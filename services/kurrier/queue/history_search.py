@@ -10,23 +10,18 @@ history, not the whole stream.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
 from kurrier.core.domains import canonical_address
 from kurrier.core.history import HistoryEvent, decode_batch
-from kurrier.core.jetstream import HISTORY_STREAM, HISTORY_SUBJECTS
-from nats.errors import Error as NatsError
+from kurrier.core.jetstream import HISTORY_STREAM, HISTORY_SUBJECTS, one_pass
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import FetchTimeoutError
+from nats.js.api import DeliverPolicy
 
 # Processes' clocks differ a little from the one that stamps stored batches.
 CLOCK_SLACK = 300.0
-PASS_BATCH = 64
-PASS_CONSUMER_INACTIVE = 30.0
 
 
 def arrival_of(queue_id: str) -> float | None:
@@ -43,40 +38,11 @@ async def read_history(js: JetStreamContext, since: float) -> AsyncIterator[Hist
     if not last:
         return
     start = datetime.datetime.fromtimestamp(since, datetime.UTC) if since > 0 else None
-    subscription = await js.pull_subscribe(
-        HISTORY_SUBJECTS,
-        stream=HISTORY_STREAM,
-        config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_TIME if start else DeliverPolicy.ALL,
-            opt_start_time=start,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=PASS_CONSUMER_INACTIVE,
-            num_replicas=1,
-            mem_storage=True,
-        ),
-    )
-    consumer = None
-    try:
-        info = await subscription.consumer_info()
-        consumer, remaining = info.name, info.num_pending or 0
-        while remaining > 0:
-            try:
-                batch = await subscription.fetch(min(remaining, PASS_BATCH), timeout=1)
-            except (FetchTimeoutError, TimeoutError):
-                remaining = (await subscription.consumer_info()).num_pending or 0
-                continue
-            for message in batch:
-                remaining = message.metadata.num_pending
-                for event in decode_batch(message.data):
-                    yield event
-                if message.metadata.sequence.stream >= last:
-                    remaining = 0
-                    break
-    finally:
-        await subscription.unsubscribe()
-        if consumer is not None:
-            with contextlib.suppress(NatsError):
-                await js.delete_consumer(HISTORY_STREAM, consumer)
+    policy = DeliverPolicy.BY_START_TIME if start else DeliverPolicy.ALL
+    passing = one_pass(js, HISTORY_SUBJECTS, HISTORY_STREAM, policy, start, until_sequence=last)
+    async for message in passing:
+        for event in decode_batch(message.data):
+            yield event
 
 
 def _mentions(event: HistoryEvent, sender: str, recipient: str) -> bool:
