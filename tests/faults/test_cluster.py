@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import smtplib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kurrier.queue.sweeper import DISPATCH_GRACE, SWEEP_INTERVAL
 
 from tests.support.load import SteadyLoad
 from tests.support.nats import NatsCluster, cluster_layout_error, stream_leader
@@ -97,7 +99,10 @@ def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
             return counts[-1] == 0
 
         try:
-            wait_until(drained, 120, "the queue to drain")
+            # A record whose job died with the killed queue waits for the sweeper:
+            # DISPATCH_GRACE, then its next round, under a lease the dead queue
+            # may have held.
+            wait_until(drained, DISPATCH_GRACE + 3 * SWEEP_INTERVAL, "the queue to drain")
         except AssertionError as error:
             # -1 is NATS not answering; a count is records left behind.
             raise AssertionError(f"{error}; the last counts: {counts[-10:]}") from None
@@ -123,3 +128,37 @@ def test_kurrier_up_runs_the_cluster_shape_and_survives_a_node(tmp_path: Path, s
             "every acknowledged message to be delivered",
         )
         wait_until(lambda: queued_count(relay.nats_url) == 0, 60, "the queue to drain")
+
+
+def test_a_queue_started_without_a_jetstream_quorum_waits_for_it(
+    tmp_path: Path, sink: Sink, cluster: NatsCluster
+) -> None:
+    """A queue process restarted while its streams elect leaders must not exit: with
+    nobody to restart it (a crash-looping pod backs off for minutes), ingress would
+    have no queue to reconnect to."""
+    wait_until(lambda: cluster_layout_error(cluster.url()) is None, 60, "JetStream in the cluster")
+    relay = ServiceRelay(
+        tmp_path, cluster.url(), service_args={name: REPLICAS for name in ("queue", "delivery")}
+    )
+    relay.publish(documents(route("to-sink", ["example.com"], sink.port), trusting("127.0.0.0/8")))
+    with relay:
+        cluster.kill("kurrier-2")
+        cluster.kill("kurrier-3")
+        relay.processes["queue"].kill()
+        relay.processes["queue"].wait()
+        relay.start("queue")
+        log = tmp_path / "queue.log"
+
+        def waiting_for_jetstream() -> bool:
+            assert relay.processes["queue"].poll() is None, "the queue exited"
+            return "JetStream does not answer yet" in log.read_text(errors="replace")
+
+        wait_until(waiting_for_jetstream, 60, "the queue to wait for JetStream")
+        cluster.start("kurrier-2")
+        cluster.start("kurrier-3")
+        with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+            client.sendmail(
+                "a@client.test", ["r@example.com"], b"Subject: after the quorum\r\n\r\nhi\r\n"
+            )
+        [received] = sink.wait_for(1, timeout=120)
+        assert b"after the quorum" in received.content

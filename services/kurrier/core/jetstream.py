@@ -33,6 +33,7 @@ from kurrier.core.sizes import parse_size
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -45,9 +46,19 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, BadRequestError, FetchTimeoutError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    FetchTimeoutError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 log = logging.getLogger(__name__)
+
+# JetStream did not answer, as opposed to answering no: a cluster electing a
+# stream's leader, a node still catching up after a restart. Worth asking again.
+JETSTREAM_UNANSWERED = (TimeoutError, NoRespondersError, ServiceUnavailableError)
 
 # JetStream's error code for a stream whose limits the store cannot reserve.
 _INSUFFICIENT_STORAGE = 10047

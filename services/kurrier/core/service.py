@@ -13,6 +13,7 @@ drain in the service's order, close, disconnect. A service declares a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 from kurrier.core.history import HISTORY
 from kurrier.core.http_endpoint import HttpEndpoint, Refresh
 from kurrier.core.jetstream import (
+    JETSTREAM_UNANSWERED,
     HistoryLimits,
     connect,
     disconnect,
@@ -35,6 +37,9 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
+
+LAYOUT_RETRY_FIRST = 1.0
+LAYOUT_RETRY_LONGEST = 8.0
 
 Step = Callable[[], Awaitable[None]]
 Job = Callable[[], Coroutine[Any, Any, None]]
@@ -117,16 +122,8 @@ async def serve(service: Service) -> None:
     hooks = Hooks()
     try:
         js = nc.jetstream()
-        created = streams_created(service.name)
-        await ensure_layout(
-            js,
-            service.replicas,
-            owner=service.owns_layout,
-            body_store_limit=service.body_store_limit,
-            streams=created,
-            history=service.history,
-        )
-        await wait_for_layout(js, streams_used(service.name) - created)
+        if not await _until_layout(js, service, stop):
+            return
         helpers.append(asyncio.create_task(HISTORY.run(js, service.name), name="history"))
         tables = TableFollower()
         if service.follows_table:
@@ -161,6 +158,37 @@ async def serve(service: Service) -> None:
         for step in hooks.close:
             await step()
         await disconnect(nc)
+
+
+async def _until_layout(js: JetStreamContext, service: Service, stop: asyncio.Event) -> bool:
+    """Create the streams the service may create and wait for the others; False if
+    stopped first.
+
+    JetStream that does not answer yet (a cluster electing a stream's leader,
+    a node catching up after a restart) is waited for, as for the queue's
+    streams: a process that exited instead would leave its clients with
+    nobody to reconnect to until something restarted it.
+    """
+    created = streams_created(service.name)
+    delay = LAYOUT_RETRY_FIRST
+    while not stop.is_set():
+        try:
+            await ensure_layout(
+                js,
+                service.replicas,
+                owner=service.owns_layout,
+                body_store_limit=service.body_store_limit,
+                streams=created,
+                history=service.history,
+            )
+            await wait_for_layout(js, streams_used(service.name) - created)
+            return True
+        except JETSTREAM_UNANSWERED as error:
+            log.warning("JetStream does not answer yet, trying again in %.0fs: %r", delay, error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, LAYOUT_RETRY_LONGEST)
+    return False
 
 
 async def _wait_for_first_table(
