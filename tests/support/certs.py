@@ -72,16 +72,24 @@ class TestCA:
         self.ca_file.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
     def issue(
-        self, *names: str, directory: Path | None = None, client: bool = False
+        self, *names: str, directory: Path | None = None, client: bool = False, peer: bool = False
     ) -> tuple[Path, Path]:
-        """A certificate this CA signed for names (a server's, or with client=True a client's).
+        """A certificate this CA signed for names (a server's, with client=True a client's,
+        with peer=True one for both ends, as NATS routes use).
 
         Written as ``names[0].crt`` and ``names[0].key`` in directory (the CA's by
         default); (certificate file, key file).
         """
         key = ec.generate_private_key(ec.SECP256R1())
         cert = certificate(
-            names[0], key, self._cert, self._key, names, client=client, validity=TEST_VALIDITY
+            names[0],
+            key,
+            self._cert,
+            self._key,
+            names,
+            client=client,
+            peer=peer,
+            validity=TEST_VALIDITY,
         )
         return _write_pair(directory or self.directory, names[0], cert, key)
 

@@ -2,8 +2,10 @@
 
 The queue gets a server certificate for `localhost`, ingress and the admin
 commands a client certificate each, with the identities the queue authorises
-calls by (`core/grpc_tls.py`); all are EC P-256, signed by a CA whose key is
-never written to disk (nothing can issue another certificate after start).
+calls by (`core/grpc_tls.py`); the NATS nodes of a cluster one certificate
+they present on their routes, both ways. All are EC P-256, signed by a CA
+whose key is never written to disk (nothing can issue another certificate
+after start, so no other server can join the routes).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from kurrier.cli.nats_server import RouteTls
 from kurrier.core.grpc_tls import (
     ADMIN_IDENTITY,
     INGRESS_IDENTITY,
@@ -30,6 +33,7 @@ from kurrier.core.private_files import private_directory, write_private
 # socket or a loopback address has no name of its own.
 QUEUE_NAME = "localhost"
 LOCAL_VALIDITY = datetime.timedelta(days=365)
+NATS_IDENTITY = "kurrier-nats"
 
 
 def _san(names: tuple[str, ...]) -> x509.SubjectAlternativeName:
@@ -51,10 +55,12 @@ def certificate(
     *,
     ca: bool = False,
     client: bool = False,
+    peer: bool = False,
     validity: datetime.timedelta = LOCAL_VALIDITY,
 ) -> x509.Certificate:
     """A certificate for key: a CA's (ca=True), else a server's for names or, with
-    client=True, a client's. Self-signed when issuer is None."""
+    client=True, a client's, or with peer=True both (a NATS node dials its routes and
+    accepts them). Self-signed when issuer is None."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -83,9 +89,12 @@ def certificate(
             critical=True,
         ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
     else:
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        usages = [
+            *([ExtendedKeyUsageOID.SERVER_AUTH] if peer or not client else []),
+            *([ExtendedKeyUsageOID.CLIENT_AUTH] if peer or client else []),
+        ]
         builder = builder.add_extension(_san(names or (subject,)), critical=False).add_extension(
-            x509.ExtendedKeyUsage([usage]), critical=False
+            x509.ExtendedKeyUsage(usages), critical=False
         )
         if issuer is not None:
             builder = builder.add_extension(
@@ -116,6 +125,7 @@ class LocalTls:
     queue: GrpcTls
     ingress: QueueTls
     admin: QueueTls
+    nats_routes: RouteTls
 
 
 def make_local_tls(directory: Path) -> LocalTls:
@@ -127,9 +137,11 @@ def make_local_tls(directory: Path) -> LocalTls:
     ca_file = directory / "ca.crt"
     ca_file.write_bytes(certificate_pem(ca))
 
-    def issue(identity: str, names: tuple[str, ...] = (), client: bool = True) -> tuple[str, str]:
+    def issue(
+        identity: str, names: tuple[str, ...] = (), client: bool = True, peer: bool = False
+    ) -> tuple[str, str]:
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = certificate(identity, key, ca, ca_key, names, client=client)
+        cert = certificate(identity, key, ca, ca_key, names, client=client, peer=peer)
         cert_file, key_file = directory / f"{identity}.crt", directory / f"{identity}.key"
         cert_file.write_bytes(certificate_pem(cert))
         write_private(key_file, private_pem(key))
@@ -139,4 +151,5 @@ def make_local_tls(directory: Path) -> LocalTls:
         return QueueTls(str(ca_file), *issue(identity), QUEUE_NAME)
 
     queue = GrpcTls(*issue(QUEUE_IDENTITY, (QUEUE_NAME, "127.0.0.1"), client=False), str(ca_file))
-    return LocalTls(queue, client(INGRESS_IDENTITY), client(ADMIN_IDENTITY))
+    routes = RouteTls(*issue(NATS_IDENTITY, (QUEUE_NAME, "127.0.0.1"), peer=True), str(ca_file))
+    return LocalTls(queue, client(INGRESS_IDENTITY), client(ADMIN_IDENTITY), routes)

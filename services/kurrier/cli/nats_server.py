@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
@@ -98,12 +99,41 @@ def default_sync_interval(nodes: int) -> str | None:
     return "always" if nodes == 1 else None
 
 
-def write_config(path: Path, sync: str | None, authorization: str = "") -> Path:
+@dataclass(frozen=True)
+class RouteTls:
+    """Mutual TLS on a cluster's routes: the certificate every node presents, dialling
+    and accepting, and the CA a peer's certificate must come from.
+
+    Routes carry every message and bypass the users' permissions: a server
+    that joins them reads and writes everything. Only one with a certificate
+    of this CA joins.
+    """
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+    def config(self) -> str:
+        """nats-server's `cluster { tls }` block; the route's address comes as flags."""
+        tls = {
+            "cert_file": self.cert_file,
+            "key_file": self.key_file,
+            "ca_file": self.ca_file,
+            "verify": True,
+            "timeout": 5,
+        }
+        return "cluster " + json.dumps({"tls": tls}, indent=2) + "\n"
+
+
+def write_config(
+    path: Path, sync: str | None, authorization: str = "", routes: RouteTls | None = None
+) -> Path:
     """The configuration file for what nats-server takes no flag for. It may hold
     passwords (authorization): only its owner can read it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     jetstream = f"jetstream {{ sync_interval: {sync} }}\n" if sync else ""
-    write_private(path, (jetstream + authorization).encode())
+    route_tls = routes.config() if routes else ""
+    write_private(path, (jetstream + authorization + route_tls).encode())
     return path
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from kurrier.cli.local_ca import make_local_tls
 from kurrier.cli.nats_server import (
+    RouteTls,
     cluster_nodes,
     default_sync_interval,
     free_port,
@@ -125,11 +126,20 @@ async def _until_jetstream_ready(attempt: Callable[[], Awaitable[None]]) -> None
 
 
 async def _start_nats(
-    supervisor: Supervisor, data_dir: Path, nodes: int, sync: str | None, users: NatsUsers
+    supervisor: Supervisor,
+    data_dir: Path,
+    nodes: int,
+    sync: str | None,
+    users: NatsUsers,
+    routes: RouteTls,
 ) -> list[str]:
-    """Start the embedded NATS (one server or a cluster); returns the client URLs."""
+    """Start the embedded NATS (one server, or a cluster whose routes use mutual TLS
+    with routes' certificate); returns the client URLs."""
     config = write_config(
-        data_dir / "nats-server.conf", sync or default_sync_interval(nodes), users.authorization()
+        data_dir / "nats-server.conf",
+        sync or default_sync_interval(nodes),
+        users.authorization(),
+        routes if nodes > 1 else None,
     )
     if nodes == 1:
         port = free_port()
@@ -295,6 +305,7 @@ class _LocalRelay:
             self.settings.nats_cluster,
             self.settings.nats_sync,
             self.nats_users,
+            self.tls.nats_routes,
         )
 
     async def take_resources(self) -> None:
