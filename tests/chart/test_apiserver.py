@@ -122,6 +122,16 @@ def test_relay_crs_are_validated_by_their_crds(crds: Api) -> None:
     }
     resp = crds.create(bad_route, dry_run=True)
     assert resp.status in (400, 422), resp
+    for age, accepted in (("1h30m", True), ("4 hours", False)):
+        policy = {
+            "apiVersion": "kurrier.io/v1alpha1",
+            "kind": "RelayPolicy",
+            "metadata": {"name": "warn", "namespace": "kurrier-crs"},
+            "spec": {"delayWarningTime": age},
+        }
+        resp = crds.create(policy, dry_run=True)
+        assert (resp.status == 201) == accepted, resp
+    assert "must be a duration" in resp.message, resp.message
 
 
 def check_notes_commands(notes: str) -> None:

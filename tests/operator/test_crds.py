@@ -11,9 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kurrier.core.resources import RelayDomainSpec, RouteMatch
+from kurrier.core.resources import RelayDomainSpec, RelayPolicySpec, RouteMatch
 from kurrier.operator import crds
-from kurrier.operator.crds import DOMAIN_PATTERN_RE2, DOMAIN_RE2, SchemaError, model_schema
+from kurrier.operator.crds import (
+    DOMAIN_PATTERN_RE2,
+    DOMAIN_RE2,
+    DURATION_RE2,
+    SchemaError,
+    model_schema,
+)
 from pydantic import BaseModel, ValidationError
 
 from tests.support.chart import CHART_CRDS
@@ -70,6 +76,15 @@ def test_domain_regexes_of_the_crd_agree_with_the_models(value: str) -> None:
     assert bool(re.match(DOMAIN_RE2, value)) == as_domain
     as_pattern = _accepts(RouteMatch, {"recipientDomains": [value]})
     assert bool(re.match(DOMAIN_PATTERN_RE2, value)) == as_pattern
+
+
+DURATIONS = ["4h", "0s", "1h30m", "90s", "1.5h", "500ms", "2d", "", "4", "h", "4 h", "-1h", "1y"]
+
+
+@pytest.mark.parametrize("value", DURATIONS)
+def test_duration_regex_of_the_crd_agrees_with_the_model(value: str) -> None:
+    as_duration = _accepts(RelayPolicySpec, {"delayWarningTime": value})
+    assert bool(re.match(DURATION_RE2, value)) == as_duration
 
 
 def _walk(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:

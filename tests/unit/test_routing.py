@@ -202,6 +202,17 @@ def test_bounces_for_unauthenticated_mail_go_as_far_as_the_narrowest_policy_says
         assert table.policy.bounce_unauthenticated == "none"
 
 
+def test_the_delay_warning_goes_at_the_earliest_age_a_policy_sets() -> None:
+    assert _compile(_policy("a")).policy.delay_warning_time is None  # the queue's setting
+    hours = _policy("a", delayWarningTime="4h")
+    assert _compile(hours).policy.delay_warning_time == 4 * 3600
+    minutes = _policy("b", delayWarningTime="1h30m")
+    assert _compile(hours, minutes).policy.delay_warning_time == 90 * 60
+    never = _policy("c", delayWarningTime="0s")
+    assert _compile(hours, never).policy.delay_warning_time == 4 * 3600
+    assert _compile(never).policy.delay_warning_time == 0
+
+
 def test_the_first_audience_wins_and_a_second_one_is_reported() -> None:
     table, problems = compile_table(
         parse_documents(

@@ -42,6 +42,9 @@ LABEL_RE2 = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 DOMAIN_RE2 = f"^{LABEL_RE2}([.]{LABEL_RE2})*[.]?$"
 DOMAIN_PATTERN_RE2 = f"^([*]|([*][.])?{LABEL_RE2}([.]{LABEL_RE2})*[.]?)$"
 
+# kurrier.core.durations: a sum of numbers with units, e.g. 1h30m.
+DURATION_RE2 = "^([0-9]+([.][0-9]+)?(ms|s|m|h|d))+$"
+
 MAX_DOMAIN = 253
 MAX_LIST = 256
 
@@ -108,6 +111,14 @@ RULES: dict[str, dict[str, Any]] = {
         ],
     },
     "PolicyAuth.serviceAccountAudience": {"minLength": 1, "maxLength": 253},
+    "RelayPolicySpec.delayWarningTime": {
+        "x-kubernetes-validations": [
+            {
+                "rule": f"self.matches('{DURATION_RE2}')",
+                "message": "must be a duration such as '30m', '4h' or '1h30m' ('0s': never)",
+            }
+        ]
+    },
     "DkimSpec": {
         "x-kubernetes-validations": [
             {
@@ -210,6 +221,11 @@ DOCS: dict[str, str] = {
         "Who gets delivery status notifications (bounces) for mail from clients that "
         "neither authenticated nor are in trustedNetworks: all senders, only senders in a "
         "RelayDomain (relayDomains, the default), or none. Several policies: the narrowest."
+    ),
+    "RelayPolicySpec.delayWarningTime": (
+        "Warn the sender once (a delay DSN, as NOTIFY asks) of mail still queued after this "
+        "long, e.g. 4h; 0s: never. Unset: the queue's --delay-warning-time (default 4h). "
+        "Several policies: the shortest other than 0s."
     ),
     "RelayPolicySpec.rateLimit": "Message rate limits.",
     "RateLimit.perClientPerMinute": "Messages per minute per client IP.",

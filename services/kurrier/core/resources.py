@@ -13,6 +13,7 @@ import re
 from typing import Annotated, Literal
 
 from kurrier.core.domains import InvalidDomain, normalise_domain
+from kurrier.core.durations import parse_duration
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 API_GROUP = "kurrier.io"
@@ -229,6 +230,16 @@ class RelayPolicySpec(_Model):
     # rate) unless this is true, as Postfix exempts $mynetworks.
     limitTrustedNetworks: bool = False
     bounceUnauthenticated: BounceScope = "relayDomains"
+    # A duration such as "4h" (core/durations.py); "0s" sends no delay warnings.
+    # Unset, the queue's --delay-warning-time applies.
+    delayWarningTime: str | None = Field(default=None, max_length=32)
+
+    @field_validator("delayWarningTime")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
 
     @field_validator("trustedNetworks")
     @classmethod

@@ -12,6 +12,7 @@ from typing import Any
 
 from kurrier.core.dkim_keys import DkimKeyError, signing_key
 from kurrier.core.domains import InvalidDomain, normalise_domain
+from kurrier.core.durations import parse_duration
 from kurrier.core.resources import (
     BOUNCE_SCOPES,
     BounceScope,
@@ -107,6 +108,9 @@ class CompiledPolicy(_Frozen):
     max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     limit_trusted_networks: bool = False
     bounce_unauthenticated: BounceScope = "relayDomains"
+    # Seconds a message waits before its sender is warned (0: never); None
+    # leaves it to the queue's --delay-warning-time.
+    delay_warning_time: float | None = None
 
 
 # Modular-crypt prefixes of the password hashes a users Secret may hold.
@@ -291,7 +295,8 @@ def _compile_policy(
 
     Networks, users and sender rules add up; limits take the lowest value;
     TLS before AUTH is required if any policy requires it; bounces for
-    unauthenticated mail go as far as the narrowest scope. What cannot be
+    unauthenticated mail go as far as the narrowest scope; a delay warning
+    goes at the earliest age any policy sets. What cannot be
     both (a ServiceAccount audience, a user's password hash) is taken from
     the policy that comes first by `_precedence`, and the others are told.
     """
@@ -340,7 +345,17 @@ def _compile_policy(
         bounce_unauthenticated=min(
             (p.spec.bounceUnauthenticated for p in policies), key=BOUNCE_SCOPES.index
         ),
+        delay_warning_time=_earliest_warning(policies),
     )
+
+
+def _earliest_warning(policies: list[RelayPolicy]) -> float | None:
+    """The shortest delayWarningTime the policies set: a sender is told as soon as any
+    policy says; warnings are off ("0s") only when every policy that sets one says so."""
+    ages = [parse_duration(p.spec.delayWarningTime) for p in policies if p.spec.delayWarningTime]
+    if not ages:
+        return None
+    return min((age for age in ages if age > 0), default=0.0)
 
 
 def _precedence(resource: RelayDomain | RelayPolicy) -> tuple[str, str, str]:

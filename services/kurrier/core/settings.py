@@ -240,7 +240,8 @@ RETRIES = (
     Setting("max_lifetime", "bounce after this long", duration, "5d"),
     Setting(
         "delay_warning_time",
-        "warn the sender once of mail still queued after this long (0s: never)",
+        "warn the sender once of mail still queued after this long (0s: never); "
+        "a RelayPolicy's delayWarningTime overrides it",
         duration,
         "4h",
     ),

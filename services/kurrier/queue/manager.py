@@ -134,9 +134,10 @@ class QueueManager:
                 continue
             # Notifications are stored before the record moves on, so a crash in
             # between re-applies the change and finds them stored.
+            schedule = self.schedule.under_policy(self._tables.table.policy.delay_warning_time)
             notified = [
                 (owed, await self._notify_sender(record, owed, now))
-                for owed in take_owed_notices(record, before, self.schedule, now)
+                for owed in take_owed_notices(record, before, schedule, now)
             ]
             try:
                 if record.pending():

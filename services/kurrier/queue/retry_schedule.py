@@ -4,7 +4,7 @@ warn of a delay, and when to give up (pure)."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class RetrySchedule:
 
     def expired(self, received_at: float, now: float) -> bool:
         return now - received_at >= self.max_lifetime
+
+    def under_policy(self, delay_warning: float | None) -> RetrySchedule:
+        """This schedule with the RelayPolicy's delayWarningTime, when one sets it."""
+        return self if delay_warning is None else replace(self, delay_warning=delay_warning)
 
     def warning_due(self, received_at: float, now: float) -> bool:
         return self.delay_warning > 0 and now - received_at >= self.delay_warning
