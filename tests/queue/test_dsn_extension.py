@@ -199,3 +199,43 @@ def test_one_delay_warning_at_the_configured_age_in_the_message_trace(
     assert span.attributes["kurrier.dsn.action"] == "delayed"
     message_trace = {s.trace_id for s in spans if s.queue_id == queue_id}
     assert message_trace == {span.trace_id}
+
+
+def test_policy_sets_the_warning_age_and_queue_show_prints_the_dsn_parameters(
+    tmp_path: Path, dsn_sink: Sink, plain_sink: Sink, bounce_sink: Sink
+) -> None:
+    # The queue keeps its default warning age (4 h): only the RelayPolicy's
+    # delayWarningTime can make the warning come within the test.
+    plain_sink.behaviour.temp_failures = 3
+    policy = (
+        "apiVersion: kurrier.io/v1alpha1\nkind: RelayPolicy\nmetadata: {name: default}\n"
+        'spec: {trustedNetworks: ["127.0.0.0/8"], delayWarningTime: 2s}'
+    )
+    config = documents(
+        route("to-plain", ["plain.example"], plain_sink.port),
+        route("to-senders", ["senders.test"], bounce_sink.port),
+        policy,
+    )
+    with UpRelay(tmp_path, config) as relay:
+        with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=60) as smtp:
+            smtp.ehlo()
+            assert smtp.mail(SENDER, options=["RET=HDRS", "ENVID=env+2B1"])[0] == 250
+            options = ["NOTIFY=DELAY,FAILURE", "ORCPT=rfc822;Late+2B@Plain.Example"]
+            assert smtp.rcpt("late@plain.example", options=options)[0] == 250
+            code, reply = smtp.data(MESSAGE)
+        assert code == 250, reply
+        queue_id = reply.decode().rsplit(" ", 1)[-1]
+        shown = relay.queue_admin("show", queue_id)
+        assert shown.returncode == 0, shown.stderr
+        [notice] = bounce_sink.wait_for(1, timeout=30)
+        plain_sink.wait_for(1)
+    # As SMTP writes them on (xtext), for the message and for its recipient.
+    assert "DSN:          RET=HDRS ENVID=env+2B1\n" in shown.stdout
+    assert "    NOTIFY=FAILURE,DELAY ORCPT=rfc822;Late+2B@Plain.Example\n" in shown.stdout
+    report = parse_report(notice.content)
+    assert report.per_message["Original-Envelope-Id"] == "env+1"
+    [group] = report.per_recipient
+    assert (group["Action"], group["Original-Recipient"]) == (
+        "delayed",
+        "rfc822;Late+@Plain.Example",
+    )

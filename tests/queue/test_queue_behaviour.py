@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import signal
 import smtplib
-import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.dsn_report import parse_report
-from tests.support.processes import kurrier_argv, wait_until
+from tests.support.processes import wait_until
 from tests.support.relay import UpRelay, documents, queued_count, route, trusting
 from tests.support.sink import Sink
 
@@ -47,17 +46,8 @@ def _send(relay: UpRelay, sender: str, recipients: list[str], message: bytes) ->
         smtp.sendmail(sender, recipients, message)
 
 
-def _admin(relay: UpRelay, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        kurrier_argv("queue", *args, "--data-dir", str(relay.data_dir)),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def _listing(relay: UpRelay, *filters: str) -> list[dict[str, Any]]:
-    result = _admin(relay, "list", "--json", *filters)
+    result = relay.queue_admin("list", "--json", *filters)
     assert result.returncode == 0, result.stderr
     messages: list[dict[str, Any]] = json.loads(result.stdout).get("messages", [])
     return messages
@@ -145,36 +135,36 @@ def test_admin_commands(tmp_path: Path, sink: Sink, bounce_sink: Sink) -> None:
         ids = [m["queue_id"] for m in listing]
         assert listing[0]["recipients"][0]["last_reply"] == "451 4.3.0 try again later"
 
-        text = _admin(relay, "list")
+        text = relay.queue_admin("list")
         assert text.returncode == 0
         assert "(451 4.3.0 try again later)" in text.stdout
         assert text.stdout.rstrip().endswith("in 3 Requests.")
 
-        shown = _admin(relay, "show", ids[0])
+        shown = relay.queue_admin("show", ids[0])
         assert shown.returncode == 0
         assert f"Queue ID:     {ids[0]}" in shown.stdout
         # Sent from 127.0.0.1, which _config trusts: its sender gets notifications.
         assert "Client:       127.0.0.1 (HELO " in shown.stdout
         assert ", trusted network)" in shown.stdout
         assert "Subject: m0" in shown.stdout
-        assert _admin(relay, "show", "NOSUCHID0000").returncode == 1
+        assert relay.queue_admin("show", "NOSUCHID0000").returncode == 1
 
-        assert _admin(relay, "hold", ids[0]).returncode == 0
+        assert relay.queue_admin("hold", ids[0]).returncode == 0
         assert [m["queue_id"] for m in _listing(relay, "--state", "held")] == [ids[0]]
-        assert _admin(relay, "delete", "--all").returncode == 2  # needs --yes too
-        assert _admin(relay, "hold").returncode == 2  # ids or --all
-        assert _admin(relay, "delete", ids[1]).returncode == 0
+        assert relay.queue_admin("delete", "--all").returncode == 2  # needs --yes too
+        assert relay.queue_admin("hold").returncode == 2  # ids or --all
+        assert relay.queue_admin("delete", ids[1]).returncode == 0
         assert {m["queue_id"] for m in _listing(relay)} == {ids[0], ids[2]}
 
         # Now let mail through: retry one, flush the rest; the held one stays.
         sink.behaviour.temp_failures = 0
-        assert _admin(relay, "retry", ids[2]).returncode == 0
+        assert relay.queue_admin("retry", ids[2]).returncode == 0
         [first] = sink.wait_for(1)
         assert first.recipients == ("r2@example.com",)
-        flushed = _admin(relay, "flush")
+        flushed = relay.queue_admin("flush")
         assert flushed.returncode == 0
         assert [m["queue_id"] for m in _listing(relay)] == [ids[0]]
-        assert _admin(relay, "release", ids[0]).returncode == 0
+        assert relay.queue_admin("release", ids[0]).returncode == 0
         sink.wait_for(2)
         wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
     assert sorted(m.recipients[0] for m in sink.messages) == ["r0@example.com", "r2@example.com"]

@@ -277,6 +277,15 @@ class UpRelay:
         urls = str(self.state["nats_url"]).split(",")
         return ",".join(url.replace("nats://", f"nats://queue:{password}@") for url in urls)
 
+    def queue_admin(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`kurrier queue ARGS --data-dir ...`, as an administrator runs it."""
+        return subprocess.run(
+            kurrier_argv("queue", *args, "--data-dir", str(self.data_dir)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
     def table_revision_in_use(self, service: str) -> int:
         """The newest routing table revision a child ('ingress', 'delivery') logged it uses."""
         revisions = [0]

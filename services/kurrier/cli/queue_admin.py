@@ -14,6 +14,12 @@ from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from kurrier.core.dsn_parameters import (
+    MailParameters,
+    RcptParameters,
+    mail_parameters_text,
+    rcpt_parameters_text,
+)
 from kurrier.core.durations import parse_duration
 from kurrier.core.grpc_tls import QueueTls, queue_channel
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
@@ -101,8 +107,14 @@ def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
+def _dsn_text(parameters: list[str]) -> str:
+    """DSN parameters (RFC 3461) as SMTP writes them, xtext encoded; '-' when none."""
+    return " ".join(parameters) or "-"
+
+
 def format_detail(detail: queue_pb2.MessageDetail) -> str:
     summary = detail.summary
+    mail_dsn = MailParameters(ret=detail.dsn_ret, envid=detail.dsn_envid)
     lines = [
         f"Queue ID:     {summary.queue_id}",
         f"State:        {summary.state}",
@@ -113,11 +125,15 @@ def format_detail(detail: queue_pb2.MessageDetail) -> str:
         f"{', trusted network' if detail.client_trusted else ''})",
         f"Auth:         {detail.authenticated_as or '-'}",
         f"Message-ID:   {detail.message_id_header or '-'}",
+        f"DSN:          {_dsn_text(mail_parameters_text(mail_dsn))}",
         "",
         "Recipients:",
     ]
     for recipient in summary.recipients:
         lines.append(f"  <{recipient.address}> {recipient.status}, {recipient.attempts} attempt(s)")
+        if recipient.notify or recipient.orcpt:
+            rcpt_dsn = RcptParameters(notify=recipient.notify, orcpt=recipient.orcpt)
+            lines.append(f"    {_dsn_text(rcpt_parameters_text(rcpt_dsn))}")
         if recipient.next_attempt:
             lines.append(f"    next attempt {_when(recipient.next_attempt)}")
         for attempt in recipient.history:

@@ -121,6 +121,8 @@ def _recipient_status(state: RecipientState) -> queue_pb2.RecipientStatus:
         last_reply=state.last_reply,
         next_attempt=state.next_attempt if state.status == "deferred" else 0.0,
         history=[queue_pb2.Attempt(at=a.at, reply=a.reply) for a in state.history],
+        notify=state.notify,
+        orcpt=state.orcpt,
     )
 
 
@@ -354,6 +356,8 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             client_trusted=record.client_trusted,
             message_id_header=record.message_id_header,
             headers=header_section(body),
+            dsn_ret=record.dsn_ret,
+            dsn_envid=record.dsn_envid,
         )
 
     async def ApplyAction(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kurrier/v1/queue.proto\x12\nkurrier.v1\"\xc5\x02\n\x08\x45nvelope\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x11\n\tmail_from\x18\x02 \x01(\t\x12\x12\n\nrecipients\x18\x03 \x03(\t\x12\x16\n\x0e\x63lient_address\x18\x04 \x01(\t\x12\x13\n\x0b\x63lient_helo\x18\x05 \x01(\t\x12\x18\n\x10\x61uthenticated_as\x18\x06 \x01(\t\x12\x10\n\x08smtputf8\x18\x07 \x01(\x08\x12\x11\n\tbody_type\x18\x08 \x01(\t\x12\x0c\n\x04size\x18\t \x01(\x03\x12\x19\n\x11message_id_header\x18\n \x01(\t\x12\x0f\n\x07\x64sn_ret\x18\x0b \x01(\t\x12\x11\n\tdsn_envid\x18\x0c \x01(\t\x12/\n\rrecipient_dsn\x18\r \x03(\x0b\x32\x18.kurrier.v1.RecipientDsn\x12\x16\n\x0e\x63lient_trusted\x18\x0e \x01(\x08\">\n\x0cRecipientDsn\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06notify\x18\x02 \x01(\t\x12\r\n\x05orcpt\x18\x03 \x01(\t\"S\n\x0e\x45nqueueRequest\x12(\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.kurrier.v1.EnvelopeH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xce\x01\n\x15\x45nqueueMessageRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.kurrier.v1.Envelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12J\n\rtrace_context\x18\x03 \x03(\x0b\x32\x33.kurrier.v1.EnqueueMessageRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x0c\x45nqueueBatch\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.kurrier.v1.EnqueueMessageRequest\"<\n\x0e\x45nqueueResults\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.kurrier.v1.EnqueueResult\"@\n\rEnqueueResult\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"#\n\x0f\x45nqueueResponse\x12\x10\n\x08queue_id\x18\x01 \x01(\t\"p\n\rMessageFilter\x12\x11\n\tqueue_ids\x18\x01 \x03(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x18\n\x10recipient_domain\x18\x03 \x01(\t\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x13\n\x0bnull_sender\x18\x05 \x01(\x08\"\x94\x01\n\x0fRecipientStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x12\n\nlast_reply\x18\x04 \x01(\t\x12\x14\n\x0cnext_attempt\x18\x05 \x01(\x01\x12$\n\x07history\x18\x06 \x03(\x0b\x32\x13.kurrier.v1.Attempt\"$\n\x07\x41ttempt\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\r\n\x05reply\x18\x02 \x01(\t\"\x95\x01\n\x0eMessageSummary\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x13\n\x0breceived_at\x18\x03 \x01(\x01\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\r\n\x05state\x18\x05 \x01(\t\x12/\n\nrecipients\x18\x06 \x03(\x0b\x32\x1b.kurrier.v1.RecipientStatus\"O\n\x13ListMessagesRequest\x12)\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x19.kurrier.v1.MessageFilter\x12\r\n\x05limit\x18\x02 \x01(\x05\"S\n\x14ListMessagesResponse\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.kurrier.v1.MessageSummary\x12\r\n\x05total\x18\x02 \x01(\x05\"%\n\x11GetMessageRequest\x12\x10\n\x08queue_id\x18\x01 \x01(\t\"\xc7\x01\n\rMessageDetail\x12+\n\x07summary\x18\x01 \x01(\x0b\x32\x1a.kurrier.v1.MessageSummary\x12\x16\n\x0e\x63lient_address\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_helo\x18\x03 \x01(\t\x12\x18\n\x10\x61uthenticated_as\x18\x04 \x01(\t\x12\x19\n\x11message_id_header\x18\x05 \x01(\t\x12\x0f\n\x07headers\x18\x06 \x01(\x0c\x12\x16\n\x0e\x63lient_trusted\x18\x07 \x01(\x08\"t\n\rActionRequest\x12\"\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x12.kurrier.v1.Action\x12)\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x19.kurrier.v1.MessageFilter\x12\x14\n\x0c\x61ll_matching\x18\x03 \x01(\x08\"#\n\x0e\x41\x63tionResponse\x12\x11\n\tqueue_ids\x18\x01 \x03(\t\"T\n\x0eHistoryRequest\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\r\n\x05since\x18\x04 \x01(\x01\"\xc6\x01\n\x0cHistoryEvent\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x10\n\x08queue_id\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\r\n\x05\x65vent\x18\x04 \x01(\t\x12\x36\n\x07\x64\x65tails\x18\x05 \x03(\x0b\x32%.kurrier.v1.HistoryEvent.DetailsEntry\x12\x10\n\x08trace_id\x18\x06 \x01(\t\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x0fHistoryResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.kurrier.v1.HistoryEvent*j\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_HOLD\x10\x01\x12\x12\n\x0e\x41\x43TION_RELEASE\x10\x02\x12\x11\n\rACTION_DELETE\x10\x03\x12\x10\n\x0c\x41\x43TION_RETRY\x10\x04\x32\xcd\x03\n\x0cQueueService\x12\x44\n\x07\x45nqueue\x12\x1a.kurrier.v1.EnqueueRequest\x1a\x1b.kurrier.v1.EnqueueResponse(\x01\x12K\n\x0f\x45nqueueMessages\x12\x18.kurrier.v1.EnqueueBatch\x1a\x1a.kurrier.v1.EnqueueResults(\x01\x30\x01\x12Q\n\x0cListMessages\x12\x1f.kurrier.v1.ListMessagesRequest\x1a .kurrier.v1.ListMessagesResponse\x12\x46\n\nGetMessage\x12\x1d.kurrier.v1.GetMessageRequest\x1a\x19.kurrier.v1.MessageDetail\x12\x44\n\x0b\x41pplyAction\x12\x19.kurrier.v1.ActionRequest\x1a\x1a.kurrier.v1.ActionResponse\x12I\n\x0eMessageHistory\x12\x1a.kurrier.v1.HistoryRequest\x1a\x1b.kurrier.v1.HistoryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kurrier/v1/queue.proto\x12\nkurrier.v1\"\xc5\x02\n\x08\x45nvelope\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x11\n\tmail_from\x18\x02 \x01(\t\x12\x12\n\nrecipients\x18\x03 \x03(\t\x12\x16\n\x0e\x63lient_address\x18\x04 \x01(\t\x12\x13\n\x0b\x63lient_helo\x18\x05 \x01(\t\x12\x18\n\x10\x61uthenticated_as\x18\x06 \x01(\t\x12\x10\n\x08smtputf8\x18\x07 \x01(\x08\x12\x11\n\tbody_type\x18\x08 \x01(\t\x12\x0c\n\x04size\x18\t \x01(\x03\x12\x19\n\x11message_id_header\x18\n \x01(\t\x12\x0f\n\x07\x64sn_ret\x18\x0b \x01(\t\x12\x11\n\tdsn_envid\x18\x0c \x01(\t\x12/\n\rrecipient_dsn\x18\r \x03(\x0b\x32\x18.kurrier.v1.RecipientDsn\x12\x16\n\x0e\x63lient_trusted\x18\x0e \x01(\x08\">\n\x0cRecipientDsn\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06notify\x18\x02 \x01(\t\x12\r\n\x05orcpt\x18\x03 \x01(\t\"S\n\x0e\x45nqueueRequest\x12(\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.kurrier.v1.EnvelopeH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xce\x01\n\x15\x45nqueueMessageRequest\x12&\n\x08\x65nvelope\x18\x01 \x01(\x0b\x32\x14.kurrier.v1.Envelope\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12J\n\rtrace_context\x18\x03 \x03(\x0b\x32\x33.kurrier.v1.EnqueueMessageRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"C\n\x0c\x45nqueueBatch\x12\x33\n\x08messages\x18\x01 \x03(\x0b\x32!.kurrier.v1.EnqueueMessageRequest\"<\n\x0e\x45nqueueResults\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.kurrier.v1.EnqueueResult\"@\n\rEnqueueResult\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\"#\n\x0f\x45nqueueResponse\x12\x10\n\x08queue_id\x18\x01 \x01(\t\"p\n\rMessageFilter\x12\x11\n\tqueue_ids\x18\x01 \x03(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x18\n\x10recipient_domain\x18\x03 \x01(\t\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x13\n\x0bnull_sender\x18\x05 \x01(\x08\"\xb3\x01\n\x0fRecipientStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\x12\x12\n\nlast_reply\x18\x04 \x01(\t\x12\x14\n\x0cnext_attempt\x18\x05 \x01(\x01\x12$\n\x07history\x18\x06 \x03(\x0b\x32\x13.kurrier.v1.Attempt\x12\x0e\n\x06notify\x18\x07 \x01(\t\x12\r\n\x05orcpt\x18\x08 \x01(\t\"$\n\x07\x41ttempt\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\r\n\x05reply\x18\x02 \x01(\t\"\x95\x01\n\x0eMessageSummary\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x13\n\x0breceived_at\x18\x03 \x01(\x01\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\r\n\x05state\x18\x05 \x01(\t\x12/\n\nrecipients\x18\x06 \x03(\x0b\x32\x1b.kurrier.v1.RecipientStatus\"O\n\x13ListMessagesRequest\x12)\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x19.kurrier.v1.MessageFilter\x12\r\n\x05limit\x18\x02 \x01(\x05\"S\n\x14ListMessagesResponse\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.kurrier.v1.MessageSummary\x12\r\n\x05total\x18\x02 \x01(\x05\"%\n\x11GetMessageRequest\x12\x10\n\x08queue_id\x18\x01 \x01(\t\"\xeb\x01\n\rMessageDetail\x12+\n\x07summary\x18\x01 \x01(\x0b\x32\x1a.kurrier.v1.MessageSummary\x12\x16\n\x0e\x63lient_address\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_helo\x18\x03 \x01(\t\x12\x18\n\x10\x61uthenticated_as\x18\x04 \x01(\t\x12\x19\n\x11message_id_header\x18\x05 \x01(\t\x12\x0f\n\x07headers\x18\x06 \x01(\x0c\x12\x16\n\x0e\x63lient_trusted\x18\x07 \x01(\x08\x12\x0f\n\x07\x64sn_ret\x18\x08 \x01(\t\x12\x11\n\tdsn_envid\x18\t \x01(\t\"t\n\rActionRequest\x12\"\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x12.kurrier.v1.Action\x12)\n\x06\x66ilter\x18\x02 \x01(\x0b\x32\x19.kurrier.v1.MessageFilter\x12\x14\n\x0c\x61ll_matching\x18\x03 \x01(\x08\"#\n\x0e\x41\x63tionResponse\x12\x11\n\tqueue_ids\x18\x01 \x03(\t\"T\n\x0eHistoryRequest\x12\x10\n\x08queue_id\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\r\n\x05since\x18\x04 \x01(\x01\"\xc6\x01\n\x0cHistoryEvent\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x10\n\x08queue_id\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\r\n\x05\x65vent\x18\x04 \x01(\t\x12\x36\n\x07\x64\x65tails\x18\x05 \x03(\x0b\x32%.kurrier.v1.HistoryEvent.DetailsEntry\x12\x10\n\x08trace_id\x18\x06 \x01(\t\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\";\n\x0fHistoryResponse\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.kurrier.v1.HistoryEvent*j\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x41\x43TION_HOLD\x10\x01\x12\x12\n\x0e\x41\x43TION_RELEASE\x10\x02\x12\x11\n\rACTION_DELETE\x10\x03\x12\x10\n\x0c\x41\x43TION_RETRY\x10\x04\x32\xcd\x03\n\x0cQueueService\x12\x44\n\x07\x45nqueue\x12\x1a.kurrier.v1.EnqueueRequest\x1a\x1b.kurrier.v1.EnqueueResponse(\x01\x12K\n\x0f\x45nqueueMessages\x12\x18.kurrier.v1.EnqueueBatch\x1a\x1a.kurrier.v1.EnqueueResults(\x01\x30\x01\x12Q\n\x0cListMessages\x12\x1f.kurrier.v1.ListMessagesRequest\x1a .kurrier.v1.ListMessagesResponse\x12\x46\n\nGetMessage\x12\x1d.kurrier.v1.GetMessageRequest\x1a\x19.kurrier.v1.MessageDetail\x12\x44\n\x0b\x41pplyAction\x12\x19.kurrier.v1.ActionRequest\x1a\x1a.kurrier.v1.ActionResponse\x12I\n\x0eMessageHistory\x12\x1a.kurrier.v1.HistoryRequest\x1a\x1b.kurrier.v1.HistoryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENQUEUEMESSAGEREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_HISTORYEVENT_DETAILSENTRY']._loaded_options = None
   _globals['_HISTORYEVENT_DETAILSENTRY']._serialized_options = b'8\001'
-  _globals['_ACTION']._serialized_start=2323
-  _globals['_ACTION']._serialized_end=2429
+  _globals['_ACTION']._serialized_start=2390
+  _globals['_ACTION']._serialized_end=2496
   _globals['_ENVELOPE']._serialized_start=39
   _globals['_ENVELOPE']._serialized_end=364
   _globals['_RECIPIENTDSN']._serialized_start=366
@@ -58,31 +58,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MESSAGEFILTER']._serialized_start=958
   _globals['_MESSAGEFILTER']._serialized_end=1070
   _globals['_RECIPIENTSTATUS']._serialized_start=1073
-  _globals['_RECIPIENTSTATUS']._serialized_end=1221
-  _globals['_ATTEMPT']._serialized_start=1223
-  _globals['_ATTEMPT']._serialized_end=1259
-  _globals['_MESSAGESUMMARY']._serialized_start=1262
-  _globals['_MESSAGESUMMARY']._serialized_end=1411
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=1413
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1492
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1494
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1577
-  _globals['_GETMESSAGEREQUEST']._serialized_start=1579
-  _globals['_GETMESSAGEREQUEST']._serialized_end=1616
-  _globals['_MESSAGEDETAIL']._serialized_start=1619
-  _globals['_MESSAGEDETAIL']._serialized_end=1818
-  _globals['_ACTIONREQUEST']._serialized_start=1820
-  _globals['_ACTIONREQUEST']._serialized_end=1936
-  _globals['_ACTIONRESPONSE']._serialized_start=1938
-  _globals['_ACTIONRESPONSE']._serialized_end=1973
-  _globals['_HISTORYREQUEST']._serialized_start=1975
-  _globals['_HISTORYREQUEST']._serialized_end=2059
-  _globals['_HISTORYEVENT']._serialized_start=2062
-  _globals['_HISTORYEVENT']._serialized_end=2260
-  _globals['_HISTORYEVENT_DETAILSENTRY']._serialized_start=2214
-  _globals['_HISTORYEVENT_DETAILSENTRY']._serialized_end=2260
-  _globals['_HISTORYRESPONSE']._serialized_start=2262
-  _globals['_HISTORYRESPONSE']._serialized_end=2321
-  _globals['_QUEUESERVICE']._serialized_start=2432
-  _globals['_QUEUESERVICE']._serialized_end=2893
+  _globals['_RECIPIENTSTATUS']._serialized_end=1252
+  _globals['_ATTEMPT']._serialized_start=1254
+  _globals['_ATTEMPT']._serialized_end=1290
+  _globals['_MESSAGESUMMARY']._serialized_start=1293
+  _globals['_MESSAGESUMMARY']._serialized_end=1442
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=1444
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=1523
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1525
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1608
+  _globals['_GETMESSAGEREQUEST']._serialized_start=1610
+  _globals['_GETMESSAGEREQUEST']._serialized_end=1647
+  _globals['_MESSAGEDETAIL']._serialized_start=1650
+  _globals['_MESSAGEDETAIL']._serialized_end=1885
+  _globals['_ACTIONREQUEST']._serialized_start=1887
+  _globals['_ACTIONREQUEST']._serialized_end=2003
+  _globals['_ACTIONRESPONSE']._serialized_start=2005
+  _globals['_ACTIONRESPONSE']._serialized_end=2040
+  _globals['_HISTORYREQUEST']._serialized_start=2042
+  _globals['_HISTORYREQUEST']._serialized_end=2126
+  _globals['_HISTORYEVENT']._serialized_start=2129
+  _globals['_HISTORYEVENT']._serialized_end=2327
+  _globals['_HISTORYEVENT_DETAILSENTRY']._serialized_start=2281
+  _globals['_HISTORYEVENT_DETAILSENTRY']._serialized_end=2327
+  _globals['_HISTORYRESPONSE']._serialized_start=2329
+  _globals['_HISTORYRESPONSE']._serialized_end=2388
+  _globals['_QUEUESERVICE']._serialized_start=2499
+  _globals['_QUEUESERVICE']._serialized_end=2960
 # @@protoc_insertion_point(module_scope)

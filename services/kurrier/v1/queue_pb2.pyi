@@ -373,6 +373,8 @@ class RecipientStatus(_message.Message):
     LAST_REPLY_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    NOTIFY_FIELD_NUMBER: _builtins.int
+    ORCPT_FIELD_NUMBER: _builtins.int
     address: _builtins.str
     status: _builtins.str
     """queued, deferred, delivered, bounced, expired"""
@@ -380,6 +382,9 @@ class RecipientStatus(_message.Message):
     last_reply: _builtins.str
     next_attempt: _builtins.float
     """Unix time of the next attempt; 0 when none is planned."""
+    notify: _builtins.str
+    """The recipient's NOTIFY and ORCPT (as in RecipientDsn; empty when not given)."""
+    orcpt: _builtins.str
     @_builtins.property
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]: ...
     def __init__(
@@ -391,10 +396,12 @@ class RecipientStatus(_message.Message):
         last_reply: _builtins.str = ...,
         next_attempt: _builtins.float = ...,
         history: _abc.Iterable[Global___Attempt] | None = ...,
+        notify: _builtins.str = ...,
+        orcpt: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attempts", b"attempts", "history", b"history", "last_reply", b"last_reply", "next_attempt", b"next_attempt", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "attempts", b"attempts", "history", b"history", "last_reply", b"last_reply", "next_attempt", b"next_attempt", "notify", b"notify", "orcpt", b"orcpt", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -536,6 +543,8 @@ class MessageDetail(_message.Message):
     MESSAGE_ID_HEADER_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
     CLIENT_TRUSTED_FIELD_NUMBER: _builtins.int
+    DSN_RET_FIELD_NUMBER: _builtins.int
+    DSN_ENVID_FIELD_NUMBER: _builtins.int
     client_address: _builtins.str
     client_helo: _builtins.str
     authenticated_as: _builtins.str
@@ -544,6 +553,9 @@ class MessageDetail(_message.Message):
     """The message's header section as stored (up to 64 KiB)."""
     client_trusted: _builtins.bool
     """The client was in trustedNetworks (Envelope.client_trusted)."""
+    dsn_ret: _builtins.str
+    """The DSN parameters of MAIL FROM (as in Envelope; empty when not given)."""
+    dsn_envid: _builtins.str
     @_builtins.property
     def summary(self) -> Global___MessageSummary: ...
     def __init__(
@@ -556,10 +568,12 @@ class MessageDetail(_message.Message):
         message_id_header: _builtins.str = ...,
         headers: _builtins.bytes = ...,
         client_trusted: _builtins.bool = ...,
+        dsn_ret: _builtins.str = ...,
+        dsn_envid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "headers", b"headers", "message_id_header", b"message_id_header", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "dsn_envid", b"dsn_envid", "dsn_ret", b"dsn_ret", "headers", b"headers", "message_id_header", b"message_id_header", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
