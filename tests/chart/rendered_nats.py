@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from tests.support.processes import free_port, port_open, wait_until
 
 NATS_NAME = "kurrier-nats"
 SERVER_ENV = {"SERVER_NAME": "kurrier-nats-0"}
+CLIENT_PORT, MONITOR_PORT = 4222, 8222  # as rendered
 
 
 def secret_data(secret: Obj) -> dict[str, bytes]:
@@ -68,10 +70,11 @@ class LaidOut:
         return self.directory / "tls" / "ca.crt"
 
 
-def lay_out(nats: RenderedNats, directory: Path) -> LaidOut:
+def lay_out(nats: RenderedNats, directory: Path, own_network: bool = False) -> LaidOut:
     """Write the configuration, auth.conf beside it (its include is relative) and the
-    certificates, with ports and paths moved into directory."""
-    client, monitor = free_port(), free_port()
+    certificates, with paths moved into directory, and ports onto free ones of
+    127.0.0.1 unless the server runs in a network namespace of its own (own_network),
+    where the rendered addresses stand as they are."""
     (directory / "tls").mkdir(parents=True, exist_ok=True)
     for name, content in nats.tls.items():
         (directory / "tls" / name).write_bytes(content)
@@ -80,11 +83,14 @@ def lay_out(nats: RenderedNats, directory: Path) -> LaidOut:
     conf = (
         nats.conf.replace("/var/run/nats/nats.pid", str(directory / "nats.pid"))
         .replace("store_dir: /data", f"store_dir: {directory / 'data'}")
-        .replace("listen: 0.0.0.0:4222", f"listen: 127.0.0.1:{client}")
-        .replace("http: 0.0.0.0:8222", f"http: 127.0.0.1:{monitor}")
         .replace("/etc/nats-tls/", f"{directory / 'tls'}/")
         .replace("lame_duck_grace_period: 10s", "lame_duck_grace_period: 0s")
     )
+    client, monitor = CLIENT_PORT, MONITOR_PORT
+    if not own_network:
+        client, monitor = free_port(), free_port()
+        conf = re.sub(r"(?m)^listen: 0\.0\.0\.0:4222$", f"listen: 127.0.0.1:{client}", conf)
+        conf = re.sub(r"(?m)^http: [0-9.]+:8222$", f"http: 127.0.0.1:{monitor}", conf)
     config = directory / "nats.conf"
     config.write_text(conf)
     return LaidOut(config, client, monitor, directory)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -73,17 +71,6 @@ def test_a_single_node_syncs_every_write_unless_told_otherwise(
     assert lines == ([f"sync_interval: {rendered}"] if rendered else [])
 
 
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            status: int = resp.status
-            return status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return 0
-
-
 def test_single_node_serves_the_probes_and_lame_duck_prestop(
     helm_bin: Path, tmp_path: Path
 ) -> None:
@@ -93,19 +80,25 @@ def test_single_node_serves_the_probes_and_lame_duck_prestop(
     monitor = laid_out.monitor_port
     with running(laid_out) as server:
         c = nats.statefulset["spec"]["template"]["spec"]["containers"][0]
-        paths = [
-            c[p]["httpGet"]["path"] for p in ("startupProbe", "readinessProbe", "livenessProbe")
+        probes = [
+            c[p]["exec"]["command"] for p in ("startupProbe", "readinessProbe", "livenessProbe")
         ]
-        assert paths == [
-            "/healthz",
-            "/healthz?js-server-only=true",
-            "/healthz?js-enabled-only=true",
+        assert probes == [
+            ["wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8222/healthz"],
+            ["wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8222/healthz?js-server-only=true"],
+            ["wget", "-q", "-O", "/dev/null", "http://127.0.0.1:8222/healthz?js-enabled-only=true"],
         ]
+        # Each command as the kubelet runs it in the pod, on the laid-out port (GNU wget
+        # here, busybox's in the image: both fail on any status but 2xx).
+        moved = [[*p[:-1], p[-1].replace(":8222", f":{monitor}")] for p in probes]
         deadline = time.monotonic() + 30
-        while not all(http_status(f"http://127.0.0.1:{monitor}{p}") == 200 for p in paths):
+        while not all(subprocess.run(p, check=False, timeout=10).returncode == 0 for p in moved):
             assert server.poll() is None, (tmp_path / "nats.log").read_text()
-            assert time.monotonic() < deadline, "probes never answered 200"
+            assert time.monotonic() < deadline, "probes never passed"
             time.sleep(0.1)  # poll back-off, bounded by the deadline
+        # A status other than 2xx fails the probe.
+        missing = [*moved[0][:-1], f"http://127.0.0.1:{monitor}/no-such-endpoint"]
+        assert subprocess.run(missing, check=False, timeout=10).returncode != 0
 
         # The preStop hook: lame duck mode through the pid file, then exit.
         prestop = c["lifecycle"]["preStop"]["exec"]["command"]

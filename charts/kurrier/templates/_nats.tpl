@@ -8,7 +8,8 @@
 pid_file: /var/run/nats/nats.pid
 server_name: $SERVER_NAME
 listen: 0.0.0.0:4222
-http: 0.0.0.0:8222
+{{- /* The monitoring endpoints answer without a login: inside the pod unless asked. */}}
+http: {{ ternary "0.0.0.0" "127.0.0.1" $n.monitoring.exposed }}:8222
 max_payload: {{ $n.maxPayload }}
 lame_duck_duration: 30s
 lame_duck_grace_period: 10s
