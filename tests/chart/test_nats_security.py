@@ -25,6 +25,7 @@ import pytest
 import pytest_asyncio
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from kurrier.core.cluster_counters import ClusterBuckets, Rate
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     CONFIG_BUCKET,
@@ -186,9 +187,12 @@ async def test_each_component_does_its_job_and_nothing_else(
     await queue.js.publish(body_subject("q1"), BODY)
     await queue.js.publish(job_subject("q1"), b"{}")
 
-    # Ingress reads the routing table, and nothing of bodies or jobs.
+    # Ingress reads the routing table, spends from the limits every replica
+    # shares, and reads nothing of bodies or jobs.
     kv = await ingress.js.key_value(CONFIG_BUCKET)
     assert (await kv.get(ROUTING_TABLE_KEY)).value
+    limits = await ClusterBuckets.open(ingress.js, "client-messages", 1)
+    assert await limits.take("192.0.2.1", Rate(1)) and not await limits.take("192.0.2.1", Rate(1))
     direct_get = f"$JS.API.DIRECT.GET.{BODIES_STREAM}.{body_subject('q1')}"
     await ingress.refused(
         ingress.js.get_last_msg(BODIES_STREAM, body_subject("q1"), direct=True), direct_get

@@ -83,6 +83,8 @@ CONFIG_BUCKET = "kurrier-config"
 LEASES_BUCKET = "kurrier-leases"
 # A lease not refreshed for this long is free for another process to take.
 LEASE_TTL = 30.0
+# The token buckets every process shares (core/cluster_counters.py).
+LIMITS_BUCKET = "kurrier-limits"
 ROUTING_TABLE_KEY = "routing-table"
 DELIVERY_CONSUMER = "delivery"
 RESULTS_CONSUMER = "queue-results"
@@ -113,6 +115,7 @@ LAYOUT = (
     MESSAGES_STREAM,
     kv_stream(CONFIG_BUCKET),
     kv_stream(LEASES_BUCKET),
+    kv_stream(LIMITS_BUCKET),
     object_stream(OBJECT_BUCKET),
 )
 
@@ -336,7 +339,15 @@ async def ensure_layout(
                 history.max_bytes,
                 HISTORY_STREAM,
             )
-    for bucket, ttl in ((MESSAGES_BUCKET, None), (CONFIG_BUCKET, None), (LEASES_BUCKET, LEASE_TTL)):
+    # The limits' buckets are in memory: lost, they only start full again, and
+    # their writes (one per batch of tokens) need no sync to disk. Their entries
+    # expire one by one (per-message TTL), so the bucket has no TTL of its own.
+    for bucket, ttl, storage in (
+        (MESSAGES_BUCKET, None, StorageType.FILE),
+        (CONFIG_BUCKET, None, StorageType.FILE),
+        (LEASES_BUCKET, LEASE_TTL, StorageType.FILE),
+        (LIMITS_BUCKET, None, StorageType.MEMORY),
+    ):
         if kv_stream(bucket) not in wanted:
             continue
         try:
@@ -346,7 +357,7 @@ async def ensure_layout(
         except NotFoundError:
             await js.create_key_value(
                 KeyValueConfig(
-                    bucket=bucket, storage=StorageType.FILE, replicas=replicas, history=1, ttl=ttl
+                    bucket=bucket, storage=storage, replicas=replicas, history=1, ttl=ttl
                 )
             )
     if object_stream(OBJECT_BUCKET) not in wanted:

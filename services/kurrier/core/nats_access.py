@@ -27,6 +27,7 @@ from kurrier.core.jetstream import (
     HISTORY_STREAM,
     JOBS_STREAM,
     LEASES_BUCKET,
+    LIMITS_BUCKET,
     MESSAGES_BUCKET,
     MESSAGES_STREAM,
     OBJECT_BUCKET,
@@ -41,6 +42,7 @@ from kurrier.core.jetstream import (
 API = "$JS.API"
 CONFIG_STREAM = kv_stream(CONFIG_BUCKET)
 LEASES_STREAM = kv_stream(LEASES_BUCKET)
+LIMITS_STREAM = kv_stream(LIMITS_BUCKET)
 OBJECT_STREAM = object_stream(OBJECT_BUCKET)
 
 
@@ -81,8 +83,14 @@ def _history_of(component: str) -> Use:
 
 
 COMPONENTS: dict[str, tuple[Use, ...]] = {
-    # The routing table, read-only. Mail reaches the queue over gRPC.
-    "ingress": (Use(CONFIG_STREAM), _history_of("ingress")),
+    # The routing table, read-only; the limits every replica shares
+    # (core/cluster_counters.py), which it may create too: a queue of an
+    # earlier release, during an upgrade, does not. Mail reaches the queue over gRPC.
+    "ingress": (
+        Use(CONFIG_STREAM),
+        Use(LIMITS_STREAM, (f"$KV.{LIMITS_BUCKET}.>",), create=True),
+        _history_of("ingress"),
+    ),
     # Writes the routing table, nothing else.
     "operator": (Use(CONFIG_STREAM, (f"$KV.{CONFIG_BUCKET}.{ROUTING_TABLE_KEY}",), create=True),),
     # Takes jobs, reads bodies and records, reports results, and ends a
@@ -97,7 +105,12 @@ COMPONENTS: dict[str, tuple[Use, ...]] = {
         _history_of("delivery"),
     ),
     # Everything else: it owns the layout and the messages; it reads the table.
-    "queue": (*_QUEUE_STATE, Use(CONFIG_STREAM, create=True)),
+    # It converges the limits' bucket with the rest and reads none of it.
+    "queue": (
+        *_QUEUE_STATE,
+        Use(CONFIG_STREAM, create=True),
+        Use(LIMITS_STREAM, read=False, create=True),
+    ),
 }
 
 
