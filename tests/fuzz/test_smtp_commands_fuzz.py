@@ -16,14 +16,17 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.table_store import TableFollower
 from kurrier.ingress.handler import RelayHandler
 from kurrier.ingress.identities import Identities
+from kurrier.ingress.message_rates import MessageRates
 from kurrier.ingress.queue_client import QueueClient
 from kurrier.ingress.session_limits import SessionLimits
 from kurrier.ingress.smtp_path import _MAILBOX, parse_path
 from kurrier.ingress.smtp_session import IngressSMTP, Listener, Sessions
 
+from tests.support.nats import NatsServer
 from tests.support.processes import free_port
 
 _MAILBOX_RE = re.compile(_MAILBOX)
@@ -65,7 +68,10 @@ def test_every_mailbox_of_the_grammar_parses_back(mailbox: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def live_port() -> Iterator[int]:
+def live_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    workdir = tmp_path_factory.mktemp("fuzz-nats")
+    nats_server = NatsServer(workdir, workdir)
+    nats_server.start()
     port = free_port()
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -73,7 +79,11 @@ def live_port() -> Iterator[int]:
 
     async def serve() -> None:
         tables = TableFollower()
-        handler = RelayHandler(tables, QueueClient("127.0.0.1:9"), "fuzz.test", Identities(None), 5)
+        nc = await connect(nats_server.url, "fuzz")
+        await ensure_layout(nc.jetstream())
+        rates = await MessageRates.open(nc, 1)
+        queue = QueueClient("127.0.0.1:9")
+        handler = RelayHandler(tables, queue, "fuzz.test", Identities(None), rates, 5)
         sessions = Sessions(SessionLimits(idle_timeout=5), tables)
         server = await loop.create_server(
             lambda: IngressSMTP(
@@ -89,6 +99,7 @@ def live_port() -> Iterator[int]:
         started.set()
         async with server:
             await stop.wait()
+        await disconnect(nc)
 
     thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
     thread.start()
@@ -96,6 +107,7 @@ def live_port() -> Iterator[int]:
     yield port
     loop.call_soon_threadsafe(stop.set)
     thread.join(10)
+    nats_server.stop()
 
 
 VERBS = ["EHLO", "HELO", "MAIL FROM:", "RCPT TO:", "DATA", "RSET", "NOOP", "VRFY", "AUTH", "HELP"]

@@ -301,7 +301,9 @@ class ServiceRelay:
 
     env is added to the services' environment (OTEL_*, KURRIER_*); with
     metrics=True each serves /metrics and /healthz on its `metrics_ports` entry;
-    service_args adds flags to one service's command line ({"ingress": [...]}).
+    service_args adds flags to one service's command line ({"ingress": [...]},
+    which every ingress gets). ingresses > 1 runs more ingress processes,
+    "ingress-2", "ingress-3"..., as replicas, each on its own `smtp_ports` entry.
     """
 
     def __init__(
@@ -311,16 +313,19 @@ class ServiceRelay:
         env: Mapping[str, str] | None = None,
         metrics: bool = False,
         service_args: Mapping[str, Sequence[str]] | None = None,
+        ingresses: int = 1,
     ) -> None:
         self.workdir = workdir
         self.nats_url = nats_url
-        self.smtp_port = free_port()
+        self.ingress_names = ["ingress", *(f"ingress-{n}" for n in range(2, ingresses + 1))]
+        self.smtp_ports = {name: free_port() for name in self.ingress_names}
+        self.smtp_port = self.smtp_ports["ingress"]
         self.queue_address = f"127.0.0.1:{free_port()}"
         self.published = False
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.env = dict(env or {})
         self.service_args = dict(service_args or {})
-        names = ("queue", "delivery", "ingress")
+        names = ("queue", "delivery", *self.ingress_names)
         self.metrics_ports = {name: free_port() for name in names} if metrics else {}
 
     def publish(self, config: str) -> None:
@@ -336,6 +341,7 @@ class ServiceRelay:
             "--metrics-listen",
             f"127.0.0.1:{self.metrics_ports[name]}" if name in self.metrics_ports else "off",
         ]
+        command = "ingress" if name in self.smtp_ports else name
         args = {
             "queue": ["--listen", self.queue_address, *FAST_RETRIES],
             "delivery": [],
@@ -343,20 +349,21 @@ class ServiceRelay:
                 "--queue-address",
                 self.queue_address,
                 "--smtp",
-                f"127.0.0.1:{self.smtp_port}",
+                f"127.0.0.1:{self.smtp_ports.get(name)}",
             ],
-        }[name]
+        }[command]
         log = (self.workdir / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen(
-            kurrier_argv(name, *common, *args, *self.service_args.get(name, ())),
+            kurrier_argv(command, *common, *args, *self.service_args.get(command, ())),
             stdout=log,
             stderr=log,
             env={**os.environ, **self.env},
         )
-        if name == "ingress" and wait:
-            wait_until(lambda: smtp_banner(self.smtp_port), 30, "ingress to answer SMTP")
+        if command == "ingress" and wait:
+            port = self.smtp_ports[name]
+            wait_until(lambda: smtp_banner(port), 30, f"{name} to answer SMTP")
             if self.published:
-                self.wait_for_table()
+                self.wait_for_table(name)
 
     def wait_for_table(self, name: str = "ingress", timeout: float = 30) -> None:
         """Until the service logged that a routing table is in use."""
@@ -369,7 +376,7 @@ class ServiceRelay:
 
     def __enter__(self) -> ServiceRelay:
         try:
-            for name in ("queue", "delivery", "ingress"):
+            for name in ("queue", "delivery", *self.ingress_names):
                 self.start(name)
         except BaseException:
             self.__exit__()  # a failed start must not leave the others running
@@ -377,6 +384,6 @@ class ServiceRelay:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for name in ("ingress", "delivery", "queue"):
+        for name in (*self.ingress_names, "delivery", "queue"):
             if name in self.processes:
                 stop_process(self.processes[name])

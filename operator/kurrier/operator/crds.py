@@ -228,8 +228,12 @@ DOCS: dict[str, str] = {
         "Several policies: the shortest other than 0s."
     ),
     "RelayPolicySpec.rateLimit": "Message rate limits.",
-    "RateLimit.perClientPerMinute": "Messages per minute per client IP.",
-    "RateLimit.perIdentityPerMinute": "Messages per minute per authenticated identity.",
+    "RateLimit.perClientPerMinute": (
+        "Messages per minute per client IP, counted across all ingress replicas."
+    ),
+    "RateLimit.perIdentityPerMinute": (
+        "Messages per minute per authenticated identity, counted across all ingress replicas."
+    ),
     "RelayStatus": "Written by the operator.",
     "RouteStatus": "Written by the operator.",
     "RelayStatus.observedGeneration": "The metadata.generation the operator last compiled.",

@@ -203,7 +203,8 @@ class SenderRule(_Model):
 
 
 class RateLimit(_Model):
-    """Messages (MAIL commands) per minute, a token bucket per client IP and per identity."""
+    """Messages (MAIL commands) per minute, a token bucket per client IP and per identity,
+    each shared by every ingress replica (core/cluster_counters.py)."""
 
     perClientPerMinute: int | None = Field(default=None, ge=1)
     perIdentityPerMinute: int | None = Field(default=None, ge=1)

@@ -26,6 +26,7 @@ from kurrier.core.smtp_text import header_section
 from kurrier.core.table_store import TableFollower
 from kurrier.ingress.connection_gate import client_key
 from kurrier.ingress.identities import Identities
+from kurrier.ingress.message_rates import MessageRates
 from kurrier.ingress.queue_client import QueueClient, QueueFull, QueueUnavailable
 from kurrier.ingress.received import protocol_name, received_header, tls_description
 from kurrier.ingress.relay_policy import (
@@ -48,8 +49,6 @@ AUTH_NOT_HERE = "503 5.5.1 AUTH is only offered on the submission ports"
 AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 AUTH_LOCKED_OUT = "421 4.7.0 Too many failed authentication attempts, try again later"
 AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure, try again later"
-CLIENT_RATE = "450 4.7.1 Message rate limit exceeded for your address, try again later"
-IDENTITY_RATE = "450 4.7.1 Message rate limit exceeded for this login, try again later"
 
 
 def message_id_of(content: bytes) -> str:
@@ -85,6 +84,7 @@ class RelayHandler:
         queue: QueueClient,
         hostname: str,
         identities: Identities,
+        rates: MessageRates,
         auth_failures_per_minute: int,
     ) -> None:
         self._tables = tables
@@ -97,8 +97,7 @@ class RelayHandler:
         self._identities = identities
         self._auth_failures_per_minute = auth_failures_per_minute
         self._failures = TokenBuckets()
-        self._client_rates = TokenBuckets()
-        self._identity_rates = TokenBuckets()
+        self._rates = rates
 
     # -- EHLO and AUTH ----------------------------------------------------------------
 
@@ -212,7 +211,7 @@ class RelayHandler:
         if refusal:
             return refusal
         client = client_key(client_ip) if table.limits_client(client_ip) else None
-        refusal = self._spend_message_tokens(policy, client, identity)
+        refusal = await self._rates.spend(policy, client, identity)
         if refusal:
             return refusal
         # Every later decision, and the next hop, sees the domain as A-labels (core/domains.py).
@@ -221,31 +220,6 @@ class RelayHandler:
         if isinstance(envelope, RelayEnvelope):
             envelope.dsn = dsn
         return "250 2.1.0 Ok"
-
-    def _spend_message_tokens(
-        self, policy: CompiledPolicy, client: str | None, identity: str
-    ) -> str | None:
-        """One message from each of the client's and the login's buckets, or the 450.
-
-        client None: a client the per-client limits do not apply to."""
-        client_rate, identity_rate = policy.rate_per_minute, policy.identity_rate_per_minute
-        if (
-            client is not None
-            and client_rate
-            and not self._client_rates.available(client, client_rate)
-        ):
-            return CLIENT_RATE
-        if (
-            identity
-            and identity_rate
-            and not self._identity_rates.available(identity, identity_rate)
-        ):
-            return IDENTITY_RATE
-        if client is not None and client_rate:
-            self._client_rates.take(client, client_rate)
-        if identity and identity_rate:
-            self._identity_rates.take(identity, identity_rate)
-        return None
 
     async def handle_RCPT(
         self,

@@ -15,6 +15,7 @@ from kurrier.core.service import Connected, FirstTable, Hooks, Service, serve
 from kurrier.ingress.connection_gate import SHUTTING_DOWN
 from kurrier.ingress.handler import RelayHandler
 from kurrier.ingress.identities import Identities
+from kurrier.ingress.message_rates import MessageRates
 from kurrier.ingress.queue_client import QueueClient
 from kurrier.ingress.session_limits import SessionLimits
 from kurrier.ingress.smtp_session import IngressSMTP, Listener, Sessions
@@ -81,6 +82,7 @@ async def _start(settings: IngressSettings, nats: Connected) -> Hooks:
         queue,
         settings.hostname,
         Identities(reviewer),
+        await MessageRates.open(nats.nc, settings.replicas),
         settings.limits.auth_failures_per_minute,
     )
     certificate = (
