@@ -19,16 +19,13 @@ keep them).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
 import subprocess
 from pathlib import Path
 
-from kurrier.core.smtp_probe import wait_for_smtp_banner
-
-from bench.systems import DESTINATION_CONCURRENCY, STOP_TIMEOUT, free_port, wait_or_kill
+from bench.systems import DESTINATION_CONCURRENCY, PeerProcess
 
 VERSION = "3.3.4"
 CACHE = Path.home() / ".cache" / "kurrier" / f"haraka-{VERSION}"
@@ -72,24 +69,11 @@ def install_haraka() -> str:
     return VERSION
 
 
-class Haraka:
+class Haraka(PeerProcess):
     """A private Haraka (`haraka -c DIR`) with its config, plugin and queue in DIR."""
 
     name = "haraka"
     durability = DURABILITY
-
-    def __init__(self, workdir: Path, sink_port: int) -> None:
-        self.workdir = workdir
-        self.sink_port = sink_port
-        self.smtp_port = free_port()
-        self.stop_seconds = 0.0
-        self.stopped_cleanly = True
-        self._process: asyncio.subprocess.Process | None = None
-
-    @property
-    def root_pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
 
     def _write_config(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -121,28 +105,10 @@ class Haraka:
 
     async def start(self) -> None:
         self._write_config()
-        log = (self.workdir / "haraka.log").open("wb")
-        self._process = await asyncio.create_subprocess_exec(
-            "node",
-            str(haraka_bin()),
-            "-c",
-            str(self.workdir),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.workdir,
+        await self._launch(
+            ["node", str(haraka_bin()), "-c", str(self.workdir)], "haraka.log", cwd=self.workdir
         )
-        log.close()
-        try:
-            await wait_for_smtp_banner("127.0.0.1", self.smtp_port, 60)
-        except BaseException:
-            await self.stop()
-            raise
 
     async def stop(self) -> None:
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
         # Haraka shuts down on SIGINT; SIGTERM would end the master without its workers.
-        process.send_signal(signal.SIGINT)
-        self.stop_seconds, in_time = await wait_or_kill(process, STOP_TIMEOUT)
-        self.stopped_cleanly = in_time and process.returncode == 0
+        await self._signal_and_wait(signal.SIGINT)

@@ -16,9 +16,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from kurrier.cli.nats_server import default_sync_interval
 from kurrier.core.smtp_probe import wait_for_smtp_banner
@@ -200,7 +201,64 @@ class KurrierVariant:
         return quorum + (", fsync)" if synced else f", page cache; sync {self.sync or '2m'})")
 
 
-class Kurrier:
+class PeerProcess:
+    """What each system under test does alike: one root process (its whole tree is
+    measured), started from an argv into a log and ready once its SMTP port
+    greets, stopped each its own way (`stop`)."""
+
+    def __init__(self, workdir: Path, sink_port: int) -> None:
+        self.workdir = workdir
+        self.sink_port = sink_port
+        self.smtp_port = free_port()
+        self.stop_seconds = 0.0
+        self.stopped_cleanly = True
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def root_pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    async def _launch(
+        self,
+        argv: list[str],
+        log_name: str,
+        ready: Callable[[], Awaitable[None]] | None = None,
+        **options: Any,
+    ) -> None:
+        """Start argv (options go to create_subprocess_exec), then wait until ready:
+        the SMTP banner unless told otherwise. A start that fails is stopped."""
+        with (self.workdir / log_name).open("wb") as log:
+            self._process = await asyncio.create_subprocess_exec(
+                *argv, stdout=log, stderr=subprocess.STDOUT, **options
+            )
+        try:
+            if ready is None:
+                await wait_for_smtp_banner("127.0.0.1", self.smtp_port, 60)
+            else:
+                await ready()
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _running(self) -> asyncio.subprocess.Process | None:
+        process = self._process
+        return None if process is None or process.returncode is not None else process
+
+    async def _signal_and_wait(self, number: int) -> None:
+        """Stop by a signal: clean if it exited 0 within STOP_TIMEOUT (else killed)."""
+        process = self._running()
+        if process is None:
+            return
+        process.send_signal(number)
+        self.stop_seconds, in_time = await wait_or_kill(process, STOP_TIMEOUT)
+        self.stopped_cleanly = in_time and process.returncode == 0
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+
+class Kurrier(PeerProcess):
     """`kurrier up` with a fresh data directory."""
 
     def __init__(
@@ -211,21 +269,11 @@ class Kurrier:
         variant: KurrierVariant | None = None,
         name: str = "kurrier",
     ) -> None:
+        super().__init__(workdir, sink_port)
         self.name = name
-        self.workdir = workdir
-        self.sink_port = sink_port
-        self.smtp_port = free_port()
         self.env = env or {}
         self.variant = variant or KurrierVariant(None, [], 1, None)
         self.durability = self.variant.durability
-        self.stop_seconds = 0.0
-        self.stopped_cleanly = True
-        self._process: asyncio.subprocess.Process | None = None
-
-    @property
-    def root_pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
 
     async def start(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -234,9 +282,8 @@ class Kurrier:
         config.write_text(
             KURRIER_CONFIG.format(sink_port=self.sink_port, connections=DESTINATION_CONCURRENCY)
         )
-        log = (self.workdir / "kurrier.log").open("wb")
-        self._process = await asyncio.create_subprocess_exec(
-            *[
+        await self._launch(
+            [
                 *kurrier_command(),
                 "up",
                 "--config",
@@ -253,17 +300,11 @@ class Kurrier:
                 "5s",
                 *self.variant.up_args(),
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            "kurrier.log",
+            ready=lambda: self._wait_ready(90),
             cwd=self.workdir,
             env={**os.environ, **self.env},
         )
-        log.close()
-        try:
-            await self._wait_ready(90)
-        except BaseException:
-            await self.stop()
-            raise
 
     async def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -283,12 +324,7 @@ class Kurrier:
         The data directory is thrown away after each cell, so a forced stop loses
         nothing the benchmark counts; how long the drain took is recorded.
         """
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        self.stop_seconds, in_time = await wait_or_kill(process, STOP_TIMEOUT)
-        self.stopped_cleanly = in_time and process.returncode == 0
+        await self._signal_and_wait(signal.SIGTERM)
 
 
 POSTFIX_MAIN_CF = """\
@@ -386,7 +422,7 @@ def install_postfix() -> str:
     return version
 
 
-class Postfix:
+class Postfix(PeerProcess):
     """A private Postfix instance (`postfix -c DIR start-fg`) in its own directory."""
 
     name = "postfix"
@@ -395,19 +431,9 @@ class Postfix:
     def __init__(
         self, workdir: Path, sink_port: int, settings: dict[str, str] | None = None
     ) -> None:
-        self.workdir = workdir
-        self.sink_port = sink_port
+        super().__init__(workdir, sink_port)
         # main.cf parameters over the benchmark's (tests make Postfix an older next hop).
         self.settings = settings or {}
-        self.smtp_port = free_port()
-        self.stop_seconds = 0.0
-        self.stopped_cleanly = True
-        self._process: asyncio.subprocess.Process | None = None
-
-    @property
-    def root_pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
 
     @property
     def config_dir(self) -> Path:
@@ -444,27 +470,13 @@ class Postfix:
         self._write_config()
         if await self._postfix("check") != 0:
             raise RuntimeError(f"postfix -c {self.config_dir} check failed")
-        log = (self.workdir / "start.log").open("wb")
         # start-fg keeps master in the foreground as our descendant: its whole
         # process tree (master and every daemon it spawns) is measurable.
-        self._process = await asyncio.create_subprocess_exec(
-            "postfix",
-            "-c",
-            str(self.config_dir),
-            "start-fg",
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        try:
-            await wait_for_smtp_banner("127.0.0.1", self.smtp_port, 60)
-        except BaseException:
-            await self.stop()
-            raise
+        await self._launch(["postfix", "-c", str(self.config_dir), "start-fg"], "start.log")
 
     async def stop(self) -> None:
-        process = self._process
-        if process is None or process.returncode is not None:
+        process = self._running()
+        if process is None:
             return
         await self._postfix("stop")
         # start-fg exits non-zero once master is told to stop: only the time counts.
