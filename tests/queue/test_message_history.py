@@ -23,6 +23,7 @@ from tests.support.relay import UpRelay, documents, route, trusting
 from tests.support.sink import Sink
 
 SENDER = "s@senders.test"
+MISSING_AUTH = "{secretRef: {name: missing}}"
 
 
 @dataclass
@@ -41,6 +42,8 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
             route("to-senders", ["senders.test"], bounce_sink.port),
             # Nothing listens there: mail for stuck.test stays deferred.
             route("nowhere", ["stuck.test"], free_port()),
+            # Its credentials' Secret does not exist: no next hop is ever asked.
+            route("unusable", ["broken.test"], free_port(), tls="required", auth=MISSING_AUTH),
             trusting("127.0.0.0/8"),
         )
         with UpRelay(tmp_path_factory.mktemp("history"), config, env=traces.env()) as up:
@@ -98,14 +101,22 @@ def test_deferred_once_then_delivered_reads_in_order_in_one_trace(relay: Relay) 
     expected = [
         ("ingress", "received"),
         ("queue", "queued"),
+        ("queue", "dispatched"),
         ("delivery", "attempt"),
         ("queue", "deferred"),
+        ("queue", "dispatched"),
         ("delivery", "attempt"),
         ("delivery", "delivered"),
     ]
     events = _history_with(relay, queue_id, *expected)
     assert _steps(events) == expected
-    received, queued, first, deferred, second, delivered = (e["details"] for e in events)
+    received, queued, dispatched, first, deferred, redispatched, second, delivered = (
+        e["details"] for e in events
+    )
+    # Each attempt names the dispatch whose job it ran, as its trace's job spans do.
+    assert (dispatched["attempt"], first["attempt"]) == ("1", "1")
+    assert (redispatched["attempt"], second["attempt"]) == ("2", "2")
+    assert dispatched["recipients"] == redispatched["recipients"] == "once@example.com"
     assert received["client"] == "127.0.0.1"
     assert received["sender"] == f"<{SENDER}>"
     assert received["recipients"] == queued["recipients"] == "once@example.com"
@@ -131,6 +142,7 @@ def test_a_bounce_shows_the_notification_sent(relay: Relay) -> None:
     expected = [
         ("ingress", "received"),
         ("queue", "queued"),
+        ("queue", "dispatched"),
         ("delivery", "attempt"),
         ("queue", "bounced"),
         ("queue", "dsn"),
@@ -144,10 +156,37 @@ def test_a_bounce_shows_the_notification_sent(relay: Relay) -> None:
     [notice] = relay.bounce_sink.wait_for(1)
     assert dsn["notice"] in notice.content.decode()
     # The notification is a message with a history of its own, in the same trace.
-    notice_steps = [("queue", "queued"), ("delivery", "attempt"), ("delivery", "delivered")]
+    notice_steps = [
+        ("queue", "queued"),
+        ("queue", "dispatched"),
+        ("delivery", "attempt"),
+        ("delivery", "delivered"),
+    ]
     notice_events = _history_with(relay, dsn["notice"], *notice_steps)
     assert _steps(notice_events) == notice_steps
     assert {e.get("trace_id", "") for e in notice_events} == {events[0].get("trace_id")}
+
+
+def test_a_bounced_notification_says_why_no_notification_follows(relay: Relay) -> None:
+    relay.sink.behaviour.rejected["nonotice@example.com"] = "550 5.1.1 no such user"
+    queue_id = _send(relay, "nonotice@example.com", sender="")
+    events = _history_with(relay, queue_id, ("queue", "bounced"), ("queue", "dsn withheld"))
+    assert _steps(events)[-2:] == [("queue", "bounced"), ("queue", "dsn withheld")]
+    withheld = events[-1]["details"]
+    assert withheld["action"] == "failed"
+    assert withheld["recipients"] == "nonotice@example.com"
+    assert "null sender" in withheld["reason"]
+    assert "notice" not in withheld
+
+
+def test_an_attempt_without_a_next_hop_is_in_the_history(relay: Relay) -> None:
+    queue_id = _send(relay, "r@broken.test")
+    events = _history_with(relay, queue_id, ("delivery", "attempt"), ("queue", "deferred"))
+    attempt = next(e["details"] for e in events if e["event"] == "attempt")
+    assert attempt["reply"].startswith("451 4.3.5 route unusable is unusable")
+    assert (attempt["attempt"], attempt["recipient"]) == ("1", "r@broken.test")
+    assert "hop" not in attempt and "tls" not in attempt
+    assert _admin(relay, "delete", queue_id).returncode == 0
 
 
 def test_hold_release_and_delete_by_an_administrator(relay: Relay) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nats.errors
 from kurrier.core.body_store import store_body, stored_objects
+from kurrier.core.history import HISTORY, history_subject
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     INLINE_BODY_LIMIT,
@@ -25,6 +26,7 @@ from kurrier.core.message import BodyStore, MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched, publish_jobs
+from kurrier.queue.history_search import search_history
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
 from kurrier.queue.sweeper import DISPATCH_GRACE, Sweeper
@@ -119,7 +121,16 @@ async def _sweeper(js: JetStreamContext) -> tuple[RecordStore, Sweeper]:
     return records, Sweeper(js, manager)
 
 
-async def _sweep_after_a_crash_mid_enqueue(nats_url: str) -> tuple[int, int, int, int]:
+async def _history_of(js: JetStreamContext, queue_id: str) -> list[tuple[str, dict[str, str]]]:
+    """What this process wrote into queue_id's history, as `kurrier queue history` reads it."""
+    await HISTORY.flush(js, history_subject("queue"))
+    # since: these test ids hold no arrival time to start the search from.
+    return [(e.event, e.details) for e in await search_history(js, queue_id, "", "", since=1.0)]
+
+
+async def _sweep_after_a_crash_mid_enqueue(
+    nats_url: str,
+) -> tuple[int, int, int, int, list[tuple[str, dict[str, str]]]]:
     """A record two dispatch-graces old; the sweeper runs with its job present, then gone."""
     nc = await connect(nats_url, "test-sweep")
     try:
@@ -148,7 +159,8 @@ async def _sweep_after_a_crash_mid_enqueue(nats_url: str) -> tuple[int, int, int
         without_job, _ = await sweeper.sweep()
         found = await records.get(queue_id, fresh=True)
         assert found is not None
-        return with_job, jobs_with_job, without_job, found[0].dispatches
+        history = await _history_of(js, queue_id)
+        return with_job, jobs_with_job, without_job, found[0].dispatches, history
     finally:
         await disconnect(nc)
 
@@ -156,14 +168,22 @@ async def _sweep_after_a_crash_mid_enqueue(nats_url: str) -> tuple[int, int, int
 def test_a_dispatch_whose_job_was_never_published_is_redone_before_its_lease(
     nats_server: NatsServer,
 ) -> None:
-    with_job, jobs_with_job, without_job, dispatches = asyncio.run(
+    with_job, jobs_with_job, without_job, dispatches, history = asyncio.run(
         _sweep_after_a_crash_mid_enqueue(nats_server.url)
     )
     assert (with_job, jobs_with_job) == (0, 1)
     assert (without_job, dispatches) == (1, 2)
+    # The repair is in the message's history: the dispatch, and the sweeper's why.
+    assert [event for event, _ in history] == ["dispatched", "swept"]
+    (_, dispatched), (_, swept) = history
+    assert (dispatched["attempt"], dispatched["recipients"]) == ("2", "r@example.com")
+    assert swept["action"] == "re-dispatched"
+    assert swept["reason"] == "JetStream held no job and no result of dispatch 1"
 
 
-async def _sweep_records_without_bodies(nats_url: str) -> tuple[int, list[str], int]:
+async def _sweep_records_without_bodies(
+    nats_url: str,
+) -> tuple[int, list[str], int, list[tuple[str, dict[str, str]]]]:
     """Two records whose bodies are gone: one dispatched long ago without a job, one overdue."""
     nc = await connect(nats_url, "test-sweep-bodiless")
     try:
@@ -187,7 +207,8 @@ async def _sweep_records_without_bodies(nats_url: str) -> tuple[int, list[str], 
             assert await records.create(record)
         redispatched, _ = await sweeper.sweep()
         left = [r.queue_id async for r in records.all()]
-        return redispatched, left, (await js.stream_info(JOBS_STREAM)).state.messages
+        jobs = (await js.stream_info(JOBS_STREAM)).state.messages
+        return redispatched, left, jobs, await _history_of(js, "BODILESS000000000002")
     finally:
         await disconnect(nc)
 
@@ -195,8 +216,11 @@ async def _sweep_records_without_bodies(nats_url: str) -> tuple[int, list[str], 
 def test_a_record_whose_body_is_gone_is_removed_not_dispatched(nats_server: NatsServer) -> None:
     # A live record always has its body, so one without was never accepted (its
     # client heard 451): dispatching it would only have delivery drop it, every lease.
-    redispatched, left, jobs = asyncio.run(_sweep_records_without_bodies(nats_server.url))
+    redispatched, left, jobs, history = asyncio.run(_sweep_records_without_bodies(nats_server.url))
     assert (redispatched, left, jobs) == (0, [], 0)
+    assert history == [
+        ("swept", {"action": "removed", "reason": "its body is gone: it was never accepted"})
+    ]
 
 
 async def _sweep_orphaned_bodies(nats_url: str) -> tuple[int, int, list[str], list[str]]:

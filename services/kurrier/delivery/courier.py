@@ -54,20 +54,29 @@ def deferred(recipients: list[str], text: str) -> list[RecipientOutcome]:
 def attempted(
     job: DeliveryJob,
     recipients: list[str],
-    hop: NextHop,
+    hop: NextHop | None,
     reply: str,
     session: SmtpSession | None = None,
 ) -> None:
-    """Write one attempt at a next hop into each recipient's history."""
+    """Write one attempt into each recipient's history: at a next hop, or (hop None)
+    one that ended before any was asked (no route, no usable next hop, the rate)."""
     for recipient in recipients:
         HISTORY.record(
             job.queue_id,
             "attempt",
+            attempt=job.dispatch,
             recipient=recipient,
-            hop=hop.label,
-            tls="yes" if session is not None and session.tls else "no",
+            hop=hop.label if hop is not None else "",
+            tls="" if hop is None else "yes" if session is not None and session.tls else "no",
             reply=reply,
         )
+
+
+def unattempted(job: DeliveryJob, outcomes: list[RecipientOutcome]) -> list[RecipientOutcome]:
+    """Outcomes decided without a next hop, written into the history as such."""
+    for outcome in outcomes:
+        attempted(job, [outcome.address], None, outcome.reply)
+    return outcomes
 
 
 class Courier:
@@ -121,25 +130,35 @@ class Courier:
         forms: MessageForms,
     ) -> list[RecipientOutcome]:
         if route is None:
-            return deferred(recipients, "451 4.4.0 no route matches the recipient domain")
+            return unattempted(
+                job, deferred(recipients, "451 4.4.0 no route matches the recipient domain")
+            )
         if route.problem:
-            return deferred(
-                recipients, f"451 4.3.5 route {route.name} is unusable: {route.problem}"
+            return unattempted(
+                job,
+                deferred(recipients, f"451 4.3.5 route {route.name} is unusable: {route.problem}"),
             )
         try:
             hops = await self._hops(route, domain)
         except UnroutableDomain as error:
             outcome: Outcome = "bounced" if error.permanent else "deferred"
-            return [
-                RecipientOutcome(address=r, outcome=outcome, reply=error.reply) for r in recipients
-            ]
+            return unattempted(
+                job,
+                [
+                    RecipientOutcome(address=r, outcome=outcome, reply=error.reply)
+                    for r in recipients
+                ],
+            )
         if route.rate_per_minute is not None:
             wait = self._rates.reserve(route.name, route.rate_per_minute)
             if wait is None:
-                return deferred(
-                    recipients,
-                    f"451 4.7.0 route {route.name} is at its rate limit "
-                    f"({route.rate_per_minute} per minute)",
+                return unattempted(
+                    job,
+                    deferred(
+                        recipients,
+                        f"451 4.7.0 route {route.name} is at its rate limit "
+                        f"({route.rate_per_minute} per minute)",
+                    ),
                 )
             await asyncio.sleep(wait)
         return await self._send(job, route, hops, recipients, forms)
@@ -205,6 +224,7 @@ class Courier:
             if isinstance(form, Reply):
                 # The hop cannot take the message: like a 5xx to MAIL, no other is asked.
                 await self.pool.release(key, session, reusable=True)
+                attempted(job, pending, hop, str(form), session)
                 outcomes += [outcome_of(recipient, form) for recipient in pending]
                 pending = []
                 break

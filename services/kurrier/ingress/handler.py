@@ -331,13 +331,17 @@ class RelayHandler:
             await self._queue.enqueue(request, [header, content])
         except QueueFull as error:
             log.warning("not accepted, queue full: %s", error, extra={"queue_id": queue_id})
-            return "452 4.3.1 Insufficient system storage, try again later"
+            reply = "452 4.3.1 Insufficient system storage, try again later"
         except QueueUnavailable as error:
             log.warning("not accepted, queue unavailable: %s", error, extra={"queue_id": queue_id})
-            return "451 4.3.0 Queue temporarily unavailable, try again later"
+            reply = "451 4.3.0 Queue temporarily unavailable, try again later"
+        else:
+            reply = ""
+        # A message refused here is in the history too, under the queue id it
+        # would have had: the answer to "what became of my mail to bob?".
         HISTORY.record(
             queue_id,
-            "received",
+            "rejected" if reply else "received",
             at=received_at,
             client=client_ip,
             helo=request.client_helo,
@@ -347,8 +351,9 @@ class RelayHandler:
             recipients=", ".join(request.recipients),
             size=request.size,
             message_id=request.message_id_header,
+            reply=reply,
         )
-        return f"250 2.0.0 Ok: queued as {queue_id}"
+        return reply or f"250 2.0.0 Ok: queued as {queue_id}"
 
 
 async def _initial_or_challenge(server: SMTP, args: list[str], challenge: str) -> bytes | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.jetstream import JOBS_STREAM, job_subject
 from kurrier.core.message import DeliveryJob, MessageRecord, RecipientDsn
 from kurrier.core.routing import RoutingTable, domain_of
@@ -33,6 +34,19 @@ def mark_dispatched(record: MessageRecord, recipients: list[str], now: float) ->
             state.status = "queued"
             state.attempts += 1
             state.next_attempt = now + JOB_LEASE
+
+
+def report_dispatch(record: MessageRecord, recipients: list[str], now: float) -> None:
+    """Write a stored dispatch into the history: the counterpart of its job spans
+    (`send kurrier.job`, `kurrier.attempt`), called once the record holds it."""
+    HISTORY.record(
+        record.queue_id,
+        "dispatched",
+        trace_id=trace_id_of(record.traceparent),
+        at=now,
+        attempt=record.dispatches,
+        recipients=", ".join(recipients),
+    )
 
 
 async def publish_jobs(

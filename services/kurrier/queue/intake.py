@@ -16,7 +16,7 @@ from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
 from kurrier.core.metrics import MESSAGES_QUEUED
 from kurrier.core.telemetry import annotate, current_traceparent
-from kurrier.queue.dispatch import mark_dispatched
+from kurrier.queue.dispatch import mark_dispatched, report_dispatch
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ class Intake:
             recipients=", ".join(r.address for r in record.recipients),
             size=size,
         )
+        # Stamped like `queued`, so a retried Enqueue's events are the same and shown once.
+        report_dispatch(record, [r.address for r in record.recipients], record.received_at)
         log.info(
             "queued from=<%s> nrcpt=%d size=%d",
             record.mail_from,

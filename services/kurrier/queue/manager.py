@@ -13,6 +13,7 @@ import io
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from kurrier.core.body_store import load_body
 from kurrier.core.dsn_parameters import notify_allows
@@ -23,7 +24,7 @@ from kurrier.core.metrics import RECIPIENTS_DEFERRED, count_final
 from kurrier.core.records import RecordChanged, RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.changes import Change
-from kurrier.queue.dispatch import publish_jobs
+from kurrier.queue.dispatch import publish_jobs, report_dispatch
 from kurrier.queue.dsn import FAILED, render_dsn
 from kurrier.queue.intake import Intake
 from kurrier.queue.notice_policy import withheld_because
@@ -60,17 +61,28 @@ def report_recipient_changes(record: MessageRecord, before: Sequence[str], now: 
         )
 
 
-def _report_notice(record: MessageRecord, owed: OwedNotice, notice_id: str, now: float) -> None:
-    """The notification sent, in the history after the change that owed it."""
+@dataclass(frozen=True)
+class Notified:
+    """What became of a notification a change owed: sent (its queue id) or withheld (why)."""
+
+    owed: OwedNotice
+    notice_id: str = ""
+    withheld: str = ""
+
+
+def _report_notice(record: MessageRecord, notified: Notified, now: float) -> None:
+    """The notification sent, or why none was, in the history after the change that owed it."""
+    owed = notified.owed
     HISTORY.record(
         record.queue_id,
-        "dsn",
+        "dsn" if notified.notice_id else "dsn withheld",
         trace_id=trace_id_of(record.traceparent),
         at=now,
         action=owed.kind.action,
         to=f"<{record.mail_from}>",
         recipients=", ".join(r.address for r in owed.recipients),
-        notice=notice_id,
+        notice=notified.notice_id,
+        reason=notified.withheld,
     )
 
 
@@ -136,7 +148,7 @@ class QueueManager:
             # between re-applies the change and finds them stored.
             schedule = self.schedule.under_policy(self._tables.table.policy.delay_warning_time)
             notified = [
-                (owed, await self._notify_sender(record, owed, now))
+                await self._notify_sender(record, owed, now)
                 for owed in take_owed_notices(record, before, schedule, now)
             ]
             try:
@@ -148,9 +160,10 @@ class QueueManager:
                 fresh = True
                 continue
             report_recipient_changes(record, before, now)
-            for owed, notice_id in notified:
-                if notice_id is not None:
-                    _report_notice(record, owed, notice_id, now)
+            if edit.dispatch:
+                report_dispatch(record, list(edit.dispatch), now)
+            for notice in notified:
+                _report_notice(record, notice, now)
             self._log_unwanted_failures(record, before)
             return record
 
@@ -161,10 +174,8 @@ class QueueManager:
             HISTORY.record(queue_id, "deleted", trace_id=trace_id_of(removed.traceparent))
         return removed is not None
 
-    async def _notify_sender(
-        self, record: MessageRecord, owed: OwedNotice, now: float
-    ) -> str | None:
-        """Store the notification owed; its queue id, or None when none is sent."""
+    async def _notify_sender(self, record: MessageRecord, owed: OwedNotice, now: float) -> Notified:
+        """Store the notification owed, or say why none is sent."""
         if not record.mail_from:
             # RFC 5321 6.1: never bounce a bounce; log it and let it go.
             for recipient in owed.recipients if owed.kind is FAILED else []:
@@ -174,7 +185,7 @@ class QueueManager:
                     recipient.last_reply,
                     extra={"queue_id": record.queue_id},
                 )
-            return None
+            return Notified(owed, withheld="the message is a notification itself (null sender)")
         withheld = withheld_because(record, self._tables.table)
         if withheld:
             log.info(
@@ -183,7 +194,7 @@ class QueueManager:
                 withheld,
                 extra={"queue_id": record.queue_id},
             )
-            return None
+            return Notified(owed, withheld=withheld)
         original = await load_body(self._js, record)
         notice = render_dsn(
             record,
@@ -215,7 +226,7 @@ class QueueManager:
             notice.queue_id,
             extra={"queue_id": record.queue_id},
         )
-        return notice.queue_id
+        return Notified(owed, notice_id=notice.queue_id)
 
     @staticmethod
     def _log_unwanted_failures(record: MessageRecord, statuses_before: Sequence[str]) -> None:

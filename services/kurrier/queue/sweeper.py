@@ -15,7 +15,8 @@ Every SWEEP_INTERVAL it reads every record once and
   was never accepted: an Enqueue that failed and could not take its record
   back. (A body inside its record cannot be gone while the record is there.)
 
-Re-dispatching may duplicate a message, never lose one.
+Re-dispatching may duplicate a message, never lose one. Each repair of a
+message goes into its history as `swept`, with what was done and why.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import time
 
 from kurrier.core.body_store import stored_objects
+from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     JOBS_STREAM,
@@ -74,6 +76,7 @@ class Sweeper:
         overdue: list[str] = []
         unconfirmed: dict[str, int] = {}
         bodies: dict[str, BodyStore] = {}
+        dispatches: dict[str, int] = {}
         async for record in self._manager.records.all():
             live.add(record.queue_id)
             if record.held:
@@ -89,22 +92,29 @@ class Sweeper:
             else:
                 continue
             bodies[record.queue_id] = record.body_store
+            dispatches[record.queue_id] = record.dispatches
         lost = await self._without_work(unconfirmed)
         redispatched = 0
         store = self._manager.store
         for queue_id in [*overdue, *lost]:
             if not await store.body_exists(queue_id, bodies[queue_id]):
-                await store.delete(queue_id)
+                removed_record = await store.delete(queue_id)
                 log.warning(
                     "sweeper removed a record whose body is gone (never accepted)",
                     extra={"queue_id": queue_id},
                 )
+                if removed_record is not None:
+                    _report(removed_record, "removed", "its body is gone: it was never accepted")
                 continue
             if queue_id in unconfirmed:
                 change = _redispatch(unconfirmed[queue_id])
-                await self._manager.mutate(queue_id, change, fresh=True)
+                after = await self._manager.mutate(queue_id, change, fresh=True)
+                why = f"JetStream held no job and no result of dispatch {dispatches[queue_id]}"
             else:
-                await self._manager.mutate(queue_id, retry_due(self._manager.schedule))
+                after = await self._manager.mutate(queue_id, retry_due(self._manager.schedule))
+                why = "overdue: its job lease ran out or its retry schedule was lost"
+            if after is not None and after.dispatches > dispatches[queue_id]:
+                _report(after, "re-dispatched", why)
             redispatched += 1
         if redispatched:
             log.warning(
@@ -172,6 +182,16 @@ class Sweeper:
             ):
                 removed += 1
         return removed
+
+
+def _report(record: MessageRecord, action: str, reason: str) -> None:
+    HISTORY.record(
+        record.queue_id,
+        "swept",
+        trace_id=trace_id_of(record.traceparent),
+        action=action,
+        reason=reason,
+    )
 
 
 def _redispatch(dispatch: int) -> Change:
