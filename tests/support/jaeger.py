@@ -45,10 +45,13 @@ exporters:
 class JaegerSpan:
     name: str
     service: str
+    trace_id: str
     span_id: str
     parent_id: str | None
+    start: float  # Unix time, seconds
     tags: dict[str, Any]
-    logs: list[dict[str, Any]]
+    # Its events: (Unix time, seconds; the event's fields, "event" its name).
+    events: list[tuple[float, dict[str, Any]]]
 
 
 class Jaeger:
@@ -115,10 +118,16 @@ def _spans(trace: dict[str, Any]) -> list[JaegerSpan]:
             JaegerSpan(
                 name=span["operationName"],
                 service=services[span["processID"]],
+                trace_id=span["traceID"],
                 span_id=span["spanID"],
                 parent_id=parents[0] if parents else None,
+                # Jaeger's times are microseconds.
+                start=span["startTime"] / 1e6,
                 tags={tag["key"]: tag["value"] for tag in span["tags"]},
-                logs=span["logs"],
+                events=[
+                    (log["timestamp"] / 1e6, {f["key"]: f["value"] for f in log["fields"]})
+                    for log in span["logs"]
+                ],
             )
         )
     return spans

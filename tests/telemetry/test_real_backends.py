@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import smtplib
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from cryptography import x509
 from tests.support.certs import TestCA
 from tests.support.chart import CHART
 from tests.support.jaeger import Jaeger, JaegerSpan
-from tests.support.processes import free_ports, wait_until
+from tests.support.processes import free_ports, kurrier_argv, wait_until
 from tests.support.prometheus import Prometheus
 from tests.support.relay import UpRelay, documents, inbound_domain, route
 from tests.support.sink import Sink
@@ -193,10 +194,8 @@ def _trace_done(spans: list[JaegerSpan]) -> bool:
     )
 
 
-def test_jaeger_holds_the_deferred_message_as_one_trace_with_both_attempts(
-    observed: Observed,
-) -> None:
-    queue_id = observed.deferred_once
+def _trace(observed: Observed, queue_id: str) -> list[JaegerSpan]:
+    """The message's one trace in Jaeger, once it holds both attempts."""
     traces: list[list[JaegerSpan]] = []
 
     def found() -> bool:
@@ -204,7 +203,14 @@ def test_jaeger_holds_the_deferred_message_as_one_trace_with_both_attempts(
         return len(traces) == 1 and _trace_done(traces[0])
 
     wait_until(found, 30, f"the trace of {queue_id} in Jaeger")
-    [spans] = traces
+    return traces[0]
+
+
+def test_jaeger_holds_the_deferred_message_as_one_trace_with_both_attempts(
+    observed: Observed,
+) -> None:
+    queue_id = observed.deferred_once
+    spans = _trace(observed, queue_id)
     by_id = {s.span_id: s for s in spans}
     [root] = [s for s in spans if s.parent_id is None]
     assert (root.name, root.service) == ("SMTP DATA", "kurrier-ingress")
@@ -248,3 +254,117 @@ def test_jaeger_holds_the_deferred_message_as_one_trace_with_both_attempts(
     assert deferred.tags["otel.status_code"] == "ERROR"
     [result] = [s for s in spans if s.name == "process kurrier.result"]
     assert result.service == "kurrier-queue"
+
+
+# The steps of a message deferred once and then delivered, as its history tells them.
+DEFERRED_ONCE_STORY = [
+    ("received",),
+    ("queued",),
+    ("dispatched", 1),
+    ("attempt", 1, 451),
+    ("deferred", 451),
+    ("dispatched", 2),
+    ("attempt", 2, 250),
+    ("delivered", 250),
+]
+
+
+def _history(observed: Observed, queue_id: str) -> list[dict[str, Any]]:
+    """`kurrier queue history ID --json` once it holds the whole story (each process
+    publishes its events in batches of its own)."""
+    events: list[dict[str, Any]] = []
+
+    def complete() -> bool:
+        result = subprocess.run(
+            kurrier_argv(
+                "queue", "history", queue_id, "--json", "--data-dir", str(observed.relay.data_dir)
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        events[:] = json.loads(result.stdout).get("events", [])
+        return len(events) >= len(DEFERRED_ONCE_STORY)
+
+    wait_until(complete, 30, f"the history of {queue_id}")
+    return events
+
+
+def _code(reply: str) -> int:
+    return int(reply.split(" ", 1)[0])
+
+
+def _history_story(events: list[dict[str, Any]]) -> list[tuple[object, ...]]:
+    """Each event as a step: its name, the attempt it belongs to, the reply code."""
+    story: list[tuple[object, ...]] = []
+    for event in events:
+        details = event["details"]
+        step: tuple[object, ...] = (event["event"],)
+        if "attempt" in details:
+            step += (int(details["attempt"]),)
+        if "reply" in details:
+            step += (_code(details["reply"]),)
+        story.append(step)
+    return story
+
+
+def _trace_story(spans: list[JaegerSpan]) -> list[tuple[object, ...]]:
+    """The same steps read from the trace alone, in the order its spans and span
+    events happened: SMTP DATA is the message received, the Enqueue span it
+    queued, each `send kurrier.job` a dispatch, each `SMTP send` an attempt of
+    its job's dispatch, `process kurrier.result` the queue deferring what the
+    attempt could not deliver, an outcome `delivered` on SMTP send a delivery."""
+    by_id = {s.span_id: s for s in spans}
+    timed: list[tuple[float, tuple[object, ...]]] = []
+    deferred_codes: list[int] = []
+    for span in spans:
+        if span.name == "SMTP DATA":
+            timed.append((span.start, ("received",)))
+        elif "EnqueueMessages" in span.name:
+            timed.append((span.start, ("queued",)))
+        elif span.name == "send kurrier.job":
+            timed.append((span.start, ("dispatched", span.tags["kurrier.attempt"])))
+        elif span.name == "SMTP send":
+            job = by_id[span.parent_id]  # type: ignore[index]
+            attempt = job.tags["kurrier.attempt"]
+            timed.append((span.start, ("attempt", attempt, span.tags["kurrier.smtp.reply_code"])))
+            for at, fields in span.events:
+                code = fields["kurrier.smtp.reply_code"]
+                if fields["kurrier.outcome"] == "delivered":
+                    timed.append((at, ("delivered", code)))
+                elif fields["kurrier.outcome"] == "deferred":
+                    deferred_codes.append(code)
+        elif span.name == "process kurrier.result":
+            # The queue reads the deferral's reply from the result the attempt sent.
+            timed.append((span.start, ("deferred",)))
+    story = [step for _, step in sorted(timed, key=lambda pair: pair[0])]
+    codes = iter(deferred_codes)
+    return [(*step, next(codes)) if step == ("deferred",) else step for step in story]
+
+
+def test_the_history_and_the_trace_tell_the_same_story(observed: Observed) -> None:
+    """`kurrier queue history` of the message deferred once matches its trace in Jaeger
+    event by event: the same message, the same attempts, replies and order."""
+    queue_id = observed.deferred_once
+    events = _history(observed, queue_id)
+    spans = _trace(observed, queue_id)
+
+    assert _history_story(events) == DEFERRED_ONCE_STORY
+    assert _trace_story(spans) == DEFERRED_ONCE_STORY
+    # One message, one trace: every event names the trace Jaeger holds it in.
+    assert {e["queue_id"] for e in events} == {queue_id}
+    assert {e["trace_id"] for e in events} == {s.trace_id for s in spans}
+    assert {s.tags["kurrier.queue_id"] for s in spans if "kurrier.queue_id" in s.tags} == {queue_id}
+    # Each attempt went to the next hop the span names, by the service that made it.
+    sends = {s.tags["kurrier.attempt"]: s for s in spans if s.name == "process kurrier.job"}
+    for event in events:
+        if event["event"] == "attempt":
+            details = event["details"]
+            [send] = [
+                s
+                for s in spans
+                if s.name == "SMTP send" and s.parent_id == sends[int(details["attempt"])].span_id
+            ]
+            assert details["hop"] == f"{send.tags['server.address']}:{send.tags['server.port']}"
+            assert (event["service"], send.service) == ("delivery", "kurrier-delivery")
