@@ -13,7 +13,7 @@ import pytest
 from kurrier.delivery.courier import Courier
 from kurrier.delivery.mta_sts import parse_policy, policy_id
 
-from tests.delivery.attempts import by_address, job, message, table
+from tests.delivery.attempts import by_address, job, message, publish_sts, sts_policy, table
 from tests.support.certs import TestCA, self_signed_context
 from tests.support.dns_server import DnsServer
 from tests.support.policy_server import PolicyServer
@@ -23,18 +23,8 @@ from tests.support.sink import Sink
 OPPORTUNISTIC = table(mx_route("by-mx", ["*"], tls="opportunistic"))
 
 
-def _policy(mode: str, *mx: str) -> str:
-    return (
-        "version: STSv1\r\nmode: "
-        + mode
-        + "\r\n"
-        + "".join(f"mx: {m}\r\n" for m in mx)
-        + ("max_age: 86400\r\n")
-    )
-
-
 def test_policy_files_and_txt_records_are_read_strictly() -> None:
-    policy = parse_policy(_policy("enforce", "mx1.example.com", "*.example.net"), "abc", 100.0)
+    policy = parse_policy(sts_policy("enforce", "mx1.example.com", "*.example.net"), "abc", 100.0)
     assert (policy.mode, policy.mx, policy.max_age, policy.expires) == (
         "enforce",
         ("mx1.example.com", "*.example.net"),
@@ -61,19 +51,11 @@ def test_policy_files_and_txt_records_are_read_strictly() -> None:
     assert policy_id([]) is None
 
 
-def _publish(dns_server: DnsServer, domain: str, policy_host: str, sts_id: str = "1") -> None:
-    dns_server.add(f"_mta-sts.{domain}", "TXT", f'"v=STSv1; id={sts_id}"')
-    dns_server.add(f"mta-sts.{domain}", "A", policy_host)
-    dns_server.add(domain, "MX", f"10 mx1.{domain}.", f"20 mx2.{domain}.")
-    dns_server.add(f"mx1.{domain}", "A", "127.0.0.2")
-    dns_server.add(f"mx2.{domain}", "A", "127.0.0.3")
-
-
 async def test_enforce_skips_unlisted_hosts_and_keeps_the_policy_cached(
     courier: Courier, dns_server: DnsServer, mx_port: int, test_ca: TestCA
 ) -> None:
-    _publish(dns_server, "sts.test", "127.0.1.1")
-    policy = _policy("enforce", "mx2.sts.test")
+    publish_sts(dns_server, "sts.test", "127.0.1.1")
+    policy = sts_policy("enforce", "mx2.sts.test")
     with (
         Sink(mx_port, "127.0.0.2") as unlisted,
         Sink(mx_port, "127.0.0.3", tls_context=test_ca.server_context("mx2.sts.test")) as listed,
@@ -92,8 +74,8 @@ async def test_enforce_skips_unlisted_hosts_and_keeps_the_policy_cached(
 async def test_enforce_demands_a_verified_certificate_whatever_the_route_says(
     courier: Courier, dns_server: DnsServer, mx_port: int, test_ca: TestCA, tmp_path: Path
 ) -> None:
-    _publish(dns_server, "strict.test", "127.0.1.2")
-    policy = _policy("enforce", "*.strict.test")
+    publish_sts(dns_server, "strict.test", "127.0.1.2")
+    policy = sts_policy("enforce", "*.strict.test")
     self_signed = self_signed_context(tmp_path, "mx.strict.test")
     with (
         Sink(mx_port, "127.0.0.2", tls_context=self_signed) as first,
@@ -109,8 +91,8 @@ async def test_enforce_demands_a_verified_certificate_whatever_the_route_says(
 async def test_testing_mode_delivers_as_the_route_says(
     courier: Courier, dns_server: DnsServer, mx_port: int, test_ca: TestCA, tmp_path: Path
 ) -> None:
-    _publish(dns_server, "trial.test", "127.0.1.3")
-    policy = _policy("testing", "mx.elsewhere.test")
+    publish_sts(dns_server, "trial.test", "127.0.1.3")
+    policy = sts_policy("testing", "mx.elsewhere.test")
     self_signed = self_signed_context(tmp_path, "mx1.trial.test")
     with (
         Sink(mx_port, "127.0.0.2", tls_context=self_signed) as first,
@@ -126,8 +108,8 @@ async def test_an_unreachable_policy_means_no_policy_until_one_is_fetched(
     courier: Courier, dns_server: DnsServer, mx_port: int, test_ca: TestCA, tmp_path: Path
 ) -> None:
     # The TXT record promises a policy, but its HTTPS host has a certificate nobody vouches for.
-    _publish(dns_server, "nopolicy.test", "127.0.1.4")
-    policy = _policy("enforce", "mx2.nopolicy.test")
+    publish_sts(dns_server, "nopolicy.test", "127.0.1.4")
+    policy = sts_policy("enforce", "mx2.nopolicy.test")
     untrusted = self_signed_context(tmp_path, "mta-sts.nopolicy.test")
     with (
         Sink(mx_port, "127.0.0.2") as first,

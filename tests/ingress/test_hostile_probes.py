@@ -214,11 +214,12 @@ PROBES = [
     Probe("2000-byte command line", [EHLO, Step("NOOP " + "x" * 2000, "500 5.5.2")]),
     # RFC 5321 4.5.3.1.4: 512 octets with CRLF is the least a server must take;
     # aiosmtpd takes 512 and the CRLF. SIZE (RFC 1870) adds 26 to MAIL, SMTPUTF8
-    # (RFC 6531) 10, DSN (RFC 3461) 110 to MAIL and 500 to RCPT.
+    # (RFC 6531) 10, DSN (RFC 3461) 110 to MAIL and 500 to RCPT, REQUIRETLS
+    # (RFC 8689) 11 to MAIL.
     Probe("512-octet command line", [EHLO, Step("NOOP " + "x" * 507, "250")]),
     Probe("513-octet command line", [EHLO, Step("NOOP " + "x" * 508, "500 5.5.2")]),
-    Probe("658-octet MAIL after EHLO", [EHLO, Step(padded_mail(658), "250 2.1.0")]),
-    Probe("659-octet MAIL after EHLO", [EHLO, Step(padded_mail(659), "500 5.5.2")]),
+    Probe("669-octet MAIL after EHLO", [EHLO, Step(padded_mail(669), "250 2.1.0")]),
+    Probe("670-octet MAIL after EHLO", [EHLO, Step(padded_mail(670), "500 5.5.2")]),
     Probe("1012-octet RCPT", [EHLO, MAIL, Step(padded_rcpt(1012), "250 2.1.5")]),
     Probe("1013-octet RCPT", [EHLO, MAIL, Step(padded_rcpt(1013), "500 5.5.2")]),
     # Command lines end in CRLF only (RFC 5321 2.3.8; Postfix's smtpd_forbid_bare_newline)

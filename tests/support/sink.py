@@ -104,9 +104,11 @@ class _CountingSMTP(SMTP):
     def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
         # aiosmtpd refuses every parameter it does not know (555).
         known = super()._getparams(params)
-        if known is None or not self._sink.dsn:
+        if known is None:
             return known
-        return {k: v for k, v in known.items() if k not in ("RET", "ENVID", "NOTIFY", "ORCPT")}
+        taken: tuple[str, ...] = ("RET", "ENVID", "NOTIFY", "ORCPT") if self._sink.dsn else ()
+        taken += ("REQUIRETLS",) if self._sink.require_tls else ()
+        return {k: v for k, v in known.items() if k not in taken}
 
     async def smtp_BDAT(self, arg: str) -> None:
         words = arg.split()
@@ -153,6 +155,8 @@ class _Handler:
         responses = [r for r in responses if r[4:].split(" ")[0] not in self._sink.without]
         offered = ["250-PIPELINING", "250-CHUNKING"] if self._sink.chunking else []
         offered += ["250-DSN"] if self._sink.dsn else []
+        # RFC 8689 3: offered only once the session is TLS.
+        offered += ["250-REQUIRETLS"] if self._sink.require_tls and session.ssl else []
         return [*responses[:-1], *offered, responses[-1]]
 
     async def handle_MAIL(
@@ -205,11 +209,13 @@ class Sink:
         chunking: bool = False,
         without: tuple[str, ...] = (),
         dsn: bool = False,
+        require_tls: bool = False,
     ) -> None:
         self.host = host
         self.chunking = chunking
         self.without = without
         self.dsn = dsn
+        self.require_tls = require_tls
         self.port = port or free_port()
         self.behaviour = Behaviour()
         self.messages: list[Received] = []

@@ -7,6 +7,7 @@ import json
 
 from kurrier.core.message import (
     DSN_WIRE_VERSION,
+    REQUIRE_TLS_WIRE_VERSION,
     DeliveryJob,
     DeliveryResult,
     MessageRecord,
@@ -41,6 +42,14 @@ def test_only_jobs_and_results_using_dsn_need_version_2() -> None:
     relayed = outcome.model_copy(update={"relayed": True})
     result = DeliveryResult(queue_id="Q1", dispatch=1, outcomes=[relayed])
     assert result.in_oldest_format().version == DSN_WIRE_VERSION
+
+
+def test_a_job_asking_for_requiretls_is_left_to_pods_that_honour_it() -> None:
+    # A version 3 pod would send it over any TLS, or none.
+    assert _job(require_tls=True).in_oldest_format().version == REQUIRE_TLS_WIRE_VERSION
+    assert _job(require_tls=True, dsn_envid="e").in_oldest_format().version == (
+        REQUIRE_TLS_WIRE_VERSION
+    )
 
 
 def test_records_store_only_the_fields_a_message_uses() -> None:

@@ -126,6 +126,7 @@ def format_detail(detail: queue_pb2.MessageDetail) -> str:
         f"Auth:         {detail.authenticated_as or '-'}",
         f"Message-ID:   {detail.message_id_header or '-'}",
         f"DSN:          {_dsn_text(mail_parameters_text(mail_dsn))}",
+        f"REQUIRETLS:   {'yes' if detail.require_tls else 'no'}",
         "",
         "Recipients:",
     ]

@@ -88,6 +88,9 @@ class MessageRecord(_Model):
     # The client's RET and ENVID (core/dsn_parameters.py; "" when not given).
     dsn_ret: str = ""
     dsn_envid: str = ""
+    # The client gave REQUIRETLS (RFC 8689): every hop must be verified TLS that
+    # offers REQUIRETLS, or the message bounces (delivery/require_tls.py).
+    require_tls: bool = False
     # How many times jobs were published for this message; part of each job's
     # dedup id so a re-dispatch is never mistaken for a duplicate.
     dispatches: int = 0
@@ -133,10 +136,12 @@ class MessageRecord(_Model):
 # results: a version 1 pod would drop them unseen (a next hop never told of
 # NOTIFY=NEVER, a "relayed" notice never sent). Version 3 jobs carry their
 # body: a version 2 pod would look for it in the bodies stream, find nothing
-# and drop the job as a deleted message's.
-WIRE_VERSION = 3
+# and drop the job as a deleted message's. Version 4 jobs may ask for
+# REQUIRETLS: a version 3 pod would send them over any TLS or none.
+WIRE_VERSION = 4
 DSN_WIRE_VERSION = 2
 BODY_WIRE_VERSION = 3
+REQUIRE_TLS_WIRE_VERSION = 4
 
 
 class _Tolerant(BaseModel):
@@ -203,6 +208,8 @@ class DeliveryJob(WireMessage):
     recipient_dsn: dict[str, RecipientDsn] = {}
     # The body, when the record holds it (body_store "record").
     body: bytes | None = None
+    # REQUIRETLS (RFC 8689; MessageRecord.require_tls).
+    require_tls: bool = False
 
     @field_serializer("body_store")
     def _store_on_the_wire(self, where: BodyStore) -> str:
@@ -218,6 +225,8 @@ class DeliveryJob(WireMessage):
         return self
 
     def _version_needed(self) -> int:
+        if self.require_tls:
+            return REQUIRE_TLS_WIRE_VERSION
         if self.body is not None:
             return BODY_WIRE_VERSION
         uses_dsn = self.dsn_ret or self.dsn_envid or self.recipient_dsn

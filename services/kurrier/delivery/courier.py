@@ -13,15 +13,17 @@ from kurrier.core.dsn_parameters import MailParameters, RcptParameters, notify_a
 from kurrier.core.history import HISTORY
 from kurrier.core.message import DeliveryJob, Outcome, RecipientOutcome
 from kurrier.core.routing import CompiledRoute, RoutingTable, domain_of
+from kurrier.delivery import require_tls
 from kurrier.delivery.connection_pool import ConnectionPool, Opener
 from kurrier.delivery.dkim_signer import DkimSigner
 from kurrier.delivery.mail_exchangers import MailDns, UnroutableDomain
 from kurrier.delivery.message_forms import MessageForms
 from kurrier.delivery.mta_sts import StsPolicies
 from kurrier.delivery.next_hop import NextHop, mx_hops, smarthost_hop
+from kurrier.delivery.require_tls import TlsDemand
 from kurrier.delivery.sending_rate import SendingRates
 from kurrier.delivery.settings import DeliverySettings
-from kurrier.delivery.smtp_client import Reply, SmtpSession, SmtpTemporaryError
+from kurrier.delivery.smtp_client import Reply, SmtpSession, SmtpTemporaryError, TlsUnavailable
 from kurrier.delivery.spans import traced_delivery
 from kurrier.delivery.tls_policy import client_context
 
@@ -108,13 +110,14 @@ class Courier:
             declared_smtputf8=job.smtputf8,
             sign=lambda content: self._signer.sign(content, signing_domain),
         )
+        demand = require_tls.demand_of(job.require_tls, body)
         results = await asyncio.gather(
             *(
                 traced_delivery(
                     table,
                     route,
                     recipients,
-                    self._deliver_group(job, route, domain, recipients, forms),
+                    self._deliver_group(job, route, domain, recipients, forms, demand),
                 )
                 for (_, domain), (route, recipients) in groups.items()
             )
@@ -128,6 +131,7 @@ class Courier:
         domain: str,
         recipients: list[str],
         forms: MessageForms,
+        demand: TlsDemand,
     ) -> list[RecipientOutcome]:
         if route is None:
             return unattempted(
@@ -139,7 +143,7 @@ class Courier:
                 deferred(recipients, f"451 4.3.5 route {route.name} is unusable: {route.problem}"),
             )
         try:
-            hops = await self._hops(route, domain)
+            hops = await self._hops(route, domain, demand)
         except UnroutableDomain as error:
             outcome: Outcome = "bounced" if error.permanent else "deferred"
             return unattempted(
@@ -163,12 +167,15 @@ class Courier:
             await asyncio.sleep(wait)
         return await self._send(job, route, hops, recipients, forms)
 
-    async def _hops(self, route: CompiledRoute, domain: str) -> list[NextHop]:
+    async def _hops(self, route: CompiledRoute, domain: str, demand: TlsDemand) -> list[NextHop]:
+        tls_mode = require_tls.hop_tls_mode(route.tls_mode, demand)
         if route.smarthost is not None:
-            return [smarthost_hop(*route.smarthost, route.tls_mode)]
+            return [smarthost_hop(*route.smarthost, tls_mode)]
         hosts = await self._dns.mail_hosts(domain)
-        policy = await self._sts.policy_for(domain)
-        return mx_hops(domain, hosts, route.tls_mode, policy, self._settings.mx_port)
+        policy = None if demand == "optional" else await self._sts.policy_for(domain)
+        if demand == "required" and (policy is None or policy.mode != "enforce"):
+            raise UnroutableDomain(require_tls.unauthenticated_mx(domain))
+        return mx_hops(domain, hosts, tls_mode, policy, self._settings.mx_port)
 
     def _opener(self, hop: NextHop, route: CompiledRoute) -> Opener:
         settings = self._settings
@@ -204,7 +211,10 @@ class Courier:
         before the server saw the message content (RFC 5321 5.1)."""
         outcomes: list[RecipientOutcome] = []
         pending = recipients
+        # The last temporary failure; and, for REQUIRETLS, why the last hop reached
+        # could not take the message: the bounce when no hop failed only for now.
         last_reply = ""
+        tls_refusal: Reply | None = None
         to_try = list(hops)
         retried: set[NextHop] = set()
         while to_try:
@@ -216,9 +226,18 @@ class Courier:
                     key, route.max_connections, self._opener(hop, route)
                 )
             except SmtpTemporaryError as error:
-                last_reply = f"451 {error.status} {hop.label}: {error}"
-                log.info("next hop failed: %s", last_reply, extra={"queue_id": job.queue_id})
-                attempted(job, pending, hop, last_reply)
+                failure = f"451 {error.status} {hop.label}: {error}"
+                log.info("next hop failed: %s", failure, extra={"queue_id": job.queue_id})
+                attempted(job, pending, hop, failure)
+                if job.require_tls and isinstance(error, TlsUnavailable):
+                    tls_refusal = require_tls.unable(hop.label, str(error))
+                else:
+                    last_reply = failure
+                continue
+            if job.require_tls and (refusal := require_tls.session_refusal(session, hop.label)):
+                await self.pool.release(key, session, reusable=True)
+                attempted(job, pending, hop, str(refusal), session)
+                tls_refusal = refusal
                 continue
             form = forms.for_hop(session.extensions, job.mail_from, pending, hop.label)
             if isinstance(form, Reply):
@@ -240,6 +259,7 @@ class Courier:
                         address: RcptParameters(notify=given.notify, orcpt=given.orcpt)
                         for address, given in job.recipient_dsn.items()
                     },
+                    require_tls=job.require_tls,
                 )
             except SmtpTemporaryError as error:
                 await self.pool.release(key, session, reusable=False)
@@ -277,4 +297,6 @@ class Courier:
             pending = retry_elsewhere
             if not pending:
                 break
+        if tls_refusal is not None and not last_reply:
+            return outcomes + [outcome_of(recipient, tls_refusal) for recipient in pending]
         return outcomes + deferred(pending, last_reply)

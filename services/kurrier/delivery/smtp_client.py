@@ -55,6 +55,11 @@ class SmtpTemporaryError(Exception):
         self.status = status
 
 
+class TlsUnavailable(SmtpTemporaryError):
+    """The server's TLS is missing or failed verification: not a network accident, so
+    trying again soon will likely meet the same (delivery/require_tls.py bounces on it)."""
+
+
 @dataclass
 class TransactionResult:
     mail: Reply
@@ -148,9 +153,7 @@ class SmtpSession:
         if "STARTTLS" not in self.extensions:
             if tls_mode == "opportunistic":
                 return
-            raise SmtpTemporaryError(
-                f"STARTTLS not offered; route requires TLS ({tls_mode})", "4.7.10"
-            )
+            raise TlsUnavailable(f"STARTTLS not offered; route requires TLS ({tls_mode})", "4.7.10")
         reply = await self.command("STARTTLS")
         if reply.code != 220:
             raise SmtpTemporaryError(f"STARTTLS refused: {reply}", "4.7.10")
@@ -159,7 +162,9 @@ class SmtpSession:
             await asyncio.wait_for(
                 self.writer.start_tls(context, server_hostname=server_name), timeout=self.timeout
             )
-        except (ssl.SSLError, ssl.CertificateError, OSError, TimeoutError) as error:
+        except (ssl.SSLError, ssl.CertificateError) as error:
+            raise TlsUnavailable(f"TLS handshake failed: {error}", "4.7.5") from error
+        except (OSError, TimeoutError) as error:
             raise SmtpTemporaryError(f"TLS handshake failed: {error}", "4.7.5") from error
         self.tls = True
         await self.ehlo(helo_name)  # RFC 3207: forget what was learnt before TLS
@@ -231,7 +236,13 @@ class SmtpSession:
         return "DSN" in self.extensions
 
     def _mail_command(
-        self, mail_from: str, smtputf8: bool, body_type: str, size: int, dsn: MailParameters
+        self,
+        mail_from: str,
+        smtputf8: bool,
+        body_type: str,
+        size: int,
+        dsn: MailParameters,
+        require_tls: bool,
     ) -> str:
         params = []
         if "SIZE" in self.extensions:
@@ -242,6 +253,8 @@ class SmtpSession:
             params.append("SMTPUTF8")
         if self.offers_dsn:
             params.extend(mail_parameters_text(dsn))
+        if require_tls:
+            params.append("REQUIRETLS")
         return " ".join([f"MAIL FROM:<{mail_from}>", *params])
 
     def _rcpt_command(self, recipient: str, dsn: RcptParameters | None) -> str:
@@ -258,19 +271,22 @@ class SmtpSession:
         body_type: str = "",
         dsn: MailParameters = NO_MAIL_PARAMETERS,
         recipient_dsn: Mapping[str, RcptParameters] | None = None,
+        require_tls: bool = False,
     ) -> TransactionResult:
         """One transaction of body (CRLF line endings, as stored).
 
         What the server may be sent (SMTPUTF8, 8-bit content) is the caller's
         decision (message_forms.py); SMTPUTF8 and BODY=8BITMIME are only
         named to a server that offers them, and the DSN parameters (RFC 3461)
-        only to one that offers DSN.
+        only to one that offers DSN. REQUIRETLS is named when asked: whether
+        the server may be sent such a message is the caller's decision too
+        (require_tls.py).
         """
         self.transactions += 1
         self.body_started = False
         if not body.endswith(b"\r\n"):
             body += b"\r\n"
-        mail_line = self._mail_command(mail_from, smtputf8, body_type, len(body), dsn)
+        mail_line = self._mail_command(mail_from, smtputf8, body_type, len(body), dsn, require_tls)
         rcpt_lines = {r: self._rcpt_command(r, (recipient_dsn or {}).get(r)) for r in recipients}
         commands = [mail_line, *rcpt_lines.values()]
         if "PIPELINING" in self.extensions and "CHUNKING" in self.extensions:

@@ -24,6 +24,7 @@ from kurrier.core.message import new_queue_id
 from kurrier.core.routing import CompiledPolicy, domain_of
 from kurrier.core.smtp_text import header_section
 from kurrier.core.table_store import TableFollower
+from kurrier.ingress import require_tls
 from kurrier.ingress.connection_gate import client_key
 from kurrier.ingress.identities import Identities
 from kurrier.ingress.message_rates import MessageRates
@@ -128,6 +129,7 @@ class RelayHandler:
             "250-DSN",
             "250-ENHANCEDSTATUSCODES",
             "250-CHUNKING",
+            *(["250-REQUIRETLS"] if require_tls.offered(session) else []),
             responses[-1],
         ]
 
@@ -191,8 +193,13 @@ class RelayHandler:
     ) -> str:
         try:
             dsn = mail_parameters(_dsn_given(server, session, MAIL_KEYWORDS))
+            tls_required = isinstance(server, IngressSMTP) and require_tls.asked(
+                server.require_tls_given
+            )
         except BadParameter as error:
             return f"501 5.5.4 {error}"
+        if tls_required and not require_tls.offered(session):
+            return require_tls.NEEDS_TLS
         sender = "" if address == NULL_PATH else address
         refusal = check_sender(sender)
         if refusal:
@@ -219,6 +226,7 @@ class RelayHandler:
         envelope.mail_options.extend(mail_options)
         if isinstance(envelope, RelayEnvelope):
             envelope.dsn = dsn
+            envelope.require_tls = tls_required
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
@@ -233,6 +241,8 @@ class RelayHandler:
             return "501 5.1.3 The null path <> is no recipient"
         try:
             dsn = rcpt_parameters(_dsn_given(server, session, RCPT_KEYWORDS))
+            if isinstance(server, IngressSMTP) and server.require_tls_given:
+                raise BadParameter(f"{require_tls.KEYWORD} is not a parameter of this command")
         except BadParameter as error:
             return f"501 5.5.4 {error}"
         if not self._tables.loaded.is_set():
@@ -323,6 +333,7 @@ class RelayHandler:
         if isinstance(envelope, RelayEnvelope):
             request.dsn_ret = envelope.dsn.ret
             request.dsn_envid = envelope.dsn.envid
+            request.require_tls = envelope.require_tls
             request.recipient_dsn.extend(
                 queue_pb2.RecipientDsn(address=address, notify=dsn.notify, orcpt=dsn.orcpt)
                 for address, dsn in envelope.recipient_dsn.items()

@@ -37,6 +37,7 @@ from kurrier.core.dsn_parameters import (
 )
 from kurrier.core.metrics import rejected
 from kurrier.core.table_store import TableFollower
+from kurrier.ingress import require_tls
 from kurrier.ingress.command_lines import (
     BARE_NEWLINE,
     BARE_NEWLINE_COMMAND,
@@ -109,6 +110,8 @@ class RelayEnvelope(Envelope):
         # The DSN parameters (RFC 3461) of MAIL, and of the recipients that gave any.
         self.dsn = MailParameters()
         self.recipient_dsn: dict[str, RcptParameters] = {}
+        # The client gave REQUIRETLS (RFC 8689) on MAIL FROM.
+        self.require_tls = False
         # The message so far once a BDAT chunk came; a new envelope (RSET, the
         # end of the transaction) discards it.
         self.chunks: DataReader | None = None
@@ -147,13 +150,16 @@ class IngressSMTP(SMTP, CommandLineProtocol):
             command_call_limit=limits.command_budgets(),
         )
         # aiosmtpd keeps command size limits in one class-wide dict that every EHLO
-        # grows; each session gets its own, with room for AUTH, for SIZE on MAIL
-        # and for the DSN parameters on MAIL and RCPT.
+        # grows; each session gets its own, with room for AUTH, for SIZE and
+        # REQUIRETLS on MAIL and for the DSN parameters on MAIL and RCPT.
         self.command_size_limits = collections.defaultdict(
             lambda: self.command_size_limit,
             {
                 "AUTH": AUTH_LINE_LIMIT,
-                "MAIL": self.command_size_limit + SIZE_PARAMETER + MAIL_LINE_GROWTH,
+                "MAIL": self.command_size_limit
+                + SIZE_PARAMETER
+                + MAIL_LINE_GROWTH
+                + require_tls.LINE_GROWTH,
                 "RCPT": self.command_size_limit + RCPT_LINE_GROWTH,
             },
         )
@@ -161,6 +167,8 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         # before aiosmtpd upper-cases the line (ENVID and ORCPT are case-sensitive)
         # and refuses parameters it does not know. The handler checks them.
         self.dsn_given: list[tuple[str, str | None]] = []
+        # REQUIRETLS (RFC 8689) as given with that command, taken out alike.
+        self.require_tls_given: list[tuple[str, str | None]] = []
         # A line with a bare CR or LF reaches aiosmtpd as this command (command_lines.py).
         self._smtp_methods[BARE_NEWLINE_COMMAND] = self._refuse_bare_newline
         self.listener = listener
@@ -308,6 +316,7 @@ class IngressSMTP(SMTP, CommandLineProtocol):
             return None, None
         mailbox, parameters = parsed
         parameters, self.dsn_given = split_parameters(parameters, DSN_KEYWORDS)
+        parameters, self.require_tls_given = split_parameters(parameters, (require_tls.KEYWORD,))
         return mailbox or NULL_PATH, parameters
 
     # -- DATA -------------------------------------------------------------------------

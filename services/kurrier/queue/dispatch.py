@@ -86,6 +86,7 @@ async def publish_jobs(
                 if r.address in members and (r.notify or r.orcpt)
             },
             body=record.body,
+            require_tls=record.require_tls,
         ).in_oldest_format()
         subject = job_subject(record.queue_id)
         with publishing(

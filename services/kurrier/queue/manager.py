@@ -216,6 +216,8 @@ class QueueManager:
             smtputf8=not notice.recipient.isascii(),
             body_type="8BITMIME",
             message_id_header=f"<{notice.queue_id}@{self._hostname}>",
+            # It quotes the original, so it travels as the original had to (RFC 8689 5).
+            require_tls=record.require_tls,
         )
         with notifying(record, notice.queue_id, owed.kind.action):
             await self.intake.accept(template, io.BytesIO(notice.content), len(notice.content))

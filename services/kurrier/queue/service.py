@@ -298,6 +298,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             message_id_header=envelope.message_id_header,
             dsn_ret=envelope.dsn_ret,
             dsn_envid=envelope.dsn_envid,
+            require_tls=envelope.require_tls,
         )
         try:
             await self._manager.intake.accept(template, body, size)
@@ -358,6 +359,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             headers=header_section(body),
             dsn_ret=record.dsn_ret,
             dsn_envid=record.dsn_envid,
+            require_tls=record.require_tls,
         )
 
     async def ApplyAction(

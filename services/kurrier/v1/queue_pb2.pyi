@@ -60,6 +60,7 @@ class Envelope(_message.Message):
     DSN_ENVID_FIELD_NUMBER: _builtins.int
     RECIPIENT_DSN_FIELD_NUMBER: _builtins.int
     CLIENT_TRUSTED_FIELD_NUMBER: _builtins.int
+    REQUIRE_TLS_FIELD_NUMBER: _builtins.int
     queue_id: _builtins.str
     """Queue id chosen by the client; a retried Enqueue with the same id does
     not store the message twice.
@@ -88,6 +89,10 @@ class Envelope(_message.Message):
     With authenticated_as, it decides who may get delivery status
     notifications for the message (RelayPolicy bounceUnauthenticated).
     """
+    require_tls: _builtins.bool
+    """The client gave REQUIRETLS on MAIL FROM (RFC 8689), in a TLS session:
+    the message may only travel on over verified TLS to hops offering it.
+    """
     @_builtins.property
     def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -111,10 +116,11 @@ class Envelope(_message.Message):
         dsn_envid: _builtins.str = ...,
         recipient_dsn: _abc.Iterable[Global___RecipientDsn] | None = ...,
         client_trusted: _builtins.bool = ...,
+        require_tls: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "body_type", b"body_type", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "dsn_envid", b"dsn_envid", "dsn_ret", b"dsn_ret", "mail_from", b"mail_from", "message_id_header", b"message_id_header", "queue_id", b"queue_id", "recipient_dsn", b"recipient_dsn", "recipients", b"recipients", "size", b"size", "smtputf8", b"smtputf8"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "body_type", b"body_type", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "dsn_envid", b"dsn_envid", "dsn_ret", b"dsn_ret", "mail_from", b"mail_from", "message_id_header", b"message_id_header", "queue_id", b"queue_id", "recipient_dsn", b"recipient_dsn", "recipients", b"recipients", "require_tls", b"require_tls", "size", b"size", "smtputf8", b"smtputf8"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -545,6 +551,7 @@ class MessageDetail(_message.Message):
     CLIENT_TRUSTED_FIELD_NUMBER: _builtins.int
     DSN_RET_FIELD_NUMBER: _builtins.int
     DSN_ENVID_FIELD_NUMBER: _builtins.int
+    REQUIRE_TLS_FIELD_NUMBER: _builtins.int
     client_address: _builtins.str
     client_helo: _builtins.str
     authenticated_as: _builtins.str
@@ -556,6 +563,8 @@ class MessageDetail(_message.Message):
     dsn_ret: _builtins.str
     """The DSN parameters of MAIL FROM (as in Envelope; empty when not given)."""
     dsn_envid: _builtins.str
+    require_tls: _builtins.bool
+    """REQUIRETLS was given (Envelope.require_tls)."""
     @_builtins.property
     def summary(self) -> Global___MessageSummary: ...
     def __init__(
@@ -570,10 +579,11 @@ class MessageDetail(_message.Message):
         client_trusted: _builtins.bool = ...,
         dsn_ret: _builtins.str = ...,
         dsn_envid: _builtins.str = ...,
+        require_tls: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "dsn_envid", b"dsn_envid", "dsn_ret", b"dsn_ret", "headers", b"headers", "message_id_header", b"message_id_header", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "dsn_envid", b"dsn_envid", "dsn_ret", b"dsn_ret", "headers", b"headers", "message_id_header", b"message_id_header", "require_tls", b"require_tls", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
