@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
+from kurrier.cli.progress import Progress
 from kurrier.core.dsn_parameters import (
     MailParameters,
     RcptParameters,
@@ -34,6 +35,9 @@ ACTIONS = {
 # Like postqueue -p: '*' marks a message being delivered, '!' one on hold.
 STATE_MARK = {"active": "*", "held": "!", "deferred": " "}
 RPC_TIMEOUT = 60.0
+# Messages per ApplyAction call: each call stays short whatever the number of
+# messages, and an operation over more than one call shows its progress.
+ACTION_BATCH = 100
 # How far back `kurrier queue history --rcpt|--sender` looks unless told.
 DEFAULT_HISTORY_SINCE = "1h"
 
@@ -204,29 +208,66 @@ async def call_queue(args: argparse.Namespace, tls: QueueTls | None) -> str:
             if args.action == "history":
                 history = await stub.MessageHistory(_history_request(args), timeout=RPC_TIMEOUT)
                 return _as_json(history) if args.json else format_history(history)
-            selector = _filter(args)
-            if args.action == "flush":
-                selector = queue_pb2.MessageFilter(state="deferred")
-            response = await stub.ApplyAction(
-                queue_pb2.ActionRequest(
-                    action=ACTIONS[args.action],
-                    filter=selector,
-                    all_matching=args.action == "flush" or bool(getattr(args, "all", False)),
-                ),
-                timeout=RPC_TIMEOUT,
-            )
+            response = await _apply_action(stub, args)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNAVAILABLE:
                 raise AdminError(f"cannot reach the queue at {target.address}") from None
             raise AdminError(error.details() or error.code().name) from None
     if args.json:
         return _as_json(response)
-    verb = {"flush": "scheduled for retry", "retry": "scheduled for retry"}.get(
-        args.action, f"{args.action}{'d' if args.action.endswith('e') else 'ed'}"
-    )
-    return f"{len(response.queue_ids)} message(s) {verb}" + "".join(
+    return f"{len(response.queue_ids)} message(s) {_done(args.action)}" + "".join(
         f"\n  {queue_id}" for queue_id in response.queue_ids
     )
+
+
+DONE = {
+    "hold": "held",
+    "release": "released",
+    "delete": "deleted",
+    "retry": "scheduled for retry",
+    "flush": "scheduled for retry",
+}
+
+
+def _done(action: str) -> str:
+    """What the action did to a message, as the summary says it."""
+    return DONE[action]
+
+
+async def _apply_action(
+    stub: queue_pb2_grpc.QueueServiceStub, args: argparse.Namespace
+) -> queue_pb2.ActionResponse:
+    """Act on the named messages, or on every match (listed first), ACTION_BATCH per call.
+
+    The queue ids changed, in the order acted on. A match listed but gone
+    (delivered, deleted) by its turn is left alone, as the queue leaves an
+    unknown id; one that arrives after the listing is not acted on.
+    """
+    queue_ids = list(getattr(args, "queue_ids", None) or [])
+    if args.action == "flush" or getattr(args, "all", False):
+        selector = queue_pb2.MessageFilter(state="deferred") if args.action == "flush" else None
+        listing = await stub.ListMessages(
+            queue_pb2.ListMessagesRequest(filter=selector or _filter(args)), timeout=RPC_TIMEOUT
+        )
+        queue_ids = [message.queue_id for message in listing.messages]
+    progress = None
+    if len(queue_ids) > ACTION_BATCH:
+        progress = Progress(args.action, len(queue_ids), _done(args.action), sys.stderr)
+    changed: list[str] = []
+    for start in range(0, len(queue_ids), ACTION_BATCH):
+        batch = queue_ids[start : start + ACTION_BATCH]
+        response = await stub.ApplyAction(
+            queue_pb2.ActionRequest(
+                action=ACTIONS[args.action], filter=queue_pb2.MessageFilter(queue_ids=batch)
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+        changed += response.queue_ids
+        if progress is not None:
+            progress.advance(start + len(batch), len(changed))
+    if progress is not None:
+        progress.finish(len(changed))
+    return queue_pb2.ActionResponse(queue_ids=changed)
 
 
 def check_admin_args(args: argparse.Namespace) -> str | None:
