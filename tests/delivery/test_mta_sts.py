@@ -7,16 +7,20 @@ public one would be through the public DNS and CAs.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 from kurrier.delivery.courier import Courier
-from kurrier.delivery.mta_sts import parse_policy, policy_id
+from kurrier.delivery.mail_exchangers import MailDns
+from kurrier.delivery.mta_sts import StsPolicies, parse_policy, policy_id
+from kurrier.delivery.tls_policy import client_context
 
 from tests.delivery.attempts import by_address, job, message, publish_sts, sts_policy, table
 from tests.support.certs import TestCA, self_signed_context
 from tests.support.dns_server import DnsServer
 from tests.support.policy_server import PolicyServer
+from tests.support.processes import eventually
 from tests.support.relay import mx_route
 from tests.support.sink import Sink
 
@@ -120,3 +124,40 @@ async def test_an_unreachable_policy_means_no_policy_until_one_is_fetched(
         )
         assert outcomes["a@nopolicy.test"][0] == "delivered"
         assert len(first.messages) == 1
+
+
+async def test_cached_policies_are_refreshed_ahead_of_expiry_and_on_a_new_id(
+    dns_server: DnsServer, test_ca: TestCA
+) -> None:
+    now = [1_000_000.0]
+    verify = client_context("verify", str(test_ca.ca_file))
+    assert verify is not None
+    policies = StsPolicies(MailDns(dns_server.address), verify, clock=lambda: now[0])
+    publish_sts(dns_server, "fresh.test", "127.0.1.5")
+    # TTL 0: each look at the TXT record asks the DNS server again.
+    dns_server.add("_mta-sts.fresh.test", "TXT", '"v=STSv1; id=1"', ttl=0)
+    with PolicyServer(
+        "127.0.1.5", test_ca.server_context("mta-sts.fresh.test"), sts_policy("enforce", "mx1.x")
+    ) as web:
+        assert await policies.policy_for("fresh.test") is not None
+        await policies.refresh()  # young, same id: nothing to do
+        assert web.requests == 1
+        web.policy = sts_policy("enforce", "mx2.x")
+        now[0] += 86400 / 2  # half its max_age
+        refresher = asyncio.create_task(policies.keep_fresh(interval=0.05))
+        try:
+            await eventually(lambda: web.requests == 2, 10, "the refresh ahead of expiry")
+            # A new id is fetched at its next refresh, however young the policy.
+            web.policy = sts_policy("testing", "mx2.x")
+            dns_server.add("_mta-sts.fresh.test", "TXT", '"v=STSv1; id=2"', ttl=0)
+            await eventually(lambda: web.requests == 3, 10, "the refresh for the new id")
+        finally:
+            refresher.cancel()
+    # The first policy would have expired now, with its host gone: the refreshed one holds.
+    now[0] += 86400 / 2
+    policy = await policies.policy_for("fresh.test")
+    assert policy is not None and (policy.id, policy.mode, policy.mx) == (
+        "2",
+        "testing",
+        ("mx2.x",),
+    )

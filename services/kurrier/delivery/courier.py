@@ -88,7 +88,7 @@ class Courier:
         self._dns = MailDns(settings.dns_resolver)
         verify = client_context("verify", settings.tls_ca_file)
         assert verify is not None
-        self._sts = StsPolicies(self._dns, verify)
+        self.sts = StsPolicies(self._dns, verify)
         self._signer = DkimSigner()
         self._rates = SendingRates()
 
@@ -172,7 +172,7 @@ class Courier:
         if route.smarthost is not None:
             return [smarthost_hop(*route.smarthost, tls_mode)]
         hosts = await self._dns.mail_hosts(domain)
-        policy = None if demand == "optional" else await self._sts.policy_for(domain)
+        policy = None if demand == "optional" else await self.sts.policy_for(domain)
         if demand == "required" and (policy is None or policy.mode != "enforce"):
             raise UnroutableDomain(require_tls.unauthenticated_mx(domain))
         return mx_hops(domain, hosts, tls_mode, policy, self._settings.mx_port)

@@ -36,4 +36,5 @@ async def _start(settings: DeliverySettings, nats: Connected) -> Hooks:
         # Returns after stop, once in-flight transactions are done.
         await worker.run(nats.stop)
 
-    return Hooks(main=deliver, helpers=[worker.courier.pool.run_reaper])
+    courier = worker.courier
+    return Hooks(main=deliver, helpers=[courier.pool.run_reaper, courier.sts.keep_fresh])

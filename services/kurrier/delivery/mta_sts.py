@@ -3,7 +3,11 @@
 The policy id comes from the `_mta-sts.<domain>` TXT record, the policy from
 `https://mta-sts.<domain>/.well-known/mta-sts.txt`, checked against the same
 CA bundle as `verify` routes. Policies are cached for their max_age and
-fetched again only when the TXT id changes or the cache runs out.
+fetched again when the TXT id changes; in the background, each cached
+policy is fetched again once half its max_age has passed (RFC 8461 5.1 and
+10.2: a sender that refreshes before expiry is not left without a policy
+by an attacker blocking the fetch just then), so a domain mail goes to
+keeps its policy for as long as the domain publishes one.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ MAX_AGE_LIMIT = 31557600
 FETCH_TIMEOUT = 30.0
 # After a failed fetch, the same policy id is not asked for again this soon.
 FETCH_RETRY_AFTER = 300.0
+# How often the cached policies are looked at for a refresh.
+REFRESH_CHECK_INTERVAL = 3600.0
 _ID_RE = re.compile(r"^[A-Za-z0-9]{1,32}$")
 _MX_PATTERN_RE = re.compile(
     r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$"
@@ -49,6 +55,11 @@ class StsPolicy:
     @property
     def expires(self) -> float:
         return self.fetched_at + self.max_age
+
+    @property
+    def refresh_at(self) -> float:
+        """When to fetch it again ahead of expiry: half its max_age on."""
+        return self.fetched_at + self.max_age / 2
 
     def allows(self, host: str) -> bool:
         """RFC 8461 4.1: exact names, or '*.' standing for exactly one leftmost label."""
@@ -186,10 +197,43 @@ class StsPolicies:
         cached = self._cached(domain)
         if cached is not None and cached.id == current_id:
             return cached
+        return await self._update(domain, current_id, ahead=False)
+
+    async def refresh(self) -> None:
+        """Fetch again each cached policy whose TXT id changed or whose refresh time came.
+
+        A domain without a TXT record now keeps its cached policy until it
+        expires (RFC 8461 5.1), as on demand.
+        """
+        for domain in list(self._cache):
+            try:
+                current_id = policy_id(await self._dns.txt(f"_mta-sts.{domain}"))
+            except UnroutableDomain:
+                continue
+            if current_id is not None and self._cached(domain) is not None:
+                await self._update(domain, current_id, ahead=True)
+
+    async def keep_fresh(self, interval: float = REFRESH_CHECK_INTERVAL) -> None:
+        """Refresh the cached policies every interval, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception:  # a refresh gone wrong must not take delivery down with it
+                log.exception("MTA-STS policies not refreshed")
+
+    async def _update(self, domain: str, current_id: str, ahead: bool) -> StsPolicy | None:
+        """The policy after fetching it, if it still needs fetching once this task holds the
+        domain's lock (another may have fetched it meanwhile): for another id, or, ahead,
+        past its refresh time. A failed fetch leaves the cached policy in force."""
         lock = self._locks.setdefault(domain, asyncio.Lock())
         async with lock:
             cached = self._cached(domain)
-            if cached is not None and cached.id == current_id:
+            if (
+                cached is not None
+                and cached.id == current_id
+                and not (ahead and cached.refresh_at <= self._clock())
+            ):
                 return cached
             failed_id, until = self._failed.get(domain, ("", 0.0))
             if failed_id == current_id and self._clock() < until:
