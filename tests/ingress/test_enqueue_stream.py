@@ -15,6 +15,7 @@ import pytest
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
+from kurrier.ingress.enqueue_stream import EnqueueStream
 from kurrier.ingress.queue_client import QueueClient, QueueUnavailable
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
@@ -157,3 +158,39 @@ def test_a_message_whose_deadline_cuts_its_write_short_does_not_poison_the_strea
     # The client heard 451 for the first message and will send it again: its
     # abandoned call must not deliver it to the queue later on.
     assert not first_stored
+
+
+async def _retired_with_messages_in_flight(nats_url: str) -> tuple[list[int], bool, list[str]]:
+    nc = await connect(nats_url, "test-stream")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        server, service, port = await _serve(js)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stream = EnqueueStream(queue_pb2_grpc.QueueServiceStub(channel))
+                envelopes = [_envelope() for _ in range(20)]
+                sends = [
+                    asyncio.create_task(
+                        stream.send(queue_pb2.EnqueueMessageRequest(envelope=e, body=BODY))
+                    )
+                    for e in envelopes
+                ]
+                await asyncio.sleep(0)  # each send hands its message over, then waits
+                # A renewed certificate retires the stream with all twenty unanswered.
+                await stream.close_when_answered()
+                answers = await asyncio.gather(*sends)
+                ended = stream.ended is not None
+        finally:
+            await _stop(server, service)
+        stored = [r.queue_id async for r in (await RecordStore.open(js)).all()]
+        assert sorted(stored) == sorted(e.queue_id for e in envelopes)
+        return [a.code for a in answers], ended, stored
+    finally:
+        await disconnect(nc)
+
+
+def test_a_retired_stream_answers_what_it_carries_then_ends(nats_server: NatsServer) -> None:
+    codes, ended, stored = asyncio.run(_retired_with_messages_in_flight(nats_server.url))
+    assert codes == [grpc.StatusCode.OK.value[0]] * 20
+    assert ended and len(stored) == 20

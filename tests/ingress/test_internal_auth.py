@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
 import subprocess
 import uuid
 from pathlib import Path
@@ -17,10 +18,10 @@ from kurrier.core.grpc_tls import INGRESS_IDENTITY, QueueTls, queue_channel
 from kurrier.core.jetstream import connect, disconnect
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
 
-from tests.ingress.smtp_probe import SmtpProbe
+from tests.ingress.smtp_probe import Reply, SmtpProbe
 from tests.support.certs import Certificates, TestCA
 from tests.support.nats import NatsServer
-from tests.support.processes import kurrier_argv
+from tests.support.processes import kurrier_argv, stop_process, wait_until
 from tests.support.relay import ServiceRelay, UpRelay, documents, inbound_domain, route
 from tests.support.sink import Sink
 
@@ -188,3 +189,72 @@ def _admin(address: str, *flags: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
     )
+
+
+def _sent_over_mtls(relay: ServiceRelay, marker: str) -> Reply:
+    """The reply to a message's end of data (250 once the queue stored it)."""
+    with SmtpProbe(relay.smtp_port) as smtp:
+        smtp.reply()
+        smtp.command("EHLO probe.test")
+        smtp.command("MAIL FROM:<a@client.test>")
+        smtp.command("RCPT TO:<user@example.com>")
+        assert smtp.command("DATA").code == 354
+        smtp.send(f"Subject: {marker}\r\n\r\nover mTLS\r\n.\r\n".encode())
+        return smtp.reply()
+
+
+def test_ingress_takes_a_renewed_client_certificate_without_a_restart(
+    tmp_path: Path, sink: Sink, nats_server: NatsServer
+) -> None:
+    """The CA is rotated: the queue trusts only the new one, and is restarted, so ingress
+    must connect afresh. It gets through only with the renewed certificate from its files."""
+    certificates = Certificates(tmp_path / "tls")
+    mine = tmp_path / "mounted"  # as a Secret's files: replaced by a renewal
+    mine.mkdir()
+    for name, source in {
+        "ingress.crt": certificates.client_cert,
+        "ingress.key": certificates.client_key,
+        "client-ca.crt": certificates.ca_file,
+    }.items():
+        shutil.copy(source, mine / name)
+    relay = ServiceRelay(
+        tmp_path,
+        nats_server.url,
+        service_args={
+            "queue": [
+                *("--grpc-tls-cert", str(certificates.server_cert)),
+                *("--grpc-tls-key", str(certificates.server_key)),
+                *("--grpc-tls-client-ca", str(mine / "client-ca.crt")),
+            ],
+            "ingress": [
+                *("--queue-tls-ca", str(certificates.ca_file)),
+                *("--queue-tls-cert", str(mine / "ingress.crt")),
+                *("--queue-tls-key", str(mine / "ingress.key")),
+                *("--queue-tls-server-name", "queue.test"),
+            ],
+        },
+    )
+    relay.publish(documents(inbound_domain("example.com"), route("r", ["*"], sink.port)))
+    with relay:
+        assert _sent_over_mtls(relay, "before").startswith("250 2.0.0")
+        rotated = TestCA(tmp_path / "rotated")
+        cert, key = rotated.issue(INGRESS_IDENTITY, client=True)
+        shutil.copy(rotated.ca_file, mine / "client-ca.crt")
+        shutil.copy(cert, mine / "ingress.crt")
+        shutil.copy(key, mine / "ingress.key")
+        wait_until(
+            lambda: (
+                f"TLS certificate reloaded from {mine / 'ingress.crt'}"
+                in (tmp_path / "ingress.log").read_text(errors="replace")
+            ),
+            30,
+            "ingress to take its renewed certificate",
+        )
+        stop_process(relay.processes["queue"])
+        relay.start("queue")
+        assert _sent_over_mtls(relay, "after").startswith("250 2.0.0")
+        delivered = sink.wait_for(2)
+        assert all(
+            any(f"Subject: {marker}\r\n".encode() in m.content for m in delivered)
+            for marker in ("before", "after")
+        )

@@ -4,12 +4,17 @@ certificate of its CA only the calls its identity is given (`queue/callers.py`).
 from __future__ import annotations
 
 import asyncio
+import shutil
+import socket
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kurrier.core.grpc_tls import QueueTls, queue_channel
 from kurrier.v1 import queue_pb2, queue_pb2_grpc
@@ -112,6 +117,7 @@ class Clients:
     admin: QueueTls
     stranger: QueueTls
     log: Path
+    certificates: Certificates
 
 
 @pytest.fixture
@@ -144,6 +150,7 @@ def queue(tmp_path: Path, nats_server: NatsServer) -> Iterator[Clients]:
             QueueTls(ca, str(certificates.admin_cert), str(certificates.admin_key), name),
             QueueTls(ca, str(stranger_cert), str(stranger_key), name),
             tmp_path / "queue.log",
+            certificates,
         )
     finally:
         relay.__exit__()
@@ -198,3 +205,38 @@ async def _listing(address: str, tls: QueueTls) -> queue_pb2.ListMessagesRespons
             queue_pb2.ListMessagesRequest(), timeout=20
         )
         return listing
+
+
+def _served_certificate(queue: Clients) -> bytes:
+    """The certificate the queue's port presents to a new connection of ingress's."""
+    host, port = queue.address.rsplit(":", 1)
+    context = ssl.create_default_context(cafile=queue.ingress.ca_file)
+    context.load_cert_chain(str(queue.ingress.cert_file), str(queue.ingress.key_file))
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, int(port)), 10) as raw,
+        context.wrap_socket(raw, server_hostname="queue.test") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der
+
+
+def test_a_renewed_certificate_is_served_to_new_connections_without_a_restart(
+    queue: Clients,
+) -> None:
+    """The queue reads its files again before each handshake, once they changed."""
+    certificates = queue.certificates
+    before = _served_certificate(queue)
+    cert, key = certificates.issue(
+        "relay.test", "queue.test", "127.0.0.1", directory=certificates.directory / "renewed"
+    )
+    # A half-done renewal (new certificate, old key) is refused; the old pair serves on.
+    shutil.copy(cert, certificates.server_cert)
+    assert _served_certificate(queue) == before
+    assert "new TLS certificate not loaded" in queue.log.read_text()
+    shutil.copy(key, certificates.server_key)
+    renewed = x509.load_pem_x509_certificate(cert.read_bytes())
+    assert _served_certificate(queue) == renewed.public_bytes(serialization.Encoding.DER)
+    # And calls go on over it, from the same clients.
+    assert answers(queue.address, queue.ingress, "Enqueue") == {"Enqueue": Answer(OK)}

@@ -4,8 +4,10 @@ A client is known by its certificate's subject Common Name, as the
 Kubernetes API server knows its clients: every issuer (the chart's genCA,
 its cert-manager Certificates, `kurrier up`'s CA) writes one of the names
 below, and the queue decides on it what the client may call
-(`queue/callers.py`). Files are read once, when the server starts or the
-channel is made: a rotated certificate takes effect on the next start.
+(`queue/callers.py`). The server follows its files: a renewed certificate,
+key or client CA serves the next connection, without a restart. A client
+reads its files when it makes the channel; ingress, which keeps its channel,
+makes a new one when they are renewed (`ingress/queue_client.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from kurrier.core.certificate_files import CertificateFiles, CertificatePair
 
 ChannelOptions = Sequence[tuple[str, str | int]]
 
@@ -38,12 +41,24 @@ class GrpcTls:
         return self.client_ca_file is not None
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
-            [(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())],
-            root_certificates=Path(self.client_ca_file).read_bytes()
-            if self.client_ca_file
-            else None,
-            require_client_auth=self.knows_clients,
+        """Credentials that follow the files: each new connection's handshake first takes
+        a renewed certificate, key or client CA, once they changed and load as a pair."""
+        files = CertificateFiles(self.cert_file, self.key_file, self.client_ca_file)
+
+        def configuration(pair: CertificatePair) -> grpc.ServerCertificateConfiguration:
+            return grpc.ssl_server_certificate_configuration(
+                [(pair.key, pair.cert)], root_certificates=pair.ca
+            )
+
+        def renewed() -> grpc.ServerCertificateConfiguration | None:
+            # Called by gRPC's core before every handshake; None keeps the one it has.
+            pair = files.renewed()
+            return configuration(pair) if pair is not None else None
+
+        return grpc.dynamic_ssl_server_credentials(
+            configuration(files.load()),
+            renewed,
+            require_client_authentication=self.knows_clients,
         )
 
 
@@ -56,12 +71,24 @@ class QueueTls:
     key_file: str | None = None
     server_name: str | None = None  # when the address is not the name in the certificate
 
-    def channel(self, address: str, options: ChannelOptions = ()) -> grpc.aio.Channel:
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=Path(self.ca_file).read_bytes(),
-            private_key=Path(self.key_file).read_bytes() if self.key_file else None,
-            certificate_chain=Path(self.cert_file).read_bytes() if self.cert_file else None,
-        )
+    def files(self) -> CertificateFiles | None:
+        """The client certificate's files with the CA, to follow renewals; None without one."""
+        if self.cert_file is None or self.key_file is None:
+            return None
+        return CertificateFiles(self.cert_file, self.key_file, self.ca_file)
+
+    def channel(
+        self, address: str, options: ChannelOptions = (), pair: CertificatePair | None = None
+    ) -> grpc.aio.Channel:
+        """pair: the client certificate, key and CA as renewed; else read from the files."""
+        if pair is None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(self.ca_file).read_bytes(),
+                private_key=Path(self.key_file).read_bytes() if self.key_file else None,
+                certificate_chain=Path(self.cert_file).read_bytes() if self.cert_file else None,
+            )
+        else:
+            credentials = grpc.ssl_channel_credentials(pair.ca, pair.key, pair.cert)
         if self.server_name:
             options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
         return grpc.aio.secure_channel(address, credentials, options=options)

@@ -42,6 +42,7 @@ class EnqueueStream:
         # keeps its own.
         self._call = stub.EnqueueMessages(wait_for_ready=True)
         self._waiting: dict[str, asyncio.Future[queue_pb2.EnqueueResult]] = {}
+        self._answered = asyncio.Event()  # set whenever no message waits
         self.ended: StreamEnded | None = None
         self._requests = BatchWriter[queue_pb2.EnqueueMessageRequest](
             self._write, self._write_failed, BATCH_LIMIT, _request_size
@@ -66,6 +67,8 @@ class EnqueueStream:
             raise
         finally:
             self._waiting.pop(queue_id, None)
+            if not self._waiting:
+                self._answered.set()
 
     async def _write(self, batch: list[queue_pb2.EnqueueMessageRequest]) -> None:
         await self._call.write(queue_pb2.EnqueueBatch(messages=batch))
@@ -116,6 +119,13 @@ class EnqueueStream:
         for answer in self._waiting.values():
             if not answer.done():
                 answer.set_exception(ended)
+
+    async def close_when_answered(self) -> None:
+        """End the call once no message waits on it; the caller sends it no more."""
+        while self._waiting:
+            self._answered.clear()
+            await self._answered.wait()
+        await self.close()
 
     async def close(self) -> None:
         """End the call; ingress closes it only once no transaction waits on it.

@@ -99,7 +99,10 @@ async def _start(settings: IngressSettings, nats: Connected) -> Hooks:
     return Hooks(
         open=listeners.open,
         drain=[listeners.drain],
-        helpers=[certificate.follow] if certificate else [],
+        helpers=[
+            *([certificate.follow] if certificate else []),
+            *([queue.follow_certificate] if queue.certificate else []),
+        ],
         close=[queue.close, *([reviewer.close] if reviewer else [])],
     )
 

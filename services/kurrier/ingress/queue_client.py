@@ -1,4 +1,5 @@
-"""Ingress's client of the queue's Enqueue RPC, over plain gRPC or mutual TLS."""
+"""Ingress's client of the queue's Enqueue RPC, over plain gRPC or mutual TLS that follows
+a renewed client certificate."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ ENQUEUE_TIMEOUT = 20.0
 # Times a message left unstored by a cleanly ended stream is sent again on a
 # new one (a queue that shut down; the next call reaches its successor).
 RESENDS = 3
+# How often the client certificate's files are looked at (a stat each).
+CERTIFICATE_CHECK_INTERVAL = 2.0
 
 
 async def _stream(
@@ -46,9 +49,44 @@ class QueueClient:
         self, address: str, tls: QueueTls | None = None, timeout: float = ENQUEUE_TIMEOUT
     ) -> None:
         self._timeout = timeout
-        self._channel = queue_channel(address, tls)
+        self._address = address
+        self._tls = tls
+        self.certificate = tls.files() if tls is not None else None
+        self._channel = (
+            tls.channel(address, pair=self.certificate.load() if self.certificate else None)
+            if tls is not None
+            else queue_channel(address, None)
+        )
         self._stub = queue_pb2_grpc.QueueServiceStub(self._channel)
         self._stream: EnqueueStream | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def follow_certificate(self) -> None:
+        """Take a renewed client certificate into a new channel for the messages that come
+        next. The channel holds its certificate for the connections it makes, and a
+        connection made with an expired one is refused: the old channel ends once
+        what it carries is answered."""
+        assert self._tls is not None and self.certificate is not None
+        while True:
+            await asyncio.sleep(CERTIFICATE_CHECK_INTERVAL)
+            pair = self.certificate.renewed()
+            if pair is None:
+                continue
+            old_channel, old_stream = self._channel, self._stream
+            self._channel = self._tls.channel(self._address, pair=pair)
+            self._stub = queue_pb2_grpc.QueueServiceStub(self._channel)
+            self._stream = None
+            retiring = asyncio.create_task(self._retire(old_channel, old_stream))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, channel: grpc.aio.Channel, stream: EnqueueStream | None) -> None:
+        try:
+            if stream is not None:
+                await stream.close_when_answered()
+        finally:
+            # An Enqueue call in flight has its timeout to finish.
+            await channel.close(grace=self._timeout)
 
     async def enqueue(self, envelope: queue_pb2.Envelope, parts: list[bytes]) -> str:
         """Send envelope and body; returns the queue id once the message is durably stored.
@@ -99,6 +137,9 @@ class QueueClient:
         return self._stream
 
     async def close(self) -> None:
+        for retiring in list(self._retiring):
+            retiring.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         if self._stream is not None:
             await self._stream.close()
         await self._channel.close()
