@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kurrier.cli import kubectl_plugin
+from kurrier.cli.main import build_parser
 
 from tests.support.kube import Api, TestCluster
 
@@ -189,3 +192,62 @@ def test_usage_errors_are_caught_before_the_cluster_is_asked(tmp_path: Path) -> 
     unreadable = _plugin(missing, "queue", "list")
     assert unreadable.returncode == 1
     assert str(missing) in unreadable.stderr
+
+
+def test_finds_no_queue_of_another_release_nor_one_not_running(
+    cluster: TestCluster, tmp_path: Path
+) -> None:
+    api = cluster.api()
+    namespace = "kubectl-plugin-pending"
+    api.ensure_namespace(namespace)
+    labels = {"app.kubernetes.io/instance": "kurrier", "app.kubernetes.io/component": "queue"}
+    # Scheduled nowhere (no node runs here): it stays Pending.
+    pending = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "kurrier-queue-pending", "namespace": namespace, "labels": labels},
+        "spec": {"containers": [{"name": "queue", "image": "kurrier:test"}]},
+    }
+    _created(api, pending)
+    for release, args in (("kurrier", ()), ("mail", ("--release", "mail"))):
+        result = _plugin(cluster.kubeconfig, "-n", namespace, *args, "queue", "list")
+        assert (result.returncode, result.stderr) == (
+            1,
+            f"kubectl kurrier queue list: no running queue pod of release {release!r}"
+            f" in namespace {namespace}\n",
+        )
+
+
+# What call_queue reads of the admin flags; the plugin reaches the queue itself.
+HONOURED = {
+    "-h",
+    "--help",
+    "--state",
+    "--domain",
+    "--sender",
+    "--all",
+    "--yes",
+    "--rcpt",
+    "--since",
+}
+ACTIONS = ("list", "show", "hold", "release", "delete", "retry", "flush", "history")
+
+
+def _flags(help_text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--?[a-z][\w-]*", help_text))
+
+
+def test_the_plugins_help_lists_no_flag_it_ignores(capsys: pytest.CaptureFixture[str]) -> None:
+    for action in ACTIONS:
+        with pytest.raises(SystemExit):
+            kubectl_plugin.main(["queue", action, "--help"])
+        shown = _flags(capsys.readouterr().out)
+        assert shown <= HONOURED, (action, shown - HONOURED)
+        # `kurrier queue` itself keeps how to reach the queue.
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["queue", action, "--help"])
+        assert {"--data-dir", "--queue-address", "--json"} <= _flags(capsys.readouterr().out)
+    # An ignored flag is not taken silently either.
+    refused = _plugin(Path("unused"), "queue", "list", "--data-dir", "/tmp")
+    assert refused.returncode == 2
+    assert "unrecognized arguments: --data-dir" in refused.stderr

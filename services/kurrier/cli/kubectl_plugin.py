@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", choices=("json", "yaml", "wide"), help="output format (default: text)"
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    add_queue_admin(commands.add_parser("queue", help="administer the release's queue"))
+    add_queue_admin(
+        commands.add_parser("queue", help="administer the release's queue"), reach_flags=False
+    )
     return parser
 
 
@@ -146,7 +148,7 @@ def _formatted(output: str, fmt: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.json = args.json or args.output in ("json", "yaml")
+    args.json = args.output in ("json", "yaml")
     usage = check_admin_args(args)
     if usage:
         print(f"kubectl kurrier queue {args.action}: {usage}", file=sys.stderr)

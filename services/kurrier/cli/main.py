@@ -46,12 +46,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_queue_admin(queue: argparse.ArgumentParser) -> None:
+def add_queue_admin(queue: argparse.ArgumentParser, reach_flags: bool = True) -> None:
+    """The admin actions; reach_flags adds how to reach the queue and --json, which
+    `kubectl kurrier` has no use for (it reaches the queue through the API server
+    and prints what -o asks)."""
     admin = queue.add_subparsers(dest="action", parser_class=Parser, metavar="ACTION")
     where = Parser(add_help=False)
-    add_settings(where, QUEUE_ADMIN)
-    where.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="a `kurrier up`")
-    where.add_argument("--json", action="store_true", help="machine-readable output")
+    if reach_flags:
+        add_settings(where, QUEUE_ADMIN)
+        where.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="a `kurrier up`")
+        where.add_argument("--json", action="store_true", help="machine-readable output")
     filters = Parser(add_help=False)
     filters.add_argument("--state", choices=("active", "deferred", "held"))
     filters.add_argument("--domain", help="messages with a pending recipient in this domain")
