@@ -99,6 +99,20 @@ def test_expired_message_bounces_with_the_last_reply(
         _send(relay, "s@senders.test", ["slow@example.com"], _message("expiring"))
         [notice] = bounce_sink.wait_for(1, timeout=60)
         wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+        # Its history ends with the expiry and the notification that reported it.
+        events: list[dict[str, Any]] = []
+
+        def expiry_in_history() -> bool:
+            found = relay.queue_admin("history", "--json", "--rcpt", "slow@example.com")
+            assert found.returncode == 0, found.stderr
+            events[:] = json.loads(found.stdout).get("events", [])
+            return [e["event"] for e in events][-2:] == ["expired", "dsn"]
+
+        wait_until(expiry_in_history, 30, "the expiry in the message's history")
+        expired, dsn = (e["details"] for e in events[-2:])
+        assert expired["recipient"] == "slow@example.com"
+        assert expired["reply"] == "451 4.7.1 greylisted, come back later"
+        assert (dsn["action"], dsn["recipients"]) == ("failed", "slow@example.com")
     assert sink.messages == []
     [per_recipient] = parse_report(notice.content).per_recipient
     assert per_recipient["Final-Recipient"] == "rfc822; slow@example.com"
