@@ -126,6 +126,16 @@ async def test_an_unreachable_policy_means_no_policy_until_one_is_fetched(
         assert len(first.messages) == 1
 
 
+def _cached_mx(policies: StsPolicies) -> tuple[str, ...]:
+    cached = policies.cached("fresh.test")
+    return cached.mx if cached else ()
+
+
+def _cached_id(policies: StsPolicies) -> str:
+    cached = policies.cached("fresh.test")
+    return cached.id if cached else ""
+
+
 async def test_cached_policies_are_refreshed_ahead_of_expiry_and_on_a_new_id(
     dns_server: DnsServer, test_ca: TestCA
 ) -> None:
@@ -146,13 +156,14 @@ async def test_cached_policies_are_refreshed_ahead_of_expiry_and_on_a_new_id(
         now[0] += 86400 / 2  # half its max_age
         refresher = asyncio.create_task(policies.keep_fresh(interval=0.05))
         try:
-            await eventually(lambda: web.requests == 2, 10, "the refresh ahead of expiry")
+            await eventually(lambda: _cached_mx(policies) == ("mx2.x",), 10, "the refresh")
             # A new id is fetched at its next refresh, however young the policy.
             web.policy = sts_policy("testing", "mx2.x")
             dns_server.add("_mta-sts.fresh.test", "TXT", '"v=STSv1; id=2"', ttl=0)
-            await eventually(lambda: web.requests == 3, 10, "the refresh for the new id")
+            await eventually(lambda: _cached_id(policies) == "2", 10, "the new id's policy")
         finally:
             refresher.cancel()
+        assert web.requests == 3
     # The first policy would have expired now, with its host gone: the refreshed one holds.
     now[0] += 86400 / 2
     policy = await policies.policy_for("fresh.test")

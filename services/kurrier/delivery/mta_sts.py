@@ -177,7 +177,8 @@ class StsPolicies:
         self._failed: dict[str, tuple[str, float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def _cached(self, domain: str) -> StsPolicy | None:
+    def cached(self, domain: str) -> StsPolicy | None:
+        """The domain's policy as cached, if it has not expired."""
         policy = self._cache.get(domain)
         if policy is not None and policy.expires <= self._clock():
             del self._cache[domain]
@@ -189,12 +190,12 @@ class StsPolicies:
         try:
             records = await self._dns.txt(f"_mta-sts.{domain}")
         except UnroutableDomain:
-            return self._cached(domain)
+            return self.cached(domain)
         current_id = policy_id(records)
         # RFC 8461 5.1: without a TXT record a cached policy stays in force until it expires.
         if current_id is None:
-            return self._cached(domain)
-        cached = self._cached(domain)
+            return self.cached(domain)
+        cached = self.cached(domain)
         if cached is not None and cached.id == current_id:
             return cached
         return await self._update(domain, current_id, ahead=False)
@@ -210,7 +211,7 @@ class StsPolicies:
                 current_id = policy_id(await self._dns.txt(f"_mta-sts.{domain}"))
             except UnroutableDomain:
                 continue
-            if current_id is not None and self._cached(domain) is not None:
+            if current_id is not None and self.cached(domain) is not None:
                 await self._update(domain, current_id, ahead=True)
 
     async def keep_fresh(self, interval: float = REFRESH_CHECK_INTERVAL) -> None:
@@ -228,7 +229,7 @@ class StsPolicies:
         past its refresh time. A failed fetch leaves the cached policy in force."""
         lock = self._locks.setdefault(domain, asyncio.Lock())
         async with lock:
-            cached = self._cached(domain)
+            cached = self.cached(domain)
             if (
                 cached is not None
                 and cached.id == current_id
