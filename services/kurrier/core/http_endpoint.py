@@ -1,4 +1,5 @@
-"""The small HTTP endpoint every service serves: /healthz for probes, /metrics for Prometheus.
+"""The small HTTP endpoint every service serves: /healthz for probes, /metrics for Prometheus,
+and the JSON documents a service adds (delivery's /tlsrpt).
 
 Plain asyncio, no framework: two GET routes do not justify a web stack in
 every container.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.telemetry import render_metrics
@@ -22,6 +23,8 @@ _MAX_REQUEST_HEAD = 8192
 HealthCheck = Callable[[], bool]
 MetricsRenderer = Callable[[], bytes]
 Refresh = Callable[[], Awaitable[None]]
+# A JSON document, made from the request's query string; ValueError for a bad query.
+Document = Callable[[str], bytes]
 # However often /metrics is asked, an expensive refresh runs at most this often.
 REFRESH_INTERVAL = 1.0
 REFRESH_TIMEOUT = 5.0
@@ -40,6 +43,11 @@ def _path(request_line: bytes) -> bytes:
     return parts[1].split(b"?", 1)[0] if len(parts) == 3 else b""
 
 
+def _query(request_line: bytes) -> str:
+    parts = request_line.split()
+    return parts[1].partition(b"?")[2].decode("ascii", "replace") if len(parts) == 3 else ""
+
+
 class HttpEndpoint:
     """refresh, when given, brings gauges counted on demand up to date before /metrics."""
 
@@ -48,10 +56,12 @@ class HttpEndpoint:
         healthy: HealthCheck,
         metrics: MetricsRenderer | None = render_metrics,
         refresh: Refresh | None = None,
+        documents: Mapping[str, Document] | None = None,
     ) -> None:
         self._healthy = healthy
         self._metrics = metrics
         self._refresh = refresh
+        self._documents = {path.encode(): make for path, make in (documents or {}).items()}
         self._refreshed_at = float("-inf")
 
     def respond(self, request_line: bytes) -> bytes:
@@ -65,6 +75,12 @@ class HttpEndpoint:
             return _response("503 Service Unavailable", "text/plain", b"unhealthy\n")
         if path == b"/metrics" and self._metrics is not None:
             return _response("200 OK", "text/plain; version=0.0.4", self._metrics())
+        if path in self._documents:
+            try:
+                document = self._documents[path](_query(request_line))
+            except ValueError as error:
+                return _response("400 Bad Request", "text/plain", f"{error}\n".encode())
+            return _response("200 OK", "application/json", document)
         return _response("404 Not Found", "text/plain", b"not found\n")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

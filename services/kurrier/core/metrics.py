@@ -73,6 +73,12 @@ DELIVERY_DURATION = _METER.create_histogram(
     description="Duration of one SMTP transaction to a route's next hop",
     explicit_bucket_boundaries_advisory=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
 )
+TLS_SESSIONS = _METER.create_counter(
+    "kurrier.delivery.tls.sessions",
+    unit="{session}",
+    description="Sessions delivery opened to MX hosts, by policy type (sts, "
+    "no-policy-found) and result (success, or an RFC 8460 result type)",
+)
 HISTORY_EVENTS_DROPPED = _METER.create_counter(
     "kurrier.history.events.dropped",
     unit="{event}",

@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from kurrier.core.history import HISTORY
-from kurrier.core.http_endpoint import HttpEndpoint, Refresh
+from kurrier.core.http_endpoint import Document, HttpEndpoint, Refresh
 from kurrier.core.jetstream import (
     JETSTREAM_UNANSWERED,
     HistoryLimits,
@@ -83,6 +83,8 @@ class Hooks:
     healthy: Callable[[], bool] = _always
     # Brings gauges counted on demand up to date before /metrics.
     refresh_metrics: Refresh | None = None
+    # JSON documents served beside /metrics, by path.
+    documents: Mapping[str, Document] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,9 @@ async def serve(service: Service) -> None:
         if service.metrics_listen:
             healthy = hooks.healthy
             endpoint = HttpEndpoint(
-                lambda: healthy() and nc.is_connected, refresh=hooks.refresh_metrics
+                lambda: healthy() and nc.is_connected,
+                refresh=hooks.refresh_metrics,
+                documents=hooks.documents,
             )
             await endpoint.serve(service.metrics_listen)
         if service.first_table is not None:

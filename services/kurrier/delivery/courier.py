@@ -26,6 +26,7 @@ from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.smtp_client import Reply, SmtpSession, SmtpTemporaryError, TlsUnavailable
 from kurrier.delivery.spans import traced_delivery
 from kurrier.delivery.tls_policy import client_context
+from kurrier.delivery.tls_reports import TlsReports
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Courier:
         assert verify is not None
         self.sts = StsPolicies(self._dns, verify)
         self._signer = DkimSigner()
+        self.tls_reports = TlsReports(settings.helo_name)
         self._rates = SendingRates()
 
     async def deliver(
@@ -178,26 +180,36 @@ class Courier:
         return mx_hops(domain, hosts, tls_mode, policy, self._settings.mx_port)
 
     def _opener(self, hop: NextHop, route: CompiledRoute) -> Opener:
-        settings = self._settings
         # Only the smarthost the route names ever sees its credentials.
         credentials = None
         if route.smarthost is not None and route.username is not None:
             credentials = (route.username, route.password or "")
 
         async def open_session() -> SmtpSession:
-            return await SmtpSession.open(
-                hop.address,
-                hop.port,
-                server_name=hop.server_name,
-                helo_name=settings.helo_name,
-                tls_mode=hop.tls_mode,
-                tls_context=client_context(hop.tls_mode, settings.tls_ca_file),
-                timeout=settings.smtp_timeout,
-                connect_timeout=settings.connect_timeout,
-                credentials=credentials,
-            )
+            try:
+                session = await self._open(hop, credentials)
+            except TlsUnavailable as error:
+                self.tls_reports.record(hop, error.result_type)
+                raise
+            if hop.tls_mode != "none":
+                self.tls_reports.record(hop, None if session.tls else "starttls-not-supported")
+            return session
 
         return open_session
+
+    async def _open(self, hop: NextHop, credentials: tuple[str, str] | None) -> SmtpSession:
+        settings = self._settings
+        return await SmtpSession.open(
+            hop.address,
+            hop.port,
+            server_name=hop.server_name,
+            helo_name=settings.helo_name,
+            tls_mode=hop.tls_mode,
+            tls_context=client_context(hop.tls_mode, settings.tls_ca_file),
+            timeout=settings.smtp_timeout,
+            connect_timeout=settings.connect_timeout,
+            credentials=credentials,
+        )
 
     async def _send(
         self,

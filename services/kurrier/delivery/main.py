@@ -37,4 +37,8 @@ async def _start(settings: DeliverySettings, nats: Connected) -> Hooks:
         await worker.run(nats.stop)
 
     courier = worker.courier
-    return Hooks(main=deliver, helpers=[courier.pool.run_reaper, courier.sts.keep_fresh])
+    return Hooks(
+        main=deliver,
+        helpers=[courier.pool.run_reaper, courier.sts.keep_fresh],
+        documents={"/tlsrpt": courier.tls_reports.report_document},
+    )

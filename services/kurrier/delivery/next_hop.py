@@ -18,6 +18,9 @@ class NextHop:
     port: int
     server_name: str  # what the certificate must name (and the SNI sent)
     tls_mode: str
+    # For MX hosts: the recipient domain, and its MTA-STS policy as applied (TLS reports).
+    policy_domain: str = ""
+    policy: StsPolicy | None = None
 
     @property
     def label(self) -> str:
@@ -47,7 +50,9 @@ def mx_hops(
                 continue
             log.warning("MTA-STS (testing) of %s does not list MX host %s", domain, host.name)
         mode = "verify" if enforce else tls_mode
-        hops.extend(NextHop(address, port, host.name, mode) for address in host.addresses)
+        hops.extend(
+            NextHop(address, port, host.name, mode, domain, policy) for address in host.addresses
+        )
     if not hops:
         raise UnroutableDomain(f"451 4.7.5 no MX host of {domain} matches its MTA-STS policy")
     return hops

@@ -57,7 +57,24 @@ class SmtpTemporaryError(Exception):
 
 class TlsUnavailable(SmtpTemporaryError):
     """The server's TLS is missing or failed verification: not a network accident, so
-    trying again soon will likely meet the same (delivery/require_tls.py bounces on it)."""
+    trying again soon will likely meet the same (delivery/require_tls.py bounces on it).
+
+    result_type names the failure as TLS reports do (RFC 8460 4.3).
+    """
+
+    def __init__(self, message: str, status: str, result_type: str) -> None:
+        super().__init__(message, status)
+        self.result_type = result_type
+
+
+# OpenSSL's verify codes (X509_V_ERR_*) that TLS reports name on their own.
+_VERIFY_RESULT_TYPES = {10: "certificate-expired", 62: "certificate-host-mismatch"}
+
+
+def _handshake_result_type(error: ssl.SSLError | ssl.CertificateError) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return _VERIFY_RESULT_TYPES.get(error.verify_code, "certificate-not-trusted")
+    return "validation-failure"
 
 
 @dataclass
@@ -153,7 +170,11 @@ class SmtpSession:
         if "STARTTLS" not in self.extensions:
             if tls_mode == "opportunistic":
                 return
-            raise TlsUnavailable(f"STARTTLS not offered; route requires TLS ({tls_mode})", "4.7.10")
+            raise TlsUnavailable(
+                f"STARTTLS not offered; route requires TLS ({tls_mode})",
+                "4.7.10",
+                "starttls-not-supported",
+            )
         reply = await self.command("STARTTLS")
         if reply.code != 220:
             raise SmtpTemporaryError(f"STARTTLS refused: {reply}", "4.7.10")
@@ -163,7 +184,9 @@ class SmtpSession:
                 self.writer.start_tls(context, server_hostname=server_name), timeout=self.timeout
             )
         except (ssl.SSLError, ssl.CertificateError) as error:
-            raise TlsUnavailable(f"TLS handshake failed: {error}", "4.7.5") from error
+            raise TlsUnavailable(
+                f"TLS handshake failed: {error}", "4.7.5", _handshake_result_type(error)
+            ) from error
         except (OSError, TimeoutError) as error:
             raise SmtpTemporaryError(f"TLS handshake failed: {error}", "4.7.5") from error
         self.tls = True
