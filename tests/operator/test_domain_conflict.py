@@ -23,7 +23,11 @@ from tests.support.processes import wait_until
 from tests.support.relay import route
 
 SHARED = "shared.test"
-CONFLICT = f"domain '{SHARED}' is declared by more than one RelayDomain"
+
+
+def _conflict(namespace: str, holder: str) -> str:
+    declared = f"domain '{SHARED}' is declared by more than one RelayDomain"
+    return f"{declared} ({namespace}/{holder} keeps it)"
 
 
 def _domain(name: str, accept_inbound: bool) -> str:
@@ -61,7 +65,10 @@ def test_two_relay_domains_for_one_domain_conflict(
         apply(kube, namespace, _domain("a-outbound", accept_inbound=False))
         loser = wait_for_status(kube, "RelayDomain", namespace, "a-outbound", ready=False)
         [condition] = loser["status"]["conditions"]
-        assert (condition["reason"], condition["message"]) == ("Conflict", CONFLICT)
+        assert (condition["reason"], condition["message"]) == (
+            "Conflict",
+            _conflict(namespace, "b-inbound"),
+        )
         wait_for_status(kube, "RelayDomain", namespace, "b-inbound", ready=True)
         table = wait_for_table(
             nats_server.url,
@@ -70,7 +77,9 @@ def test_two_relay_domains_for_one_domain_conflict(
         )
         assert [(d["domain"], d["accept_inbound"]) for d in table["domains"]] == [(SHARED, True)]
         warnings = [e for e in events_of(kube, namespace, "a-outbound") if e["type"] == "Warning"]
-        assert [(e["reason"], e["message"]) for e in warnings] == [("Conflict", CONFLICT)]
+        assert [(e["reason"], e["message"]) for e in warnings] == [
+            ("Conflict", _conflict(namespace, "b-inbound"))
+        ]
 
         # The one in use goes: the other is published, and Ready again.
         delete(kube, "RelayDomain", namespace, "b-inbound")

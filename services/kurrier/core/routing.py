@@ -49,6 +49,9 @@ class Problem(_Frozen):
 class CompiledRoute(_Frozen):
     name: str
     priority: int
+    # The namespace whose mail this route carries (core/tenancy.py); the
+    # platform's routes carry everyone's. "" without tenancy.
+    namespace: str = ""
     recipient_domains: tuple[str, ...]
     sender_domains: tuple[str, ...] = ()
     smarthost: tuple[str, int] | None = None
@@ -79,6 +82,8 @@ class CompiledDkimKey(_Frozen):
 class CompiledDomain(_Frozen):
     domain: str
     accept_inbound: bool
+    # The namespace that declared it (core/tenancy.py); "" without tenancy.
+    namespace: str = ""
     # Usable keys only, in the order their signatures go on the message.
     dkim_keys: tuple[CompiledDkimKey, ...] = ()
 
@@ -101,6 +106,14 @@ class CompiledPolicy(_Frozen):
     users: dict[str, str] = Field(default_factory=dict, repr=False)
     service_account_audience: str | None = None
     sender_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # With tenancy (core/tenancy.py): the namespace of each user and trusted
+    # network, and each tenant's own sender rules (sender_rules holds the
+    # platform's, which grant tenants their sender domains).
+    user_namespaces: dict[str, str] = Field(default_factory=dict)
+    network_namespaces: dict[str, str] = Field(default_factory=dict)
+    tenant_sender_rules: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = Field(
+        default_factory=dict
+    )
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_recipients: int = DEFAULT_MAX_RECIPIENTS
     rate_per_minute: int | None = None
@@ -160,27 +173,45 @@ class RoutingTable(_Frozen):
     routes: tuple[CompiledRoute, ...] = ()
     domains: tuple[CompiledDomain, ...] = ()
     policy: CompiledPolicy = CompiledPolicy()
+    # The namespace whose resources govern everyone's mail; "" when there is
+    # no tenancy and every resource does (core/tenancy.py).
+    platform_namespace: str = ""
 
     # Indexes derived once per table, so lookups stay off the per-recipient hot path.
     _domains_by_name: dict[str, CompiledDomain] = PrivateAttr(default_factory=dict)
     _networks: tuple[IPNetwork, ...] = PrivateAttr(default=())
-    _route_memo: dict[tuple[str, str], CompiledRoute | None] = PrivateAttr(default_factory=dict)
+    _route_memo: dict[tuple[str, str, str], CompiledRoute | None] = PrivateAttr(
+        default_factory=dict
+    )
 
     def model_post_init(self, context: Any, /) -> None:
         self._domains_by_name = {entry.domain: entry for entry in self.domains}
         self._networks = tuple(ipaddress.ip_network(n) for n in self.policy.trusted_networks)
 
-    def route_for(self, recipient_domain: str, sender_domain: str = "") -> CompiledRoute | None:
-        """The first matching route; compile_table keeps them in priority order."""
-        key = (recipient_domain, sender_domain)
+    def governs(self, namespace: str, tenant: str) -> bool:
+        """Whether a resource of namespace applies to the mail of tenant: its own
+        and the platform's do ("" is the platform's mail, as is every message
+        without tenancy)."""
+        return namespace in (self.platform_namespace, tenant)
+
+    def route_for(
+        self, recipient_domain: str, sender_domain: str = "", tenant: str = ""
+    ) -> CompiledRoute | None:
+        """The first matching route of those governing tenant's mail; compile_table
+        keeps them in priority order."""
+        key = (recipient_domain, sender_domain, tenant)
         if key not in self._route_memo:
             if len(self._route_memo) > _ROUTE_MEMO_LIMIT:
                 self._route_memo.clear()
-            self._route_memo[key] = self._match(recipient_domain, sender_domain)
+            self._route_memo[key] = self._match(recipient_domain, sender_domain, tenant)
         return self._route_memo[key]
 
-    def _match(self, recipient_domain: str, sender_domain: str) -> CompiledRoute | None:
+    def _match(
+        self, recipient_domain: str, sender_domain: str, tenant: str
+    ) -> CompiledRoute | None:
         for route in self.routes:
+            if not self.governs(route.namespace, tenant):
+                continue
             if not any(domain_matches(p, recipient_domain) for p in route.recipient_domains):
                 continue
             if route.sender_domains and not any(
@@ -193,16 +224,25 @@ class RoutingTable(_Frozen):
     def domain(self, name: str) -> CompiledDomain | None:
         return self._domains_by_name.get(name)
 
-    def accepts_inbound(self, recipient_domain: str) -> bool:
+    def inbound_owner(self, recipient_domain: str) -> str | None:
+        """The namespace whose RelayDomain accepts mail for recipient_domain from
+        anyone, or None when none does."""
         entry = self._domains_by_name.get(recipient_domain)
-        return entry is not None and entry.accept_inbound
+        return entry.namespace if entry is not None and entry.accept_inbound else None
 
-    def is_trusted(self, client_ip: str) -> bool:
+    def accepts_inbound(self, recipient_domain: str) -> bool:
+        return self.inbound_owner(recipient_domain) is not None
+
+    def trusted_network_of(self, client_ip: str) -> str | None:
+        """The trusted network client_ip is in, or None."""
         try:
             address = ipaddress.ip_address(client_ip)
         except ValueError:
-            return False
-        return any(address in network for network in self._networks)
+            return None
+        return next((str(n) for n in self._networks if address in n), None)
+
+    def is_trusted(self, client_ip: str) -> bool:
+        return self.trusted_network_of(client_ip) is not None
 
     def limits_client(self, client_ip: str) -> bool:
         """Whether the per-client limits (connections, message rate) apply to client_ip:
@@ -220,7 +260,7 @@ def _display_name(resource: RelayDomain | RelayRoute | RelayPolicy) -> str:
 
 
 def _compile_route(
-    route: RelayRoute, secrets: dict[tuple[str, str], Secret], problems: list[Problem]
+    route: RelayRoute, secrets: dict[tuple[str, str], Secret], problems: list[Problem], owner: str
 ) -> CompiledRoute:
     spec = route.spec
     username = password = problem = None
@@ -240,6 +280,7 @@ def _compile_route(
     return CompiledRoute(
         name=_display_name(route),
         priority=spec.priority,
+        namespace=owner,
         recipient_domains=tuple(spec.match.recipientDomains),
         sender_domains=tuple(spec.match.senderDomains),
         smarthost=(smarthost.host, smarthost.port) if smarthost else None,
@@ -277,47 +318,60 @@ def dkim_keys(
 
 
 def _compile_domain(
-    domain: RelayDomain, secrets: dict[tuple[str, str], Secret], problems: list[Problem]
+    domain: RelayDomain,
+    secrets: dict[tuple[str, str], Secret],
+    problems: list[Problem],
+    owner: str,
 ) -> CompiledDomain:
     keys, key_problems = dkim_keys(domain, secrets)
     problems.extend(key_problems)
     return CompiledDomain(
         domain=domain.spec.domain,
         accept_inbound=domain.spec.acceptInbound,
+        namespace=owner,
         dkim_keys=tuple(keys),
     )
 
 
 def _compile_policy(
-    policies: list[RelayPolicy], secrets: dict[tuple[str, str], Secret], problems: list[Problem]
+    policies: list[RelayPolicy],
+    secrets: dict[tuple[str, str], Secret],
+    problems: list[Problem],
+    platform: str,
 ) -> CompiledPolicy:
     """Several policies merge into the strictest reading of all of them.
 
     Networks, users and sender rules add up; limits take the lowest value;
     TLS before AUTH is required if any policy requires it; bounces for
     unauthenticated mail go as far as the narrowest scope; a delay warning
-    goes at the earliest age any policy sets. What cannot be
-    both (a ServiceAccount audience, a user's password hash) is taken from
-    the policy that comes first by `_precedence`, and the others are told.
+    goes at the earliest age any policy sets. What cannot be both (a
+    ServiceAccount audience, a user's password hash, a trusted network) is
+    taken from the policy that comes first by `_precedence`, and the others
+    are told. With tenancy (platform set) the limits are the platform's
+    policies' alone, and each tenant's sender rules bind only its own
+    identities (core/tenancy.py).
     """
     if not policies:
         return CompiledPolicy()
-    policies = sorted(policies, key=_precedence)
-    networks: list[str] = []
+    policies = sorted(policies, key=lambda p: _precedence(p, platform))
+    limiting = [p for p in policies if not platform or _namespace(p) == platform] or [
+        RelayPolicy.model_validate(_DEFAULT_POLICY)
+    ]
+    networks: dict[IPNetwork, tuple[str, str]] = {}  # network -> (namespace, declared by)
     users: dict[str, str] = {}
+    user_namespaces: dict[str, str] = {}
     rules: list[tuple[str, tuple[str, ...]]] = []
+    tenant_rules: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
     audience, audience_from = "", ""
-    rates: list[int] = []
-    identity_rates: list[int] = []
     for policy in policies:
         spec = policy.spec
-        networks.extend(n for n in spec.trustedNetworks if n not in networks)
-        rules.extend((rule.identity, tuple(rule.domains)) for rule in spec.senderRules)
-        limit = spec.rateLimit
-        if limit is not None and limit.perClientPerMinute is not None:
-            rates.append(limit.perClientPerMinute)
-        if limit is not None and limit.perIdentityPerMinute is not None:
-            identity_rates.append(limit.perIdentityPerMinute)
+        owner = _namespace(policy) if platform else ""
+        _add_networks(policy, owner, networks, problems)
+        policy_rules = [(rule.identity, tuple(rule.domains)) for rule in spec.senderRules]
+        if owner and owner != platform:
+            tenant_rules.setdefault(owner, []).extend(policy_rules)
+        else:
+            rules.extend(policy_rules)
         if spec.auth is None:
             continue
         wanted = spec.auth.serviceAccountAudience or ""
@@ -329,23 +383,29 @@ def _compile_policy(
             )
             problems.append(_problem(policy, "Conflict", message))
         if spec.auth.usersSecretRef is not None:
-            _add_users(policy, spec.auth.usersSecretRef.name, secrets, users, problems)
+            added = _add_users(policy, spec.auth.usersSecretRef.name, secrets, users, problems)
+            user_namespaces.update((user, owner) for user in added if owner)
+    rates = [p.spec.rateLimit.perClientPerMinute for p in limiting if p.spec.rateLimit]
+    identity_rates = [p.spec.rateLimit.perIdentityPerMinute for p in limiting if p.spec.rateLimit]
     return CompiledPolicy(
-        trusted_networks=tuple(networks),
-        require_tls_for_auth=any(p.spec.requireTLSForAuth for p in policies),
+        trusted_networks=tuple(str(network) for network in networks),
+        require_tls_for_auth=any(p.spec.requireTLSForAuth for p in limiting),
         users=users,
         service_account_audience=audience or None,
         sender_rules=tuple(rules),
-        max_message_size=min(p.spec.maxMessageSize for p in policies),
-        max_recipients=min(p.spec.maxRecipients for p in policies),
-        rate_per_minute=min(rates) if rates else None,
-        identity_rate_per_minute=min(identity_rates) if identity_rates else None,
-        max_connections_per_client=min(p.spec.maxConnectionsPerClient for p in policies),
-        limit_trusted_networks=any(p.spec.limitTrustedNetworks for p in policies),
+        user_namespaces=user_namespaces,
+        network_namespaces={str(n): owner for n, (owner, _) in networks.items() if owner},
+        tenant_sender_rules={owner: tuple(found) for owner, found in tenant_rules.items()},
+        max_message_size=min(p.spec.maxMessageSize for p in limiting),
+        max_recipients=min(p.spec.maxRecipients for p in limiting),
+        rate_per_minute=min((r for r in rates if r is not None), default=None),
+        identity_rate_per_minute=min((r for r in identity_rates if r is not None), default=None),
+        max_connections_per_client=min(p.spec.maxConnectionsPerClient for p in limiting),
+        limit_trusted_networks=any(p.spec.limitTrustedNetworks for p in limiting),
         bounce_unauthenticated=min(
-            (p.spec.bounceUnauthenticated for p in policies), key=BOUNCE_SCOPES.index
+            (p.spec.bounceUnauthenticated for p in limiting), key=BOUNCE_SCOPES.index
         ),
-        delay_warning_time=_earliest_warning(policies),
+        delay_warning_time=_earliest_warning(limiting),
     )
 
 
@@ -358,16 +418,55 @@ def _earliest_warning(policies: list[RelayPolicy]) -> float | None:
     return min((age for age in ages if age > 0), default=0.0)
 
 
-def _precedence(resource: RelayDomain | RelayPolicy) -> tuple[str, str, str]:
-    """Which of two resources claiming one thing keeps it: the older, then by name.
+# A tenant's policies set no limits: without a platform policy, the defaults apply.
+_DEFAULT_POLICY = {
+    "apiVersion": "kurrier.io/v1alpha1",
+    "kind": "RelayPolicy",
+    "metadata": {"name": "defaults"},
+    "spec": {},
+}
+
+
+def _add_networks(
+    policy: RelayPolicy,
+    owner: str,
+    networks: dict[IPNetwork, tuple[str, str]],
+    problems: list[Problem],
+) -> None:
+    """The policy's trusted networks; one overlapping a network of another namespace is
+    left out (its clients' mail would be both namespaces'), and the policy told."""
+    for text in policy.spec.trustedNetworks:
+        network = ipaddress.ip_network(text)
+        claimed = next(
+            (
+                (other, by)
+                for other, (namespace, by) in networks.items()
+                if namespace != owner
+                and other.version == network.version
+                and other.overlaps(network)
+            ),
+            None,
+        )
+        if claimed is not None:
+            other, by = claimed
+            message = f"trusted network {text} overlaps {other}, claimed by {by}; ignored"
+            problems.append(_problem(policy, "Conflict", message))
+            continue
+        networks.setdefault(network, (owner, _display_name(policy)))
+
+
+def _precedence(resource: RelayDomain | RelayPolicy, platform: str) -> tuple[bool, str, str, str]:
+    """Which of two resources claiming one thing keeps it: the platform's, then the
+    older, then by name.
 
     The older one keeps it, so creating a resource never takes a domain or a
-    user from one already in use; the order is the same on every replica and
-    after every restart. Resources from a file have no creation time:
-    namespace and name decide.
+    user from one already in use, and a tenant never takes one from the
+    platform; the order is the same on every replica and after every restart.
+    Resources from a file have no creation time: namespace and name decide.
     """
     created = resource.metadata.creationTimestamp or ""
-    return (created, _namespace(resource), resource.metadata.name)
+    tenant = bool(platform) and _namespace(resource) != platform
+    return (tenant, created, _namespace(resource), resource.metadata.name)
 
 
 def _add_users(
@@ -376,12 +475,14 @@ def _add_users(
     secrets: dict[tuple[str, str], Secret],
     users: dict[str, str],
     problems: list[Problem],
-) -> None:
-    """The users of a policy's Secret; a name another policy defined first keeps that hash."""
+) -> list[str]:
+    """Adds the users of a policy's Secret, and names them; a name another policy
+    defined first keeps that hash."""
+    added: list[str] = []
     secret = secrets.get((_namespace(policy), ref))
     if secret is None:
         problems.append(_problem(policy, "SecretInvalid", f"users Secret {ref!r} not found"))
-        return
+        return added
     for user in sorted({*secret.data, *secret.stringData}):
         value = (secret.value(user) or b"").decode(errors="replace").strip()
         if password_hash_scheme(value) is None:
@@ -402,6 +503,9 @@ def _add_users(
                     f"users Secret {ref!r}: {user!r} is defined by an earlier policy; ignored",
                 )
             )
+        else:
+            added.append(user)
+    return added
 
 
 def _problem(
@@ -417,34 +521,56 @@ def _problem(
 
 
 def compile_table(
-    resources: Iterable[Resource], revision: int = 0
+    resources: Iterable[Resource], revision: int = 0, platform_namespace: str = ""
 ) -> tuple[RoutingTable, list[Problem]]:
-    """Compile resources (with the Secrets they reference) into one routing table."""
+    """Compile resources (with the Secrets they reference) into one routing table.
+
+    platform_namespace turns on tenancy (core/tenancy.py): each resource then
+    governs the mail of its own namespace, and those of platform_namespace
+    everyone's. "" keeps one table for all.
+    """
     resources = list(resources)
+    platform = platform_namespace
     secrets = {(_namespace(r), r.metadata.name): r for r in resources if isinstance(r, Secret)}
     problems: list[Problem] = []
+
+    def owner(resource: RelayDomain | RelayRoute | RelayPolicy) -> str:
+        return _namespace(resource) if platform else ""
+
     routes = sorted(
-        (_compile_route(r, secrets, problems) for r in resources if isinstance(r, RelayRoute)),
+        (
+            _compile_route(r, secrets, problems, owner(r))
+            for r in resources
+            if isinstance(r, RelayRoute)
+        ),
         key=lambda route: (-route.priority, route.name),
     )
     domains: dict[str, CompiledDomain] = {}
     declared_by: dict[str, RelayDomain] = {}
-    for resource in sorted((r for r in resources if isinstance(r, RelayDomain)), key=_precedence):
-        if resource.spec.domain in domains:
+    for resource in sorted(
+        (r for r in resources if isinstance(r, RelayDomain)),
+        key=lambda r: _precedence(r, platform),
+    ):
+        holder = declared_by.get(resource.spec.domain)
+        if holder is not None:
             problems.append(
                 _problem(
                     resource,
                     "Conflict",
-                    f"domain {resource.spec.domain!r} is declared by more than one RelayDomain",
+                    f"domain {resource.spec.domain!r} is declared by more than one RelayDomain"
+                    f" ({_display_name(holder)} keeps it)",
                 )
             )
             continue
-        domains[resource.spec.domain] = _compile_domain(resource, secrets, problems)
+        domains[resource.spec.domain] = _compile_domain(
+            resource, secrets, problems, owner(resource)
+        )
         declared_by[resource.spec.domain] = resource
     for domain in domains.values():
         if domain.accept_inbound and not any(
             any(domain_matches(p, domain.domain) for p in route.recipient_domains)
             for route in routes
+            if route.namespace in (platform, domain.namespace)
         ):
             # Reported on the RelayDomain that declared it, so its status can say so.
             problems.append(
@@ -459,6 +585,7 @@ def compile_table(
         revision=revision,
         routes=tuple(routes),
         domains=tuple(domains.values()),
-        policy=_compile_policy(policies, secrets, problems),
+        policy=_compile_policy(policies, secrets, problems, platform),
+        platform_namespace=platform,
     )
     return table, problems
