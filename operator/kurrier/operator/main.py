@@ -41,6 +41,7 @@ class OperatorSettings:
     metrics_listen: str | None
     dkim_dns_check: float | None = None  # seconds between DkimPublished checks; None: off
     dns_resolver: str | None = None
+    platform_namespace: str = ""  # empty: no tenancy (core/tenancy.py)
 
 
 def kopf_settings() -> kopf.OperatorSettings:
@@ -117,7 +118,9 @@ async def _start(
     if settings.dkim_dns_check is not None:
         resolver = dns_resolver(settings.dns_resolver, DKIM_LOOKUP_TIMEOUT)
         dkim_check = DkimDnsCheck(resolver, settings.dkim_dns_check)
-    reconciler = Reconciler(nats.js, api, settings.namespaces, dkim_check)
+    reconciler = Reconciler(
+        nats.js, api, settings.namespaces, dkim_check, settings.platform_namespace
+    )
 
     async def operate() -> None:
         # Created before kopf starts, so kopf does not count it among its own tasks.

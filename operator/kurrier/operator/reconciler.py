@@ -63,8 +63,10 @@ class Reconciler:
         api: ApiServer,
         namespaces: Sequence[str],
         dkim_check: DkimDnsCheck | None = None,
+        platform_namespace: str = "",
     ) -> None:
         self._js = js
+        self._platform_namespace = platform_namespace
         self._dkim_check = dkim_check
         self._next_check: asyncio.TimerHandle | None = None
         self._api = api
@@ -130,7 +132,9 @@ class Reconciler:
         self._compiled = {o.identity: o.generation for o in objects}
         self._referenced = referenced_secrets(resources.values())
         referenced = secret_resources(secrets, self._referenced)
-        table, compile_problems = compile_table([*resources.values(), *referenced])
+        table, compile_problems = compile_table(
+            [*resources.values(), *referenced], platform_namespace=self._platform_namespace
+        )
         revision = await publish_table(self._js, table)
         if revision != self.revision:
             log.info(

@@ -60,6 +60,7 @@ def add_queue_admin(queue: argparse.ArgumentParser, reach_flags: bool = True) ->
     filters.add_argument("--state", choices=("active", "deferred", "held"))
     filters.add_argument("--domain", help="messages with a pending recipient in this domain")
     filters.add_argument("--sender", help="exact sender address ('<>' for bounces)")
+    filters.add_argument("--namespace", help="messages of this tenant (docs/operator.md, Tenancy)")
     listing = admin.add_parser("list", parents=[where, filters], help="list queued messages")
     listing.set_defaults(queue_ids=[])
     show = admin.add_parser("show", parents=[where], help="one message in detail")
@@ -284,6 +285,7 @@ def _run_operator(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
         dkim_dns_check=parse_duration(args.dkim_dns_check) if args.dkim_dns_check else None,
         dns_resolver=args.dns_resolver,
+        platform_namespace=args.platform_namespace.strip(),
     )
     try:
         asyncio.run(serve_operator(settings))

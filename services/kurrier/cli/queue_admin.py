@@ -78,6 +78,7 @@ def _filter(args: argparse.Namespace) -> queue_pb2.MessageFilter:
         recipient_domain=getattr(args, "domain", None) or "",
         sender="" if sender in (None, "<>") else sender,
         null_sender=sender == "<>",
+        tenant=getattr(args, "namespace", None) or "",
     )
 
 
@@ -128,6 +129,7 @@ def format_detail(detail: queue_pb2.MessageDetail) -> str:
         f"Client:       {detail.client_address} (HELO {detail.client_helo or '-'}"
         f"{', trusted network' if detail.client_trusted else ''})",
         f"Auth:         {detail.authenticated_as or '-'}",
+        f"Tenant:       {summary.tenant or '-'}",
         f"Message-ID:   {detail.message_id_header or '-'}",
         f"DSN:          {_dsn_text(mail_parameters_text(mail_dsn))}",
         f"REQUIRETLS:   {'yes' if detail.require_tls else 'no'}",

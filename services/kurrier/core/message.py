@@ -82,6 +82,8 @@ class MessageRecord(_Model):
     # or trusted, its sender is believed; otherwise bounces follow the policy's
     # bounceUnauthenticated (queue/notice_policy.py).
     client_trusted: bool = False
+    # The namespace whose resources govern the message (core/tenancy.py).
+    tenant: str = ""
     smtputf8: bool = False
     body_type: str = ""
     message_id_header: str = ""
@@ -137,11 +139,14 @@ class MessageRecord(_Model):
 # NOTIFY=NEVER, a "relayed" notice never sent). Version 3 jobs carry their
 # body: a version 2 pod would look for it in the bodies stream, find nothing
 # and drop the job as a deleted message's. Version 4 jobs may ask for
-# REQUIRETLS: a version 3 pod would send them over any TLS or none.
-WIRE_VERSION = 4
+# REQUIRETLS: a version 3 pod would send them over any TLS or none. Version 5
+# jobs carry their tenant: a version 4 pod would route them by every
+# namespace's routes.
+WIRE_VERSION = 5
 DSN_WIRE_VERSION = 2
 BODY_WIRE_VERSION = 3
 REQUIRE_TLS_WIRE_VERSION = 4
+TENANT_WIRE_VERSION = 5
 
 
 class _Tolerant(BaseModel):
@@ -210,6 +215,8 @@ class DeliveryJob(WireMessage):
     body: bytes | None = None
     # REQUIRETLS (RFC 8689; MessageRecord.require_tls).
     require_tls: bool = False
+    # The namespace whose routes carry the message (core/tenancy.py).
+    tenant: str = ""
 
     @field_serializer("body_store")
     def _store_on_the_wire(self, where: BodyStore) -> str:
@@ -225,6 +232,8 @@ class DeliveryJob(WireMessage):
         return self
 
     def _version_needed(self) -> int:
+        if self.tenant:
+            return TENANT_WIRE_VERSION
         if self.require_tls:
             return REQUIRE_TLS_WIRE_VERSION
         if self.body is not None:

@@ -86,19 +86,26 @@ HISTORY_EVENTS_DROPPED = _METER.create_counter(
 )
 
 
+def tenant_label(tenant: str) -> dict[str, str]:
+    """The `tenant` label of the message counters: the namespace whose resources govern
+    the message (core/tenancy.py), so at most one series per namespace; none without
+    tenancy."""
+    return {"tenant": tenant} if tenant else {}
+
+
 def rejected(reply: str) -> None:
     """Count a refusal (a 4xx or 5xx reply) by ingress, by its codes."""
     code = reply_code(reply)
     MESSAGES_REJECTED.add(1, {"code": str(code), "reason": enhanced_status(reply) or str(code)})
 
 
-def count_final(status: str, received_at: float, now: float) -> None:
+def count_final(status: str, received_at: float, now: float, tenant: str = "") -> None:
     """Count a recipient that reached a final status (delivered, bounced, expired)."""
     if status == "delivered":
-        RECIPIENTS_DELIVERED.add(1)
+        RECIPIENTS_DELIVERED.add(1, tenant_label(tenant))
     else:
         reason = "expired" if status == "expired" else "rejected"
-        RECIPIENTS_BOUNCED.add(1, {"reason": reason})
+        RECIPIENTS_BOUNCED.add(1, {"reason": reason, **tenant_label(tenant)})
     TIME_IN_QUEUE.record(max(0.0, now - received_at), {"outcome": status})
 
 

@@ -293,6 +293,12 @@ OPERATOR = (
     *COMMON,
     Setting("namespaces", "namespaces to watch, comma separated (all)", default=""),
     Setting(
+        "platform_namespace",
+        "the namespace whose resources govern everyone's mail; each other namespace's "
+        "only its own (empty: no tenancy, every resource governs all mail)",
+        default="",
+    ),
+    Setting(
         "kubeconfig",
         "kubeconfig file (default: KUBECONFIG, in-cluster, ~/.kube/config)",
         existing_file,

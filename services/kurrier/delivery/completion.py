@@ -61,7 +61,7 @@ async def finish_delivered(
         return False
     now = time.time()
     for outcome in outcomes:
-        count_final("delivered", job.received_at, now)
+        count_final("delivered", job.received_at, now, job.tenant)
         HISTORY.record(
             job.queue_id, "delivered", at=now, recipient=outcome.address, reply=outcome.reply
         )

@@ -102,7 +102,7 @@ class Courier:
         groups: dict[tuple[str, str], tuple[CompiledRoute | None, list[str]]] = {}
         for recipient in job.recipients:
             domain = domain_of(recipient)
-            route = table.route_for(domain, sender_domain)
+            route = table.route_for(domain, sender_domain, job.tenant)
             key = (route.name if route else "", domain if route and route.mx else "")
             groups.setdefault(key, (route, []))[1].append(recipient)
         # Signed once per form the attempt's hops need, whatever the number of groups.
@@ -120,6 +120,7 @@ class Courier:
                     route,
                     recipients,
                     self._deliver_group(job, route, domain, recipients, forms, demand),
+                    job.tenant,
                 )
                 for (_, domain), (route, recipients) in groups.items()
             )

@@ -35,11 +35,14 @@ async def traced_delivery(
     route: CompiledRoute | None,
     recipients: Sequence[str],
     work: Awaitable[list[RecipientOutcome]],
+    tenant: str = "",
 ) -> list[RecipientOutcome]:
     """One SMTP transaction to the next hop of a route: its span, latency and outcomes."""
     route_name = route.name if route else ""
     attributes: dict[str, Any] = smtp_attributes(map(domain_of, recipients), len(recipients))
     attributes["kurrier.route"] = route_name
+    if tenant:
+        attributes["kurrier.tenant"] = tenant
     if route is not None and route.smarthost is not None:
         attributes["server.address"], attributes["server.port"] = route.smarthost
     started = time.monotonic()

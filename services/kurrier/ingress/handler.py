@@ -24,6 +24,7 @@ from kurrier.core.message import new_queue_id
 from kurrier.core.routing import CompiledPolicy, domain_of
 from kurrier.core.smtp_text import header_section
 from kurrier.core.table_store import TableFollower
+from kurrier.core.tenancy import check_tenant_sender, inbound_tenant, is_tenant, tenant_of
 from kurrier.ingress import require_tls
 from kurrier.ingress.connection_gate import client_key
 from kurrier.ingress.identities import Identities
@@ -50,6 +51,8 @@ AUTH_NOT_HERE = "503 5.5.1 AUTH is only offered on the submission ports"
 AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism"
 AUTH_LOCKED_OUT = "421 4.7.0 Too many failed authentication attempts, try again later"
 AUTH_TEMPORARY = "454 4.7.0 Temporary authentication failure, try again later"
+# RFC 5321 3.3: a client retries a 452 recipient in a later transaction.
+OTHER_TENANT = "452 4.5.3 Recipients of another tenant go in a transaction of their own"
 
 
 def message_id_of(content: bytes) -> str:
@@ -214,7 +217,11 @@ class RelayHandler:
         client_ip = peer_ip(session)
         identity = _identity(session)
         trusted = table.is_trusted(client_ip)
-        refusal = check_sender_identity(policy, identity, trusted, sender)
+        tenant = tenant_of(table, identity, client_ip)
+        if tenant is not None and is_tenant(table, tenant):
+            refusal = check_tenant_sender(table, tenant, identity, sender)
+        else:
+            refusal = check_sender_identity(policy, identity, trusted, sender)
         if refusal:
             return refusal
         client = client_key(client_ip) if table.limits_client(client_ip) else None
@@ -227,6 +234,7 @@ class RelayHandler:
         if isinstance(envelope, RelayEnvelope):
             envelope.dsn = dsn
             envelope.require_tls = tls_required
+            envelope.tenant = tenant
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
@@ -261,17 +269,26 @@ class RelayHandler:
             return "250 2.1.5 Ok"
         if len(envelope.rcpt_tos) >= table.policy.max_recipients:
             return "452 4.5.3 Too many recipients"
+        identified = tenant_of(table, _identity(session), client_ip)
         refusal = check_recipient(
             table,
             client_ip=client_ip,
             authenticated=bool(session.authenticated),
             recipient=address,
             sender_domain=domain_of(sender_of(envelope)),
+            tenant=identified,
             postmaster_domain=self._postmaster_domain,
         )
         if refusal:
             return refusal
         recipient = canonical_address(address)
+        if isinstance(envelope, RelayEnvelope):
+            tenant = identified
+            if tenant is None:
+                tenant = inbound_tenant(table, domain_of(recipient))
+                if envelope.rcpt_tos and envelope.tenant not in (None, tenant):
+                    return OTHER_TENANT
+            envelope.tenant = tenant
         envelope.rcpt_tos.append(recipient)
         envelope.rcpt_options.extend(rcpt_options)
         if key is not None:
@@ -292,6 +309,7 @@ class RelayHandler:
             size=len(content),
             content=content,
             peer=session.peer,
+            tenant=(envelope.tenant or "") if isinstance(envelope, RelayEnvelope) else "",
         ) as receipt:
             return receipt.replied(await self._accept(queue_id, session, envelope))
 
@@ -331,6 +349,7 @@ class RelayHandler:
             message_id_header=message_id_of(content),
         )
         if isinstance(envelope, RelayEnvelope):
+            request.tenant = envelope.tenant or ""
             request.dsn_ret = envelope.dsn.ret
             request.dsn_envid = envelope.dsn.envid
             request.require_tls = envelope.require_tls

@@ -6,6 +6,7 @@ import re
 
 from kurrier.core.domains import InvalidDomain, normalise_domain
 from kurrier.core.routing import CompiledPolicy, RoutingTable, domain_matches, domain_of
+from kurrier.core.tenancy import inbound_tenant
 from kurrier.ingress.smtp_path import MAX_PATH
 
 # Local parts we will carry: RFC 5321 dot-atoms or quoted strings, but never
@@ -55,13 +56,17 @@ def check_recipient(
     recipient: str,
     sender_domain: str,
     *,
+    tenant: str | None = "",
     postmaster_domain: str = "",
 ) -> str | None:
     """None if the recipient is acceptable, else the SMTP reply refusing it.
 
-    The postmaster at postmaster_domain (the relay's hostname) is accepted from
-    anyone (RFC 5321 4.5.1): it is one fixed mailbox, so no open relay. Like any
-    recipient it needs a route.
+    tenant is the message's (core/tenancy.py); None for a client that neither
+    authenticated nor is trusted, whose mail is the recipient domain's tenant's.
+    Only the routes governing that tenant's mail count. The postmaster at
+    postmaster_domain (the relay's hostname) is accepted from anyone (RFC 5321
+    4.5.1): it is one fixed mailbox, so no open relay. Like any recipient it
+    needs a route.
     """
     parts = split_address(recipient)
     if parts is None:
@@ -75,7 +80,9 @@ def check_recipient(
         or table.is_trusted(client_ip)
     ):
         return f"554 5.7.1 <{recipient}>: relay access denied"
-    if table.route_for(domain, sender_domain) is None:
+    if tenant is None:
+        tenant = inbound_tenant(table, domain)
+    if table.route_for(domain, sender_domain, tenant) is None:
         return f"451 4.4.0 <{recipient}>: no route to the recipient's domain, try again later"
     return None
 

@@ -115,6 +115,9 @@ class RelayEnvelope(Envelope):
         # The message so far once a BDAT chunk came; a new envelope (RSET, the
         # end of the transaction) discards it.
         self.chunks: DataReader | None = None
+        # The namespace whose resources govern this message (core/tenancy.py):
+        # known at MAIL for an identified client, else from the first recipient.
+        self.tenant: str | None = None
 
 
 class IngressSMTP(SMTP, CommandLineProtocol):

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from kurrier.core.metrics import MESSAGES_RECEIVED
+from kurrier.core.metrics import MESSAGES_RECEIVED, tenant_label
 from kurrier.core.routing import domain_of
 from kurrier.core.telemetry import (
     TRACER,
@@ -25,12 +25,13 @@ class Receipt:
     """The root span of one message at ingress, and the reply it ends with."""
 
     span: Span
+    tenant: str = ""
 
     def replied(self, reply: str) -> str:
         """Record the final reply to DATA (and count the message); returns it unchanged."""
         set_reply(self.span, reply)
         if reply.startswith("2"):
-            MESSAGES_RECEIVED.add(1)
+            MESSAGES_RECEIVED.add(1, tenant_label(self.tenant))
         return reply
 
 
@@ -44,11 +45,14 @@ def receiving(
     size: int,
     content: bytes,
     peer: Any,
+    tenant: str = "",
 ) -> Iterator[Receipt]:
     """The span of a message's receipt by ingress: the root of its trace."""
     attributes: dict[str, Any] = smtp_attributes(map(domain_of, recipients), len(recipients))
     attributes["kurrier.queue_id"] = queue_id
     attributes["kurrier.message.size"] = size
+    if tenant:
+        attributes["kurrier.tenant"] = tenant
     if message_id:
         attributes["kurrier.message_id"] = message_id
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -66,4 +70,4 @@ def receiving(
             attributes=attributes,
         ) as span,
     ):
-        yield Receipt(span)
+        yield Receipt(span, tenant)

@@ -15,12 +15,15 @@ from nats.js import JetStreamContext
 JOB_LEASE = 900.0
 
 
-def group_by_route(table: RoutingTable, mail_from: str, recipients: list[str]) -> list[list[str]]:
-    """Recipients split so that each group goes to one route (unrouted ones together)."""
+def group_by_route(
+    table: RoutingTable, mail_from: str, recipients: list[str], tenant: str = ""
+) -> list[list[str]]:
+    """Recipients split so that each group goes to one of tenant's routes (unrouted
+    ones together)."""
     sender_domain = domain_of(mail_from)
     groups: dict[str, list[str]] = {}
     for recipient in recipients:
-        route = table.route_for(domain_of(recipient), sender_domain)
+        route = table.route_for(domain_of(recipient), sender_domain, tenant)
         groups.setdefault(route.name if route else "", []).append(recipient)
     return list(groups.values())
 
@@ -62,7 +65,7 @@ async def publish_jobs(
     the message has left to do carries it, so that delivery can finish the
     message without the queue.
     """
-    groups = group_by_route(table, record.mail_from, recipients)
+    groups = group_by_route(table, record.mail_from, recipients, record.tenant)
     pending = {r.address for r in record.pending()}
     sole = len(groups) == 1 and set(groups[0]) == pending and not record.scheduled
     for index, group in enumerate(groups):
@@ -87,6 +90,7 @@ async def publish_jobs(
             },
             body=record.body,
             require_tls=record.require_tls,
+            tenant=record.tenant,
         ).in_oldest_format()
         subject = job_subject(record.queue_id)
         with publishing(

@@ -14,7 +14,7 @@ from typing import IO
 from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
-from kurrier.core.metrics import MESSAGES_QUEUED
+from kurrier.core.metrics import MESSAGES_QUEUED, tenant_label
 from kurrier.core.telemetry import annotate, current_traceparent
 from kurrier.queue.dispatch import mark_dispatched, report_dispatch
 
@@ -52,7 +52,7 @@ class Intake:
         if stored is None:
             return None
         record = stored[0]
-        MESSAGES_QUEUED.add(1)
+        MESSAGES_QUEUED.add(1, tenant_label(record.tenant))
         HISTORY.record(
             record.queue_id,
             "queued",

@@ -20,7 +20,7 @@ from kurrier.core.dsn_parameters import notify_allows
 from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.message import FAILED_STATUSES, FINAL_STATUSES, MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
-from kurrier.core.metrics import RECIPIENTS_DEFERRED, count_final
+from kurrier.core.metrics import RECIPIENTS_DEFERRED, count_final, tenant_label
 from kurrier.core.records import RecordChanged, RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.changes import Change
@@ -47,9 +47,9 @@ def report_recipient_changes(record: MessageRecord, before: Sequence[str], now: 
         if state.status in (previous, "queued"):
             continue
         if state.status == "deferred":
-            RECIPIENTS_DEFERRED.add(1)
+            RECIPIENTS_DEFERRED.add(1, tenant_label(record.tenant))
         elif state.status in FINAL_STATUSES:
-            count_final(state.status, record.received_at, now)
+            count_final(state.status, record.received_at, now, record.tenant)
         HISTORY.record(
             record.queue_id,
             state.status,
@@ -218,6 +218,8 @@ class QueueManager:
             message_id_header=f"<{notice.queue_id}@{self._hostname}>",
             # It quotes the original, so it travels as the original had to (RFC 8689 5).
             require_tls=record.require_tls,
+            # A notice goes back the way its message's tenant sends mail.
+            tenant=record.tenant,
         )
         with notifying(record, notice.queue_id, owed.kind.action):
             await self.intake.accept(template, io.BytesIO(notice.content), len(notice.content))

@@ -105,6 +105,8 @@ def matches(record: MessageRecord, selector: queue_pb2.MessageFilter) -> bool:
         return record.queue_id in selector.queue_ids
     if selector.state and record.state != selector.state:
         return False
+    if selector.tenant and record.tenant != selector.tenant:
+        return False
     if selector.null_sender and record.mail_from:
         return False
     if selector.sender and record.mail_from.lower() != canonical_address(selector.sender).lower():
@@ -134,6 +136,7 @@ def summary_of(record: MessageRecord) -> queue_pb2.MessageSummary:
         size=record.size,
         state=record.state,
         recipients=[_recipient_status(r) for r in record.recipients],
+        tenant=record.tenant,
     )
 
 
@@ -293,6 +296,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             client_helo=envelope.client_helo,
             authenticated_as=envelope.authenticated_as,
             client_trusted=envelope.client_trusted,
+            tenant=envelope.tenant,
             smtputf8=envelope.smtputf8,
             body_type=envelope.body_type,
             message_id_header=envelope.message_id_header,

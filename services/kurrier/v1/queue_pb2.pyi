@@ -61,6 +61,7 @@ class Envelope(_message.Message):
     RECIPIENT_DSN_FIELD_NUMBER: _builtins.int
     CLIENT_TRUSTED_FIELD_NUMBER: _builtins.int
     REQUIRE_TLS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     queue_id: _builtins.str
     """Queue id chosen by the client; a retried Enqueue with the same id does
     not store the message twice.
@@ -93,6 +94,10 @@ class Envelope(_message.Message):
     """The client gave REQUIRETLS on MAIL FROM (RFC 8689), in a TLS session:
     the message may only travel on over verified TLS to hops offering it.
     """
+    tenant: _builtins.str
+    """The namespace whose resources govern the message (docs/operator.md,
+    Tenancy); empty without tenancy.
+    """
     @_builtins.property
     def recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -117,10 +122,11 @@ class Envelope(_message.Message):
         recipient_dsn: _abc.Iterable[Global___RecipientDsn] | None = ...,
         client_trusted: _builtins.bool = ...,
         require_tls: _builtins.bool = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "body_type", b"body_type", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "dsn_envid", b"dsn_envid", "dsn_ret", b"dsn_ret", "mail_from", b"mail_from", "message_id_header", b"message_id_header", "queue_id", b"queue_id", "recipient_dsn", b"recipient_dsn", "recipients", b"recipients", "require_tls", b"require_tls", "size", b"size", "smtputf8", b"smtputf8"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authenticated_as", b"authenticated_as", "body_type", b"body_type", "client_address", b"client_address", "client_helo", b"client_helo", "client_trusted", b"client_trusted", "dsn_envid", b"dsn_envid", "dsn_ret", b"dsn_ret", "mail_from", b"mail_from", "message_id_header", b"message_id_header", "queue_id", b"queue_id", "recipient_dsn", b"recipient_dsn", "recipients", b"recipients", "require_tls", b"require_tls", "size", b"size", "smtputf8", b"smtputf8", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -341,6 +347,7 @@ class MessageFilter(_message.Message):
     RECIPIENT_DOMAIN_FIELD_NUMBER: _builtins.int
     SENDER_FIELD_NUMBER: _builtins.int
     NULL_SENDER_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """"active", "deferred" or "held"."""
     recipient_domain: _builtins.str
@@ -348,6 +355,8 @@ class MessageFilter(_message.Message):
     sender: _builtins.str
     """Exact reverse path ("" matches all; use null_sender for <>)."""
     null_sender: _builtins.bool
+    tenant: _builtins.str
+    """Exact tenant (Envelope.tenant)."""
     @_builtins.property
     def queue_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Exact queue ids; when set, the other fields are ignored."""
@@ -360,10 +369,11 @@ class MessageFilter(_message.Message):
         recipient_domain: _builtins.str = ...,
         sender: _builtins.str = ...,
         null_sender: _builtins.bool = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["null_sender", b"null_sender", "queue_ids", b"queue_ids", "recipient_domain", b"recipient_domain", "sender", b"sender", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["null_sender", b"null_sender", "queue_ids", b"queue_ids", "recipient_domain", b"recipient_domain", "sender", b"sender", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -445,12 +455,15 @@ class MessageSummary(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     RECIPIENTS_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     queue_id: _builtins.str
     sender: _builtins.str
     received_at: _builtins.float
     size: _builtins.int
     state: _builtins.str
     """active, deferred or held (as in postqueue -p)."""
+    tenant: _builtins.str
+    """Envelope.tenant."""
     @_builtins.property
     def recipients(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecipientStatus]: ...
     def __init__(
@@ -462,10 +475,11 @@ class MessageSummary(_message.Message):
         size: _builtins.int = ...,
         state: _builtins.str = ...,
         recipients: _abc.Iterable[Global___RecipientStatus] | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue_id", b"queue_id", "received_at", b"received_at", "recipients", b"recipients", "sender", b"sender", "size", b"size", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue_id", b"queue_id", "received_at", b"received_at", "recipients", b"recipients", "sender", b"sender", "size", b"size", "state", b"state", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
