@@ -88,6 +88,9 @@ def test_defaults(helm_bin: Path, tmp_path: Path) -> None:
         c = container(objects, "Deployment", f"kurrier-{component}")
         assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert "KURRIER_PLATFORM_NAMESPACE" not in env_of(
+        container(objects, "Deployment", "kurrier-operator")
+    ), "no tenancy unless asked for"
 
     service = find(objects, "Service", "kurrier-ingress")
     assert service["spec"]["type"] == "ClusterIP"
@@ -239,6 +242,8 @@ def test_everything_on(helm_bin: Path, tmp_path: Path) -> None:
     ]
     operator = container(objects, "Deployment", "kurrier-operator")
     assert env_of(operator)["KURRIER_NAMESPACES"] == "mail-a,mail-b"
+    # Tenancy with the release's namespace as the platform's.
+    assert env_of(operator)["KURRIER_PLATFORM_NAMESPACE"] == "kurrier-everything-on"
 
     routes = {r["metadata"]["name"]: r["spec"] for r in by_kind(objects, "RelayRoute")}
     assert routes["kurrier-dev-sink"]["destination"]["smarthost"] == {

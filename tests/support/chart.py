@@ -123,7 +123,11 @@ SCENARIOS: tuple[Scenario, ...] = (
                 "autoscaling": {"enabled": True},
                 "caBundle": {"configMapName": "corporate-ca"},
             },
-            "operator": {"namespaces": ["mail-a", "mail-b"], "replicas": 2},
+            "operator": {
+                "namespaces": ["mail-a", "mail-b"],
+                "replicas": 2,
+                "tenancy": {"enabled": True},
+            },
             "devSink": {"enabled": True},
             "relayResources": {
                 "domains": [{"name": "example-com", "spec": {"domain": "example.com"}}],
