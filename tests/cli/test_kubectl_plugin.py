@@ -225,6 +225,7 @@ HONOURED = {
     "--state",
     "--domain",
     "--sender",
+    "--namespace",
     "--all",
     "--yes",
     "--rcpt",
@@ -251,3 +252,13 @@ def test_the_plugins_help_lists_no_flag_it_ignores(capsys: pytest.CaptureFixture
     refused = _plugin(Path("unused"), "queue", "list", "--data-dir", "/tmp")
     assert refused.returncode == 2
     assert "unrecognized arguments: --data-dir" in refused.stderr
+
+
+def test_the_release_namespace_and_the_tenant_filter_are_apart() -> None:
+    from kurrier.cli.queue_admin import queue_filter
+
+    args = kubectl_plugin.build_parser().parse_args(
+        ["-n", "mail", "queue", "list", "--namespace", "team-a"]
+    )
+    assert args.namespace == "mail"
+    assert queue_filter(args).tenant == "team-a"

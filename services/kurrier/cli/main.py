@@ -60,7 +60,10 @@ def add_queue_admin(queue: argparse.ArgumentParser, reach_flags: bool = True) ->
     filters.add_argument("--state", choices=("active", "deferred", "held"))
     filters.add_argument("--domain", help="messages with a pending recipient in this domain")
     filters.add_argument("--sender", help="exact sender address ('<>' for bounces)")
-    filters.add_argument("--namespace", help="messages of this tenant (docs/operator.md, Tenancy)")
+    # Not dest "namespace": `kubectl kurrier -n NS` names the release's namespace with it.
+    filters.add_argument(
+        "--namespace", dest="tenant", help="messages of this namespace (docs/operator.md, Tenancy)"
+    )
     listing = admin.add_parser("list", parents=[where, filters], help="list queued messages")
     listing.set_defaults(queue_ids=[])
     show = admin.add_parser("show", parents=[where], help="one message in detail")

@@ -70,7 +70,7 @@ def queue_target(args: argparse.Namespace, tls: QueueTls | None) -> QueueTarget:
     )
 
 
-def _filter(args: argparse.Namespace) -> queue_pb2.MessageFilter:
+def queue_filter(args: argparse.Namespace) -> queue_pb2.MessageFilter:
     sender = getattr(args, "sender", None)
     return queue_pb2.MessageFilter(
         queue_ids=getattr(args, "queue_ids", None) or [],
@@ -78,7 +78,7 @@ def _filter(args: argparse.Namespace) -> queue_pb2.MessageFilter:
         recipient_domain=getattr(args, "domain", None) or "",
         sender="" if sender in (None, "<>") else sender,
         null_sender=sender == "<>",
-        tenant=getattr(args, "namespace", None) or "",
+        tenant=getattr(args, "tenant", None) or "",
     )
 
 
@@ -199,7 +199,7 @@ async def call_queue(args: argparse.Namespace, tls: QueueTls | None) -> str:
         try:
             if args.action == "list":
                 listing = await stub.ListMessages(
-                    queue_pb2.ListMessagesRequest(filter=_filter(args)), timeout=RPC_TIMEOUT
+                    queue_pb2.ListMessagesRequest(filter=queue_filter(args)), timeout=RPC_TIMEOUT
                 )
                 return _as_json(listing) if args.json else format_listing(listing)
             if args.action == "show":
@@ -249,7 +249,8 @@ async def _apply_action(
     if args.action == "flush" or getattr(args, "all", False):
         selector = queue_pb2.MessageFilter(state="deferred") if args.action == "flush" else None
         listing = await stub.ListMessages(
-            queue_pb2.ListMessagesRequest(filter=selector or _filter(args)), timeout=RPC_TIMEOUT
+            queue_pb2.ListMessagesRequest(filter=selector or queue_filter(args)),
+            timeout=RPC_TIMEOUT,
         )
         queue_ids = [message.queue_id for message in listing.messages]
     progress = None
