@@ -166,3 +166,18 @@ def test_without_a_platform_namespace_every_resource_governs_all_mail() -> None:
     table, _ = compile_table(parse_documents(documents, "t"))
     assert table.route_for("example.com", "", "").name == "team-a/a-relay"  # type: ignore[union-attr]
     assert tenant_of(table, _sa("team-b"), "203.0.113.9") == ""
+
+
+def test_a_user_belongs_to_the_namespace_of_the_policy_naming_it() -> None:
+    users = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "smtp-users", "namespace": "team-b"},
+        "stringData": {"billing": "$2b$10$" + "x" * 53},
+    }
+    auth = {"usersSecretRef": {"name": "smtp-users"}}
+    documents = [_policy("team-b", "logins", auth=auth), users]
+    table, problems = compile_table(parse_documents(documents, "t"), platform_namespace=PLATFORM)
+    assert problems == []
+    assert tenant_of(table, "billing", "203.0.113.9") == "team-b"
+    assert tenant_of(table, "someone-else", "203.0.113.9") == PLATFORM
