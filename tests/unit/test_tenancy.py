@@ -51,7 +51,7 @@ def _two_teams(*extra: dict[str, Any]) -> tuple[RoutingTable, list[Problem]]:
         _route(PLATFORM, "internet", ["*"]),
         _domain("team-a", "a.test", inbound=True),
         _route("team-a", "a-relay", ["*"], priority=10),
-        _policy("team-a", "a", trustedNetworks=["192.168.1.0/24"], maxMessageSize=2048),
+        _policy("team-a", "a", trustedNetworks=["10.1.0.0/16"], maxMessageSize=2048),
         _domain("team-b", "b.test"),
         _route("team-b", "b-relay", ["*"], priority=10),
         *extra,
@@ -80,8 +80,8 @@ def test_each_tenant_is_routed_by_its_own_routes_and_the_platforms() -> None:
 def test_the_tenant_of_a_login_a_network_and_anonymous_mail() -> None:
     table, _ = _two_teams()
     assert tenant_of(table, _sa("team-b"), "203.0.113.9") == "team-b"
-    assert tenant_of(table, "", "192.168.1.7") == "team-a", "team-a's trusted network"
-    assert tenant_of(table, "", "10.1.2.3") == PLATFORM
+    assert tenant_of(table, "", "10.1.2.3") == "team-a", "inside the platform's 10.0.0.0/8"
+    assert tenant_of(table, "", "10.2.0.1") == PLATFORM
     assert tenant_of(table, "", "203.0.113.9") is None
     assert inbound_tenant(table, "a.test") == "team-a"
     assert inbound_tenant(table, "b.test") == PLATFORM, "b.test does not accept inbound mail"
@@ -125,7 +125,7 @@ def test_anonymous_mail_for_a_tenants_domain_takes_its_routes_only() -> None:
 def test_claims_on_anothers_domain_or_network_are_conflicts() -> None:
     table, problems = _two_teams(
         _domain("team-b", "a.test", inbound=True),
-        _policy("team-b", "grab", trustedNetworks=["192.168.0.0/16", "10.9.0.0/16"]),
+        _policy("team-b", "grab", trustedNetworks=["10.1.2.0/24", "0.0.0.0/0"]),
     )
     found = {(p.namespace, p.name, p.reason, p.message) for p in problems}
     assert (
@@ -138,17 +138,19 @@ def test_claims_on_anothers_domain_or_network_are_conflicts() -> None:
         "team-b",
         "grab",
         "Conflict",
-        "trusted network 192.168.0.0/16 overlaps 192.168.1.0/24, claimed by team-a/a; ignored",
+        "trusted network 10.1.2.0/24 overlaps 10.1.0.0/16, claimed by team-a/a; ignored",
     ) in found
+    # A tenant cannot open the relay to addresses the platform does not trust.
     assert (
         "team-b",
         "grab",
         "Conflict",
-        "trusted network 10.9.0.0/16 overlaps 10.0.0.0/8, claimed by mail-platform/platform; "
-        "ignored",
+        "trusted network 0.0.0.0/0 is not inside a trusted network of the platform's "
+        "RelayPolicies; ignored",
     ) in found
     assert table.domain("a.test").namespace == "team-a"  # type: ignore[union-attr]
-    assert tenant_of(table, "", "192.168.1.7") == "team-a"
+    assert tenant_of(table, "", "10.1.2.3") == "team-a"
+    assert not table.is_trusted("203.0.113.9")
 
 
 def test_a_tenant_never_takes_a_platform_domain_even_when_older() -> None:

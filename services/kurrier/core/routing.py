@@ -186,7 +186,13 @@ class RoutingTable(_Frozen):
 
     def model_post_init(self, context: Any, /) -> None:
         self._domains_by_name = {entry.domain: entry for entry in self.domains}
-        self._networks = tuple(ipaddress.ip_network(n) for n in self.policy.trusted_networks)
+        # Most specific first: a tenant's network inside the platform's is the tenant's.
+        self._networks = tuple(
+            sorted(
+                (ipaddress.ip_network(n) for n in self.policy.trusted_networks),
+                key=lambda network: -network.prefixlen,
+            )
+        )
 
     def governs(self, namespace: str, tenant: str) -> bool:
         """Whether a resource of namespace applies to the mail of tenant: its own
@@ -234,7 +240,7 @@ class RoutingTable(_Frozen):
         return self.inbound_owner(recipient_domain) is not None
 
     def trusted_network_of(self, client_ip: str) -> str | None:
-        """The trusted network client_ip is in, or None."""
+        """The most specific trusted network client_ip is in, or None."""
         try:
             address = ipaddress.ip_address(client_ip)
         except ValueError:
@@ -366,7 +372,7 @@ def _compile_policy(
     for policy in policies:
         spec = policy.spec
         owner = _namespace(policy) if platform else ""
-        _add_networks(policy, owner, networks, problems)
+        _add_networks(policy, owner, platform, networks, problems)
         policy_rules = [(rule.identity, tuple(rule.domains)) for rule in spec.senderRules]
         if owner and owner != platform:
             tenant_rules.setdefault(owner, []).extend(policy_rules)
@@ -430,29 +436,40 @@ _DEFAULT_POLICY = {
 def _add_networks(
     policy: RelayPolicy,
     owner: str,
+    platform: str,
     networks: dict[IPNetwork, tuple[str, str]],
     problems: list[Problem],
 ) -> None:
-    """The policy's trusted networks; one overlapping a network of another namespace is
-    left out (its clients' mail would be both namespaces'), and the policy told."""
+    """The policy's trusted networks. With tenancy, a tenant's network must lie inside
+    one the platform trusts (a tenant cannot open the relay to addresses the platform
+    does not trust) and may not overlap another tenant's (its clients' mail would be
+    both namespaces'); one that does is left out, and the policy told. The platform's
+    policies come first (`_precedence`), so their networks are known by then."""
     for text in policy.spec.trustedNetworks:
         network = ipaddress.ip_network(text)
-        claimed = next(
-            (
-                (other, by)
-                for other, (namespace, by) in networks.items()
-                if namespace != owner
-                and other.version == network.version
-                and other.overlaps(network)
-            ),
-            None,
-        )
-        if claimed is not None:
-            other, by = claimed
-            message = f"trusted network {text} overlaps {other}, claimed by {by}; ignored"
-            problems.append(_problem(policy, "Conflict", message))
-            continue
+        if platform and owner != platform:
+            problem = _tenant_network_problem(network, owner, platform, networks)
+            if problem:
+                message = f"trusted network {text} {problem}; ignored"
+                problems.append(_problem(policy, "Conflict", message))
+                continue
         networks.setdefault(network, (owner, _display_name(policy)))
+
+
+def _tenant_network_problem(
+    network: IPNetwork, owner: str, platform: str, networks: dict[IPNetwork, tuple[str, str]]
+) -> str | None:
+    """Why tenant owner may not claim network, or None."""
+    ours = [(n, claim) for n, claim in networks.items() if n.version == network.version]
+    if not any(
+        namespace == platform and network.subnet_of(other)  # type: ignore[arg-type]
+        for other, (namespace, _) in ours
+    ):
+        return "is not inside a trusted network of the platform's RelayPolicies"
+    for other, (namespace, by) in ours:
+        if namespace not in (owner, platform) and other.overlaps(network):
+            return f"overlaps {other}, claimed by {by}"
+    return None
 
 
 def _precedence(resource: RelayDomain | RelayPolicy, platform: str) -> tuple[bool, str, str, str]:
