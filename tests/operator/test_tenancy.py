@@ -20,7 +20,7 @@ from tests.operator.operator_process import OperatorProcess
 from tests.support.kube import Api, TestCluster
 from tests.support.metrics import value
 from tests.support.nats import NatsServer
-from tests.support.processes import free_port, kurrier_argv
+from tests.support.processes import free_port, kurrier_argv, wait_until
 from tests.support.relay import ServiceRelay, route
 from tests.support.service_accounts import ingress_args, service_account, token
 from tests.support.sink import Sink
@@ -58,25 +58,27 @@ def _mail(port: int, tenant_token: str, sender: str, subject: str) -> str:
         return smtp.reply().lines[-1]
 
 
-def _listing(relay: ServiceRelay, namespace: str) -> list[dict[str, Any]]:
-    """`kurrier queue list --namespace`, as JSON."""
-    result = subprocess.run(
-        kurrier_argv(
-            "queue",
-            "list",
-            "--json",
-            "--namespace",
-            namespace,
-            "--queue-address",
-            relay.queue_address,
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def _admin(relay: ServiceRelay, *args: str) -> dict[str, Any]:
+    """`kurrier queue ARGS --json` of the relay's queue."""
+    argv = kurrier_argv("queue", *args, "--json", "--queue-address", relay.queue_address)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    messages: list[dict[str, Any]] = json.loads(result.stdout).get("messages", [])
+    answer: dict[str, Any] = json.loads(result.stdout)
+    return answer
+
+
+def _listing(relay: ServiceRelay, namespace: str) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = _admin(relay, "list", "--namespace", namespace).get(
+        "messages", []
+    )
     return messages
+
+
+def _received_tenant(relay: ServiceRelay, queue_id: str) -> str | None:
+    """The tenant in the message's history of its receipt; None before it is published."""
+    events = _admin(relay, "history", queue_id).get("events", [])
+    received = [e for e in events if e["event"] == "received"]
+    return str(received[0]["details"].get("tenant")) if received else None
 
 
 def _subjects(sink: Sink) -> list[str]:
@@ -165,3 +167,8 @@ def test_two_teams_each_with_their_own_domains_and_routes(
             [waiting] = _listing(relay, team_b)
             assert (waiting["sender"], waiting["tenant"]) == ("app@b.test", team_b)
             assert _listing(relay, team_a) == []
+            wait_until(
+                lambda: _received_tenant(relay, waiting["queue_id"]) == team_b,
+                10,
+                "the receipt's history to name team-b",
+            )

@@ -376,6 +376,7 @@ class RelayHandler:
             client=client_ip,
             helo=request.client_helo,
             identity=request.authenticated_as,
+            tenant=request.tenant,
             tls=tls_description(session.ssl) if tls else "",
             sender=f"<{request.mail_from}>",
             recipients=", ".join(request.recipients),
