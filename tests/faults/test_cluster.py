@@ -146,7 +146,7 @@ def test_a_queue_started_without_a_jetstream_quorum_waits_for_it(
         cluster.kill("kurrier-3")
         relay.processes["queue"].kill()
         relay.processes["queue"].wait()
-        relay.start("queue")
+        relay.start("queue", wait=False)
         log = tmp_path / "queue.log"
 
         def waiting_for_jetstream() -> bool:

@@ -21,7 +21,6 @@ from kurrier.v1 import queue_pb2, queue_pb2_grpc
 
 from tests.support.certs import Certificates
 from tests.support.nats import NatsServer
-from tests.support.processes import port_open, wait_until
 from tests.support.relay import ServiceRelay
 
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -58,16 +57,27 @@ async def _requests(*items: object) -> AsyncIterator[object]:
 
 
 async def _call(
-    stub: queue_pb2_grpc.QueueServiceStub, channel: grpc.aio.Channel, name: str, queue_id: str
+    stub: queue_pb2_grpc.QueueServiceStub,
+    channel: grpc.aio.Channel,
+    name: str,
+    queue_id: str,
+    refused: bool,
 ) -> None:
-    """One call of each kind, as its real client makes it; raises on a status other than OK."""
+    """One call of each kind, as its real client makes it; raises on a status other than OK.
+
+    A call expected to be refused streams no requests: the queue refuses
+    before reading any, and a request written meanwhile may fail in the
+    client's gRPC core first, which then reports its own INTERNAL error
+    instead of the queue's answer.
+    """
     if name == "Enqueue":
         envelope = queue_pb2.EnqueueRequest(envelope=_envelope(queue_id))
-        await stub.Enqueue(_requests(envelope, queue_pb2.EnqueueRequest(chunk=BODY)), timeout=20)
+        requests = () if refused else (envelope, queue_pb2.EnqueueRequest(chunk=BODY))
+        await stub.Enqueue(_requests(*requests), timeout=20)
     elif name == "EnqueueMessages":
         whole = queue_pb2.EnqueueMessageRequest(envelope=_envelope(queue_id), body=BODY)
-        batch = queue_pb2.EnqueueBatch(messages=[whole])
-        async for answered in stub.EnqueueMessages(_requests(batch), timeout=20):
+        batches = () if refused else (queue_pb2.EnqueueBatch(messages=[whole]),)
+        async for answered in stub.EnqueueMessages(_requests(*batches), timeout=20):
             assert [r.code for r in answered.results] == [OK.value[0]]
     elif name == "ListMessages":
         await stub.ListMessages(queue_pb2.ListMessagesRequest(), timeout=20)
@@ -91,8 +101,11 @@ async def _call(
                 break
 
 
-def answers(address: str, tls: QueueTls, *calls: str, queue_id: str = QUEUED) -> dict[str, Answer]:
-    """How the queue answers each named call made with this client's certificate."""
+def answers(
+    address: str, tls: QueueTls, *calls: str, queue_id: str = QUEUED, refused: bool = False
+) -> dict[str, Answer]:
+    """How the queue answers each named call made with this client's certificate
+    (refused: the calls are expected to be refused, see _call)."""
 
     async def run() -> dict[str, Answer]:
         found = {}
@@ -100,7 +113,7 @@ def answers(address: str, tls: QueueTls, *calls: str, queue_id: str = QUEUED) ->
             stub = queue_pb2_grpc.QueueServiceStub(channel)
             for name in calls:
                 try:
-                    await _call(stub, channel, name, queue_id)
+                    await _call(stub, channel, name, queue_id, refused)
                 except grpc.aio.AioRpcError as error:
                     found[name] = Answer(error.code(), error.details() or "")
                 else:
@@ -138,8 +151,6 @@ def queue(tmp_path: Path, nats_server: NatsServer) -> Iterator[Clients]:
         },
     )
     relay.start("queue")
-    port = int(relay.queue_address.rsplit(":", 1)[1])
-    wait_until(lambda: port_open(port), 30, "the queue to listen")
     ca, name = str(certificates.ca_file), "queue.test"
     # Signed by the same CA, so its handshake succeeds: only its identity is wrong.
     stranger_cert, stranger_key = certificates.issue("kurrier-delivery", client=True)
@@ -162,7 +173,7 @@ def test_ingress_may_only_enqueue(queue: Clients) -> None:
     stream = answers(queue.address, queue.ingress, "EnqueueMessages", queue_id="CALLERS000000002")
     assert stream == {"EnqueueMessages": Answer(OK)}
 
-    refused = answers(queue.address, queue.ingress, *ADMIN)
+    refused = answers(queue.address, queue.ingress, *ADMIN, refused=True)
     for name, answer in refused.items():
         assert answer.code == DENIED, name
         assert "for kurrier-queue-admin; this is certificate 'kurrier-ingress'" in answer.details
@@ -178,7 +189,9 @@ def test_the_admin_may_read_and_change_the_queue_but_not_enqueue(queue: Clients)
     [held] = asyncio.run(_listing(queue.address, queue.admin)).messages
     assert held.state == "held"
     for name in ENQUEUE:
-        refused = answers(queue.address, queue.admin, name, queue_id="CALLERS000000003")
+        refused = answers(
+            queue.address, queue.admin, name, queue_id="CALLERS000000003", refused=True
+        )
         assert refused[name].code == DENIED, name
         assert "is for kurrier-ingress;" in refused[name].details
 
@@ -186,7 +199,7 @@ def test_the_admin_may_read_and_change_the_queue_but_not_enqueue(queue: Clients)
 def test_an_unknown_identity_of_the_same_ca_gets_nothing(queue: Clients) -> None:
     assert answers(queue.address, queue.ingress, "Health/Check")["Health/Check"].code == OK
     for _ in range(2):
-        refused = answers(queue.address, queue.stranger, *EVERY_CALL)
+        refused = answers(queue.address, queue.stranger, *EVERY_CALL, refused=True)
         assert {name: answer.code for name, answer in refused.items()} == dict.fromkeys(
             EVERY_CALL, DENIED
         )

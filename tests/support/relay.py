@@ -30,6 +30,7 @@ from kurrier.core.table_store import publish_table
 from tests.support.processes import (
     free_port,
     kurrier_argv,
+    port_open,
     smtp_banner,
     stop_process,
     wait_until,
@@ -359,6 +360,11 @@ class ServiceRelay:
             stderr=log,
             env={**os.environ, **self.env},
         )
+        if command == "queue" and wait:
+            # The queue listens once its layout is complete (the history stream
+            # too, which the others do not wait for).
+            queue_port = int(self.queue_address.rsplit(":", 1)[1])
+            wait_until(lambda: port_open(queue_port), 60, "the queue to listen")
         if command == "ingress" and wait:
             port = self.smtp_ports[name]
             wait_until(lambda: smtp_banner(port), 30, f"{name} to answer SMTP")
