@@ -132,6 +132,15 @@ def test_relay_crs_are_validated_by_their_crds(crds: Api) -> None:
         resp = crds.create(policy, dry_run=True)
         assert (resp.status == 201) == accepted, resp
     assert "must be a duration" in resp.message, resp.message
+    for recipients, accepted in ((["alice", "Bob.Smith+x"], True), (["alice@in.test"], False)):
+        domain = {
+            "apiVersion": "kurrier.io/v1alpha1",
+            "kind": "RelayDomain",
+            "metadata": {"name": "listed", "namespace": "kurrier-crs"},
+            "spec": {"domain": "in.test", "acceptInbound": True, "recipients": recipients},
+        }
+        resp = crds.create(domain, dry_run=True)
+        assert (resp.status == 201) == accepted, resp
 
 
 def check_notes_commands(notes: str) -> None:

@@ -115,12 +115,14 @@ def multi_key_domain(domain: str, secret_name: str, keys: dict[str, str]) -> str
           dkim: {{keys: [{listed}]}}""")
 
 
-def inbound_domain(domain: str) -> str:
+def inbound_domain(domain: str, recipients: Sequence[str] | None = None) -> str:
+    """A RelayDomain taking mail for domain; with recipients, only for those local parts."""
+    listed = "" if recipients is None else f", recipients: {json.dumps(list(recipients))}"
     return textwrap.dedent(f"""\
         apiVersion: kurrier.io/v1alpha1
         kind: RelayDomain
         metadata: {{name: {domain.replace(".", "-")}}}
-        spec: {{domain: {domain}, acceptInbound: true}}""")
+        spec: {{domain: {domain}, acceptInbound: true{listed}}}""")
 
 
 def trusting(*networks: str) -> str:

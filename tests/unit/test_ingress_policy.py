@@ -26,10 +26,22 @@ def _table() -> RoutingTable:
         },
         {
             "apiVersion": "kurrier.io/v1alpha1",
+            "kind": "RelayDomain",
+            "metadata": {"name": "listed"},
+            "spec": {
+                "domain": "listed.test",
+                "acceptInbound": True,
+                "recipients": ["alice", "Bob"],
+            },
+        },
+        {
+            "apiVersion": "kurrier.io/v1alpha1",
             "kind": "RelayRoute",
             "metadata": {"name": "r"},
             "spec": {
-                "match": {"recipientDomains": ["inbound.test", "class.test", "routed.test"]},
+                "match": {
+                    "recipientDomains": ["inbound.test", "class.test", "listed.test", "routed.test"]
+                },
                 "destination": {"smarthost": {"host": "h"}},
             },
         },
@@ -64,6 +76,16 @@ def _table() -> RoutingTable:
         # IDNA 2003 folded ß to ss; IDNA 2008 keeps it: another domain (xn--cla-7ka.test).
         ("192.0.2.1", False, "a@cla\u00df.test", "554 5.7.1"),
         ("10.1.1.1", False, "a@\u2603.routed.test", "501 5.1.3"),
+        # A domain that lists its mailboxes: the others are unknown to every client.
+        ("192.0.2.1", False, "alice@listed.test", None),
+        ("192.0.2.1", False, "ALICE@Listed.test", None),
+        ("192.0.2.1", False, "bob@listed.test", None),
+        ("192.0.2.1", False, "Postmaster@listed.test", None),
+        ("192.0.2.1", False, "carol@listed.test", "550 5.1.1"),
+        ("192.0.2.1", True, "carol@listed.test", "550 5.1.1"),
+        ("10.1.1.1", False, "carol@listed.test", "550 5.1.1"),
+        ("192.0.2.1", False, "alice+tag@listed.test", "550 5.1.1"),
+        ("192.0.2.1", False, "carol@inbound.test", None),  # no list: any local part
     ],
 )
 def test_relay_decisions(

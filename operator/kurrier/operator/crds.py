@@ -150,6 +150,12 @@ DOCS: dict[str, str] = {
         "Accept mail *for* this domain from any client (the relay sits behind its MX record)."
     ),
     "RelayDomainSpec.dkim": "Sign mail *from* this domain with DKIM.",
+    "RelayDomainSpec.recipients": (
+        "The domain's mailboxes, by local part (e.g. alice, not alice@example.com), compared "
+        "case-insensitively. Mail to any other local part is refused at RCPT (550 5.1.1), "
+        "from every client, instead of accepted and bounced later; postmaster is always "
+        "taken. Unset: every local part is taken."
+    ),
     "DkimSpec": (
         "One key (selector and secretRef) or several (keys), e.g. RSA and Ed25519 side by side."
     ),

@@ -104,10 +104,19 @@ class DkimSpec(_Model):
         return (DkimKey(selector=self.selector, secretRef=self.secretRef),)
 
 
+# A mailbox's local part as a recipients list names it (RFC 5321 4.5.3.1.1: 64 octets).
+LOCAL_PART_RE = r"^[^\s@]{1,64}$"
+MAX_RECIPIENTS_LISTED = 100_000
+
+
 class RelayDomainSpec(_Model):
     domain: str
     acceptInbound: bool = False
     dkim: DkimSpec | None = None
+    # The domain's mailboxes, by local part; None: any local part is taken.
+    recipients: list[Annotated[str, Field(pattern=LOCAL_PART_RE)]] | None = Field(
+        default=None, max_length=MAX_RECIPIENTS_LISTED
+    )
 
     _domain = field_validator("domain")(normalise_domain)
 

@@ -86,6 +86,8 @@ class CompiledDomain(_Frozen):
     namespace: str = ""
     # Usable keys only, in the order their signatures go on the message.
     dkim_keys: tuple[CompiledDkimKey, ...] = ()
+    # The domain's mailboxes, local parts case-folded and sorted; None: any local part.
+    recipients: tuple[str, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -179,6 +181,7 @@ class RoutingTable(_Frozen):
 
     # Indexes derived once per table, so lookups stay off the per-recipient hot path.
     _domains_by_name: dict[str, CompiledDomain] = PrivateAttr(default_factory=dict)
+    _recipient_sets: dict[str, frozenset[str]] = PrivateAttr(default_factory=dict)
     _networks: tuple[IPNetwork, ...] = PrivateAttr(default=())
     _route_memo: dict[tuple[str, str, str], CompiledRoute | None] = PrivateAttr(
         default_factory=dict
@@ -186,6 +189,11 @@ class RoutingTable(_Frozen):
 
     def model_post_init(self, context: Any, /) -> None:
         self._domains_by_name = {entry.domain: entry for entry in self.domains}
+        self._recipient_sets = {
+            entry.domain: frozenset(entry.recipients)
+            for entry in self.domains
+            if entry.recipients is not None
+        }
         # Most specific first: a tenant's network inside the platform's is the tenant's.
         self._networks = tuple(
             sorted(
@@ -238,6 +246,18 @@ class RoutingTable(_Frozen):
 
     def accepts_inbound(self, recipient_domain: str) -> bool:
         return self.inbound_owner(recipient_domain) is not None
+
+    def knows_recipient(self, local_part: str, domain: str) -> bool:
+        """Whether local_part@domain may be a mailbox: false only for a domain that lists
+        its mailboxes without this one. Local parts compare case-insensitively, as
+        Postfix's recipient maps do: the list is the domain's, written by its
+        operator, and no mailbox should differ from another by case alone.
+        postmaster is always one (RFC 5321 4.5.1)."""
+        entry = self._domains_by_name.get(domain)
+        if entry is None or entry.recipients is None:
+            return True
+        folded = local_part.lower()
+        return folded == "postmaster" or folded in self._recipient_sets[domain]
 
     def trusted_network_of(self, client_ip: str) -> str | None:
         """The most specific trusted network client_ip is in, or None."""
@@ -336,6 +356,9 @@ def _compile_domain(
         accept_inbound=domain.spec.acceptInbound,
         namespace=owner,
         dkim_keys=tuple(keys),
+        recipients=None
+        if domain.spec.recipients is None
+        else tuple(sorted({local.lower() for local in domain.spec.recipients})),
     )
 
 

@@ -80,6 +80,9 @@ def check_recipient(
         or table.is_trusted(client_ip)
     ):
         return f"554 5.7.1 <{recipient}>: relay access denied"
+    if not table.knows_recipient(local, domain):
+        # Refused now, from anyone: accepted, it would bounce to a sender who may be forged.
+        return f"550 5.1.1 <{recipient}>: recipient unknown"
     if tenant is None:
         tenant = inbound_tenant(table, domain)
     if table.route_for(domain, sender_domain, tenant) is None:
