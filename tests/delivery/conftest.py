@@ -53,9 +53,8 @@ def test_ca(tmp_path: Path) -> TestCA:
     return TestCA(tmp_path / "ca")
 
 
-@pytest.fixture
-async def courier(dns_server: DnsServer, test_ca: TestCA, mx_port: int) -> AsyncIterator[Courier]:
-    running = Courier(
+def _courier(dns_server: DnsServer, test_ca: TestCA, mx_port: int, dane: bool) -> Courier:
+    return Courier(
         DeliverySettings(
             helo_name="relay.test",
             smtp_timeout=10,
@@ -63,7 +62,23 @@ async def courier(dns_server: DnsServer, test_ca: TestCA, mx_port: int) -> Async
             tls_ca_file=str(test_ca.ca_file),
             dns_resolver=dns_server.address,
             mx_port=mx_port,
+            dane=dane,
         )
     )
+
+
+@pytest.fixture
+async def courier(dns_server: DnsServer, test_ca: TestCA, mx_port: int) -> AsyncIterator[Courier]:
+    running = _courier(dns_server, test_ca, mx_port, dane=False)
+    yield running
+    await running.pool.close_idle(older_than=0)
+
+
+@pytest.fixture
+async def dane_courier(
+    dns_server: DnsServer, test_ca: TestCA, mx_port: int
+) -> AsyncIterator[Courier]:
+    """A courier with `--dane on`: it trusts the AD bit of the test's DNS server."""
+    running = _courier(dns_server, test_ca, mx_port, dane=True)
     yield running
     await running.pool.close_idle(older_than=0)

@@ -268,6 +268,7 @@ def _run_delivery(args: argparse.Namespace) -> int:
         tls_ca_file=str(args.tls_ca_file) if args.tls_ca_file else None,
         dns_resolver=args.dns_resolver,
         mx_port=args.mx_port,
+        dane=args.dane == "on",
     )
     run_service(serve_delivery(args.nats_url, args.nats_replicas, settings, args.metrics_listen))
     return 0

@@ -76,7 +76,7 @@ DELIVERY_DURATION = _METER.create_histogram(
 TLS_SESSIONS = _METER.create_counter(
     "kurrier.delivery.tls.sessions",
     unit="{session}",
-    description="Sessions delivery opened to MX hosts, by policy type (sts, "
+    description="Sessions delivery opened to MX hosts, by policy type (tlsa, sts, "
     "no-policy-found) and result (success, or an RFC 8460 result type)",
 )
 HISTORY_EVENTS_DROPPED = _METER.create_counter(

@@ -56,6 +56,13 @@ def duration(text: str) -> str:
     return text
 
 
+def on_off(text: str) -> str:
+    """Checked, and kept as written, as durations are: `kurrier up` passes it on."""
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither 'on' nor 'off'")
+    return text
+
+
 def optional_duration(text: str) -> str | None:
     return None if text == "off" else duration(text)
 
@@ -279,12 +286,20 @@ DNS_RESOLVER = Setting(
     "dns_resolver", "DNS server HOST:PORT (MX, MTA-STS, DKIM record lookups)", host_port
 )
 MX_PORT = Setting("mx_port", "port MX hosts are contacted on", port, "25")
+DANE = Setting(
+    "dane",
+    "DANE (RFC 7672) for MX routes: 'on' trusts the AD bit of --dns-resolver, "
+    "which must validate DNSSEC and be reached over a path nobody can tamper with",
+    on_off,
+    "off",
+)
 DELIVERY = (
     *COMMON,
     Setting("concurrency", "transactions in flight", int, "32"),
     TLS_CA_FILE,
     DNS_RESOLVER,
     MX_PORT,
+    DANE,
 )
 
 # --- operator ----------------------------------------------------------------
@@ -348,6 +363,7 @@ PASSED_ON_BY_UP = (
     TLS_CA_FILE,
     DNS_RESOLVER,
     MX_PORT,
+    DANE,
     *RETRIES,
     LOG_LEVEL,
 )

@@ -15,8 +15,9 @@ from kurrier.core.message import DeliveryJob, Outcome, RecipientOutcome
 from kurrier.core.routing import CompiledRoute, RoutingTable, domain_of
 from kurrier.delivery import require_tls
 from kurrier.delivery.connection_pool import ConnectionPool, Opener
+from kurrier.delivery.dane import DaneDns, TlsaRecords
 from kurrier.delivery.dkim_signer import DkimSigner
-from kurrier.delivery.mail_exchangers import MailDns, UnroutableDomain
+from kurrier.delivery.mail_exchangers import MailDns, MailHost, UnroutableDomain
 from kurrier.delivery.message_forms import MessageForms
 from kurrier.delivery.mta_sts import StsPolicies
 from kurrier.delivery.next_hop import NextHop, mx_hops, smarthost_hop
@@ -92,6 +93,9 @@ class Courier:
         self.sts = StsPolicies(self._dns, verify)
         self._signer = DkimSigner()
         self.tls_reports = TlsReports(settings.helo_name)
+        self._dane = (
+            DaneDns(settings.dns_resolver, settings.connect_timeout) if settings.dane else None
+        )
         self._rates = SendingRates()
 
     async def deliver(
@@ -175,10 +179,23 @@ class Courier:
         if route.smarthost is not None:
             return [smarthost_hop(*route.smarthost, tls_mode)]
         hosts = await self._dns.mail_hosts(domain)
+        # "TLS-Required: No" sets recipient-side policy aside: MTA-STS and DANE alike.
         policy = None if demand == "optional" else await self.sts.policy_for(domain)
+        tlsa = {} if demand == "optional" else await self._tlsa(domain, hosts)
         if demand == "required" and (policy is None or policy.mode != "enforce"):
-            raise UnroutableDomain(require_tls.unauthenticated_mx(domain))
-        return mx_hops(domain, hosts, tls_mode, policy, self._settings.mx_port)
+            # Without MTA-STS, only hosts DANE authenticates may take REQUIRETLS mail.
+            hosts = [host for host in hosts if host.name in tlsa and tlsa[host.name].usable]
+            if not hosts:
+                raise UnroutableDomain(require_tls.unauthenticated_mx(domain))
+        return mx_hops(domain, hosts, tls_mode, policy, self._settings.mx_port, tlsa)
+
+    async def _tlsa(self, domain: str, hosts: list[MailHost]) -> dict[str, TlsaRecords]:
+        """The secure TLSA records of each host DANE applies to (none with --dane off)."""
+        if self._dane is None:
+            return {}
+        port = self._settings.mx_port
+        found = await asyncio.gather(*(self._dane.tlsa(domain, h.name, port) for h in hosts))
+        return {h.name: records for h, records in zip(hosts, found, strict=True) if records}
 
     def _opener(self, hop: NextHop, route: CompiledRoute) -> Opener:
         # Only the smarthost the route names ever sees its credentials.
@@ -210,6 +227,7 @@ class Courier:
             timeout=settings.smtp_timeout,
             connect_timeout=settings.connect_timeout,
             credentials=credentials,
+            tlsa=hop.tlsa,
         )
 
     async def _send(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kurrier.core.addresses import format_host_port
+from kurrier.delivery.dane import TlsaRecords
 from kurrier.delivery.mail_exchangers import MailHost, UnroutableDomain
 from kurrier.delivery.mta_sts import StsPolicy
 
@@ -21,6 +23,8 @@ class NextHop:
     # For MX hosts: the recipient domain, and its MTA-STS policy as applied (TLS reports).
     policy_domain: str = ""
     policy: StsPolicy | None = None
+    # The host's secure TLSA records, when DANE applies (delivery/dane.py).
+    tlsa: TlsaRecords | None = None
 
     @property
     def label(self) -> str:
@@ -34,24 +38,39 @@ def smarthost_hop(host: str, port: int, tls_mode: str) -> NextHop:
 
 
 def mx_hops(
-    domain: str, hosts: list[MailHost], tls_mode: str, policy: StsPolicy | None, port: int
+    domain: str,
+    hosts: list[MailHost],
+    tls_mode: str,
+    policy: StsPolicy | None,
+    port: int,
+    tlsa: Mapping[str, TlsaRecords] | None = None,
 ) -> list[NextHop]:
-    """Every address of every host, in the order given, under the domain's MTA-STS policy.
+    """Every address of every host, in the order given, under DANE or the domain's MTA-STS
+    policy.
 
-    In 'enforce' mode only the hosts the policy names are tried, and only
-    with a verified certificate, whatever the route says; in 'testing' mode
-    the route's TLS mode stands and mismatches are only logged.
+    A host with secure TLSA records is spoken to under DANE (RFC 8461 2:
+    DANE before MTA-STS): in 'dane' mode when a record is usable, else with
+    TLS required (or verified, if the route's mode asks for that). Otherwise,
+    in MTA-STS 'enforce' mode only the hosts the policy names are tried, and
+    only with a verified certificate, whatever the route says; in 'testing'
+    mode the route's TLS mode stands and mismatches are only logged.
     """
     enforce = policy is not None and policy.mode == "enforce"
     hops: list[NextHop] = []
     for host in hosts:
-        if policy is not None and policy.mode != "none" and not policy.allows(host.name):
+        dane = (tlsa or {}).get(host.name)
+        if dane is not None:
+            mode = "dane" if dane.usable else "verify" if tls_mode == "verify" else "required"
+        elif policy is not None and policy.mode != "none" and not policy.allows(host.name):
             if enforce:
                 continue
             log.warning("MTA-STS (testing) of %s does not list MX host %s", domain, host.name)
-        mode = "verify" if enforce else tls_mode
+            mode = tls_mode
+        else:
+            mode = "verify" if enforce else tls_mode
         hops.extend(
-            NextHop(address, port, host.name, mode, domain, policy) for address in host.addresses
+            NextHop(address, port, host.name, mode, domain, policy, dane)
+            for address in host.addresses
         )
     if not hops:
         raise UnroutableDomain(f"451 4.7.5 no MX host of {domain} matches its MTA-STS policy")

@@ -2,10 +2,10 @@
 
 A message whose client gave REQUIRETLS goes only to a hop that is spoken to
 in TLS with a certificate verified for its name (the route's TLS mode is
-raised to `verify`), that offers REQUIRETLS after STARTTLS, and, on MX
-routes, whose name came from an authenticated source: the domain's MTA-STS
-policy in enforce mode (DNSSEC is not validated, so an MX record alone does
-not do). A hop that fails any of these is not sent the message and the next
+raised to `verify`, or `dane`), that offers REQUIRETLS after STARTTLS,
+and, on MX routes, whose name came from an authenticated source: the
+domain's MTA-STS policy in enforce mode, or DANE (delivery/dane.py); an MX
+record alone does not do. A hop that fails any of these is not sent the message and the next
 one is tried; when every hop was reached and none met them, the message
 bounces with 5.7.30 (REQUIRETLS support required) rather than waiting for a
 hop to change. A hop that could not be reached at all defers, as usual.
@@ -47,7 +47,7 @@ def unauthenticated_mx(domain: str) -> str:
     """The reply when the MX hosts of domain cannot be trusted with REQUIRETLS mail."""
     return (
         f"550 {STATUS} the MX hosts of {domain} are not authenticated: REQUIRETLS needs "
-        "an MTA-STS policy in enforce mode (DNSSEC is not validated)"
+        "an MTA-STS policy in enforce mode, or DANE"
     )
 
 

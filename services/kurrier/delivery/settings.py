@@ -27,3 +27,5 @@ class DeliverySettings:
     tls_ca_file: str | None = None
     dns_resolver: str | None = None  # HOST:PORT; None = the system's resolv.conf
     mx_port: int = _declared("mx_port")
+    # Trust the resolver's AD bit for TLSA records (delivery/dane.py).
+    dane: bool = _declared("dane") == "on"

@@ -9,6 +9,7 @@ keeps the session open for the next message (RSET after a failed one).
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import base64
 import contextlib
@@ -22,6 +23,7 @@ from kurrier.core.dsn_parameters import (
     mail_parameters_text,
     rcpt_parameters_text,
 )
+from kurrier.delivery.dane import TlsaRecords, chain_problem
 
 MAX_REPLY_LINES = 100
 NO_MAIL_PARAMETERS = MailParameters()
@@ -100,6 +102,14 @@ class TransactionResult:
         return not self.body_sent or not self.mail.ok or not self.recipients[recipient].ok
 
 
+def _peer_chain(writer: asyncio.StreamWriter) -> list[bytes]:
+    """The certificates the server sent, its own first, as DER (verified or not)."""
+    ssl_object = writer.get_extra_info("ssl_object")
+    # SSLObject.get_unverified_chain is public from Python 3.13; 3.11 has it on _sslobj.
+    chain = ssl_object._sslobj.get_unverified_chain() or []
+    return [certificate.public_bytes(_ssl.ENCODING_DER) for certificate in chain]
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -137,11 +147,13 @@ class SmtpSession:
         timeout: float,
         connect_timeout: float,
         credentials: tuple[str, str] | None = None,
+        tlsa: TlsaRecords | None = None,
     ) -> SmtpSession:
         """Connect to address, greet, apply the TLS mode, then authenticate if asked.
 
         server_name is the name the certificate must carry (the MX host name
-        for MX routes) and the SNI sent; address is where to connect.
+        for MX routes) and the SNI sent; address is where to connect. In
+        'dane' mode the certificate chain must match one of tlsa's records.
         """
         try:
             reader, writer = await asyncio.wait_for(
@@ -156,7 +168,7 @@ class SmtpSession:
                 raise SmtpTemporaryError(f"greeted with {greeting}")
             await session.ehlo(helo_name)
             if tls_mode != "none":
-                await session._negotiate_tls(server_name, helo_name, tls_mode, tls_context)
+                await session._negotiate_tls(server_name, helo_name, tls_mode, tls_context, tlsa)
             if credentials is not None:
                 await session.authenticate(*credentials)
         except BaseException:
@@ -165,7 +177,12 @@ class SmtpSession:
         return session
 
     async def _negotiate_tls(
-        self, server_name: str, helo_name: str, tls_mode: str, tls_context: ssl.SSLContext | None
+        self,
+        server_name: str,
+        helo_name: str,
+        tls_mode: str,
+        tls_context: ssl.SSLContext | None,
+        tlsa: TlsaRecords | None,
     ) -> None:
         if "STARTTLS" not in self.extensions:
             if tls_mode == "opportunistic":
@@ -189,6 +206,10 @@ class SmtpSession:
             ) from error
         except (OSError, TimeoutError) as error:
             raise SmtpTemporaryError(f"TLS handshake failed: {error}", "4.7.5") from error
+        if tls_mode == "dane" and tlsa is not None:
+            problem = chain_problem(tlsa, _peer_chain(self.writer))
+            if problem is not None:
+                raise TlsUnavailable(f"DANE: {problem}", "4.7.5", "tlsa-invalid")
         self.tls = True
         await self.ehlo(helo_name)  # RFC 3207: forget what was learnt before TLS
 

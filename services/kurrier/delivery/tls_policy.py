@@ -1,4 +1,5 @@
-"""TLS contexts for the route TLS modes (none | opportunistic | required | verify)."""
+"""TLS contexts for the route TLS modes (none | opportunistic | required | verify), and for
+'dane', where the chain is matched against TLSA records after the handshake (dane.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from functools import cache
 def client_context(mode: str, ca_file: str | None = None) -> ssl.SSLContext | None:
     """The context for a mode; None for 'none'.
 
-    'opportunistic' and 'required' encrypt without authenticating the server,
+    'opportunistic', 'required' and 'dane' encrypt without authenticating the server,
     as Postfix's 'may' and 'encrypt' do; 'verify' checks the chain against
     ca_file (or the system store) and the host name.
     """

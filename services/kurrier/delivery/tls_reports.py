@@ -36,7 +36,7 @@ KEEP_DAYS = 3
 @dataclass(frozen=True)
 class _Policy:
     domain: str
-    type: str  # "sts" or "no-policy-found" (no DANE here, so never "tlsa")
+    type: str  # "tlsa", "sts" or "no-policy-found"
     strings: tuple[str, ...] = ()
     mx: tuple[str, ...] = ()
 
@@ -49,6 +49,8 @@ class _Counts:
 
 
 def _policy_of(hop: NextHop) -> _Policy:
+    if hop.tlsa is not None:
+        return _Policy(hop.policy_domain, "tlsa", tuple(str(r) for r in hop.tlsa.records))
     policy: StsPolicy | None = hop.policy
     if policy is None or policy.mode == "none":
         return _Policy(hop.policy_domain, "no-policy-found")
