@@ -42,6 +42,12 @@ RECIPIENTS_BOUNCED = _METER.create_counter(
     unit="{recipient}",
     description="Recipients given up on: rejected by the next hop, or expired",
 )
+ROUTING_TABLES_REFUSED = _METER.create_counter(
+    "kurrier.routing_table.refused",
+    unit="{table}",
+    description="Routing tables a service did not take (it keeps the one in use), by reason: "
+    "newer (fields this version does not know) or unreadable",
+)
 TIME_IN_QUEUE = _METER.create_histogram(
     "kurrier.queue.time",
     unit="s",

@@ -170,6 +170,13 @@ def domain_of(address: str) -> str:
         return domain.lower()
 
 
+# The table's compatibility rule across versions (docs/architecture.md,
+# Contracts): a field is only ever added, with a default that means what the
+# version before does without it, and keeps its name, its default and its
+# meaning; it is stored only when set otherwise (seal_table). So a pod of the
+# version before reads every table that uses nothing added since, and refuses
+# one that does, keeping its last table (TableFollower), rather than apply a
+# feature it does not know only in part.
 class RoutingTable(_Frozen):
     revision: int = 0
     routes: tuple[CompiledRoute, ...] = ()

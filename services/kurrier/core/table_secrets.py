@@ -143,8 +143,11 @@ def _secrets(document: dict[str, Any]) -> list[tuple[str, dict[str, Any], str, s
 
 
 def seal_table(table: RoutingTable, keys: TableKeys) -> bytes:
-    """The table as stored: JSON with each secret sealed for its reader."""
-    document = table.model_dump(mode="json")
+    """The table as stored: JSON with each secret sealed for its reader, and without
+    the fields left at their defaults (the routing table's compatibility rule,
+    docs/architecture.md: a pod of the version before reads a table that uses
+    nothing added since)."""
+    document = table.model_dump(mode="json", exclude_defaults=True)
     in_clear = 0
     for reader, container, name, where in _secrets(document):
         key = keys.keys.get(reader)
@@ -158,7 +161,7 @@ def seal_table(table: RoutingTable, keys: TableKeys) -> bytes:
             in_clear,
             TABLE_KEYS.variable,
         )
-    return RoutingTable.model_validate(document).model_dump_json().encode()
+    return RoutingTable.model_validate(document).model_dump_json(exclude_defaults=True).encode()
 
 
 def open_table(stored: bytes, keys: TableKeys) -> RoutingTable:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY
+from kurrier.core.metrics import ROUTING_TABLES_REFUSED
 from kurrier.core.routing import RoutingTable
 from kurrier.core.table_secrets import TableKeys, open_table, seal_table
 from kurrier.core.telemetry import TRACER
@@ -94,9 +96,44 @@ class TableFollower:
             try:
                 table = open_table(entry.value, self._keys)
             except ValidationError as error:
-                log.error("ignoring an unreadable routing table: %s", error)
+                self._refuse(entry.value, error)
                 continue
             if table.revision >= self.table.revision:
                 self.table = table
                 self.loaded.set()
                 log.info("routing table revision %d in use", table.revision)
+
+    def _refuse(self, stored: bytes, error: ValidationError) -> None:
+        """Keep the table in use rather than apply part of one. A table with fields
+        this version does not know uses a feature it cannot honour: a newer
+        publisher's, while an upgrade rolls (docs/architecture.md, Contracts)."""
+        problems = error.errors()
+        unknown = sorted(
+            {
+                ".".join(str(part) for part in problem["loc"] if not isinstance(part, int))
+                for problem in problems
+                if problem["type"] == "extra_forbidden"
+            }
+        )
+        kept = self.table.revision
+        if unknown and all(problem["type"] == "extra_forbidden" for problem in problems):
+            ROUTING_TABLES_REFUSED.add(1, {"reason": "newer"})
+            log.error(
+                "routing table revision %s uses fields this version does not know (%s): "
+                "keeping revision %d until this pod is upgraded",
+                _stored_revision(stored),
+                ", ".join(unknown),
+                kept,
+            )
+        else:
+            ROUTING_TABLES_REFUSED.add(1, {"reason": "unreadable"})
+            log.error("unreadable routing table; keeping revision %d: %s", kept, error)
+
+
+def _stored_revision(stored: bytes) -> object:
+    """The revision a stored table says it is, for the log; '?' when it says none."""
+    try:
+        document = json.loads(stored)
+    except ValueError:
+        return "?"
+    return document.get("revision", "?") if isinstance(document, dict) else "?"
