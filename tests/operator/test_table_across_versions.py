@@ -1,6 +1,8 @@
 """The routing table between versions (docs/architecture.md, Contracts): stored without
 the fields left at their defaults, and a table with fields a reader does not know
 refused by that reader, which keeps its table and says so in its log and metrics.
+What the previous release's pods make of this one's tables:
+tests/faults/test_rolling_upgrade.py.
 """
 
 from __future__ import annotations

@@ -335,7 +335,9 @@ class ServiceRelay:
         publish_config(self.nats_url, config)
         self.published = True
 
-    def start(self, name: str, wait: bool = True) -> None:
+    def start(self, name: str, wait: bool = True, env: Mapping[str, str] | None = None) -> None:
+        """Start the service name; env, when given, in place of the relay's `env` (another
+        release's, from bench.systems.kurrier_snapshot, or {} for this one's)."""
         common = [
             "--nats-url",
             self.nats_url,
@@ -360,7 +362,7 @@ class ServiceRelay:
             kurrier_argv(command, *common, *args, *self.service_args.get(command, ())),
             stdout=log,
             stderr=log,
-            env={**os.environ, **self.env},
+            env={**os.environ, **(self.env if env is None else env)},
         )
         if command == "queue" and wait:
             # The queue listens once its layout is complete (the history stream
