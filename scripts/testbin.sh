@@ -4,7 +4,8 @@
 # repo, building them from the Go module proxy only when missing, and the
 # Debian packages the tests use (strace, for the proof that a 250 follows an
 # fsync; prometheus, whose server and promtool check the metrics and alert
-# rules). A second run is instant; a cold one builds for minutes (jaeger
+# rules; unbound and ldnsutils, a validating resolver and the tools that
+# sign the DANE tests' zone). A second run is instant; a cold one builds for minutes (jaeger
 # alone took 6.5 min on 2 cores).
 #
 #   scripts/testbin.sh            # builds what is missing, prints the bin dir
@@ -224,5 +225,7 @@ ensure helm build_helm "$HELM_VERSION"
 ensure jaeger build_jaeger "$JAEGER_VERSION"
 ensure_package strace strace
 ensure_package prometheus promtool
+ensure_package unbound unbound
+ensure_package ldnsutils ldns-signzone
 
 printf '%s\n' "$BIN"
