@@ -1,4 +1,5 @@
-"""Fixtures for delivery: a local authoritative DNS server, a test CA, and a courier using them.
+"""Fixtures for delivery: a local authoritative DNS server, a validating resolver on signed
+zones (DANE), a test CA, and couriers using them.
 
 Mail hosts are sinks on loopback addresses (127.0.0.2, 127.0.0.3, ::1...),
 all on one port, since an MX record names a host and every MX host is
@@ -17,6 +18,7 @@ from kurrier.delivery.settings import DeliverySettings
 
 from tests.support.certs import TestCA
 from tests.support.dns_server import DnsServer
+from tests.support.dnssec import ValidatingDns, ZoneKey
 from tests.support.processes import free_port
 
 MAIL_HOST_ADDRESSES = (*(f"127.0.0.{n}" for n in range(2, 20)), "::1")
@@ -53,14 +55,14 @@ def test_ca(tmp_path: Path) -> TestCA:
     return TestCA(tmp_path / "ca")
 
 
-def _courier(dns_server: DnsServer, test_ca: TestCA, mx_port: int, dane: bool) -> Courier:
+def _courier(resolver: str, test_ca: TestCA, mx_port: int, dane: bool) -> Courier:
     return Courier(
         DeliverySettings(
             helo_name="relay.test",
             smtp_timeout=10,
             connect_timeout=5,
             tls_ca_file=str(test_ca.ca_file),
-            dns_resolver=dns_server.address,
+            dns_resolver=resolver,
             mx_port=mx_port,
             dane=dane,
         )
@@ -69,16 +71,37 @@ def _courier(dns_server: DnsServer, test_ca: TestCA, mx_port: int, dane: bool) -
 
 @pytest.fixture
 async def courier(dns_server: DnsServer, test_ca: TestCA, mx_port: int) -> AsyncIterator[Courier]:
-    running = _courier(dns_server, test_ca, mx_port, dane=False)
+    running = _courier(dns_server.address, test_ca, mx_port, dane=False)
+    yield running
+    await running.pool.close_idle(older_than=0)
+
+
+@pytest.fixture(scope="session")
+def zone_key(tmp_path_factory: pytest.TempPathFactory) -> ZoneKey:
+    """The signed test zone's key, made once per session."""
+    return ZoneKey.generate(tmp_path_factory.mktemp("zone-key"))
+
+
+@pytest.fixture
+def validating_dns(tmp_path: Path, zone_key: ZoneKey) -> ValidatingDns:
+    return ValidatingDns(tmp_path / "dnssec", zone_key)
+
+
+@pytest.fixture
+async def dane_courier(
+    validating_dns: ValidatingDns, test_ca: TestCA, mx_port: int
+) -> AsyncIterator[Courier]:
+    """A courier with `--dane on` whose resolver is the test's validating unbound."""
+    running = _courier(validating_dns.address, test_ca, mx_port, dane=True)
     yield running
     await running.pool.close_idle(older_than=0)
 
 
 @pytest.fixture
-async def dane_courier(
-    dns_server: DnsServer, test_ca: TestCA, mx_port: int
+async def dane_off_courier(
+    validating_dns: ValidatingDns, test_ca: TestCA, mx_port: int
 ) -> AsyncIterator[Courier]:
-    """A courier with `--dane on`: it trusts the AD bit of the test's DNS server."""
-    running = _courier(dns_server, test_ca, mx_port, dane=True)
+    """The same resolver with `--dane off`: its AD bit is not trusted."""
+    running = _courier(validating_dns.address, test_ca, mx_port, dane=False)
     yield running
     await running.pool.close_idle(older_than=0)

@@ -1,11 +1,13 @@
-"""DANE (RFC 7672) on MX routes against real STARTTLS sinks: DANE-EE and DANE-TA records
-that match, a record that does not (the hop defers), and TLSA records DANE must not
-trust (an unsigned zone, or a resolver not trusted).
+"""DANE (RFC 7672) on MX routes against real STARTTLS sinks and a real DNSSEC chain:
+DANE-EE and DANE-TA records that match, records that do not (the hop defers), a
+record whose signature does not fit (bogus: deferred), and TLSA records DANE
+must not trust (an unsigned zone, an insecure delegation, a resolver not
+trusted).
 
-DNS is the test's own authoritative server (tests/support/dns_server.py):
-real DNS is not reachable here, and no zone is really signed. A zone marked
-signed answers with the AD bit, as a validating resolver would for a zone
-whose signatures it checked; the DNSSEC validation itself is not exercised.
+DNS is the test's own (tests/support/dnssec.py): the public DNS is not
+reachable here. The zone is signed with ldns-signzone and served by a real
+unbound that validates it against the zone's key as trust anchor, so the AD
+bit kurrier trusts is a validator's verdict and nothing here is mocked.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from kurrier.delivery.courier import Courier
 
 from tests.delivery.attempts import job, message, table
 from tests.support.certs import TestCA, self_signed_context
-from tests.support.dns_server import DnsServer
+from tests.support.dnssec import ValidatingDns
 from tests.support.relay import mx_route
 from tests.support.sink import Sink
 
@@ -42,13 +44,13 @@ def _cert_sha256(pem: bytes) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def _mail_host(dns_server: DnsServer, domain: str, address: str, port: int, *tlsa: str) -> str:
+def _mail_host(dns: ValidatingDns, domain: str, address: str, port: int, *tlsa: str) -> str:
     """domain's one MX host, at address, with TLSA records for port; its name."""
     host = f"mx.{domain}"
-    dns_server.add(domain, "MX", f"10 {host}.")
-    dns_server.add(host, "A", address)
+    dns.add(domain, "MX", f"10 {host}.")
+    dns.add(host, "A", address)
     if tlsa:
-        dns_server.add(f"_{port}._tcp.{host}", "TLSA", *tlsa)
+        dns.add(f"_{port}._tcp.{host}", "TLSA", *tlsa)
     return host
 
 
@@ -74,17 +76,21 @@ def _with_ca(test_ca: TestCA, tmp_path: Path, name: str) -> tuple[ssl.SSLContext
 
 
 async def test_dane_ee_and_dane_ta_records_that_match_authenticate_the_hop(
-    dane_courier: Courier, dns_server: DnsServer, mx_port: int, test_ca: TestCA, tmp_path: Path
+    dane_courier: Courier,
+    validating_dns: ValidatingDns,
+    mx_port: int,
+    test_ca: TestCA,
+    tmp_path: Path,
 ) -> None:
-    dns_server.sign("signed.test")
     # DANE-EE: the server's own key, self-signed (no CA vouches for it, no name check).
     ee_context, ee_record = _self_signed(tmp_path, "mx.ee.signed.test")
-    _mail_host(dns_server, "ee.signed.test", "127.0.0.2", mx_port, ee_record)
+    _mail_host(validating_dns, "ee.signed.test", "127.0.0.2", mx_port, ee_record)
     # DANE-TA: the test CA, which the server sends with its chain.
     ta_context, _ = _with_ca(test_ca, tmp_path, "mx.ta.signed.test")
     ca_hash = _cert_sha256(test_ca.ca_file.read_bytes())
-    _mail_host(dns_server, "ta.signed.test", "127.0.0.3", mx_port, f"2 0 1 {ca_hash}")
+    _mail_host(validating_dns, "ta.signed.test", "127.0.0.3", mx_port, f"2 0 1 {ca_hash}")
     with (
+        validating_dns.serving(),
         Sink(mx_port, "127.0.0.2", tls_context=ee_context) as ee,
         Sink(mx_port, "127.0.0.3", tls_context=ta_context) as ta,
     ):
@@ -100,21 +106,27 @@ async def test_dane_ee_and_dane_ta_records_that_match_authenticate_the_hop(
 
 
 async def test_a_tlsa_mismatch_defers_and_never_sends(
-    dane_courier: Courier, dns_server: DnsServer, mx_port: int, test_ca: TestCA, tmp_path: Path
+    dane_courier: Courier,
+    validating_dns: ValidatingDns,
+    mx_port: int,
+    test_ca: TestCA,
+    tmp_path: Path,
 ) -> None:
-    dns_server.sign("signed.test")
     other = test_ca.issue("somewhere.else.test")[0].read_bytes()
-    _mail_host(dns_server, "ee.signed.test", "127.0.0.4", mx_port, f"3 1 1 {_spki_sha256(other)}")
+    _mail_host(
+        validating_dns, "ee.signed.test", "127.0.0.4", mx_port, f"3 1 1 {_spki_sha256(other)}"
+    )
     # The CA is the record's TA, but the certificate names another host.
     misnamed, _ = _with_ca(test_ca, tmp_path, "not-the-mx.signed.test")
     ca_hash = _cert_sha256(test_ca.ca_file.read_bytes())
-    _mail_host(dns_server, "ta.signed.test", "127.0.0.5", mx_port, f"2 0 1 {ca_hash}")
+    _mail_host(validating_dns, "ta.signed.test", "127.0.0.5", mx_port, f"2 0 1 {ca_hash}")
+    _mail_host(validating_dns, "plain.signed.test", "127.0.0.6", mx_port, NO_SUCH_KEY)
     with (
+        validating_dns.serving(),
         Sink(mx_port, "127.0.0.4", tls_context=test_ca.server_context("mx.ee.signed.test")) as ee,
         Sink(mx_port, "127.0.0.5", tls_context=misnamed) as ta,
         Sink(mx_port, "127.0.0.6") as plain,  # no STARTTLS: DANE makes TLS mandatory
     ):
-        _mail_host(dns_server, "plain.signed.test", "127.0.0.6", mx_port, NO_SUCH_KEY)
         outcomes = await dane_courier.deliver(
             job(["a@ee.signed.test", "b@ta.signed.test", "c@plain.signed.test"]),
             message("mismatch"),
@@ -140,25 +152,25 @@ async def test_a_tlsa_mismatch_defers_and_never_sends(
 
 
 async def test_tlsa_records_without_a_trusted_ad_bit_are_ignored(
-    courier: Courier,
+    dane_off_courier: Courier,
     dane_courier: Courier,
-    dns_server: DnsServer,
+    validating_dns: ValidatingDns,
     mx_port: int,
     test_ca: TestCA,
 ) -> None:
     wrong = NO_SUCH_KEY
-    dns_server.sign("signed.test")
-    _mail_host(dns_server, "unsigned.test", "127.0.0.7", mx_port, wrong)
-    _mail_host(dns_server, "nothing.signed.test", "127.0.0.8", mx_port)  # signed, no TLSA
-    _mail_host(dns_server, "ee.signed.test", "127.0.0.9", mx_port, wrong)
+    _mail_host(validating_dns, "unsigned.test", "127.0.0.7", mx_port, wrong)
+    _mail_host(validating_dns, "nothing.signed.test", "127.0.0.8", mx_port)  # signed, no TLSA
+    _mail_host(validating_dns, "ee.signed.test", "127.0.0.9", mx_port, wrong)
     # A signed MX host with a TLSA record, named by the MX record of an unsigned domain.
-    dns_server.add("mixed.test", "MX", "10 mx.mixed.signed.test.")
-    dns_server.add("mx.mixed.signed.test", "A", "127.0.0.10")
-    dns_server.add(f"_{mx_port}._tcp.mx.mixed.signed.test", "TLSA", wrong)
-    # Secure names, but the TLSA records themselves are not.
-    _mail_host(dns_server, "half.signed.test", "127.0.0.11", mx_port, wrong)
-    dns_server.insecure(f"_{mx_port}._tcp.mx.half.signed.test")
+    validating_dns.add("mixed.unsigned.test", "MX", "10 mx.mixed.signed.test.")
+    validating_dns.add("mx.mixed.signed.test", "A", "127.0.0.10")
+    validating_dns.add(f"_{mx_port}._tcp.mx.mixed.signed.test", "TLSA", wrong)
+    # Secure names, but the TLSA records sit in an unsigned zone below (no DS).
+    validating_dns.delegate_unsigned(f"_{mx_port}._tcp.mx.half.signed.test")
+    _mail_host(validating_dns, "half.signed.test", "127.0.0.11", mx_port, wrong)
     with (
+        validating_dns.serving(),
         Sink(mx_port, "127.0.0.7", tls_context=test_ca.server_context("mx.unsigned.test")),
         Sink(mx_port, "127.0.0.8"),
         Sink(mx_port, "127.0.0.9", tls_context=test_ca.server_context("mx.ee.signed.test")),
@@ -168,24 +180,51 @@ async def test_tlsa_records_without_a_trusted_ad_bit_are_ignored(
         # An unsigned zone's TLSA, a signed zone without any, a host found through an
         # insecure MX record, insecure TLSA records: the route's mode.
         unsigned = await dane_courier.deliver(
-            job(["a@unsigned.test", "b@nothing.signed.test", "d@mixed.test", "e@half.signed.test"]),
+            job(
+                [
+                    "a@unsigned.test",
+                    "b@nothing.signed.test",
+                    "d@mixed.unsigned.test",
+                    "e@half.signed.test",
+                ]
+            ),
             message("u"),
             BY_MX,
         )
         # --dane off: the AD bit is not trusted, so the wrong record is not looked at.
-        untrusted = await courier.deliver(job(["c@ee.signed.test"]), message("o"), BY_MX)
+        untrusted = await dane_off_courier.deliver(job(["c@ee.signed.test"]), message("o"), BY_MX)
     assert [o.outcome for o in unsigned + untrusted] == ["delivered"] * 5
 
 
 async def test_dane_authenticates_mx_hosts_for_requiretls_without_mta_sts(
-    dane_courier: Courier, dns_server: DnsServer, mx_port: int, tmp_path: Path
+    dane_courier: Courier, validating_dns: ValidatingDns, mx_port: int, tmp_path: Path
 ) -> None:
-    dns_server.sign("signed.test")
     context, record = _self_signed(tmp_path, "mx.strict.signed.test")
-    _mail_host(dns_server, "strict.signed.test", "127.0.0.12", mx_port, record)
-    with Sink(mx_port, "127.0.0.12", tls_context=context, require_tls=True) as sink:
+    _mail_host(validating_dns, "strict.signed.test", "127.0.0.12", mx_port, record)
+    with (
+        validating_dns.serving(),
+        Sink(mx_port, "127.0.0.12", tls_context=context, require_tls=True) as sink,
+    ):
         [outcome] = await dane_courier.deliver(
             job(["a@strict.signed.test"], require_tls=True), message("r"), BY_MX
         )
     assert outcome.outcome == "delivered", outcome
     assert [m.mail_parameters.split()[-1] for m in sink.messages] == ["REQUIRETLS"]
+
+
+async def test_a_tlsa_record_whose_signature_fails_defers_even_when_it_matches(
+    dane_courier: Courier, validating_dns: ValidatingDns, mx_port: int, tmp_path: Path
+) -> None:
+    context, record = _self_signed(tmp_path, "mx.bogus.signed.test")
+    _mail_host(validating_dns, "bogus.signed.test", "127.0.0.13", mx_port, NO_SUCH_KEY)
+    # Signed as NO_SUCH_KEY, then swapped for the matching record: bogus, and the
+    # validator answers SERVFAIL, which must defer (RFC 7672 2.2), not fall back.
+    validating_dns.tamper(f"_{mx_port}._tcp.mx.bogus.signed.test", "TLSA", record)
+    with (
+        validating_dns.serving(),
+        Sink(mx_port, "127.0.0.13", tls_context=context) as sink,
+    ):
+        [outcome] = await dane_courier.deliver(job(["a@bogus.signed.test"]), message("b"), BY_MX)
+    assert outcome.outcome == "deferred", outcome
+    assert outcome.reply.startswith("451 4.7.5 TLSA lookup of _"), outcome
+    assert sink.messages == []

@@ -3,12 +3,9 @@
 It stands in for the public DNS, which the test machine cannot reach. Names
 with records of another type answer NOERROR with no data; unknown names
 answer NXDOMAIN; names marked failing answer SERVFAIL. Every question is
-counted, so a test can tell a cached answer from a fresh one.
-
-Zones marked signed (`sign`) answer with the AD bit set, as a validating
-resolver answers for a DNSSEC-signed zone whose signatures it checked: no
-zone is really signed and nothing validates, which is why kurrier trusts
-the AD bit only when told to (`--dane on`).
+counted, so a test can tell a cached answer from a fresh one. It signs
+nothing: DNSSEC is tests/support/dnssec.py's (real signatures, a validating
+unbound).
 """
 
 from __future__ import annotations
@@ -38,8 +35,6 @@ class DnsServer:
         self.port = free_port()
         self._records: dict[tuple[str, str], tuple[int, list[str]]] = {}
         self._failing: set[str] = set()
-        self._signed: set[str] = set()
-        self._insecure: set[str] = set()
         self.questions: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         server = self
@@ -65,17 +60,6 @@ class DnsServer:
         with self._lock:
             self._records.pop((name.lower().rstrip("."), rdtype.upper()), None)
 
-    def sign(self, zone: str) -> None:
-        """Answer for zone and every name under it as validated (the AD bit)."""
-        with self._lock:
-            self._signed.add(zone.lower().rstrip("."))
-
-    def insecure(self, name: str) -> None:
-        """Answer for name without the AD bit although its zone is signed (an insecure
-        delegation)."""
-        with self._lock:
-            self._insecure.add(name.lower().rstrip("."))
-
     def fail(self, name: str) -> None:
         with self._lock:
             self._failing.add(name.lower().rstrip("."))
@@ -92,11 +76,6 @@ class DnsServer:
             found = self._records.get((name, rdtype))
             known = any(known_name == name for known_name, _ in self._records)
             failing = name in self._failing
-            signed = name not in self._insecure and any(
-                name == zone or name.endswith(f".{zone}") for zone in self._signed
-            )
-        if signed:
-            response.flags |= dns.flags.AD
         if failing:
             response.set_rcode(dns.rcode.SERVFAIL)
         elif found is not None:
