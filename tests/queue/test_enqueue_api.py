@@ -1,4 +1,5 @@
-"""The queue's Enqueue RPCs refuse malformed requests with INVALID_ARGUMENT and store nothing.
+"""The queue's Enqueue RPCs refuse malformed requests with INVALID_ARGUMENT, and envelopes of
+a newer kurrier.v1 with UNAVAILABLE, and store nothing.
 
 Both shapes are covered: EnqueueMessages (whole messages on one call in
 batches, what ingress sends up to 1 MiB, each answered on its own) and the
@@ -122,6 +123,38 @@ def test_a_malformed_enqueue_stream_is_refused(
 ) -> None:
     code = asyncio.run(_streamed(queue.queue_address, requests))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message_records(nats_server.url) == []
+
+
+def _from_a_newer_client(envelope: queue_pb2.Envelope, dsn: bool = False) -> queue_pb2.Envelope:
+    """envelope as a client of a newer kurrier.v1 sends it: with field 99 set, in the
+    envelope itself or in its RecipientDsn."""
+    newer_field = bytes([0x9A, 0x06, 0x02]) + b"on"  # field 99, length-delimited, "on"
+    if not dsn:
+        return queue_pb2.Envelope.FromString(envelope.SerializeToString() + newer_field)
+    given = queue_pb2.RecipientDsn(address=envelope.recipients[0], notify="NEVER")
+    envelope.recipient_dsn.append(
+        queue_pb2.RecipientDsn.FromString(given.SerializeToString() + newer_field)
+    )
+    return envelope
+
+
+@pytest.mark.parametrize("dsn", [False, True], ids=["in the envelope", "in a recipient's DSN"])
+def test_an_envelope_with_fields_of_a_newer_version_is_left_for_an_up_to_date_queue(
+    queue: ServiceRelay, nats_server: NatsServer, dsn: bool
+) -> None:
+    """Stored without the field, the message would not be what its client asked for."""
+    whole = queue_pb2.EnqueueMessageRequest(
+        envelope=_from_a_newer_client(envelope("APINEWER00000001"), dsn), body=BODY
+    )
+    streamed = [
+        queue_pb2.EnqueueRequest(envelope=_from_a_newer_client(envelope("APINEWER00000002"), dsn)),
+        queue_pb2.EnqueueRequest(chunk=BODY),
+    ]
+    [answer] = asyncio.run(_on_one_stream(queue.queue_address, [[whole]]))
+    assert answer.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "numbers [99]" in answer.message
+    assert asyncio.run(_streamed(queue.queue_address, streamed)) == grpc.StatusCode.UNAVAILABLE
     assert message_records(nats_server.url) == []
 
 

@@ -14,6 +14,7 @@ from typing import IO
 import grpc
 import nats.errors
 import nats.js.errors
+from google.protobuf.unknown_fields import UnknownFieldSet
 from kurrier.core.batch_writer import BatchWriter
 from kurrier.core.body_store import load_body
 from kurrier.core.domains import InvalidDomain, canonical_address, normalise_domain
@@ -73,6 +74,22 @@ def storage_full(error: Exception) -> bool:
 
 
 def check_envelope(envelope: queue_pb2.Envelope) -> None:
+    newer = fields_not_known(envelope)
+    if newer:
+        # Every field of an envelope is something the message asks for
+        # (REQUIRETLS, its namespace...): stored without it, the message would
+        # go out as it did not ask. UNAVAILABLE: the client tries again, and an
+        # up-to-date queue pod takes it (docs/architecture.md, Contracts).
+        log.warning(
+            "refusing message %s: its envelope has fields this version does not know "
+            "(numbers %s), from a newer client; roll the queue before ingress",
+            envelope.queue_id,
+            newer,
+        )
+        raise Refused(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the envelope has fields this queue does not know (numbers {newer})",
+        )
     if not QUEUE_ID_RE.match(envelope.queue_id):
         raise InvalidRequest("queue_id must be 8-64 letters or digits")
     if not envelope.recipients:
@@ -93,6 +110,15 @@ def check_envelope(envelope: queue_pb2.Envelope) -> None:
         raise InvalidRequest(problem)
     if not {given.address for given in envelope.recipient_dsn} <= set(envelope.recipients):
         raise InvalidRequest("recipient_dsn names an address that is not a recipient")
+
+
+def fields_not_known(envelope: queue_pb2.Envelope) -> list[int]:
+    """The numbers of the fields of a newer kurrier.v1 the envelope carries."""
+    numbers: set[int] = set()
+    for part in (envelope, *envelope.recipient_dsn):
+        found = UnknownFieldSet(part)
+        numbers.update(found[index].field_number for index in range(len(found)))
+    return sorted(numbers)
 
 
 def check_size(envelope: queue_pb2.Envelope, size: int) -> None:
