@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kurrier.core.cluster_counters import ClusterLeases
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.table_store import TableFollower
 from kurrier.ingress.handler import RelayHandler
@@ -84,7 +85,8 @@ def live_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         rates = await MessageRates.open(nc, 1)
         queue = QueueClient("127.0.0.1:9")
         handler = RelayHandler(tables, queue, "fuzz.test", Identities(None), rates, 5)
-        sessions = Sessions(SessionLimits(idle_timeout=5), tables)
+        clients = await ClusterLeases.open(nc.jetstream(), "client-connections", 1)
+        sessions = Sessions(SessionLimits(idle_timeout=5), tables, clients)
         server = await loop.create_server(
             lambda: IngressSMTP(
                 handler,

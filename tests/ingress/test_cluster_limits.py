@@ -1,7 +1,7 @@
 """Limits that hold for the cluster: three ingress processes, one real NATS, one client.
 
 Every probe connects from its own loopback address (tests/ingress/conftest.py),
-so each test's client starts with full buckets.
+so each test's client starts with full buckets and no connections.
 """
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pytest
-from kurrier.core.cluster_counters import HOLD
+from kurrier.core.cluster_counters import HOLD, LEASE
 
 from tests.ingress.conftest import TRUSTED_IP, fresh_ip
 from tests.ingress.smtp_probe import SmtpProbe
@@ -21,12 +22,14 @@ from tests.support.processes import wait_until
 from tests.support.relay import ServiceRelay, documents
 
 MESSAGES_PER_CLIENT_MINUTE = 30
+CONNECTIONS_PER_CLIENT = 3
 POLICY = f"""\
 apiVersion: kurrier.io/v1alpha1
 kind: RelayPolicy
 metadata: {{name: default}}
 spec:
   trustedNetworks: ["{TRUSTED_IP}/32"]
+  maxConnectionsPerClient: {CONNECTIONS_PER_CLIENT}
   rateLimit: {{perClientPerMinute: {MESSAGES_PER_CLIENT_MINUTE}}}"""
 
 
@@ -42,8 +45,8 @@ class Replicas:
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
-    """Three ingress processes on one NATS, as three replicas of one Deployment. MAIL is
-    where the rates are spent, so no queue runs behind them."""
+    """Three ingress processes on one NATS, as three replicas of one Deployment. Connect
+    and MAIL are where these limits are spent, so no queue runs behind them."""
     workdir = tmp_path_factory.mktemp("replicas")
     nats = NatsServer(workdir, workdir)
     nats.start()
@@ -58,18 +61,42 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         nats.stop()
 
 
-def _mail(port: int, ip: str, attempts: int) -> list[str]:
-    """MAIL (then RSET) attempts times in one session: each MAIL's reply."""
+def _greeted(port: int, ip: str) -> SmtpProbe:
+    smtp = SmtpProbe(port, ip)
+    assert smtp.reply().code == 220
+    return smtp
+
+
+def _greeting(port: int, ip: str) -> str:
     with SmtpProbe(port, ip) as smtp:
-        assert smtp.reply().code == 220
+        return smtp.reply().lines[-1]
+
+
+def _mails(smtp: SmtpProbe, attempts: int) -> list[str]:
+    """MAIL (then RSET) attempts times: each MAIL's reply."""
+    replies = []
+    for _ in range(attempts):
+        reply = smtp.command("MAIL FROM:<a@client.test>")
+        replies.append(reply.lines[-1])
+        if reply.code == 250:
+            smtp.command("RSET")
+    return replies
+
+
+def _session_mails(port: int, ip: str, attempts: int) -> list[str]:
+    with _greeted(port, ip) as smtp:
         smtp.command("EHLO probe.test")
-        replies = []
-        for _ in range(attempts):
-            reply = smtp.command("MAIL FROM:<a@client.test>")
-            replies.append(reply.lines[-1])
-            if reply.code == 250:
-                smtp.command("RSET")
-        return replies
+        return _mails(smtp, attempts)
+
+
+def _first_mail(port: int, ip: str) -> str:
+    """A new session's MAIL reply, or its greeting when that was not 220."""
+    with SmtpProbe(port, ip) as smtp:
+        greeting = smtp.reply()
+        if greeting.code != 220:
+            return greeting.lines[-1]
+        smtp.command("EHLO probe.test")
+        return _mails(smtp, 1)[0]
 
 
 def test_three_replicas_share_one_client_rate(replicas: Replicas) -> None:
@@ -78,7 +105,7 @@ def test_three_replicas_share_one_client_rate(replicas: Replicas) -> None:
     started = time.monotonic()
     with ThreadPoolExecutor(len(replicas.ports)) as pool:
         sessions = pool.map(
-            lambda port: _mail(port, ip, MESSAGES_PER_CLIENT_MINUTE), replicas.ports
+            lambda port: _session_mails(port, ip, MESSAGES_PER_CLIENT_MINUTE), replicas.ports
         )
         replies = [reply for session in sessions for reply in session]
     # The documented bound (core/cluster_counters.py): the burst, the refill over
@@ -91,17 +118,54 @@ def test_three_replicas_share_one_client_rate(replicas: Replicas) -> None:
     assert all(r.startswith("450 4.7.1") for r in refusals), refusals
 
 
-def test_without_nats_limited_clients_get_451_and_trusted_ones_relay(replicas: Replicas) -> None:
-    port = replicas.ports[0]
-    replicas.nats.stop()
+def test_three_replicas_share_one_client_connection_cap(replicas: Replicas) -> None:
+    # One connection on each replica is the client's whole cap: each replica
+    # alone would take three.
+    ip = fresh_ip()
+    first, *others = replicas.ports
+    with ExitStack() as stack:
+        held = [stack.enter_context(_greeted(port, ip)) for port in [first, *others]]
+        assert _greeting(first, ip).startswith("421 4.7.0")
+        assert _greeting(first, fresh_ip()).startswith("220"), "other clients are not affected"
+        held.pop().__exit__()
+        wait_until(lambda: _greeting(first, ip).startswith("220"), 10, "the slot to free up")
+
+
+def test_a_killed_replicas_connections_free_up(replicas: Replicas) -> None:
+    ip = fresh_ip()
+    name = replicas.relay.ingress_names[-1]
+    first, victim = replicas.ports[0], replicas.relay.smtp_ports[name]
+    with ExitStack() as stack:
+        for _ in range(CONNECTIONS_PER_CLIENT):
+            stack.enter_context(_greeted(victim, ip))
+        assert _greeting(first, ip).startswith("421 4.7.0")
+        replicas.relay.processes[name].kill()  # no release written: only the lease ends
+        replicas.relay.processes[name].wait()
     try:
-        [reply] = _mail(port, fresh_ip(), 1)
-        assert reply.startswith("451 4.3.0"), reply
-        [reply] = _mail(port, TRUSTED_IP, 1)
-        assert reply.startswith("250"), "trusted networks are exempt, as from the limit"
+        wait_until(
+            lambda: _greeting(first, ip).startswith("220"),
+            LEASE + 15,
+            "the killed replica's share of the client's connections to lapse",
+        )
     finally:
-        replicas.nats.start()
+        replicas.relay.start(name)
+
+
+def test_without_nats_limited_clients_are_refused_and_trusted_ones_relay(
+    replicas: Replicas,
+) -> None:
+    port = replicas.ports[0]
+    with _greeted(port, fresh_ip()) as before:
+        before.command("EHLO probe.test")
+        replicas.nats.stop()
+        try:
+            [reply] = _mails(before, 1)
+            assert reply.startswith("451 4.3.0"), reply
+            assert _first_mail(port, fresh_ip()).startswith("421 4.3.0")
+            assert _first_mail(port, TRUSTED_IP).startswith("250"), "trusted networks are exempt"
+        finally:
+            replicas.nats.start()
     # A single NATS forgets its memory streams: the limits' bucket is made again.
     wait_until(
-        lambda: _mail(port, fresh_ip(), 1)[0].startswith("250"), 30, "limited clients to relay"
+        lambda: _first_mail(port, fresh_ip()).startswith("250"), 30, "limited clients to relay"
     )

@@ -2,17 +2,22 @@
 
 A client is its IPv4 address, or the /64 of an IPv6 address (one host's usual
 share), so a single machine cannot take every slot by cycling addresses.
+The total is this process's (file descriptors and memory are); a client's
+connections are counted across all ingress replicas (core/cluster_counters.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections import Counter
+
+from kurrier.core.cluster_counters import ClusterLeases, CountersUnavailable
 
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 TOO_MANY_TOTAL = "421 4.3.2 Too many connections, try again later"
 TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address, try again later"
+# Failing closed: without NATS nobody knows how many the client holds elsewhere.
+CLIENT_LIMIT_UNAVAILABLE = "421 4.3.0 Connection limits cannot be checked now, try again later"
 
 
 def client_key(ip: str) -> str:
@@ -29,9 +34,9 @@ def client_key(ip: str) -> str:
 
 
 class ConnectionGate:
-    def __init__(self, max_total: int) -> None:
+    def __init__(self, max_total: int, clients: ClusterLeases) -> None:
         self._max_total = max_total
-        self._open: Counter[str] = Counter()
+        self._clients = clients
         self._total = 0
         self.draining = False
         self.emptied = asyncio.Event()
@@ -41,27 +46,29 @@ class ConnectionGate:
     def open_connections(self) -> int:
         return self._total
 
-    def admit(self, ip: str, max_per_client: int | None) -> str | None:
-        """None and the connection is counted, or the 421 that turns it away.
-
-        max_per_client None: no per-client limit (the total still applies)."""
+    def admit(self) -> str | None:
+        """None and the connection is counted in this process's total, or the 421 that
+        turns it away."""
         if self.draining:
             return SHUTTING_DOWN
         if self._total >= self._max_total:
             return TOO_MANY_TOTAL
-        key = client_key(ip)
-        if max_per_client is not None and self._open[key] >= max_per_client:
-            return TOO_MANY_FROM_CLIENT
-        self._open[key] += 1
         self._total += 1
         self.emptied.clear()
         return None
 
-    def release(self, ip: str) -> None:
-        key = client_key(ip)
-        self._open[key] -= 1
-        if self._open[key] <= 0:
-            del self._open[key]
+    def release(self) -> None:
         self._total -= 1
         if self._total == 0:
             self.emptied.set()
+
+    async def admit_client(self, ip: str, max_per_client: int) -> str | None:
+        """None and the connection is counted as its client's, cluster-wide, or the 421."""
+        try:
+            admitted = await self._clients.acquire(client_key(ip), max_per_client)
+        except CountersUnavailable:
+            return CLIENT_LIMIT_UNAVAILABLE
+        return None if admitted else TOO_MANY_FROM_CLIENT
+
+    def release_client(self, ip: str) -> None:
+        self._clients.release(client_key(ip))

@@ -9,6 +9,7 @@ import ssl
 from dataclasses import dataclass
 
 from kurrier.core.addresses import parse_host_port
+from kurrier.core.cluster_counters import TIMEOUT, ClusterLeases
 from kurrier.core.grpc_tls import QueueTls
 from kurrier.core.metrics import SMTP_SESSIONS, TLS_CERTIFICATE_EXPIRY
 from kurrier.core.service import Connected, FirstTable, Hooks, Service, serve
@@ -90,7 +91,10 @@ async def _start(settings: IngressSettings, nats: Connected) -> Hooks:
         if settings.tls_cert and settings.tls_key
         else None
     )
-    sessions = Sessions(settings.limits, nats.tables)
+    clients = await ClusterLeases.open(
+        nats.nc.jetstream(timeout=TIMEOUT), "client-connections", settings.replicas
+    )
+    sessions = Sessions(settings.limits, nats.tables, clients)
     SMTP_SESSIONS.follow(lambda: sessions.gate.open_connections)
     if certificate is not None:
         TLS_CERTIFICATE_EXPIRY.follow(lambda: certificate.expires_at)
@@ -100,10 +104,11 @@ async def _start(settings: IngressSettings, nats: Connected) -> Hooks:
         open=listeners.open,
         drain=[listeners.drain],
         helpers=[
+            clients.refresh,
             *([certificate.follow] if certificate else []),
             *([queue.follow_certificate] if queue.certificate else []),
         ],
-        close=[queue.close, *([reviewer.close] if reviewer else [])],
+        close=[clients.flush, queue.close, *([reviewer.close] if reviewer else [])],
     )
 
 

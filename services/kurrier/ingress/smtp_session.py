@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, _Missing, syntax
+from kurrier.core.cluster_counters import ClusterLeases
 from kurrier.core.dsn_parameters import (
     DSN_KEYWORDS,
     MAIL_LINE_GROWTH,
@@ -89,10 +90,13 @@ class Listener:
 class Sessions:
     """What every session of this process shares: limits, admission, and the live set."""
 
-    def __init__(self, limits: SessionLimits, tables: TableFollower) -> None:
+    def __init__(
+        self, limits: SessionLimits, tables: TableFollower, clients: ClusterLeases
+    ) -> None:
+        """clients: the connections of each client, counted across all replicas."""
         self.limits = limits
         self.tables = tables
-        self.gate = ConnectionGate(limits.max_connections)
+        self.gate = ConnectionGate(limits.max_connections, clients)
         self.live: weakref.WeakSet[IngressSMTP] = weakref.WeakSet()
 
     def drain(self) -> None:
@@ -176,8 +180,12 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         self._smtp_methods[BARE_NEWLINE_COMMAND] = self._refuse_bare_newline
         self.listener = listener
         self._sessions = sessions
-        self._admitted_ip: str | None = None
+        self._peer_ip = ""
+        self._admitted = False
         self._refused = False
+        # The client's slot among its connections to all replicas: None when no
+        # per-client limit applies; its result is None when admitted, else the 421.
+        self._client_slot: asyncio.Task[str | None] | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._replies: PipelinedReplies | None = None
 
@@ -190,16 +198,20 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         # aiosmtpd greets every connection; admission must happen before that.
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) else ""
-        table = self._sessions.tables.table
-        limit = table.policy.max_connections_per_client if table.limits_client(ip) else None
-        refusal = self._sessions.gate.admit(ip, limit)
+        refusal = self._sessions.gate.admit()
         if refusal is not None:
             self._refused = True
             log.info("connection from %s refused: %s", ip, refusal)
             writable(transport).write(refusal.encode() + b"\r\n")
             transport.close()
             return
-        self._admitted_ip = ip
+        self._peer_ip, self._admitted = ip, True
+        table = self._sessions.tables.table
+        if table.limits_client(ip):
+            # Asks NATS: _handle_client waits for the answer before the greeting.
+            self._client_slot = asyncio.get_running_loop().create_task(
+                self._sessions.gate.admit_client(ip, table.policy.max_connections_per_client)
+            )
         self._sessions.live.add(self)
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
@@ -213,13 +225,30 @@ class IngressSMTP(SMTP, CommandLineProtocol):
     def connection_lost(self, error: Exception | None) -> None:
         if self._refused:
             return  # never admitted: aiosmtpd has nothing to clean up
-        if self._admitted_ip is not None:  # aiosmtpd may call this twice after a failed STARTTLS
-            self._sessions.gate.release(self._admitted_ip)
+        if self._admitted:  # aiosmtpd may call this twice after a failed STARTTLS
+            self._sessions.gate.release()
             self._sessions.live.discard(self)
-            self._admitted_ip = None
+            self._admitted = False
+            if self._client_slot is not None:
+                self._client_slot.add_done_callback(self._release_client_slot)
         if self._deadline is not None:
             self._deadline.cancel()
         super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        # aiosmtpd's session loop starts with the greeting: a client over its
+        # connections across replicas hears the 421 instead.
+        if self._client_slot is not None:
+            refusal = await asyncio.shield(self._client_slot)
+            if refusal is not None:
+                log.info("connection from %s refused: %s", self._peer_ip, refusal)
+                self.say_goodbye(refusal)
+                return
+        await super()._handle_client()
+
+    def _release_client_slot(self, slot: asyncio.Task[str | None]) -> None:
+        if not slot.cancelled() and slot.exception() is None and slot.result() is None:
+            self._sessions.gate.release_client(self._peer_ip)
 
     def _timeout_cb(self) -> None:
         # aiosmtpd closes an idle connection without a word; RFC 5321 4.2 wants a 421.
