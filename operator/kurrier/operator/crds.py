@@ -218,7 +218,9 @@ DOCS: dict[str, str] = {
     "SenderRule.domains": "Sender domain patterns this identity may use.",
     "RelayPolicySpec.maxMessageSize": "Largest accepted message, in bytes.",
     "RelayPolicySpec.maxRecipients": "Most recipients per message.",
-    "RelayPolicySpec.maxConnectionsPerClient": "Most concurrent connections per client IP.",
+    "RelayPolicySpec.maxConnectionsPerClient": (
+        "Most concurrent connections per client IP, counted across all ingress replicas."
+    ),
     "RelayPolicySpec.limitTrustedNetworks": (
         "Apply maxConnectionsPerClient and rateLimit.perClientPerMinute to trusted networks "
         "too (by default they are exempt)."

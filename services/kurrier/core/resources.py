@@ -233,7 +233,7 @@ class RelayPolicySpec(_Model):
     senderRules: list[SenderRule] = Field(default_factory=list)
     maxMessageSize: int = Field(default=26214400, ge=1024)
     maxRecipients: int = Field(default=100, ge=1)
-    # Per ingress replica: each pod counts its own connections.
+    # Counted across all ingress replicas (ingress/connection_gate.py).
     maxConnectionsPerClient: int = Field(default=20, ge=1)
     rateLimit: RateLimit | None = None
     # Trusted networks are exempt from the per-client limits (connections, message
