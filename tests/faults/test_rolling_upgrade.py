@@ -1,10 +1,11 @@
 """A rolling upgrade under load: the previous release's services, two of each as a
 chart's replicas on one real nats-server, replaced one by one by this
 release's in the documented order (docs/deploy.md, Upgrades), while this
-release's publisher replaces the previous one's routing table with one of its own.
+release's publisher replaces the previous one's routing table with one of its own;
+then back again.
 
-Mail flows at every step, nothing acknowledged is lost or bounced, and the
-queue drains.
+Mail flows at every step, no client hears a 5xx, nothing acknowledged is lost
+or bounced, and the queue drains.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,10 @@ def _publish_as(env: dict[str, str], nats_url: str, config: str) -> None:
     )
 
 
+def _config(sink: Sink, policy: str = trusting("127.0.0.0/8"), priority: int = 100) -> str:
+    return documents(route("to-sink", DOMAINS, sink.port, priority=priority), policy)
+
+
 def _uses_revision(relay: ServiceRelay, name: str, revision: int) -> bool:
     log = (relay.workdir / f"{name}.log").read_text(errors="replace")
     return f"routing table revision {revision} in use" in log
@@ -81,11 +87,7 @@ def test_rolling_upgrade_from_the_previous_release_loses_nothing(
     tmp_path: Path, sink: Sink, nats_server: NatsServer
 ) -> None:
     _, previous = kurrier_snapshot(PREVIOUS_RELEASE, tmp_path / "snapshots")
-    _publish_as(
-        previous,
-        nats_server.url,
-        documents(route("to-sink", DOMAINS, sink.port), trusting("127.0.0.0/8")),
-    )
+    _publish_as(previous, nats_server.url, _config(sink))
     relays = []
     for replica in ("a", "b"):
         workdir = tmp_path / replica
@@ -110,32 +112,35 @@ def test_rolling_upgrade_from_the_previous_release_loses_nothing(
                     ) from None
             wait_until(lambda: len(sink.messages) >= delivered + 30, 60, f"delivery after {after}")
 
+        def taken_by_all(config: str, revision: int, what: str) -> None:
+            relays[0].publish(config)
+            wait_until(
+                lambda: all(
+                    _uses_revision(r, name, revision) for r in relays for name in ROLL_ORDER
+                ),
+                30,
+                f"every service to take {what}",
+            )
+            mail_flows(what)
+
+        def roll(order: Sequence[str], env: dict[str, str], what: str) -> None:
+            for name in order:
+                for replica, relay in zip("ab", relays, strict=True):
+                    relay.processes[name].terminate()  # as Kubernetes ends a pod
+                    relay.processes[name].wait(timeout=30)
+                    relay.start(name, env=env)
+                    mail_flows(f"{what} {name} in {replica}")
+
         mail_flows("the start")
         # This release's operator publishes before any service has rolled.
-        relays[0].publish(
-            documents(route("to-sink", DOMAINS, sink.port, priority=50), trusting("127.0.0.0/8"))
+        taken_by_all(_config(sink, priority=50), 2, "this release's table")
+        roll(ROLL_ORDER, {}, "upgrading")
+        taken_by_all(
+            _config(sink, _POLICY_OF_THIS_RELEASE), 3, "a table with this release's fields"
         )
-        wait_until(
-            lambda: all(_uses_revision(r, name, 2) for r in relays for name in ROLL_ORDER),
-            30,
-            "every service of the previous release to take the new table",
-        )
-        mail_flows("the new table")
-        for name in ROLL_ORDER:
-            for replica, relay in zip("ab", relays, strict=True):
-                relay.processes[name].terminate()  # as Kubernetes ends a pod
-                relay.processes[name].wait(timeout=30)
-                relay.start(name, env={})
-                mail_flows(f"rolling {name} in {replica}")
-
-        # Rolled: a table that uses a field the previous release does not know.
-        relays[0].publish(documents(route("to-sink", DOMAINS, sink.port), _POLICY_OF_THIS_RELEASE))
-        wait_until(
-            lambda: all(_uses_revision(r, name, 3) for r in relays for name in ROLL_ORDER),
-            30,
-            "every service to take the table with this release's fields",
-        )
-        mail_flows("the table with this release's fields")
+        # Back: first a table the previous release reads, then the reverse order.
+        taken_by_all(_config(sink), 4, "the table without them")
+        roll(ROLL_ORDER[::-1], previous, "rolling back")
         ledgers = [load.stop() for load in loads]
         acknowledged = set().union(*(ledger.acknowledged for ledger in ledgers))
         wait_until(
@@ -147,6 +152,7 @@ def test_rolling_upgrade_from_the_previous_release_loses_nothing(
     for ledger in ledgers:
         report = check(ledger, outcome(sink.messages, RECIPIENT, SENDER, ledger.attempted))
         assert not report.lost and not report.bounced, report.lines()
+        assert not ledger.refused_for_good, sorted(ledger.refused_for_good)[:10]
     assert len(acknowledged) >= 200
 
 

@@ -15,6 +15,8 @@ class Ledger:
 
     acknowledged: set[str] = field(default_factory=set)
     refused: set[str] = field(default_factory=set)
+    # The refused ones whose reply was 5xx: the client gives up on them for good.
+    refused_for_good: set[str] = field(default_factory=set)
     # The connection broke after DATA began: the relay may or may not have it.
     in_doubt: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -66,6 +68,16 @@ class SteadyLoad:
         with self.ledger.lock:
             outcome.add(marker)
 
+    def _refused(self, marker: str, error: smtplib.SMTPException) -> None:
+        if isinstance(error, smtplib.SMTPRecipientsRefused):
+            codes = [code for code, _ in error.recipients.values()]
+        else:
+            codes = [getattr(error, "smtp_code", 0)]
+        with self.ledger.lock:
+            self.ledger.refused.add(marker)
+            if any(code >= 500 for code in codes):
+                self.ledger.refused_for_good.add(marker)
+
     def _client(self, client: int) -> None:
         smtp: smtplib.SMTP | None = None
         while not self._stop.is_set():
@@ -77,11 +89,11 @@ class SteadyLoad:
                     smtp = smtplib.SMTP(self.host, self.port, timeout=30)
                 smtp.sendmail("load@client.test", [self.recipient], message(marker))
                 self._record(self.ledger.acknowledged, marker)
-            except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused):
-                self._record(self.ledger.refused, marker)
+            except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused) as error:
+                self._refused(marker, error)
                 smtp = _reset(smtp)
-            except smtplib.SMTPDataError:
-                self._record(self.ledger.refused, marker)
+            except smtplib.SMTPDataError as error:
+                self._refused(marker, error)
             except (OSError, smtplib.SMTPException):
                 # Refused connection (nothing sent) or a break mid-transaction.
                 self._record(self.ledger.in_doubt, marker)
