@@ -26,6 +26,7 @@ from kurrier.ingress.queue_client import QueueClient
 from kurrier.ingress.session_limits import SessionLimits
 from kurrier.ingress.smtp_path import _MAILBOX, parse_path
 from kurrier.ingress.smtp_session import IngressSMTP, Listener, Sessions
+from kurrier.ingress.tenant_quotas import TenantQuotas
 
 from tests.support.nats import NatsServer
 from tests.support.processes import free_port
@@ -84,7 +85,8 @@ def live_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         await ensure_layout(nc.jetstream())
         rates = await MessageRates.open(nc, 1)
         queue = QueueClient("127.0.0.1:9")
-        handler = RelayHandler(tables, queue, "fuzz.test", Identities(None), rates, 5)
+        quotas = await TenantQuotas.open(nc, 1)
+        handler = RelayHandler(tables, queue, "fuzz.test", Identities(None), rates, quotas, 5)
         clients = await ClusterLeases.open(nc.jetstream(), "client-connections", 1)
         sessions = Sessions(SessionLimits(idle_timeout=5), tables, clients)
         server = await loop.create_server(

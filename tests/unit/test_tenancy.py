@@ -183,3 +183,30 @@ def test_a_user_belongs_to_the_namespace_of_the_policy_naming_it() -> None:
     assert problems == []
     assert tenant_of(table, "billing", "203.0.113.9") == "team-b"
     assert tenant_of(table, "someone-else", "203.0.113.9") == PLATFORM
+
+
+def test_quotas_are_the_platforms_strictest_and_star_covers_the_others() -> None:
+    table, _ = _two_teams(
+        _policy(
+            PLATFORM,
+            "quotas",
+            namespaceQuotas=[
+                {"namespace": "team-a", "messagesPerMinute": 10, "recipientsPerDay": 500},
+                {"namespace": "team-a", "messagesPerMinute": 20, "messagesPerDay": 100},
+                {"namespace": "*", "recipientsPerMinute": 5},
+            ],
+        ),
+        # A tenant cannot give itself a quota, nor another tenant one.
+        _policy("team-b", "mine", namespaceQuotas=[{"namespace": "team-b", "messagesPerDay": 1}]),
+    )
+    team_a = table.policy.quota_for("team-a")
+    assert team_a is not None
+    assert (team_a.messages_per_minute, team_a.messages_per_day) == (10, 100)
+    assert (team_a.recipients_per_minute, team_a.recipients_per_day) == (None, 500)
+    team_b = table.policy.quota_for("team-b")
+    assert team_b is not None and team_b.messages_per_day is None
+    assert team_b.recipients_per_minute == 5
+    without_tenancy, _ = compile_table(
+        parse_documents([_policy("x", "p", namespaceQuotas=[{"namespace": "*"}])], "t")
+    )
+    assert without_tenancy.policy.quota_for("") is None, "quotas are for tenants"

@@ -236,6 +236,15 @@ DOCS: dict[str, str] = {
         "Several policies: the shortest other than 0s."
     ),
     "RelayPolicySpec.rateLimit": "Message rate limits.",
+    "RelayPolicySpec.namespaceQuotas": (
+        "With tenancy, how much mail each tenant namespace may send, counted across all "
+        "ingress replicas; only the platform namespace's policies set them."
+    ),
+    "NamespaceQuota.namespace": "A tenant namespace, or '*' for every tenant not named.",
+    "NamespaceQuota.messagesPerMinute": "Messages per minute (counted at the first recipient).",
+    "NamespaceQuota.messagesPerDay": "Messages per day (counted at the first recipient).",
+    "NamespaceQuota.recipientsPerMinute": "Accepted recipients per minute.",
+    "NamespaceQuota.recipientsPerDay": "Accepted recipients per day.",
     "RateLimit.perClientPerMinute": (
         "Messages per minute per client IP, counted across all ingress replicas."
     ),

@@ -219,6 +219,17 @@ class RateLimit(_Model):
     perIdentityPerMinute: int | None = Field(default=None, ge=1)
 
 
+class NamespaceQuota(_Model):
+    """How much mail one tenant namespace may send, counted at RCPT across all ingress
+    replicas (core/cluster_counters.py); honoured from the platform namespace's policies."""
+
+    namespace: str = Field(min_length=1, max_length=63)  # or "*": every tenant not named
+    messagesPerMinute: int | None = Field(default=None, ge=1)
+    messagesPerDay: int | None = Field(default=None, ge=1)
+    recipientsPerMinute: int | None = Field(default=None, ge=1)
+    recipientsPerDay: int | None = Field(default=None, ge=1)
+
+
 # Who gets delivery status notifications for mail from a client that neither
 # authenticated nor is in trustedNetworks (queue/notice_policy.py): nobody, only
 # senders in a RelayDomain, or every sender. Strictest first.
@@ -236,6 +247,7 @@ class RelayPolicySpec(_Model):
     # Counted across all ingress replicas (ingress/connection_gate.py).
     maxConnectionsPerClient: int = Field(default=20, ge=1)
     rateLimit: RateLimit | None = None
+    namespaceQuotas: list[NamespaceQuota] = Field(default_factory=list)
     # Trusted networks are exempt from the per-client limits (connections, message
     # rate) unless this is true, as Postfix exempts $mynetworks.
     limitTrustedNetworks: bool = False

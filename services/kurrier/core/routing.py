@@ -102,6 +102,15 @@ class CompiledDomain(_Frozen):
         return data
 
 
+class Quota(_Frozen):
+    """A tenant's mail per minute and per day (None: not limited)."""
+
+    messages_per_minute: int | None = None
+    messages_per_day: int | None = None
+    recipients_per_minute: int | None = None
+    recipients_per_day: int | None = None
+
+
 class CompiledPolicy(_Frozen):
     trusted_networks: tuple[str, ...] = ()
     require_tls_for_auth: bool = True
@@ -126,6 +135,11 @@ class CompiledPolicy(_Frozen):
     # Seconds a message waits before its sender is warned (0: never); None
     # leaves it to the queue's --delay-warning-time.
     delay_warning_time: float | None = None
+    # With tenancy: each tenant namespace's quota, "*" for those not named.
+    namespace_quotas: dict[str, Quota] = Field(default_factory=dict)
+
+    def quota_for(self, tenant: str) -> Quota | None:
+        return self.namespace_quotas.get(tenant) or self.namespace_quotas.get("*")
 
 
 # Modular-crypt prefixes of the password hashes a users Secret may hold.
@@ -442,7 +456,26 @@ def _compile_policy(
             (p.spec.bounceUnauthenticated for p in limiting), key=BOUNCE_SCOPES.index
         ),
         delay_warning_time=_earliest_warning(limiting),
+        namespace_quotas=_namespace_quotas(limiting) if platform else {},
     )
+
+
+def _namespace_quotas(policies: list[RelayPolicy]) -> dict[str, Quota]:
+    """Each namespace's quota; where several policies name one, the lowest of each number."""
+    fields = {
+        "messages_per_minute": "messagesPerMinute",
+        "messages_per_day": "messagesPerDay",
+        "recipients_per_minute": "recipientsPerMinute",
+        "recipients_per_day": "recipientsPerDay",
+    }
+    quotas: dict[str, dict[str, int]] = {}
+    for quota in (q for p in policies for q in p.spec.namespaceQuotas):
+        numbers = quotas.setdefault(quota.namespace, {})
+        for name, spelled in fields.items():
+            value = getattr(quota, spelled)
+            if value is not None:
+                numbers[name] = min(value, numbers.get(name, value))
+    return {namespace: Quota(**numbers) for namespace, numbers in quotas.items()}
 
 
 def _earliest_warning(policies: list[RelayPolicy]) -> float | None:

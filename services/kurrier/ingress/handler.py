@@ -39,6 +39,7 @@ from kurrier.ingress.relay_policy import (
 )
 from kurrier.ingress.smtp_session import NULL_PATH, IngressSMTP, RelayEnvelope
 from kurrier.ingress.spans import receiving
+from kurrier.ingress.tenant_quotas import TenantQuotas
 from kurrier.ingress.token_buckets import TokenBuckets
 from kurrier.ingress.token_review import Review
 from kurrier.v1 import queue_pb2
@@ -89,6 +90,7 @@ class RelayHandler:
         hostname: str,
         identities: Identities,
         rates: MessageRates,
+        quotas: TenantQuotas,
         auth_failures_per_minute: int,
     ) -> None:
         self._tables = tables
@@ -102,6 +104,7 @@ class RelayHandler:
         self._auth_failures_per_minute = auth_failures_per_minute
         self._failures = TokenBuckets()
         self._rates = rates
+        self._quotas = quotas
 
     # -- EHLO and AUTH ----------------------------------------------------------------
 
@@ -288,6 +291,11 @@ class RelayHandler:
                 tenant = inbound_tenant(table, domain_of(recipient))
                 if envelope.rcpt_tos and envelope.tenant not in (None, tenant):
                     return OTHER_TENANT
+            quota = table.policy.quota_for(tenant) if is_tenant(table, tenant) else None
+            if quota is not None:
+                refusal = await self._quotas.spend(quota, tenant, not envelope.rcpt_tos)
+                if refusal:
+                    return refusal
             envelope.tenant = tenant
         envelope.rcpt_tos.append(recipient)
         envelope.rcpt_options.extend(rcpt_options)

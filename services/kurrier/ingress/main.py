@@ -20,6 +20,7 @@ from kurrier.ingress.message_rates import MessageRates
 from kurrier.ingress.queue_client import QueueClient
 from kurrier.ingress.session_limits import SessionLimits
 from kurrier.ingress.smtp_session import IngressSMTP, Listener, Sessions
+from kurrier.ingress.tenant_quotas import TenantQuotas
 from kurrier.ingress.tls_certificate import ServerCertificate
 from kurrier.ingress.token_review import KubeApiSettings, TokenReviewer
 
@@ -84,6 +85,7 @@ async def _start(settings: IngressSettings, nats: Connected) -> Hooks:
         settings.hostname,
         Identities(reviewer),
         await MessageRates.open(nats.nc, settings.replicas),
+        await TenantQuotas.open(nats.nc, settings.replicas),
         settings.limits.auth_failures_per_minute,
     )
     certificate = (
