@@ -5,8 +5,9 @@
 # Debian packages the tests use (strace, for the proof that a 250 follows an
 # fsync; prometheus, whose server and promtool check the metrics and alert
 # rules; unbound and ldnsutils, a validating resolver and the tools that
-# sign the DANE tests' zone). A second run is instant; a cold one builds for minutes (jaeger
-# alone took 6.5 min on 2 cores).
+# sign the DANE tests' zone; iptables, for the nemesis's one-way and per-port
+# cuts between test hosts). A second run is instant; a cold one builds for
+# minutes (jaeger alone took 6.5 min on 2 cores).
 #
 #   scripts/testbin.sh            # builds what is missing, prints the bin dir
 #   BIN=$(scripts/testbin.sh | tail -n1)
@@ -227,5 +228,6 @@ ensure_package strace strace
 ensure_package prometheus promtool
 ensure_package unbound unbound
 ensure_package ldnsutils ldns-signzone
+ensure_package iptables iptables
 
 printf '%s\n' "$BIN"

@@ -7,7 +7,9 @@ ever targets of a fault.
 
 Every name carries the pid of the run that made it (`kn<pid>-n1`, `kn<pid>br`),
 so a run first removes what runs that died without cleaning up left behind,
-and never touches what a live run holds. Needs root and iproute2.
+and never touches what a live run holds. Needs root and iproute2; the
+one-way and per-port cuts need iptables (`scripts/testbin.sh` installs it)
+and a kernel with netfilter inside network namespaces.
 """
 
 from __future__ import annotations
@@ -136,6 +138,43 @@ class Host:
 
     def restore_to(self, other: Host) -> None:
         ip("-n", self.namespace, "route", "delete", "blackhole", f"{other.address}/32")
+
+    def drop_from(self, other: Host) -> None:
+        """Drop what this host receives from other, while what it sends still arrives.
+
+        A one-way cut: a route cannot make one, since a TCP connection needs
+        both directions; a filter on what comes in lets the segments out.
+        """
+        self._filter("--append", _from(other))
+
+    def restore_from(self, other: Host) -> None:
+        self._filter("--delete", _from(other))
+
+    def drop_port_to(self, other: Host, port: int) -> None:
+        """Drop TCP between this host and other's port, both ways; other ports still pass."""
+        self._filter("--append", _port(other, port))
+
+    def restore_port_to(self, other: Host, port: int) -> None:
+        self._filter("--delete", _port(other, port))
+
+    def _filter(self, action: str, rules: list[list[str]]) -> None:
+        for chain, *match in rules:
+            argv = self.argv(["iptables", "--wait", action, chain, *match, "--jump", "DROP"])
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise OSError(f"iptables in {self.name}: {done.stderr.strip()}")
+
+
+def _from(other: Host) -> list[list[str]]:
+    return [["INPUT", "--source", other.address]]
+
+
+def _port(other: Host, port: int) -> list[list[str]]:
+    tcp = ["--protocol", "tcp"]
+    return [
+        ["OUTPUT", "--destination", other.address, *tcp, "--destination-port", str(port)],
+        ["INPUT", "--source", other.address, *tcp, "--source-port", str(port)],
+    ]
 
 
 def _free_subnet() -> str:

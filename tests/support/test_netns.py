@@ -35,6 +35,24 @@ def _reaches(address: str, port: int, source: Host | None = None) -> bool:
     return source.call(connect) if source else connect()
 
 
+def _datagram_arrives(source: Host, target: Host, port: int) -> bool:
+    """Whether a UDP datagram from source reaches a socket on target (it is never answered)."""
+    receiver = target.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    with receiver:
+        receiver.bind((target.address, port))
+        receiver.settimeout(1)
+
+        def send() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                sender.sendto(b"ping", (target.address, port))
+
+        source.call(send)
+        try:
+            return receiver.recv(16) == b"ping"
+        except TimeoutError:
+            return False
+
+
 def _names() -> str:
     """Every namespace and link of this machine, as ip lists them."""
     return ip("netns", "list") + ip("-o", "link")
@@ -68,7 +86,24 @@ def test_hosts_reach_each_other_until_cut_and_leave_nothing_behind() -> None:
             assert not _reaches(a.address, 2525)
             a.set_link(True)
             assert _reaches(a.address, 2525, b)
+
+            b.drop_port_to(a, 2525)
+            with _listening(a, 2526):
+                assert not _reaches(a.address, 2525, b)
+                assert _reaches(a.address, 2526, b)
+            b.restore_port_to(a, 2525)
+            assert _reaches(a.address, 2525, b)
     assert network.run not in _names()
+
+
+def test_a_one_way_cut_lets_one_direction_through() -> None:
+    with TestNetwork(["a", "b"]) as network:
+        a, b = network.hosts["a"], network.hosts["b"]
+        a.drop_from(b)
+        assert _datagram_arrives(a, b, 5353)
+        assert not _datagram_arrives(b, a, 5353)
+        a.restore_from(b)
+        assert _datagram_arrives(b, a, 5353)
 
 
 def test_what_a_dead_run_left_is_removed_with_its_processes() -> None:
