@@ -1,8 +1,10 @@
-"""kurrier on five test hosts with their own addresses (network namespaces), under a
-seeded nemesis: a NATS node partitioned from its peers, the stream leader's host cut
-off, a queue or delivery process paused past its leases, a NATS node killed and
-restarted on its store, and one on an empty store. Nothing the client saw
-acknowledged may be lost."""
+"""kurrier on five test hosts with their own addresses (network namespaces), two
+ingress processes under load, under a seeded nemesis: a NATS node partitioned from
+its peers, the stream leader's host cut off, the stream leader deaf to its peers
+while they still hear it, an ingress's gRPC path to its queue cut, a queue or
+delivery process paused past its leases, a NATS node killed and restarted on its
+store, and one on an empty store. Nothing either client saw acknowledged may be
+lost."""
 
 from __future__ import annotations
 
@@ -37,4 +39,5 @@ def test_a_seeded_nemesis_loses_nothing_acknowledged(tmp_path: Path) -> None:
     print(summary)
     assert verdict.passed, summary
     assert verdict.report.acknowledged >= 100, summary
+    assert min(verdict.acknowledged_by.values()) >= 50, summary
     assert verdict.report.extra_copies <= DUPLICATES_SHARE * verdict.report.acknowledged, summary

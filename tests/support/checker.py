@@ -1,7 +1,8 @@
 """The verdict after a nemesis run: every acknowledged message delivered or bounced.
 
-Compares what the SMTP client was told (the load's Ledger) with what reached
-the next hop (the sink): a message to the recipient is a delivery, a DSN to
+Compares what the SMTP clients were told (the loads' Ledgers, one per ingress,
+taken together: a message may arrive through any queue and delivery) with
+what reached the next hop (the sink): a message to the recipient is a delivery, a DSN to
 the load's sender naming the message (its Subject is among the returned
 headers) is a bounce.
 """
@@ -9,6 +10,7 @@ headers) is a bounce.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tests.support.load import Ledger
@@ -21,6 +23,17 @@ def subject(content: bytes) -> str | None:
         if line.startswith(b"Subject: "):
             return line.removeprefix(b"Subject: ").decode(errors="replace")
     return None
+
+
+def combined(ledgers: Iterable[Ledger]) -> Ledger:
+    """The ledgers of loads side by side as one (their markers differ by load)."""
+    together = Ledger()
+    for ledger in ledgers:
+        together.acknowledged |= ledger.acknowledged
+        together.refused |= ledger.refused
+        together.refused_for_good |= ledger.refused_for_good
+        together.in_doubt |= ledger.in_doubt
+    return together
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """kurrier spread over test hosts, as the chart spreads its pods over nodes.
 
 Three hosts run a NATS node each (the StatefulSet), and the services beside
-them (the Deployments): ingress on n1, a queue on n1 and n2, delivery on n2
-and n3. The SMTP load runs on the `client` host, the next hop on `sink`.
-Every service's NATS URL lists its own host's node first. The test process
-watches from the bridge's control address.
+them (the Deployments): ingress on n1 and n3, a queue on n1 and n2, delivery
+on n2 and n3. Each ingress reaches the queues over the network, another
+host's queue first (as through the queue's Service, which rarely picks the
+pod beside it), the other one when that does not answer. The SMTP load runs
+on the `client` host, one load per ingress, the next hop on `sink`. Every
+service's NATS URL lists its own host's node first. The test process watches
+from the bridge's control address.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ SERVICES = {
     "delivery-1": "n2",
     "delivery-2": "n3",
     "ingress-1": "n1",
+    "ingress-2": "n3",
 }
+INGRESSES = ("ingress-1", "ingress-2")
+# ingress -> the queues it tries, in order (gRPC's pick_first fails over to the next)
+QUEUES_OF = {"ingress-1": ("queue-2", "queue-1"), "ingress-2": ("queue-1", "queue-2")}
 NATS_PORT = 4222
 ROUTE_PORT = 6222
 QUEUE_PORT = 7070
@@ -63,7 +70,7 @@ class Fleet:
         self.workdir = workdir
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.sink: Sink | None = None
-        self.load: SteadyLoad | None = None
+        self.loads: dict[str, SteadyLoad] = {}  # by the ingress it sends to
 
     def host_of(self, process: str) -> Host:
         if process.startswith("nats-"):
@@ -104,15 +111,14 @@ class Fleet:
     def start_service(self, name: str) -> None:
         host = self.host_of(name)
         service = name.split("-")[0]
-        queue = self.hosts[SERVICES["queue-1"]].address
-        own = {
-            "queue": ["--listen", f"{host.address}:{QUEUE_PORT}", *FAST_RETRIES],
-            "delivery": [],
-            "ingress": [
-                *("--queue-address", f"{queue}:{QUEUE_PORT}"),
-                *("--smtp", f"{host.address}:{SMTP_PORT}"),
-            ],
-        }[service]
+        if service == "queue":
+            own = ["--listen", f"{host.address}:{QUEUE_PORT}", *FAST_RETRIES]
+        elif service == "ingress":
+            queues = [f"{self.host_of(queue).address}:{QUEUE_PORT}" for queue in QUEUES_OF[name]]
+            own = ["--queue-address", "ipv4:" + ",".join(queues)]
+            own += ["--smtp", f"{host.address}:{SMTP_PORT}"]
+        else:
+            own = []
         common = ["--nats-url", self.nats_url(host.name), "--nats-replicas", "3"]
         common += ["--hostname", f"{name}.relay.test", "--metrics-listen", "off"]
         self._spawn(name, kurrier_argv(service, *common, *own), dict(os.environ))
@@ -145,20 +151,27 @@ class Fleet:
         )
         for name in SERVICES:
             self.start_service(name)
-        ingress = self.host_of("ingress-1").address
-        wait_until(lambda: smtp_banner(SMTP_PORT, ingress), 120, "ingress to answer SMTP")
-        log = self.workdir / "ingress-1.log"
+        for name in INGRESSES:
+            self._wait_for_ingress(name)
+
+    def _wait_for_ingress(self, name: str) -> None:
+        address = self.host_of(name).address
+        wait_until(lambda: smtp_banner(SMTP_PORT, address), 120, f"{name} to answer SMTP")
+        log = self.workdir / f"{name}.log"
         wait_until(
             lambda: "routing table revision" in log.read_text(errors="replace"),
             60,
-            "ingress to load the routing table",
+            f"{name} to load the routing table",
         )
 
-    def start_load(self, clients: int = 2) -> SteadyLoad:
-        ingress = self.host_of("ingress-1").address
-        load = SteadyLoad(SMTP_PORT, RECIPIENT, clients=clients, host=ingress)
-        self.load = self.hosts["client"].call(load.start)
-        return load
+    def start_loads(self, clients: int = 1) -> dict[str, SteadyLoad]:
+        """A load from the client host on each ingress, `clients` sessions each."""
+        for name in INGRESSES:
+            load = SteadyLoad(
+                SMTP_PORT, RECIPIENT, clients=clients, host=self.host_of(name).address, name=name
+            )
+            self.loads[name] = self.hosts["client"].call(load.start)
+        return self.loads
 
     def signal(self, name: str, number: signal.Signals) -> None:
         self.processes[name].send_signal(number)
@@ -169,8 +182,8 @@ class Fleet:
         process.wait(timeout=30)
 
     def __exit__(self, *exc: object) -> None:
-        if self.load is not None:
-            self.load.stop()
+        for load in self.loads.values():
+            load.stop()
         for process in self.processes.values():
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGCONT)  # a paused one cannot take SIGTERM

@@ -44,8 +44,10 @@ class SteadyLoad:
         budget: int = 100_000,
         pace: float = 0.0,
         host: str = "127.0.0.1",
+        name: str = "load",
     ) -> None:
         self.host = host
+        self.name = name  # the markers' prefix: loads side by side never share one
         self.port = port
         self.recipient = recipient
         self.ledger = Ledger()
@@ -62,7 +64,7 @@ class SteadyLoad:
             if self._counter >= self._budget:
                 return None
             self._counter += 1
-            return f"load-{client}-{self._counter}"
+            return f"{self.name}-{client}-{self._counter}"
 
     def _record(self, outcome: set[str], marker: str) -> None:
         with self.ledger.lock:

@@ -8,13 +8,20 @@ The faults, each healed before the next:
   peers.
 - isolate-leader: the host of the jobs stream's leader loses its link (its
   veth down): nothing reaches it or leaves it, also the services beside it.
+- one-way: the host of the jobs stream's leader receives nothing from the
+  other NATS hosts, which still receive what it sends (iptables in its
+  namespace): a leader whose heartbeats arrive but which hears no answer.
+- cut-queue-path: one ingress's host and the queue it uses first drop the
+  gRPC connection between them, both ways (iptables, that port only: the
+  NATS nodes on the same hosts still talk), for longer than a message's
+  Enqueue deadline, so the messages sent then end in that deadline.
 - pause: SIGSTOP of a queue or delivery process for longer than the jobs'
   ack wait and the sweeper's lease, then SIGCONT (a long GC, a frozen VM).
 - kill-node: SIGKILL of a NATS node, restarted on its store.
 - wipe-node: SIGKILL of a NATS node, restarted on an empty store (a pod
   replaced with a new volume); it catches up from its peers.
 
-After each heal the load must make progress again. At the end the load stops,
+After each heal the load on each ingress must make progress again. At the end the load stops,
 the cluster settles, and the checker compares what the client was told with
 what reached the next hop. The seed is printed first; the same seed picks the
 same faults, targets and durations (the timing of the load is not replayed).
@@ -41,10 +48,14 @@ from pathlib import Path
 
 from kurrier.core.jetstream import LEASE_TTL
 from kurrier.delivery.worker import ACK_WAIT
+from kurrier.ingress.queue_client import ENQUEUE_TIMEOUT
 
-from tests.support.checker import Report, check, outcome
+from tests.support.checker import Report, check, combined, outcome
 from tests.support.fleet import (
+    INGRESSES,
     NATS_HOSTS,
+    QUEUE_PORT,
+    QUEUES_OF,
     RECIPIENT,
     SENDER_DOMAIN,
     Fleet,
@@ -59,16 +70,28 @@ from tests.support.relay import NATS_BUSY, queued_count, stored_bodies
 # Longer than a delivery job's ack wait and the sweeper's lease: both move to another process.
 PAUSE = max(ACK_WAIT, LEASE_TTL) + 5
 PAUSED = ("queue-1", "queue-2", "delivery-1", "delivery-2")
-FAULTS = ("partition", "isolate-leader", "pause", "kill-node", "wipe-node")
+FAULTS = (
+    "partition",
+    "isolate-leader",
+    "one-way",
+    "cut-queue-path",
+    "pause",
+    "kill-node",
+    "wipe-node",
+)
 SENDER = f"load@{SENDER_DOMAIN}"
 
 
 class Nemesis:
     def __init__(
-        self, fleet: Fleet, load: SteadyLoad, rng: random.Random, say: Callable[[str], None]
+        self,
+        fleet: Fleet,
+        loads: dict[str, SteadyLoad],
+        rng: random.Random,
+        say: Callable[[str], None],
     ):
         self.fleet = fleet
-        self.load = load
+        self.loads = loads
         self.rng = rng
         self.say = say
         self.counts: Counter[str] = Counter()
@@ -83,6 +106,8 @@ class Nemesis:
         target = {
             "partition": self.partition,
             "isolate-leader": self.isolate_leader,
+            "one-way": self.one_way,
+            "cut-queue-path": self.cut_queue_path,
             "pause": self.pause,
             "kill-node": self.kill_node,
             "wipe-node": self.wipe_node,
@@ -95,10 +120,11 @@ class Nemesis:
         return f"{time.monotonic() - self.began:6.1f}s"
 
     def _progress(self, after: str) -> None:
-        try:
-            self.load.wait_for_acknowledged(len(self.load.ledger.acknowledged) + 10, timeout=180)
-        except AssertionError as error:
-            raise AssertionError(f"no progress after {after}: {error}") from None
+        for ingress, load in self.loads.items():
+            try:
+                load.wait_for_acknowledged(len(load.ledger.acknowledged) + 10, timeout=180)
+            except AssertionError as error:
+                raise AssertionError(f"no progress on {ingress} after {after}: {error}") from None
 
     def partition(self) -> str:
         cut = self.fleet.hosts[self.rng.choice(NATS_HOSTS)]
@@ -136,6 +162,29 @@ class Nemesis:
             host.set_link(True)
         return host.name
 
+    def one_way(self) -> str:
+        deaf = self.fleet.hosts[self._leader_host()]
+        peers = [self.fleet.hosts[name] for name in NATS_HOSTS if name != deaf.name]
+        for peer in peers:
+            deaf.drop_from(peer)
+        try:
+            self._hold(5, 12)
+        finally:
+            for peer in peers:
+                deaf.restore_from(peer)
+        return f"{deaf.name} (deaf to its peers)"
+
+    def cut_queue_path(self) -> str:
+        ingress = self.rng.choice(INGRESSES)
+        queue = QUEUES_OF[ingress][0]
+        near, far = self.fleet.host_of(ingress), self.fleet.host_of(queue)
+        near.drop_port_to(far, QUEUE_PORT)
+        try:
+            self._hold(ENQUEUE_TIMEOUT + 2, ENQUEUE_TIMEOUT + 8)
+        finally:
+            near.restore_port_to(far, QUEUE_PORT)
+        return f"{ingress} -> {queue}"
+
     def pause(self) -> str:
         name = self.rng.choice(PAUSED)
         self.fleet.signal(name, signal.SIGSTOP)
@@ -162,13 +211,16 @@ class Nemesis:
 class Verdict:
     report: Report
     faults: Counter[str]
+    acknowledged_by: dict[str, int]  # ingress -> what its load saw acknowledged
     queue_left: int  # records; -1 when NATS did not answer
     bodies_left: int
 
     def lines(self) -> list[str]:
         faults = ", ".join(f"{name} {count}" for name, count in sorted(self.faults.items()))
+        ingresses = ", ".join(f"{name} {count}" for name, count in self.acknowledged_by.items())
         return [
             f"faults: {faults}",
+            f"acknowledged by ingress: {ingresses}",
             *self.report.lines(),
             f"left in the queue {self.queue_left}, in the bodies stream {self.bodies_left}",
         ]
@@ -183,9 +235,9 @@ class Verdict:
         )
 
 
-def _settle(fleet: Fleet, load: SteadyLoad, timeout: float) -> tuple[Report, int, int]:
-    """Stop the load, wait for the acknowledged to arrive and the store to empty; the report."""
-    ledger = load.stop()
+def _settle(fleet: Fleet, loads: dict[str, SteadyLoad], timeout: float) -> tuple[Report, int, int]:
+    """Stop the loads, wait for the acknowledged to arrive and the store to empty; the report."""
+    ledger = combined([load.stop() for load in loads.values()])
     sink = fleet.sink
     assert sink is not None
 
@@ -214,8 +266,8 @@ def run(
 ) -> Verdict:
     """`faults` rounds of every fault in a seeded order, or random faults for `minutes`."""
     rng = random.Random(seed)
-    load = fleet.start_load()
-    nemesis = Nemesis(fleet, load, rng, say)
+    loads = fleet.start_loads()
+    nemesis = Nemesis(fleet, loads, rng, say)
     nemesis._progress("start")
     if minutes is not None:
         deadline = time.monotonic() + minutes * 60
@@ -224,9 +276,10 @@ def run(
     for _ in range(faults or 0):
         for fault in rng.sample(FAULTS, len(FAULTS)):
             nemesis.run(fault)
-    report, queue_left, bodies_left = _settle(fleet, load, settle_timeout)
+    report, queue_left, bodies_left = _settle(fleet, loads, settle_timeout)
     say(f"{nemesis.clock()} settled")
-    return Verdict(report, nemesis.counts, queue_left, bodies_left)
+    acknowledged_by = {name: len(load.ledger.acknowledged) for name, load in loads.items()}
+    return Verdict(report, nemesis.counts, acknowledged_by, queue_left, bodies_left)
 
 
 def main(argv: list[str] | None = None) -> int:

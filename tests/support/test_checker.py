@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.support.checker import check, outcome
+from tests.support.checker import check, combined, outcome
 from tests.support.load import Ledger, message
 from tests.support.sink import Received
 
@@ -32,3 +32,17 @@ def test_lost_is_acknowledged_neither_delivered_nor_bounced() -> None:
     assert (report.duplicated, report.extra_copies) == (1, 1)
     assert report.in_doubt_delivered == 1
     assert report.phantoms == ("m9",)
+
+
+def test_the_ledgers_of_two_ingresses_are_checked_together() -> None:
+    first = Ledger(acknowledged={"a1", "a2"})
+    second = Ledger(acknowledged={"b1", "b2"}, in_doubt={"b3"})
+    ledger = combined([first, second])
+    received = [_delivery("a1"), _delivery("b1"), _delivery("b3"), _bounce("a2")]
+
+    report = check(ledger, outcome(received, RECIPIENT, SENDER, ledger.attempted))
+
+    assert report.lost == ("b2",)
+    assert (report.acknowledged, report.delivered, report.bounced) == (4, 3, 1)
+    assert report.in_doubt_delivered == 1
+    assert report.phantoms == ()
