@@ -5,7 +5,9 @@ process; nothing acknowledged may be lost."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
 import signal
 import smtplib
@@ -13,11 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kurrier.core.jetstream import JOBS_STREAM, connect, disconnect, when_answered
 from kurrier.queue.sweeper import DISPATCH_GRACE, SWEEP_INTERVAL
 
 from tests.support.load import SteadyLoad
 from tests.support.nats import NatsCluster, cluster_layout_error, stream_leader
-from tests.support.processes import wait_until
+from tests.support.processes import eventually, wait_until
 from tests.support.relay import ServiceRelay, UpRelay, documents, queued_count, route, trusting
 from tests.support.sink import Sink
 
@@ -130,12 +133,12 @@ def test_kurrier_up_runs_the_cluster_shape_and_survives_a_node(tmp_path: Path, s
         wait_until(lambda: queued_count(relay.nats_url) == 0, 60, "the queue to drain")
 
 
-def test_a_queue_started_without_a_jetstream_quorum_waits_for_it(
+def test_services_started_without_a_jetstream_quorum_wait_for_it(
     tmp_path: Path, sink: Sink, cluster: NatsCluster
 ) -> None:
-    """A queue process restarted while its streams elect leaders must not exit: with
-    nobody to restart it (a crash-looping pod backs off for minutes), ingress would
-    have no queue to reconnect to."""
+    """A queue or delivery process restarted while its streams elect leaders must not
+    exit: with nobody to restart it (a crash-looping pod backs off for minutes),
+    ingress would have no queue to reconnect to, and jobs nobody to take them."""
     wait_until(lambda: cluster_layout_error(cluster.url()) is None, 60, "JetStream in the cluster")
     relay = ServiceRelay(
         tmp_path, cluster.url(), service_args={name: REPLICAS for name in ("queue", "delivery")}
@@ -144,21 +147,70 @@ def test_a_queue_started_without_a_jetstream_quorum_waits_for_it(
     with relay:
         cluster.kill("kurrier-2")
         cluster.kill("kurrier-3")
-        relay.processes["queue"].kill()
-        relay.processes["queue"].wait()
-        relay.start("queue", wait=False)
-        log = tmp_path / "queue.log"
+        for name in ("queue", "delivery"):
+            relay.processes[name].kill()
+            relay.processes[name].wait()
+            relay.start(name, wait=False)
 
-        def waiting_for_jetstream() -> bool:
-            assert relay.processes["queue"].poll() is None, "the queue exited"
+        def waiting_for_jetstream(name: str) -> bool:
+            assert relay.processes[name].poll() is None, f"{name} exited"
+            log = tmp_path / f"{name}.log"
             return "JetStream does not answer yet" in log.read_text(errors="replace")
 
-        wait_until(waiting_for_jetstream, 60, "the queue to wait for JetStream")
+        for name in ("queue", "delivery"):
+            wait_until(lambda: waiting_for_jetstream(name), 60, f"{name} to wait for JetStream")  # noqa: B023
         cluster.start("kurrier-2")
         cluster.start("kurrier-3")
-        with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
-            client.sendmail(
-                "a@client.test", ["r@example.com"], b"Subject: after the quorum\r\n\r\nhi\r\n"
+
+        def accepted() -> bool:
+            """As a client would: 451 while the streams still elect leaders, then 250."""
+            with smtplib.SMTP("127.0.0.1", relay.smtp_port) as client:
+                try:
+                    client.sendmail(
+                        "a@client.test", ["r@example.com"], b"Subject: after the quorum\r\n\r\n"
+                    )
+                except smtplib.SMTPDataError as error:
+                    if error.smtp_code != 451:
+                        raise
+                    return False
+            return True
+
+        wait_until(accepted, 120, "the relay to accept mail again")
+        assert b"after the quorum" in sink.wait_for(1, timeout=120)[0].content
+
+
+def test_a_consumer_asked_for_without_a_jetstream_quorum_comes_once_it_returns(
+    cluster: NatsCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The consumers a service creates once, as it starts (delivery's jobs, the queue's
+    results and due retries), are asked for again rather than ending the process."""
+    wait_until(lambda: cluster_layout_error(cluster.url()) is None, 60, "JetStream in the cluster")
+    cluster.kill("kurrier-2")
+    cluster.kill("kurrier-3")
+
+    async def scenario() -> str:
+        nc = await connect(cluster.url(), "test-consumer")
+        try:
+            js = nc.jetstream()
+            subscribing = asyncio.create_task(
+                when_answered(
+                    lambda: js.pull_subscribe("kurrier.due.*", "test-consumer", JOBS_STREAM),
+                    "a test consumer",
+                )
             )
-        [received] = sink.wait_for(1, timeout=120)
-        assert b"after the quorum" in received.content
+            await eventually(
+                lambda: "JetStream does not answer yet (a test consumer)" in caplog.text,
+                60,
+                "the consumer to be asked for again",
+            )
+            assert not subscribing.done()
+            await asyncio.to_thread(cluster.start, "kurrier-2")
+            await asyncio.to_thread(cluster.start, "kurrier-3")
+            await asyncio.wait_for(subscribing, 120)
+            info = await js.consumer_info(JOBS_STREAM, "test-consumer")
+            return str(info.name)
+        finally:
+            await disconnect(nc)
+
+    caplog.set_level(logging.WARNING, "kurrier.core.jetstream")
+    assert asyncio.run(scenario()) == "test-consumer"

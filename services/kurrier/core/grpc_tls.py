@@ -21,6 +21,15 @@ from kurrier.core.certificate_files import CertificateFiles, CertificatePair
 
 ChannelOptions = Sequence[tuple[str, str | int]]
 
+# A channel whose queue went away tries again after a pause that grows, by
+# gRPC's default, up to two minutes: a queue back after a long outage would
+# then wait that long for ingress. Within the cluster a try is cheap.
+RECONNECT_OPTIONS: ChannelOptions = (
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 4000),
+)
+
 # The Common Names of the certificates, fixed whatever the release is called.
 QUEUE_IDENTITY = "kurrier-queue"
 INGRESS_IDENTITY = "kurrier-ingress"
@@ -89,6 +98,7 @@ class QueueTls:
             )
         else:
             credentials = grpc.ssl_channel_credentials(pair.ca, pair.key, pair.cert)
+        options = [*RECONNECT_OPTIONS, *options]
         if self.server_name:
             options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
         return grpc.aio.secure_channel(address, credentials, options=options)
@@ -99,5 +109,5 @@ def queue_channel(
 ) -> grpc.aio.Channel:
     """A channel to the queue: over TLS when tls is given, else plaintext."""
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.insecure_channel(address, options=[*RECONNECT_OPTIONS, *options])
     return tls.channel(address, options)

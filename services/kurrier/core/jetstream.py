@@ -13,10 +13,10 @@ import datetime
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from kurrier.core.durations import parse_duration
@@ -59,6 +59,32 @@ log = logging.getLogger(__name__)
 # JetStream did not answer, as opposed to answering no: a cluster electing a
 # stream's leader, a node still catching up after a restart. Worth asking again.
 JETSTREAM_UNANSWERED = (TimeoutError, NoRespondersError, ServiceUnavailableError)
+ASK_AGAIN_FIRST = 1.0
+ASK_AGAIN_LONGEST = 8.0
+
+T = TypeVar("T")
+
+
+async def when_answered(request: Callable[[], Awaitable[T]], what: str) -> T:
+    """request()'s result, asked again while JetStream does not answer
+    (JETSTREAM_UNANSWERED), doubling the pause from ASK_AGAIN_FIRST to
+    ASK_AGAIN_LONGEST, with a warning each time.
+
+    For the steps a process takes once, at its start: the layout, its
+    consumers. A process that exited instead would leave its clients nobody
+    to reconnect to until something restarted it.
+    """
+    pause = ASK_AGAIN_FIRST
+    while True:
+        try:
+            return await request()
+        except JETSTREAM_UNANSWERED as error:
+            log.warning(
+                "JetStream does not answer yet (%s); trying again in %.0fs: %r", what, pause, error
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, ASK_AGAIN_LONGEST)
+
 
 # JetStream's error code for a stream whose limits the store cannot reserve.
 _INSUFFICIENT_STORAGE = 10047

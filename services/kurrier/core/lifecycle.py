@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Collection, Coroutine
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
+
+T = TypeVar("T")
 
 
 def signal_event(*signums: signal.Signals) -> asyncio.Event:
@@ -26,6 +28,20 @@ def ended_unexpectedly(task: asyncio.Task[Any]) -> NoReturn:
     """A task that should have run on has ended: its failure, or that, is the process's."""
     task.result()  # re-raise the failure of a worker
     raise RuntimeError(f"worker {task.get_coro()!r} ended unexpectedly")
+
+
+async def unless_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
+    """work's result, or None if stop is set first (work is then cancelled)."""
+    task = asyncio.create_task(work)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, stopper, return_exceptions=True)
+    return None if task.cancelled() else task.result()
 
 
 async def run_until(

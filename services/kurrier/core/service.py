@@ -13,7 +13,6 @@ drain in the service's order, close, disconnect. A service declares a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,14 +21,14 @@ from typing import Any
 from kurrier.core.history import HISTORY
 from kurrier.core.http_endpoint import Document, HttpEndpoint, Refresh
 from kurrier.core.jetstream import (
-    JETSTREAM_UNANSWERED,
     HistoryLimits,
     connect,
     disconnect,
     ensure_layout,
     wait_for_layout,
+    when_answered,
 )
-from kurrier.core.lifecycle import ended_unexpectedly, run_until, stop_event
+from kurrier.core.lifecycle import ended_unexpectedly, run_until, stop_event, unless_stopped
 from kurrier.core.metrics import NATS_CONNECTED
 from kurrier.core.nats_access import streams_created, streams_used
 from kurrier.core.table_store import TableFollower
@@ -37,9 +36,6 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
-
-LAYOUT_RETRY_FIRST = 1.0
-LAYOUT_RETRY_LONGEST = 8.0
 
 Step = Callable[[], Awaitable[None]]
 Job = Callable[[], Coroutine[Any, Any, None]]
@@ -124,7 +120,8 @@ async def serve(service: Service) -> None:
     hooks = Hooks()
     try:
         js = nc.jetstream()
-        if not await _until_layout(js, service, stop):
+        laid_out = when_answered(lambda: _lay_out(js, service), "the streams' layout")
+        if not await unless_stopped(stop, laid_out):
             return
         helpers.append(asyncio.create_task(HISTORY.run(js, service.name), name="history"))
         tables = TableFollower()
@@ -164,35 +161,19 @@ async def serve(service: Service) -> None:
         await disconnect(nc)
 
 
-async def _until_layout(js: JetStreamContext, service: Service, stop: asyncio.Event) -> bool:
-    """Create the streams the service may create and wait for the others; False if
-    stopped first.
-
-    JetStream that does not answer yet (a cluster electing a stream's leader,
-    a node catching up after a restart) is waited for, as for the queue's
-    streams: a process that exited instead would leave its clients with
-    nobody to reconnect to until something restarted it.
-    """
+async def _lay_out(js: JetStreamContext, service: Service) -> bool:
+    """Create the streams the service may create and wait for the others it uses."""
     created = streams_created(service.name)
-    delay = LAYOUT_RETRY_FIRST
-    while not stop.is_set():
-        try:
-            await ensure_layout(
-                js,
-                service.replicas,
-                owner=service.owns_layout,
-                body_store_limit=service.body_store_limit,
-                streams=created,
-                history=service.history,
-            )
-            await wait_for_layout(js, streams_used(service.name) - created)
-            return True
-        except JETSTREAM_UNANSWERED as error:
-            log.warning("JetStream does not answer yet, trying again in %.0fs: %r", delay, error)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-        delay = min(delay * 2, LAYOUT_RETRY_LONGEST)
-    return False
+    await ensure_layout(
+        js,
+        service.replicas,
+        owner=service.owns_layout,
+        body_store_limit=service.body_store_limit,
+        streams=created,
+        history=service.history,
+    )
+    await wait_for_layout(js, streams_used(service.name) - created)
+    return True
 
 
 async def _wait_for_first_table(

@@ -8,13 +8,14 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY
+from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY, when_answered
 from kurrier.core.metrics import ROUTING_TABLES_REFUSED
 from kurrier.core.routing import RoutingTable
 from kurrier.core.table_secrets import TableKeys, open_table, seal_table
 from kurrier.core.telemetry import TRACER
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, SpanKind
 from pydantic import ValidationError
 
@@ -88,8 +89,11 @@ class TableFollower:
         self._keys = keys or TableKeys.from_environment()
 
     async def run(self, js: JetStreamContext) -> None:
-        kv = await js.key_value(CONFIG_BUCKET)
-        watcher = await kv.watch(ROUTING_TABLE_KEY)
+        async def watch() -> KeyValue.KeyWatcher:
+            kv = await js.key_value(CONFIG_BUCKET)
+            return await kv.watch(ROUTING_TABLE_KEY)
+
+        watcher = await when_answered(watch, "the routing table's watch")
         async for entry in watcher:
             if entry is None or not entry.value:
                 continue  # the end-of-history marker, or a deleted key: keep what we have

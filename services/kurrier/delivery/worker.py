@@ -13,7 +13,9 @@ from kurrier.core.jetstream import (
     RESULTS_STREAM,
     pull_batch,
     result_subject,
+    when_answered,
 )
+from kurrier.core.lifecycle import unless_stopped
 from kurrier.core.message import DeliveryJob, DeliveryResult, RecipientOutcome
 from kurrier.core.message_store import MessageStore
 from kurrier.core.records import RecordStore
@@ -62,18 +64,11 @@ class DeliveryWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pull jobs while free slots remain; on stop, finish what is in flight."""
-        self._store = MessageStore(self._js, await RecordStore.open(self._js))
-        subscription = await self._js.pull_subscribe(
-            "kurrier.job.*",
-            durable=DELIVERY_CONSUMER,
-            stream=JOBS_STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=self._ack_wait,
-                max_deliver=-1,
-                max_ack_pending=max(1000, self._settings.concurrency * 4),
-            ),
+        subscription = await unless_stopped(
+            stop, when_answered(self._subscribe, f"the {DELIVERY_CONSUMER} consumer")
         )
+        if subscription is None:
+            return
         heartbeat = asyncio.create_task(self._heartbeat())
         stopping = asyncio.create_task(stop.wait())
         try:
@@ -103,6 +98,20 @@ class DeliveryWorker:
                 await asyncio.wait(self._in_flight)
             heartbeat.cancel()
             await self.courier.pool.close_idle(older_than=0)
+
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        self._store = MessageStore(self._js, await RecordStore.open(self._js))
+        return await self._js.pull_subscribe(
+            "kurrier.job.*",
+            durable=DELIVERY_CONSUMER,
+            stream=JOBS_STREAM,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=self._ack_wait,
+                max_deliver=-1,
+                max_ack_pending=max(1000, self._settings.concurrency * 4),
+            ),
+        )
 
     async def _heartbeat(self) -> None:
         """Tell JetStream every job in flight is still being worked on.

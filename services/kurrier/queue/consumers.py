@@ -19,6 +19,7 @@ from kurrier.core.jetstream import (
     RESULTS_CONSUMER,
     RESULTS_STREAM,
     pull_batch,
+    when_answered,
 )
 from kurrier.core.message import DeliveryResult, MessageRecord
 from kurrier.core.telemetry import RESULTS_DESTINATION, annotate, consuming
@@ -71,11 +72,14 @@ async def _consume(
     stream: str,
     handle: Callable[[Msg], Awaitable[None]],
 ) -> None:
-    subscription = await js.pull_subscribe(
-        subject,
-        durable=durable,
-        stream=stream,
-        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1),
+    subscription = await when_answered(
+        lambda: js.pull_subscribe(
+            subject,
+            durable=durable,
+            stream=stream,
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30, max_deliver=-1),
+        ),
+        f"the {durable} consumer",
     )
     while True:
         batch = await pull_batch(subscription, batch=64, timeout=5)
