@@ -120,6 +120,24 @@ CASES: list[tuple[str, Obj, str, bool]] = [
         False,
     ),
     (
+        "site shaping",
+        _with(ROUTE, "spec.shaping", {"maxConnections": 5, "messagesPerMinute": 300}),
+        "",
+        True,
+    ),
+    (
+        "site shaping without a limit",
+        _with(ROUTE, "spec.shaping", {}),
+        "set maxConnections, messagesPerMinute or both",
+        False,
+    ),
+    (
+        "site shaping with no connections",
+        _with(ROUTE, "spec.shaping.maxConnections", 0),
+        "spec.shaping.maxConnections in body should be greater than or equal to 1",
+        False,
+    ),
+    (
         "priority not a number",
         _with(ROUTE, "spec.priority", "high"),
         'spec.priority: Invalid value: "string": spec.priority in body must be of type integer',

@@ -161,6 +161,19 @@ def test_an_object_the_models_refuse_is_reported_as_invalid_on_that_object() -> 
     ]
 
 
+def test_a_route_shaping_nothing_is_invalid_on_that_object() -> None:
+    # The CRD refuses it too; an object stored under an older CRD still reaches the operator.
+    empty = _observed(route("empty", ["example.com"], 2526, shaping="{}"))
+    resources, problems = relay_resources([empty])
+    assert resources == {}
+    [problem] = problems
+    assert (problem.name, problem.reason, problem.message) == (
+        "empty",
+        "Invalid",
+        "spec.shaping: Value error, set maxConnections, messagesPerMinute or both",
+    )
+
+
 def test_only_referenced_secrets_that_exist_reach_the_compiler() -> None:
     authed = _observed(AUTHED_ROUTE)
     resources, _ = relay_resources([authed, _observed(inbound_domain("example.com"))])

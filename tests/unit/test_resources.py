@@ -55,6 +55,14 @@ def test_route_defaults_and_normalised_domains() -> None:
         ({"match": {"recipientDomains": ["bad domain"]}}, "'bad domain' is not a domain pattern"),
         ({"surprise": 1}, "spec.surprise: Extra inputs are not permitted"),
         ({"maxConnections": 0}, "spec.maxConnections: Input should be greater than or equal to 1"),
+        (
+            {"shaping": {"maxConnections": 0}},
+            "spec.shaping.maxConnections: Input should be greater than or equal to 1",
+        ),
+        (
+            {"shaping": {}},
+            "spec.shaping: Value error, set maxConnections, messagesPerMinute or both",
+        ),
     ],
 )
 def test_bad_route_errors_name_document_and_field(spec: dict[str, object], expected: str) -> None:

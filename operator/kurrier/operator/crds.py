@@ -91,6 +91,14 @@ RULES: dict[str, dict[str, Any]] = {
             },
         ]
     },
+    "RouteShaping": {
+        "x-kubernetes-validations": [
+            {
+                "rule": "has(self.maxConnections) || has(self.messagesPerMinute)",
+                "message": "set maxConnections, messagesPerMinute or both",
+            }
+        ]
+    },
     "RouteMatch.recipientDomains": {"maxItems": MAX_LIST},
     "RouteMatch.recipientDomains[]": _DOMAIN_PATTERN_ITEMS,
     "RouteMatch.senderDomains": {"maxItems": MAX_LIST},
@@ -200,6 +208,12 @@ DOCS: dict[str, str] = {
     "RelayRouteSpec.maxConnections": "Most concurrent connections per destination host.",
     "RelayRouteSpec.rateLimit": "Limit how fast this route starts transactions.",
     "RouteRateLimit.perMinute": "Transactions per minute, counted by each delivery process.",
+    "RelayRouteSpec.shaping": (
+        "Limits per destination site (a domain's MX host set, or a provider such as"
+        " gmail's), held across all delivery processes together."
+    ),
+    "RouteShaping.maxConnections": "Most connections open to one site, cluster-wide.",
+    "RouteShaping.messagesPerMinute": "Most messages sent to one site per minute, cluster-wide.",
     "RelayPolicySpec": (
         "Who may relay, and limits. Several RelayPolicies merge: lists add up, "
         "limits take the strictest value."

@@ -178,6 +178,20 @@ class RouteRateLimit(_Model):
     perMinute: int = Field(ge=1, le=100000)
 
 
+class RouteShaping(_Model):
+    """Limits per destination site (delivery/sites.py) that hold across every
+    delivery process together; each is off when left out."""
+
+    maxConnections: int | None = Field(default=None, ge=1, le=10000)
+    messagesPerMinute: int | None = Field(default=None, ge=1, le=1000000)
+
+    @model_validator(mode="after")
+    def _limits_something(self) -> RouteShaping:
+        if self.maxConnections is None and self.messagesPerMinute is None:
+            raise ValueError("set maxConnections, messagesPerMinute or both")
+        return self
+
+
 class RelayRouteSpec(_Model):
     priority: int = 0
     match: RouteMatch
@@ -186,6 +200,7 @@ class RelayRouteSpec(_Model):
     auth: RouteAuth | None = None
     maxConnections: int = Field(default=10, ge=1, le=1000)
     rateLimit: RouteRateLimit | None = None
+    shaping: RouteShaping | None = None
 
     @model_validator(mode="after")
     def _auth_only_to_a_smarthost_over_tls(self) -> RelayRouteSpec:

@@ -61,6 +61,9 @@ class CompiledRoute(_Frozen):
     password: str | None = Field(default=None, repr=False)
     max_connections: int = 10
     rate_per_minute: int | None = None
+    # spec.shaping: per destination site, across all delivery processes.
+    site_max_connections: int | None = None
+    site_per_minute: int | None = None
     # Set when the route is declared but cannot be used (e.g. its auth Secret is
     # missing). Mail for it is deferred rather than falling through to a route
     # the user did not choose for it.
@@ -337,6 +340,8 @@ def _compile_route(
         password=password,
         max_connections=spec.maxConnections,
         rate_per_minute=spec.rateLimit.perMinute if spec.rateLimit else None,
+        site_max_connections=spec.shaping.maxConnections if spec.shaping else None,
+        site_per_minute=spec.shaping.messagesPerMinute if spec.shaping else None,
         problem=problem,
     )
 
