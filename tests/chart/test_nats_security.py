@@ -26,12 +26,14 @@ import pytest_asyncio
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from kurrier.core.cluster_counters import ClusterBuckets, Rate
+from kurrier.core.cluster_slots import ClusterSlots, Hold
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     CONFIG_BUCKET,
     DELIVERY_CONSUMER,
     JOBS_STREAM,
     ROUTING_TABLE_KEY,
+    SHAPING_BUCKET,
     body_subject,
     connect,
     disconnect,
@@ -210,6 +212,11 @@ async def test_each_component_does_its_job_and_nothing_else(
     assert body.data == BODY
     await delivery.js.publish(result_subject("q1"), b"{}")
     await delivery.refused(write_table(delivery), TABLE_SUBJECT)
+    # and shares its destination sites' slots with the other delivery processes.
+    slots = ClusterSlots(await delivery.js.key_value(SHAPING_BUCKET))
+    hold = await slots.try_take("site-test.connections", 1, hold_for=15)
+    assert isinstance(hold, Hold)
+    await slots.release(hold)
     await delivery.refused(delivery.js.publish(job_subject("forged"), b"{}"), job_subject("forged"))
 
     # Nobody but the queue and delivery reads the bodies, by any way in.

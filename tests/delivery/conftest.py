@@ -1,5 +1,5 @@
 """Fixtures for delivery: a local authoritative DNS server, a validating resolver on signed
-zones (DANE), a test CA, and couriers using them.
+zones (DANE), a test CA, couriers using them, and the shaping bucket of a real nats-server.
 
 Mail hosts are sinks on loopback addresses (127.0.0.2, 127.0.0.3, ::1...),
 all on one port, since an MX record names a host and every MX host is
@@ -13,12 +13,15 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from kurrier.core.jetstream import SHAPING_BUCKET, connect, disconnect, ensure_layout, kv_stream
 from kurrier.delivery.courier import Courier
 from kurrier.delivery.settings import DeliverySettings
+from nats.js.kv import KeyValue
 
 from tests.support.certs import TestCA
 from tests.support.dns_server import DnsServer
 from tests.support.dnssec import ValidatingDns, ZoneKey
+from tests.support.nats import NatsServer
 from tests.support.processes import free_port
 
 MAIL_HOST_ADDRESSES = (*(f"127.0.0.{n}" for n in range(2, 20)), "::1")
@@ -73,7 +76,7 @@ def _courier(resolver: str, test_ca: TestCA, mx_port: int, dane: bool) -> Courie
 async def courier(dns_server: DnsServer, test_ca: TestCA, mx_port: int) -> AsyncIterator[Courier]:
     running = _courier(dns_server.address, test_ca, mx_port, dane=False)
     yield running
-    await running.pool.close_idle(older_than=0)
+    await running.pool.close_idle(everything=True)
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +97,7 @@ async def dane_courier(
     """A courier with `--dane on` whose resolver is the test's validating unbound."""
     running = _courier(validating_dns.address, test_ca, mx_port, dane=True)
     yield running
-    await running.pool.close_idle(older_than=0)
+    await running.pool.close_idle(everything=True)
 
 
 @pytest.fixture
@@ -104,4 +107,14 @@ async def dane_off_courier(
     """The same resolver with `--dane off`: its AD bit is not trusted."""
     running = _courier(validating_dns.address, test_ca, mx_port, dane=False)
     yield running
-    await running.pool.close_idle(older_than=0)
+    await running.pool.close_idle(everything=True)
+
+
+@pytest.fixture
+async def shaping_kv(nats_server: NatsServer) -> AsyncIterator[KeyValue]:
+    """The kurrier-shaping bucket of a real nats-server (delivery's cluster-wide slots)."""
+    nc = await connect(nats_server.url, "test")
+    js = nc.jetstream()
+    await ensure_layout(js, streams={kv_stream(SHAPING_BUCKET)})
+    yield await js.key_value(SHAPING_BUCKET)
+    await disconnect(nc)

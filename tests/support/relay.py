@@ -306,7 +306,8 @@ class ServiceRelay:
     metrics=True each serves /metrics and /healthz on its `metrics_ports` entry;
     service_args adds flags to one service's command line ({"ingress": [...]},
     which every ingress gets). ingresses > 1 runs more ingress processes,
-    "ingress-2", "ingress-3"..., as replicas, each on its own `smtp_ports` entry.
+    "ingress-2", "ingress-3"..., as replicas, each on its own `smtp_ports` entry;
+    deliveries > 1 more delivery processes, "delivery-2", "delivery-3"...
     """
 
     def __init__(
@@ -317,6 +318,7 @@ class ServiceRelay:
         metrics: bool = False,
         service_args: Mapping[str, Sequence[str]] | None = None,
         ingresses: int = 1,
+        deliveries: int = 1,
     ) -> None:
         self.workdir = workdir
         self.nats_url = nats_url
@@ -328,8 +330,10 @@ class ServiceRelay:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.env = dict(env or {})
         self.service_args = dict(service_args or {})
-        names = ("queue", "delivery", *self.ingress_names)
-        self.metrics_ports = {name: free_port() for name in names} if metrics else {}
+        delivery_names = ["delivery", *(f"delivery-{n}" for n in range(2, deliveries + 1))]
+        # In start order; stopped in reverse.
+        self.names = ("queue", *delivery_names, *self.ingress_names)
+        self.metrics_ports = {name: free_port() for name in self.names} if metrics else {}
 
     def publish(self, config: str) -> None:
         publish_config(self.nats_url, config)
@@ -338,6 +342,7 @@ class ServiceRelay:
     def start(self, name: str, wait: bool = True, env: Mapping[str, str] | None = None) -> None:
         """Start the service name; env, when given, in place of the relay's `env` (another
         release's, from bench.systems.kurrier_snapshot, or {} for this one's)."""
+        command = name.partition("-")[0]
         common = [
             "--nats-url",
             self.nats_url,
@@ -346,7 +351,6 @@ class ServiceRelay:
             "--metrics-listen",
             f"127.0.0.1:{self.metrics_ports[name]}" if name in self.metrics_ports else "off",
         ]
-        command = "ingress" if name in self.smtp_ports else name
         args = {
             "queue": ["--listen", self.queue_address, *FAST_RETRIES],
             "delivery": [],
@@ -386,7 +390,7 @@ class ServiceRelay:
 
     def __enter__(self) -> ServiceRelay:
         try:
-            for name in ("queue", "delivery", *self.ingress_names):
+            for name in self.names:
                 self.start(name)
         except BaseException:
             self.__exit__()  # a failed start must not leave the others running
@@ -394,6 +398,6 @@ class ServiceRelay:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for name in (*self.ingress_names, "delivery", "queue"):
+        for name in reversed(self.names):
             if name in self.processes:
                 stop_process(self.processes[name])

@@ -111,6 +111,10 @@ LEASES_BUCKET = "kurrier-leases"
 LEASE_TTL = 30.0
 # The token buckets every process shares (core/cluster_counters.py).
 LIMITS_BUCKET = "kurrier-limits"
+# Delivery's cluster-wide slots per destination site (core/cluster_slots.py) and
+# the sites' slow-down state; a site not written to for this long is forgotten.
+SHAPING_BUCKET = "kurrier-shaping"
+SHAPING_TTL = 3600.0
 ROUTING_TABLE_KEY = "routing-table"
 DELIVERY_CONSUMER = "delivery"
 RESULTS_CONSUMER = "queue-results"
@@ -142,6 +146,7 @@ LAYOUT = (
     kv_stream(CONFIG_BUCKET),
     kv_stream(LEASES_BUCKET),
     kv_stream(LIMITS_BUCKET),
+    kv_stream(SHAPING_BUCKET),
     object_stream(OBJECT_BUCKET),
 )
 
@@ -368,11 +373,13 @@ async def ensure_layout(
     # The limits' buckets are in memory: lost, they only start full again, and
     # their writes (one per batch of tokens) need no sync to disk. Their entries
     # expire one by one (per-message TTL), so the bucket has no TTL of its own.
+    # The shaping's slots, lost, start free again; their keys expire by the bucket's TTL.
     for bucket, ttl, storage in (
         (MESSAGES_BUCKET, None, StorageType.FILE),
         (CONFIG_BUCKET, None, StorageType.FILE),
         (LEASES_BUCKET, LEASE_TTL, StorageType.FILE),
         (LIMITS_BUCKET, None, StorageType.MEMORY),
+        (SHAPING_BUCKET, SHAPING_TTL, StorageType.MEMORY),
     ):
         if kv_stream(bucket) not in wanted:
             continue

@@ -150,6 +150,22 @@ class StateGauge:
         return [Observation(self._counts.get(s, 0), {"state": s}) for s in self._known]
 
 
+class LabelledGauge:
+    """A gauge with one value per set of attributes, as last set (absent until set)."""
+
+    def __init__(self, name: str, unit: str, description: str) -> None:
+        self._values: dict[tuple[tuple[str, str], ...], float] = {}
+        _METER.create_observable_gauge(
+            name, callbacks=[self._observe], unit=unit, description=description
+        )
+
+    def set(self, attributes: Mapping[str, str], value: float) -> None:
+        self._values[tuple(sorted(attributes.items()))] = value
+
+    def _observe(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(value, dict(key)) for key, value in self._values.items()]
+
+
 QUEUE_STATES = ("active", "deferred", "held")
 SMTP_SESSIONS = Gauge("kurrier.smtp.sessions", "{session}", "SMTP sessions open at ingress")
 QUEUE_DEPTH = StateGauge(
@@ -171,4 +187,28 @@ TLS_CERTIFICATE_EXPIRY = Gauge(
     "kurrier.tls.certificate.expiry_timestamp",
     "s",
     "When the ingress TLS certificate in use expires (Unix time; absent without TLS)",
+)
+
+SITE_CONNECTION_LIMIT = LabelledGauge(
+    "kurrier.delivery.site.connection_limit",
+    "{connection}",
+    "Connections a destination site may have open across all delivery processes, as this"
+    " process last read it (lowered while the site is slowed down)",
+)
+SITE_MESSAGE_LIMIT = LabelledGauge(
+    "kurrier.delivery.site.message_limit",
+    "{message}",
+    "Messages per minute a destination site may be sent across all delivery processes, as"
+    " this process last read it (lowered while the site is slowed down)",
+)
+SITE_SLOWDOWNS = _METER.create_counter(
+    "kurrier.delivery.site.slowdowns",
+    unit="{slowdown}",
+    description="Times a destination site's pace was halved after a 421 or 4.7.x reply",
+)
+SITE_HELD = _METER.create_counter(
+    "kurrier.delivery.site.held",
+    unit="{recipient}",
+    description="Recipients held back because their destination site was at its limit or"
+    " throttling, by site",
 )

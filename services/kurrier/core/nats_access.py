@@ -33,6 +33,7 @@ from kurrier.core.jetstream import (
     OBJECT_BUCKET,
     RESULTS_STREAM,
     ROUTING_TABLE_KEY,
+    SHAPING_BUCKET,
     history_subjects,
     inbox_prefix,
     kv_stream,
@@ -44,6 +45,7 @@ CONFIG_STREAM = kv_stream(CONFIG_BUCKET)
 LEASES_STREAM = kv_stream(LEASES_BUCKET)
 LIMITS_STREAM = kv_stream(LIMITS_BUCKET)
 OBJECT_STREAM = object_stream(OBJECT_BUCKET)
+SHAPING_STREAM = kv_stream(SHAPING_BUCKET)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class Use:
     find: bool = False
 
 
+# Delivery's shared slots and slow-down state per destination site; the queue
+# creates the bucket with the layout, a delivery process that comes first too.
+_SHAPING = Use(SHAPING_STREAM, (f"$KV.{SHAPING_BUCKET}.>",), create=True)
+
 # The message state: the queue's, all of it.
 _QUEUE_STATE = (
     Use(BODIES_STREAM, ("kurrier.body.*",), remove=True, create=True),
@@ -72,6 +78,7 @@ _QUEUE_STATE = (
     Use(JOBS_STREAM, ("kurrier.job.*", "kurrier.due.*", "kurrier.schedule.*"), True, True, True),
     Use(RESULTS_STREAM, ("kurrier.result.*",), remove=True, create=True),
     Use(LEASES_STREAM, (f"$KV.{LEASES_BUCKET}.>",), remove=True, create=True),
+    _SHAPING,
     # Reads every message's history back (MessageHistory).
     Use(HISTORY_STREAM, (history_subjects("queue"),), create=True),
 )
@@ -102,6 +109,7 @@ COMPONENTS: dict[str, tuple[Use, ...]] = {
         Use(OBJECT_STREAM, (f"$O.{OBJECT_BUCKET}.M.>",), remove=True, find=True),
         Use(MESSAGES_STREAM, (f"$KV.{MESSAGES_BUCKET}.>",), remove=True),
         Use(CONFIG_STREAM),
+        _SHAPING,
         _history_of("delivery"),
     ),
     # Everything else: it owns the layout and the messages; it reads the table.

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from kurrier.core.cluster_slots import Hold
 from kurrier.core.dsn_parameters import MailParameters, RcptParameters, notify_allows
 from kurrier.core.history import HISTORY
 from kurrier.core.message import DeliveryJob, Outcome, RecipientOutcome
+from kurrier.core.metrics import SITE_HELD
 from kurrier.core.routing import CompiledRoute, RoutingTable, domain_of
 from kurrier.delivery import require_tls
 from kurrier.delivery.connection_pool import ConnectionPool, Opener
@@ -24,10 +26,18 @@ from kurrier.delivery.next_hop import NextHop, mx_hops, smarthost_hop
 from kurrier.delivery.require_tls import TlsDemand
 from kurrier.delivery.sending_rate import SendingRates
 from kurrier.delivery.settings import DeliverySettings
+from kurrier.delivery.site_shaping import (
+    SLOT_IDLE_TIMEOUT,
+    SiteBusy,
+    SiteShaping,
+    is_throttling,
+)
+from kurrier.delivery.sites import Site, site_of
 from kurrier.delivery.smtp_client import Reply, SmtpSession, SmtpTemporaryError, TlsUnavailable
 from kurrier.delivery.spans import traced_delivery
 from kurrier.delivery.tls_policy import client_context
 from kurrier.delivery.tls_reports import TlsReports
+from pydantic import Field
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +63,22 @@ def owes_success_notice(job: DeliveryJob, recipient: str, session: SmtpSession) 
 
 def deferred(recipients: list[str], text: str) -> list[RecipientOutcome]:
     return [RecipientOutcome(address=r, outcome="deferred", reply=text) for r in recipients]
+
+
+class HeldOutcome(RecipientOutcome):
+    """Deferred by traffic shaping: the site is at its limit or asked to slow down,
+    and nothing was refused. The worker may give the job back to come again in
+    retry_in seconds rather than count an attempt."""
+
+    retry_in: float = Field(default=0.0, exclude=True)
+
+
+def held(site: Site, recipients: list[str], reply: str, retry_in: float) -> list[RecipientOutcome]:
+    SITE_HELD.add(len(recipients), {"site": site.name})
+    return [
+        HeldOutcome(address=r, outcome="deferred", reply=reply, retry_in=retry_in)
+        for r in recipients
+    ]
 
 
 def attempted(
@@ -86,7 +112,12 @@ def unattempted(job: DeliveryJob, outcomes: list[RecipientOutcome]) -> list[Reci
 class Courier:
     def __init__(self, settings: DeliverySettings) -> None:
         self._settings = settings
-        self.pool = ConnectionPool()
+        self.pool = ConnectionPool(closed=self._session_closed)
+        # Traffic shaping across delivery processes; None (per-process limits only)
+        # when the courier runs without NATS.
+        self.shaping: SiteShaping | None = None
+        # The cluster-wide slot each open session holds, by id(session).
+        self._slots: dict[int, Hold] = {}
         self._dns = MailDns(settings.dns_resolver)
         verify = client_context("verify", settings.tls_ca_file)
         assert verify is not None
@@ -160,6 +191,12 @@ class Courier:
                     for r in recipients
                 ],
             )
+        site = site_of(route, hops)
+        if self.shaping is not None:
+            try:
+                await self.shaping.message(site, route)
+            except SiteBusy as busy:
+                return unattempted(job, held(site, recipients, busy.reply, busy.retry_in))
         if route.rate_per_minute is not None:
             wait = self._rates.reserve(route.name, route.rate_per_minute)
             if wait is None:
@@ -172,7 +209,7 @@ class Courier:
                     ),
                 )
             await asyncio.sleep(wait)
-        return await self._send(job, route, hops, recipients, forms)
+        return await self._send(job, route, site, hops, recipients, forms)
 
     async def _hops(self, route: CompiledRoute, domain: str, demand: TlsDemand) -> list[NextHop]:
         tls_mode = require_tls.hop_tls_mode(route.tls_mode, demand)
@@ -197,20 +234,66 @@ class Courier:
         found = await asyncio.gather(*(self._dane.tlsa(domain, h.name, port) for h in hosts))
         return {h.name: records for h, records in zip(hosts, found, strict=True) if records}
 
-    def _opener(self, hop: NextHop, route: CompiledRoute) -> Opener:
+    async def _release(self, key: str, session: SmtpSession) -> None:
+        """Back to the pool for reuse, unless another process waits for its site slot."""
+        hold = self._slots.get(id(session))
+        if hold is None or self.shaping is None:
+            await self.pool.release(key, session, reusable=True)
+            return
+        wanted = await self.shaping.wanted(hold)
+        await self.pool.release(key, session, not wanted, SLOT_IDLE_TIMEOUT)
+
+    async def _slot_unused(self, hold: Hold | None) -> None:
+        """A slot taken for a connection that did not open."""
+        if hold is not None and self.shaping is not None:
+            await self.shaping.closed(hold)
+
+    async def _session_closed(self, session: SmtpSession) -> None:
+        hold = self._slots.pop(id(session), None)
+        if hold is not None and self.shaping is not None:
+            await self.shaping.closed(hold)
+
+    async def _throttled(self, site: Site, route: CompiledRoute, reply: str) -> bool:
+        """Whether reply asks the site's senders to slow down; if so the site is slowed."""
+        if not is_throttling(reply):
+            return False
+        if self.shaping is not None:
+            await self.shaping.throttled(site, route, reply)
+        return True
+
+    async def _shaping_feedback(
+        self, site: Site, route: CompiledRoute, replies: list[Reply]
+    ) -> None:
+        """A transaction's replies slow the site down, or let it speed up again."""
+        if self.shaping is None:
+            return
+        throttling = next((r for r in replies if is_throttling(str(r))), None)
+        if throttling is not None:
+            await self.shaping.throttled(site, route, str(throttling))
+        elif any(reply.ok for reply in replies):
+            await self.shaping.succeeded(site, route)
+
+    def _opener(self, hop: NextHop, route: CompiledRoute, site: Site) -> Opener:
         # Only the smarthost the route names ever sees its credentials.
         credentials = None
         if route.smarthost is not None and route.username is not None:
             credentials = (route.username, route.password or "")
 
         async def open_session() -> SmtpSession:
+            hold = await self.shaping.connection(site, route) if self.shaping else None
             try:
                 session = await self._open(hop, credentials)
             except TlsUnavailable as error:
                 self.tls_reports.record(hop, error.result_type)
+                await self._slot_unused(hold)
+                raise
+            except BaseException:
+                await self._slot_unused(hold)
                 raise
             if hop.tls_mode != "none":
                 self.tls_reports.record(hop, None if session.tls else "starttls-not-supported")
+            if hold is not None:
+                self._slots[id(session)] = hold
             return session
 
         return open_session
@@ -234,18 +317,23 @@ class Courier:
         self,
         job: DeliveryJob,
         route: CompiledRoute,
+        site: Site,
         hops: list[NextHop],
         recipients: list[str],
         forms: MessageForms,
     ) -> list[RecipientOutcome]:
         """Try the hops in order; a recipient moves on only after a temporary failure
-        before the server saw the message content (RFC 5321 5.1)."""
+        before the server saw the message content (RFC 5321 5.1).
+
+        Recipients the site would not take because it is at its limit, or only
+        with a throttling reply, are held (HeldOutcome), not deferred."""
         outcomes: list[RecipientOutcome] = []
         pending = recipients
         # The last temporary failure; and, for REQUIRETLS, why the last hop reached
         # could not take the message: the bounce when no hop failed only for now.
         last_reply = ""
         tls_refusal: Reply | None = None
+        throttled = False
         to_try = list(hops)
         retried: set[NextHop] = set()
         while to_try:
@@ -254,8 +342,10 @@ class Courier:
             key = f"{hop.label}|{hop.tls_mode}|{route.username if route.smarthost else ''}"
             try:
                 session = await self.pool.acquire(
-                    key, route.max_connections, self._opener(hop, route)
+                    key, route.max_connections, self._opener(hop, route, site)
                 )
+            except SiteBusy as busy:
+                return outcomes + held(site, pending, busy.reply, busy.retry_in)
             except SmtpTemporaryError as error:
                 failure = f"451 {error.status} {hop.label}: {error}"
                 log.info("next hop failed: %s", failure, extra={"queue_id": job.queue_id})
@@ -264,16 +354,17 @@ class Courier:
                     tls_refusal = require_tls.unable(hop.label, str(error))
                 else:
                     last_reply = failure
+                    throttled = await self._throttled(site, route, error.reply)
                 continue
             if job.require_tls and (refusal := require_tls.session_refusal(session, hop.label)):
-                await self.pool.release(key, session, reusable=True)
+                await self._release(key, session)
                 attempted(job, pending, hop, str(refusal), session)
                 tls_refusal = refusal
                 continue
             form = forms.for_hop(session.extensions, job.mail_from, pending, hop.label)
             if isinstance(form, Reply):
                 # The hop cannot take the message: like a 5xx to MAIL, no other is asked.
-                await self.pool.release(key, session, reusable=True)
+                await self._release(key, session)
                 attempted(job, pending, hop, str(form), session)
                 outcomes += [outcome_of(recipient, form) for recipient in pending]
                 pending = []
@@ -294,6 +385,7 @@ class Courier:
                 )
             except SmtpTemporaryError as error:
                 await self.pool.release(key, session, reusable=False)
+                throttled = False
                 last_reply = f"451 4.4.2 {hop.label}: {error}"
                 attempted(job, pending, hop, last_reply, session)
                 if session.body_started:
@@ -307,7 +399,8 @@ class Courier:
             except BaseException:
                 await self.pool.release(key, session, reusable=False)
                 raise
-            await self.pool.release(key, session, reusable=True)
+            await self._release(key, session)
+            await self._shaping_feedback(site, route, [result.reply_for(r) for r in pending])
             retry_elsewhere = []
             for recipient in pending:
                 reply = result.reply_for(recipient)
@@ -319,6 +412,7 @@ class Courier:
                 ):
                     retry_elsewhere.append(recipient)
                     last_reply = str(reply)
+                    throttled = is_throttling(last_reply)
                 else:
                     outcome = outcome_of(recipient, reply)
                     outcome.relayed = outcome.outcome == "delivered" and owes_success_notice(
@@ -330,4 +424,6 @@ class Courier:
                 break
         if tls_refusal is not None and not last_reply:
             return outcomes + [outcome_of(recipient, tls_refusal) for recipient in pending]
+        if throttled and self.shaping is not None:
+            return outcomes + held(site, pending, last_reply, self.shaping.throttled_retry)
         return outcomes + deferred(pending, last_reply)

@@ -49,12 +49,14 @@ class Reply:
 class SmtpTemporaryError(Exception):
     """The session failed in a way worth retrying later (network, TLS, 4xx greeting).
 
-    status is the enhanced status code (RFC 3463) the deferral reports.
+    status is the enhanced status code (RFC 3463) the deferral reports; reply
+    the server's own, when it gave one (a 4xx greeting).
     """
 
-    def __init__(self, message: str, status: str = "4.4.1") -> None:
+    def __init__(self, message: str, status: str = "4.4.1", reply: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.reply = reply
 
 
 class TlsUnavailable(SmtpTemporaryError):
@@ -165,7 +167,7 @@ class SmtpSession:
         try:
             greeting = await session.read_reply()
             if greeting.code != 220:
-                raise SmtpTemporaryError(f"greeted with {greeting}")
+                raise SmtpTemporaryError(f"greeted with {greeting}", reply=str(greeting))
             await session.ehlo(helo_name)
             if tls_mode != "none":
                 await session._negotiate_tls(server_name, helo_name, tls_mode, tls_context, tlsa)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 
 from kurrier.core.body_store import load_body
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     JOBS_STREAM,
     RESULTS_STREAM,
+    SHAPING_BUCKET,
     pull_batch,
     result_subject,
     when_answered,
@@ -29,12 +32,14 @@ from kurrier.core.telemetry import (
 )
 from kurrier.core.wire_intake import read_wire
 from kurrier.delivery.completion import finish_delivered
-from kurrier.delivery.courier import Courier
+from kurrier.delivery.courier import Courier, HeldOutcome
 from kurrier.delivery.settings import DeliverySettings
+from kurrier.delivery.site_shaping import SiteShaping
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,11 @@ log = logging.getLogger(__name__)
 # with a slow transaction says so every ACK_WAIT / 3 (msg.in_progress()). An
 # existing consumer keeps the ack_wait it was created with.
 ACK_WAIT = 30.0
+# How long after its dispatch a job held back by traffic shaping may still be
+# given back to JetStream to come again, counting no attempt; past this its
+# recipients are deferred like any temporary failure. Well within the queue's
+# JOB_LEASE, which must not run out while the job waits in the stream.
+HOLD_BUDGET = 300.0
 
 
 class DeliveryWorker:
@@ -51,8 +61,10 @@ class DeliveryWorker:
         tables: TableFollower,
         settings: DeliverySettings,
         ack_wait: float = ACK_WAIT,
+        shaping: Callable[[KeyValue], SiteShaping] = SiteShaping,
     ) -> None:
         self._js = js
+        self._shaping = shaping
         self._ack_wait = ack_wait
         self._tables = tables
         self._settings = settings
@@ -69,7 +81,10 @@ class DeliveryWorker:
         )
         if subscription is None:
             return
+        shaping = self.courier.shaping
+        assert shaping is not None  # _subscribe made it
         heartbeat = asyncio.create_task(self._heartbeat())
+        renewal = asyncio.create_task(shaping.run_renewal())
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -96,11 +111,13 @@ class DeliveryWorker:
             if self._in_flight:
                 log.info("taking no more jobs; finishing the %d in flight", len(self._in_flight))
                 await asyncio.wait(self._in_flight)
+            await self.courier.pool.close_idle(everything=True)
             heartbeat.cancel()
-            await self.courier.pool.close_idle(older_than=0)
+            renewal.cancel()
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
         self._store = MessageStore(self._js, await RecordStore.open(self._js))
+        self.courier.shaping = self._shaping(await self._js.key_value(SHAPING_BUCKET))
         return await self._js.pull_subscribe(
             "kurrier.job.*",
             durable=DELIVERY_CONSUMER,
@@ -152,7 +169,33 @@ class DeliveryWorker:
             with contextlib.suppress(Exception):
                 await message.nak(delay=5)
             return
+        if await self._held_back(job, message, outcomes):
+            return
         await self._hand_over(job, message, outcomes)
+
+    async def _held_back(
+        self, job: DeliveryJob, message: Msg, outcomes: list[RecipientOutcome]
+    ) -> bool:
+        """Give a job that traffic shaping held back entirely to JetStream to come
+        again later: nothing was sent or refused, so no attempt is counted."""
+        waits = [o.retry_in for o in outcomes if isinstance(o, HeldOutcome)]
+        if not outcomes or len(waits) < len(outcomes):
+            return False
+        retry_in = max(waits)
+        if time.time() - message.metadata.timestamp.timestamp() + retry_in > HOLD_BUDGET:
+            return False
+        log.info(
+            "held back by traffic shaping, again in %.0fs: %s",
+            retry_in,
+            outcomes[0].reply,
+            extra={"queue_id": job.queue_id},
+        )
+        try:
+            await message.nak(delay=retry_in)
+        except Exception as error:
+            # Unanswered, the job comes again after its ack wait anyway.
+            log.warning("could not give a held job back: %r", error)
+        return True
 
     async def _finished(self, job: DeliveryJob) -> bool:
         """Whether the job's message has no record any more (delivered, bounced or deleted).

@@ -1,0 +1,146 @@
+"""Traffic shaping per destination site: slots shared through real NATS, a real sink.
+
+The slots and the pace live in the kurrier-shaping KV bucket of a real
+nats-server; the site is a real SMTP sink. The courier runs in the test
+process (with shorter slow-down timings), so each step is one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from kurrier.core.jetstream import (
+    JOBS_STREAM,
+    RESULTS_STREAM,
+    connect,
+    disconnect,
+    ensure_layout,
+    job_subject,
+)
+from kurrier.core.message import DeliveryJob, DeliveryResult, MessageRecord, RecipientState
+from kurrier.core.records import RecordStore
+from kurrier.core.table_store import TableFollower
+from kurrier.delivery.courier import Courier, HeldOutcome
+from kurrier.delivery.settings import DeliverySettings
+from kurrier.delivery.site_shaping import Limits, SiteShaping
+from kurrier.delivery.sites import site_of
+from kurrier.delivery.worker import DeliveryWorker
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from tests.delivery.attempts import job, message, table
+from tests.support.nats import NatsServer
+from tests.support.processes import wait_until
+from tests.support.relay import route
+from tests.support.sink import Sink
+
+SHAPED = "{maxConnections: 4, messagesPerMinute: 1000}"
+
+
+async def test_a_site_answering_421_is_slowed_then_resumed_gradually(
+    courier: Courier, shaping_kv: KeyValue, sink: Sink
+) -> None:
+    # Every reply counts at once (no gap between slow-downs, no wait before speeding up).
+    courier.shaping = SiteShaping(shaping_kv, slowdown_gap=0, recovery_step=0, throttled_retry=7)
+    routes = table(route("throttled", ["*"], sink.port, shaping=SHAPED))
+    [compiled] = routes.routes
+    site = site_of(compiled, [])
+
+    async def limits() -> Limits:
+        assert courier.shaping is not None
+        return await courier.shaping.limits(site, compiled)
+
+    assert await limits() == Limits(4, 1000)
+    sink.behaviour.outage_phase = "greeting"
+    sink.behaviour.outage_reply = "421 4.7.0 too many connections, slow down"
+    [outcome] = await courier.deliver(job(["r@dest.test"]), message("m0"), routes)
+    # Held back, not failed: the worker gives the job back without counting an attempt.
+    assert isinstance(outcome, HeldOutcome)
+    assert (outcome.outcome, outcome.retry_in) == ("deferred", 7)
+    assert "421 4.7.0 too many connections" in outcome.reply
+    assert await limits() == Limits(2, 500)
+    await courier.deliver(job(["r@dest.test"]), message("m1"), routes)
+    await courier.deliver(job(["r@dest.test"]), message("m2"), routes)
+    # Halved each time, down to the floor: one connection, a tenth of the rate.
+    assert await limits() == Limits(1, 125)
+    await courier.deliver(job(["r@dest.test"]), message("m3"), routes)
+    assert await limits() == Limits(1, 100)
+
+    sink.behaviour.outage_phase = None
+    seen = [await limits()]
+    for n in range(12):
+        [outcome] = await courier.deliver(job(["r@dest.test"]), message(f"ok{n}"), routes)
+        assert outcome.outcome == "delivered"
+        seen.append(await limits())
+    # Additive increase: one connection and a tenth of the rate per success.
+    assert seen[:4] == [Limits(1, 100), Limits(2, 200), Limits(3, 300), Limits(4, 400)]
+    assert seen[-1] == Limits(4, 1000)
+    with pytest.raises(KeyNotFoundError):
+        await shaping_kv.get(f"{site.key}.pace")
+
+
+async def test_a_job_held_back_by_throttling_comes_again_without_an_attempt(
+    nats_server: NatsServer, sink: Sink
+) -> None:
+    sink.behaviour.outage_phase = "greeting"
+    sink.behaviour.outage_reply = "421 4.7.0 slow down"
+    nc = await connect(nats_server.url, "test-held")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        # Queued: a job given again for a message without a record is taken as finished.
+        record = MessageRecord(
+            queue_id="HELD000000000001",
+            mail_from="a@client.test",
+            recipients=[RecipientState(address="r@example.com")],
+            received_at=time.time(),
+            size=1,
+            body_store="record",
+            body=b"x",
+        )
+        assert await (await RecordStore.open(js)).create(record)
+        tables = TableFollower()
+        tables.table = table(route("r", ["example.com"], sink.port))
+        worker = DeliveryWorker(
+            js,
+            tables,
+            DeliverySettings(helo_name="relay.test"),
+            shaping=lambda kv: SiteShaping(kv, throttled_retry=1),
+        )
+        body = b"Subject: held\r\n\r\nbody\r\n"
+        held = DeliveryJob(
+            queue_id="HELD000000000001",
+            dispatch=1,
+            mail_from="a@client.test",
+            recipients=["r@example.com"],
+            size=len(body),
+            body_store="record",
+            body=body,
+        )
+        await js.publish(
+            job_subject(held.queue_id), held.model_dump_json().encode(), stream=JOBS_STREAM
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            await asyncio.to_thread(
+                wait_until, lambda: sink.outage_replies >= 1, 30, "the site to throttle the job"
+            )
+            sink.behaviour.outage_phase = None
+            deadline = time.monotonic() + 30
+            while not (await js.stream_info(RESULTS_STREAM)).state.messages:
+                assert time.monotonic() < deadline, "no result"
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, timeout=30)
+        # The first result is the delivery: the throttled try was no attempt to count.
+        results = await js.pull_subscribe("kurrier.result.*", stream=RESULTS_STREAM)
+        [first] = await results.fetch(1, timeout=2)
+        outcomes = DeliveryResult.model_validate_json(first.data).outcomes
+        assert [o.outcome for o in outcomes] == ["delivered"]
+        assert len(sink.messages) == 1
+    finally:
+        await disconnect(nc)
