@@ -12,6 +12,7 @@ from __future__ import annotations
 import smtplib
 from pathlib import Path
 
+from tests.support.metrics import value
 from tests.support.nats import NatsServer
 from tests.support.relay import ServiceRelay, documents, route, trusting
 from tests.support.sink import Sink
@@ -28,6 +29,7 @@ def test_three_delivery_processes_share_a_sites_connection_cap(
         tmp_path,
         nats_server.url,
         deliveries=3,
+        metrics=True,
         service_args={"delivery": ["--concurrency", "2"]},
     )
     relay.publish(
@@ -46,4 +48,9 @@ def test_three_delivery_processes_share_a_sites_connection_cap(
         for number in range(MESSAGES):
             client.sendmail("a@client.test", ["r@example.com"], f"Subject: m{number}\r\n\r\nx\r\n")
         sink.wait_for(MESSAGES, timeout=90)
+        # Each process shows the site's cap it works under.
+        site = f"127.0.0.1:{sink.port}"
+        for name in ("delivery", "delivery-2", "delivery-3"):
+            port = relay.metrics_ports[name]
+            assert value(port, "kurrier_delivery_site_connection_limit", site=site) == 2
     assert sink.max_connections_open == 2
