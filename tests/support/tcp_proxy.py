@@ -7,7 +7,10 @@ server); the test decides when the path breaks:
   middlebox dropping idle sessions does: both ends see the connection closed;
 - `stop()` also stops listening, so new connections are refused (the server
   is down, as far as the client can tell); `start()` listens again on the
-  same port.
+  same port;
+- `silence()` drops every byte from then on, both ways, and keeps the
+  connections open, as a path that loses everything (a node gone, a
+  partition) does: to TCP at either end nothing is wrong. `speak()` ends it.
 
 The operator tests use it for an API server outage, the delivery tests for
 a next hop that closes a pooled session.
@@ -33,6 +36,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         # Connections forwarded so far.
         self.connections = 0
+        self._silent = threading.Event()
 
     def start(self) -> None:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -58,6 +62,12 @@ class TcpProxy:
             pairs = list(self._pairs)
         for pair in pairs:
             self._close(pair)
+
+    def silence(self) -> None:
+        self._silent.set()
+
+    def speak(self) -> None:
+        self._silent.clear()
 
     @property
     def open_connections(self) -> int:
@@ -93,7 +103,8 @@ class TcpProxy:
     def _pump(self, source: socket.socket, sink: socket.socket, pair: _Pair) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self._silent.is_set():
+                    sink.sendall(data)
         except OSError:
             pass
         finally:

@@ -24,10 +24,26 @@ ChannelOptions = Sequence[tuple[str, str | int]]
 # A channel whose queue went away tries again after a pause that grows, by
 # gRPC's default, up to two minutes: a queue back after a long outage would
 # then wait that long for ingress. Within the cluster a try is cheap.
-RECONNECT_OPTIONS: ChannelOptions = (
+# A connection whose path silently drops everything (a node gone, a
+# partition) looks healthy to TCP for many minutes: pings unanswered for
+# KEEPALIVE_TIMEOUT_MS end it, and the channel moves to another address.
+KEEPALIVE_TIME_MS = 10_000
+KEEPALIVE_TIMEOUT_MS = 5_000
+CHANNEL_OPTIONS: ChannelOptions = (
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.min_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 4000),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+# The queue's side: accept those pings (by default a server answers a client
+# that pings more often than every five minutes with GOAWAY).
+SERVER_OPTIONS: ChannelOptions = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
 )
 
 # The Common Names of the certificates, fixed whatever the release is called.
@@ -98,7 +114,7 @@ class QueueTls:
             )
         else:
             credentials = grpc.ssl_channel_credentials(pair.ca, pair.key, pair.cert)
-        options = [*RECONNECT_OPTIONS, *options]
+        options = [*CHANNEL_OPTIONS, *options]
         if self.server_name:
             options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
         return grpc.aio.secure_channel(address, credentials, options=options)
@@ -109,5 +125,5 @@ def queue_channel(
 ) -> grpc.aio.Channel:
     """A channel to the queue: over TLS when tls is given, else plaintext."""
     if tls is None:
-        return grpc.aio.insecure_channel(address, options=[*RECONNECT_OPTIONS, *options])
+        return grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *options])
     return tls.channel(address, options)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from kurrier.core.grpc_tls import GrpcTls
+from kurrier.core.grpc_tls import SERVER_OPTIONS, GrpcTls
 from kurrier.core.jetstream import LEASES_BUCKET, HistoryLimits
 from kurrier.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 from kurrier.core.records import RecordStore
@@ -98,7 +98,8 @@ class _GrpcServer:
         tls = settings.grpc_tls
         callers = [CallerCheck()] if tls is not None and tls.knows_clients else []
         self._server = grpc.aio.server(
-            interceptors=[*callers, *grpc_server_interceptors([STREAM_METHOD])]
+            interceptors=[*callers, *grpc_server_interceptors([STREAM_METHOD])],
+            options=SERVER_OPTIONS,
         )
         self._health = health.aio.HealthServicer()
         self._serving = False
