@@ -15,7 +15,10 @@ Each site (delivery/sites.py) has, in the NATS KV bucket kurrier-shaping:
   after RECOVERY_STEP without a throttling reply, each success gives back
   one connection and a tenth of the rate, until the configured limits are
   reached again. A site without limits of its own is slowed from its
-  route's maxConnections, which then holds cluster-wide until it recovers.
+  route's maxConnections, which then holds cluster-wide until it recovers;
+- `<key>.site`: what the site is (its name, its limits, its route's
+  maxConnections), rewritten every DESCRIBE_EVERY while it is used, so that
+  `kurrier queue sites` (delivery/site_states.py) can say whose slots these are.
 
 The pace is shared, so every process slows down together; each process
 reads it at most once per PACE_CACHE.
@@ -53,6 +56,24 @@ THROTTLED_RETRY = 30.0
 PACE_CACHE = 1.0
 # When a job held back because NATS did not answer is offered again.
 NATS_RETRY = 5.0
+# Well within the bucket's TTL: a site in use keeps its description.
+DESCRIBE_EVERY = 600.0
+
+
+def connections_key(site_key: str) -> str:
+    return f"{site_key}.connections"
+
+
+def messages_key(site_key: str) -> str:
+    return f"{site_key}.messages"
+
+
+def pace_key(site_key: str) -> str:
+    return f"{site_key}.pace"
+
+
+def description_key(site_key: str) -> str:
+    return f"{site_key}.site"
 
 
 class SiteBusy(Exception):
@@ -93,24 +114,67 @@ def is_throttling(reply: str) -> bool:
 
 @dataclass(frozen=True)
 class Pace:
-    """A site's allowed connections and messages per minute while it is slowed down."""
+    """A site's allowed connections and messages per minute while it is slowed down
+    (since when it is, and when the pace last changed)."""
 
     connections: int
     per_minute: int | None
     changed: float
+    since: float
     revision: int = 0
 
     def document(self) -> bytes:
-        fields = {"connections": self.connections, "changed": self.changed}
+        fields = {"connections": self.connections, "changed": self.changed, "since": self.since}
         if self.per_minute is not None:
             fields["per_minute"] = self.per_minute
         return json.dumps(fields).encode()
+
+
+async def read_pace(kv: KeyValue, site_key: str) -> Pace | None:
+    """The site's pace; None when it is not slowed down."""
+    try:
+        entry = await kv.get(pace_key(site_key))
+    except KeyNotFoundError:
+        return None
+    fields = json.loads(entry.value or b"{}")
+    return Pace(
+        fields["connections"],
+        fields.get("per_minute"),
+        fields["changed"],
+        fields.get("since", fields["changed"]),
+        entry.revision or 0,
+    )
 
 
 @dataclass(frozen=True)
 class Limits:
     connections: int | None
     per_minute: int | None
+
+
+def in_force(site: Site, route_connections: int | None, pace: Pace | None) -> Limits:
+    """The site's limits now: its own, lowered while it is slowed down (from its
+    route's maxConnections when it has no connection limit of its own)."""
+    if pace is None:
+        return Limits(site.max_connections, site.per_minute)
+    base_connections = site.max_connections or route_connections
+    return Limits(
+        min(pace.connections, base_connections or pace.connections),
+        None
+        if site.per_minute is None
+        else min(pace.per_minute or site.per_minute, site.per_minute),
+    )
+
+
+def description(site: Site, route_connections: int) -> bytes:
+    """The `<key>.site` document: what site_states needs to know of a site."""
+    fields = {
+        "name": site.name,
+        "max_connections": site.max_connections,
+        "per_minute": site.per_minute,
+        "route_connections": route_connections,
+    }
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def _rate_step(base: int) -> int:
@@ -139,6 +203,8 @@ class SiteShaping:
         self.throttled_retry = throttled_retry
         # Per site key: the pace as last read (None: not slowed), and when it was read.
         self._paces: dict[str, tuple[Pace | None, float]] = {}
+        # Per site key: its description as last written, and when.
+        self._described: dict[str, tuple[bytes, float]] = {}
         self._connections: set[Hold] = set()
 
     @staticmethod
@@ -150,33 +216,23 @@ class SiteShaping:
         now = time.monotonic()
         if cached is not None and not fresh and now - cached[1] < PACE_CACHE:
             return cached[0]
-        try:
-            entry = await self._kv.get(f"{site.key}.pace")
-            fields = json.loads(entry.value or b"{}")
-            pace: Pace | None = Pace(
-                fields["connections"],
-                fields.get("per_minute"),
-                fields["changed"],
-                entry.revision or 0,
-            )
-        except KeyNotFoundError:
-            pace = None
+        pace = await read_pace(self._kv, site.key)
         self._paces[site.key] = (pace, now)
         return pace
 
+    async def _describe(self, site: Site, route: CompiledRoute) -> None:
+        document = description(site, route.max_connections)
+        written = self._described.get(site.key)
+        now = time.monotonic()
+        if written is not None and written[0] == document and now - written[1] < DESCRIBE_EVERY:
+            return
+        await self._kv.put(description_key(site.key), document)
+        self._described[site.key] = (document, now)
+
     async def limits(self, site: Site, route: CompiledRoute) -> Limits:
         """The site's limits now: its own, lowered while it is slowed down."""
-        pace = await self._pace(site)
-        base = self._base(site, route)
-        if pace is None:
-            limits = Limits(site.max_connections, site.per_minute)
-        else:
-            limits = Limits(
-                min(pace.connections, base.connections or pace.connections),
-                None
-                if base.per_minute is None
-                else min(pace.per_minute or base.per_minute, base.per_minute),
-            )
+        await self._describe(site, route)
+        limits = in_force(site, route.max_connections, await self._pace(site))
         if limits.connections is not None:
             SITE_CONNECTION_LIMIT.set({"site": site.name}, limits.connections)
         if limits.per_minute is not None:
@@ -193,7 +249,7 @@ class SiteShaping:
             if limit is None:
                 return None
             hold = await self._slots.take(
-                f"{site.key}.connections", limit, self._connection_hold, self._max_wait
+                connections_key(site.key), limit, self._connection_hold, self._max_wait
             )
         if hold is None:
             raise _at_limit(site, "connection", self._max_wait)
@@ -222,7 +278,7 @@ class SiteShaping:
             limit = (await self.limits(site, route)).per_minute
             if limit is None:
                 return
-            taken = await self._slots.take(f"{site.key}.messages", limit, WINDOW, self._max_wait)
+            taken = await self._slots.take(messages_key(site.key), limit, WINDOW, self._max_wait)
         if taken is None:
             raise _at_limit(site, "messages per minute", self._max_wait)
 
@@ -250,13 +306,14 @@ class SiteShaping:
             return
         base = self._base(site, route)
         assert base.connections is not None
-        current = pace or Pace(base.connections, base.per_minute, now)
+        current = pace or Pace(base.connections, base.per_minute, now, now)
         slower = Pace(
             max(1, current.connections // 2),
             None
             if base.per_minute is None
             else max(_rate_step(base.per_minute), (current.per_minute or base.per_minute) // 2),
             now,
+            current.since,
         )
         if await self._store_pace(site, slower, pace):
             SITE_SLOWDOWNS.add(1, {"site": site.name})
@@ -280,6 +337,7 @@ class SiteShaping:
             if base.per_minute is None
             else (pace.per_minute or base.per_minute) + _rate_step(base.per_minute),
             self._clock(),
+            pace.since,
         )
         recovered = faster.connections >= base.connections and (
             base.per_minute is None or (faster.per_minute or 0) >= base.per_minute
@@ -292,7 +350,7 @@ class SiteShaping:
 
     async def _store_pace(self, site: Site, pace: Pace, read: Pace | None) -> bool:
         """Write pace over the one read; False when another process changed it meanwhile."""
-        key = f"{site.key}.pace"
+        key = pace_key(site.key)
         try:
             if read is None:
                 await self._kv.create(key, pace.document())
@@ -306,7 +364,7 @@ class SiteShaping:
 
     async def _clear_pace(self, site: Site, read: Pace) -> None:
         try:
-            await self._kv.delete(f"{site.key}.pace", last=read.revision)
+            await self._kv.delete(pace_key(site.key), last=read.revision)
         except KeyWrongLastSequenceError:
             pass
         finally:
