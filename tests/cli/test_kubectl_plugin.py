@@ -231,7 +231,7 @@ HONOURED = {
     "--rcpt",
     "--since",
 }
-ACTIONS = ("list", "show", "hold", "release", "delete", "retry", "flush", "history")
+ACTIONS = ("list", "show", "hold", "release", "delete", "retry", "flush", "history", "sites")
 
 
 def _flags(help_text: str) -> set[str]:

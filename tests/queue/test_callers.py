@@ -28,7 +28,7 @@ OK = grpc.StatusCode.OK
 BODY = b"Subject: callers\r\n\r\nhello\r\n"
 QUEUED = "CALLERS000000001"
 ENQUEUE = ("Enqueue", "EnqueueMessages")
-ADMIN = ("ListMessages", "GetMessage", "ApplyAction", "MessageHistory")
+ADMIN = ("ListMessages", "GetMessage", "ApplyAction", "MessageHistory", "ListSites")
 # Every call the queue serves: a new one is refused until callers.py gives it an owner.
 EVERY_CALL = (
     *queue_pb2.DESCRIPTOR.services_by_name["QueueService"].methods_by_name,
@@ -90,6 +90,8 @@ async def _call(
         await stub.ApplyAction(held, timeout=20)
     elif name == "MessageHistory":
         await stub.MessageHistory(queue_pb2.HistoryRequest(queue_id=QUEUED), timeout=20)
+    elif name == "ListSites":
+        await stub.ListSites(queue_pb2.ListSitesRequest(), timeout=20)
     else:
         health = health_pb2_grpc.HealthStub(channel)
         if name == "Health/Check":

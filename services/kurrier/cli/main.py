@@ -80,6 +80,11 @@ def add_queue_admin(queue: argparse.ArgumentParser, reach_flags: bool = True) ->
         if action == "delete":
             command.add_argument("--yes", action="store_true", help="confirm deleting with --all")
     admin.add_parser("flush", parents=[where], help="retry every deferred message now")
+    admin.add_parser(
+        "sites",
+        parents=[where],
+        help="traffic shaping per destination site: limits, connections, slow-down",
+    )
     history = admin.add_parser(
         "history",
         parents=[where],

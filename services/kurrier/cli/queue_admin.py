@@ -1,5 +1,5 @@
-"""`kurrier queue list|show|hold|release|delete|retry|flush|history`: postqueue/postsuper
-for kurrier, and a message trace."""
+"""`kurrier queue list|show|hold|release|delete|retry|flush|history|sites`: postqueue/postsuper
+for kurrier, a message trace, and the traffic shaping of destination sites."""
 
 from __future__ import annotations
 
@@ -185,6 +185,43 @@ def format_history(response: queue_pb2.HistoryResponse) -> str:
     return "\n".join(lines).rstrip("\n")
 
 
+def _held_of(held: int, allowed: int, configured: int) -> str:
+    """held/allowed, and (configured) when it differs; '-' without a limit, when
+    delivery counts nothing."""
+    if not allowed:
+        return "-"
+    return (
+        f"{held}/{allowed}" if allowed == configured else f"{held}/{allowed} ({configured or '-'})"
+    )
+
+
+def format_sites(response: queue_pb2.ListSitesResponse) -> str:
+    """Per site: connections open and messages of the last minute, each against the
+    limit allowed now (the configured one in parentheses while slowed down)."""
+    if not response.sites:
+        return "No site is shaped (none used within the last hour)"
+    rows = [("SITE", "CONNECTIONS", "MESSAGES/MIN", "SLOWED DOWN")]
+    for site in response.sites:
+        rows.append(
+            (
+                site.name,
+                _held_of(site.connections, site.allowed_connections, site.max_connections),
+                _held_of(
+                    site.messages_last_minute,
+                    site.allowed_messages_per_minute,
+                    site.messages_per_minute,
+                ),
+                f"since {_when(site.slowed_since)}" if site.slowed_since else "-",
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        + f"  {row[3]}"
+        for row in rows
+    )
+
+
 def _as_json(message: Any) -> str:
     return json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2)
 
@@ -210,6 +247,9 @@ async def call_queue(args: argparse.Namespace, tls: QueueTls | None) -> str:
             if args.action == "history":
                 history = await stub.MessageHistory(_history_request(args), timeout=RPC_TIMEOUT)
                 return _as_json(history) if args.json else format_history(history)
+            if args.action == "sites":
+                sites = await stub.ListSites(queue_pb2.ListSitesRequest(), timeout=RPC_TIMEOUT)
+                return _as_json(sites) if args.json else format_sites(sites)
             response = await _apply_action(stub, args)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNAVAILABLE:

@@ -66,9 +66,11 @@ class Use:
     find: bool = False
 
 
-# Delivery's shared slots and slow-down state per destination site; the queue
-# creates the bucket with the layout, a delivery process that comes first too.
+# Delivery's shared slots and slow-down state per destination site, which a
+# delivery process that comes first creates too.
 _SHAPING = Use(SHAPING_STREAM, (f"$KV.{SHAPING_BUCKET}.>",), create=True)
+# The queue creates the bucket with the layout and reads it (`kurrier queue sites`).
+_SHAPING_READ = Use(SHAPING_STREAM, create=True)
 
 # The message state: the queue's, all of it.
 _QUEUE_STATE = (
@@ -78,7 +80,7 @@ _QUEUE_STATE = (
     Use(JOBS_STREAM, ("kurrier.job.*", "kurrier.due.*", "kurrier.schedule.*"), True, True, True),
     Use(RESULTS_STREAM, ("kurrier.result.*",), remove=True, create=True),
     Use(LEASES_STREAM, (f"$KV.{LEASES_BUCKET}.>",), remove=True, create=True),
-    _SHAPING,
+    _SHAPING_READ,
     # Reads every message's history back (MessageHistory).
     Use(HISTORY_STREAM, (history_subjects("queue"),), create=True),
 )

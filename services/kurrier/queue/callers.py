@@ -33,6 +33,7 @@ CALLERS: Mapping[str, frozenset[str]] = {
     f"/{_QUEUE}/GetMessage": frozenset({ADMIN_IDENTITY}),
     f"/{_QUEUE}/ApplyAction": frozenset({ADMIN_IDENTITY}),
     f"/{_QUEUE}/MessageHistory": frozenset({ADMIN_IDENTITY}),
+    f"/{_QUEUE}/ListSites": frozenset({ADMIN_IDENTITY}),
     f"/{_HEALTH}/Check": frozenset({INGRESS_IDENTITY, ADMIN_IDENTITY}),
     f"/{_HEALTH}/Watch": frozenset({INGRESS_IDENTITY, ADMIN_IDENTITY}),
 }

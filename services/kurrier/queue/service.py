@@ -1,5 +1,6 @@
 """The QueueService gRPC API: Enqueue stores a message durably before it answers;
-the admin calls list, show, hold, release, delete and retry, and messages' history."""
+the admin calls list, show, hold, release, delete and retry, messages' history, and the
+traffic shaping of destination sites."""
 
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ from kurrier.core.body_store import load_body
 from kurrier.core.domains import InvalidDomain, canonical_address, normalise_domain
 from kurrier.core.dsn_parameters import dsn_problem
 from kurrier.core.history import HISTORY, trace_id_of
-from kurrier.core.jetstream import INLINE_BODY_LIMIT
+from kurrier.core.jetstream import INLINE_BODY_LIMIT, SHAPING_BUCKET
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
 from kurrier.core.routing import domain_of
 from kurrier.core.smtp_text import header_section
 from kurrier.core.telemetry import serving_message
+from kurrier.delivery.site_states import SiteState, site_states
 from kurrier.queue import admin
 from kurrier.queue.changes import Change
 from kurrier.queue.history_search import search_history
@@ -151,6 +153,19 @@ def _recipient_status(state: RecipientState) -> queue_pb2.RecipientStatus:
         history=[queue_pb2.Attempt(at=a.at, reply=a.reply) for a in state.history],
         notify=state.notify,
         orcpt=state.orcpt,
+    )
+
+
+def site_of(state: SiteState) -> queue_pb2.SiteState:
+    return queue_pb2.SiteState(
+        name=state.name,
+        max_connections=state.configured.connections or 0,
+        messages_per_minute=state.configured.per_minute or 0,
+        allowed_connections=state.allowed.connections or 0,
+        allowed_messages_per_minute=state.allowed.per_minute or 0,
+        connections=state.connections,
+        messages_last_minute=state.messages_last_minute,
+        slowed_since=state.slowed_since or 0.0,
     )
 
 
@@ -456,3 +471,16 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                 for event in events
             ]
         )
+
+    async def ListSites(
+        self, request: queue_pb2.ListSitesRequest, context: grpc.aio.ServicerContext
+    ) -> queue_pb2.ListSitesResponse:
+        try:
+            states = await site_states(await self._js.key_value(SHAPING_BUCKET))
+        except NATS_FAILURES as error:
+            # Not UNAVAILABLE: the queue answers, the bucket it reads does not.
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"cannot read {SHAPING_BUCKET}: {error!r}"
+            )
+            raise
+        return queue_pb2.ListSitesResponse(sites=[site_of(state) for state in states])

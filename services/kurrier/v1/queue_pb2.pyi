@@ -774,3 +774,88 @@ class HistoryResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HistoryResponse: _TypeAlias = HistoryResponse  # noqa: Y015
+
+@_typing.final
+class ListSitesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSitesRequest: _TypeAlias = ListSitesRequest  # noqa: Y015
+
+@_typing.final
+class SiteState(_message.Message):
+    """Limits are 0 when there is none."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    MESSAGES_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    ALLOWED_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    ALLOWED_MESSAGES_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_FIELD_NUMBER: _builtins.int
+    MESSAGES_LAST_MINUTE_FIELD_NUMBER: _builtins.int
+    SLOWED_SINCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """A smarthost's host:port, an MX host set, or a provider (google, ...)."""
+    max_connections: _builtins.int
+    """The route's spec.shaping, or the provider's defaults."""
+    messages_per_minute: _builtins.int
+    allowed_connections: _builtins.int
+    """What holds now: the configured limits, lowered while slowed down."""
+    allowed_messages_per_minute: _builtins.int
+    connections: _builtins.int
+    """Connections open to the site now, across every delivery process, and
+    transactions started in the last minute: each counted only while its
+    allowed limit is not 0.
+    """
+    messages_last_minute: _builtins.int
+    slowed_since: _builtins.float
+    """Unix time since which the site is slowed down (421, 4.7.x); 0: it is not."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        max_connections: _builtins.int = ...,
+        messages_per_minute: _builtins.int = ...,
+        allowed_connections: _builtins.int = ...,
+        allowed_messages_per_minute: _builtins.int = ...,
+        connections: _builtins.int = ...,
+        messages_last_minute: _builtins.int = ...,
+        slowed_since: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_connections", b"allowed_connections", "allowed_messages_per_minute", b"allowed_messages_per_minute", "connections", b"connections", "max_connections", b"max_connections", "messages_last_minute", b"messages_last_minute", "messages_per_minute", b"messages_per_minute", "name", b"name", "slowed_since", b"slowed_since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SiteState: _TypeAlias = SiteState  # noqa: Y015
+
+@_typing.final
+class ListSitesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SITES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sites(self) -> _containers.RepeatedCompositeFieldContainer[Global___SiteState]: ...
+    def __init__(
+        self,
+        *,
+        sites: _abc.Iterable[Global___SiteState] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sites", b"sites"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSitesResponse: _TypeAlias = ListSitesResponse  # noqa: Y015

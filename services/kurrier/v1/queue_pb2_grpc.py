@@ -65,6 +65,11 @@ class QueueServiceStub:
                 request_serializer=kurrier_dot_v1_dot_queue__pb2.HistoryRequest.SerializeToString,
                 response_deserializer=kurrier_dot_v1_dot_queue__pb2.HistoryResponse.FromString,
                 _registered_method=True)
+        self.ListSites = channel.unary_unary(
+                '/kurrier.v1.QueueService/ListSites',
+                request_serializer=kurrier_dot_v1_dot_queue__pb2.ListSitesRequest.SerializeToString,
+                response_deserializer=kurrier_dot_v1_dot_queue__pb2.ListSitesResponse.FromString,
+                _registered_method=True)
 
 
 class QueueServiceServicer:
@@ -124,6 +129,14 @@ class QueueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSites(self, request, context):
+        """The traffic shaping of each destination site used within the last hour,
+        as every delivery process shares it: limits, connections, messages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueueServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +169,11 @@ def add_QueueServiceServicer_to_server(servicer, server):
                     servicer.MessageHistory,
                     request_deserializer=kurrier_dot_v1_dot_queue__pb2.HistoryRequest.FromString,
                     response_serializer=kurrier_dot_v1_dot_queue__pb2.HistoryResponse.SerializeToString,
+            ),
+            'ListSites': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSites,
+                    request_deserializer=kurrier_dot_v1_dot_queue__pb2.ListSitesRequest.FromString,
+                    response_serializer=kurrier_dot_v1_dot_queue__pb2.ListSitesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -321,6 +339,33 @@ class QueueService:
             '/kurrier.v1.QueueService/MessageHistory',
             kurrier_dot_v1_dot_queue__pb2.HistoryRequest.SerializeToString,
             kurrier_dot_v1_dot_queue__pb2.HistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kurrier.v1.QueueService/ListSites',
+            kurrier_dot_v1_dot_queue__pb2.ListSitesRequest.SerializeToString,
+            kurrier_dot_v1_dot_queue__pb2.ListSitesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,10 @@ class QueueServiceStub:
     kept (the queue's --history-retention): every event, oldest first.
     Best-effort: an event a process could not publish is missing.
     """
+    ListSites: _grpc.UnaryUnaryMultiCallable[_queue_pb2.ListSitesRequest, _queue_pb2.ListSitesResponse]
+    """The traffic shaping of each destination site used within the last hour,
+    as every delivery process shares it: limits, connections, messages.
+    """
 
 @_typing.type_check_only
 class QueueServiceAsyncStub(QueueServiceStub):
@@ -90,6 +94,10 @@ class QueueServiceAsyncStub(QueueServiceStub):
     """The history of messages, finished ones included, for as long as it is
     kept (the queue's --history-retention): every event, oldest first.
     Best-effort: an event a process could not publish is missing.
+    """
+    ListSites: _aio.UnaryUnaryMultiCallable[_queue_pb2.ListSitesRequest, _queue_pb2.ListSitesResponse]  # type: ignore[assignment]
+    """The traffic shaping of each destination site used within the last hour,
+    as every delivery process shares it: limits, connections, messages.
     """
 
 class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -155,6 +163,16 @@ class QueueServiceServicer(metaclass=_abc_1.ABCMeta):
         """The history of messages, finished ones included, for as long as it is
         kept (the queue's --history-retention): every event, oldest first.
         Best-effort: an event a process could not publish is missing.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSites(
+        self,
+        request: _queue_pb2.ListSitesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_queue_pb2.ListSitesResponse, _abc.Awaitable[_queue_pb2.ListSitesResponse]]:
+        """The traffic shaping of each destination site used within the last hour,
+        as every delivery process shares it: limits, connections, messages.
         """
 
 def add_QueueServiceServicer_to_server(servicer: QueueServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
