@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kurrier.cli.nats_server import cluster_nodes, nats_server_argv
 from kurrier.core.jetstream import JOBS_STREAM, connect, disconnect, ensure_layout
+from nats.errors import Error as NatsError
 from nats.js.errors import Error as JetStreamError
 
 from tests.support.processes import free_port, port_open, wait_until
@@ -117,15 +118,26 @@ def cluster_layout_error(url: str) -> str | None:
 
 
 async def _stream_leader(url: str) -> str:
+    """The jobs stream's leader; '' while it has none."""
     nc = await connect(url, "test-cluster-leader")
     try:
         info = await nc.jetstream().stream_info(JOBS_STREAM)
-        assert info.cluster is not None and info.cluster.leader
-        return str(info.cluster.leader)
+        return str(info.cluster.leader or "") if info.cluster is not None else ""
     finally:
         await disconnect(nc)
 
 
-def stream_leader(url: str) -> str:
-    """The server name of the jobs stream's leader."""
-    return asyncio.run(_stream_leader(url))
+def stream_leader(url: str, timeout: float = 60) -> str:
+    """The server name of the jobs stream's leader, once it has one: a cluster that
+    just lost or regained a node may be electing it, and answer 503 meanwhile."""
+    leaders: list[str] = []
+
+    def known() -> bool:
+        try:
+            leaders.append(asyncio.run(_stream_leader(url)))
+        except (NatsError, TimeoutError):
+            return False
+        return bool(leaders[-1])
+
+    wait_until(known, timeout, "the jobs stream to have a leader")
+    return leaders[-1]

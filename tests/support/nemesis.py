@@ -65,7 +65,7 @@ from tests.support.fleet import (
 from tests.support.load import SteadyLoad
 from tests.support.nats import stream_leader
 from tests.support.processes import wait_until
-from tests.support.relay import NATS_BUSY, queued_count, stored_bodies
+from tests.support.relay import queued_count, stored_bodies
 
 # Longer than a delivery job's ack wait and the sweeper's lease: both move to another process.
 PAUSE = max(ACK_WAIT, LEASE_TTL) + 5
@@ -141,17 +141,7 @@ class Nemesis:
         return cut.name
 
     def _leader_host(self) -> str:
-        leaders: list[str] = []
-
-        def answered() -> bool:
-            try:
-                leaders.append(stream_leader(self.fleet.control_url))
-            except (*NATS_BUSY, AssertionError, TimeoutError):
-                return False
-            return True
-
-        wait_until(answered, 120, "the jobs stream to name its leader")
-        return leaders[-1].removeprefix("nats-")
+        return stream_leader(self.fleet.control_url, timeout=120).removeprefix("nats-")
 
     def isolate_leader(self) -> str:
         host = self.fleet.hosts[self._leader_host()]
