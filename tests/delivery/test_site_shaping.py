@@ -32,7 +32,6 @@ from nats.js.kv import KeyValue
 
 from tests.delivery.attempts import job, message, table
 from tests.support.nats import NatsServer
-from tests.support.processes import wait_until
 from tests.support.relay import route
 from tests.support.sink import Sink
 
@@ -43,7 +42,7 @@ async def test_a_site_answering_421_is_slowed_then_resumed_gradually(
     courier: Courier, shaping_kv: KeyValue, sink: Sink
 ) -> None:
     # Every reply counts at once (no gap between slow-downs, no wait before speeding up).
-    courier.shaping = SiteShaping(shaping_kv, slowdown_gap=0, recovery_step=0, throttled_retry=7)
+    courier.shaping = SiteShaping(shaping_kv, slowdown_gap=0, recovery_step=0)
     routes = table(route("throttled", ["*"], sink.port, shaping=SHAPED))
     [compiled] = routes.routes
     site = site_of(compiled, [])
@@ -56,9 +55,9 @@ async def test_a_site_answering_421_is_slowed_then_resumed_gradually(
     sink.behaviour.outage_phase = "greeting"
     sink.behaviour.outage_reply = "421 4.7.0 too many connections, slow down"
     [outcome] = await courier.deliver(job(["r@dest.test"]), message("m0"), routes)
-    # Held back, not failed: the worker gives the job back without counting an attempt.
-    assert isinstance(outcome, HeldOutcome)
-    assert (outcome.outcome, outcome.retry_in) == ("deferred", 7)
+    # The next hop's answer: an attempt, deferred at the usual backoff (not held).
+    assert not isinstance(outcome, HeldOutcome)
+    assert outcome.outcome == "deferred"
     assert "421 4.7.0 too many connections" in outcome.reply
     assert await limits() == Limits(2, 500)
     await courier.deliver(job(["r@dest.test"]), message("m1"), routes)
@@ -81,18 +80,19 @@ async def test_a_site_answering_421_is_slowed_then_resumed_gradually(
         await shaping_kv.get(f"{site.key}.pace")
 
 
-async def test_a_job_held_back_by_throttling_comes_again_without_an_attempt(
+async def test_a_throttled_try_is_an_attempt_deferred_at_the_usual_backoff(
     nats_server: NatsServer, sink: Sink
 ) -> None:
+    """A throttling reply is the next hop's answer: the job's result is a deferral the
+    queue counts (and retries at its backoff), not a job given back unrecorded."""
     sink.behaviour.outage_phase = "greeting"
     sink.behaviour.outage_reply = "421 4.7.0 slow down"
-    nc = await connect(nats_server.url, "test-held")
+    nc = await connect(nats_server.url, "test-throttled")
     try:
         js = nc.jetstream()
         await ensure_layout(js)
-        # Queued: a job given again for a message without a record is taken as finished.
         record = MessageRecord(
-            queue_id="HELD000000000001",
+            queue_id="THROTTLED0000001",
             mail_from="a@client.test",
             recipients=[RecipientState(address="r@example.com")],
             received_at=time.time(),
@@ -104,14 +104,11 @@ async def test_a_job_held_back_by_throttling_comes_again_without_an_attempt(
         tables = TableFollower()
         tables.table = table(route("r", ["example.com"], sink.port))
         worker = DeliveryWorker(
-            js,
-            tables,
-            DeliverySettings(helo_name="relay.test"),
-            shaping=lambda kv: SiteShaping(kv, throttled_retry=1),
+            js, tables, DeliverySettings(helo_name="relay.test"), shaping=SiteShaping
         )
-        body = b"Subject: held\r\n\r\nbody\r\n"
-        held = DeliveryJob(
-            queue_id="HELD000000000001",
+        body = b"Subject: throttled\r\n\r\nbody\r\n"
+        throttled = DeliveryJob(
+            queue_id="THROTTLED0000001",
             dispatch=1,
             mail_from="a@client.test",
             recipients=["r@example.com"],
@@ -120,15 +117,13 @@ async def test_a_job_held_back_by_throttling_comes_again_without_an_attempt(
             body=body,
         )
         await js.publish(
-            job_subject(held.queue_id), held.model_dump_json().encode(), stream=JOBS_STREAM
+            job_subject(throttled.queue_id),
+            throttled.model_dump_json().encode(),
+            stream=JOBS_STREAM,
         )
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         try:
-            await asyncio.to_thread(
-                wait_until, lambda: sink.outage_replies >= 1, 30, "the site to throttle the job"
-            )
-            sink.behaviour.outage_phase = None
             deadline = time.monotonic() + 30
             while not (await js.stream_info(RESULTS_STREAM)).state.messages:
                 assert time.monotonic() < deadline, "no result"
@@ -136,11 +131,11 @@ async def test_a_job_held_back_by_throttling_comes_again_without_an_attempt(
         finally:
             stop.set()
             await asyncio.wait_for(running, timeout=30)
-        # The first result is the delivery: the throttled try was no attempt to count.
         results = await js.pull_subscribe("kurrier.result.*", stream=RESULTS_STREAM)
         [first] = await results.fetch(1, timeout=2)
-        outcomes = DeliveryResult.model_validate_json(first.data).outcomes
-        assert [o.outcome for o in outcomes] == ["delivered"]
-        assert len(sink.messages) == 1
+        [outcome] = DeliveryResult.model_validate_json(first.data).outcomes
+        assert outcome.outcome == "deferred"
+        assert "421 4.7.0 slow down" in outcome.reply
+        assert sink.outage_replies == 1 and not sink.messages
     finally:
         await disconnect(nc)

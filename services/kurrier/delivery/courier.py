@@ -253,13 +253,10 @@ class Courier:
         if hold is not None and self.shaping is not None:
             await self.shaping.closed(hold)
 
-    async def _throttled(self, site: Site, route: CompiledRoute, reply: str) -> bool:
-        """Whether reply asks the site's senders to slow down; if so the site is slowed."""
-        if not is_throttling(reply):
-            return False
-        if self.shaping is not None:
+    async def _throttled(self, site: Site, route: CompiledRoute, reply: str) -> None:
+        """If reply asks the site's senders to slow down, the site is slowed."""
+        if self.shaping is not None and is_throttling(reply):
             await self.shaping.throttled(site, route, reply)
-        return True
 
     async def _shaping_feedback(
         self, site: Site, route: CompiledRoute, replies: list[Reply]
@@ -325,15 +322,15 @@ class Courier:
         """Try the hops in order; a recipient moves on only after a temporary failure
         before the server saw the message content (RFC 5321 5.1).
 
-        Recipients the site would not take because it is at its limit, or only
-        with a throttling reply, are held (HeldOutcome), not deferred."""
+        Recipients the site would not take because it is at its limit are held
+        (HeldOutcome): no next hop was asked. A throttling reply slows the site
+        down, and is an attempt like any other temporary failure."""
         outcomes: list[RecipientOutcome] = []
         pending = recipients
         # The last temporary failure; and, for REQUIRETLS, why the last hop reached
         # could not take the message: the bounce when no hop failed only for now.
         last_reply = ""
         tls_refusal: Reply | None = None
-        throttled = False
         to_try = list(hops)
         retried: set[NextHop] = set()
         while to_try:
@@ -354,7 +351,7 @@ class Courier:
                     tls_refusal = require_tls.unable(hop.label, str(error))
                 else:
                     last_reply = failure
-                    throttled = await self._throttled(site, route, error.reply)
+                    await self._throttled(site, route, error.reply)
                 continue
             if job.require_tls and (refusal := require_tls.session_refusal(session, hop.label)):
                 await self._release(key, session)
@@ -385,7 +382,6 @@ class Courier:
                 )
             except SmtpTemporaryError as error:
                 await self.pool.release(key, session, reusable=False)
-                throttled = False
                 last_reply = f"451 4.4.2 {hop.label}: {error}"
                 attempted(job, pending, hop, last_reply, session)
                 if session.body_started:
@@ -412,7 +408,6 @@ class Courier:
                 ):
                     retry_elsewhere.append(recipient)
                     last_reply = str(reply)
-                    throttled = is_throttling(last_reply)
                 else:
                     outcome = outcome_of(recipient, reply)
                     outcome.relayed = outcome.outcome == "delivered" and owes_success_notice(
@@ -424,6 +419,4 @@ class Courier:
                 break
         if tls_refusal is not None and not last_reply:
             return outcomes + [outcome_of(recipient, tls_refusal) for recipient in pending]
-        if throttled and self.shaping is not None:
-            return outcomes + held(site, pending, last_reply, self.shaping.throttled_retry)
         return outcomes + deferred(pending, last_reply)

@@ -51,8 +51,6 @@ CONNECTION_HOLD = 15.0
 SLOT_IDLE_TIMEOUT = 1.0
 SLOWDOWN_GAP = 5.0
 RECOVERY_STEP = 10.0
-# When a job held back by a throttling reply is offered again.
-THROTTLED_RETRY = 30.0
 PACE_CACHE = 1.0
 # When a job held back because NATS did not answer is offered again.
 NATS_RETRY = 5.0
@@ -190,7 +188,6 @@ class SiteShaping:
         connection_hold: float = CONNECTION_HOLD,
         slowdown_gap: float = SLOWDOWN_GAP,
         recovery_step: float = RECOVERY_STEP,
-        throttled_retry: float = THROTTLED_RETRY,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._kv = kv
@@ -200,7 +197,6 @@ class SiteShaping:
         self._connection_hold = connection_hold
         self._slowdown_gap = slowdown_gap
         self._recovery_step = recovery_step
-        self.throttled_retry = throttled_retry
         # Per site key: the pace as last read (None: not slowed), and when it was read.
         self._paces: dict[str, tuple[Pace | None, float]] = {}
         # Per site key: its description as last written, and when.
