@@ -264,9 +264,9 @@ class Courier:
         """A transaction's replies slow the site down, or let it speed up again."""
         if self.shaping is None:
             return
-        throttling = next((r for r in replies if is_throttling(str(r))), None)
+        throttling = next((str(r) for r in replies if is_throttling(str(r))), None)
         if throttling is not None:
-            await self.shaping.throttled(site, route, str(throttling))
+            await self._throttled(site, route, throttling)
         elif any(reply.ok for reply in replies):
             await self.shaping.succeeded(site, route)
 
