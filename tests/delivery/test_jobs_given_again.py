@@ -23,11 +23,8 @@ from kurrier.core.jetstream import (
     connect,
     disconnect,
     ensure_layout,
-    job_subject,
 )
 from kurrier.core.loader import parse_documents
-from kurrier.core.message import DeliveryJob, MessageRecord, RecipientState
-from kurrier.core.records import RecordStore
 from kurrier.core.routing import compile_table
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
@@ -35,24 +32,12 @@ from kurrier.delivery.worker import DeliveryWorker
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from tests.support.nats import NatsServer
+from tests.support.queued import publish_job, store_record
 from tests.support.relay import route
 from tests.support.sink import Sink
 
 ACK_WAIT = 2.0
 CONCURRENCY = 4
-
-
-def _job(queue_id: str) -> DeliveryJob:
-    body = f"Subject: {queue_id}\r\n\r\nbody\r\n".encode()
-    return DeliveryJob(
-        queue_id=queue_id,
-        dispatch=1,
-        mail_from="a@client.test",
-        recipients=["r@example.com"],
-        size=len(body),
-        body_store="record",
-        body=body,
-    )
 
 
 async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
@@ -63,16 +48,7 @@ async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
         js = nc.jetstream()
         await ensure_layout(js)
         # LIVE is still queued; FINISHED's record is gone: it was delivered.
-        live = MessageRecord(
-            queue_id="LIVE000000000001",
-            mail_from="a@client.test",
-            recipients=[RecipientState(address="r@example.com")],
-            received_at=time.time(),
-            size=1,
-            body_store="record",
-            body=b"x",
-        )
-        assert await (await RecordStore.open(js)).create(live)
+        await store_record(js, "LIVE000000000001")
         first_taker = await js.pull_subscribe(
             "kurrier.job.*",
             durable=DELIVERY_CONSUMER,
@@ -85,10 +61,7 @@ async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
             ),
         )
         for queue_id in ("FINISHED00000001", "LIVE000000000001"):
-            job = _job(queue_id)
-            await js.publish(
-                job_subject(queue_id), job.model_dump_json().encode(), stream=JOBS_STREAM
-            )
+            await publish_job(js, queue_id)
         taken = await first_taker.fetch(2, timeout=10)
         assert len(taken) == 2  # and never acknowledged
 

@@ -12,15 +12,12 @@ import time
 
 import pytest
 from kurrier.core.jetstream import (
-    JOBS_STREAM,
     RESULTS_STREAM,
     connect,
     disconnect,
     ensure_layout,
-    job_subject,
 )
-from kurrier.core.message import DeliveryJob, DeliveryResult, MessageRecord, RecipientState
-from kurrier.core.records import RecordStore
+from kurrier.core.message import DeliveryResult
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery.courier import Courier, HeldOutcome
 from kurrier.delivery.settings import DeliverySettings
@@ -32,6 +29,7 @@ from nats.js.kv import KeyValue
 
 from tests.delivery.attempts import job, message, table
 from tests.support.nats import NatsServer
+from tests.support.queued import publish_job, store_record
 from tests.support.relay import route
 from tests.support.sink import Sink
 
@@ -91,36 +89,13 @@ async def test_a_throttled_try_is_an_attempt_deferred_at_the_usual_backoff(
     try:
         js = nc.jetstream()
         await ensure_layout(js)
-        record = MessageRecord(
-            queue_id="THROTTLED0000001",
-            mail_from="a@client.test",
-            recipients=[RecipientState(address="r@example.com")],
-            received_at=time.time(),
-            size=1,
-            body_store="record",
-            body=b"x",
-        )
-        assert await (await RecordStore.open(js)).create(record)
+        await store_record(js, "THROTTLED0000001")
         tables = TableFollower()
         tables.table = table(route("r", ["example.com"], sink.port))
         worker = DeliveryWorker(
             js, tables, DeliverySettings(helo_name="relay.test"), shaping=SiteShaping
         )
-        body = b"Subject: throttled\r\n\r\nbody\r\n"
-        throttled = DeliveryJob(
-            queue_id="THROTTLED0000001",
-            dispatch=1,
-            mail_from="a@client.test",
-            recipients=["r@example.com"],
-            size=len(body),
-            body_store="record",
-            body=body,
-        )
-        await js.publish(
-            job_subject(throttled.queue_id),
-            throttled.model_dump_json().encode(),
-            stream=JOBS_STREAM,
-        )
+        await publish_job(js, "THROTTLED0000001")
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         try:
