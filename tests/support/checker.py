@@ -33,6 +33,7 @@ def combined(ledgers: Iterable[Ledger]) -> Ledger:
         together.refused |= ledger.refused
         together.refused_for_good |= ledger.refused_for_good
         together.in_doubt |= ledger.in_doubt
+        together.replies += ledger.replies
     return together
 
 

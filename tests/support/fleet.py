@@ -16,13 +16,13 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from kurrier.cli.nats_server import nats_server_argv, nats_server_env
 
 from tests.support.load import SteadyLoad
-from tests.support.nats import cluster_layout_error
+from tests.support.nats import cluster_layout_error, streams_current
 from tests.support.netns import Host, TestNetwork
 from tests.support.processes import (
     kurrier_argv,
@@ -62,10 +62,23 @@ def nats_name(host: str) -> str:
 
 
 class Fleet:
-    """The processes of one kurrier on a TestNetwork, started and stopped together."""
+    """The processes of one kurrier on a TestNetwork, started and stopped together.
 
-    def __init__(self, network: TestNetwork, workdir: Path) -> None:
+    env: what the services run with beyond the test's environment (another
+    release's code, by PYTHONPATH); publish: how the first routing table is
+    published (nats_url, resources file).
+    """
+
+    def __init__(
+        self,
+        network: TestNetwork,
+        workdir: Path,
+        env: dict[str, str] | None = None,
+        publish: Callable[[str, str], None] = publish_config,
+    ) -> None:
         self.network = network
+        self.env = env or {}
+        self.publish = publish
         self.hosts = network.hosts
         self.workdir = workdir
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -108,7 +121,8 @@ class Fleet:
         self._spawn(nats_name(host), argv, nats_server_env())
         wait_until(lambda: port_open(NATS_PORT, address), 60, f"{nats_name(host)} to listen")
 
-    def start_service(self, name: str) -> None:
+    def start_service(self, name: str, env: dict[str, str] | None = None) -> None:
+        """Start name, with env instead of the fleet's own when given."""
         host = self.host_of(name)
         service = name.split("-")[0]
         if service == "queue":
@@ -121,7 +135,24 @@ class Fleet:
             own = []
         common = ["--nats-url", self.nats_url(host.name), "--nats-replicas", "3"]
         common += ["--hostname", f"{name}.relay.test", "--metrics-listen", "off"]
-        self._spawn(name, kurrier_argv(service, *common, *own), dict(os.environ))
+        extra = self.env if env is None else env
+        self._spawn(name, kurrier_argv(service, *common, *own), {**os.environ, **extra})
+        if service == "ingress":
+            self._wait_for_ingress(name)
+
+    def replace(self, name: str, env: dict[str, str] | None = None) -> None:
+        """Replace a service's process as Kubernetes replaces a pod: SIGTERM, at most
+        30 s to finish, then a new one (with env, when given)."""
+        stop_process(self.processes.pop(name))
+        self.start_service(name, env)
+
+    def restart_nats(self, host: str) -> None:
+        """Restart host's node on its store as a StatefulSet rolls a pod: SIGTERM,
+        then a new one, ready once every stream has a leader and every replica
+        is current again."""
+        stop_process(self.processes.pop(nats_name(host)))
+        self.start_nats(host)
+        wait_until(lambda: streams_current(self.control_url), 120, f"{nats_name(host)} to catch up")
 
     def config(self) -> str:
         sink = self.hosts["sink"].address
@@ -145,14 +176,12 @@ class Fleet:
         wait_until(
             lambda: cluster_layout_error(self.control_url) is None, 120, "JetStream's R3 layout"
         )
-        publish_config(self.control_url, self.config())
+        self.publish(self.control_url, self.config())
         self.sink = self.hosts["sink"].call(
             lambda: Sink(SMTP_PORT, self.hosts["sink"].address).__enter__()
         )
         for name in SERVICES:
             self.start_service(name)
-        for name in INGRESSES:
-            self._wait_for_ingress(name)
 
     def _wait_for_ingress(self, name: str) -> None:
         address = self.host_of(name).address

@@ -19,6 +19,9 @@ class Ledger:
     refused_for_good: set[str] = field(default_factory=set)
     # The connection broke after DATA began: the relay may or may not have it.
     in_doubt: set[str] = field(default_factory=set)
+    # Every refusal's reply code and when it came (time.monotonic()), a 421 greeting
+    # included: when a client heard 4xx, not only that it did.
+    replies: list[tuple[float, int]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -76,9 +79,14 @@ class SteadyLoad:
         else:
             codes = [getattr(error, "smtp_code", 0)]
         with self.ledger.lock:
+            self._heard(codes)
             self.ledger.refused.add(marker)
             if any(code >= 500 for code in codes):
                 self.ledger.refused_for_good.add(marker)
+
+    def _heard(self, codes: list[int]) -> None:
+        now = time.monotonic()
+        self.ledger.replies.extend((now, code) for code in codes if code > 0)
 
     def _client(self, client: int) -> None:
         smtp: smtplib.SMTP | None = None
@@ -96,9 +104,11 @@ class SteadyLoad:
                 smtp = _reset(smtp)
             except smtplib.SMTPDataError as error:
                 self._refused(marker, error)
-            except (OSError, smtplib.SMTPException):
-                # Refused connection (nothing sent) or a break mid-transaction.
-                self._record(self.ledger.in_doubt, marker)
+            except (OSError, smtplib.SMTPException) as error:
+                # Refused connection or greeting (nothing sent), or a break mid-transaction.
+                with self.ledger.lock:
+                    self._heard([getattr(error, "smtp_code", 0)])
+                    self.ledger.in_doubt.add(marker)
                 _close(smtp)
                 smtp = None
                 self._stop.wait(0.2)  # back off like a real client would

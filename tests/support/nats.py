@@ -141,3 +141,26 @@ def stream_leader(url: str, timeout: float = 60) -> str:
 
     wait_until(known, timeout, "the jobs stream to have a leader")
     return leaders[-1]
+
+
+async def _streams_current(url: str) -> bool:
+    nc = await connect(url, "test-cluster-current")
+    try:
+        for info in await nc.jetstream().streams_info():
+            cluster = info.cluster
+            if cluster is None or not cluster.leader:
+                return False
+            if not all(peer.current and not peer.offline for peer in cluster.replicas or ()):
+                return False
+        return True
+    finally:
+        await disconnect(nc)
+
+
+def streams_current(url: str) -> bool:
+    """Every stream (and so every bucket) has a leader and every follower is current:
+    a node that just restarted has caught up. False while the cluster does not answer."""
+    try:
+        return asyncio.run(_streams_current(url))
+    except (NatsError, TimeoutError):
+        return False
