@@ -15,7 +15,7 @@ import pytest
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
-from kurrier.ingress.enqueue_stream import EnqueueStream
+from kurrier.ingress.enqueue_stream import EnqueueStream, StreamEnded
 from kurrier.ingress.queue_client import QueueClient, QueueUnavailable
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
@@ -194,3 +194,35 @@ def test_a_retired_stream_answers_what_it_carries_then_ends(nats_server: NatsSer
     codes, ended, stored = asyncio.run(_retired_with_messages_in_flight(nats_server.url))
     assert codes == [grpc.StatusCode.OK.value[0]] * 20
     assert ended and len(stored) == 20
+
+
+async def _a_stream_the_queue_ended(nats_url: str) -> tuple[bool, list[str]]:
+    nc = await connect(nats_url, "test-stream")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        server, service, port = await _serve(js)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = EnqueueStream(queue_pb2_grpc.QueueServiceStub(channel))
+            request = queue_pb2.EnqueueMessageRequest(envelope=_envelope(), body=BODY)
+            await stream.send(request)
+            await _stop(server, service)  # the queue goes: the call ends
+            # Refused at once, or answered so as soon as the stream sees the end.
+            with pytest.raises(StreamEnded):
+                await stream.send(queue_pb2.EnqueueMessageRequest(envelope=_envelope(), body=BODY))
+            await asyncio.sleep(0)  # the writer's cancellation runs
+            left = [
+                repr(task.get_coro())
+                for task in asyncio.all_tasks()
+                if "BatchWriter" in repr(task.get_coro())
+            ]
+            return stream.ended is not None, left
+    finally:
+        await disconnect(nc)
+
+
+def test_a_stream_the_queue_ended_leaves_no_writer_waiting(nats_server: NatsServer) -> None:
+    # A writer left waiting is collected pending once ingress drops the stream,
+    # logged as "Task was destroyed but it is pending!" at every failover.
+    ended, left = asyncio.run(_a_stream_the_queue_ended(nats_server.url))
+    assert ended and left == []

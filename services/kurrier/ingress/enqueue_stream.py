@@ -119,6 +119,9 @@ class EnqueueStream:
         for answer in self._waiting.values():
             if not answer.done():
                 answer.set_exception(ended)
+        # Its writer would wait for requests that never come, and be collected
+        # pending with the stream the client drops.
+        self._requests.cancel()
 
     async def close_when_answered(self) -> None:
         """End the call once no message waits on it; the caller sends it no more."""
