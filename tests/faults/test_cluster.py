@@ -214,3 +214,33 @@ def test_a_consumer_asked_for_without_a_jetstream_quorum_comes_once_it_returns(
 
     caplog.set_level(logging.WARNING, "kurrier.core.jetstream")
     assert asyncio.run(scenario()) == "test-consumer"
+
+
+def test_a_client_of_a_frozen_node_moves_to_a_live_one(cluster: NatsCluster) -> None:
+    """A node that stops answering but keeps its connections open (SIGSTOP here: a
+    frozen VM, a disk that hangs every write): a service's connection leaves it for a
+    live node, where JetStream answers, within a minute (nats-py's default pings
+    kept it there for over six)."""
+    wait_until(lambda: cluster_layout_error(cluster.url()) is None, 60, "JetStream in the cluster")
+
+    async def scenario() -> tuple[str, str]:
+        nc = await connect(cluster.url(), "test-frozen")
+        try:
+            first = str(nc.connected_url.netloc if nc.connected_url else "")
+            frozen = cluster.nodes[[f"127.0.0.1:{p}" for p in cluster.ports].index(first)].name
+            cluster.signal(frozen, signal.SIGSTOP)
+            try:
+                await eventually(
+                    lambda: nc.connected_url is not None and nc.connected_url.netloc != first,
+                    60,
+                    "the connection to leave the frozen node",
+                )
+                await when_answered(nc.jetstream().account_info, "the account")
+            finally:
+                cluster.signal(frozen, signal.SIGCONT)
+            return first, str(nc.connected_url.netloc if nc.connected_url else "")
+        finally:
+            await disconnect(nc)
+
+    first, now = asyncio.run(scenario())
+    assert now != first

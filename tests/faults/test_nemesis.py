@@ -2,7 +2,8 @@
 ingress processes under load, under a seeded nemesis: a NATS node partitioned from
 its peers, the stream leader's host cut off, the stream leader deaf to its peers
 while they still hear it, an ingress's gRPC path to its queue cut, a queue or
-delivery process paused past its leases, a NATS node killed and restarted on its
+delivery process paused past its leases, a NATS node frozen (SIGSTOP: its
+connections open and silent), a NATS node killed and restarted on its
 store, and one on an empty store. Nothing either client saw acknowledged may be
 lost."""
 

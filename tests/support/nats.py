@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -94,9 +95,13 @@ class NatsCluster:
         process.kill()
         process.wait(timeout=30)
 
+    def signal(self, name: str, number: signal.Signals) -> None:
+        self._processes[name].send_signal(number)
+
     def stop_all(self) -> None:
         for name in list(self._processes):
             process = self._processes.pop(name)
+            process.send_signal(signal.SIGCONT)  # a stopped one cannot take SIGTERM
             process.terminate()
             process.wait(timeout=30)
 

@@ -17,6 +17,8 @@ The faults, each healed before the next:
   Enqueue deadline, so the messages sent then end in that deadline.
 - pause: SIGSTOP of a queue or delivery process for longer than the jobs'
   ack wait and the sweeper's lease, then SIGCONT (a long GC, a frozen VM).
+- freeze-node: SIGSTOP of a NATS node for 20-30 s, then SIGCONT: a frozen VM
+  or a disk hanging every write; its connections stay open and go silent.
 - kill-node: SIGKILL of a NATS node, restarted on its store.
 - wipe-node: SIGKILL of a NATS node, restarted on an empty store (a pod
   replaced with a new volume); it catches up from its peers.
@@ -76,6 +78,7 @@ FAULTS = (
     "one-way",
     "cut-queue-path",
     "pause",
+    "freeze-node",
     "kill-node",
     "wipe-node",
 )
@@ -109,6 +112,7 @@ class Nemesis:
             "one-way": self.one_way,
             "cut-queue-path": self.cut_queue_path,
             "pause": self.pause,
+            "freeze-node": self.freeze_node,
             "kill-node": self.kill_node,
             "wipe-node": self.wipe_node,
         }[fault]()
@@ -180,6 +184,15 @@ class Nemesis:
         self.fleet.signal(name, signal.SIGSTOP)
         try:
             self._hold(PAUSE, PAUSE + 5)
+        finally:
+            self.fleet.signal(name, signal.SIGCONT)
+        return name
+
+    def freeze_node(self) -> str:
+        name = nats_name(self.rng.choice(NATS_HOSTS))
+        self.fleet.signal(name, signal.SIGSTOP)
+        try:
+            self._hold(20, 30)
         finally:
             self.fleet.signal(name, signal.SIGCONT)
         return name

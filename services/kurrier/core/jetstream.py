@@ -61,6 +61,12 @@ log = logging.getLogger(__name__)
 JETSTREAM_UNANSWERED = (TimeoutError, NoRespondersError, ServiceUnavailableError)
 ASK_AGAIN_FIRST = 1.0
 ASK_AGAIN_LONGEST = 8.0
+# A server that stops answering but keeps its connections open (a frozen VM, a
+# process stopped, a disk that hangs every write) is left for another after
+# this many unanswered pings this far apart, 10-15 s; nats-py's defaults (2
+# minutes, 2) left every service on it stalled for over six.
+PING_INTERVAL = 5
+MAX_OUTSTANDING_PINGS = 2
 
 T = TypeVar("T")
 
@@ -244,6 +250,8 @@ async def connect(
         reconnect_time_wait=1,
         pending_size=0,
         connect_timeout=2,
+        ping_interval=PING_INTERVAL,
+        max_outstanding_pings=MAX_OUTSTANDING_PINGS,
         allow_reconnect=True,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
