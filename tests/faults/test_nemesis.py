@@ -1,11 +1,11 @@
 """kurrier on five test hosts with their own addresses (network namespaces), two
 ingress processes under load, under a seeded nemesis: a NATS node partitioned from
 its peers, the stream leader's host cut off, the stream leader deaf to its peers
-while they still hear it, an ingress's gRPC path to its queue cut, a queue or
-delivery process paused past its leases, a NATS node frozen (SIGSTOP: its
-connections open and silent), a NATS node killed and restarted on its
-store, and one on an empty store. Nothing either client saw acknowledged may be
-lost."""
+while they still hear it, an ingress's gRPC path to its queue cut, a NATS host's
+link slow and lossy, a queue or delivery process paused past its leases, a NATS
+node frozen (SIGSTOP: its connections open and silent), a NATS node killed and
+restarted on its store, and one on an empty store. Nothing either client saw
+acknowledged may be lost."""
 
 from __future__ import annotations
 

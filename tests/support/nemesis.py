@@ -15,6 +15,10 @@ The faults, each healed before the next:
   gRPC connection between them, both ways (iptables, that port only: the
   NATS nodes on the same hosts still talk), for longer than a message's
   Enqueue deadline, so the messages sent then end in that deadline.
+- slow-link: one NATS host's link becomes slow and lossy: what it sends held
+  to 2 Mbit/s (tc tbf, queued up to 200 ms), 5 % of what it receives
+  dropped at random (iptables); tc netem's fixed delay needs a kernel module
+  this machine lacks.
 - pause: SIGSTOP of a queue or delivery process for longer than the jobs'
   ack wait and the sweeper's lease, then SIGCONT (a long GC, a frozen VM).
 - freeze-node: SIGSTOP of a NATS node for 20-30 s, then SIGCONT: a frozen VM
@@ -71,12 +75,15 @@ from tests.support.relay import queued_count, stored_bodies
 
 # Longer than a delivery job's ack wait and the sweeper's lease: both move to another process.
 PAUSE = max(ACK_WAIT, LEASE_TTL) + 5
+SLOW_RATE = "2mbit"
+LOSS = 0.05
 PAUSED = ("queue-1", "queue-2", "delivery-1", "delivery-2")
 FAULTS = (
     "partition",
     "isolate-leader",
     "one-way",
     "cut-queue-path",
+    "slow-link",
     "pause",
     "freeze-node",
     "kill-node",
@@ -111,6 +118,7 @@ class Nemesis:
             "isolate-leader": self.isolate_leader,
             "one-way": self.one_way,
             "cut-queue-path": self.cut_queue_path,
+            "slow-link": self.slow_link,
             "pause": self.pause,
             "freeze-node": self.freeze_node,
             "kill-node": self.kill_node,
@@ -178,6 +186,15 @@ class Nemesis:
         finally:
             near.restore_port_to(far, QUEUE_PORT)
         return f"{ingress} -> {queue}"
+
+    def slow_link(self) -> str:
+        host = self.fleet.hosts[self.rng.choice(NATS_HOSTS)]
+        host.degrade(SLOW_RATE, LOSS)
+        try:
+            self._hold(10, 20)
+        finally:
+            host.restore_quality(LOSS)
+        return f"{host.name} ({SLOW_RATE}, {LOSS:.0%} of what it receives lost)"
 
     def pause(self) -> str:
         name = self.rng.choice(PAUSED)

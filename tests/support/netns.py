@@ -157,16 +157,34 @@ class Host:
     def restore_port_to(self, other: Host, port: int) -> None:
         self._filter("--delete", _port(other, port))
 
+    def degrade(self, rate: str, loss: float) -> None:
+        """A slow, lossy link: what the host sends is held to `rate` (tbf: queued up
+        to 200 ms, dropped beyond), and a random `loss` share of what it receives is
+        dropped. tc's netem would add a fixed delay; this machine's kernel lacks it."""
+        shape = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate]
+        self._run([*shape, "burst", "32kbit", "latency", "200ms"])
+        self._filter("--append", _random(loss))
+
+    def restore_quality(self, loss: float) -> None:
+        self._run(["tc", "qdisc", "delete", "dev", "eth0", "root"])
+        self._filter("--delete", _random(loss))
+
+    def _run(self, argv: list[str]) -> None:
+        done = subprocess.run(self.argv(argv), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(f"{argv[0]} in {self.name}: {done.stderr.strip()}")
+
     def _filter(self, action: str, rules: list[list[str]]) -> None:
         for chain, *match in rules:
-            argv = self.argv(["iptables", "--wait", action, chain, *match, "--jump", "DROP"])
-            done = subprocess.run(argv, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise OSError(f"iptables in {self.name}: {done.stderr.strip()}")
+            self._run(["iptables", "--wait", action, chain, *match, "--jump", "DROP"])
 
 
 def _from(other: Host) -> list[list[str]]:
     return [["INPUT", "--source", other.address]]
+
+
+def _random(share: float) -> list[list[str]]:
+    return [["INPUT", "--match", "statistic", "--mode", "random", "--probability", str(share)]]
 
 
 def _port(other: Host, port: int) -> list[list[str]]:

@@ -3,10 +3,13 @@ nothing left behind, also by a run that died."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 from tests.support.netns import PREFIX, Host, TestNetwork, ip, remove_leftovers
 from tests.support.processes import wait_until
@@ -104,6 +107,63 @@ def test_a_one_way_cut_lets_one_direction_through() -> None:
         assert not _datagram_arrives(b, a, 5353)
         a.restore_from(b)
         assert _datagram_arrives(b, a, 5353)
+
+
+def _datagrams_arriving(source: Host, target: Host, port: int, count: int) -> int:
+    receiver = target.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+    with receiver:
+        receiver.bind((target.address, port))
+        receiver.settimeout(1)
+
+        def send() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                for _ in range(count):
+                    sender.sendto(b"ping", (target.address, port))
+
+        source.call(send)
+        arrived = 0
+        with contextlib.suppress(TimeoutError):
+            while arrived < count:
+                receiver.recv(16)
+                arrived += 1
+        return arrived
+
+
+def _seconds_to_send(source: Host, target: Host, port: int, size: int) -> float:
+    """How long source takes to push size bytes to a reader on target."""
+    with _listening(target, port) as server:
+        reader = threading.Thread(target=lambda: _read_all(server))
+        reader.start()
+
+        def send() -> float:
+            started = time.monotonic()
+            with socket.create_connection((target.address, port), timeout=30) as client:
+                client.sendall(b"x" * size)
+            return time.monotonic() - started
+
+        took = source.call(send)
+        reader.join(timeout=30)
+        return took
+
+
+def _read_all(server: socket.socket) -> None:
+    connection, _ = server.accept()
+    with connection:
+        while connection.recv(65536):
+            pass
+
+
+def test_a_degraded_link_is_slow_and_lossy_until_restored() -> None:
+    with TestNetwork(["a", "b"]) as network:
+        a, b = network.hosts["a"], network.hosts["b"]
+        a.degrade("1mbit", 0.5)
+        # Half of what a receives is dropped (100 draws: 25-75 is 5 sigma each way).
+        assert 25 <= _datagrams_arriving(b, a, 5353, 100) <= 75
+        # 256 KiB at 1 Mbit/s takes about 2 s; unshaped, milliseconds.
+        assert _seconds_to_send(a, b, 2525, 256 * 1024) >= 1.0
+        a.restore_quality(0.5)
+        assert _datagrams_arriving(b, a, 5353, 100) == 100
+        assert _seconds_to_send(a, b, 2525, 256 * 1024) < 1.0
 
 
 def test_what_a_dead_run_left_is_removed_with_its_processes() -> None:
