@@ -196,8 +196,10 @@ class Fleet:
     def start_loads(self, clients: int = 1) -> dict[str, SteadyLoad]:
         """A load from the client host on each ingress, `clients` sessions each."""
         for name in INGRESSES:
+            # No budget: a long nemesis run sends over 100,000 messages to each.
+            address = self.host_of(name).address
             load = SteadyLoad(
-                SMTP_PORT, RECIPIENT, clients=clients, host=self.host_of(name).address, name=name
+                SMTP_PORT, RECIPIENT, clients=clients, budget=None, host=address, name=name
             )
             self.loads[name] = self.hosts["client"].call(load.start)
         return self.loads

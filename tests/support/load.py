@@ -37,14 +37,15 @@ def message(marker: str, size: int = 512) -> bytes:
 
 
 class SteadyLoad:
-    """`clients` threads, each sending on one reused session until stopped or out of budget."""
+    """`clients` threads, each sending on one reused session until stopped or out of budget
+    (`budget` messages in all; None: no end but stop())."""
 
     def __init__(
         self,
         port: int,
         recipient: str,
         clients: int = 4,
-        budget: int = 100_000,
+        budget: int | None = 100_000,
         pace: float = 0.0,
         host: str = "127.0.0.1",
         name: str = "load",
@@ -64,7 +65,7 @@ class SteadyLoad:
 
     def _next_marker(self, client: int) -> str | None:
         with self._counter_lock:
-            if self._counter >= self._budget:
+            if self._budget is not None and self._counter >= self._budget:
                 return None
             self._counter += 1
             return f"{self.name}-{client}-{self._counter}"
