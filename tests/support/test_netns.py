@@ -130,27 +130,29 @@ def _datagrams_arriving(source: Host, target: Host, port: int, count: int) -> in
 
 
 def _seconds_to_send(source: Host, target: Host, port: int, size: int) -> float:
-    """How long source takes to push size bytes to a reader on target."""
+    """How long size bytes take from source until a reader on target has them all."""
+    received: list[float] = []
     with _listening(target, port) as server:
-        reader = threading.Thread(target=lambda: _read_all(server))
+        reader = threading.Thread(target=lambda: received.append(_read_all(server)))
         reader.start()
+        started = time.monotonic()
 
-        def send() -> float:
-            started = time.monotonic()
+        def send() -> None:
             with socket.create_connection((target.address, port), timeout=30) as client:
                 client.sendall(b"x" * size)
-            return time.monotonic() - started
 
-        took = source.call(send)
+        source.call(send)
         reader.join(timeout=30)
-        return took
+    return received[0] - started
 
 
-def _read_all(server: socket.socket) -> None:
+def _read_all(server: socket.socket) -> float:
+    """Read one connection to its end; when it ended."""
     connection, _ = server.accept()
     with connection:
         while connection.recv(65536):
             pass
+    return time.monotonic()
 
 
 def test_a_degraded_link_is_slow_and_lossy_until_restored() -> None:
@@ -159,22 +161,26 @@ def test_a_degraded_link_is_slow_and_lossy_until_restored() -> None:
         a.degrade("1mbit", 0.5)
         # Half of what a receives is dropped (100 draws: 25-75 is 5 sigma each way).
         assert 25 <= _datagrams_arriving(b, a, 5353, 100) <= 75
-        # 256 KiB at 1 Mbit/s takes about 2 s; unshaped, milliseconds.
+        # 256 KiB at 1 Mbit/s takes about 2 s; unshaped, milliseconds. (Another port
+        # each time: the last connection's port waits out TIME_WAIT.)
         assert _seconds_to_send(a, b, 2525, 256 * 1024) >= 1.0
         a.restore_quality(0.5)
-        assert _datagrams_arriving(b, a, 5353, 100) == 100
-        assert _seconds_to_send(a, b, 2525, 256 * 1024) < 1.0
+        assert _datagrams_arriving(b, a, 5354, 100) == 100
+        assert _seconds_to_send(a, b, 2526, 256 * 1024) < 1.0
 
 
 def test_what_a_dead_run_left_is_removed_with_its_processes() -> None:
     # A run killed before its cleanup: its namespace, links and a process inside remain.
     script = textwrap.dedent("""
         import os, subprocess
-        from tests.support.netns import TestNetwork
+        from tests.support.netns import TestNetwork, ip
+        from tests.support.processes import wait_until
         network = TestNetwork(["x"]).__enter__()
         host = network.hosts["x"]
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         subprocess.Popen(host.argv(["sleep", "600"]), start_new_session=True, **quiet)
+        # nsenter enters the namespace a moment after it starts.
+        wait_until(lambda: ip("netns", "pids", host.namespace).split(), 30, "sleep inside")
         print(network.run, flush=True)
         os._exit(0)
         """)

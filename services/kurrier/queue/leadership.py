@@ -26,21 +26,32 @@ class Lease:
         self._name = name
         self._holder = f"{socket.gethostname()}:{os.getpid()}".encode()
         self._revision: int | None = None
+        self._confirmed = 0.0  # when the last write that held the key was sent (loop time)
 
     async def _hold(self) -> bool:
-        """Take the lease if free, refresh it if ours; True while we hold it."""
+        """Take the lease if free, refresh it if ours; True while we hold it.
+
+        A refresh not confirmed within two thirds of the TTL after the last one
+        counts as failed, however long the request itself would take to fail: the
+        key may expire meanwhile and another process take it.
+        """
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        deadline = None if self._revision is None else self._confirmed + LEASE_TTL * 2 / 3
         try:
-            if self._revision is None:
-                self._revision = await self._kv.create(self._name, self._holder)
-            else:
-                self._revision = await self._kv.update(
-                    self._name, self._holder, last=self._revision
-                )
+            async with asyncio.timeout_at(deadline):
+                if self._revision is None:
+                    self._revision = await self._kv.create(self._name, self._holder)
+                else:
+                    self._revision = await self._kv.update(
+                        self._name, self._holder, last=self._revision
+                    )
+            self._confirmed = sent
             return True
         except (KeyWrongLastSequenceError, KeyNotFoundError):
             self._revision = None
             return False
-        except NatsError as error:
+        except (NatsError, TimeoutError) as error:
             # NATS briefly away (node loss, election): step down rather than risk two
             # leaders; whoever holds the key when it settles carries on.
             log.warning("cannot confirm the %s lease: %r", self._name, error)
