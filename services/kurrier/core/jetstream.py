@@ -62,9 +62,9 @@ JETSTREAM_UNANSWERED = (TimeoutError, NoRespondersError, ServiceUnavailableError
 ASK_AGAIN_FIRST = 1.0
 ASK_AGAIN_LONGEST = 8.0
 # A server that stops answering but keeps its connections open (a frozen VM, a
-# process stopped, a disk that hangs every write) is left for another after
-# this many unanswered pings this far apart, 10-15 s; nats-py's defaults (2
-# minutes, 2) left every service on it stalled for over six.
+# process stopped, a disk that hangs every write) is left for another once more
+# than this many pings this far apart go unanswered, about 15 s; nats-py's
+# defaults (2 minutes, 2) left every service on it stalled for over six minutes.
 PING_INTERVAL = 5
 MAX_OUTSTANDING_PINGS = 2
 
