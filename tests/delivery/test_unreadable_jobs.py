@@ -9,12 +9,10 @@ on with the jobs after it. There is no metric for dropped jobs
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import time
 
 import yaml
-from kurrier.core.body_store import store_body
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     JOBS_STREAM,
@@ -24,7 +22,6 @@ from kurrier.core.jetstream import (
     job_subject,
 )
 from kurrier.core.loader import parse_documents
-from kurrier.core.message import DeliveryJob
 from kurrier.core.routing import compile_table
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
@@ -33,6 +30,7 @@ from nats.js.errors import NotFoundError
 
 from tests.support.logs import LogCounter
 from tests.support.nats import NatsServer
+from tests.support.queued import publish_job
 from tests.support.relay import route
 from tests.support.sink import Sink
 
@@ -58,15 +56,7 @@ async def _deliver(nats_url: str, port: int, sink: Sink, logged: LogCounter) -> 
             await js.publish(job_subject(f"GARBLED{n:013d}"), data, stream=JOBS_STREAM)
         body = b"Subject: readable\r\n\r\nafter the garbage\r\n"
         queue_id = "READABLE000000000001"
-        job = DeliveryJob(
-            queue_id=queue_id,
-            dispatch=1,
-            mail_from="a@client.test",
-            recipients=["r@example.com"],
-            size=len(body),
-            body_store=await store_body(js, queue_id, io.BytesIO(body), len(body)),
-        )
-        await js.publish(job_subject(queue_id), job.model_dump_json().encode(), stream=JOBS_STREAM)
+        await publish_job(js, queue_id, body)
         tables = TableFollower()
         table, problems = compile_table(
             parse_documents([yaml.safe_load(route("r", ["example.com"], port))], "test")

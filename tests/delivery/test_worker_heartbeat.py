@@ -8,10 +8,8 @@ sent twice.
 from __future__ import annotations
 
 import asyncio
-import io
 
 import yaml
-from kurrier.core.body_store import store_body
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     JOBS_STREAM,
@@ -19,16 +17,16 @@ from kurrier.core.jetstream import (
     connect,
     disconnect,
     ensure_layout,
-    job_subject,
 )
 from kurrier.core.loader import parse_documents
-from kurrier.core.message import DeliveryJob, DeliveryResult
+from kurrier.core.message import DeliveryResult
 from kurrier.core.routing import compile_table
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.worker import DeliveryWorker
 
 from tests.support.nats import NatsServer
+from tests.support.queued import publish_job
 from tests.support.relay import route
 from tests.support.sink import Sink
 
@@ -49,16 +47,7 @@ async def test_a_slow_delivery_keeps_its_job_and_is_sent_once(
         await ensure_layout(js)
         body = b"Subject: slow\r\n\r\nslow hop\r\n"
         queue_id = "SLOWHOP000000001"
-        await store_body(js, queue_id, io.BytesIO(body), len(body))
-        job = DeliveryJob(
-            queue_id=queue_id,
-            dispatch=1,
-            mail_from="a@client.test",
-            recipients=["r@example.com"],
-            size=len(body),
-            body_store="stream",
-        )
-        await js.publish(job_subject(queue_id), job.model_dump_json().encode(), stream=JOBS_STREAM)
+        await publish_job(js, queue_id, body)
 
         tables = TableFollower()
         table, problems = compile_table(

@@ -29,7 +29,15 @@ import pytest
 
 from bench.systems import kurrier_snapshot
 from tests.support.checker import check, combined, outcome
-from tests.support.fleet import HOSTS, NATS_HOSTS, RECIPIENT, SENDER_DOMAIN, SERVICES, Fleet
+from tests.support.fleet import (
+    HOSTS,
+    NATS_HOSTS,
+    RECIPIENT,
+    SENDER_DOMAIN,
+    SERVICES,
+    SMTP_PORT,
+    Fleet,
+)
 from tests.support.netns import TestNetwork
 from tests.support.processes import wait_until
 from tests.support.relay import documents, publish_config, queued_count, route, trusting
@@ -86,7 +94,7 @@ def _config(fleet: Fleet, priority: int = 100, policy: str | None = None) -> str
     sink = fleet.hosts["sink"].address
     domains = [RECIPIENT.split("@")[1], SENDER_DOMAIN]
     return documents(
-        route("to-sink", domains, 2525, host=sink, priority=priority),
+        route("to-sink", domains, SMTP_PORT, host=sink, priority=priority),
         policy or trusting(fleet.network.network),
     )
 

@@ -4,8 +4,10 @@ Three `Lease` holders, each on its own NATS connection as three queue pods
 are, contend for the lease in a real nats-server. The lease's TTL (the KV
 bucket's, and the refresh period derived from it) is shortened so that a
 takeover takes seconds rather than a minute; everything else is as in
-production. The first holder reaches NATS through a proxy the test cuts,
-so it loses NATS while it lives and works; the second then dies outright.
+production. The first holder reaches NATS through a proxy the test
+silences (connections open, nothing passes), so it loses NATS while it lives
+and works and its refresh is never answered: it must step down before its
+key can expire; the second then dies outright.
 """
 
 from __future__ import annotations
@@ -123,9 +125,10 @@ async def _contend(nats_url: str) -> Timeline:
                     assert timeline.running == {"a"}
                     assert [name for name, _ in timeline.started] == ["a"]
 
-                    # a is cut off from NATS right after a refresh, while it works on.
+                    # a's path to NATS goes silent right after a refresh, while it
+                    # works on: its refresh waits for an answer that never comes.
                     await _refreshes(kv, 1)
-                    path_of_a.stop()
+                    path_of_a.silence()
                     await _until(lambda: bool(timeline.running - {"a"}), "b or c to take over")
                     assert "a" not in timeline.running, "a went on working without NATS"
                     [second] = timeline.running

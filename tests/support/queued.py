@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import time
 
+from kurrier.core.body_store import store_body
 from kurrier.core.jetstream import JOBS_STREAM, job_subject
-from kurrier.core.message import DeliveryJob, MessageRecord, RecipientState
+from kurrier.core.message import BodyStore, DeliveryJob, MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
 from nats.js import JetStreamContext
 
@@ -25,16 +27,24 @@ async def store_record(js: JetStreamContext, queue_id: str) -> None:
     assert await (await RecordStore.open(js)).create(record)
 
 
-async def publish_job(js: JetStreamContext, queue_id: str) -> None:
-    """Its first dispatch's job, the body (Subject: the queue id) inside."""
-    body = f"Subject: {queue_id}\r\n\r\nbody\r\n".encode()
+async def publish_job(js: JetStreamContext, queue_id: str, body: bytes | None = None) -> None:
+    """Its first dispatch's job to r@example.com. Without a body, one (Subject: the
+    queue id) inside the job; with one, that body stored where the queue stores a
+    body too large for its record, and the job naming where."""
+    if body is None:
+        body = f"Subject: {queue_id}\r\n\r\nbody\r\n".encode()
+        where: BodyStore = "record"
+        inside: bytes | None = body
+    else:
+        where = await store_body(js, queue_id, io.BytesIO(body), len(body))
+        inside = None
     job = DeliveryJob(
         queue_id=queue_id,
         dispatch=1,
         mail_from="a@client.test",
         recipients=["r@example.com"],
         size=len(body),
-        body_store="record",
-        body=body,
+        body_store=where,
+        body=inside,
     )
     await js.publish(job_subject(queue_id), job.model_dump_json().encode(), stream=JOBS_STREAM)

@@ -40,20 +40,7 @@ def _reaches(address: str, port: int, source: Host | None = None) -> bool:
 
 def _datagram_arrives(source: Host, target: Host, port: int) -> bool:
     """Whether a UDP datagram from source reaches a socket on target (it is never answered)."""
-    receiver = target.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    with receiver:
-        receiver.bind((target.address, port))
-        receiver.settimeout(1)
-
-        def send() -> None:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
-                sender.sendto(b"ping", (target.address, port))
-
-        source.call(send)
-        try:
-            return receiver.recv(16) == b"ping"
-        except TimeoutError:
-            return False
+    return _datagrams_arriving(source, target, port, 1) == 1
 
 
 def _names() -> str:
