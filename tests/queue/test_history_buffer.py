@@ -58,3 +58,31 @@ def test_a_full_buffer_drops_new_events_and_says_so(
     assert "history: 2 event(s) dropped, the buffer was full" in caplog.text
     assert "history: publishing failed, keeping the events" in caplog.text
     assert "history: publishing again" in caplog.text
+
+
+def test_cancelled_as_a_batch_fills_the_publisher_ends_and_publishes_once_more(
+    nats_server: NatsServer,
+) -> None:
+    async def run() -> tuple[bool, int]:
+        nc = await connect(nats_server.url, "test")
+        try:
+            js = nc.jetstream()
+            await ensure_layout(js)
+            history = History()
+            publisher = asyncio.create_task(history.run(js, "test"))
+            for _ in range(3):  # until the publisher waits for a full batch
+                await asyncio.sleep(0)
+            # A full batch wakes the publisher in the same turn of the loop as the
+            # cancellation at shutdown: asyncio.wait_for would swallow that cancel.
+            for n in range(BATCH_EVENTS):
+                history.record(f"Q{n:08d}", "queued", trace_id="")
+            publisher.cancel()
+            await asyncio.wait({publisher}, timeout=10)
+            ended = publisher.done() and publisher.cancelled()
+            if not publisher.done():
+                publisher.cancel()
+            return ended, (await js.stream_info(HISTORY_STREAM)).state.messages
+        finally:
+            await disconnect(nc)
+
+    assert asyncio.run(run()) == (True, 1)

@@ -111,7 +111,8 @@ class Reconciler:
                 except ApiError as error:
                     log.warning("cannot list relay resources: %s", error)
                 try:
-                    await asyncio.wait_for(self._wanted.wait(), timeout=FIRST_SYNC_POLL)
+                    async with asyncio.timeout(FIRST_SYNC_POLL):
+                        await self._wanted.wait()
                 except TimeoutError:
                     continue
             await self._wanted.wait()

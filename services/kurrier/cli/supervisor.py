@@ -95,7 +95,8 @@ class Supervisor:
                 continue
             process.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(process.wait(), timeout=STOP_TIMEOUT)
+                async with asyncio.timeout(STOP_TIMEOUT):
+                    await process.wait()
             except TimeoutError:
                 log.error("%s did not stop in %ss; killing it", child.name, STOP_TIMEOUT)
                 process.kill()

@@ -178,7 +178,8 @@ async def _wait_for_operator(address: str, timeout: float) -> None:
         try:
             reader, writer = await asyncio.open_connection(host, port)
             writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
-            status_line = await asyncio.wait_for(reader.readline(), timeout=5)
+            async with asyncio.timeout(5):
+                status_line = await reader.readline()
             writer.close()
             if status_line.split()[1:2] == [b"200"]:
                 return

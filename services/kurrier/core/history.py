@@ -122,7 +122,8 @@ class History:
         try:
             while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._ready.wait(), FLUSH_INTERVAL)
+                    async with asyncio.timeout(FLUSH_INTERVAL):
+                        await self._ready.wait()
                 self._ready.clear()
                 await self.flush(js, subject)
         finally:

@@ -85,7 +85,8 @@ class HttpEndpoint:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
             request_line = head[:_MAX_REQUEST_HEAD].split(b"\r\n", 1)[0]
             if _path(request_line) == b"/metrics":
                 await self._refresh_metrics()
@@ -102,7 +103,8 @@ class HttpEndpoint:
             return
         self._refreshed_at = now
         try:
-            await asyncio.wait_for(self._refresh(), timeout=REFRESH_TIMEOUT)
+            async with asyncio.timeout(REFRESH_TIMEOUT):
+                await self._refresh()
         except Exception:
             # A scrape must not fail because, say, NATS is away: the last values stand.
             log.warning("metrics refresh failed; serving the last values", exc_info=True)

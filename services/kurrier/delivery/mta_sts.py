@@ -257,7 +257,8 @@ class StsPolicies:
         errors = []
         for address in addresses:
             try:
-                text = await asyncio.wait_for(_get(address, host, self._tls), FETCH_TIMEOUT)
+                async with asyncio.timeout(FETCH_TIMEOUT):
+                    text = await _get(address, host, self._tls)
             except (OSError, ssl.SSLError, TimeoutError, StsFetchError, UnicodeError) as error:
                 errors.append(f"{address}: {error or type(error).__name__}")
                 continue

@@ -158,9 +158,8 @@ class SmtpSession:
         'dane' mode the certificate chain must match one of tlsa's records.
         """
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(address, port), timeout=connect_timeout
-            )
+            async with asyncio.timeout(connect_timeout):
+                reader, writer = await asyncio.open_connection(address, port)
         except (OSError, TimeoutError) as error:
             raise SmtpTemporaryError(f"cannot connect: {error or 'timed out'}") from error
         session = cls(reader, writer, timeout)
@@ -199,9 +198,8 @@ class SmtpSession:
             raise SmtpTemporaryError(f"STARTTLS refused: {reply}", "4.7.10")
         context = tls_context or ssl.create_default_context()
         try:
-            await asyncio.wait_for(
-                self.writer.start_tls(context, server_hostname=server_name), timeout=self.timeout
-            )
+            async with asyncio.timeout(self.timeout):
+                await self.writer.start_tls(context, server_hostname=server_name)
         except (ssl.SSLError, ssl.CertificateError) as error:
             raise TlsUnavailable(
                 f"TLS handshake failed: {error}", "4.7.5", _handshake_result_type(error)

@@ -174,7 +174,8 @@ class _Listeners:
         log.info("draining: new connections get 421, open transactions finish")
         self._sessions.drain()
         try:
-            await asyncio.wait_for(self._sessions.gate.emptied.wait(), DRAIN_TIMEOUT)
+            async with asyncio.timeout(DRAIN_TIMEOUT):
+                await self._sessions.gate.emptied.wait()
         except TimeoutError:
             log.warning(
                 "drain timed out; closing %d sessions", self._sessions.gate.open_connections
