@@ -24,6 +24,7 @@ from kurrier.core.jetstream import (
     ensure_layout,
     result_subject,
 )
+from kurrier.core.lifecycle import cancel_and_wait
 from kurrier.core.message import DeliveryResult, MessageRecord, RecipientOutcome, RecipientState
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
@@ -48,19 +49,6 @@ UNREADABLE = [
     b' "outcomes": [{"address": "r@example.com", "outcome": "vanished", "reply": ""}]}',
 ]
 LOGGED = "discarding an unreadable delivery result"
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    """Cancel, again if need be: a cancellation landing as a fetch completes can be
-    lost inside nats-py's fetch (asyncio.wait_for on Python 3.11), as it is when a
-    broken consumer redelivers in a tight loop."""
-    deadline = time.monotonic() + 30
-    while not task.done():
-        assert time.monotonic() < deadline, "the consumer would not stop"
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.1)
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def _results_consumer(
@@ -113,7 +101,10 @@ async def _results_consumer(
                 assert time.monotonic() < deadline, "the results were not all settled"
                 await asyncio.sleep(0.05)
         finally:
-            await _cancel(consuming)
+            # A broken consumer redelivers in a tight loop, where a cancellation
+            # is often lost inside nats-py's fetch: cancel_and_wait's case.
+            async with asyncio.timeout(30):
+                await cancel_and_wait(consuming, again_after=0.1)
         stored = (await js.stream_info(RESULTS_STREAM)).state.messages
         return found[0], stored, info.num_ack_pending, info.num_redelivered
     finally:

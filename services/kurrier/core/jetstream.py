@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from kurrier.core.durations import parse_duration
+from kurrier.core.lifecycle import cancel_and_wait
 from kurrier.core.settings import (
     HISTORY_MAX_BYTES,
     HISTORY_RETENTION,
@@ -265,13 +266,10 @@ async def disconnect(nc: NATS) -> None:
     """Close at shutdown. Not drain: every publish of ours is already acknowledged,
     and draining waits on pull subscriptions, or forever on an absent server."""
     await nc.close()
-    # nats-py cancels its reconnect loop once. On Python 3.11 asyncio.wait_for
-    # loses a cancellation that lands as its connect completes, and the loop
-    # then reconnects on after close, until the event loop's shutdown hangs on it.
-    reconnecting = nc._reconnection_task
-    while reconnecting is not None and not reconnecting.done():
-        reconnecting.cancel()
-        await asyncio.wait({reconnecting}, timeout=1)
+    # nats-py cancels its reconnect loop once, which is not always enough
+    # (cancel_and_wait says why); a loop left running reconnects after close.
+    if nc._reconnection_task is not None:
+        await cancel_and_wait(nc._reconnection_task, again_after=1)
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig, owner: bool) -> None:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import Collection, Coroutine
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+# How long a cancelled task may take to end (its own clean-up) before it is
+# cancelled again.
+CANCEL_AGAIN_AFTER = 5.0
 
 
 def signal_event(*signums: signal.Signals) -> asyncio.Event:
@@ -24,6 +31,29 @@ def stop_event() -> asyncio.Event:
     return signal_event(signal.SIGTERM, signal.SIGINT)
 
 
+async def cancel_and_wait(
+    *tasks: asyncio.Task[Any], again_after: float = CANCEL_AGAIN_AFTER
+) -> None:
+    """Cancel the tasks and wait until every one has ended; their results are dropped.
+
+    One cancellation is not always enough: on Python 3.11 asyncio.wait_for
+    (inside nats-py's fetch and reconnect loop, for instance) loses a
+    cancellation that lands as the call it awaits completes, and the task runs
+    on. A task still running after again_after is cancelled again.
+    """
+    running = {task for task in tasks if not task.done()}
+    for task in running:
+        task.cancel()
+    while running:
+        _, running = await asyncio.wait(running, timeout=again_after)
+        for task in running:
+            log.warning("%s went on after it was cancelled; cancelling it again", task.get_name())
+            task.cancel()
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: a task ended by a failure at stop says nothing more
+
+
 def ended_unexpectedly(task: asyncio.Task[Any]) -> NoReturn:
     """A task that should have run on has ended: its failure, or that, is the process's."""
     task.result()  # re-raise the failure of a worker
@@ -37,10 +67,7 @@ async def unless_stopped(stop: asyncio.Event, work: Coroutine[Any, Any, T]) -> T
     try:
         await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        stopper.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, stopper, return_exceptions=True)
+        await cancel_and_wait(task, stopper)
     return None if task.cancelled() else task.result()
 
 
@@ -74,9 +101,7 @@ async def run_until(
         for task in mains:
             await task
     finally:
-        for task in [*tasks, *mains, stopper]:
-            task.cancel()
-        await asyncio.gather(*tasks, *mains, stopper, return_exceptions=True)
+        await cancel_and_wait(*tasks, *mains, stopper)
 
 
 def run_service(main: Coroutine[Any, Any, None]) -> None:

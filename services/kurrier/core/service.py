@@ -28,7 +28,13 @@ from kurrier.core.jetstream import (
     wait_for_layout,
     when_answered,
 )
-from kurrier.core.lifecycle import ended_unexpectedly, run_until, stop_event, unless_stopped
+from kurrier.core.lifecycle import (
+    cancel_and_wait,
+    ended_unexpectedly,
+    run_until,
+    stop_event,
+    unless_stopped,
+)
 from kurrier.core.metrics import NATS_CONNECTED
 from kurrier.core.nats_access import streams_created, streams_used
 from kurrier.core.table_store import TableFollower
@@ -153,9 +159,7 @@ async def serve(service: Service) -> None:
                 for step in hooks.drain:
                     await step()
     finally:
-        for helper in helpers:
-            helper.cancel()
-        await asyncio.gather(*helpers, return_exceptions=True)
+        await cancel_and_wait(*helpers)
         for step in hooks.close:
             await step()
         await disconnect(nc)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -11,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from kurrier.core.jetstream import LEASE_TTL
+from kurrier.core.lifecycle import cancel_and_wait
 from nats.errors import Error as NatsError
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
@@ -73,6 +73,4 @@ class Lease:
                 await asyncio.sleep(LEASE_TTL / 3)
         finally:
             if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                await cancel_and_wait(task)

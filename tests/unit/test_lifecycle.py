@@ -1,0 +1,75 @@
+"""Stopping ends every task, even one that lost its first cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from kurrier.core.lifecycle import cancel_and_wait, run_until
+
+
+class LosesFirstCancel:
+    """A worker that runs on after its first cancellation, as one inside
+    asyncio.wait_for does on Python 3.11 when the cancellation lands as the
+    awaited call completes: a race no real call can be made to hit on demand."""
+
+    def __init__(self) -> None:
+        self.cancellations = 0
+
+    async def __call__(self) -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.cancellations += 1
+                if self.cancellations > 1:
+                    raise
+
+
+@pytest.mark.asyncio
+async def test_a_stop_ends_a_worker_that_lost_its_cancellation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    worker = LosesFirstCancel()
+    stop = asyncio.Event()
+    stop.set()
+    with caplog.at_level(logging.WARNING, "kurrier.core.lifecycle"):
+        async with asyncio.timeout(30):
+            await run_until(stop, worker())
+    assert worker.cancellations == 2
+    assert "went on after it was cancelled; cancelling it again" in caplog.text
+
+
+@pytest.mark.asyncio
+async def test_a_task_cleaning_up_after_its_cancellation_is_left_to_finish() -> None:
+    cleaned = asyncio.Event()
+
+    async def cleans_up() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.3)
+            cleaned.set()
+
+    task = asyncio.create_task(cleans_up())
+    await asyncio.sleep(0)
+    await cancel_and_wait(task, again_after=2)
+    assert task.cancelled()
+    assert cleaned.is_set()
+
+
+@pytest.mark.asyncio
+async def test_a_failure_at_stop_is_taken_and_ends_nothing_else() -> None:
+    async def fails_when_cancelled() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("broke while stopping") from None
+
+    failing = asyncio.create_task(fails_when_cancelled())
+    quiet = asyncio.create_task(asyncio.sleep(3600))
+    await asyncio.sleep(0)
+    await cancel_and_wait(failing, quiet)
+    assert isinstance(failing.exception(), RuntimeError)
+    assert quiet.cancelled()
