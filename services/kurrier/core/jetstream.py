@@ -33,8 +33,14 @@ from kurrier.core.settings import (
 from kurrier.core.sizes import parse_size
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import (
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    NoRespondersError,
+    OutboundBufferLimitError,
+    StaleConnectionError,
+)
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -60,6 +66,16 @@ log = logging.getLogger(__name__)
 # JetStream did not answer, as opposed to answering no: a cluster electing a
 # stream's leader, a node still catching up after a restart. Worth asking again.
 JETSTREAM_UNANSWERED = (TimeoutError, NoRespondersError, ServiceUnavailableError)
+# What a request meets while its server is away and the client reconnects
+# (nothing is buffered meanwhile: connect's pending_size=0): a passing state
+# to wait out, not a fault of the request.
+NATS_AWAY = (
+    *JETSTREAM_UNANSWERED,
+    OutboundBufferLimitError,
+    ConnectionClosedError,
+    ConnectionReconnectingError,
+    StaleConnectionError,
+)
 ASK_AGAIN_FIRST = 1.0
 ASK_AGAIN_LONGEST = 8.0
 # A server that stops answering but keeps its connections open (a frozen VM, a

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from kurrier.core.jetstream import (
     DUE_CONSUMER,
     JOBS_STREAM,
+    NATS_AWAY,
     RESULTS_CONSUMER,
     RESULTS_STREAM,
     pull_batch,
@@ -108,8 +109,16 @@ async def _settle(
     """Apply change and ack; on failure (e.g. NATS away or full) let it come back later."""
     try:
         record = await manager.mutate(queue_id, change)
-    except Exception:
-        log.exception("could not update the record; will retry", extra={"queue_id": queue_id})
+    except Exception as error:
+        if isinstance(error, NATS_AWAY):
+            # A node lost, a leader being elected: it heals by itself.
+            log.warning(
+                "could not update the record, NATS or JetStream is away; will retry: %r",
+                error,
+                extra={"queue_id": queue_id},
+            )
+        else:
+            log.exception("could not update the record; will retry", extra={"queue_id": queue_id})
         with contextlib.suppress(Exception):
             await message.nak(delay=5)
         return

@@ -30,6 +30,7 @@ from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     JOBS_STREAM,
+    NATS_AWAY,
     RESULTS_STREAM,
     body_subject,
     job_subject,
@@ -65,6 +66,8 @@ class Sweeper:
         while True:
             try:
                 await self.sweep()
+            except NATS_AWAY as error:
+                log.warning("sweep stopped, NATS or JetStream is away; next round: %r", error)
             except Exception:
                 log.exception("sweep failed; trying again next round")
             await asyncio.sleep(SWEEP_INTERVAL)
