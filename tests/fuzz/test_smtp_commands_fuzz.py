@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from kurrier.core.cluster_counters import ClusterLeases
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
 from kurrier.core.table_store import TableFollower
+from kurrier.ingress.auth_failures import AuthFailures
 from kurrier.ingress.handler import RelayHandler
 from kurrier.ingress.identities import Identities
 from kurrier.ingress.message_rates import MessageRates
@@ -86,7 +87,10 @@ def live_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         rates = await MessageRates.open(nc, 1)
         queue = QueueClient("127.0.0.1:9")
         quotas = await TenantQuotas.open(nc, 1)
-        handler = RelayHandler(tables, queue, "fuzz.test", Identities(None), rates, quotas, 5)
+        failures = await AuthFailures.open(nc, 1, 5)
+        handler = RelayHandler(
+            tables, queue, "fuzz.test", Identities(None), rates, quotas, failures
+        )
         clients = await ClusterLeases.open(nc.jetstream(), "client-connections", 1)
         sessions = Sessions(SessionLimits(idle_timeout=5), tables, clients)
         server = await loop.create_server(

@@ -17,6 +17,7 @@ from kurrier.core.cluster_counters import (
     _Entries,
 )
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
+from kurrier.ingress.auth_failures import SCOPE, AuthFailures
 from kurrier.ingress.connection_gate import ConnectionGate
 from nats.js import JetStreamContext
 
@@ -85,6 +86,40 @@ async def test_an_empty_bucket_is_known_without_asking_until_a_token_is_due(
     clock.now += 10
     with pytest.raises(CountersUnavailable):
         await buckets.take("client", rate)
+
+
+@pytest.mark.asyncio
+async def test_a_bucket_is_looked_at_without_spending_it(js: JetStreamContext) -> None:
+    rate = Rate(3)  # a token every 20 s, taken one at a time
+    clock = Clock()
+    spender, looker = await _buckets(js, clock), await _buckets(js, clock)
+    assert await looker.available("client", rate)
+    assert await _taken(spender, rate) == 3
+    assert not await looker.available("client", rate), "another process emptied it"
+    clock.now += 20
+    assert [await looker.available("client", rate) for _ in range(5)] == [True] * 5
+    assert await spender.take("client", rate), "looking spent nothing"
+    assert not await looker.available("client", rate), "believed full, read again"
+
+
+@pytest.mark.asyncio
+async def test_failed_auth_locks_a_client_out_on_every_process(
+    js: JetStreamContext, nats_server: NatsServer
+) -> None:
+    clock = Clock()
+    one = AuthFailures(ClusterBuckets(await _Entries.open(js, SCOPE, 1), clock=clock), 3)
+    two = AuthFailures(ClusterBuckets(await _Entries.open(js, SCOPE, 1), clock=clock), 3)
+    for _ in range(3):
+        assert not await two.locked_out("192.0.2.7")
+        await one.count("192.0.2.7")
+    assert await two.locked_out("192.0.2.7"), "failures on one process count on the other"
+    assert not await two.locked_out("192.0.2.8")
+    clock.now += 20
+    assert not await two.locked_out("192.0.2.7"), "a failure refilled after 20 s"
+    nats_server.stop()
+    await one.count("192.0.2.8")  # uncounted without NATS, and no failure of its own
+    with pytest.raises(CountersUnavailable):
+        await two.locked_out("192.0.2.8")
 
 
 @pytest.mark.asyncio

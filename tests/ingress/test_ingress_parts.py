@@ -18,7 +18,6 @@ from kurrier.ingress.identities import password_matches
 from kurrier.ingress.relay_policy import check_recipient, check_sender_identity, recipient_key
 from kurrier.ingress.smtp_path import parse_path
 from kurrier.ingress.smtp_replies import safe_reply, with_enhanced_code
-from kurrier.ingress.token_buckets import TokenBuckets
 from kurrier.ingress.token_review import looks_like_token
 
 
@@ -126,18 +125,6 @@ def test_data_reader_measures_each_line_as_delivery_sends_it(wire: bytes, accept
 )
 def test_smtp_paths(text: str, parsed: tuple[str, str] | None) -> None:
     assert parse_path(text) == parsed
-
-
-def test_token_buckets_refill_and_stay_bounded() -> None:
-    now = [0.0]
-    buckets = TokenBuckets(clock=lambda: now[0], max_keys=2)
-    assert [buckets.take("a", 2) for _ in range(3)] == [True, True, False]
-    now[0] += 30  # half a minute: one token back
-    assert buckets.take("a", 2) and not buckets.take("a", 2)
-    buckets.take("b", 2)
-    buckets.take("c", 2)
-    assert len(buckets) == 2
-    assert buckets.take("a", 2), "a forgotten key starts full"
 
 
 def test_client_keys() -> None:

@@ -265,6 +265,23 @@ class ClusterBuckets:
             local.held -= 1
             return True
 
+    async def available(self, key: str, rate: Rate) -> bool:
+        """Whether key's bucket has a token, without spending one.
+
+        An empty bucket as last seen is believed until its next token is due
+        (as take believes it); otherwise the entry is read. Raises
+        CountersUnavailable when NATS does not answer."""
+        local = self._local(key)
+        async with local.lock:
+            now = self._clock()
+            if local.held and now < local.held_until:
+                return True
+            stored = local.stored
+            if stored is None or rate.refilled(stored.level, now - stored.at) >= 1.0:
+                stored = await self._read(entry_key(self._entries.scope, key), rate, now)
+                local.stored = stored
+            return rate.refilled(stored.level, now - stored.at) >= 1.0
+
     def give_back(self, key: str) -> None:
         """Return a token take gave (its message was refused for another reason);
         it stays this process's, until its batch's HOLD ends."""

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from kurrier.core.cluster_counters import CountersUnavailable
 from kurrier.core.domains import InvalidDomain, canonical_address, normalise_domain
 from kurrier.core.dsn_parameters import (
     MAIL_KEYWORDS,
@@ -26,6 +27,7 @@ from kurrier.core.smtp_text import header_section
 from kurrier.core.table_store import TableFollower
 from kurrier.core.tenancy import check_tenant_sender, inbound_tenant, is_tenant, tenant_of
 from kurrier.ingress import require_tls
+from kurrier.ingress.auth_failures import AuthFailures
 from kurrier.ingress.connection_gate import client_key
 from kurrier.ingress.identities import Identities
 from kurrier.ingress.message_rates import MessageRates
@@ -40,7 +42,6 @@ from kurrier.ingress.relay_policy import (
 from kurrier.ingress.smtp_session import NULL_PATH, IngressSMTP, RelayEnvelope
 from kurrier.ingress.spans import receiving
 from kurrier.ingress.tenant_quotas import TenantQuotas
-from kurrier.ingress.token_buckets import TokenBuckets
 from kurrier.ingress.token_review import Review
 from kurrier.v1 import queue_pb2
 
@@ -91,7 +92,7 @@ class RelayHandler:
         identities: Identities,
         rates: MessageRates,
         quotas: TenantQuotas,
-        auth_failures_per_minute: int,
+        auth_failures: AuthFailures,
     ) -> None:
         self._tables = tables
         self._queue = queue
@@ -101,8 +102,7 @@ class RelayHandler:
         except InvalidDomain:
             self._postmaster_domain = ""
         self._identities = identities
-        self._auth_failures_per_minute = auth_failures_per_minute
-        self._failures = TokenBuckets()
+        self._failures = auth_failures
         self._rates = rates
         self._quotas = quotas
 
@@ -148,10 +148,11 @@ class RelayHandler:
             return AUTH_NOT_HERE
         if session.ssl is None and policy.require_tls_for_auth:
             return AUTH_NEEDS_TLS
-        if not self._failures.available(
-            client_key(peer_ip(session)), self._auth_failures_per_minute
-        ):
-            return AUTH_LOCKED_OUT
+        try:
+            if await self._failures.locked_out(client_key(peer_ip(session))):
+                return AUTH_LOCKED_OUT
+        except CountersUnavailable:
+            return AUTH_TEMPORARY
         return MISSING
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
@@ -182,7 +183,7 @@ class RelayHandler:
             return AuthResult(success=True, auth_data=verdict)
         if verdict is Review.UNAVAILABLE:
             return AuthResult(success=False, handled=False, message=AUTH_TEMPORARY)
-        self._failures.take(client_key(client_ip), self._auth_failures_per_minute)
+        await self._failures.count(client_key(client_ip))
         # Neither login nor password is logged: a password typed as the login is common.
         log.info("AUTH failed from %s", client_ip)
         return AuthResult(success=False, handled=False)

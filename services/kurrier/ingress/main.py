@@ -13,6 +13,7 @@ from kurrier.core.cluster_counters import TIMEOUT, ClusterLeases
 from kurrier.core.grpc_tls import QueueTls
 from kurrier.core.metrics import SMTP_SESSIONS, TLS_CERTIFICATE_EXPIRY
 from kurrier.core.service import Connected, FirstTable, Hooks, Service, serve
+from kurrier.ingress.auth_failures import AuthFailures
 from kurrier.ingress.connection_gate import SHUTTING_DOWN
 from kurrier.ingress.handler import RelayHandler
 from kurrier.ingress.identities import Identities
@@ -86,7 +87,9 @@ async def _start(settings: IngressSettings, nats: Connected) -> Hooks:
         Identities(reviewer),
         await MessageRates.open(nats.nc, settings.replicas),
         await TenantQuotas.open(nats.nc, settings.replicas),
-        settings.limits.auth_failures_per_minute,
+        await AuthFailures.open(
+            nats.nc, settings.replicas, settings.limits.auth_failures_per_minute
+        ),
     )
     certificate = (
         ServerCertificate(settings.tls_cert, settings.tls_key)
