@@ -9,9 +9,10 @@ nor readable to whoever reads the bucket.
 ## Token buckets (`ClusterBuckets`): rates
 
 One bucket per (scope, key) holds `limit` tokens, refilled at `limit` per
-`period`: a client's messages per minute, an identity's, a namespace's per
-day. Any process of any replica spends from the same bucket, so the limit
-holds for the cluster, however many pods run and whichever a client reaches.
+`period`: a client's messages or failed AUTH per minute, an identity's
+messages, a namespace's per day. Any process of any replica spends from
+the same bucket, so the limit holds for the cluster, however many pods run
+and whichever a client reaches.
 
 The design, and why:
 
