@@ -67,9 +67,10 @@ def problems_of(s: Scenario, objects: list[Obj]) -> list[str]:
             for port in c.get("ports", []):
                 if port["containerPort"] < 1024:
                     problems.append(f"{where}: privileged port {port['containerPort']}")
-            # kurrier spools large bodies to /tmp: it must be a writable volume.
+            # kurrier spools large bodies to /tmp: it must be a writable volume (NATS's
+            # two containers and the test hook's sender run no kurrier service).
             mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
-            if c["name"] not in ("nats", "send-mail") and "/tmp" not in mounts:
+            if c["name"] not in ("nats", "tls-reloader", "send-mail") and "/tmp" not in mounts:
                 problems.append(f"{where}: no writable /tmp volume")
     return problems
 

@@ -311,6 +311,11 @@ The bundled NATS's security: one user per component with its permissions
 {{- if and (include "kurrier.nats.bundled" .) .Values.nats.tls.enabled -}}true{{- end -}}
 {{- end -}}
 
+{{/* Whether a sidecar has the bundled NATS load a renewed certificate. */}}
+{{- define "kurrier.nats.tlsReload" -}}
+{{- if and (include "kurrier.nats.tls" .) (gt (int .Values.nats.tls.reload.intervalSeconds) 0) -}}true{{- end -}}
+{{- end -}}
+
 {{/* Whether clients get a CA to verify NATS with: the bundled NATS's, or the one given for an external NATS. */}}
 {{- define "kurrier.nats.clientCA" -}}
 {{- if or (include "kurrier.nats.tls" .) (and .Values.nats.external.url .Values.nats.external.tls.caSecretName) -}}true{{- end -}}
