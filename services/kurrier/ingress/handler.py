@@ -198,6 +198,18 @@ class RelayHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        reply = await self._mail(server, session, envelope, address, mail_options)
+        _log_refusal("MAIL", reply, session, address, "")
+        return reply
+
+    async def _mail(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
         try:
             dsn = mail_parameters(_dsn_given(server, session, MAIL_KEYWORDS))
             tls_required = isinstance(server, IngressSMTP) and require_tls.asked(
@@ -242,6 +254,18 @@ class RelayHandler:
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        reply = await self._rcpt(server, session, envelope, address, rcpt_options)
+        _log_refusal("RCPT", reply, session, envelope.mail_from or "", address)
+        return reply
+
+    async def _rcpt(
         self,
         server: SMTP,
         session: Session,
@@ -434,6 +458,22 @@ def _recipient_keys(envelope: Envelope) -> set[tuple[str, str]]:
     if isinstance(envelope, RelayEnvelope):
         return envelope.recipient_keys
     return {key for key in map(recipient_key, envelope.rcpt_tos) if key is not None}
+
+
+def _log_refusal(command: str, reply: str, session: Session, sender: str, recipient: str) -> None:
+    """A refused MAIL or RCPT, as Postfix logs its NOQUEUE rejects: no message exists
+    yet, so the log is the only place that says why a client's mail was refused."""
+    if reply[:1] not in ("4", "5"):
+        return
+    log.info(
+        "refused %s from %s: %s; from=<%s>%s helo=<%s>",
+        command,
+        peer_ip(session),
+        reply,
+        "" if sender == NULL_PATH else sender,
+        f" to=<{recipient}>" if recipient else "",
+        session.host_name or "",
+    )
 
 
 def peer_ip(session: Session) -> str:
