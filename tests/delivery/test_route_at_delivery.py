@@ -15,13 +15,13 @@ the sink.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import time
 from collections.abc import Callable
 
 import yaml
 from kurrier.core.jetstream import connect, disconnect, ensure_layout
+from kurrier.core.lifecycle import cancel_and_wait
 from kurrier.core.loader import parse_documents
 from kurrier.core.message import FINAL_STATUSES, MessageRecord, RecipientState, new_queue_id
 from kurrier.core.records import RecordStore
@@ -153,10 +153,7 @@ async def _scenario(nats_url: str, sink: Sink) -> tuple[list[tuple[str, str, int
         return waiting, sent_meanwhile
     finally:
         stop.set()
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
         await disconnect(nc)
 
 

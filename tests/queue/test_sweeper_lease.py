@@ -13,7 +13,6 @@ key can expire; the second then dies outright.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 from kurrier.core.jetstream import LEASES_BUCKET, connect, disconnect
+from kurrier.core.lifecycle import cancel_and_wait
 from kurrier.queue import leadership
 from kurrier.queue.leadership import Lease
 from nats.js.api import KeyValueConfig, StorageType
@@ -77,9 +77,7 @@ async def _holder(url: str, name: str, timeline: Timeline) -> AsyncIterator[asyn
         try:
             yield task
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
     finally:
         await disconnect(nc)
 

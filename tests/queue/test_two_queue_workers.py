@@ -9,7 +9,6 @@ that the production shape produces by chance happens here every time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from kurrier.core.jetstream import (
     job_subject,
     schedule_subject,
 )
+from kurrier.core.lifecycle import cancel_and_wait
 from kurrier.core.message import DeliveryResult, MessageRecord, RecipientOutcome, RecipientState
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
@@ -139,9 +139,7 @@ async def _early_due(nats_url: str) -> int:
                 await asyncio.sleep(0.1)
             return 1
         finally:
-            consuming.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await consuming
+            await cancel_and_wait(consuming)
 
 
 def test_a_due_that_comes_early_brings_the_retry_back_when_due(nats_server: NatsServer) -> None:
