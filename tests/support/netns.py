@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from tests.support.processes import wait_until
+
 PREFIX = "kn"
 _OWNED = re.compile(rf"^{PREFIX}(\d+)")
 _CLONE_NEWNET = 0x40000000
@@ -129,8 +131,23 @@ class Host:
         return outcome[0]
 
     def set_link(self, up: bool) -> None:
-        """Plug or unplug the host's cable: nothing reaches it, or leaves it, while down."""
+        """Plug or unplug the host's cable: nothing reaches it, or leaves it, while down.
+
+        Plugged back in, it returns once both ends have their carrier again and
+        the bridge forwards to it: the kernel notices a carrier change in the
+        background (up to a second later, more on a busy machine), and a
+        connection tried before then is lost."""
         ip("link", "set", self.veth, "up" if up else "down")
+        if up:
+            wait_until(self._link_is_up, 30, f"{self.name}'s link to come back up")
+
+    def _link_is_up(self) -> bool:
+        inside = ip("-n", self.namespace, "-o", "link", "show", "eth0")
+        with open(f"/sys/class/net/{self.veth}/operstate") as outside:
+            root_end_up = outside.read().strip() == "up"
+        with open(f"/sys/class/net/{self.veth}/brport/state") as port:
+            forwarding = port.read().strip() == "3"  # BR_STATE_FORWARDING
+        return root_end_up and forwarding and "state UP" in inside
 
     def drop_to(self, other: Host) -> None:
         """Drop what this host sends to other (one direction of a cut)."""
