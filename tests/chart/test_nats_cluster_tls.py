@@ -61,10 +61,10 @@ def _refused_since(log: Path, count: int) -> Callable[[], bool]:
     return lambda: log.read_text().count("TLS route handshake error") > count
 
 
-def _meta_leader(host: Host) -> str | None:
+def _meta_group_ready(host: Host) -> bool:
+    """JetStream's meta group, as host sees it, has a leader and all three peers."""
     meta = (_monitor(host, "/jsz") or {}).get("meta_cluster") or {}
-    leader: str | None = meta.get("leader")
-    return leader
+    return meta.get("leader") is not None and meta.get("cluster_size") == 3
 
 
 @contextmanager
@@ -112,8 +112,13 @@ def test_the_rendered_cluster_routes_over_tls_and_keeps_a_foreign_server_out(
         # group, whose Raft traffic the routes carry, has its three peers and a leader.
         for pod, name in zip(pods, NODES, strict=True):
             wait_until(_routes_to(pod, set(NODES) - {name}), 60, f"{name}'s routes")
-        wait_until(lambda: _meta_leader(pods[0]) is not None, 60, "a JetStream meta leader")
-        assert _monitor(pods[0], "/jsz")["meta_cluster"]["cluster_size"] == 3
+        # A leader is elected by two of the three: the third peer may join the
+        # group a moment later, so the size is waited for too.
+        wait_until(
+            lambda: _meta_group_ready(pods[0]),
+            60,
+            "a JetStream meta group of three peers with a leader",
+        )
 
         def intruding(name: str, tls: RouteTls | None) -> contextlib.AbstractContextManager[None]:
             directory = tmp_path / name

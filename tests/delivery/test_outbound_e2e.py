@@ -21,11 +21,11 @@ from tests.support.relay import (
     documents,
     message_records,
     mx_route,
-    queued_count,
     route,
     secret,
     signing_domain,
     trusting,
+    wait_until_drained,
 )
 from tests.support.sink import Sink
 
@@ -69,7 +69,7 @@ def test_mx_delivery_with_verified_tls_and_a_dkim_signature(
     ):
         _send(relay, "alice@signed.test", "bob@dest.test", "via mx")
         [delivered] = sink.wait_for(1)
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+        wait_until_drained(relay.nats_url, 30)
     assert delivered.tls
     assert delivered.recipients == ("bob@dest.test",)
     name, value = dkim_txt_record(key, "k1", "signed.test")
@@ -90,7 +90,7 @@ def test_null_mx_bounces_back_to_the_sender(
     ):
         _send(relay, "carol@senders.test", "anyone@nomail.test", "to nowhere")
         [notice] = senders.wait_for(1)
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+        wait_until_drained(relay.nats_url, 30)
     assert notice.mail_from == "<>"  # the null sender, as aiosmtpd spells it
     assert notice.recipients == ("carol@senders.test",)
     assert b"Status: 5.1.10" in notice.content

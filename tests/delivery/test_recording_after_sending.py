@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.support.nats import NatsServer
 from tests.support.processes import wait_until
-from tests.support.relay import ServiceRelay, documents, queued_count, route, trusting
+from tests.support.relay import ServiceRelay, documents, route, trusting, wait_until_drained
 from tests.support.sink import Sink
 from tests.support.tcp_proxy import TcpProxy
 
@@ -49,5 +49,5 @@ def test_a_message_sent_during_a_nats_outage_is_not_sent_again(
                 "delivery to fail recording the attempt",
             )
             proxy.start()
-            wait_until(lambda: queued_count(nats_server.url) == 0, 90, "the message to finish")
+            wait_until_drained(nats_server.url, 90, "the message to finish")
             assert [m.content.count(b"Subject: once") for m in sink.messages] == [1]

@@ -24,8 +24,8 @@ from tests.support.certs import TestCA, self_signed_context
 from tests.support.dns_server import DnsServer
 from tests.support.metrics import value
 from tests.support.policy_server import PolicyServer
-from tests.support.processes import free_ports, wait_until
-from tests.support.relay import UpRelay, documents, mx_route, queued_count, trusting
+from tests.support.processes import free_ports
+from tests.support.relay import UpRelay, documents, mx_route, trusting, wait_until_drained
 from tests.support.sink import Sink
 
 
@@ -71,7 +71,7 @@ def test_sessions_to_mx_hosts_are_counted_per_policy_domain_and_reported(
             )
         good.wait_for(1)
         plain.wait_for(1)
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+        wait_until_drained(relay.nats_url, 30)
         metrics = relay.state["metrics"]
         assert isinstance(metrics, dict)
         delivery = str(metrics["delivery"])

@@ -20,9 +20,9 @@ from tests.support.relay import (
     UpRelay,
     documents,
     inbound_domain,
-    queued_count,
     route,
     trusting,
+    wait_until_drained,
 )
 from tests.support.sink import Received, Sink
 
@@ -81,7 +81,7 @@ def test_500_concurrent_messages_arrive_exactly_once_byte_identical(
         assert len(sent) == 500
         sink.wait_for(500, timeout=120)
         # Exactly once: the queue must be empty, so nothing more can arrive.
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 60, "the queue to drain")
+        wait_until_drained(relay.nats_url, 60)
     counts = Counter(_marker(m) for m in sink.messages)
     assert set(counts) == set(sent)
     assert max(counts.values()) == 1
@@ -203,7 +203,7 @@ def test_kill_9_of_delivery_while_mail_flows_loses_nothing(tmp_path: Path, sink:
         send(100, "after")
         wait_until(lambda: relay.pid("delivery") != first_pid, 30, "delivery to be restarted")
         sink.wait_for(200, timeout=180)
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 60, "the queue to drain")
+        wait_until_drained(relay.nats_url, 60)
     delivered = Counter(_marker(m) for m in sink.messages)
     assert set(delivered) == set(accepted)
     # At-least-once: a kill can duplicate the few messages in flight, never more.

@@ -16,12 +16,19 @@ from pathlib import Path
 
 import pytest
 from kurrier.core.jetstream import JOBS_STREAM, connect, disconnect, when_answered
-from kurrier.queue.sweeper import DISPATCH_GRACE, SWEEP_INTERVAL
 
 from tests.support.load import SteadyLoad
 from tests.support.nats import NatsCluster, cluster_layout_error, stream_leader
 from tests.support.processes import eventually, wait_until
-from tests.support.relay import ServiceRelay, UpRelay, documents, queued_count, route, trusting
+from tests.support.relay import (
+    SWEPT_WITHIN,
+    ServiceRelay,
+    UpRelay,
+    documents,
+    route,
+    trusting,
+    wait_until_drained,
+)
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.slow
@@ -95,20 +102,7 @@ def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
             180,
             "every acknowledged message to be delivered",
         )
-        counts: list[int] = []
-
-        def drained() -> bool:
-            counts.append(queued_count(cluster.url()))
-            return counts[-1] == 0
-
-        try:
-            # A record whose job died with the killed queue waits for the sweeper:
-            # DISPATCH_GRACE, then its next round, under a lease the dead queue
-            # may have held.
-            wait_until(drained, DISPATCH_GRACE + 3 * SWEEP_INTERVAL, "the queue to drain")
-        except AssertionError as error:
-            # -1 is NATS not answering; a count is records left behind.
-            raise AssertionError(f"{error}; the last counts: {counts[-10:]}") from None
+        wait_until_drained(cluster.url(), SWEPT_WITHIN)
     assert len(acknowledged) >= 200
 
 
@@ -130,7 +124,7 @@ def test_kurrier_up_runs_the_cluster_shape_and_survives_a_node(tmp_path: Path, s
             120,
             "every acknowledged message to be delivered",
         )
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 60, "the queue to drain")
+        wait_until_drained(relay.nats_url, SWEPT_WITHIN)
 
 
 def test_services_started_without_a_jetstream_quorum_wait_for_it(

@@ -25,7 +25,15 @@ import pytest
 
 from tests.support.load import Ledger, SteadyLoad
 from tests.support.processes import wait_until
-from tests.support.relay import UpRelay, documents, queued_count, route, stored_bodies, trusting
+from tests.support.relay import (
+    SWEPT_WITHIN,
+    UpRelay,
+    documents,
+    route,
+    stored_bodies,
+    trusting,
+    wait_until_drained,
+)
 from tests.support.sink import Sink
 
 pytestmark = pytest.mark.slow
@@ -163,7 +171,7 @@ def test_nothing_acknowledged_is_lost_under_crashes(
             300 + SOAK_SECONDS / 2,
             "every acknowledged message to be delivered",
         )
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 300, "the queue to drain")
+        wait_until_drained(relay.nats_url, SWEPT_WITHIN)
         # Crashes leave bodies of finished messages behind; the sweeper collects them.
         wait_until(lambda: stored_bodies(relay.nats_url) == 0, 300, "leftover bodies to go")
     delivered = Counter(_subject(m.content) for m in sink.messages)

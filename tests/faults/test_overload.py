@@ -14,7 +14,7 @@ from kurrier.queue.history_search import search_history
 
 from tests.support.nats import NatsServer
 from tests.support.processes import free_port, wait_until
-from tests.support.relay import ServiceRelay, documents, queued_count, route, trusting
+from tests.support.relay import ServiceRelay, documents, route, trusting, wait_until_drained
 from tests.support.sink import Sink
 
 BODY = (b"x" * 98 + b"\r\n") * 2000
@@ -74,7 +74,7 @@ def test_full_store_answers_452_then_recovers(tmp_path: Path, small_nats: NatsSe
 
         with Sink(port=next_hop_port) as sink:
             sink.wait_for(len(accepted), timeout=120)
-            wait_until(lambda: queued_count(small_nats.url) == 0, 60, "the queue to drain")
+            wait_until_drained(small_nats.url, 60)
             assert _send(relay.smtp_port, 1000)[0] == 250  # recovered by itself
             sink.wait_for(len(accepted) + 1, timeout=60)
         # The refused message is in the history, once ingress could publish it again.

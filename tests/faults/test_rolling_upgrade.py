@@ -40,7 +40,14 @@ from tests.support.fleet import (
 )
 from tests.support.netns import TestNetwork
 from tests.support.processes import wait_until
-from tests.support.relay import documents, publish_config, queued_count, route, trusting
+from tests.support.relay import (
+    SWEPT_WITHIN,
+    documents,
+    publish_config,
+    route,
+    trusting,
+    wait_until_drained,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -172,7 +179,7 @@ def test_rolling_upgrade_from_the_previous_release_loses_nothing(tmp_path: Path)
             180,
             "every acknowledged message to reach the sink",
         )
-        wait_until(lambda: queued_count(fleet.control_url) == 0, 120, "the queue to drain")
+        wait_until_drained(fleet.control_url, SWEPT_WITHIN)
         report = check(ledger, outcome(list(sink.messages), RECIPIENT, SENDER, markers))
 
     assert not report.lost and not report.bounced and not report.phantoms, report.lines()

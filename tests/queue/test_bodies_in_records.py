@@ -35,10 +35,10 @@ from tests.support.relay import (
     ServiceRelay,
     documents,
     message_records,
-    queued_count,
     route,
     stored_bodies,
     trusting,
+    wait_until_drained,
 )
 from tests.support.sink import Sink
 
@@ -128,7 +128,7 @@ def test_small_and_large_bodies_survive_a_deferral_and_a_queue_restart(
         relay.start("queue")
         sink.behaviour.outage_phase = None
         delivered = sink.wait_for(2, timeout=60)
-        wait_until(lambda: queued_count(nats_server.url) == 0, 30, "the queue to drain")
+        wait_until_drained(nats_server.url, 30)
         wait_until(lambda: stored_bodies(nats_server.url) == 0, 30, "the large body's removal")
     assert sorted(m.content.endswith(SMALL) for m in delivered) == [False, True]
     assert sorted(m.content.endswith(LARGE) for m in delivered) == [False, True]

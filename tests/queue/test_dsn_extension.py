@@ -18,8 +18,14 @@ import pytest
 from tests.support.dsn_report import parse_report
 from tests.support.nats import NatsServer
 from tests.support.otlp_receiver import CollectedSpan, OtlpReceiver
-from tests.support.processes import wait_until
-from tests.support.relay import ServiceRelay, UpRelay, documents, queued_count, route, trusting
+from tests.support.relay import (
+    ServiceRelay,
+    UpRelay,
+    documents,
+    route,
+    trusting,
+    wait_until_drained,
+)
 from tests.support.sink import Sink
 
 SENDER = "s@senders.test"
@@ -90,7 +96,7 @@ def test_ingress_takes_dsn_parameters_strictly_and_delivery_passes_them_on(
             code, reply = smtp.data(MESSAGE)
             assert code == 250, reply
         [received] = dsn_sink.wait_for(1)
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+        wait_until_drained(relay.nats_url, 30)
     assert received.mail_parameters.split()[-2:] == ["RET=HDRS", "ENVID=Batch+2B7.Q"]
     assert received.recipients == ("a@dsn.example", "b@dsn.example", "c@dsn.example")
     assert received.rcpt_parameters == (
@@ -121,7 +127,7 @@ def test_notifications_follow_notify_ret_envid_and_orcpt(
                 assert smtp.rcpt(recipient, options=options)[0] == 250
             assert smtp.data(MESSAGE)[0] == 250
         notices = bounce_sink.wait_for(2)
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+        wait_until_drained(relay.nats_url, 30)
     # The failure asked for and the relayed success; nothing for NOTIFY=NEVER.
     assert len(bounce_sink.messages) == 2
     [delivered] = plain_sink.messages
@@ -181,7 +187,7 @@ def test_one_delay_warning_at_the_configured_age_in_the_message_trace(
             queue_id = reply.decode().rsplit(" ", 1)[-1]
             [notice] = bounce_sink.wait_for(1)
             plain_sink.wait_for(1)
-            wait_until(lambda: queued_count(nats_server.url) == 0, 30, "the queue to drain")
+            wait_until_drained(nats_server.url, 30)
             spans = receiver.wait_until(
                 lambda s: bool(_delay_warning_spans(s, queue_id)), "the delay warning's span"
             )

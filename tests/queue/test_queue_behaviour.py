@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.dsn_report import parse_report
 from tests.support.processes import wait_until
-from tests.support.relay import UpRelay, documents, queued_count, route, trusting
+from tests.support.relay import UpRelay, documents, route, trusting, wait_until_drained
 from tests.support.sink import Sink
 
 
@@ -60,7 +60,7 @@ def test_deferred_then_delivered_exactly_once(
     with UpRelay(tmp_path, _config(sink, bounce_sink)) as relay:
         _send(relay, "s@senders.test", ["r@example.com"], _message("retried"))
         [delivered] = sink.wait_for(1, timeout=60)
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+        wait_until_drained(relay.nats_url, 30)
     assert len(sink.messages) == 1
     assert sink.behaviour.temp_failures == 0
     assert b"Subject: retried" in delivered.content
@@ -75,7 +75,7 @@ def test_550_for_one_recipient_bounces_it_and_delivers_the_other(
         _send(relay, "s@senders.test", ["gone@example.com", "ok@example.com"], _message("mixed"))
         [delivered] = sink.wait_for(1)
         [notice] = bounce_sink.wait_for(1)
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+        wait_until_drained(relay.nats_url, 30)
     assert delivered.recipients == ("ok@example.com",)
     assert notice.mail_from == "<>"  # notifications come from the null sender
     assert notice.recipients == ("s@senders.test",)
@@ -98,7 +98,7 @@ def test_expired_message_bounces_with_the_last_reply(
     with UpRelay(tmp_path, config, "--max-lifetime", "3s") as relay:
         _send(relay, "s@senders.test", ["slow@example.com"], _message("expiring"))
         [notice] = bounce_sink.wait_for(1, timeout=60)
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+        wait_until_drained(relay.nats_url, 30)
         # Its history ends with the expiry and the notification that reported it.
         events: list[dict[str, Any]] = []
 
@@ -129,7 +129,7 @@ def test_failing_notifications_are_never_bounced_again(
         # A bounce that bounces, and a message from <> that fails: both end here.
         _send(relay, "s@senders.test", ["gone@example.com"], _message("double"))
         _send(relay, "", ["gone@example.com"], _message("from-null-sender"))
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 60, "the queue to drain")
+        wait_until_drained(relay.nats_url, 60)
         log = (tmp_path / "up.log").read_text()
     assert sink.messages == [] and bounce_sink.messages == []
     assert log.count("undeliverable notification to") == 2
@@ -180,7 +180,7 @@ def test_admin_commands(tmp_path: Path, sink: Sink, bounce_sink: Sink) -> None:
         assert [m["queue_id"] for m in _listing(relay)] == [ids[0]]
         assert relay.queue_admin("release", ids[0]).returncode == 0
         sink.wait_for(2)
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+        wait_until_drained(relay.nats_url, 30)
     assert sorted(m.recipients[0] for m in sink.messages) == ["r0@example.com", "r2@example.com"]
 
 
@@ -239,7 +239,7 @@ def test_orderly_shutdown_with_mail_in_flight_delivers_everything_once(
     # The same data dir again: whatever was left is delivered, nothing twice.
     with UpRelay(tmp_path, config) as relay:
         sink.wait_for(100, timeout=120)
-        wait_until(lambda: queued_count(relay.nats_url) == 0, 30, "the queue to drain")
+        wait_until_drained(relay.nats_url, 30)
     subjects = [
         line.removeprefix(b"Subject: ").decode()
         for message in sink.messages

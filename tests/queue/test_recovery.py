@@ -34,8 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 
 from tests.support.nats import NatsServer
-from tests.support.processes import wait_until
-from tests.support.relay import ServiceRelay, documents, queued_count, route, trusting
+from tests.support.relay import ServiceRelay, documents, route, trusting, wait_until_drained
 from tests.support.sink import Sink
 
 
@@ -72,7 +71,7 @@ def test_a_record_whose_job_was_lost_is_swept_and_delivered(
     relay.publish(documents(route("r", ["example.com"], sink.port), trusting("127.0.0.0/8")))
     with relay:
         [delivered] = sink.wait_for(1, timeout=60)
-        wait_until(lambda: queued_count(nats_server.url) == 0, 30, "the queue to drain")
+        wait_until_drained(nats_server.url, 30)
         # And the relay still takes new mail normally afterwards.
         with smtplib.SMTP("127.0.0.1", relay.smtp_port) as smtp:
             smtp.sendmail("a@client.test", ["r@example.com"], b"Subject: fresh\r\n\r\nx\r\n")

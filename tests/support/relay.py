@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import textwrap
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from kurrier.core.message import MessageRecord
 from kurrier.core.records import RecordStore
 from kurrier.core.routing import compile_table
 from kurrier.core.table_store import publish_table
+from kurrier.queue.sweeper import DISPATCH_GRACE, SWEEP_INTERVAL
 
 from tests.support.processes import (
     free_port,
@@ -37,6 +39,13 @@ from tests.support.processes import (
 )
 
 FAST_RETRIES = ("--min-backoff", "1s", "--max-backoff", "2s")
+
+# How long a record a crash left without its job may wait for the sweeper:
+# DISPATCH_GRACE, then the sweeper's next round, under a lease a killed queue
+# process may have held. A queue process or NATS node killed during an Enqueue
+# leaves one when the record was stored but neither its job nor its take-back
+# was (the client heard 451).
+SWEPT_WITHIN = DISPATCH_GRACE + 3 * SWEEP_INTERVAL
 
 
 def route(
@@ -171,6 +180,41 @@ def queued_count(nats_url: str) -> int:
         return asyncio.run(_queued_count(nats_url))
     except NATS_BUSY:
         return -1
+
+
+def wait_until_drained(nats_url: str, timeout: float, what: str = "the queue to drain") -> None:
+    """Wait until the queue holds no message; on timeout, the failure says what it
+    still holds, as the records tell it (a test left guessing cannot be fixed)."""
+    remaining: list[MessageRecord] = []
+
+    def drained() -> bool:
+        try:
+            remaining[:] = asyncio.run(_message_records(nats_url))
+        except NATS_BUSY:
+            return False
+        return not remaining
+
+    try:
+        wait_until(drained, timeout, what)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; still held: {describe_records(remaining)}") from None
+
+
+def describe_records(records: Sequence[MessageRecord], at_most: int = 5) -> str:
+    """Each record's state in one line: what a drain that did not happen left."""
+    now = time.time()
+    lines = [
+        f"{r.queue_id} received {now - r.received_at:.0f}s ago, dispatches={r.dispatches}"
+        f" held={r.held} scheduled={r.scheduled} recipients="
+        + ", ".join(
+            f"{s.address} {s.status} attempts={s.attempts}"
+            f" next_attempt={s.next_attempt - now:+.0f}s reply={s.last_reply!r}"
+            for s in r.recipients
+        )
+        for r in records[:at_most]
+    ]
+    more = f" and {len(records) - at_most} more" if len(records) > at_most else ""
+    return f"{len(records)} record(s): " + "; ".join(lines) + more
 
 
 async def _stored_bodies(nats_url: str) -> int:
