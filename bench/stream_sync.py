@@ -8,6 +8,13 @@ syncs every write stores one message at a time, so its rate is about one
 over the disk's sync time whatever the publishers do; streams sync side by
 side. Every kurrier message writes its record stream and its jobs stream
 twice each (stored, then removed), so this sets the ceiling of a node.
+
+Then the same publishers write into one stream in atomic batches (ADR-50,
+nats-server 2.12+: `Nats-Batch-Id`, `Nats-Batch-Sequence`,
+`Nats-Batch-Commit`), each publisher its own batches of 10 and of 40
+messages, against plain publishes into that stream: whether a batch is
+stored with one sync, which would let concurrent messages share their
+writes.
 """
 
 from __future__ import annotations
@@ -18,15 +25,18 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import nats
 from kurrier.cli.nats_server import nats_server_binary
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import StorageType, StreamConfig
 
 PUBLISHERS = 40
 PAYLOAD = b"x" * 1024
+BATCH_SIZES = [1, 10, 40]
 
 
 def _free_port() -> int:
@@ -50,6 +60,57 @@ async def _rate(js: JetStreamContext, streams: int, seconds: float) -> float:
     return published / seconds
 
 
+async def _publish_batch(nc: Client, subject: str, size: int) -> None:
+    """One atomic batch of size messages: the first and the commit are requests
+    (the server answers the first once the batch is open, the commit with its
+    PubAck), the ones between plain publishes. A batch of one is a plain
+    publish, the baseline."""
+    if size == 1:
+        await nc.jetstream().publish(subject, PAYLOAD)
+        return
+    batch = uuid.uuid4().hex
+    for sequence in range(1, size + 1):
+        headers = {"Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(sequence)}
+        if sequence == size:
+            headers["Nats-Batch-Commit"] = "1"
+        if sequence in (1, size):
+            reply = await nc.request(subject, PAYLOAD, timeout=10, headers=headers)
+            if b'"error"' in reply.data:
+                raise RuntimeError(f"batch refused: {reply.data!r}")
+        else:
+            await nc.publish(subject, PAYLOAD, headers=headers)
+
+
+async def _batch_rate(nc: Client, size: int, seconds: float) -> float:
+    published = 0
+    stop = time.monotonic() + seconds
+
+    async def publisher() -> None:
+        nonlocal published
+        while time.monotonic() < stop:
+            await _publish_batch(nc, "atomic.m", size)
+            published += size
+
+    await asyncio.gather(*(publisher() for _ in range(PUBLISHERS)))
+    return published / seconds
+
+
+async def _measure_batches(nc: Client, seconds: float, repeats: int) -> None:
+    js = nc.jetstream()
+    config = StreamConfig(
+        name="ATOMIC", subjects=["atomic.>"], storage=StorageType.FILE, allow_atomic=True
+    )
+    await js.add_stream(config)
+    print("\n| repeat | batch size | publishes/s | against plain publishes |")
+    print("|---:|---:|---:|---:|")
+    for repeat in range(1, repeats + 1):
+        single = 0.0
+        for size in BATCH_SIZES:
+            rate = await _batch_rate(nc, size, seconds)
+            single = single or rate
+            print(f"| {repeat} | {size} | {rate:.0f} | {rate / single:.2f}x |", flush=True)
+
+
 async def _measure(url: str, counts: list[int], seconds: float, repeats: int) -> None:
     nc = await nats.connect(url)
     try:
@@ -67,6 +128,7 @@ async def _measure(url: str, counts: list[int], seconds: float, repeats: int) ->
                 rate = await _rate(js, streams, seconds)
                 one = one or rate
                 print(f"| {repeat} | {streams} | {rate:.0f} | {rate / one:.2f}x |", flush=True)
+        await _measure_batches(nc, seconds, repeats)
     finally:
         await nc.close()
 
