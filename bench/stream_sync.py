@@ -2,16 +2,17 @@
 
 `python -m bench.stream_sync` starts a nats-server (one node, JetStream with
 `sync_interval` as given, `always` by default) and publishes 1 KB messages
-from 40 concurrent publishers for a few seconds, first all into one stream,
-then spread over two and four streams, repeating the set. A stream that
-syncs every write stores one message at a time, so its rate is about one
-over the disk's sync time whatever the publishers do; streams sync side by
-side. Every kurrier message writes its record stream and its jobs stream
-twice each (stored, then removed), so this sets the ceiling of a node.
+from 40 concurrent publishers (`--publishers`) for a few seconds, first all
+into one stream, then spread over two and four streams, repeating the set.
+A stream that syncs every write stores one message at a time, so its rate
+is about one over the disk's sync time whatever the publishers do; streams
+sync side by side. Every kurrier message writes its record stream and its
+jobs stream twice each (stored, then removed), so this sets the ceiling of
+a node.
 
 Then the same publishers write into one stream in atomic batches (ADR-50,
 nats-server 2.12+: `Nats-Batch-Id`, `Nats-Batch-Sequence`,
-`Nats-Batch-Commit`), each publisher its own batches of 10 and of 40
+`Nats-Batch-Commit`), each publisher its own batches of 10, 40 and 200
 messages, against plain publishes into that stream: whether a batch is
 stored with one sync, which would let concurrent messages share their
 writes.
@@ -36,7 +37,7 @@ from nats.js.api import StorageType, StreamConfig
 
 PUBLISHERS = 40
 PAYLOAD = b"x" * 1024
-BATCH_SIZES = [1, 10, 40]
+BATCH_SIZES = [1, 10, 40, 200]
 
 
 def _free_port() -> int:
@@ -45,7 +46,7 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def _rate(js: JetStreamContext, streams: int, seconds: float) -> float:
+async def _rate(js: JetStreamContext, streams: int, seconds: float, publishers: int) -> float:
     published = 0
     stop = time.monotonic() + seconds
 
@@ -56,7 +57,7 @@ async def _rate(js: JetStreamContext, streams: int, seconds: float) -> float:
             await js.publish(subject, PAYLOAD)
             published += 1
 
-    await asyncio.gather(*(publisher(n) for n in range(PUBLISHERS)))
+    await asyncio.gather(*(publisher(n) for n in range(publishers)))
     return published / seconds
 
 
@@ -81,7 +82,7 @@ async def _publish_batch(nc: Client, subject: str, size: int) -> None:
             await nc.publish(subject, PAYLOAD, headers=headers)
 
 
-async def _batch_rate(nc: Client, size: int, seconds: float) -> float:
+async def _batch_rate(nc: Client, size: int, seconds: float, publishers: int) -> float:
     published = 0
     stop = time.monotonic() + seconds
 
@@ -91,11 +92,11 @@ async def _batch_rate(nc: Client, size: int, seconds: float) -> float:
             await _publish_batch(nc, "atomic.m", size)
             published += size
 
-    await asyncio.gather(*(publisher() for _ in range(PUBLISHERS)))
+    await asyncio.gather(*(publisher() for _ in range(publishers)))
     return published / seconds
 
 
-async def _measure_batches(nc: Client, seconds: float, repeats: int) -> None:
+async def _measure_batches(nc: Client, seconds: float, repeats: int, publishers: int) -> None:
     js = nc.jetstream()
     config = StreamConfig(
         name="ATOMIC", subjects=["atomic.>"], storage=StorageType.FILE, allow_atomic=True
@@ -106,12 +107,14 @@ async def _measure_batches(nc: Client, seconds: float, repeats: int) -> None:
     for repeat in range(1, repeats + 1):
         single = 0.0
         for size in BATCH_SIZES:
-            rate = await _batch_rate(nc, size, seconds)
+            rate = await _batch_rate(nc, size, seconds, publishers)
             single = single or rate
             print(f"| {repeat} | {size} | {rate:.0f} | {rate / single:.2f}x |", flush=True)
 
 
-async def _measure(url: str, counts: list[int], seconds: float, repeats: int) -> None:
+async def _measure(
+    url: str, counts: list[int], seconds: float, repeats: int, publishers: int
+) -> None:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
@@ -125,15 +128,15 @@ async def _measure(url: str, counts: list[int], seconds: float, repeats: int) ->
         for repeat in range(1, repeats + 1):
             one = 0.0
             for streams in counts:
-                rate = await _rate(js, streams, seconds)
+                rate = await _rate(js, streams, seconds, publishers)
                 one = one or rate
                 print(f"| {repeat} | {streams} | {rate:.0f} | {rate / one:.2f}x |", flush=True)
-        await _measure_batches(nc, seconds, repeats)
+        await _measure_batches(nc, seconds, repeats, publishers)
     finally:
         await nc.close()
 
 
-async def _wait_and_measure(url: str, seconds: float, repeats: int) -> None:
+async def _wait_and_measure(url: str, seconds: float, repeats: int, publishers: int) -> None:
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -143,7 +146,7 @@ async def _wait_and_measure(url: str, seconds: float, repeats: int) -> None:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
-    await _measure(url, [1, 2, 4], seconds, repeats)
+    await _measure(url, [1, 2, 4], seconds, repeats, publishers)
 
 
 def main() -> None:
@@ -151,6 +154,9 @@ def main() -> None:
     parser.add_argument("--sync", default="always", help="nats-server's sync_interval")
     parser.add_argument("--seconds", type=float, default=4.0, help="length of each trial")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--publishers", type=int, default=PUBLISHERS, help="concurrent publishers, one connection"
+    )
     arguments = parser.parse_args()
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="stream-sync-") as work:
@@ -166,7 +172,9 @@ def main() -> None:
         )
         try:
             url = f"nats://127.0.0.1:{port}"
-            asyncio.run(_wait_and_measure(url, arguments.seconds, arguments.repeats))
+            asyncio.run(
+                _wait_and_measure(url, arguments.seconds, arguments.repeats, arguments.publishers)
+            )
         finally:
             server.terminate()
             server.wait()
