@@ -4,11 +4,12 @@
 `sync_interval` as given, `always` by default) and publishes 1 KB messages
 from 40 concurrent publishers (`--publishers`) for a few seconds, first all
 into one stream, then spread over two and four streams, repeating the set.
-A stream that syncs every write stores one message at a time, so its rate
-is about one over the disk's sync time whatever the publishers do; streams
-sync side by side. Every kurrier message writes its record stream and its
-jobs stream twice each (stored, then removed), so this sets the ceiling of
-a node.
+With `--nodes 3` three servers form a cluster on loopback and every stream
+has three replicas. A stream that syncs every write stores one message at
+a time, so its rate is about one over the disk's sync time whatever the
+publishers do; streams sync side by side. Every kurrier message writes its
+record stream and its jobs stream twice each (stored, then removed), so
+this sets the ceiling of a node.
 
 Then the same publishers write into one stream in atomic batches (ADR-50,
 nats-server 2.12+: `Nats-Batch-Id`, `Nats-Batch-Sequence`,
@@ -96,12 +97,30 @@ async def _batch_rate(nc: Client, size: int, seconds: float, publishers: int) ->
     return published / seconds
 
 
-async def _measure_batches(nc: Client, seconds: float, repeats: int, publishers: int) -> None:
-    js = nc.jetstream()
+async def _add_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Add a stream, asking again while a new cluster elects its meta leader."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await js.add_stream(config)
+            return
+        except (nats.errors.Error, nats.js.errors.Error):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def _measure_batches(
+    nc: Client, seconds: float, repeats: int, publishers: int, replicas: int
+) -> None:
     config = StreamConfig(
-        name="ATOMIC", subjects=["atomic.>"], storage=StorageType.FILE, allow_atomic=True
+        name="ATOMIC",
+        subjects=["atomic.>"],
+        storage=StorageType.FILE,
+        allow_atomic=True,
+        num_replicas=replicas,
     )
-    await js.add_stream(config)
+    await _add_stream(nc.jetstream(), config)
     print("\n| repeat | batch size | publishes/s | against plain publishes |")
     print("|---:|---:|---:|---:|")
     for repeat in range(1, repeats + 1):
@@ -113,16 +132,19 @@ async def _measure_batches(nc: Client, seconds: float, repeats: int, publishers:
 
 
 async def _measure(
-    url: str, counts: list[int], seconds: float, repeats: int, publishers: int
+    url: str, counts: list[int], seconds: float, repeats: int, publishers: int, replicas: int
 ) -> None:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
         for n in range(max(counts)):
             config = StreamConfig(
-                name=f"SYNC{n}", subjects=[f"sync{n}.>"], storage=StorageType.FILE
+                name=f"SYNC{n}",
+                subjects=[f"sync{n}.>"],
+                storage=StorageType.FILE,
+                num_replicas=replicas,
             )
-            await js.add_stream(config)
+            await _add_stream(js, config)
         print("| repeat | streams | publishes/s | against one stream |")
         print("|---:|---:|---:|---:|")
         for repeat in range(1, repeats + 1):
@@ -131,12 +153,14 @@ async def _measure(
                 rate = await _rate(js, streams, seconds, publishers)
                 one = one or rate
                 print(f"| {repeat} | {streams} | {rate:.0f} | {rate / one:.2f}x |", flush=True)
-        await _measure_batches(nc, seconds, repeats, publishers)
+        await _measure_batches(nc, seconds, repeats, publishers, replicas)
     finally:
         await nc.close()
 
 
-async def _wait_and_measure(url: str, seconds: float, repeats: int, publishers: int) -> None:
+async def _wait_and_measure(
+    url: str, seconds: float, repeats: int, publishers: int, replicas: int
+) -> None:
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -146,7 +170,29 @@ async def _wait_and_measure(url: str, seconds: float, repeats: int, publishers: 
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.1)
-    await _measure(url, [1, 2, 4], seconds, repeats, publishers)
+    await _measure(url, [1, 2, 4], seconds, repeats, publishers, replicas)
+
+
+def _server_configs(work: Path, nodes: int, sync: str) -> tuple[list[Path], str]:
+    """Each server's config file (a cluster on loopback when nodes > 1), and a client URL."""
+    ports = [_free_port() for _ in range(nodes)]
+    routes = [_free_port() for _ in range(nodes)]
+    configs = []
+    for index in range(nodes):
+        text = (
+            f"listen: 127.0.0.1:{ports[index]}\n"
+            f"server_name: n{index}\n"
+            f'jetstream {{ store_dir: "{work}/n{index}", sync_interval: {sync} }}\n'
+        )
+        if nodes > 1:
+            others = ", ".join(f"nats://127.0.0.1:{p}" for p in routes if p != routes[index])
+            text += (
+                f"cluster {{ name: sync, listen: 127.0.0.1:{routes[index]}, routes: [{others}] }}\n"
+            )
+        config = work / f"n{index}.conf"
+        config.write_text(text)
+        configs.append(config)
+    return configs, f"nats://127.0.0.1:{ports[0]}"
 
 
 def main() -> None:
@@ -157,27 +203,29 @@ def main() -> None:
     parser.add_argument(
         "--publishers", type=int, default=PUBLISHERS, help="concurrent publishers, one connection"
     )
+    parser.add_argument("--nodes", type=int, choices=[1, 3], default=1)
     arguments = parser.parse_args()
-    port = _free_port()
     with tempfile.TemporaryDirectory(prefix="stream-sync-") as work:
-        config = Path(work) / "nats.conf"
-        config.write_text(
-            f"listen: 127.0.0.1:{port}\n"
-            f'jetstream {{ store_dir: "{work}/store", sync_interval: {arguments.sync} }}\n'
-        )
-        server = subprocess.Popen(
-            [nats_server_binary(), "-c", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        configs, url = _server_configs(Path(work), arguments.nodes, arguments.sync)
+        servers = [
+            subprocess.Popen(
+                [nats_server_binary(), "-c", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for config in configs
+        ]
         try:
-            url = f"nats://127.0.0.1:{port}"
             asyncio.run(
-                _wait_and_measure(url, arguments.seconds, arguments.repeats, arguments.publishers)
+                _wait_and_measure(
+                    url, arguments.seconds, arguments.repeats, arguments.publishers, arguments.nodes
+                )
             )
         finally:
-            server.terminate()
-            server.wait()
+            for server in servers:
+                server.terminate()
+            for server in servers:
+                server.wait()
 
 
 if __name__ == "__main__":
