@@ -16,13 +16,16 @@ from kurrier.core.jetstream import (
     INLINE_BODY_LIMIT,
     JOBS_STREAM,
     MESSAGES_BUCKET,
+    NATS_AWAY,
     body_subject,
     connect,
     disconnect,
     ensure_layout,
     job_subject,
+    when_answered,
 )
 from kurrier.core.message import BodyStore, MessageRecord, RecipientState
+from kurrier.core.message_store import MessageStore
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched, publish_jobs
@@ -34,6 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 
 from tests.support.nats import NatsServer
+from tests.support.processes import eventually
 from tests.support.relay import ServiceRelay, documents, route, trusting, wait_until_drained
 from tests.support.sink import Sink
 
@@ -109,6 +113,60 @@ async def _accept_without_a_jobs_stream(nats_url: str) -> tuple[bool, bool]:
 def test_a_failed_job_publish_takes_the_record_back(nats_server: NatsServer) -> None:
     # The client hears 451 and retries: an orphaned record would be delivered again later.
     failed, record_gone = asyncio.run(_accept_without_a_jobs_stream(nats_server.url))
+    assert failed
+    assert record_gone
+
+
+async def _accept_as_the_connection_drops(server: NatsServer) -> tuple[bool, bool]:
+    """An Enqueue whose record is stored just before its NATS server restarts: the job
+    and, at first, the take-back are refused at once (nothing is buffered while the
+    client is disconnected)."""
+    nc = await connect(server.url, "test-intake")
+    restarted: asyncio.Future[None] | None = None
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        records = await RecordStore.open(js)
+
+        async def publish_as_the_server_restarts(
+            record: MessageRecord, recipients: list[str], revision: int
+        ) -> None:
+            nonlocal restarted
+            server.stop(kill=True)
+            await eventually(lambda: not nc.is_connected, 10, "the client to see it gone")
+            restarted = asyncio.get_running_loop().run_in_executor(None, server.start)
+            await publish_jobs(js, TableFollower().table, record, recipients, revision)
+
+        record = MessageRecord(
+            queue_id="TAKEBACK000000000002",
+            mail_from="a@client.test",
+            recipients=[RecipientState(address="r@example.com")],
+            received_at=time.time(),
+            size=3,
+            body_store="stream",
+        )
+        store = MessageStore(js, records, publish_as_the_server_restarts)
+        try:
+            await store.create(record, io.BytesIO(b"x\r\n"), 3)
+        except NATS_AWAY:
+            failed = True
+        else:
+            failed = False
+        assert restarted is not None
+        await restarted
+        await eventually(lambda: nc.is_connected, 30, "the client to reconnect")
+        gone = await when_answered(lambda: records.get(record.queue_id, fresh=True), "the record")
+        return failed, gone is None
+    finally:
+        if restarted is not None:
+            await restarted
+        await disconnect(nc)
+
+
+def test_a_record_is_taken_back_once_a_restarted_server_is_back(nats_server: NatsServer) -> None:
+    # Without the take-back tried again, the record stays until the sweeper, which
+    # delivers a message its client was told 451 about, and sends again.
+    failed, record_gone = asyncio.run(_accept_as_the_connection_drops(nats_server))
     assert failed
     assert record_gone
 

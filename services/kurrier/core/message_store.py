@@ -32,7 +32,7 @@ the queue stores the notification (`create`) before the record moves on.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import datetime
 import logging
 import time
@@ -43,6 +43,7 @@ from kurrier.core.body_store import body_exists, delete_body, object_stored_at, 
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     JOBS_STREAM,
+    NATS_AWAY,
     body_subject,
     due_subject,
     job_subject,
@@ -55,6 +56,11 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 log = logging.getLogger(__name__)
+
+# How long a refused Enqueue keeps trying to take back what it stored while
+# NATS is away: a reconnect to another node takes a second or two (the
+# connection's reconnect wait is 1 s), and the client waits for its 451.
+TAKE_BACK_WINDOW = 5.0
 
 # Publishes the jobs for these recipients of the record stored at this revision.
 JobPublisher = Callable[[MessageRecord, list[str], int], Awaitable[None]]
@@ -103,13 +109,42 @@ class MessageStore:
         except BaseException:
             # The caller answers 451 and the client keeps the message: take back
             # what was stored, or the sweeper would deliver it a second time.
-            # Best effort (NATS may be why we are here); the sweeper remains the
-            # backstop for what cannot be taken back.
-            with contextlib.suppress(Exception):
-                await self.records.delete(record.queue_id)
-                await delete_body(self._js, record.queue_id, record.body_store)
+            await self._take_back(record)
             raise
         return record, revision
+
+    async def _take_back(self, record: MessageRecord) -> None:
+        """Remove the record and body of a message the client is told 451 about.
+
+        Often NATS is why the store failed: a connection dropped as a node
+        restarted refuses the take-back at once too (nothing is buffered while
+        disconnected), so it is tried again for TAKE_BACK_WINDOW, long enough
+        to reconnect to another node. What is still stored then is left to the
+        sweeper, which delivers it: a duplicate once the client sends it again.
+        """
+        deadline = time.monotonic() + TAKE_BACK_WINDOW
+        pause = 0.1
+        while True:
+            try:
+                await self.records.delete(record.queue_id)
+                await delete_body(self._js, record.queue_id, record.body_store)
+                return
+            except NATS_AWAY as error:
+                if time.monotonic() + pause > deadline:
+                    log.warning(
+                        "could not take back what may be stored of a refused message; "
+                        "the sweeper delivers a record left: %r",
+                        error,
+                        extra={"queue_id": record.queue_id},
+                    )
+                    return
+            except Exception:
+                # Refused, not away: a full store refuses the removal's marker as it
+                # refused the record. The sweeper is behind whatever remains.
+                return
+            # A back-off between tries, not a wait for something to happen.
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
     async def update(self, record: MessageRecord, revision: int, dispatch: list[str]) -> int:
         """Write a changed record at its revision (else RecordChanged), then publish the
