@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import socket
 import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -47,19 +49,38 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-async def _rate(js: JetStreamContext, streams: int, seconds: float, publishers: int) -> float:
+async def _rate(publish: Callable[[], Awaitable[int]], seconds: float, publishers: int) -> float:
+    """Messages stored a second by that many concurrent loops of publish(), each
+    call returning how many messages it stored."""
     published = 0
     stop = time.monotonic() + seconds
 
-    async def publisher(n: int) -> None:
+    async def publisher() -> None:
         nonlocal published
-        subject = f"sync{n % streams}.m"
         while time.monotonic() < stop:
-            await js.publish(subject, PAYLOAD)
-            published += 1
+            published += await publish()
 
-    await asyncio.gather(*(publisher(n) for n in range(publishers)))
+    await asyncio.gather(*(publisher() for _ in range(publishers)))
     return published / seconds
+
+
+async def _table(
+    column: str,
+    baseline: str,
+    values: list[int],
+    rate_of: Callable[[int], Awaitable[float]],
+    repeats: int,
+) -> None:
+    """A Markdown table of rate_of(value) for each value, repeats times, each
+    against the first value's rate in the same repeat."""
+    print(f"| repeat | {column} | publishes/s | against {baseline} |")
+    print("|---:|---:|---:|---:|")
+    for repeat in range(1, repeats + 1):
+        first = 0.0
+        for value in values:
+            rate = await rate_of(value)
+            first = first or rate
+            print(f"| {repeat} | {value} | {rate:.0f} | {rate / first:.2f}x |", flush=True)
 
 
 async def _publish_batch(nc: Client, subject: str, size: int) -> None:
@@ -81,20 +102,6 @@ async def _publish_batch(nc: Client, subject: str, size: int) -> None:
                 raise RuntimeError(f"batch refused: {reply.data!r}")
         else:
             await nc.publish(subject, PAYLOAD, headers=headers)
-
-
-async def _batch_rate(nc: Client, size: int, seconds: float, publishers: int) -> float:
-    published = 0
-    stop = time.monotonic() + seconds
-
-    async def publisher() -> None:
-        nonlocal published
-        while time.monotonic() < stop:
-            await _publish_batch(nc, "atomic.m", size)
-            published += size
-
-    await asyncio.gather(*(publisher() for _ in range(publishers)))
-    return published / seconds
 
 
 async def _add_stream(js: JetStreamContext, config: StreamConfig) -> None:
@@ -121,14 +128,16 @@ async def _measure_batches(
         num_replicas=replicas,
     )
     await _add_stream(nc.jetstream(), config)
-    print("\n| repeat | batch size | publishes/s | against plain publishes |")
-    print("|---:|---:|---:|---:|")
-    for repeat in range(1, repeats + 1):
-        single = 0.0
-        for size in BATCH_SIZES:
-            rate = await _batch_rate(nc, size, seconds, publishers)
-            single = single or rate
-            print(f"| {repeat} | {size} | {rate:.0f} | {rate / single:.2f}x |", flush=True)
+
+    async def in_batches(size: int) -> float:
+        async def one_batch() -> int:
+            await _publish_batch(nc, "atomic.m", size)
+            return size
+
+        return await _rate(one_batch, seconds, publishers)
+
+    print()
+    await _table("batch size", "plain publishes", BATCH_SIZES, in_batches, repeats)
 
 
 async def _measure(
@@ -145,14 +154,18 @@ async def _measure(
                 num_replicas=replicas,
             )
             await _add_stream(js, config)
-        print("| repeat | streams | publishes/s | against one stream |")
-        print("|---:|---:|---:|---:|")
-        for repeat in range(1, repeats + 1):
-            one = 0.0
-            for streams in counts:
-                rate = await _rate(js, streams, seconds, publishers)
-                one = one or rate
-                print(f"| {repeat} | {streams} | {rate:.0f} | {rate / one:.2f}x |", flush=True)
+
+        async def over_streams(streams: int) -> float:
+            # Turn by turn over the streams, so even one publisher writes each.
+            turns = itertools.count()
+
+            async def one_publish() -> int:
+                await js.publish(f"sync{next(turns) % streams}.m", PAYLOAD)
+                return 1
+
+            return await _rate(one_publish, seconds, publishers)
+
+        await _table("streams", "one stream", counts, over_streams, repeats)
         await _measure_batches(nc, seconds, repeats, publishers, replicas)
     finally:
         await nc.close()
