@@ -44,6 +44,22 @@ from tests.support.relay import ServiceRelay, documents, route, trusting, wait_u
 from tests.support.sink import Sink
 
 
+def _record(queue_id: str, received_at: float, size: int, **fields: object) -> MessageRecord:
+    """A message from a@client.test to r@example.com, its body in the stream unless
+    fields say otherwise."""
+    return MessageRecord.model_validate(
+        {
+            "queue_id": queue_id,
+            "mail_from": "a@client.test",
+            "recipients": [RecipientState(address="r@example.com")],
+            "received_at": received_at,
+            "size": size,
+            "body_store": "stream",
+            **fields,
+        }
+    )
+
+
 async def _orphan_record(nats_url: str, queue_id: str, body: bytes) -> None:
     """What a queue crash between storing the record and publishing its job leaves behind."""
     nc = await connect(nats_url, "test-crash")
@@ -92,14 +108,7 @@ async def _accept_without_a_jobs_stream(nats_url: str) -> tuple[bool, bool]:
         await ensure_layout(js)
         await js.delete_stream(JOBS_STREAM)  # the job publish must fail
         records = await RecordStore.open(js)
-        template = MessageRecord(
-            queue_id="TAKEBACK000000000001",
-            mail_from="a@client.test",
-            recipients=[RecipientState(address="r@example.com")],
-            received_at=0.0,
-            size=0,
-            body_store="stream",
-        )
+        template = _record("TAKEBACK000000000001", 0.0, 0)
         try:
             manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
             await manager.intake.accept(template, io.BytesIO(b"x\r\n"), 3)
@@ -139,14 +148,7 @@ async def _accept_as_the_connection_drops(server: NatsServer) -> tuple[bool, boo
             restarted = asyncio.get_running_loop().run_in_executor(None, server.start)
             await publish_jobs(js, TableFollower().table, record, recipients, revision)
 
-        record = MessageRecord(
-            queue_id="TAKEBACK000000000002",
-            mail_from="a@client.test",
-            recipients=[RecipientState(address="r@example.com")],
-            received_at=time.time(),
-            size=3,
-            body_store="stream",
-        )
+        record = _record("TAKEBACK000000000002", time.time(), 3)
         store = MessageStore(js, records, publish_as_the_server_restarts)
         try:
             await store.create(record, io.BytesIO(b"x\r\n"), 3)
@@ -203,14 +205,8 @@ async def _sweep_after_a_crash_mid_enqueue(
         queue_id = "UNCONFIRMED000000001"
         body = b"Subject: crash\r\n\r\nmid-enqueue\r\n"
         dispatched = time.time() - 2 * DISPATCH_GRACE
-        record = MessageRecord(
-            queue_id=queue_id,
-            mail_from="a@client.test",
-            recipients=[RecipientState(address="r@example.com")],
-            received_at=dispatched,
-            size=len(body),
-            body_store=await store_body(js, queue_id, io.BytesIO(body), len(body)),
-        )
+        where = await store_body(js, queue_id, io.BytesIO(body), len(body))
+        record = _record(queue_id, dispatched, len(body), body_store=where)
         mark_dispatched(record, ["r@example.com"], dispatched)
         revision = await records.create(record)
         assert revision
@@ -258,14 +254,7 @@ async def _sweep_records_without_bodies(
             ("BODILESS000000000001", dispatched + JOB_LEASE),  # its job never went out
             ("BODILESS000000000002", time.time() - 3600),  # its lease ran out long ago
         ):
-            record = MessageRecord(
-                queue_id=queue_id,
-                mail_from="a@client.test",
-                recipients=[RecipientState(address="r@example.com")],
-                received_at=dispatched,
-                size=10,
-                body_store="stream",
-            )
+            record = _record(queue_id, dispatched, 10)
             mark_dispatched(record, ["r@example.com"], dispatched)
             record.recipients[0].next_attempt = lease_ends
             assert await records.create(record)
@@ -304,15 +293,8 @@ async def _sweep_orphaned_bodies(nats_url: str) -> tuple[int, int, list[str], li
             stored[queue_id] = await store_body(js, queue_id, io.BytesIO(body), len(body))
         assert stored["LIVEOBJECT0000000001"] == "object"
         for queue_id in ("LIVEBODY000000000001", "LIVEOBJECT0000000001"):
-            live = MessageRecord(
-                queue_id=queue_id,
-                mail_from="a@client.test",
-                recipients=[RecipientState(address="r@example.com")],
-                received_at=time.time(),
-                size=1,
-                body_store=stored[queue_id],
-                held=True,  # nothing else for the sweeper to do with it
-            )
+            # Held: nothing else for the sweeper to do with it.
+            live = _record(queue_id, time.time(), 1, body_store=stored[queue_id], held=True)
             assert await records.create(live)
         # Now, every body is too young to judge; later, only the orphans go.
         _, removed_young = await sweeper.sweep()
@@ -345,14 +327,7 @@ async def _read_through_a_lagging_replica(nats_url: str) -> tuple[bool, bool]:
         # yet; the real bucket is what the stream's leader holds.
         lagging = await js.create_key_value(KeyValueConfig(bucket="lagging-replica", history=1))
         leader = await js.key_value(MESSAGES_BUCKET)
-        record = MessageRecord(
-            queue_id="LAGGING0000000000001",
-            mail_from="a@client.test",
-            recipients=[RecipientState(address="r@example.com")],
-            received_at=time.time(),
-            size=1,
-            body_store="stream",
-        )
+        record = _record("LAGGING0000000000001", time.time(), 1)
         assert await (await RecordStore.open(js)).create(record)
         found = await RecordStore(js, lagging, leader).get(record.queue_id, fresh=True)
         missing = await RecordStore(js, lagging, leader).get("NOSUCHRECORD00000001", fresh=True)
