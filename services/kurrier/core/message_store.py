@@ -138,9 +138,14 @@ class MessageStore:
                         extra={"queue_id": record.queue_id},
                     )
                     return
-            except Exception:
+            except Exception as error:
                 # Refused, not away: a full store refuses the removal's marker as it
                 # refused the record. The sweeper is behind whatever remains.
+                log.info(
+                    "take-back refused, the sweeper is behind what remains: %r",
+                    error,
+                    extra={"queue_id": record.queue_id},
+                )
                 return
             # A back-off between tries, not a wait for something to happen.
             await asyncio.sleep(pause)
