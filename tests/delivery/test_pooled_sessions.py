@@ -6,6 +6,9 @@ destination must still go out, on a fresh session, and the dead one must not
 go back into the pool. A session that carried 100 transactions (the limit
 docs/architecture.md and docs/queue.md give) is closed and replaced.
 
+A session whose connection is gone fails each command as a temporary error,
+on uvloop (the services' loop) as on asyncio, and gives its place back.
+
 The next hop is a real sink; where it must close a session, the test reaches
 it through a TCP proxy that drops the connection.
 """
@@ -14,9 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+import pytest
+import uvloop
+from kurrier.delivery.connection_pool import ConnectionPool
 from kurrier.delivery.courier import Courier
+from kurrier.delivery.smtp_client import SmtpSession, SmtpTemporaryError
 
 from tests.delivery.attempts import job, message, table
 from tests.support.relay import route
@@ -64,3 +71,41 @@ async def test_a_session_is_replaced_after_100_transactions(courier: Courier, si
     assert _sessions(sink) == [0] * DOCUMENTED_LIMIT + [1, 1]
     # The worn-out session was closed, not merely left aside.
     await _until(lambda: sink.connections_open == 1, "the first session to be closed")
+
+
+@pytest.mark.parametrize(
+    "new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+def test_a_dead_session_fails_as_temporary_and_frees_its_place(
+    new_loop: Callable[[], asyncio.AbstractEventLoop], sink: Sink
+) -> None:
+    async def scenario(path: TcpProxy) -> None:
+        def opener() -> Awaitable[SmtpSession]:
+            return SmtpSession.open(
+                "127.0.0.1",
+                path.port,
+                server_name="sink.test",
+                helo_name="relay.test",
+                tls_mode="none",
+                tls_context=None,
+                timeout=10,
+                connect_timeout=10,
+            )
+
+        pool = ConnectionPool()
+        session = await pool.acquire("hop", 1, opener)
+        path.sever()
+        await _until(lambda: sink.connections_open == 0, "the next hop to see it closed")
+        # The first write still goes out half-closed, the next meets the reset;
+        # after that the transport is closed, which uvloop answers with a RuntimeError.
+        for _ in range(3):
+            with pytest.raises(SmtpTemporaryError):
+                await session.command("NOOP")
+        await pool.release("hop", session, reusable=False)
+        async with asyncio.timeout(10):  # the only place (limit 1) is free again
+            replacement = await pool.acquire("hop", 1, opener)
+        assert (await replacement.command("NOOP")).code == 250
+        await pool.release("hop", replacement, reusable=False)
+
+    with TcpProxy(sink.port) as path, asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(scenario(path))

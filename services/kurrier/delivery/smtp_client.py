@@ -264,6 +264,10 @@ class SmtpSession:
                 return Reply(int(line[:3]), "\n".join(lines))
 
     async def _send(self, *data: bytes) -> None:
+        if self.writer.is_closing():
+            # asyncio drops such a write; uvloop (the services' loop) raises a
+            # RuntimeError, which would escape the temporary-failure handling.
+            raise SmtpTemporaryError("connection closed")
         try:
             self.writer.writelines(data)
             async with asyncio.timeout(self.timeout):
