@@ -28,7 +28,8 @@ def sink() -> Iterator[Sink]:
 
 @pytest.fixture(scope="session")
 def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
-    """One etcd and kube-apiserver for the session's tests that leave it running.
+    """One etcd and kube-apiserver for the tests of a pytest worker (three run side
+    by side, each with its own) that leave it running.
 
     Tests keep apart by namespace and by the names of what is cluster-wide (the
     chart prefixes its ClusterRoles with the release's namespace); CRDs are

@@ -30,7 +30,7 @@ def test_a_seeded_nemesis_loses_nothing_acknowledged(tmp_path: Path) -> None:
     lines: list[str] = []
 
     def say(line: str) -> None:
-        print(line, flush=True)  # live with -s; in the failure message in any case
+        print(line, flush=True)  # live with -n 0 -s; in the failure message in any case
         lines.append(line)
 
     say(f"nemesis seed {seed} (replay: KURRIER_NEMESIS_SEED={seed})")
