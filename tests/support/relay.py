@@ -422,15 +422,20 @@ class ServiceRelay:
             wait_until(lambda: smtp_banner(port), 30, f"{name} to answer SMTP")
             if self.published:
                 self.wait_for_table(name)
+        if command == "delivery" and wait and self.published:
+            # Takes jobs once it has a table: a test spreading jobs over several
+            # delivery processes must not start before the last of them does.
+            self._wait_for_line(name, "delivery started", f"{name} to take jobs", 60)
 
     def wait_for_table(self, name: str = "ingress", timeout: float = 30) -> None:
         """Until the service logged that a routing table is in use."""
-        log = self.workdir / f"{name}.log"
-        wait_until(
-            lambda: "routing table revision" in log.read_text(errors="replace"),
-            timeout,
-            f"{name} to load the routing table",
+        self._wait_for_line(
+            name, "routing table revision", f"{name} to load the routing table", timeout
         )
+
+    def _wait_for_line(self, name: str, text: str, what: str, timeout: float) -> None:
+        log = self.workdir / f"{name}.log"
+        wait_until(lambda: text in log.read_text(errors="replace"), timeout, what)
 
     def __enter__(self) -> ServiceRelay:
         try:
