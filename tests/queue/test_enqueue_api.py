@@ -3,7 +3,8 @@ a newer kurrier.v1 with UNAVAILABLE, and store nothing.
 
 Both shapes are covered: EnqueueMessages (whole messages on one call in
 batches, what ingress sends up to 1 MiB, each answered on its own) and the
-client-streaming Enqueue (envelope, then body chunks).
+client-streaming Enqueue (envelope, then body chunks), whose refusal must reach a
+client still sending its body.
 """
 
 from __future__ import annotations
@@ -252,3 +253,20 @@ def test_a_stopping_queue_ends_the_message_stream_cleanly_after_answering(
     assert code == grpc.StatusCode.OK
     assert [(r.queue_id, r.code) for r in answered] == [("APISTOP000000001", 0)]
     assert [r.queue_id for r in message_records(nats_server.url)] == ["APISTOP000000001"]
+
+
+def test_a_refusal_reaches_a_client_still_sending_the_body(
+    queue: ServiceRelay, nats_server: NatsServer
+) -> None:
+    """A streamed message refused at its envelope while its body is on the way: the
+    client must hear the refusal (UNAVAILABLE: another queue takes it), not gRPC's
+    INTERNAL for a write the ended call no longer took (grpc/grpc#36066)."""
+    chunk = b"x" * 65536
+    for attempt in range(30):
+        queue_id = f"APIBUSY{attempt:09d}"
+        newer = _from_a_newer_client(envelope(queue_id, size=64 * len(chunk)))
+        requests = [queue_pb2.EnqueueRequest(envelope=newer)]
+        requests += [queue_pb2.EnqueueRequest(chunk=chunk)] * 64
+        code = asyncio.run(_streamed(queue.queue_address, requests))
+        assert code == grpc.StatusCode.UNAVAILABLE, f"attempt {attempt}"
+    assert message_records(nats_server.url) == []

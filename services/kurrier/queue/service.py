@@ -5,6 +5,7 @@ traffic shaping of destination sites."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import re
@@ -51,6 +52,8 @@ ADMIN_EVENTS = {
 # Messages of one EnqueueMessages call being stored at once; past this the
 # server reads no further until one is done, so a client cannot pile up work.
 STREAM_IN_FLIGHT = 256
+# What a refused Enqueue still reads of its stream before answering (see _drain).
+DRAIN_LIMIT = 64 * 1024 * 1024
 # The many-messages stream: its spans are per message (serving_message), not per call.
 STREAM_METHOD = "EnqueueMessages"
 STREAM_RPC = f"/kurrier.v1.QueueService/{STREAM_METHOD}"
@@ -121,6 +124,23 @@ def fields_not_known(envelope: queue_pb2.Envelope) -> list[int]:
         found = UnknownFieldSet(part)
         numbers.update(found[index].field_number for index in range(len(found)))
     return sorted(numbers)
+
+
+async def _drain(requests: AsyncIterator[queue_pb2.EnqueueRequest]) -> None:
+    """Read what the client still sends, up to DRAIN_LIMIT, before it is answered.
+
+    Ended while the client still writes its body, the call's status reaches
+    grpc.aio's client as INTERNAL for the write that failed, not as the status
+    sent (grpc/grpc#36066): ingress would not hear that the store is full or that
+    another queue should take the message. A client that keeps sending past the
+    limit gets the answer anyway; one that breaks off has nothing left to hear.
+    """
+    left = DRAIN_LIMIT
+    with contextlib.suppress(Exception):
+        async for request in requests:
+            left -= len(request.chunk)
+            if left < 0:
+                return
 
 
 def check_size(envelope: queue_pb2.Envelope, size: int) -> None:
@@ -223,9 +243,11 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                 check_size(envelope, size)
                 await self._store(envelope, body, size)
             except InvalidRequest as error:
+                await _drain(request_iterator)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
                 raise  # abort() raises; this keeps type checkers aware
             except Refused as refusal:
+                await _drain(request_iterator)
                 await context.abort(refusal.code, refusal.message)
                 raise
         return queue_pb2.EnqueueResponse(queue_id=envelope.queue_id)
