@@ -79,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="kurrier,kurrier/cluster=3,postfix,haraka",
         help="kurrier, postfix, haraka, kurrier@REV (another git revision, measured beside the "
         "first), kurrier+EXPERIMENT[+...] variants (bench/experiments: uvloop), and any kurrier "
-        "with /cluster=N (`kurrier up --nats-cluster N`) or /sync=INTERVAL (its NATS's "
-        "sync_interval, e.g. kurrier/sync=2m), each measured like the others",
+        "with /cluster=N (`kurrier up --nats-cluster N`), /sync=INTERVAL (its NATS's "
+        "sync_interval, e.g. kurrier/sync=2m) or /batch=N (`--atomic-batch-min N`), each "
+        "measured like the others",
     )
     parser.add_argument(
         "--workdir", type=Path, default=Path("/var/tmp/kurrier-bench"), help="relay state (disk)"

@@ -161,12 +161,14 @@ def experiment_env(base: dict[str, str], experiments: list[str]) -> dict[str, st
 
 @dataclass(frozen=True)
 class KurrierVariant:
-    """A kurrier system name: `kurrier[@REV][+EXPERIMENT...][/cluster=N][/sync=INTERVAL]`."""
+    """A kurrier system name:
+    `kurrier[@REV][+EXPERIMENT...][/cluster=N][/sync=INTERVAL][/batch=N]`."""
 
     revision: str | None  # None: the run's --kurrier-rev
     experiments: list[str]
     nodes: int
     sync: str | None  # None: `kurrier up`'s default for the nodes
+    batch: str | None = None  # --atomic-batch-min; None: `kurrier up`'s default
 
     @classmethod
     def parse(cls, name: str) -> KurrierVariant:
@@ -176,15 +178,20 @@ class KurrierVariant:
         found: dict[str, str] = {}
         for option in options:
             key, equals, value = option.partition("=")
-            if key not in ("cluster", "sync") or not equals or key in found:
-                raise ValueError(f"{name!r}: options are /cluster=N and /sync=INTERVAL")
+            if key not in ("cluster", "sync", "batch") or not equals or key in found:
+                raise ValueError(f"{name!r}: options are /cluster=N, /sync=INTERVAL and /batch=N")
             found[key] = value
         return cls(
-            revision if at else None, experiments, int(found.get("cluster", 1)), found.get("sync")
+            revision if at else None,
+            experiments,
+            int(found.get("cluster", 1)),
+            found.get("sync"),
+            found.get("batch"),
         )
 
     def up_args(self) -> list[str]:
         args = ["--nats-cluster", str(self.nodes)] if self.nodes > 1 else []
+        args += ["--atomic-batch-min", self.batch] if self.batch else []
         return args + (["--nats-sync", self.sync] if self.sync else [])
 
     @property

@@ -26,6 +26,7 @@ from bench.systems import KurrierVariant
             "one node lost (R3 quorum of 3, fsync)",
         ),
         ("kurrier@abc123", [], "abc123's default"),
+        ("kurrier/batch=16", ["--atomic-batch-min", "16"], "power cut (fsync before 250)"),
     ],
 )
 def test_a_kurrier_name_says_how_it_runs_and_what_its_250_survives(
@@ -37,7 +38,7 @@ def test_a_kurrier_name_says_how_it_runs_and_what_its_250_survives(
 
 
 def test_an_unknown_option_is_refused() -> None:
-    with pytest.raises(ValueError, match="/cluster=N and /sync=INTERVAL"):
+    with pytest.raises(ValueError, match="/cluster=N, /sync=INTERVAL and /batch=N"):
         KurrierVariant.parse("kurrier/replicas=3")
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import yaml
+from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.body_store import body_exists, store_body
 from kurrier.core.jetstream import (
     JOBS_STREAM,
@@ -54,6 +55,9 @@ class Scene:
     js: JetStreamContext
     records: RecordStore
     tables: TableFollower
+
+    def job_writes(self) -> AtomicBatches:
+        return AtomicBatches(self.js, JOBS_STREAM)
 
     async def queued(self, queue_id: str, recipients: list[str]) -> tuple[MessageRecord, int]:
         """A message as the queue's intake leaves it: body, record, then its jobs."""
@@ -129,7 +133,11 @@ async def test_a_job_that_delivers_all_that_was_left_removes_record_and_body(
         queue_id = "FINISHED000000000001"
         record, revision = await scene.queued(queue_id, ["r1@example.com", "r2@example.com"])
         await publish_jobs(
-            scene.js, scene.tables.table, record, [r.address for r in record.recipients], revision
+            scene.job_writes(),
+            scene.tables.table,
+            record,
+            [r.address for r in record.recipients],
+            revision,
         )
         async with scene.delivering():
             await _until(lambda: _jobs_done(scene.js), "the job to be acked")
@@ -146,7 +154,9 @@ async def test_a_record_changed_since_dispatch_is_left_to_the_queue(
     async with _scene(nats_server, sink) as scene:
         queue_id = "CHANGED0000000000001"
         record, revision = await scene.queued(queue_id, ["r@example.com"])
-        await publish_jobs(scene.js, scene.tables.table, record, ["r@example.com"], revision)
+        await publish_jobs(
+            scene.job_writes(), scene.tables.table, record, ["r@example.com"], revision
+        )
         # An administrator holds the message while its job is out.
         record.held = True
         await scene.records.update(record, revision)
@@ -172,7 +182,7 @@ async def test_a_message_split_across_routes_reports_each_part_to_the_queue(
         queue_id = "SPLIT000000000000001"
         recipients = ["a@one.example", "b@two.example"]
         record, revision = await scene.queued(queue_id, recipients)
-        await publish_jobs(scene.js, scene.tables.table, record, recipients, revision)
+        await publish_jobs(scene.job_writes(), scene.tables.table, record, recipients, revision)
         assert [job.record_revision for job in await scene.jobs()] == [None, None]
         async with scene.delivering():
             await _until(lambda: _jobs_done(scene.js), "both jobs to be acked")
@@ -188,7 +198,9 @@ async def test_a_job_for_some_of_the_pending_recipients_carries_no_revision(
         record, revision = await scene.queued("PARTIAL0000000000001", ["a@example.com"])
         # A second recipient still deferred: this job is not all that is left.
         record.recipients.append(RecipientState(address="b@example.com", status="deferred"))
-        await publish_jobs(scene.js, scene.tables.table, record, ["a@example.com"], revision)
+        await publish_jobs(
+            scene.job_writes(), scene.tables.table, record, ["a@example.com"], revision
+        )
         [job] = await scene.jobs()
         assert job.record_revision is None
         assert job.received_at == record.received_at

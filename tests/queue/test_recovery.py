@@ -11,6 +11,7 @@ from pathlib import Path
 import nats.errors
 import pytest
 from kurrier.core import message_store
+from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.body_store import store_body, stored_objects
 from kurrier.core.history import HISTORY, history_subject
 from kurrier.core.jetstream import (
@@ -146,7 +147,9 @@ async def _accept_as_the_connection_drops(server: NatsServer) -> tuple[bool, boo
             server.stop(kill=True)
             await eventually(lambda: not nc.is_connected, 10, "the client to see it gone")
             restarted = asyncio.get_running_loop().run_in_executor(None, server.start)
-            await publish_jobs(js, TableFollower().table, record, recipients, revision)
+            await publish_jobs(
+                AtomicBatches(js, JOBS_STREAM), TableFollower().table, record, recipients, revision
+            )
 
         record = _record("TAKEBACK000000000002", time.time(), 3)
         store = MessageStore(js, records, publish_as_the_server_restarts)
@@ -211,7 +214,13 @@ async def _sweep_after_a_crash_mid_enqueue(
         revision = await records.create(record)
         assert revision
         # While its job waits in JetStream (delivery is only slow), nothing happens.
-        await publish_jobs(js, TableFollower().table, record, ["r@example.com"], revision)
+        await publish_jobs(
+            AtomicBatches(js, JOBS_STREAM),
+            TableFollower().table,
+            record,
+            ["r@example.com"],
+            revision,
+        )
         with_job, _ = await sweeper.sweep()
         jobs_with_job = (await js.stream_info(JOBS_STREAM)).state.messages
         # The job never published (the queue died after storing the record): dispatched again.

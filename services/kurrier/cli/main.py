@@ -258,6 +258,7 @@ def _run_queue(args: argparse.Namespace) -> int:
         body_store_limit=args.body_store_limit,
         history=HistoryLimits(parse_duration(args.history_retention), args.history_max_bytes),
         grpc_tls=_grpc_tls(args),
+        atomic_batch_min=args.atomic_batch_min,
     )
     run_service(serve_queue(settings))
     return 0
@@ -274,6 +275,7 @@ def _run_delivery(args: argparse.Namespace) -> int:
         dns_resolver=args.dns_resolver,
         mx_port=args.mx_port,
         dane=args.dane == "on",
+        atomic_batch_min=args.atomic_batch_min,
     )
     run_service(serve_delivery(args.nats_url, args.nats_replicas, settings, args.metrics_listen))
     return 0

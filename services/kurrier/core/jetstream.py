@@ -298,11 +298,36 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, owner: bool
             await js.update_stream(config)
 
 
-async def _converge_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
+async def _converge_replicas(
+    js: JetStreamContext, stream: str, replicas: int, allow_atomic: bool = False
+) -> None:
     """KV buckets and object stores are streams too: scale them with the rest."""
     info = await js.stream_info(stream)
-    if info.config.num_replicas != replicas:
-        await js.update_stream(info.config.evolve(num_replicas=replicas))
+    wanted = info.config.evolve(
+        num_replicas=replicas, allow_atomic=allow_atomic or info.config.allow_atomic
+    )
+    if wanted != info.config:
+        await js.update_stream(wanted)
+
+
+def _records_stream(replicas: int) -> StreamConfig:
+    """The records' bucket: a KV bucket's stream as NATS ADR-8 lays it out (history 1,
+    removals by rollup, markers with a TTL), which also takes atomic batches
+    (core/atomic_batches.py). nats-py's create_key_value has no way to ask for those."""
+    return StreamConfig(
+        name=MESSAGES_STREAM,
+        subjects=[RECORDS_PREFIX + ">"],
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=120.0,
+        allow_direct=True,
+        allow_rollup_hdrs=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        allow_atomic=True,
+    )
 
 
 async def ensure_layout(
@@ -355,6 +380,7 @@ async def ensure_layout(
                 num_replicas=replicas,
                 retention=RetentionPolicy.WORK_QUEUE,
                 allow_msg_schedules=True,
+                allow_atomic=True,
             ),
             owner,
         )
@@ -412,11 +438,15 @@ async def ensure_layout(
     ):
         if kv_stream(bucket) not in wanted:
             continue
+        records = bucket == MESSAGES_BUCKET
         try:
             await js.key_value(bucket)
             if owner:
-                await _converge_replicas(js, kv_stream(bucket), replicas)
+                await _converge_replicas(js, kv_stream(bucket), replicas, allow_atomic=records)
         except NotFoundError:
+            if records:
+                await js.add_stream(_records_stream(replicas))
+                continue
             await js.create_key_value(
                 KeyValueConfig(
                     bucket=bucket, storage=storage, replicas=replicas, history=1, ttl=ttl

@@ -85,6 +85,12 @@ TLS_SESSIONS = _METER.create_counter(
     description="Sessions delivery opened to MX hosts, by policy type (tlsa, sts, "
     "no-policy-found) and result (success, or an RFC 8460 result type)",
 )
+ATOMIC_BATCHES = _METER.create_counter(
+    "kurrier.jetstream.batches",
+    unit="{batch}",
+    description="Atomic batches of concurrent writes sent to a stream, by stream and outcome: "
+    "stored, or refused (then written one by one)",
+)
 HISTORY_EVENTS_DROPPED = _METER.create_counter(
     "kurrier.history.events.dropped",
     unit="{event}",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.jetstream import MESSAGES_BUCKET, MESSAGES_STREAM, RECORDS_PREFIX, one_pass
 from kurrier.core.message import MessageRecord
 from nats.js import JetStreamContext
@@ -46,8 +47,17 @@ class RecordChanged(Exception):
 
 
 class RecordStore:
-    def __init__(self, js: JetStreamContext, kv: KeyValue, at_leader: KeyValue) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        kv: KeyValue,
+        at_leader: KeyValue,
+        writes: AtomicBatches | None = None,
+    ) -> None:
         self._js = js
+        # Creates and guarded removals, the writes of every message, may share
+        # atomic batches; updates are rarer and stay plain KV updates.
+        self._writes = writes or AtomicBatches(js, MESSAGES_STREAM)
         self._kv = kv
         # Reads through the bucket's leader, to confirm that a record is gone:
         # a direct read may be answered by a replica that has not applied it yet.
@@ -63,7 +73,7 @@ class RecordStore:
         self._recent[queue_id] = (document, revision)
 
     @classmethod
-    async def open(cls, js: JetStreamContext) -> RecordStore:
+    async def open(cls, js: JetStreamContext, writes: AtomicBatches | None = None) -> RecordStore:
         at_leader = KeyValue(
             name=MESSAGES_BUCKET,
             stream=MESSAGES_STREAM,
@@ -71,7 +81,7 @@ class RecordStore:
             js=js,
             direct=False,
         )
-        return cls(js, await js.key_value(MESSAGES_BUCKET), at_leader)
+        return cls(js, await js.key_value(MESSAGES_BUCKET), at_leader, writes)
 
     async def create(self, record: MessageRecord) -> int | None:
         """Store a new record; its revision, or None if one with this queue id exists
@@ -92,7 +102,7 @@ class RecordStore:
                 Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(last),
             }
             try:
-                ack = await self._js.publish(subject, document, headers=headers)
+                ack = await self._writes.publish(subject, document, headers)
             except APIError as error:
                 if error.err_code not in _WRONG_LAST_SEQUENCE:
                     raise
@@ -160,10 +170,17 @@ class RecordStore:
         """
         self._recent.pop(queue_id, None)
         headers = {KV_OP: KV_PURGE, Header.ROLLUP.value: MSG_ROLLUP_SUBJECT}
-        if revision is not None:
-            headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(revision)
+        subject = RECORDS_PREFIX + queue_id
         try:
-            await self._js.publish(RECORDS_PREFIX + queue_id, headers=headers, msg_ttl=MARKER_TTL)
+            if revision is None:
+                await self._js.publish(subject, headers=headers, msg_ttl=MARKER_TTL)
+                return
+            headers[Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value] = str(revision)
+            headers[Header.MSG_TTL.value] = str(int(MARKER_TTL))
+            # The id makes the removal safe to send again (AtomicBatches); one
+            # already stored comes back as a duplicate, which is a success.
+            headers[Header.MSG_ID.value] = f"remove:{queue_id}:{revision}"
+            await self._writes.publish(subject, b"", headers)
         except APIError as error:
             if revision is not None and error.err_code in _WRONG_LAST_SEQUENCE:
                 raise RecordChanged(queue_id) from error

@@ -63,6 +63,12 @@ def on_off(text: str) -> str:
     return text
 
 
+def batch_size(text: str) -> int:
+    if not text.isdigit() or int(text) == 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 0 (off) or a batch size of 2 or more")
+    return int(text)
+
+
 def optional_duration(text: str) -> str | None:
     return None if text == "off" else duration(text)
 
@@ -177,6 +183,16 @@ TRUST_TRACEPARENT_HEADER = Setting(
     "continue the trace a submitted message's Traceparent header names (true/false)",
     environment_only=True,
 )
+# The writes of one stream that pile up together go out as one atomic batch
+# (core/atomic_batches.py): the queue's records and jobs, delivery's removals.
+ATOMIC_BATCH_MIN = Setting(
+    "atomic_batch_min",
+    "store this many or more writes into one stream waiting together as one atomic batch"
+    " (JetStream 2.12+; 0: off)",
+    batch_size,
+    "0",
+)
+
 COMMON = (
     NATS_URL,
     NATS_REPLICAS,
@@ -276,6 +292,7 @@ QUEUE = (
     ),
     HISTORY_RETENTION,
     HISTORY_MAX_BYTES,
+    ATOMIC_BATCH_MIN,
     *RETRIES,
 )
 
@@ -300,6 +317,7 @@ DELIVERY = (
     DNS_RESOLVER,
     MX_PORT,
     DANE,
+    ATOMIC_BATCH_MIN,
 )
 
 # --- operator ----------------------------------------------------------------
@@ -364,6 +382,7 @@ PASSED_ON_BY_UP = (
     DNS_RESOLVER,
     MX_PORT,
     DANE,
+    ATOMIC_BATCH_MIN,
     *RETRIES,
     LOG_LEVEL,
 )

@@ -29,7 +29,7 @@ async def serve_delivery(
 
 
 async def _start(settings: DeliverySettings, nats: Connected) -> Hooks:
-    worker = DeliveryWorker(nats.js, nats.tables, settings)
+    worker = DeliveryWorker(nats.js, nats.tables, settings, nc=nats.nc)
 
     async def deliver() -> None:
         log.info("delivery started with %d slots", settings.concurrency)

@@ -29,3 +29,5 @@ class DeliverySettings:
     mx_port: int = _declared("mx_port")
     # Trust the resolver's AD bit for TLSA records (delivery/dane.py).
     dane: bool = _declared("dane") == "on"
+    # Removals of delivered messages' records waiting together share an atomic batch.
+    atomic_batch_min: int = _declared("atomic_batch_min")

@@ -8,10 +8,12 @@ import logging
 import time
 from collections.abc import Callable
 
+from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.body_store import load_body
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     JOBS_STREAM,
+    MESSAGES_STREAM,
     RESULTS_STREAM,
     SHAPING_BUCKET,
     pull_batch,
@@ -35,6 +37,7 @@ from kurrier.delivery.completion import finish_delivered
 from kurrier.delivery.courier import Courier, HeldOutcome
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.site_shaping import SiteShaping
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
@@ -62,8 +65,10 @@ class DeliveryWorker:
         settings: DeliverySettings,
         ack_wait: float = ACK_WAIT,
         shaping: Callable[[KeyValue], SiteShaping] = SiteShaping,
+        nc: NATS | None = None,
     ) -> None:
         self._js = js
+        self._nc = nc
         self._shaping = shaping
         self._ack_wait = ack_wait
         self._tables = tables
@@ -116,7 +121,10 @@ class DeliveryWorker:
             renewal.cancel()
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
-        self._store = MessageStore(self._js, await RecordStore.open(self._js))
+        removals = AtomicBatches(
+            self._js, MESSAGES_STREAM, self._settings.atomic_batch_min, self._nc
+        )
+        self._store = MessageStore(self._js, await RecordStore.open(self._js, removals))
         self.courier.shaping = self._shaping(await self._js.key_value(SHAPING_BUCKET))
         return await self._js.pull_subscribe(
             "kurrier.job.*",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.history import HISTORY, trace_id_of
-from kurrier.core.jetstream import JOBS_STREAM, job_subject
+from kurrier.core.jetstream import job_subject
 from kurrier.core.message import DeliveryJob, MessageRecord, RecipientDsn
 from kurrier.core.routing import RoutingTable, domain_of
 from kurrier.core.telemetry import JOBS_DESTINATION, publishing
-from nats.js import JetStreamContext
 
 # How long a dispatched recipient may go without a result before the queue
 # dispatches it again. It covers a job lost in a crash between storing a
@@ -53,7 +53,7 @@ def report_dispatch(record: MessageRecord, recipients: list[str], now: float) ->
 
 
 async def publish_jobs(
-    js: JetStreamContext,
+    jobs: AtomicBatches,
     table: RoutingTable,
     record: MessageRecord,
     recipients: list[str],
@@ -101,6 +101,4 @@ async def publish_jobs(
             attempt=record.dispatches,
             traceparent=record.traceparent,
         ) as headers:
-            await js.publish(
-                subject, job.model_dump_json().encode(), stream=JOBS_STREAM, headers=headers
-            )
+            await jobs.publish(subject, job.model_dump_json().encode(), headers)

@@ -11,8 +11,14 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.grpc_tls import SERVER_OPTIONS, GrpcTls
-from kurrier.core.jetstream import LEASES_BUCKET, HistoryLimits
+from kurrier.core.jetstream import (
+    JOBS_STREAM,
+    LEASES_BUCKET,
+    MESSAGES_STREAM,
+    HistoryLimits,
+)
 from kurrier.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 from kurrier.core.records import RecordStore
 from kurrier.core.service import Connected, Hooks, Service, serve
@@ -40,6 +46,7 @@ class QueueSettings:
     history: HistoryLimits | None = None
     metrics_listen: str | None = None
     grpc_tls: GrpcTls | None = None
+    atomic_batch_min: int = 0
 
 
 async def serve_queue(settings: QueueSettings) -> None:
@@ -59,8 +66,16 @@ async def serve_queue(settings: QueueSettings) -> None:
 
 async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
     js = nats.js
-    records = await RecordStore.open(js)
-    manager = QueueManager(js, records, nats.tables, settings.schedule, settings.hostname)
+    least = settings.atomic_batch_min
+    records = await RecordStore.open(js, AtomicBatches(js, MESSAGES_STREAM, least, nats.nc))
+    manager = QueueManager(
+        js,
+        records,
+        nats.tables,
+        settings.schedule,
+        settings.hostname,
+        AtomicBatches(js, JOBS_STREAM, least, nats.nc),
+    )
     sweeper_lease = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
     grpc_server = _GrpcServer(settings, QueueService(js, records, manager))
 

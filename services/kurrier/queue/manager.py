@@ -15,9 +15,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.body_store import load_body
 from kurrier.core.dsn_parameters import notify_allows
 from kurrier.core.history import HISTORY, trace_id_of
+from kurrier.core.jetstream import JOBS_STREAM
 from kurrier.core.message import FAILED_STATUSES, FINAL_STATUSES, MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
 from kurrier.core.metrics import RECIPIENTS_DEFERRED, count_final, tenant_label
@@ -98,14 +100,16 @@ class QueueManager:
         tables: TableFollower,
         schedule: RetrySchedule,
         hostname: str,
+        jobs: AtomicBatches | None = None,
     ) -> None:
         self._js = js
         self._tables = tables
         self.schedule = schedule
         self._hostname = hostname
+        job_writes = jobs or AtomicBatches(js, JOBS_STREAM)
 
         async def publish(record: MessageRecord, recipients: list[str], revision: int) -> None:
-            await publish_jobs(js, tables.table, record, recipients, revision)
+            await publish_jobs(job_writes, tables.table, record, recipients, revision)
 
         self.store = MessageStore(js, records, publish)
         self.intake = Intake(self.store)

@@ -1,0 +1,193 @@
+"""Writes into one stream that pile up go out as atomic batches (core/atomic_batches.py),
+against a real nats-server: each caller still gets its own PubAck or its own error."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from kurrier.core.atomic_batches import AtomicBatches
+from kurrier.core.jetstream import MESSAGES_STREAM, connect, disconnect, ensure_layout
+from kurrier.core.message import MessageRecord, RecipientState
+from kurrier.core.records import RecordChanged, RecordStore
+from kurrier.core.settings import batch_size
+from nats.aio.client import Client as NATS
+from nats.js.api import Header, PubAck, StreamConfig
+from nats.js.errors import APIError
+
+from tests.support.nats import NatsServer
+
+STREAM = "BATCHED"
+WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+async def _connected(url: str, allow_atomic: bool = True) -> AsyncIterator[NATS]:
+    nc = await connect(url, "test-atomic-batches")
+    try:
+        await nc.jetstream().add_stream(
+            StreamConfig(name=STREAM, subjects=["batched.>"], allow_atomic=allow_atomic)
+        )
+        yield nc
+    finally:
+        await disconnect(nc)
+
+
+def _write(n: int, **extra: str) -> tuple[str, bytes, dict[str, str]]:
+    return f"batched.{n}", f"payload {n}".encode(), {Header.MSG_ID.value: f"id-{n}", **extra}
+
+
+async def _stored(nc: NATS, ack: PubAck) -> tuple[str, bytes]:
+    message = await nc.jetstream().get_msg(STREAM, ack.seq)
+    return message.subject or "", message.data or b""
+
+
+def test_writes_that_pile_up_are_one_batch_and_each_gets_its_own_sequence(
+    nats_server: NatsServer,
+) -> None:
+    async def scenario() -> None:
+        async for nc in _connected(nats_server.url):
+            batches = AtomicBatches(nc.jetstream(), STREAM, min_size=4, nc=nc)
+            writes = [_write(n) for n in range(60)]
+            acks = await asyncio.gather(*(batches.publish(*write) for write in writes))
+            assert batches.batches == {"stored": 1}
+            for (subject, payload, _), ack in zip(writes, acks, strict=True):
+                assert not ack.duplicate
+                assert await _stored(nc, ack) == (subject, payload)
+            assert (await nc.jetstream().stream_info(STREAM)).state.messages == 60
+
+    asyncio.run(scenario())
+
+
+def test_fewer_writes_than_the_least_batch_are_plain_publishes(nats_server: NatsServer) -> None:
+    async def scenario() -> None:
+        async for nc in _connected(nats_server.url):
+            batches = AtomicBatches(nc.jetstream(), STREAM, min_size=8, nc=nc)
+            acks = await asyncio.gather(*(batches.publish(*_write(n)) for n in range(5)))
+            assert batches.batches == {}
+            assert sorted(ack.seq for ack in acks) == [1, 2, 3, 4, 5]
+
+    asyncio.run(scenario())
+
+
+def test_a_member_the_stream_refuses_fails_alone(nats_server: NatsServer) -> None:
+    async def scenario() -> None:
+        async for nc in _connected(nats_server.url):
+            js = nc.jetstream()
+            await js.publish("batched.taken", b"first")
+            batches = AtomicBatches(js, STREAM, min_size=4, nc=nc)
+            # Expects the subject to be new: it is not, so a batch holding it is refused whole.
+            refused = _write(99, **{Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: "0"})
+            refused = ("batched.taken", *refused[1:])
+            writes = [_write(n) for n in range(10)]
+            results = await asyncio.gather(
+                *(batches.publish(*write) for write in [*writes[:5], refused, *writes[5:]]),
+                return_exceptions=True,
+            )
+            assert batches.batches == {"refused": 1}
+            error = results.pop(5)
+            assert isinstance(error, APIError) and error.err_code in WRONG_LAST_SEQUENCE
+            for (subject, payload, _), ack in zip(writes, results, strict=True):
+                assert isinstance(ack, PubAck)
+                assert await _stored(nc, ack) == (subject, payload)
+            assert (await js.stream_info(STREAM)).state.messages == 11
+
+    asyncio.run(scenario())
+
+
+def test_a_member_stored_before_is_a_duplicate_not_a_second_copy(
+    nats_server: NatsServer,
+) -> None:
+    async def scenario() -> None:
+        async for nc in _connected(nats_server.url):
+            js = nc.jetstream()
+            # A write a lost batch stored, sent again: JetStream knows its id.
+            subject, payload, headers = _write(3)
+            first = await js.publish(subject, payload, headers=dict(headers))
+            batches = AtomicBatches(js, STREAM, min_size=4, nc=nc)
+            acks = await asyncio.gather(*(batches.publish(*_write(n)) for n in range(8)))
+            assert batches.batches == {"refused": 1}
+            assert acks[3].duplicate and acks[3].seq == first.seq
+            assert [ack.duplicate for ack in acks].count(True) == 1
+            assert (await js.stream_info(STREAM)).state.messages == 8
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_without_atomic_batches_is_written_one_by_one(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async for nc in _connected(nats_server.url, allow_atomic=False):
+            batches = AtomicBatches(nc.jetstream(), STREAM, min_size=2, nc=nc)
+            first = await asyncio.gather(*(batches.publish(*_write(n)) for n in range(6)))
+            assert not batches.batching
+            later = await asyncio.gather(*(batches.publish(*_write(n)) for n in range(6, 12)))
+            assert batches.batches == {"refused": 1}
+            assert sorted(ack.seq for ack in [*first, *later]) == list(range(1, 13))
+
+    asyncio.run(scenario())
+    assert "does not take atomic batches" in caplog.text
+
+
+def test_a_write_that_may_be_batched_needs_a_message_id(nats_server: NatsServer) -> None:
+    async def scenario() -> None:
+        async for nc in _connected(nats_server.url):
+            batches = AtomicBatches(nc.jetstream(), STREAM, min_size=2, nc=nc)
+            with pytest.raises(ValueError, match="Nats-Msg-Id"):
+                await batches.publish("batched.x", b"", {})
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("text", ["1", "-2", "two", ""])
+def test_a_batch_of_one_or_less_is_not_a_setting(text: str) -> None:
+    with pytest.raises(Exception, match="batch size"):
+        batch_size(text)
+
+
+def _record(n: int) -> MessageRecord:
+    return MessageRecord(
+        queue_id=f"BATCHED{n:013d}",
+        mail_from="a@client.test",
+        recipients=[RecipientState(address="r@example.com")],
+        received_at=time.time(),
+        size=1,
+        body_store="record",
+        body=b"x",
+    )
+
+
+def test_records_are_created_and_removed_in_batches(nats_server: NatsServer) -> None:
+    """The queue's creates and delivery's guarded removals, the writes of every message."""
+
+    async def scenario() -> None:
+        nc = await connect(nats_server.url, "test-atomic-batches")
+        try:
+            js = nc.jetstream()
+            await ensure_layout(js, owner=True)
+            writes = AtomicBatches(js, MESSAGES_STREAM, min_size=4, nc=nc)
+            records = await RecordStore.open(js, writes)
+            made = [_record(n) for n in range(30)]
+            revisions = await asyncio.gather(*(records.create(r) for r in made))
+            assert writes.batches == {"stored": 1}
+            for record, revision in zip(made, revisions, strict=True):
+                assert await records.get(record.queue_id, fresh=True) == (record, revision)
+            # One removal at a revision the record is no longer at: that one alone fails.
+            assert all(revisions)
+            guards = [revision or 0 for revision in revisions]
+            guards[7] -= 1
+            outcomes = await asyncio.gather(
+                *(records.delete(r.queue_id, guard) for r, guard in zip(made, guards, strict=True)),
+                return_exceptions=True,
+            )
+            assert writes.batches == {"stored": 1, "refused": 1}
+            assert isinstance(outcomes.pop(7), RecordChanged)
+            assert outcomes == [None] * 29
+            left = [r.queue_id async for r in records.all()]
+            assert left == [made[7].queue_id]
+        finally:
+            await disconnect(nc)
+
+    asyncio.run(scenario())
