@@ -45,6 +45,11 @@ SCHEMA_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
         ["at '/nats/jetstream/syncInterval'", "does not match pattern"],
     ),
     (
+        "batch-of-one",
+        {"nats": {"atomicBatchMin": 1}},
+        ["at '/nats/atomicBatchMin'", "anyOf"],
+    ),
+    (
         "duration",
         {"queue": {"minBackoff": "5 minutes"}},
         ["at '/queue/minBackoff'", "does not match pattern"],

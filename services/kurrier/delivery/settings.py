@@ -29,5 +29,6 @@ class DeliverySettings:
     mx_port: int = _declared("mx_port")
     # Trust the resolver's AD bit for TLSA records (delivery/dane.py).
     dane: bool = _declared("dane") == "on"
-    # Removals of delivered messages' records waiting together share an atomic batch.
-    atomic_batch_min: int = _declared("atomic_batch_min")
+    # Removals of delivered messages' records waiting together share an atomic
+    # batch of at least this many (0: off; the command line resolves 'auto').
+    atomic_batch_min: int = 0
