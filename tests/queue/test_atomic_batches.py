@@ -197,3 +197,21 @@ def test_records_are_created_and_removed_in_batches(nats_server: NatsServer) -> 
             await disconnect(nc)
 
     asyncio.run(scenario())
+
+
+def test_a_write_whose_caller_gave_up_before_it_went_out_is_not_sent(
+    nats_server: NatsServer,
+) -> None:
+    async def scenario() -> None:
+        async for nc in _connected(nats_server.url):
+            batches = AtomicBatches(nc.jetstream(), STREAM, min_size=4, nc=nc)
+            writes = [asyncio.ensure_future(batches.publish(*_write(n))) for n in range(6)]
+            # Let the writers start, not yet send: the last ones wait their turn.
+            await asyncio.sleep(0)
+            writes[5].cancel()
+            acks = await asyncio.gather(*writes[:5])
+            assert writes[5].cancelled()
+            assert sorted(ack.seq for ack in acks) == [1, 2, 3, 4, 5]
+            assert (await nc.jetstream().stream_info(STREAM)).state.messages == 5
+
+    asyncio.run(scenario())

@@ -137,6 +137,8 @@ class AtomicBatches:
         """One writer: takes what is pending, writes it, again until nothing is left."""
         while self._pending:
             writes = self._take()
+            if not writes:
+                return
             try:
                 if self.batching and len(writes) >= self._min_size:
                     await self._write_batch(writes)
@@ -149,6 +151,9 @@ class AtomicBatches:
                     raise
 
     def _take(self) -> list[_Write]:
+        # A write whose caller gave up before it went out is not sent at all:
+        # the caller has told its own client the store failed.
+        self._pending = [write for write in self._pending if not write.done.done()]
         count, size = 0, 0
         for write in self._pending:
             size += len(write.payload)
