@@ -12,9 +12,11 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kurrier.cli.main import build_parser
 from kurrier.cli.nats_server import nats_server_env
 from kurrier.cli.up import NATS_USERS_DIR, UpSettings, metrics_ports
+from kurrier.core.grpc_tls import QueueTls
 from kurrier.core.jetstream import BODIES_STREAM, connect, disconnect
 from kurrier.core.nats_access import COMPONENTS
 from kurrier.core.settings import NATS_PASSWORD_FILE, NATS_USER
@@ -161,3 +163,22 @@ def test_up_runs_nats_with_a_login_per_component(tmp_path: Path, sink: Sink) -> 
 
         asyncio.run(check())
     assert "Publish Violation" in (tmp_path / "up.log").read_text()
+
+
+def test_ready_means_the_queue_already_takes_calls(tmp_path: Path, sink: Sink) -> None:
+    """Ingress greets as soon as its port is open; `kurrier ready` waits for the queue too,
+    so the first message is not held waiting for a queue still starting."""
+    config = documents(route("to-sink", ["example.com"], sink.port), trusting())
+    with UpRelay(tmp_path, config) as relay:
+        tls = QueueTls(**relay.state["queue_tls"])  # type: ignore[arg-type]
+        address = str(relay.state["queue_address"])
+
+        async def health() -> int:
+            async with tls.channel(address) as channel:
+                # No wait_for_ready: a queue not listening yet fails this at once.
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+            return int(reply.status)
+
+        assert asyncio.run(health()) == health_pb2.HealthCheckResponse.SERVING

@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kurrier.cli.local_ca import make_local_tls
 from kurrier.cli.nats_server import (
     RouteTls,
@@ -36,6 +38,7 @@ from kurrier.cli.nats_server import (
 from kurrier.cli.nats_users import NatsUsers
 from kurrier.cli.supervisor import Supervisor
 from kurrier.core.addresses import parse_host_port
+from kurrier.core.grpc_tls import QueueTls
 from kurrier.core.jetstream import connect, ensure_layout
 from kurrier.core.lifecycle import signal_event, stop_event
 from kurrier.core.loader import ResourceError, load_resources
@@ -168,6 +171,21 @@ async def _wait_for_smtp(address: str, timeout: float) -> None:
     host, port = parse_host_port(address, default_host="127.0.0.1")
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     await wait_for_smtp_banner(host, port, timeout)
+
+
+async def _wait_for_queues(addresses: list[str], tls: QueueTls, timeout: float) -> None:
+    """Ready means mail can be stored: every queue process's gRPC health says SERVING
+    (ingress greets on its port before its queue may listen)."""
+    for address in addresses:
+        async with tls.channel(address) as channel:
+            try:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True
+                )
+            except grpc.aio.AioRpcError as error:
+                raise TimeoutError(f"the queue at {address} did not answer: {error}") from None
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise TimeoutError(f"the queue at {address} is not serving")
 
 
 async def _wait_for_operator(address: str, timeout: float) -> None:
@@ -389,6 +407,7 @@ class _LocalRelay:
         )
 
     async def wait_until_ready(self) -> None:
+        await _wait_for_queues(self.queue_listens, self.tls.admin, READY_TIMEOUT)
         await _wait_for_smtp(self.settings.smtp, READY_TIMEOUT)
         if self.settings.config is None:
             await _wait_for_operator(self.operator_health, READY_TIMEOUT)
