@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from kurrier.core.atomic_batches import AtomicBatches, least_batch
+from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.jetstream import MESSAGES_STREAM, connect, disconnect, ensure_layout
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.records import RecordChanged, RecordStore
@@ -141,16 +141,10 @@ def test_a_write_that_may_be_batched_needs_a_message_id(nats_server: NatsServer)
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("text", ["1", "-2", "two", ""])
+@pytest.mark.parametrize("text", ["1", "-2", "two", "", "auto"])
 def test_a_batch_of_one_or_less_is_not_a_setting(text: str) -> None:
     with pytest.raises(Exception, match="batch size"):
         batch_size(text)
-
-
-def test_auto_batches_from_sixteen_on_one_node_and_four_on_replicas() -> None:
-    assert batch_size("auto") is None
-    assert [least_batch(None, 1), least_batch(None, 3)] == [16, 4]
-    assert [least_batch(batch_size("0"), 3), least_batch(batch_size("2"), 1)] == [0, 2]
 
 
 def _record(n: int) -> MessageRecord:

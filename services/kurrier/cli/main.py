@@ -238,7 +238,6 @@ def _run_queue(args: argparse.Namespace) -> int:
 
         return run_admin(args, queue_tls(args))
 
-    from kurrier.core.atomic_batches import least_batch
     from kurrier.core.jetstream import HistoryLimits
     from kurrier.queue.main import QueueSettings, serve_queue
     from kurrier.queue.retry_schedule import RetrySchedule
@@ -259,14 +258,13 @@ def _run_queue(args: argparse.Namespace) -> int:
         body_store_limit=args.body_store_limit,
         history=HistoryLimits(parse_duration(args.history_retention), args.history_max_bytes),
         grpc_tls=_grpc_tls(args),
-        atomic_batch_min=least_batch(args.atomic_batch_min, args.nats_replicas),
+        atomic_batch_min=args.atomic_batch_min,
     )
     run_service(serve_queue(settings))
     return 0
 
 
 def _run_delivery(args: argparse.Namespace) -> int:
-    from kurrier.core.atomic_batches import least_batch
     from kurrier.delivery.main import serve_delivery
     from kurrier.delivery.settings import DeliverySettings
 
@@ -277,7 +275,7 @@ def _run_delivery(args: argparse.Namespace) -> int:
         dns_resolver=args.dns_resolver,
         mx_port=args.mx_port,
         dane=args.dane == "on",
-        atomic_batch_min=least_batch(args.atomic_batch_min, args.nats_replicas),
+        atomic_batch_min=args.atomic_batch_min,
     )
     run_service(serve_delivery(args.nats_url, args.nats_replicas, settings, args.metrics_listen))
     return 0

@@ -48,19 +48,6 @@ WRITERS = 2
 _ATOMIC_PUBLISH_DISABLED = 10174
 
 
-def least_batch(setting: int | None, replicas: int) -> int:
-    """The smallest batch worth sending (--atomic-batch-min; None: auto).
-
-    A batch costs a few syncs of its own (its staging store, then the
-    commit), so on one node only batches of tens gain; on replicated streams
-    the Raft log is what is synced and batches gain from a few members
-    (bench/results/2026-12-06-atomic-batches-intake.md).
-    """
-    if setting is not None:
-        return setting
-    return 16 if replicas == 1 else 4
-
-
 @dataclass
 class _Write:
     subject: str

@@ -63,14 +63,9 @@ def on_off(text: str) -> str:
     return text
 
 
-def batch_size(text: str) -> int | None:
-    """None for 'auto': the service picks by its streams' replicas (core/atomic_batches.py)."""
-    if text == "auto":
-        return None
+def batch_size(text: str) -> int:
     if not text.isdigit() or int(text) == 1:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not 'auto', 0 (off) or a batch size of 2 or more"
-        )
+        raise argparse.ArgumentTypeError(f"{text!r} is not 0 (off) or a batch size of 2 or more")
     return int(text)
 
 
@@ -193,9 +188,9 @@ TRUST_TRACEPARENT_HEADER = Setting(
 ATOMIC_BATCH_MIN = Setting(
     "atomic_batch_min",
     "store this many or more writes into one stream waiting together as one atomic batch"
-    " (JetStream 2.12+; 0: off; auto: 16 with one replica, 4 with more)",
+    " (JetStream 2.12+; 0: off)",
     batch_size,
-    "auto",
+    "16",
 )
 
 COMMON = (

@@ -30,5 +30,6 @@ class DeliverySettings:
     # Trust the resolver's AD bit for TLSA records (delivery/dane.py).
     dane: bool = _declared("dane") == "on"
     # Removals of delivered messages' records waiting together share an atomic
-    # batch of at least this many (0: off; the command line resolves 'auto').
+    # batch of at least this many (0: off; in-process tests have no NATS client
+    # for batches, `kurrier delivery` passes the declared default).
     atomic_batch_min: int = 0
