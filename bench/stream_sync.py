@@ -17,6 +17,12 @@ nats-server 2.12+: `Nats-Batch-Id`, `Nats-Batch-Sequence`,
 messages, against plain publishes into that stream: whether a batch is
 stored with one sync, which would let concurrent messages share their
 writes.
+
+Last, each publisher stores one "message" at a time as kurrier stores a
+record and its first job before a `250`: a publish into one stream, then
+one into another (as kurrier does), both into one stream in turn, or both
+as one atomic batch of two into one stream: what one wait for a batch
+would save against two waits in turn.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import nats
 from kurrier.cli.nats_server import nats_server_binary
@@ -41,6 +48,8 @@ from nats.js.api import StorageType, StreamConfig
 PUBLISHERS = 40
 PAYLOAD = b"x" * 1024
 BATCH_SIZES = [1, 10, 40, 200]
+PAIRS = ["two streams in turn", "one stream in turn", "one batch of two"]
+T = TypeVar("T")
 
 
 def _free_port() -> int:
@@ -58,7 +67,10 @@ async def _rate(publish: Callable[[], Awaitable[int]], seconds: float, publisher
     async def publisher() -> None:
         nonlocal published
         while time.monotonic() < stop:
-            published += await publish()
+            # Not `published += await publish()`: that reads the count before the
+            # await, and concurrent publishers would overwrite each other's.
+            stored = await publish()
+            published += stored
 
     await asyncio.gather(*(publisher() for _ in range(publishers)))
     return published / seconds
@@ -67,8 +79,8 @@ async def _rate(publish: Callable[[], Awaitable[int]], seconds: float, publisher
 async def _table(
     column: str,
     baseline: str,
-    values: list[int],
-    rate_of: Callable[[int], Awaitable[float]],
+    values: Sequence[T],
+    rate_of: Callable[[T], Awaitable[float]],
     repeats: int,
 ) -> None:
     """A Markdown table of rate_of(value) for each value, repeats times, each
@@ -138,6 +150,22 @@ async def _measure_batches(
 
     print()
     await _table("batch size", "plain publishes", BATCH_SIZES, in_batches, repeats)
+
+    js = nc.jetstream()
+
+    async def in_pairs(way: str) -> float:
+        async def one_message() -> int:
+            if way == PAIRS[2]:
+                await _publish_batch(nc, "atomic.m", 2)
+                return 1
+            await js.publish("sync0.record", PAYLOAD)
+            await js.publish("sync1.job" if way == PAIRS[0] else "sync0.job", PAYLOAD)
+            return 1
+
+        return await _rate(one_message, seconds, publishers)
+
+    print()
+    await _table("a record and its job", PAIRS[0], PAIRS, in_pairs, repeats)
 
 
 async def _measure(
