@@ -11,13 +11,14 @@ import logging
 import os
 import signal
 import smtplib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from kurrier.core.jetstream import JOBS_STREAM, connect, disconnect, when_answered
 
 from tests.support.load import SteadyLoad
+from tests.support.metrics import value
 from tests.support.nats import NatsCluster, cluster_layout_error, stream_leader
 from tests.support.processes import eventually, wait_until
 from tests.support.relay import (
@@ -34,6 +35,7 @@ from tests.support.sink import Sink
 pytestmark = pytest.mark.slow
 
 REPLICAS = ["--nats-replicas", "3"]
+BATCHES = "kurrier_jetstream_batches_total"
 
 
 def _subject(content: bytes) -> str:
@@ -49,9 +51,16 @@ def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
     nats.stop_all()
 
 
-def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
-    tmp_path: Path, sink: Sink, cluster: NatsCluster
-) -> None:
+def _lose_nothing_through_node_leader_and_worker_loss(
+    tmp_path: Path,
+    sink: Sink,
+    cluster: NatsCluster,
+    clients: int = 2,
+    batch_args: Sequence[str] = (),
+) -> dict[str, float]:
+    """Two relays under load while a NATS node dies, then the stream leader, then
+    relay 0's queue and delivery; every acknowledged message must arrive. Returns
+    the atomic batches stored by relay 1's queue and delivery, which ran throughout."""
     wait_until(lambda: cluster_layout_error(cluster.url()) is None, 60, "JetStream in the cluster")
     config = documents(route("to-sink", ["example.com"], sink.port), trusting("127.0.0.0/8"))
     relays = []
@@ -62,14 +71,19 @@ def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
             ServiceRelay(
                 workdir,
                 cluster.url(first=index),
-                service_args={name: REPLICAS for name in ("queue", "delivery", "ingress")},
+                metrics=True,
+                service_args={
+                    "queue": [*REPLICAS, *batch_args],
+                    "delivery": [*REPLICAS, *batch_args],
+                    "ingress": REPLICAS,
+                },
             )
         )
     relays[0].publish(config)
     with contextlib.ExitStack() as running:
         for relay in relays:
             running.enter_context(relay)
-        loads = [SteadyLoad(r.smtp_port, "r@example.com", clients=2).start() for r in relays]
+        loads = [SteadyLoad(r.smtp_port, "r@example.com", clients=clients).start() for r in relays]
         running.callback(lambda: [load.stop() for load in loads])  # before the relays stop
 
         def progress(after: str) -> None:
@@ -103,7 +117,30 @@ def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
             "every acknowledged message to be delivered",
         )
         wait_until_drained(cluster.url(), SWEPT_WITHIN)
+        # Relay 1's queue and delivery ran the whole time: what they batched.
+        batches = {
+            name: value(relays[1].metrics_ports[name], BATCHES, outcome="stored")
+            for name in ("queue", "delivery")
+        }
     assert len(acknowledged) >= 200
+    return batches
+
+
+def test_node_and_leader_loss_in_a_three_node_cluster_loses_nothing(
+    tmp_path: Path, sink: Sink, cluster: NatsCluster
+) -> None:
+    _lose_nothing_through_node_leader_and_worker_loss(tmp_path, sink, cluster)
+
+
+def test_the_same_losses_with_writes_in_atomic_batches_lose_nothing(
+    tmp_path: Path, sink: Sink, cluster: NatsCluster
+) -> None:
+    """Batches from two members and more sessions, so that records, jobs and removals
+    do go out in batches while nodes, the leader and workers die under them."""
+    batches = _lose_nothing_through_node_leader_and_worker_loss(
+        tmp_path, sink, cluster, clients=5, batch_args=["--atomic-batch-min", "2"]
+    )
+    assert batches["queue"] > 0 and batches["delivery"] > 0, batches
 
 
 def test_kurrier_up_runs_the_cluster_shape_and_survives_a_node(tmp_path: Path, sink: Sink) -> None:
