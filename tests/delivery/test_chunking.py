@@ -9,10 +9,11 @@ import asyncio
 import smtplib
 from pathlib import Path
 
-from kurrier.delivery.smtp_client import SmtpSession, TransactionResult
+from kurrier.delivery.smtp_client import TransactionResult
 
 from tests.support.relay import UpRelay, documents, inbound_domain, route, trusting
 from tests.support.sink import Received, Sink
+from tests.support.smtp_client import plain_session
 
 # Lines a DATA transfer must dot-stuff; BDAT carries them as they are.
 BODY = b"Subject: dots\r\n\r\n.hidden\r\n..two\r\n.\r\nend\r\n"
@@ -21,16 +22,7 @@ BODY = b"Subject: dots\r\n\r\n.hidden\r\n..two\r\n.\r\nend\r\n"
 async def _transactions(
     sink: Sink, *bodies: tuple[list[str], bytes]
 ) -> tuple[list[TransactionResult], dict[str, str]]:
-    session = await SmtpSession.open(
-        sink.host,
-        sink.port,
-        server_name="sink.test",
-        helo_name="relay.test",
-        tls_mode="none",
-        tls_context=None,
-        timeout=10,
-        connect_timeout=5,
-    )
+    session = await plain_session(sink.port, sink.host)
     try:
         results = [await session.send("a@relay.test", rcpts, body) for rcpts, body in bodies]
         return results, session.extensions

@@ -28,6 +28,7 @@ from kurrier.delivery.smtp_client import SmtpSession, SmtpTemporaryError
 from tests.delivery.attempts import job, message, table
 from tests.support.relay import route
 from tests.support.sink import Sink
+from tests.support.smtp_client import plain_session
 from tests.support.tcp_proxy import TcpProxy
 
 DOCUMENTED_LIMIT = 100
@@ -81,16 +82,7 @@ def test_a_dead_session_fails_as_temporary_and_frees_its_place(
 ) -> None:
     async def scenario(path: TcpProxy) -> None:
         def opener() -> Awaitable[SmtpSession]:
-            return SmtpSession.open(
-                "127.0.0.1",
-                path.port,
-                server_name="sink.test",
-                helo_name="relay.test",
-                tls_mode="none",
-                tls_context=None,
-                timeout=10,
-                connect_timeout=10,
-            )
+            return plain_session(path.port)
 
         pool = ConnectionPool()
         session = await pool.acquire("hop", 1, opener)

@@ -11,12 +11,13 @@ import asyncio
 import uuid
 
 import pytest
-from kurrier.delivery.smtp_client import SmtpSession, TransactionResult
+from kurrier.delivery.smtp_client import TransactionResult
 
 from tests.ingress.conftest import MAX_HEADERS, MAX_MESSAGE_SIZE, HostileRelay, fresh_ip
 from tests.ingress.smtp_probe import SmtpProbe
 from tests.support.processes import wait_until
 from tests.support.sink import Received
+from tests.support.smtp_client import plain_session
 
 ENVELOPE = b"MAIL FROM:<someone@client.test>\r\nRCPT TO:<user@example.com>\r\n"
 SMUGGLED = b"MAIL FROM:<ceo@alice.test>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nSmuggled\r\n"
@@ -170,16 +171,7 @@ def test_rset_and_a_lost_connection_discard_the_chunks(hostile_relay: HostileRel
 async def _sent_by_kurriers_client(port: int, *transactions: tuple[str, bytes]) -> list[str]:
     """Each (recipient, body) as delivery sends it to a hop offering CHUNKING: MAIL, RCPT
     and one BDAT LAST in a write. The final reply of each transaction."""
-    session = await SmtpSession.open(
-        "127.0.0.1",
-        port,
-        server_name="relay.test",
-        helo_name="client.test",
-        tls_mode="none",
-        tls_context=None,
-        timeout=10,
-        connect_timeout=5,
-    )
+    session = await plain_session(port, server_name="relay.test", helo_name="client.test")
     try:
         assert "CHUNKING" in session.extensions
         results: list[TransactionResult] = [
