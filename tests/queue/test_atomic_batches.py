@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from kurrier.core.atomic_batches import AtomicBatches
@@ -207,5 +208,53 @@ def test_a_write_whose_caller_gave_up_before_it_went_out_is_not_sent(
             assert writes[5].cancelled()
             assert sorted(ack.seq for ack in acks) == [1, 2, 3, 4, 5]
             assert (await nc.jetstream().stream_info(STREAM)).state.messages == 5
+
+    asyncio.run(scenario())
+
+
+class _GatedBatches(AtomicBatches):
+    """Batches whose commits, once answered, wait for the gate: so that two writers
+    finish in the same turn of the event loop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+        self.both_at_the_gate = asyncio.Event()
+        self._at_the_gate = 0
+
+    async def _commit(self, writes: list[Any]) -> PubAck:
+        ack = await super()._commit(writes)
+        self._at_the_gate += 1
+        if self._at_the_gate == 2:
+            self.both_at_the_gate.set()
+        await self.gate.wait()
+        return ack
+
+
+async def _writes_twice(batches: AtomicBatches, first: int) -> None:
+    await batches.publish(*_write(first))
+    await batches.publish(*_write(first + 100))
+
+
+def test_a_write_made_as_two_writers_finish_together_still_finds_a_writer(
+    nats_server: NatsServer,
+) -> None:
+    """Both writers end their batches in one turn; the callers of the first write
+    again at once, before either writer has been counted out. Their writes must
+    not be left pending with no writer to take them."""
+
+    async def scenario() -> None:
+        async for nc in _connected(nats_server.url):
+            batches = _GatedBatches(nc.jetstream(), STREAM, min_size=2, nc=nc)
+            again = [asyncio.ensure_future(_writes_twice(batches, n)) for n in (0, 1)]
+            await asyncio.sleep(0)  # the first writer takes both into one batch
+            once = [asyncio.ensure_future(batches.publish(*_write(n))) for n in (2, 3)]
+            async with asyncio.timeout(10):
+                await batches.both_at_the_gate.wait()  # a second writer took those
+            batches.gate.set()
+            async with asyncio.timeout(10):
+                await asyncio.gather(*again, *once)
+            assert batches.batches["stored"] >= 2
+            assert (await nc.jetstream().stream_info(STREAM)).state.messages == 6
 
     asyncio.run(scenario())

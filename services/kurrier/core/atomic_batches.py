@@ -112,6 +112,8 @@ class AtomicBatches:
         if len(self._writers) < WRITERS:
             writer = asyncio.create_task(self._write_pending())
             self._writers.add(writer)
+            # A writer cancelled before it ever ran leaves through this; one
+            # that ran leaves itself (_write_pending).
             writer.add_done_callback(self._writers.discard)
         return await write.done
 
@@ -121,7 +123,19 @@ class AtomicBatches:
         )
 
     async def _write_pending(self) -> None:
-        """One writer: takes what is pending, writes it, again until nothing is left."""
+        """One writer: takes what is pending, writes it, again until nothing is left.
+
+        It stops counting as a writer in the same step as it finds nothing
+        pending: left to its task's done callback, which runs a turn later,
+        a write added in between would see all writers taken and wait for
+        one that never comes.
+        """
+        try:
+            await self._write_until_none_pending()
+        finally:
+            self._writers.discard(asyncio.current_task())
+
+    async def _write_until_none_pending(self) -> None:
         while self._pending:
             writes = self._take()
             if not writes:
