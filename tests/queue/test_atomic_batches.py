@@ -4,14 +4,12 @@ against a real nats-server: each caller still gets its own PubAck or its own err
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.jetstream import MESSAGES_STREAM, connect, disconnect, ensure_layout
-from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.records import RecordChanged, RecordStore
 from kurrier.core.settings import batch_size
 from nats.aio.client import Client as NATS
@@ -19,6 +17,7 @@ from nats.js.api import Header, PubAck, StreamConfig
 from nats.js.errors import APIError
 
 from tests.support.nats import NatsServer
+from tests.support.queued import queued_record
 
 STREAM = "BATCHED"
 WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -148,18 +147,6 @@ def test_a_batch_of_one_or_less_is_not_a_setting(text: str) -> None:
         batch_size(text)
 
 
-def _record(n: int) -> MessageRecord:
-    return MessageRecord(
-        queue_id=f"BATCHED{n:013d}",
-        mail_from="a@client.test",
-        recipients=[RecipientState(address="r@example.com")],
-        received_at=time.time(),
-        size=1,
-        body_store="record",
-        body=b"x",
-    )
-
-
 def test_records_are_created_and_removed_in_batches(nats_server: NatsServer) -> None:
     """The queue's creates and delivery's guarded removals, the writes of every message."""
 
@@ -170,7 +157,7 @@ def test_records_are_created_and_removed_in_batches(nats_server: NatsServer) -> 
             await ensure_layout(js, owner=True)
             writes = AtomicBatches(js, MESSAGES_STREAM, min_size=4, nc=nc)
             records = await RecordStore.open(js, writes)
-            made = [_record(n) for n in range(30)]
+            made = [queued_record(f"BATCHED{n:013d}") for n in range(30)]
             revisions = await asyncio.gather(*(records.create(r) for r in made))
             assert writes.batches == {"stored": 1}
             for record, revision in zip(made, revisions, strict=True):

@@ -12,10 +12,9 @@ from kurrier.core.records import RecordStore
 from nats.js import JetStreamContext
 
 
-async def store_record(js: JetStreamContext, queue_id: str) -> None:
-    """A queued record to r@example.com (a job given again for a message with no record
-    is taken as finished)."""
-    record = MessageRecord(
+def queued_record(queue_id: str) -> MessageRecord:
+    """A record to r@example.com, its one-octet body inside it."""
+    return MessageRecord(
         queue_id=queue_id,
         mail_from="a@client.test",
         recipients=[RecipientState(address="r@example.com")],
@@ -24,7 +23,12 @@ async def store_record(js: JetStreamContext, queue_id: str) -> None:
         body_store="record",
         body=b"x",
     )
-    assert await (await RecordStore.open(js)).create(record)
+
+
+async def store_record(js: JetStreamContext, queue_id: str) -> None:
+    """A queued record to r@example.com (a job given again for a message with no record
+    is taken as finished)."""
+    assert await (await RecordStore.open(js)).create(queued_record(queue_id))
 
 
 async def publish_job(js: JetStreamContext, queue_id: str, body: bytes | None = None) -> None:

@@ -207,6 +207,8 @@ class AtomicBatches:
         first once it has opened the batch, and the commit with its PubAck
         once the batch is stored. The members between are plain publishes.
         """
+        nc = self._nc
+        assert nc is not None  # __init__ requires it when batching
         batch = uuid.uuid4().hex
         last = len(writes)
         answer: dict[str, object] = {}
@@ -220,14 +222,12 @@ class AtomicBatches:
             if sequence == last:
                 headers[BATCH_COMMIT] = "1"
             if sequence in (1, last):
-                assert self._nc is not None
-                reply = await self._nc.request(
+                reply = await nc.request(
                     write.subject, write.payload, timeout=self._timeout, headers=headers
                 )
                 answer = json.loads(reply.data) if reply.data else {}
                 if "error" in answer:
                     raise APIError.from_error(answer["error"])  # type: ignore[arg-type]
             else:
-                assert self._nc is not None
-                await self._nc.publish(write.subject, write.payload, headers=headers)
+                await nc.publish(write.subject, write.payload, headers=headers)
         return PubAck.from_response(answer)
