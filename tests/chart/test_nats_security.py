@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,14 +32,14 @@ from kurrier.core.jetstream import (
     BODIES_STREAM,
     CONFIG_BUCKET,
     DELIVERY_CONSUMER,
-    JOBS_STREAM,
+    DISPATCH_STREAM,
     ROUTING_TABLE_KEY,
     SHAPING_BUCKET,
     body_subject,
     connect,
     disconnect,
+    dispatch_subject,
     ensure_layout,
-    job_subject,
     result_subject,
 )
 from kurrier.core.nats_access import COMPONENTS, chart_permissions
@@ -55,7 +56,9 @@ from tests.chart.rendered_nats import (
     render_nats,
     running,
 )
+from tests.support import REPO
 from tests.support.chart import CHART, env_of, find
+from tests.support.fleet import PREVIOUS_RELEASE
 from tests.support.processes import wait_until
 
 PERMISSIONS_FILE = CHART / "files" / "nats-permissions.json"
@@ -187,7 +190,7 @@ async def test_each_component_does_its_job_and_nothing_else(
     assert await publish_table(operator.js, table) >= 1
     await ensure_layout(queue.js, owner=True)
     await queue.js.publish(body_subject("q1"), BODY)
-    await queue.js.publish(job_subject("q1"), b"{}")
+    await queue.js.publish(dispatch_subject("q1"), b"{}")
 
     # Ingress reads the routing table, spends from the limits every replica
     # shares, and reads nothing of bodies or jobs.
@@ -199,12 +202,14 @@ async def test_each_component_does_its_job_and_nothing_else(
     await ingress.refused(
         ingress.js.get_last_msg(BODIES_STREAM, body_subject("q1"), direct=True), direct_get
     )
-    await ingress.refused(ingress.js.publish(job_subject("forged"), b"{}"), job_subject("forged"))
+    await ingress.refused(
+        ingress.js.publish(dispatch_subject("forged"), b"{}"), dispatch_subject("forged")
+    )
     await ingress.refused(ingress.js.publish(result_subject("q1"), b"{}"), result_subject("q1"))
 
     # Delivery takes the job, reads the body, reports a result; it cannot write the table.
     jobs = await delivery.js.pull_subscribe(
-        "kurrier.job.*", durable=DELIVERY_CONSUMER, stream=JOBS_STREAM
+        dispatch_subject("*"), durable=DELIVERY_CONSUMER, stream=DISPATCH_STREAM
     )
     [job] = await jobs.fetch(1, timeout=5)
     await job.ack_sync()
@@ -217,7 +222,13 @@ async def test_each_component_does_its_job_and_nothing_else(
     hold = await slots.try_take("site-test.connections", 1, hold_for=15)
     assert isinstance(hold, Hold)
     await slots.release(hold)
-    await delivery.refused(delivery.js.publish(job_subject("forged"), b"{}"), job_subject("forged"))
+    await delivery.refused(
+        delivery.js.publish(dispatch_subject("forged"), b"{}"), dispatch_subject("forged")
+    )
+    # Removing jobs is the queue's (queue/job_cleanup.py): delivery only acknowledges.
+    await delivery.refused(
+        delivery.js.purge_stream(DISPATCH_STREAM), f"$JS.API.STREAM.PURGE.{DISPATCH_STREAM}"
+    )
 
     # Nobody but the queue and delivery reads the bodies, by any way in.
     for outsider in (ingress, operator):
@@ -265,3 +276,26 @@ def test_the_chart_has_the_permissions_kurrier_declares() -> None:
     assert PERMISSIONS_FILE.read_text() == chart_permissions(), (
         f"{PERMISSIONS_FILE} is stale: run make nats-permissions"
     )
+
+
+def test_each_component_may_still_do_what_its_previous_release_may() -> None:
+    """An upgrade applies the chart's permissions while the previous release's pods
+    still run (docs/deploy.md, Upgrades): none of them may lose a permission."""
+    shown = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(REPO),
+            "show",
+            f"{PREVIOUS_RELEASE}:{PERMISSIONS_FILE.relative_to(REPO)}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    previous = json.loads(shown.stdout)
+    current = json.loads(chart_permissions())
+    for component, allowed in previous.items():
+        for direction in ("publish", "subscribe"):
+            lost = set(allowed[direction]["allow"]) - set(current[component][direction]["allow"])
+            assert not lost, f"{component} may no longer {direction} to {sorted(lost)}"

@@ -20,12 +20,12 @@ import yaml
 from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.body_store import body_exists, store_body
 from kurrier.core.jetstream import (
-    JOBS_STREAM,
+    DISPATCH_STREAM,
     RESULTS_STREAM,
     connect,
     disconnect,
+    dispatch_subject,
     ensure_layout,
-    job_subject,
 )
 from kurrier.core.loader import parse_documents
 from kurrier.core.message import (
@@ -44,6 +44,7 @@ from kurrier.queue.dispatch import mark_dispatched, publish_jobs
 from nats.js import JetStreamContext
 
 from tests.support.nats import NatsServer
+from tests.support.queued import jobs_left
 from tests.support.relay import route
 from tests.support.sink import Sink
 
@@ -57,7 +58,7 @@ class Scene:
     tables: TableFollower
 
     def job_writes(self) -> AtomicBatches:
-        return AtomicBatches(self.js, JOBS_STREAM)
+        return AtomicBatches(self.js, DISPATCH_STREAM)
 
     async def queued(self, queue_id: str, recipients: list[str]) -> tuple[MessageRecord, int]:
         """A message as the queue's intake leaves it: body, record, then its jobs."""
@@ -77,9 +78,9 @@ class Scene:
 
     async def jobs(self) -> list[DeliveryJob]:
         """The jobs waiting in JetStream, read without consuming them."""
-        state = (await self.js.stream_info(JOBS_STREAM)).state
+        state = (await self.js.stream_info(DISPATCH_STREAM)).state
         stored = [
-            await self.js.get_msg(JOBS_STREAM, seq)
+            await self.js.get_msg(DISPATCH_STREAM, seq)
             for seq in range(state.first_seq, state.last_seq + 1)
         ]
         return [DeliveryJob.model_validate_json(m.data or b"") for m in stored]
@@ -123,7 +124,7 @@ async def _scene(nats_server: NatsServer, sink: Sink, *routes: str) -> AsyncIter
 
 
 async def _jobs_done(js: JetStreamContext) -> bool:
-    return (await js.stream_info(JOBS_STREAM)).state.messages == 0
+    return await jobs_left(js) == 0
 
 
 async def test_a_job_that_delivers_all_that_was_left_removes_record_and_body(
@@ -222,7 +223,9 @@ async def test_a_job_in_a_newer_format_is_left_for_a_pod_that_reads_it(
             version=WIRE_VERSION + 1,
         )
         await scene.js.publish(
-            job_subject(record.queue_id), job.model_dump_json().encode(), stream=JOBS_STREAM
+            dispatch_subject(record.queue_id),
+            job.model_dump_json().encode(),
+            stream=DISPATCH_STREAM,
         )
         with caplog.at_level(logging.WARNING, logger="kurrier.delivery.worker"):
             async with scene.delivering():
@@ -233,4 +236,4 @@ async def test_a_job_in_a_newer_format_is_left_for_a_pod_that_reads_it(
                 await _until(left, "the worker to leave the job")
         assert sink.messages == []
         assert await scene.records.get(record.queue_id, fresh=True) is not None
-        assert len(await scene.jobs()) == 1
+        assert await jobs_left(scene.js) == 1

@@ -18,10 +18,11 @@ import time
 import yaml
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
-    JOBS_STREAM,
+    DISPATCH_STREAM,
     RESULTS_STREAM,
     connect,
     disconnect,
+    dispatch_subject,
     ensure_layout,
 )
 from kurrier.core.loader import parse_documents
@@ -32,7 +33,7 @@ from kurrier.delivery.worker import DeliveryWorker
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from tests.support.nats import NatsServer
-from tests.support.queued import publish_job, store_record
+from tests.support.queued import jobs_left, publish_job, store_record
 from tests.support.relay import route
 from tests.support.sink import Sink
 
@@ -50,9 +51,9 @@ async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
         # LIVE is still queued; FINISHED's record is gone: it was delivered.
         await store_record(js, "LIVE000000000001")
         first_taker = await js.pull_subscribe(
-            "kurrier.job.*",
+            dispatch_subject("*"),
             durable=DELIVERY_CONSUMER,
-            stream=JOBS_STREAM,
+            stream=DISPATCH_STREAM,
             config=ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=ACK_WAIT,
@@ -83,7 +84,7 @@ async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
         # LIVE's record has no revision in its job, so the worker reports it.
         [reported] = await results.fetch(1, timeout=30)
         deadline = time.monotonic() + 30
-        while (await js.stream_info(JOBS_STREAM)).state.messages:
+        while await jobs_left(js):
             assert time.monotonic() < deadline, "the jobs were not acknowledged"
             await asyncio.sleep(0.05)
         stop.set()

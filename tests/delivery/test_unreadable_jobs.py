@@ -15,11 +15,11 @@ import time
 import yaml
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
-    JOBS_STREAM,
+    DISPATCH_STREAM,
     connect,
     disconnect,
+    dispatch_subject,
     ensure_layout,
-    job_subject,
 )
 from kurrier.core.loader import parse_documents
 from kurrier.core.routing import compile_table
@@ -53,7 +53,7 @@ async def _deliver(nats_url: str, port: int, sink: Sink, logged: LogCounter) -> 
         js = nc.jetstream()
         await ensure_layout(js)
         for n, data in enumerate(UNREADABLE):
-            await js.publish(job_subject(f"GARBLED{n:013d}"), data, stream=JOBS_STREAM)
+            await js.publish(dispatch_subject(f"GARBLED{n:013d}"), data, stream=DISPATCH_STREAM)
         body = b"Subject: readable\r\n\r\nafter the garbage\r\n"
         queue_id = "READABLE000000000001"
         await publish_job(js, queue_id, body)
@@ -72,7 +72,7 @@ async def _deliver(nats_url: str, port: int, sink: Sink, logged: LogCounter) -> 
                 assert not running.done(), "the worker ended"
                 assert logged.count <= len(UNREADABLE), "an unreadable job came back"
                 try:
-                    info = await js.consumer_info(JOBS_STREAM, DELIVERY_CONSUMER)
+                    info = await js.consumer_info(DISPATCH_STREAM, DELIVERY_CONSUMER)
                 except NotFoundError:  # not made yet
                     info = None
                 settled = info is not None and not (info.num_pending or info.num_ack_pending)
@@ -83,8 +83,11 @@ async def _deliver(nats_url: str, port: int, sink: Sink, logged: LogCounter) -> 
         finally:
             stop.set()
             await asyncio.wait_for(running, timeout=30)
-        stored = (await js.stream_info(JOBS_STREAM)).state.messages
-        return stored, info.num_redelivered
+        # Every job at or below the ack floor, for the queue to purge.
+        unsettled = (await js.stream_info(DISPATCH_STREAM)).state.last_seq - (
+            info.ack_floor.stream_seq if info.ack_floor else 0
+        )
+        return unsettled, info.num_redelivered
     finally:
         await disconnect(nc)
 
@@ -96,11 +99,11 @@ def test_unreadable_jobs_are_terminated_with_a_log_line(
     logger = logging.getLogger("kurrier.delivery.worker")
     logger.addHandler(logged)
     try:
-        stored, redelivered = asyncio.run(_deliver(nats_server.url, sink.port, sink, logged))
+        unsettled, redelivered = asyncio.run(_deliver(nats_server.url, sink.port, sink, logged))
     finally:
         logger.removeHandler(logged)
     # The readable job after them was delivered.
     assert [m.recipients for m in sink.messages] == [("r@example.com",)]
-    # Each unreadable one: logged once, terminated (gone from the work queue), not redelivered.
+    # Each unreadable one: logged once, terminated (below the ack floor), not redelivered.
     assert logged.count == len(UNREADABLE)
-    assert (stored, redelivered) == (0, 0)
+    assert (unsettled, redelivered) == (0, 0)

@@ -12,7 +12,7 @@ import asyncio
 import yaml
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
-    JOBS_STREAM,
+    DISPATCH_STREAM,
     RESULTS_STREAM,
     connect,
     disconnect,
@@ -26,7 +26,7 @@ from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.worker import DeliveryWorker
 
 from tests.support.nats import NatsServer
-from tests.support.queued import publish_job
+from tests.support.queued import jobs_left, publish_job
 from tests.support.relay import route
 from tests.support.sink import Sink
 
@@ -69,8 +69,8 @@ async def test_a_slow_delivery_keeps_its_job_and_is_sent_once(
         assert [o.outcome for o in result.outcomes] == ["delivered"]
         # The sink took twice ack_wait; one copy arrived, the job was never redelivered.
         assert len(sink.messages) == 1
-        assert (await js.stream_info(JOBS_STREAM)).state.messages == 0
-        info = await js.consumer_info(JOBS_STREAM, DELIVERY_CONSUMER)
+        assert await jobs_left(js) == 0
+        info = await js.consumer_info(DISPATCH_STREAM, DELIVERY_CONSUMER)
         assert info.num_redelivered == 0
     finally:
         await disconnect(nc)

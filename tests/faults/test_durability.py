@@ -62,7 +62,7 @@ def _unsynced(events: list[Event], sent: Sent) -> list[str]:
     """What was acknowledged before a sync covered it; [] when every 250 followed one."""
     problems = []
     for queue_id, began, answered in sent:
-        for subject in (f"$KV.kurrier-messages.{queue_id}", f"kurrier.job.{queue_id}"):
+        for subject in (f"$KV.kurrier-messages.{queue_id}", f"kurrier.dispatch.{queue_id}"):
             writes = [
                 e
                 for e in events

@@ -32,6 +32,7 @@ from tests.support.checker import check, combined, outcome
 from tests.support.fleet import (
     HOSTS,
     NATS_HOSTS,
+    PREVIOUS_RELEASE,
     RECIPIENT,
     SENDER_DOMAIN,
     SERVICES,
@@ -51,9 +52,6 @@ from tests.support.relay import (
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-# The release this one upgrades from (there are no release tags yet); moved on
-# with each release, so each upgrade path is tried once.
-PREVIOUS_RELEASE = "6657f2e"
 ROLL_ORDER = ("delivery", "queue", "ingress")
 SENDER = f"load@{SENDER_DOMAIN}"
 # docs/deploy.md (Upgrades): how long after a pod is told to stop its clients may

@@ -10,12 +10,12 @@ from pathlib import Path
 
 from kurrier.core.jetstream import (
     BODIES_STREAM,
-    JOBS_STREAM,
+    DISPATCH_STREAM,
     body_subject,
     connect,
     disconnect,
+    dispatch_subject,
     ensure_layout,
-    job_subject,
 )
 from kurrier.core.message import (
     BODY_WIRE_VERSION,
@@ -69,7 +69,7 @@ async def _accept(nats_url: str, queue_id: str, body: bytes) -> tuple[MessageRec
         await manager.intake.accept(_template(queue_id), io.BytesIO(body), len(body))
         found = await records.get(queue_id, fresh=True)
         assert found is not None
-        job = await js.get_last_msg(JOBS_STREAM, job_subject(queue_id))
+        job = await js.get_last_msg(DISPATCH_STREAM, dispatch_subject(queue_id))
         subjects = (
             await js.stream_info(BODIES_STREAM, subjects_filter=body_subject(queue_id))
         ).state.subjects or {}

@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 from kurrier.core.jetstream import (
     BODIES_STREAM,
+    DISPATCH_STREAM,
+    JOB_LEASE,
     JOBS_STREAM,
     body_subject,
     connect,
     disconnect,
+    dispatch_subject,
     ensure_layout,
-    job_subject,
     schedule_subject,
 )
 from kurrier.core.message import (
@@ -29,7 +31,6 @@ from kurrier.core.message import (
 from kurrier.core.records import RecordChanged, RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.admin import hold
-from kurrier.queue.dispatch import JOB_LEASE
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.results import apply_result
 from kurrier.queue.retry_schedule import RetrySchedule
@@ -81,7 +82,7 @@ async def _delete_a_deferred_message(nats_url: str) -> dict[str, int]:
         await manager.mutate(queue_id, apply_result(deferral, manager.schedule))
         before = {
             "schedule": await _messages(js, JOBS_STREAM, schedule_subject(queue_id)),
-            "jobs": await _messages(js, JOBS_STREAM, job_subject(queue_id)),
+            "jobs": await _messages(js, DISPATCH_STREAM, dispatch_subject(queue_id)),
             "body": await _messages(js, BODIES_STREAM, body_subject(queue_id)),
         }
         assert before == {"schedule": 1, "jobs": 1, "body": 1}, before
@@ -90,7 +91,7 @@ async def _delete_a_deferred_message(nats_url: str) -> dict[str, int]:
             "deleted": int(deleted),
             "record": int(await manager.records.get(queue_id, fresh=True) is not None),
             "schedule": await _messages(js, JOBS_STREAM, schedule_subject(queue_id)),
-            "jobs": await _messages(js, JOBS_STREAM, job_subject(queue_id)),
+            "jobs": await _messages(js, DISPATCH_STREAM, dispatch_subject(queue_id)),
             "body": await _messages(js, BODIES_STREAM, body_subject(queue_id)),
             "deleted again": int(await manager.delete(queue_id)),
         }
@@ -157,7 +158,7 @@ async def _enqueue_twice(nats_url: str) -> tuple[bool, bool, int, int, int]:
             first is not None,
             second is not None,
             found[0].dispatches,
-            await _messages(js, JOBS_STREAM, job_subject(queue_id)),
+            await _messages(js, DISPATCH_STREAM, dispatch_subject(queue_id)),
             await _messages(js, BODIES_STREAM, body_subject(queue_id)),
         )
     finally:
@@ -192,7 +193,7 @@ async def _notifications(js: JetStreamContext, queue_id: str) -> dict[str, tuple
     """Each notification stored about queue_id, by its queue id: (its jobs, its bodies,
     in the bodies stream or inside its record)."""
     prefix = f"{queue_id}N"
-    jobs = await js.stream_info(JOBS_STREAM, subjects_filter=job_subject("*"))
+    jobs = await js.stream_info(DISPATCH_STREAM, subjects_filter=dispatch_subject("*"))
     bodies = await js.stream_info(BODIES_STREAM, subjects_filter=body_subject("*"))
     records = await RecordStore.open(js)
     in_records = {r.queue_id: r.body async for r in records.all() if r.queue_id.startswith(prefix)}
@@ -202,7 +203,7 @@ async def _notifications(js: JetStreamContext, queue_id: str) -> dict[str, tuple
         ids |= {s.rsplit(".", 1)[-1] for s in subjects if s.rsplit(".", 1)[-1].startswith(prefix)}
     return {
         notice: (
-            (jobs.state.subjects or {}).get(job_subject(notice), 0),
+            (jobs.state.subjects or {}).get(dispatch_subject(notice), 0),
             (bodies.state.subjects or {}).get(body_subject(notice), 0)
             + int(in_records.get(notice) is not None),
         )
@@ -296,7 +297,7 @@ async def _bounce_again_once_the_notice_was_delivered(
         notice = f"{queue_id}N1"
         found = await second.records.get(notice, fresh=True)
         assert found is not None
-        await js.purge_stream(JOBS_STREAM, subject=job_subject(notice))
+        await js.purge_stream(DISPATCH_STREAM, subject=dispatch_subject(notice))
         await second.store.finish(notice, found[1], "stream", scheduled=False)
 
         await second.mutate(queue_id, apply_result(_bounce(queue_id), second.schedule))

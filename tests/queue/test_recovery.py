@@ -16,22 +16,23 @@ from kurrier.core.body_store import store_body, stored_objects
 from kurrier.core.history import HISTORY, history_subject
 from kurrier.core.jetstream import (
     BODIES_STREAM,
+    DISPATCH_STREAM,
     INLINE_BODY_LIMIT,
-    JOBS_STREAM,
+    JOB_LEASE,
     MESSAGES_BUCKET,
     NATS_AWAY,
     body_subject,
     connect,
     disconnect,
+    dispatch_subject,
     ensure_layout,
-    job_subject,
     when_answered,
 )
 from kurrier.core.message import BodyStore, MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
-from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched, publish_jobs
+from kurrier.queue.dispatch import mark_dispatched, publish_jobs
 from kurrier.queue.history_search import search_history
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
@@ -107,7 +108,7 @@ async def _accept_without_a_jobs_stream(nats_url: str) -> tuple[bool, bool]:
     try:
         js = nc.jetstream()
         await ensure_layout(js)
-        await js.delete_stream(JOBS_STREAM)  # the job publish must fail
+        await js.delete_stream(DISPATCH_STREAM)  # the job publish must fail
         records = await RecordStore.open(js)
         template = _record("TAKEBACK000000000001", 0.0, 0)
         try:
@@ -148,7 +149,11 @@ async def _accept_as_the_connection_drops(server: NatsServer) -> tuple[bool, boo
             await eventually(lambda: not nc.is_connected, 10, "the client to see it gone")
             restarted = asyncio.get_running_loop().run_in_executor(None, server.start)
             await publish_jobs(
-                AtomicBatches(js, JOBS_STREAM), TableFollower().table, record, recipients, revision
+                AtomicBatches(js, DISPATCH_STREAM),
+                TableFollower().table,
+                record,
+                recipients,
+                revision,
             )
 
         record = _record("TAKEBACK000000000002", time.time(), 3)
@@ -215,16 +220,16 @@ async def _sweep_after_a_crash_mid_enqueue(
         assert revision
         # While its job waits in JetStream (delivery is only slow), nothing happens.
         await publish_jobs(
-            AtomicBatches(js, JOBS_STREAM),
+            AtomicBatches(js, DISPATCH_STREAM),
             TableFollower().table,
             record,
             ["r@example.com"],
             revision,
         )
         with_job, _ = await sweeper.sweep()
-        jobs_with_job = (await js.stream_info(JOBS_STREAM)).state.messages
+        jobs_with_job = (await js.stream_info(DISPATCH_STREAM)).state.messages
         # The job never published (the queue died after storing the record): dispatched again.
-        await js.purge_stream(JOBS_STREAM, subject=job_subject(queue_id))
+        await js.purge_stream(DISPATCH_STREAM, subject=dispatch_subject(queue_id))
         without_job, _ = await sweeper.sweep()
         found = await records.get(queue_id, fresh=True)
         assert found is not None
@@ -269,7 +274,7 @@ async def _sweep_records_without_bodies(
             assert await records.create(record)
         redispatched, _ = await sweeper.sweep()
         left = [r.queue_id async for r in records.all()]
-        jobs = (await js.stream_info(JOBS_STREAM)).state.messages
+        jobs = (await js.stream_info(DISPATCH_STREAM)).state.messages
         return redispatched, left, jobs, await _history_of(js, "BODILESS000000000002")
     finally:
         await disconnect(nc)

@@ -20,11 +20,11 @@ import pytest
 from kurrier.core.body_store import store_body
 from kurrier.core.jetstream import (
     BODIES_STREAM,
-    JOBS_STREAM,
+    DISPATCH_STREAM,
     connect,
     disconnect,
+    dispatch_subject,
     ensure_layout,
-    job_subject,
 )
 from kurrier.core.message import DeliveryJob, MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
@@ -109,7 +109,7 @@ async def _record(
 
 
 async def _jobs(js: JetStreamContext) -> int:
-    return (await js.stream_info(JOBS_STREAM)).state.messages
+    return (await js.stream_info(DISPATCH_STREAM)).state.messages
 
 
 async def _dispatches(records: RecordStore, queue_id: str) -> int:
@@ -136,7 +136,9 @@ async def _lost_dispatches(nats_url: str, monkeypatch: pytest.MonkeyPatch) -> li
                 body_store="stream",
             )
             await js.publish(
-                job_subject(other.queue_id), other.model_dump_json().encode(), stream=JOBS_STREAM
+                dispatch_subject(other.queue_id),
+                other.model_dump_json().encode(),
+                stream=DISPATCH_STREAM,
             )
         past_limit, _ = await sweep.sweep()
         skipped = await _dispatches(records, "UNPUBLISHED000000001")

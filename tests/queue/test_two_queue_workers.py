@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from kurrier.core.jetstream import (
+    DISPATCH_STREAM,
     JOBS_STREAM,
     connect,
     disconnect,
+    dispatch_subject,
     due_subject,
     ensure_layout,
-    job_subject,
     schedule_subject,
 )
 from kurrier.core.lifecycle import cancel_and_wait
@@ -63,7 +64,7 @@ def _deferral(queue_id: str, attempt: int) -> DeliveryResult:
 
 
 async def _jobs_for(js: JetStreamContext, queue_id: str) -> int:
-    info = await js.stream_info(JOBS_STREAM, subjects_filter=job_subject(queue_id))
+    info = await js.stream_info(DISPATCH_STREAM, subjects_filter=dispatch_subject(queue_id))
     return info.state.messages
 
 

@@ -6,10 +6,11 @@ import io
 import time
 
 from kurrier.core.body_store import store_body
-from kurrier.core.jetstream import JOBS_STREAM, job_subject
+from kurrier.core.jetstream import DELIVERY_CONSUMER, DISPATCH_STREAM, dispatch_subject
 from kurrier.core.message import BodyStore, DeliveryJob, MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 
 def queued_record(queue_id: str) -> MessageRecord:
@@ -51,4 +52,16 @@ async def publish_job(js: JetStreamContext, queue_id: str, body: bytes | None = 
         body_store=where,
         body=inside,
     )
-    await js.publish(job_subject(queue_id), job.model_dump_json().encode(), stream=JOBS_STREAM)
+    await js.publish(
+        dispatch_subject(queue_id), job.model_dump_json().encode(), stream=DISPATCH_STREAM
+    )
+
+
+async def jobs_left(js: JetStreamContext) -> int:
+    """Jobs delivery has not acknowledged, waiting or held: the jobs stream keeps
+    acknowledged ones until the queue purges them (queue/job_cleanup.py)."""
+    try:
+        info = await js.consumer_info(DISPATCH_STREAM, DELIVERY_CONSUMER)
+    except NotFoundError:  # no worker has asked for a job yet
+        return (await js.stream_info(DISPATCH_STREAM)).state.messages
+    return int(info.num_pending or 0) + int(info.num_ack_pending or 0)

@@ -188,7 +188,7 @@ def _trace_done(spans: list[JaegerSpan]) -> bool:
     names = [s.name for s in spans]
     return (
         names.count("SMTP send") == 2
-        and names.count("process kurrier.job") == 2
+        and names.count("process kurrier.dispatch") == 2
         and names.count("process kurrier.result") == 1
         and "SMTP DATA" in names
     )
@@ -228,7 +228,8 @@ def test_jaeger_holds_the_deferred_message_as_one_trace_with_both_attempts(
 
     # Both attempts: a job each, published by the queue, taken by delivery.
     jobs = sorted(
-        (s for s in spans if s.name == "send kurrier.job"), key=lambda s: s.tags["kurrier.attempt"]
+        (s for s in spans if s.name == "send kurrier.dispatch"),
+        key=lambda s: s.tags["kurrier.attempt"],
     )
     assert [(j.service, j.tags["kurrier.attempt"]) for j in jobs] == [
         ("kurrier-queue", 1),
@@ -236,12 +237,12 @@ def test_jaeger_holds_the_deferred_message_as_one_trace_with_both_attempts(
     ]
     for job in jobs:
         assert job.tags["messaging.system"] == "nats"
-        assert job.tags["messaging.destination.name"] == f"kurrier.job.{queue_id}"
+        assert job.tags["messaging.destination.name"] == f"kurrier.dispatch.{queue_id}"
         [taken] = [s for s in spans if s.parent_id == job.span_id]
-        assert (taken.name, taken.service) == ("process kurrier.job", "kurrier-delivery")
+        assert (taken.name, taken.service) == ("process kurrier.dispatch", "kurrier-delivery")
         assert taken.tags["kurrier.attempt"] == job.tags["kurrier.attempt"]
     sends = [s for s in spans if s.name == "SMTP send"]
-    assert all(by_id[s.parent_id].name == "process kurrier.job" for s in sends)  # type: ignore[index]
+    assert all(by_id[s.parent_id].name == "process kurrier.dispatch" for s in sends)  # type: ignore[index]
     replies = sorted(
         (s.tags["kurrier.smtp.reply_code"], s.tags["kurrier.smtp.enhanced_status"]) for s in sends
     )
@@ -312,7 +313,7 @@ def _history_story(events: list[dict[str, Any]]) -> list[tuple[object, ...]]:
 def _trace_story(spans: list[JaegerSpan]) -> list[tuple[object, ...]]:
     """The same steps read from the trace alone, in the order its spans and span
     events happened: SMTP DATA is the message received, the Enqueue span it
-    queued, each `send kurrier.job` a dispatch, each `SMTP send` an attempt of
+    queued, each `send kurrier.dispatch` a dispatch, each `SMTP send` an attempt of
     its job's dispatch, `process kurrier.result` the queue deferring what the
     attempt could not deliver, an outcome `delivered` on SMTP send a delivery."""
     by_id = {s.span_id: s for s in spans}
@@ -323,7 +324,7 @@ def _trace_story(spans: list[JaegerSpan]) -> list[tuple[object, ...]]:
             timed.append((span.start, ("received",)))
         elif "EnqueueMessages" in span.name:
             timed.append((span.start, ("queued",)))
-        elif span.name == "send kurrier.job":
+        elif span.name == "send kurrier.dispatch":
             timed.append((span.start, ("dispatched", span.tags["kurrier.attempt"])))
         elif span.name == "SMTP send":
             job = by_id[span.parent_id]  # type: ignore[index]
@@ -357,7 +358,7 @@ def test_the_history_and_the_trace_tell_the_same_story(observed: Observed) -> No
     assert {e["trace_id"] for e in events} == {s.trace_id for s in spans}
     assert {s.tags["kurrier.queue_id"] for s in spans if "kurrier.queue_id" in s.tags} == {queue_id}
     # Each attempt went to the next hop the span names, by the service that made it.
-    sends = {s.tags["kurrier.attempt"]: s for s in spans if s.name == "process kurrier.job"}
+    sends = {s.tags["kurrier.attempt"]: s for s in spans if s.name == "process kurrier.dispatch"}
     for event in events:
         if event["event"] == "attempt":
             details = event["details"]

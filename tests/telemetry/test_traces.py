@@ -79,8 +79,8 @@ def _finished(
     enqueued = [s for s in spans if "EnqueueMessages" in s.name and s.queue_id == queue_id]
     return (
         len(_named(spans, "process kurrier.result", queue_id)) == attempts - 1
-        and len(_named(spans, "send kurrier.job", queue_id)) == attempts
-        and len(_named(spans, "process kurrier.job", queue_id)) == attempts
+        and len(_named(spans, "send kurrier.dispatch", queue_id)) == attempts
+        and len(_named(spans, "process kurrier.dispatch", queue_id)) == attempts
         and (not received or (bool(_named(spans, "SMTP DATA", queue_id)) and bool(enqueued)))
     )
 
@@ -137,8 +137,8 @@ def test_one_message_is_one_trace_through_ingress_queue_and_delivery(
     assert root.attributes["kurrier.recipient.domains"] == ["example.com"]
 
     enqueue = _the(trace, "kurrier-queue", "QueueService/EnqueueMessages")
-    sent_job = _the(trace, "kurrier-queue", "send kurrier.job", **{"kurrier.attempt": 1})
-    job = _the(trace, "kurrier-delivery", "process kurrier.job")
+    sent_job = _the(trace, "kurrier-queue", "send kurrier.dispatch", **{"kurrier.attempt": 1})
+    job = _the(trace, "kurrier-delivery", "process kurrier.dispatch")
     smtp = _the(trace, "kurrier-delivery", "SMTP send")
     assert enqueue.kind == "server" and enqueue.parent_span_id == root.span_id
     assert enqueue.attributes["kurrier.queue_id"] == queue_id
@@ -182,11 +182,13 @@ def test_a_deferred_then_delivered_message_shows_both_attempts_in_one_trace(
     trace = _one_trace(spans, queue_id)
     enqueue = _the(trace, "kurrier-queue", "QueueService/EnqueueMessages")
     for attempt, reply_code in ((1, 451), (2, 250)):
-        sent = _the(trace, "kurrier-queue", "send kurrier.job", **{"kurrier.attempt": attempt})
+        sent = _the(trace, "kurrier-queue", "send kurrier.dispatch", **{"kurrier.attempt": attempt})
         # The retry was dispatched from the queue's own schedule, long after the
         # Enqueue call: it joins the trace through the record's traceparent.
         assert sent.parent_span_id == enqueue.span_id
-        job = _the(trace, "kurrier-delivery", "process kurrier.job", **{"kurrier.attempt": attempt})
+        job = _the(
+            trace, "kurrier-delivery", "process kurrier.dispatch", **{"kurrier.attempt": attempt}
+        )
         assert job.parent_span_id == sent.span_id
         [smtp] = [s for s in trace if s.name == "SMTP send" and s.parent_span_id == job.span_id]
         assert smtp.attributes["kurrier.smtp.reply_code"] == reply_code
@@ -225,7 +227,9 @@ def test_a_bounce_appears_in_the_failed_message_trace(
     assert bounce.parent_span_id == enqueue.span_id
     failed = _the(trace, "kurrier-delivery", "SMTP send", **{"kurrier.smtp.reply_code": 550})
     assert failed.error and failed.attributes["kurrier.smtp.enhanced_status"] == "5.1.1"
-    notice_job = _the(trace, "kurrier-queue", "send kurrier.job", **{"kurrier.queue_id": notice_id})
+    notice_job = _the(
+        trace, "kurrier-queue", "send kurrier.dispatch", **{"kurrier.queue_id": notice_id}
+    )
     assert notice_job.parent_span_id == bounce.span_id
     _the(trace, "kurrier-delivery", "SMTP send", **{"kurrier.smtp.reply_code": 250})
 

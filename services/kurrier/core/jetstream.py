@@ -117,6 +117,18 @@ _INSUFFICIENT_STORAGE = 10047
 INLINE_BODY_LIMIT = 900 * 1024
 
 BODIES_STREAM = "KURRIER_BODIES"
+# Delivery jobs. Limits retention: delivery's acknowledgement only moves its
+# consumer's state, which nats-server writes about ten times a second, where
+# removing the job would be one more synced write per message. The queue
+# purges what lies below the consumer's ack floor (queue/job_cleanup.py).
+DISPATCH_STREAM = "KURRIER_DISPATCH"
+# How long a dispatched recipient may go without a result before the queue
+# dispatches it again (queue/sweeper.py). It covers a job lost in a crash
+# between storing a record and publishing its job; it must exceed the longest
+# backlog wait. A job is kept no longer: past it, it would only go out twice.
+JOB_LEASE = 900.0
+# Due notices and retry schedules; also where an earlier release's queue puts
+# its jobs, which delivery takes from there too (delivery/worker.py).
 JOBS_STREAM = "KURRIER_JOBS"
 RESULTS_STREAM = "KURRIER_RESULTS"
 HISTORY_STREAM = "KURRIER_HISTORY"
@@ -162,6 +174,7 @@ def inbox_prefix(user: str) -> str:
 # Every stream of the layout, in the order ensure_layout creates them.
 LAYOUT = (
     BODIES_STREAM,
+    DISPATCH_STREAM,
     JOBS_STREAM,
     RESULTS_STREAM,
     HISTORY_STREAM,
@@ -191,7 +204,13 @@ def body_subject(queue_id: str) -> str:
     return f"kurrier.body.{queue_id}"
 
 
+def dispatch_subject(queue_id: str) -> str:
+    """Where the queue puts a message's delivery jobs."""
+    return f"kurrier.dispatch.{queue_id}"
+
+
 def job_subject(queue_id: str) -> str:
+    """Where an earlier release's queue put delivery jobs (in JOBS_STREAM)."""
     return f"kurrier.job.{queue_id}"
 
 
@@ -367,6 +386,19 @@ async def ensure_layout(
             ),
             owner,
         )
+    if DISPATCH_STREAM in wanted:
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=DISPATCH_STREAM,
+                subjects=[dispatch_subject("*")],
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+                max_age=JOB_LEASE,
+                allow_atomic=True,
+            ),
+            owner,
+        )
     # Retries are server-side message schedules: the time a deferred message is
     # due lives in JetStream itself and fires into kurrier.due.* whichever
     # queue process is alive then.
@@ -380,7 +412,6 @@ async def ensure_layout(
                 num_replicas=replicas,
                 retention=RetentionPolicy.WORK_QUEUE,
                 allow_msg_schedules=True,
-                allow_atomic=True,
             ),
             owner,
         )

@@ -2,7 +2,7 @@
 
 A message is four kinds of thing: its body (the bodies stream or the object
 store), its record (the kurrier-messages KV bucket), its jobs (one per route
-and dispatch, in KURRIER_JOBS) and at most one retry schedule (also in
+and dispatch, in KURRIER_DISPATCH) and at most one retry schedule (in
 KURRIER_JOBS). A crash can stop any sequence of writes half way; the order
 below makes each half-way state one that the sweeper repairs (queue/sweeper.py)
 and none that loses an accepted message:
@@ -42,9 +42,11 @@ from typing import IO
 from kurrier.core.body_store import body_exists, delete_body, object_stored_at, store_body
 from kurrier.core.jetstream import (
     BODIES_STREAM,
+    DISPATCH_STREAM,
     JOBS_STREAM,
     NATS_AWAY,
     body_subject,
+    dispatch_subject,
     due_subject,
     job_subject,
     schedule_subject,
@@ -198,6 +200,7 @@ class MessageStore:
                 await self.records.delete(queue_id, revision)
             except RecordChanged:
                 continue
+            await self._js.purge_stream(DISPATCH_STREAM, subject=dispatch_subject(queue_id))
             await self._js.purge_stream(JOBS_STREAM, subject=job_subject(queue_id))
             await self._remove_leftovers(queue_id, record.body_store, record.scheduled)
             return record

@@ -24,6 +24,7 @@ from typing import Any
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     CONFIG_BUCKET,
+    DISPATCH_STREAM,
     HISTORY_STREAM,
     JOBS_STREAM,
     LEASES_BUCKET,
@@ -34,6 +35,7 @@ from kurrier.core.jetstream import (
     RESULTS_STREAM,
     ROUTING_TABLE_KEY,
     SHAPING_BUCKET,
+    dispatch_subject,
     history_subjects,
     inbox_prefix,
     kv_stream,
@@ -77,6 +79,7 @@ _QUEUE_STATE = (
     Use(BODIES_STREAM, ("kurrier.body.*",), remove=True, create=True),
     Use(OBJECT_STREAM, (f"$O.{OBJECT_BUCKET}.>",), remove=True, create=True, find=True),
     Use(MESSAGES_STREAM, (f"$KV.{MESSAGES_BUCKET}.>",), remove=True, create=True),
+    Use(DISPATCH_STREAM, (dispatch_subject("*"),), remove=True, create=True),
     Use(JOBS_STREAM, ("kurrier.job.*", "kurrier.due.*", "kurrier.schedule.*"), True, True, True),
     Use(RESULTS_STREAM, ("kurrier.result.*",), remove=True, create=True),
     Use(LEASES_STREAM, (f"$KV.{LEASES_BUCKET}.>",), remove=True, create=True),
@@ -103,8 +106,13 @@ COMPONENTS: dict[str, tuple[Use, ...]] = {
     # Writes the routing table, nothing else.
     "operator": (Use(CONFIG_STREAM, (f"$KV.{CONFIG_BUCKET}.{ROUTING_TABLE_KEY}",), create=True),),
     # Takes jobs, reads bodies and records, reports results, and ends a
-    # message it delivered completely: its record, body and schedule.
+    # message it delivered completely: its record and body. It creates the
+    # jobs stream when an earlier release's queue, which has none, still runs
+    # (delivery rolls first), and takes that queue's jobs from JOBS_STREAM.
+    # Each component keeps what its earlier release may do, so that pods of
+    # that release run under these permissions while an upgrade rolls.
     "delivery": (
+        Use(DISPATCH_STREAM, create=True),
         Use(JOBS_STREAM, remove=True),
         Use(RESULTS_STREAM, ("kurrier.result.*",), read=False),
         Use(BODIES_STREAM, remove=True),

@@ -49,7 +49,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 TRACER = trace.get_tracer("kurrier")
 _W3C = TraceContextTextMapPropagator()
 
-JOBS_DESTINATION = "kurrier.job"
+JOBS_DESTINATION = "kurrier.dispatch"
 RESULTS_DESTINATION = "kurrier.result"
 
 

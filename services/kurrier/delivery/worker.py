@@ -12,10 +12,13 @@ from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.body_store import load_body
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
+    DISPATCH_STREAM,
     JOBS_STREAM,
     MESSAGES_STREAM,
     RESULTS_STREAM,
     SHAPING_BUCKET,
+    dispatch_subject,
+    job_subject,
     pull_batch,
     result_subject,
     when_answered,
@@ -81,35 +84,24 @@ class DeliveryWorker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pull jobs while free slots remain; on stop, finish what is in flight."""
-        subscription = await unless_stopped(
-            stop, when_answered(self._subscribe, f"the {DELIVERY_CONSUMER} consumer")
+        subscriptions = await unless_stopped(
+            stop, when_answered(self._subscribe, f"the {DELIVERY_CONSUMER} consumers")
         )
-        if subscription is None:
+        if subscriptions is None:
             return
+        jobs, earlier_jobs = subscriptions
         shaping = self.courier.shaping
         assert shaping is not None  # _subscribe made it
         heartbeat = asyncio.create_task(self._heartbeat())
         renewal = asyncio.create_task(shaping.run_renewal())
         stopping = asyncio.create_task(stop.wait())
         try:
-            while not stop.is_set():
-                free = self._settings.concurrency - len(self._in_flight)
-                if free <= 0:
-                    # Or for the stop: the drain starts then, not when a slow
-                    # next hop next finishes a transaction.
-                    await asyncio.wait(
-                        [*self._in_flight, stopping], return_when=asyncio.FIRST_COMPLETED
-                    )
-                    continue
-                for message in await pull_batch(subscription, batch=free, timeout=1):
-                    handling = self._handle(message)
-                    task = asyncio.create_task(
-                        traced_processing(
-                            JOBS_DESTINATION, message.subject, message.headers, handling
-                        )
-                    )
-                    self._in_flight[task] = message
-                    task.add_done_callback(self._in_flight.pop)
+            # An earlier release's jobs one at a time: two pulls for free slots
+            # at once could take up to twice the concurrency.
+            await asyncio.gather(
+                self._take(jobs, self._settings.concurrency, stop, stopping),
+                self._take(earlier_jobs, 1, stop, stopping),
+            )
         finally:
             stopping.cancel()
             self._stopping.set()
@@ -120,23 +112,56 @@ class DeliveryWorker:
             heartbeat.cancel()
             renewal.cancel()
 
-    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+    async def _take(
+        self,
+        subscription: JetStreamContext.PullSubscription,
+        most: int,
+        stop: asyncio.Event,
+        stopping: asyncio.Task[bool],
+    ) -> None:
+        """Pull up to `most` jobs at a time from one consumer while slots are free."""
+        while not stop.is_set():
+            free = min(most, self._settings.concurrency - len(self._in_flight))
+            if free <= 0:
+                # Or for the stop: the drain starts then, not when a slow
+                # next hop next finishes a transaction.
+                await asyncio.wait(
+                    [*self._in_flight, stopping], return_when=asyncio.FIRST_COMPLETED
+                )
+                continue
+            for message in await pull_batch(subscription, batch=free, timeout=1):
+                handling = self._handle(message)
+                task = asyncio.create_task(
+                    traced_processing(JOBS_DESTINATION, message.subject, message.headers, handling)
+                )
+                self._in_flight[task] = message
+                task.add_done_callback(self._in_flight.pop)
+
+    async def _subscribe(
+        self,
+    ) -> tuple[JetStreamContext.PullSubscription, JetStreamContext.PullSubscription]:
+        """The consumer of the jobs stream, and the one of the stream where an earlier
+        release's queue puts its jobs (JOBS_STREAM): delivery rolls first in an
+        upgrade (docs/deploy.md), so it takes the jobs of both releases' queues.
+        The earlier release's delivery processes share that second consumer."""
         removals = AtomicBatches(
             self._js, MESSAGES_STREAM, self._settings.atomic_batch_min, self._nc
         )
         self._store = MessageStore(self._js, await RecordStore.open(self._js, removals))
         self.courier.shaping = self._shaping(await self._js.key_value(SHAPING_BUCKET))
-        return await self._js.pull_subscribe(
-            "kurrier.job.*",
-            durable=DELIVERY_CONSUMER,
-            stream=JOBS_STREAM,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=self._ack_wait,
-                max_deliver=-1,
-                max_ack_pending=max(1000, self._settings.concurrency * 4),
-            ),
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self._ack_wait,
+            max_deliver=-1,
+            max_ack_pending=max(1000, self._settings.concurrency * 4),
         )
+        jobs = await self._js.pull_subscribe(
+            dispatch_subject("*"), durable=DELIVERY_CONSUMER, stream=DISPATCH_STREAM, config=config
+        )
+        earlier_jobs = await self._js.pull_subscribe(
+            job_subject("*"), durable=DELIVERY_CONSUMER, stream=JOBS_STREAM, config=config
+        )
+        return jobs, earlier_jobs
 
     async def _heartbeat(self) -> None:
         """Tell JetStream every job in flight is still being worked on.

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.history import HISTORY, trace_id_of
-from kurrier.core.jetstream import job_subject
+from kurrier.core.jetstream import JOB_LEASE, dispatch_subject
 from kurrier.core.message import DeliveryJob, MessageRecord, RecipientDsn
 from kurrier.core.routing import RoutingTable, domain_of
 from kurrier.core.telemetry import JOBS_DESTINATION, publishing
-
-# How long a dispatched recipient may go without a result before the queue
-# dispatches it again. It covers a job lost in a crash between storing a
-# record and publishing its job; it must exceed the longest backlog wait.
-JOB_LEASE = 900.0
 
 
 def group_by_route(
@@ -41,7 +36,7 @@ def mark_dispatched(record: MessageRecord, recipients: list[str], now: float) ->
 
 def report_dispatch(record: MessageRecord, recipients: list[str], now: float) -> None:
     """Write a stored dispatch into the history: the counterpart of its job spans
-    (`send kurrier.job`, `kurrier.attempt`), called once the record holds it."""
+    (`send kurrier.dispatch`, `kurrier.attempt`), called once the record holds it."""
     HISTORY.record(
         record.queue_id,
         "dispatched",
@@ -92,7 +87,7 @@ async def publish_jobs(
             require_tls=record.require_tls,
             tenant=record.tenant,
         ).in_oldest_format()
-        subject = job_subject(record.queue_id)
+        subject = dispatch_subject(record.queue_id)
         with publishing(
             JOBS_DESTINATION,
             subject,

@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.grpc_tls import SERVER_OPTIONS, GrpcTls
 from kurrier.core.jetstream import (
-    JOBS_STREAM,
+    DISPATCH_STREAM,
     LEASES_BUCKET,
     MESSAGES_STREAM,
     HistoryLimits,
@@ -25,6 +25,7 @@ from kurrier.core.service import Connected, Hooks, Service, serve
 from kurrier.core.telemetry import grpc_server_interceptors
 from kurrier.queue.callers import CallerCheck
 from kurrier.queue.consumers import run_due, run_results
+from kurrier.queue.job_cleanup import JobCleanup
 from kurrier.queue.leadership import Lease
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
@@ -74,7 +75,7 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
         nats.tables,
         settings.schedule,
         settings.hostname,
-        AtomicBatches(js, JOBS_STREAM, least, nats.nc),
+        AtomicBatches(js, DISPATCH_STREAM, least, nats.nc),
     )
     sweeper_lease = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
     grpc_server = _GrpcServer(settings, QueueService(js, records, manager))
@@ -85,6 +86,7 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
         tasks=[
             lambda: run_results(js, manager),
             lambda: run_due(js, manager),
+            JobCleanup(js).run,
             lambda: sweeper_lease.run(Sweeper(js, manager).run),
         ],
         drain=[grpc_server.drain],

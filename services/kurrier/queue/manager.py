@@ -19,7 +19,7 @@ from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.body_store import load_body
 from kurrier.core.dsn_parameters import notify_allows
 from kurrier.core.history import HISTORY, trace_id_of
-from kurrier.core.jetstream import JOBS_STREAM
+from kurrier.core.jetstream import DISPATCH_STREAM
 from kurrier.core.message import FAILED_STATUSES, FINAL_STATUSES, MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
 from kurrier.core.metrics import RECIPIENTS_DEFERRED, count_final, tenant_label
@@ -106,7 +106,7 @@ class QueueManager:
         self._tables = tables
         self.schedule = schedule
         self._hostname = hostname
-        job_writes = jobs or AtomicBatches(js, JOBS_STREAM)
+        job_writes = jobs or AtomicBatches(js, DISPATCH_STREAM)
 
         async def publish(record: MessageRecord, recipients: list[str], revision: int) -> None:
             await publish_jobs(job_writes, tables.table, record, recipients, revision)

@@ -29,16 +29,19 @@ from kurrier.core.body_store import stored_objects
 from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.jetstream import (
     BODIES_STREAM,
+    DISPATCH_STREAM,
+    JOB_LEASE,
     JOBS_STREAM,
     NATS_AWAY,
     RESULTS_STREAM,
     body_subject,
+    dispatch_subject,
     job_subject,
     result_subject,
 )
 from kurrier.core.message import BodyStore, MessageRecord
 from kurrier.queue.changes import UNCHANGED, Change, Edit, dispatching
-from kurrier.queue.dispatch import JOB_LEASE, mark_dispatched
+from kurrier.queue.dispatch import mark_dispatched
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.retries import retry_due
 from nats.js import JetStreamContext
@@ -147,15 +150,22 @@ class Sweeper:
     async def _without_work(self, candidates: dict[str, int]) -> list[str]:
         """The candidates for which JetStream holds no job and no result.
 
-        Read jobs first, then results, then (in mutate) the record: work moves
-        in that order (a job is acked only after its result is stored, a
-        result only after the record changed), so in-flight work is seen in
-        at least one of them.
+        Read jobs first (an earlier release's, then those they are moved to),
+        then results, then (in mutate) the record: work moves in that order (a
+        job is moved before it is acked, acked only after its result is
+        stored, a result only after the record changed), so in-flight work is
+        seen in at least one of them. A job delivery acknowledged stays in its
+        stream until the queue purges below the ack floor: it counts as work
+        for a few seconds more, which only leaves a dispatch to its lease.
         """
         if not candidates:
             return []
         busy: set[str] = set()
-        where = ((JOBS_STREAM, job_subject("*")), (RESULTS_STREAM, result_subject("*")))
+        where = (
+            (JOBS_STREAM, job_subject("*")),
+            (DISPATCH_STREAM, dispatch_subject("*")),
+            (RESULTS_STREAM, result_subject("*")),
+        )
         for stream, pattern in where:
             subjects = await self._subjects(stream, pattern)
             if subjects is None:

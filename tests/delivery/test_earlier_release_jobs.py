@@ -1,0 +1,75 @@
+"""A job an earlier release's queue stored is delivered by this release's worker.
+
+Delivery rolls first in an upgrade (docs/deploy.md): while queue processes
+of the earlier release still run, their jobs land in KURRIER_JOBS
+(`kurrier.job.<id>`), not in the jobs stream this release's queue uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import yaml
+from kurrier.core.jetstream import (
+    JOBS_STREAM,
+    connect,
+    disconnect,
+    ensure_layout,
+    job_subject,
+)
+from kurrier.core.loader import parse_documents
+from kurrier.core.message import DeliveryJob
+from kurrier.core.routing import compile_table
+from kurrier.core.table_store import TableFollower
+from kurrier.delivery.settings import DeliverySettings
+from kurrier.delivery.worker import DeliveryWorker
+
+from tests.support.nats import NatsServer
+from tests.support.relay import route
+from tests.support.sink import Sink
+
+
+async def test_a_job_in_the_earlier_releases_stream_is_delivered_and_acknowledged(
+    nats_server: NatsServer, sink: Sink
+) -> None:
+    nc = await connect(nats_server.url, "test-earlier-jobs")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        queue_id = "EARLIER0000000000001"
+        body = b"Subject: earlier\r\n\r\nfrom the earlier release's queue\r\n"
+        job = DeliveryJob(
+            queue_id=queue_id,
+            dispatch=1,
+            mail_from="a@client.test",
+            recipients=["r@example.com"],
+            size=len(body),
+            body_store="record",
+            body=body,
+        )
+        await js.publish(job_subject(queue_id), job.model_dump_json().encode(), stream=JOBS_STREAM)
+
+        tables = TableFollower()
+        table, problems = compile_table(
+            parse_documents([yaml.safe_load(route("r", ["example.com"], sink.port))], "test")
+        )
+        assert not problems
+        tables.table = table
+        worker = DeliveryWorker(js, tables, DeliverySettings(helo_name="relay.test"))
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        try:
+            # Delivered and acknowledged: the work queue lets it go.
+            deadline = time.monotonic() + 30
+            while not sink.messages or (await js.stream_info(JOBS_STREAM)).state.messages:
+                assert not running.done(), "the worker ended"
+                assert time.monotonic() < deadline, "the job was not delivered and acknowledged"
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, timeout=30)
+        [delivered] = sink.messages
+        assert delivered.content.endswith(b"from the earlier release's queue\r\n")
+    finally:
+        await disconnect(nc)
