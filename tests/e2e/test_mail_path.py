@@ -21,6 +21,7 @@ from tests.support.relay import (
     documents,
     inbound_domain,
     route,
+    stored_jobs,
     trusting,
     wait_until_drained,
 )
@@ -82,6 +83,8 @@ def test_500_concurrent_messages_arrive_exactly_once_byte_identical(
         sink.wait_for(500, timeout=120)
         # Exactly once: the queue must be empty, so nothing more can arrive.
         wait_until_drained(relay.nats_url, 60)
+        # The queue purges the jobs delivery acknowledged (every 5 s).
+        wait_until(lambda: stored_jobs(relay.nats_url) == 0, 30, "the jobs to be purged")
     counts = Counter(_marker(m) for m in sink.messages)
     assert set(counts) == set(sent)
     assert max(counts.values()) == 1

@@ -18,6 +18,7 @@ import yaml
 from kurrier.cli.up import NATS_USERS_DIR
 from kurrier.core.jetstream import (
     BODIES_STREAM,
+    DISPATCH_STREAM,
     connect,
     disconnect,
     ensure_layout,
@@ -217,10 +218,10 @@ def describe_records(records: Sequence[MessageRecord], at_most: int = 5) -> str:
     return f"{len(records)} record(s): " + "; ".join(lines) + more
 
 
-async def _stored_bodies(nats_url: str) -> int:
+async def _stored(nats_url: str, stream: str) -> int:
     nc = await connect(nats_url, "test-inspector")
     try:
-        return (await nc.jetstream().stream_info(BODIES_STREAM)).state.messages
+        return (await nc.jetstream().stream_info(stream)).state.messages
     finally:
         await disconnect(nc)
 
@@ -228,7 +229,16 @@ async def _stored_bodies(nats_url: str) -> int:
 def stored_bodies(nats_url: str) -> int:
     """Message bodies in the bodies stream; -1 when NATS did not answer."""
     try:
-        return asyncio.run(_stored_bodies(nats_url))
+        return asyncio.run(_stored(nats_url, BODIES_STREAM))
+    except NATS_BUSY:
+        return -1
+
+
+def stored_jobs(nats_url: str) -> int:
+    """Jobs in the jobs stream, acknowledged ones included until the queue purges
+    them; -1 when NATS did not answer."""
+    try:
+        return asyncio.run(_stored(nats_url, DISPATCH_STREAM))
     except NATS_BUSY:
         return -1
 
