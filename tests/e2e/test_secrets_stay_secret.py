@@ -18,8 +18,15 @@ from kurrier.core.jetstream import CONFIG_BUCKET, ROUTING_TABLE_KEY, connect
 from tests.ingress.smtp_probe import SmtpProbe, plain
 from tests.support.certs import private_pem, rsa_key, self_signed_context
 from tests.support.otlp_receiver import OtlpReceiver
-from tests.support.processes import free_port, kurrier_argv
-from tests.support.relay import UpRelay, documents, route, secret, signing_domain
+from tests.support.processes import free_port, kurrier_argv, wait_until
+from tests.support.relay import (
+    UpRelay,
+    documents,
+    message_records,
+    route,
+    secret,
+    signing_domain,
+)
 from tests.support.sink import Sink
 
 DEFERRED = "later@example.com"
@@ -62,6 +69,14 @@ def _send(port: int, user: str, password: str, recipient: str) -> str:
     return accepted.lines[-1].rsplit(" ", 1)[-1]
 
 
+def _deferred(nats_url: str, queue_id: str) -> bool:
+    """Whether the queue recorded the message's deferral (what `queue show` prints)."""
+    return any(
+        r.queue_id == queue_id and any(s.status == "deferred" for s in r.recipients)
+        for r in message_records(nats_url)
+    )
+
+
 def test_secrets_are_used_and_shown_nowhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -101,6 +116,7 @@ def test_secrets_are_used_and_shown_nowhere(
             assert b"DKIM-Signature:" in delivered.content
             assert delivered.auth_user == "relay"
             held = _send(submission, "alice", client_password, DEFERRED)
+            wait_until(lambda: _deferred(relay.nats_url, held), 30, "the deferral to be recorded")
 
             stored = asyncio.run(_stored_table(relay.nats_url))
             assert b"sealed:v1:delivery:" in stored and b"sealed:v1:ingress:" in stored
