@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
+import pytest
 import yaml
 from kurrier.core.jetstream import (
     JOBS_STREAM,
@@ -17,11 +19,13 @@ from kurrier.core.jetstream import (
     disconnect,
     ensure_layout,
     job_subject,
+    pull_batch,
 )
 from kurrier.core.loader import parse_documents
 from kurrier.core.message import DeliveryJob
 from kurrier.core.routing import compile_table
 from kurrier.core.table_store import TableFollower
+from kurrier.delivery import worker as worker_module
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.worker import DeliveryWorker
 
@@ -71,5 +75,37 @@ async def test_a_job_in_the_earlier_releases_stream_is_delivered_and_acknowledge
             await asyncio.wait_for(running, timeout=30)
         [delivered] = sink.messages
         assert delivered.content.endswith(b"from the earlier release's queue\r\n")
+    finally:
+        await disconnect(nc)
+
+
+async def test_a_failing_pull_loop_ends_the_worker_with_the_other_one(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker pulls from two consumers at once; when one loop fails, the other
+    must not go on taking jobs for a worker that stopped handling them."""
+    pull = pull_batch
+
+    async def failing_for_earlier_jobs(subscription: Any, batch: int, timeout: float) -> Any:
+        if batch == 1:  # the earlier release's consumer is pulled one job at a time
+            raise RuntimeError("the earlier jobs' consumer broke")
+        return await pull(subscription, batch, timeout)
+
+    monkeypatch.setattr(worker_module, "pull_batch", failing_for_earlier_jobs)
+    nc = await connect(nats_server.url, "test-failing-pull")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        worker = DeliveryWorker(
+            js, TableFollower(), DeliverySettings(helo_name="relay.test", concurrency=4)
+        )
+        with pytest.raises(RuntimeError, match="earlier jobs' consumer broke"):
+            await asyncio.wait_for(worker.run(asyncio.Event()), timeout=30)
+        still_taking = [
+            task
+            for task in asyncio.all_tasks()
+            if "_take" in getattr(task.get_coro(), "__qualname__", "")
+        ]
+        assert still_taking == []
     finally:
         await disconnect(nc)

@@ -23,7 +23,7 @@ from kurrier.core.jetstream import (
     result_subject,
     when_answered,
 )
-from kurrier.core.lifecycle import unless_stopped
+from kurrier.core.lifecycle import cancel_and_wait, unless_stopped
 from kurrier.core.message import DeliveryJob, DeliveryResult, RecipientOutcome
 from kurrier.core.message_store import MessageStore
 from kurrier.core.records import RecordStore
@@ -95,14 +95,17 @@ class DeliveryWorker:
         heartbeat = asyncio.create_task(self._heartbeat())
         renewal = asyncio.create_task(shaping.run_renewal())
         stopping = asyncio.create_task(stop.wait())
-        try:
+        takers = [
+            asyncio.create_task(self._take(jobs, self._settings.concurrency, stop, stopping)),
             # An earlier release's jobs one at a time: two pulls for free slots
             # at once could take up to twice the concurrency.
-            await asyncio.gather(
-                self._take(jobs, self._settings.concurrency, stop, stopping),
-                self._take(earlier_jobs, 1, stop, stopping),
-            )
+            asyncio.create_task(self._take(earlier_jobs, 1, stop, stopping)),
+        ]
+        try:
+            await asyncio.gather(*takers)
         finally:
+            # One that failed must not leave the other taking jobs nobody drains.
+            await cancel_and_wait(*takers)
             stopping.cancel()
             self._stopping.set()
             if self._in_flight:
