@@ -175,10 +175,15 @@ class _Entries:
             raise CountersUnavailable(repr(error)) from error
 
 
+# A generator of its own: draws from the global one would disturb whoever seeds
+# it to make a run reproducible (Hypothesis, in the fuzz tests).
+_JITTER = random.Random()
+
+
 async def _pause_after_lost_write(attempt: int) -> None:
     """Writers that lost fall out of step rather than collide again."""
     if attempt:
-        await asyncio.sleep(random.uniform(0, 0.001 * attempt))
+        await asyncio.sleep(_JITTER.uniform(0, 0.001 * attempt))
 
 
 @dataclass(frozen=True)
