@@ -12,24 +12,21 @@ import time
 from typing import Any
 
 import pytest
-import yaml
 from kurrier.core.jetstream import (
     JOBS_STREAM,
     connect,
     disconnect,
     ensure_layout,
-    job_subject,
     pull_batch,
 )
-from kurrier.core.loader import parse_documents
-from kurrier.core.message import DeliveryJob
-from kurrier.core.routing import compile_table
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery import worker as worker_module
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.worker import DeliveryWorker
 
+from tests.delivery.attempts import table
 from tests.support.nats import NatsServer
+from tests.support.queued import publish_job
 from tests.support.relay import route
 from tests.support.sink import Sink
 
@@ -42,24 +39,10 @@ async def test_a_job_in_the_earlier_releases_stream_is_delivered_and_acknowledge
         js = nc.jetstream()
         await ensure_layout(js)
         queue_id = "EARLIER0000000000001"
-        body = b"Subject: earlier\r\n\r\nfrom the earlier release's queue\r\n"
-        job = DeliveryJob(
-            queue_id=queue_id,
-            dispatch=1,
-            mail_from="a@client.test",
-            recipients=["r@example.com"],
-            size=len(body),
-            body_store="record",
-            body=body,
-        )
-        await js.publish(job_subject(queue_id), job.model_dump_json().encode(), stream=JOBS_STREAM)
+        await publish_job(js, queue_id, earlier_release=True)
 
         tables = TableFollower()
-        table, problems = compile_table(
-            parse_documents([yaml.safe_load(route("r", ["example.com"], sink.port))], "test")
-        )
-        assert not problems
-        tables.table = table
+        tables.table = table(route("r", ["example.com"], sink.port))
         worker = DeliveryWorker(js, tables, DeliverySettings(helo_name="relay.test"))
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
@@ -74,7 +57,7 @@ async def test_a_job_in_the_earlier_releases_stream_is_delivered_and_acknowledge
             stop.set()
             await asyncio.wait_for(running, timeout=30)
         [delivered] = sink.messages
-        assert delivered.content.endswith(b"from the earlier release's queue\r\n")
+        assert f"Subject: {queue_id}".encode() in delivered.content
     finally:
         await disconnect(nc)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import yaml
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     DISPATCH_STREAM,
@@ -25,13 +24,12 @@ from kurrier.core.jetstream import (
     dispatch_subject,
     ensure_layout,
 )
-from kurrier.core.loader import parse_documents
-from kurrier.core.routing import compile_table
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.worker import DeliveryWorker
 from nats.js.api import AckPolicy, ConsumerConfig
 
+from tests.delivery.attempts import table
 from tests.support.nats import NatsServer
 from tests.support.queued import jobs_left, publish_job, store_record
 from tests.support.relay import route
@@ -67,11 +65,7 @@ async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
         assert len(taken) == 2  # and never acknowledged
 
         tables = TableFollower()
-        table, problems = compile_table(
-            parse_documents([yaml.safe_load(route("r", ["example.com"], sink.port))], "test")
-        )
-        assert not problems
-        tables.table = table
+        tables.table = table(route("r", ["example.com"], sink.port))
         worker = DeliveryWorker(
             js,
             tables,

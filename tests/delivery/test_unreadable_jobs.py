@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 
-import yaml
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     DISPATCH_STREAM,
@@ -21,13 +20,12 @@ from kurrier.core.jetstream import (
     dispatch_subject,
     ensure_layout,
 )
-from kurrier.core.loader import parse_documents
-from kurrier.core.routing import compile_table
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.worker import DeliveryWorker
 from nats.js.errors import NotFoundError
 
+from tests.delivery.attempts import table
 from tests.support.logs import LogCounter
 from tests.support.nats import NatsServer
 from tests.support.queued import publish_job
@@ -58,11 +56,7 @@ async def _deliver(nats_url: str, port: int, sink: Sink, logged: LogCounter) -> 
         queue_id = "READABLE000000000001"
         await publish_job(js, queue_id, body)
         tables = TableFollower()
-        table, problems = compile_table(
-            parse_documents([yaml.safe_load(route("r", ["example.com"], port))], "test")
-        )
-        assert not problems
-        tables.table = table
+        tables.table = table(route("r", ["example.com"], port))
         worker = DeliveryWorker(js, tables, DeliverySettings(helo_name="relay.test"))
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))

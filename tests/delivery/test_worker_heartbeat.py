@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 
-import yaml
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     DISPATCH_STREAM,
@@ -18,13 +17,12 @@ from kurrier.core.jetstream import (
     disconnect,
     ensure_layout,
 )
-from kurrier.core.loader import parse_documents
 from kurrier.core.message import DeliveryResult
-from kurrier.core.routing import compile_table
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.worker import DeliveryWorker
 
+from tests.delivery.attempts import table
 from tests.support.nats import NatsServer
 from tests.support.queued import jobs_left, publish_job
 from tests.support.relay import route
@@ -50,11 +48,7 @@ async def test_a_slow_delivery_keeps_its_job_and_is_sent_once(
         await publish_job(js, queue_id, body)
 
         tables = TableFollower()
-        table, problems = compile_table(
-            parse_documents([yaml.safe_load(route("r", ["example.com"], sink.port))], "test")
-        )
-        assert not problems
-        tables.table = table
+        tables.table = table(route("r", ["example.com"], sink.port))
         worker = DeliveryWorker(
             js, tables, DeliverySettings(helo_name="relay.test", concurrency=4), ack_wait=ACK_WAIT
         )

@@ -6,7 +6,13 @@ import io
 import time
 
 from kurrier.core.body_store import store_body
-from kurrier.core.jetstream import DELIVERY_CONSUMER, DISPATCH_STREAM, dispatch_subject
+from kurrier.core.jetstream import (
+    DELIVERY_CONSUMER,
+    DISPATCH_STREAM,
+    JOBS_STREAM,
+    dispatch_subject,
+    job_subject,
+)
 from kurrier.core.message import BodyStore, DeliveryJob, MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
 from nats.js import JetStreamContext
@@ -32,10 +38,13 @@ async def store_record(js: JetStreamContext, queue_id: str) -> None:
     assert await (await RecordStore.open(js)).create(queued_record(queue_id))
 
 
-async def publish_job(js: JetStreamContext, queue_id: str, body: bytes | None = None) -> None:
+async def publish_job(
+    js: JetStreamContext, queue_id: str, body: bytes | None = None, earlier_release: bool = False
+) -> None:
     """Its first dispatch's job to r@example.com. Without a body, one (Subject: the
     queue id) inside the job; with one, that body stored where the queue stores a
-    body too large for its record, and the job naming where."""
+    body too large for its record, and the job naming where. earlier_release: where
+    a queue of a release before the jobs stream puts it (JOBS_STREAM)."""
     if body is None:
         body = f"Subject: {queue_id}\r\n\r\nbody\r\n".encode()
         where: BodyStore = "record"
@@ -52,9 +61,12 @@ async def publish_job(js: JetStreamContext, queue_id: str, body: bytes | None = 
         body_store=where,
         body=inside,
     )
-    await js.publish(
-        dispatch_subject(queue_id), job.model_dump_json().encode(), stream=DISPATCH_STREAM
+    subject, stream = (
+        (job_subject(queue_id), JOBS_STREAM)
+        if earlier_release
+        else (dispatch_subject(queue_id), DISPATCH_STREAM)
     )
+    await js.publish(subject, job.model_dump_json().encode(), stream=stream)
 
 
 async def jobs_left(js: JetStreamContext) -> int:
