@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from hypothesis import given
 from hypothesis import strategies as st
 from kurrier.delivery.smtp_client import to_wire_body
 from kurrier.ingress.data_reader import LINE_TOO_LONG, DataLimits, DataReader
+from kurrier.ingress.data_stream import read_data
 
 # Bytes that matter to the reader, mixed with a few ordinary ones.
 _INTERESTING = st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b".\r\n", b"x", b"\x00"])
@@ -45,6 +47,52 @@ def test_reader_matches_the_reference(wire: bytes, tail: bytes, cuts: list[int])
     assert expected is not None
     assert reader.done and reader.refusal is None
     assert (consumed, reader.content()) == expected
+
+
+async def read_from_stream(wire: bytes, cuts: list[int], limit: int) -> tuple[bool, bytes, bytes]:
+    """(ended, stored message, what the stream still holds) after read_data() on a
+    stream that gets wire in pieces cut at cuts, then its end."""
+    stream = asyncio.StreamReader(limit=limit)
+    reader = DataReader(NO_LIMITS)
+    reading = asyncio.create_task(read_data(stream, reader, lambda: None))
+    start = 0
+    for cut in [*sorted(cuts), len(wire)]:
+        stream.feed_data(wire[start:cut])
+        start = cut
+        await asyncio.sleep(0)  # a turn for the reader: it sees the pieces as they come
+    stream.feed_eof()
+    ended = await reading
+    return ended, reader.content(), await stream.read()
+
+
+@given(
+    wire=WIRE,
+    tail=st.binary(max_size=20),
+    cuts=st.lists(st.integers(0, 400), max_size=20),
+    limit=st.integers(6, 80),
+)
+def test_the_stream_is_read_to_the_end_of_data_and_no_further(
+    wire: bytes, tail: bytes, cuts: list[int], limit: int
+) -> None:
+    """What follows the end of data (the next command) stays in the stream, and the
+    reads never wait for octets that need not come, wherever the pieces are cut and
+    whatever the stream's limit (asyncio's LimitOverrunError path)."""
+    data = wire + b"\r\n.\r\n" + tail
+    expected = reference(data)
+    assert expected is not None
+    ended, stored, left = asyncio.run(read_from_stream(data, cuts, limit))
+    assert ended
+    assert (stored, left) == (expected[1], data[expected[0] :])
+
+
+@given(wire=WIRE, cuts=st.lists(st.integers(0, 400), max_size=20), limit=st.integers(6, 80))
+def test_a_stream_that_ends_without_the_terminator_is_a_client_gone(
+    wire: bytes, cuts: list[int], limit: int
+) -> None:
+    if reference(wire) is not None:
+        return
+    ended, _, left = asyncio.run(read_from_stream(wire, cuts, limit))
+    assert not ended and left == b""
 
 
 @given(wire=WIRE, cuts=st.lists(st.integers(0, 400), max_size=20))

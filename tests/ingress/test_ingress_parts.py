@@ -13,6 +13,7 @@ from kurrier.delivery.smtp_client import to_wire_body
 from kurrier.ingress.command_lines import BARE_NEWLINE_COMMAND, BareNewline, CommandLineReader
 from kurrier.ingress.connection_gate import client_key
 from kurrier.ingress.data_reader import DataLimits, DataReader
+from kurrier.ingress.data_stream import read_data
 from kurrier.ingress.handler import decode_plain
 from kurrier.ingress.identities import password_matches
 from kurrier.ingress.relay_policy import check_recipient, check_sender_identity, recipient_key
@@ -64,6 +65,21 @@ def test_data_reader_limits(wire: bytes, limits: DataLimits, refusal: str) -> No
     reader = _read(wire, limits)
     assert reader.refusal is not None and reader.refusal.startswith(refusal)
     assert reader.content() == b""
+
+
+async def test_prose_is_read_in_blocks_not_a_read_per_sentence() -> None:
+    """Lines ending in a full stop hold ".<CRLF>" but never the terminator: 100 KB
+    of them come in reads of the stream's limit, with the next command left."""
+    prose = b"A line of a letter, which ends as most sentences do." + b"\r\n"
+    message = b"Subject: a letter\r\n\r\n" + prose * 2000
+    stream = asyncio.StreamReader(limit=64 * 1024)
+    stream.feed_data(message + b".\r\nQUIT\r\n")
+    reads: list[None] = []
+    reader = DataReader(DataLimits(max_size=1024 * 1024))
+    assert await read_data(stream, reader, lambda: reads.append(None))
+    assert reader.refusal is None and reader.content() == message
+    assert len(reads) <= 3
+    assert await stream.readline() == b"QUIT\r\n"
 
 
 def test_data_reader_allows_a_full_line_with_a_transparency_dot() -> None:

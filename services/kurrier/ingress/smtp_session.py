@@ -47,6 +47,7 @@ from kurrier.ingress.command_lines import (
 )
 from kurrier.ingress.connection_gate import SHUTTING_DOWN, ConnectionGate
 from kurrier.ingress.data_reader import DataLimits, DataReader
+from kurrier.ingress.data_stream import read_data
 from kurrier.ingress.pipelined_replies import PipelinedReplies
 from kurrier.ingress.session_limits import SessionLimits
 from kurrier.ingress.smtp_path import parse_path
@@ -372,18 +373,9 @@ class IngressSMTP(SMTP, CommandLineProtocol):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         reader = self._message_reader()
-        while not reader.done:
-            try:
-                # Never past the first ".\r\n": what follows the end of data is
-                # the next (pipelined) command and stays in the stream.
-                chunk = await self._reader.readuntil(b".\r\n")
-            except asyncio.LimitOverrunError as error:
-                chunk = await self._reader.read(error.consumed)
-            except asyncio.IncompleteReadError:
-                return  # the client went away; nothing was accepted
-            # A client that keeps sending is not idle; the session limit still holds.
-            self._reset_timeout()
-            reader.feed(chunk)
+        # A client that keeps sending is not idle; the session limit still holds.
+        if not await read_data(self._reader, reader, self._reset_timeout):
+            return  # the client went away; nothing was accepted
         await self._end_message(reader)
 
     def _message_reader(self) -> DataReader:
