@@ -18,7 +18,11 @@ from dataclasses import dataclass, field
 
 SENDER = "loadgen@bench.test"
 RECIPIENT = "rcpt@example.com"
-_LINE = (b"The quick brown fox jumps over the lazy dog; kurrier relays it onward. " * 2)[:76]
+# Wrapped prose, as most text bodies are: every other line ends a sentence.
+_LINES = (
+    b"The quick brown fox jumps over the lazy dog, and the relay carries it on to",
+    b"the next hop, which takes it the same way until it reaches its recipient.",
+)
 
 
 class SmtpFailure(Exception):
@@ -59,9 +63,9 @@ class LoadResult:
 
 def filler(size: int) -> bytes:
     """A CRLF-terminated body of about `size` bytes of printable lines (none starts with '.')."""
-    line = _LINE + b"\r\n"
-    count = max(1, size // len(line))
-    return line * count
+    pair = b"".join(line + b"\r\n" for line in _LINES)
+    whole = pair * (size // len(pair) + 1)
+    return whole[: max(len(_LINES[0]) + 2, whole.rfind(b"\r\n", 0, size) + 2)]
 
 
 def message_head(tag: str, seq: int, stamp_ns: int) -> bytes:
