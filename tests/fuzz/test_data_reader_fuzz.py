@@ -54,7 +54,7 @@ async def read_from_stream(wire: bytes, cuts: list[int], limit: int) -> tuple[bo
     stream that gets wire in pieces cut at cuts, then its end."""
     stream = asyncio.StreamReader(limit=limit)
     reader = DataReader(NO_LIMITS)
-    reading = asyncio.create_task(read_data(stream, reader, lambda: None))
+    reading = asyncio.create_task(read_data(stream, reader))
     start = 0
     for cut in [*sorted(cuts), len(wire)]:
         stream.feed_data(wire[start:cut])

@@ -65,6 +65,32 @@ def test_slowloris_dribbling_a_command_is_dropped(hostile_relay: HostileRelay) -
     assert time.monotonic() - started >= IDLE_TIMEOUT
 
 
+@pytest.mark.parametrize("command", ["DATA", "BDAT"])
+def test_a_client_sending_content_slowly_is_not_idle(
+    hostile_relay: HostileRelay, command: str
+) -> None:
+    """Octets of a message arriving are activity, however few: content that comes in
+    small pieces for longer than the idle timeout, never a whole read's worth, is
+    taken. (Dribbling a command is not: test_slowloris_dribbling_a_command_is_dropped.)"""
+    pieces = [f"Subject: slow {command}\r\n\r\n".encode(), *[b"x" * 40 + b"\r\n"] * 6]
+    with _greeted(hostile_relay, fresh_ip()) as smtp:
+        smtp.command("EHLO probe.test")
+        smtp.command("MAIL FROM:<someone@client.test>")
+        assert smtp.command("RCPT TO:<user@example.com>").code == 250
+        if command == "DATA":
+            assert smtp.command("DATA").code == 354
+        else:
+            smtp.send(f"BDAT {sum(map(len, pieces))} LAST\r\n".encode())
+        started = time.monotonic()
+        for piece in pieces:
+            smtp.send(piece)
+            time.sleep(IDLE_TIMEOUT / 4)  # the client's pace, not a wait for the server
+        assert time.monotonic() - started > IDLE_TIMEOUT
+        if command == "DATA":
+            smtp.send(b".\r\n")
+        assert smtp.reply().startswith("250 2.0.0")
+
+
 def test_a_busy_client_is_dropped_at_the_session_limit(hostile_relay: HostileRelay) -> None:
     started = time.monotonic()  # before the server could start counting
     with _greeted(hostile_relay, fresh_ip()) as smtp:

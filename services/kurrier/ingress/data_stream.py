@@ -18,7 +18,6 @@ start within what was read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from kurrier.ingress.data_reader import TERMINATOR, DataReader
 
@@ -26,13 +25,8 @@ from kurrier.ingress.data_reader import TERMINATOR, DataReader
 _BEFORE_DATA = b"\r\n"
 
 
-async def read_data(
-    stream: asyncio.StreamReader, reader: DataReader, on_read: Callable[[], None]
-) -> bool:
-    """Feed reader until it is done; False if the client went away first.
-
-    on_read is called after every read (a client that keeps sending is not idle).
-    """
+async def read_data(stream: asyncio.StreamReader, reader: DataReader) -> bool:
+    """Feed reader until it is done; False if the client went away first."""
     tail = _BEFORE_DATA
     while not reader.done:
         started = _terminator_started(tail)
@@ -47,7 +41,6 @@ async def read_data(
             chunk = await stream.read(error.consumed)
         except asyncio.IncompleteReadError:
             return False
-        on_read()
         reader.feed(chunk)
         tail = (tail + chunk)[-(len(TERMINATOR) - 1) :]
     return True

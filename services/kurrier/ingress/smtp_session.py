@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import re
 import ssl
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -189,6 +191,7 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         self._client_slot: asyncio.Task[str | None] | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._replies: PipelinedReplies | None = None
+        self._content_coming = False
 
     # -- admission and time limits -------------------------------------------------
 
@@ -373,9 +376,9 @@ class IngressSMTP(SMTP, CommandLineProtocol):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         reader = self._message_reader()
-        # A client that keeps sending is not idle; the session limit still holds.
-        if not await read_data(self._reader, reader, self._reset_timeout):
-            return  # the client went away; nothing was accepted
+        with self._taking_content():
+            if not await read_data(self._reader, reader):
+                return  # the client went away; nothing was accepted
         await self._end_message(reader)
 
     def _message_reader(self) -> DataReader:
@@ -453,17 +456,32 @@ class IngressSMTP(SMTP, CommandLineProtocol):
         """Read size octets into reader (None: drop them), a stream buffer at a time;
         False if the client went away first."""
         left = size
-        while left:
-            try:
-                piece = await self._reader.readexactly(min(left, self.line_length_limit))
-            except asyncio.IncompleteReadError:
-                return False
-            left -= len(piece)
-            # A client that keeps sending is not idle; the session limit still holds.
-            self._reset_timeout()
-            if reader is not None:
-                reader.take(piece)
+        with self._taking_content():
+            while left:
+                try:
+                    piece = await self._reader.readexactly(min(left, self.line_length_limit))
+                except asyncio.IncompleteReadError:
+                    return False
+                left -= len(piece)
+                if reader is not None:
+                    reader.take(piece)
         return True
+
+    @contextlib.contextmanager
+    def _taking_content(self) -> Iterator[None]:
+        """While a message's content comes, any octet that arrives is activity
+        (Postfix times each read): a client sending slowly is not idle, however
+        long its reads take to fill. The session's time limit still holds."""
+        self._content_coming = True
+        try:
+            yield
+        finally:
+            self._content_coming = False
+
+    def data_received(self, data: bytes) -> None:
+        if self._content_coming:
+            self._reset_timeout()
+        super().data_received(data)
 
 
 def _final(reply: str) -> bool:
