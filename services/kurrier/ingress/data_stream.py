@@ -42,7 +42,8 @@ async def read_data(stream: asyncio.StreamReader, reader: DataReader) -> bool:
         except asyncio.IncompleteReadError:
             return False
         reader.feed(chunk)
-        tail = (tail + chunk)[-(len(TERMINATOR) - 1) :]
+        kept = len(TERMINATOR) - 1
+        tail = (tail + chunk[-kept:])[-kept:]
     return True
 
 
