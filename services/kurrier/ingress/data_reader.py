@@ -101,7 +101,7 @@ class DataReader:
         keep = min(len(TERMINATOR) - 1, len(window))
         taken = window[: len(window) - keep]
         self._take(taken)
-        self._before = (self._before + taken)[-2:]
+        self._before = (self._before + taken[-2:])[-2:]
         self._held = window[len(window) - keep :]
         return len(data)
 
