@@ -105,6 +105,15 @@ class DataReader:
         self._held = window[len(window) - keep :]
         return len(data)
 
+    def terminator_started(self) -> int:
+        """How many octets of the terminator (0-4) the octets fed so far end with:
+        its rest may be all the client has left to send."""
+        tail = self._before + self._held
+        for length in range(len(TERMINATOR) - 1, 0, -1):
+            if tail.endswith(TERMINATOR[:length]):
+                return length
+        return 0
+
     def take(self, chunk: bytes) -> None:
         """Take octets of a BDAT chunk: message octets as they are, whatever they hold."""
         if not self.done:

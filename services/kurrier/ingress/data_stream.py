@@ -21,15 +21,11 @@ import asyncio
 
 from kurrier.ingress.data_reader import TERMINATOR, DataReader
 
-# The CRLF that ends the DATA command: "." right away ends an empty message.
-_BEFORE_DATA = b"\r\n"
-
 
 async def read_data(stream: asyncio.StreamReader, reader: DataReader) -> bool:
     """Feed reader until it is done; False if the client went away first."""
-    tail = _BEFORE_DATA
     while not reader.done:
-        started = _terminator_started(tail)
+        started = reader.terminator_started()
         try:
             if started:
                 chunk = await stream.readexactly(len(TERMINATOR) - started)
@@ -42,14 +38,4 @@ async def read_data(stream: asyncio.StreamReader, reader: DataReader) -> bool:
         except asyncio.IncompleteReadError:
             return False
         reader.feed(chunk)
-        kept = len(TERMINATOR) - 1
-        tail = (tail + chunk[-kept:])[-kept:]
     return True
-
-
-def _terminator_started(tail: bytes) -> int:
-    """How many octets of the terminator (1-4) tail ends with; 0 for none."""
-    for length in range(len(TERMINATOR) - 1, 0, -1):
-        if tail.endswith(TERMINATOR[:length]):
-            return length
-    return 0
