@@ -7,6 +7,11 @@ each has arrived, and counts nats-server's pwrite64 and fsync/fdatasync
 calls on JetStream's block files while the messages went through, divided
 by the number of messages: the figure to cut when syncing every write is
 the promise. Needs strace (scripts/testbin.sh installs it).
+
+With --deferred the next hop answers every recipient `451`, and the count
+runs until each message's first attempt is deferred and recorded: what a
+deferral costs (the result, the record's update, the retry's schedule, and
+what removes the result).
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP as SMTPServer
+from aiosmtpd.smtp import Envelope, Session
 
 from bench.traced_nats import block_file_events, install_traced_nats_server
 
@@ -48,7 +57,40 @@ def _count(trace: Path) -> Counter[tuple[str, str]]:
     return counts
 
 
-def measure(messages: int, sync: str | None, workdir: Path) -> Counter[tuple[str, str]]:
+class _Deferring:
+    """A next hop that defers every recipient, counting the attempts."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def handle_RCPT(
+        self,
+        server: SMTPServer,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
+    ) -> str:
+        self.attempts += 1
+        return "451 4.3.0 deferring everything"
+
+
+def _settled(trace: Path, quiet: float = 2.0, limit: float = 60.0) -> Counter[tuple[str, str]]:
+    """The counts once nats-server has written nothing new for `quiet` seconds."""
+    counts, still_since, deadline = _count(trace), time.monotonic(), time.monotonic() + limit
+    while time.monotonic() - still_since < quiet:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"nats-server kept writing for {limit:.0f} s")
+        time.sleep(0.25)
+        now = _count(trace)
+        if now != counts:
+            counts, still_since = now, time.monotonic()
+    return counts
+
+
+def measure(
+    messages: int, sync: str | None, workdir: Path, deferred: bool = False
+) -> Counter[tuple[str, str]]:
     bindir, trace, mail = workdir / "bin", workdir / "nats.strace", workdir / "mail"
     bindir.mkdir()
     install_traced_nats_server(bindir, trace)
@@ -62,11 +104,17 @@ def measure(messages: int, sync: str | None, workdir: Path) -> Counter[tuple[str
         "spec: {trustedNetworks: ['127.0.0.0/8']}\n"
     )
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
-    sink = subprocess.Popen(
-        _kurrier("sink", "--listen", f"127.0.0.1:{sink_port}", "--dir", str(mail)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    deferring = _Deferring()
+    next_hop = Controller(deferring, hostname="127.0.0.1", port=sink_port)
+    sink: subprocess.Popen[bytes] | None = None
+    if deferred:
+        next_hop.start()
+    else:
+        sink = subprocess.Popen(
+            _kurrier("sink", "--listen", f"127.0.0.1:{sink_port}", "--dir", str(mail)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     sync_flag = ["--nats-sync", sync] if sync else []
     up = subprocess.Popen(
         _kurrier(
@@ -93,28 +141,35 @@ def measure(messages: int, sync: str | None, workdir: Path) -> Counter[tuple[str
             for _ in range(messages):
                 smtp.sendmail("a@client.test", ["r@example.com"], body)
         deadline = time.monotonic() + 120
-        while len(list(mail.glob("*"))) < messages:
+        while (deferring.attempts if deferred else len(list(mail.glob("*")))) < messages:
             if time.monotonic() > deadline:
-                raise SystemExit("not every message arrived within 120 s")
+                raise SystemExit("not every message arrived or was tried within 120 s")
             time.sleep(0.1)
-        # What the last delivery leaves to do (acks, purges) is done within moments.
-        time.sleep(2)
-        return _count(trace) - before
+        # What the last attempt leaves to do (results, acks, purges) follows
+        # within moments; the first retry is minutes away.
+        return _settled(trace) - before
     finally:
         up.terminate()
         up.wait(timeout=60)
-        sink.terminate()
-        sink.wait(timeout=10)
+        if sink is not None:
+            sink.terminate()
+            sink.wait(timeout=10)
+        else:
+            next_hop.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--nats-sync", default=None, help="passed to kurrier up")
+    parser.add_argument(
+        "--deferred", action="store_true", help="a next hop that defers every recipient"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kurrier-writes-") as scratch:
-        counts = measure(args.messages, args.nats_sync, Path(scratch))
-    print(f"per accepted 1 KB message ({args.messages} messages, one at a time):")
+        counts = measure(args.messages, args.nats_sync, Path(scratch), args.deferred)
+    fate = "deferred once" if args.deferred else "delivered"
+    print(f"per accepted 1 KB message, {fate} ({args.messages} messages, one at a time):")
     print(f"{'stream':<28} {'writes':>7} {'syncs':>7}")
     for stream in sorted({s for s, _ in counts}):
         writes = counts[(stream, "write")] / args.messages
