@@ -33,6 +33,7 @@ from kurrier.core.jetstream import (
     CONFIG_BUCKET,
     DELIVERY_CONSUMER,
     DISPATCH_STREAM,
+    OUTCOMES_STREAM,
     ROUTING_TABLE_KEY,
     SHAPING_BUCKET,
     body_subject,
@@ -40,6 +41,7 @@ from kurrier.core.jetstream import (
     disconnect,
     dispatch_subject,
     ensure_layout,
+    outcome_subject,
     result_subject,
 )
 from kurrier.core.nats_access import COMPONENTS, chart_permissions
@@ -206,6 +208,7 @@ async def test_each_component_does_its_job_and_nothing_else(
         ingress.js.publish(dispatch_subject("forged"), b"{}"), dispatch_subject("forged")
     )
     await ingress.refused(ingress.js.publish(result_subject("q1"), b"{}"), result_subject("q1"))
+    await ingress.refused(ingress.js.publish(outcome_subject("q1"), b"{}"), outcome_subject("q1"))
 
     # Delivery takes the job, reads the body, reports a result; it cannot write the table.
     jobs = await delivery.js.pull_subscribe(
@@ -216,6 +219,7 @@ async def test_each_component_does_its_job_and_nothing_else(
     body = await delivery.js.get_last_msg(BODIES_STREAM, body_subject("q1"), direct=True)
     assert body.data == BODY
     await delivery.js.publish(result_subject("q1"), b"{}")
+    await delivery.js.publish(outcome_subject("q1"), b"{}")
     await delivery.refused(write_table(delivery), TABLE_SUBJECT)
     # and shares its destination sites' slots with the other delivery processes.
     slots = ClusterSlots(await delivery.js.key_value(SHAPING_BUCKET))
@@ -225,9 +229,17 @@ async def test_each_component_does_its_job_and_nothing_else(
     await delivery.refused(
         delivery.js.publish(dispatch_subject("forged"), b"{}"), dispatch_subject("forged")
     )
-    # Removing jobs is the queue's (queue/job_cleanup.py): delivery only acknowledges.
+    # Removing jobs is the queue's (queue/acked_cleanup.py): delivery only acknowledges.
     await delivery.refused(
         delivery.js.purge_stream(DISPATCH_STREAM), f"$JS.API.STREAM.PURGE.{DISPATCH_STREAM}"
+    )
+    # Results are the queue's to read and remove.
+    await delivery.refused(
+        delivery.js.purge_stream(OUTCOMES_STREAM), f"$JS.API.STREAM.PURGE.{OUTCOMES_STREAM}"
+    )
+    await delivery.refused(
+        delivery.js.pull_subscribe(outcome_subject("*"), stream=OUTCOMES_STREAM),
+        f"$JS.API.CONSUMER.CREATE.{OUTCOMES_STREAM}.",
     )
 
     # Nobody but the queue and delivery reads the bodies, by any way in.

@@ -21,11 +21,13 @@ from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.body_store import body_exists, store_body
 from kurrier.core.jetstream import (
     DISPATCH_STREAM,
+    OUTCOMES_STREAM,
     RESULTS_STREAM,
     connect,
     disconnect,
     dispatch_subject,
     ensure_layout,
+    outcome_subject,
 )
 from kurrier.core.loader import parse_documents
 from kurrier.core.message import (
@@ -85,12 +87,14 @@ class Scene:
         ]
         return [DeliveryJob.model_validate_json(m.data or b"") for m in stored]
 
-    async def results(self) -> int:
-        return (await self.js.stream_info(RESULTS_STREAM)).state.messages
+    async def results(self, stream: str = OUTCOMES_STREAM) -> int:
+        """Results stored for the queue in stream (the outcomes stream unless asked)."""
+        return (await self.js.stream_info(stream)).state.messages
 
     @asynccontextmanager
-    async def delivering(self) -> AsyncIterator[None]:
-        worker = DeliveryWorker(self.js, self.tables, DeliverySettings(helo_name="relay.test"))
+    async def delivering(self, batched_results: bool = True) -> AsyncIterator[None]:
+        settings = DeliverySettings(helo_name="relay.test", batched_results=batched_results)
+        worker = DeliveryWorker(self.js, self.tables, settings)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         try:
@@ -147,6 +151,7 @@ async def test_a_job_that_delivers_all_that_was_left_removes_record_and_body(
         assert not await body_exists(scene.js, queue_id, "stream")
         # Nothing for the queue to do: no result was stored.
         assert await scene.results() == 0
+        assert await scene.results(RESULTS_STREAM) == 0
 
 
 async def test_a_record_changed_since_dispatch_is_left_to_the_queue(
@@ -162,7 +167,7 @@ async def test_a_record_changed_since_dispatch_is_left_to_the_queue(
         record.held = True
         await scene.records.update(record, revision)
         async with scene.delivering():
-            results = await scene.js.pull_subscribe("kurrier.result.*", stream=RESULTS_STREAM)
+            results = await scene.js.pull_subscribe(outcome_subject("*"), stream=OUTCOMES_STREAM)
             [reported] = await results.fetch(1, timeout=30)
         result = DeliveryResult.model_validate_json(reported.data)
         assert [o.outcome for o in result.outcomes] == ["delivered"]
@@ -171,8 +176,13 @@ async def test_a_record_changed_since_dispatch_is_left_to_the_queue(
         assert await body_exists(scene.js, queue_id, "stream")
 
 
+@pytest.mark.parametrize(
+    ("batched_results", "stream", "other"),
+    [(True, OUTCOMES_STREAM, RESULTS_STREAM), (False, RESULTS_STREAM, OUTCOMES_STREAM)],
+    ids=["batched", "work-queue"],
+)
 async def test_a_message_split_across_routes_reports_each_part_to_the_queue(
-    nats_server: NatsServer, sink: Sink
+    nats_server: NatsServer, sink: Sink, batched_results: bool, stream: str, other: str
 ) -> None:
     async with _scene(
         nats_server,
@@ -185,10 +195,11 @@ async def test_a_message_split_across_routes_reports_each_part_to_the_queue(
         record, revision = await scene.queued(queue_id, recipients)
         await publish_jobs(scene.job_writes(), scene.tables.table, record, recipients, revision)
         assert [job.record_revision for job in await scene.jobs()] == [None, None]
-        async with scene.delivering():
+        async with scene.delivering(batched_results):
             await _until(lambda: _jobs_done(scene.js), "both jobs to be acked")
         assert len(sink.messages) == 2
-        assert await scene.results() == 2
+        assert await scene.results(stream) == 2
+        assert await scene.results(other) == 0
         assert await scene.records.get(queue_id, fresh=True) is not None
 
 

@@ -18,11 +18,12 @@ import time
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     DISPATCH_STREAM,
-    RESULTS_STREAM,
+    OUTCOMES_STREAM,
     connect,
     disconnect,
     dispatch_subject,
     ensure_layout,
+    outcome_subject,
 )
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
@@ -74,7 +75,7 @@ async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
         )
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
-        results = await js.pull_subscribe("kurrier.result.*", stream=RESULTS_STREAM)
+        results = await js.pull_subscribe(outcome_subject("*"), stream=OUTCOMES_STREAM)
         # LIVE's record has no revision in its job, so the worker reports it.
         [reported] = await results.fetch(1, timeout=30)
         deadline = time.monotonic() + 30

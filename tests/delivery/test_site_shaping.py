@@ -12,10 +12,11 @@ import time
 
 import pytest
 from kurrier.core.jetstream import (
-    RESULTS_STREAM,
+    OUTCOMES_STREAM,
     connect,
     disconnect,
     ensure_layout,
+    outcome_subject,
 )
 from kurrier.core.message import DeliveryResult
 from kurrier.core.table_store import TableFollower
@@ -100,13 +101,13 @@ async def test_a_throttled_try_is_an_attempt_deferred_at_the_usual_backoff(
         running = asyncio.create_task(worker.run(stop))
         try:
             deadline = time.monotonic() + 30
-            while not (await js.stream_info(RESULTS_STREAM)).state.messages:
+            while not (await js.stream_info(OUTCOMES_STREAM)).state.messages:
                 assert time.monotonic() < deadline, "no result"
                 await asyncio.sleep(0.05)
         finally:
             stop.set()
             await asyncio.wait_for(running, timeout=30)
-        results = await js.pull_subscribe("kurrier.result.*", stream=RESULTS_STREAM)
+        results = await js.pull_subscribe(outcome_subject("*"), stream=OUTCOMES_STREAM)
         [first] = await results.fetch(1, timeout=2)
         [outcome] = DeliveryResult.model_validate_json(first.data).outcomes
         assert outcome.outcome == "deferred"

@@ -12,10 +12,11 @@ import asyncio
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     DISPATCH_STREAM,
-    RESULTS_STREAM,
+    OUTCOMES_STREAM,
     connect,
     disconnect,
     ensure_layout,
+    outcome_subject,
 )
 from kurrier.core.message import DeliveryResult
 from kurrier.core.table_store import TableFollower
@@ -54,7 +55,7 @@ async def test_a_slow_delivery_keeps_its_job_and_is_sent_once(
         )
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
-        results = await js.pull_subscribe("kurrier.result.*", stream=RESULTS_STREAM)
+        results = await js.pull_subscribe(outcome_subject("*"), stream=OUTCOMES_STREAM)
         [reported] = await results.fetch(1, timeout=30)
         stop.set()
         await asyncio.wait_for(running, timeout=30)

@@ -21,11 +21,13 @@ from kurrier.core.jetstream import (
     JOB_LEASE,
     MESSAGES_BUCKET,
     NATS_AWAY,
+    OUTCOMES_STREAM,
     body_subject,
     connect,
     disconnect,
     dispatch_subject,
     ensure_layout,
+    outcome_subject,
     when_answered,
 )
 from kurrier.core.message import BodyStore, MessageRecord, RecipientState
@@ -204,8 +206,9 @@ async def _history_of(js: JetStreamContext, queue_id: str) -> list[tuple[str, di
 
 async def _sweep_after_a_crash_mid_enqueue(
     nats_url: str,
-) -> tuple[int, int, int, int, list[tuple[str, dict[str, str]]]]:
-    """A record two dispatch-graces old; the sweeper runs with its job present, then gone."""
+) -> tuple[int, int, int, int, int, list[tuple[str, dict[str, str]]]]:
+    """A record two dispatch-graces old; the sweeper runs with its job present, then
+    with its result waiting for the queue, then with neither."""
     nc = await connect(nats_url, "test-sweep")
     try:
         js = nc.jetstream()
@@ -228,13 +231,17 @@ async def _sweep_after_a_crash_mid_enqueue(
         )
         with_job, _ = await sweeper.sweep()
         jobs_with_job = (await js.stream_info(DISPATCH_STREAM)).state.messages
-        # The job never published (the queue died after storing the record): dispatched again.
+        # Delivered and acknowledged (the job purged), its result not yet read: work in flight.
         await js.purge_stream(DISPATCH_STREAM, subject=dispatch_subject(queue_id))
+        await js.publish(outcome_subject(queue_id), b"{}", stream=OUTCOMES_STREAM)
+        with_result, _ = await sweeper.sweep()
+        # The job never published (the queue died after storing the record): dispatched again.
+        await js.purge_stream(OUTCOMES_STREAM)
         without_job, _ = await sweeper.sweep()
         found = await records.get(queue_id, fresh=True)
         assert found is not None
         history = await _history_of(js, queue_id)
-        return with_job, jobs_with_job, without_job, found[0].dispatches, history
+        return with_job, jobs_with_job, with_result, without_job, found[0].dispatches, history
     finally:
         await disconnect(nc)
 
@@ -242,10 +249,11 @@ async def _sweep_after_a_crash_mid_enqueue(
 def test_a_dispatch_whose_job_was_never_published_is_redone_before_its_lease(
     nats_server: NatsServer,
 ) -> None:
-    with_job, jobs_with_job, without_job, dispatches, history = asyncio.run(
+    with_job, jobs_with_job, with_result, without_job, dispatches, history = asyncio.run(
         _sweep_after_a_crash_mid_enqueue(nats_server.url)
     )
     assert (with_job, jobs_with_job) == (0, 1)
+    assert with_result == 0
     assert (without_job, dispatches) == (1, 2)
     # The repair is in the message's history: the dispatch, and the sweeper's why.
     assert [event for event, _ in history] == ["dispatched", "swept"]

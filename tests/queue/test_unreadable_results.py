@@ -5,6 +5,10 @@ way forever, so the results consumer terminates it (JetStream never sends it
 again) and logs it. Results after it, on the same message's subject
 included, are applied as usual. There is no metric for dropped results
 (kurrier.core.metrics has none); the log line is all an operator sees.
+
+Both streams delivery stores results into are read: the work queue, which
+each acknowledgement empties, and the outcomes stream, which keeps what is
+acknowledged until the queue's purge below the ack floor removes it all.
 """
 
 from __future__ import annotations
@@ -14,20 +18,27 @@ import contextlib
 import io
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import pytest
 from kurrier.core.body_store import store_body
 from kurrier.core.jetstream import (
+    OUTCOMES_CONSUMER,
+    OUTCOMES_STREAM,
     RESULTS_CONSUMER,
     RESULTS_STREAM,
     connect,
     disconnect,
     ensure_layout,
+    outcome_subject,
     result_subject,
 )
 from kurrier.core.lifecycle import cancel_and_wait
 from kurrier.core.message import DeliveryResult, MessageRecord, RecipientOutcome, RecipientState
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
+from kurrier.queue.acked_cleanup import AckedCleanup
 from kurrier.queue.consumers import run_results
 from kurrier.queue.dispatch import mark_dispatched
 from kurrier.queue.manager import QueueManager
@@ -51,9 +62,29 @@ UNREADABLE = [
 LOGGED = "discarding an unreadable delivery result"
 
 
-async def _results_consumer(
-    nats_url: str, logged: LogCounter
-) -> tuple[MessageRecord, int, int, int]:
+@dataclass(frozen=True)
+class ResultStream:
+    stream: str
+    consumer: str
+    subject: Callable[[str], str]
+    # What the stream holds once every result is settled, before any purge.
+    kept_when_settled: int
+
+
+WORK_QUEUE = ResultStream(RESULTS_STREAM, RESULTS_CONSUMER, result_subject, 0)
+OUTCOMES = ResultStream(OUTCOMES_STREAM, OUTCOMES_CONSUMER, outcome_subject, len(UNREADABLE) + 1)
+
+
+@dataclass(frozen=True)
+class Settled:
+    record: MessageRecord
+    stored: int
+    ack_pending: int
+    redelivered: int
+    stored_after_cleanup: int
+
+
+async def _results_consumer(nats_url: str, logged: LogCounter, where: ResultStream) -> Settled:
     nc = await connect(nats_url, "test-unreadable-results")
     try:
         js = nc.jetstream()
@@ -74,8 +105,8 @@ async def _results_consumer(
         assert await records.create(record)
         # Unreadable results on this message's subject and on others', then a good one.
         for n, data in enumerate(UNREADABLE):
-            subject = result_subject(QUEUE_ID if n % 2 else f"GARBLED{n:013d}")
-            await js.publish(subject, data, stream=RESULTS_STREAM)
+            subject = where.subject(QUEUE_ID if n % 2 else f"GARBLED{n:013d}")
+            await js.publish(subject, data, stream=where.stream)
         good = DeliveryResult(
             queue_id=QUEUE_ID,
             dispatch=1,
@@ -84,7 +115,7 @@ async def _results_consumer(
             ],
         )
         await js.publish(
-            result_subject(QUEUE_ID), good.model_dump_json().encode(), stream=RESULTS_STREAM
+            where.subject(QUEUE_ID), good.model_dump_json().encode(), stream=where.stream
         )
         consuming = asyncio.create_task(run_results(js, manager))
         try:
@@ -94,7 +125,7 @@ async def _results_consumer(
                 assert logged.count <= len(UNREADABLE), "an unreadable result came back"
                 found = await records.get(QUEUE_ID, fresh=True)
                 with contextlib.suppress(NotFoundError):  # until the consumer is made
-                    info = await js.consumer_info(RESULTS_STREAM, RESULTS_CONSUMER)
+                    info = await js.consumer_info(where.stream, where.consumer)
                     settled = not (info.num_pending or info.num_ack_pending)
                     if found and found[0].recipients[0].status == "deferred" and settled:
                         break
@@ -105,25 +136,36 @@ async def _results_consumer(
             # is often lost inside nats-py's fetch: cancel_and_wait's case.
             async with asyncio.timeout(30):
                 await cancel_and_wait(consuming, again_after=0.1)
-        stored = (await js.stream_info(RESULTS_STREAM)).state.messages
-        return found[0], stored, info.num_ack_pending, info.num_redelivered
+        stored = (await js.stream_info(where.stream)).state.messages
+        await AckedCleanup(js, where.stream, where.consumer).once()
+        return Settled(
+            found[0],
+            stored,
+            info.num_ack_pending,
+            info.num_redelivered,
+            (await js.stream_info(where.stream)).state.messages,
+        )
     finally:
         await disconnect(nc)
 
 
-def test_unreadable_results_are_terminated_with_a_log_line(nats_server: NatsServer) -> None:
+@pytest.mark.parametrize("where", [WORK_QUEUE, OUTCOMES], ids=["work-queue", "outcomes"])
+def test_unreadable_results_are_terminated_with_a_log_line(
+    nats_server: NatsServer, where: ResultStream
+) -> None:
     logged = LogCounter(LOGGED)
     logger = logging.getLogger("kurrier.queue.consumers")
     logger.addHandler(logged)
     try:
-        record, stored, ack_pending, redelivered = asyncio.run(
-            _results_consumer(nats_server.url, logged)
-        )
+        settled = asyncio.run(_results_consumer(nats_server.url, logged, where))
     finally:
         logger.removeHandler(logged)
     # The good result after them was applied.
-    [recipient] = record.recipients
+    [recipient] = settled.record.recipients
     assert (recipient.status, recipient.last_reply) == ("deferred", "451 4.3.0 x")
-    # Each unreadable one: logged once, terminated (gone from the work queue), not redelivered.
+    # Each unreadable one: logged once, terminated, not redelivered; the work
+    # queue loses each as it is settled, the outcomes stream all at the purge.
     assert logged.count == len(UNREADABLE)
-    assert (stored, ack_pending, redelivered) == (0, 0, 0)
+    assert (settled.ack_pending, settled.redelivered) == (0, 0)
+    assert settled.stored == where.kept_when_settled
+    assert settled.stored_after_cleanup == 0

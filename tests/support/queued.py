@@ -71,7 +71,7 @@ async def publish_job(
 
 async def jobs_left(js: JetStreamContext) -> int:
     """Jobs delivery has not acknowledged, waiting or held: the jobs stream keeps
-    acknowledged ones until the queue purges them (queue/job_cleanup.py)."""
+    acknowledged ones until the queue purges them (queue/acked_cleanup.py)."""
     try:
         info = await js.consumer_info(DISPATCH_STREAM, DELIVERY_CONSUMER)
     except NotFoundError:  # no worker has asked for a job yet

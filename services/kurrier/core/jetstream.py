@@ -120,7 +120,7 @@ BODIES_STREAM = "KURRIER_BODIES"
 # Delivery jobs. Limits retention: delivery's acknowledgement only moves its
 # consumer's state, which nats-server writes about ten times a second, where
 # removing the job would be one more synced write per message. The queue
-# purges what lies below the consumer's ack floor (queue/job_cleanup.py).
+# purges what lies below the consumer's ack floor (queue/acked_cleanup.py).
 DISPATCH_STREAM = "KURRIER_DISPATCH"
 # How long a dispatched recipient may go without a result before the queue
 # dispatches it again (queue/sweeper.py). It covers a job lost in a crash
@@ -130,7 +130,16 @@ JOB_LEASE = 900.0
 # Due notices and retry schedules; also where an earlier release's queue puts
 # its jobs, which delivery takes from there too (delivery/worker.py).
 JOBS_STREAM = "KURRIER_JOBS"
+# Delivery's results, when they cannot finish the message themselves
+# (delivery/completion.py): a deferral, a bounce, a split. A work queue, where
+# each acknowledgement is a synced removal; queues of earlier releases read
+# only this one, so delivery stores here with --batched-results off.
 RESULTS_STREAM = "KURRIER_RESULTS"
+# The same results kept by limits retention, as the jobs are: the queue's
+# acknowledgement writes nothing, and the queue purges below its consumer's
+# ack floor. No age limit: a result read late is still the only word on what
+# its attempt did.
+OUTCOMES_STREAM = "KURRIER_OUTCOMES"
 HISTORY_STREAM = "KURRIER_HISTORY"
 HISTORY_SUBJECTS = "kurrier.history.>"
 MESSAGES_BUCKET = "kurrier-messages"
@@ -153,6 +162,7 @@ SHAPING_TTL = 3600.0
 ROUTING_TABLE_KEY = "routing-table"
 DELIVERY_CONSUMER = "delivery"
 RESULTS_CONSUMER = "queue-results"
+OUTCOMES_CONSUMER = "queue-outcomes"
 DUE_CONSUMER = "queue-due"
 
 
@@ -177,6 +187,7 @@ LAYOUT = (
     DISPATCH_STREAM,
     JOBS_STREAM,
     RESULTS_STREAM,
+    OUTCOMES_STREAM,
     HISTORY_STREAM,
     MESSAGES_STREAM,
     kv_stream(CONFIG_BUCKET),
@@ -215,7 +226,13 @@ def job_subject(queue_id: str) -> str:
 
 
 def result_subject(queue_id: str) -> str:
+    """Where delivery put a message's results in the work queue (RESULTS_STREAM)."""
     return f"kurrier.result.{queue_id}"
+
+
+def outcome_subject(queue_id: str) -> str:
+    """Where delivery puts a message's results to be acknowledged in batches."""
+    return f"kurrier.outcome.{queue_id}"
 
 
 def due_subject(queue_id: str) -> str:
@@ -425,6 +442,17 @@ async def ensure_layout(
                 num_replicas=replicas,
                 retention=RetentionPolicy.WORK_QUEUE,
                 discard=DiscardPolicy.NEW,
+            ),
+            owner,
+        )
+    if OUTCOMES_STREAM in wanted:
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=OUTCOMES_STREAM,
+                subjects=[outcome_subject("*")],
+                storage=StorageType.FILE,
+                num_replicas=replicas,
             ),
             owner,
         )

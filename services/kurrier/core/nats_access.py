@@ -32,6 +32,7 @@ from kurrier.core.jetstream import (
     MESSAGES_BUCKET,
     MESSAGES_STREAM,
     OBJECT_BUCKET,
+    OUTCOMES_STREAM,
     RESULTS_STREAM,
     ROUTING_TABLE_KEY,
     SHAPING_BUCKET,
@@ -40,6 +41,7 @@ from kurrier.core.jetstream import (
     inbox_prefix,
     kv_stream,
     object_stream,
+    outcome_subject,
 )
 
 API = "$JS.API"
@@ -82,6 +84,7 @@ _QUEUE_STATE = (
     Use(DISPATCH_STREAM, (dispatch_subject("*"),), remove=True, create=True),
     Use(JOBS_STREAM, ("kurrier.job.*", "kurrier.due.*", "kurrier.schedule.*"), True, True, True),
     Use(RESULTS_STREAM, ("kurrier.result.*",), remove=True, create=True),
+    Use(OUTCOMES_STREAM, (outcome_subject("*"),), remove=True, create=True),
     Use(LEASES_STREAM, (f"$KV.{LEASES_BUCKET}.>",), remove=True, create=True),
     _SHAPING_READ,
     # Reads every message's history back (MessageHistory).
@@ -107,14 +110,16 @@ COMPONENTS: dict[str, tuple[Use, ...]] = {
     "operator": (Use(CONFIG_STREAM, (f"$KV.{CONFIG_BUCKET}.{ROUTING_TABLE_KEY}",), create=True),),
     # Takes jobs, reads bodies and records, reports results, and ends a
     # message it delivered completely: its record and body. It creates the
-    # jobs stream when an earlier release's queue, which has none, still runs
-    # (delivery rolls first), and takes that queue's jobs from JOBS_STREAM.
+    # jobs and outcomes streams when an earlier release's queue, which has
+    # neither, still runs (delivery rolls first), and takes that queue's jobs
+    # from JOBS_STREAM.
     # Each component keeps what its earlier release may do, so that pods of
     # that release run under these permissions while an upgrade rolls.
     "delivery": (
         Use(DISPATCH_STREAM, create=True),
         Use(JOBS_STREAM, remove=True),
         Use(RESULTS_STREAM, ("kurrier.result.*",), read=False),
+        Use(OUTCOMES_STREAM, (outcome_subject("*"),), read=False, create=True),
         Use(BODIES_STREAM, remove=True),
         Use(OBJECT_STREAM, (f"$O.{OBJECT_BUCKET}.M.>",), remove=True, find=True),
         Use(MESSAGES_STREAM, (f"$KV.{MESSAGES_BUCKET}.>",), remove=True),

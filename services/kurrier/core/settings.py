@@ -310,6 +310,16 @@ DANE = Setting(
     on_off,
     "off",
 )
+# Where results go (core/jetstream.py): 'on', the outcomes stream, whose
+# acknowledgements write nothing; 'off', the work queue that queues of earlier
+# releases read, for the roll back below the release that brought the other.
+BATCHED_RESULTS = Setting(
+    "batched_results",
+    "store results where the queue acknowledges them in batches (KURRIER_OUTCOMES); 'off' "
+    "stores them in KURRIER_RESULTS, which queues of releases before it read too",
+    on_off,
+    "on",
+)
 DELIVERY = (
     *COMMON,
     Setting("concurrency", "transactions in flight", int, "32"),
@@ -318,6 +328,7 @@ DELIVERY = (
     MX_PORT,
     DANE,
     ATOMIC_BATCH_MIN,
+    BATCHED_RESULTS,
 )
 
 # --- operator ----------------------------------------------------------------

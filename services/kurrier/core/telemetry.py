@@ -271,12 +271,14 @@ def submitted_context(content: bytes) -> Context | None:
 # --- JetStream --------------------------------------------------------------
 
 
-def _messaging(operation: str, destination: str, subject: str) -> dict[str, Any]:
+def _messaging(operation: str, subject: str) -> dict[str, Any]:
+    # The span's name says what travels (kurrier.result), the subject where:
+    # results go to one of two streams (core/jetstream.py).
     return {
         "messaging.system": "nats",
         "messaging.operation.type": operation,
         "messaging.destination.name": subject,
-        "messaging.destination.template": f"{destination}.{{queue_id}}",
+        "messaging.destination.template": subject.rsplit(".", 1)[0] + ".{queue_id}",
     }
 
 
@@ -296,7 +298,7 @@ def publishing(
     that trace whatever is current (a retry runs from the queue's timer loop).
     """
     parent = stored_context(traceparent) if traceparent is not None else None
-    attributes = _messaging("send", destination, subject)
+    attributes = _messaging("send", subject)
     attributes["kurrier.queue_id"] = queue_id
     attributes["kurrier.attempt"] = attempt
     if "Nats-Msg-Id" in headers:
@@ -316,7 +318,7 @@ def consuming(destination: str, subject: str, headers: Mapping[str, str] | None)
             f"process {destination}",
             context=extract_context(headers),
             kind=SpanKind.CONSUMER,
-            attributes=_messaging("process", destination, subject),
+            attributes=_messaging("process", subject),
         ) as span,
     ):
         yield span

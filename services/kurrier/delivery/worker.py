@@ -15,10 +15,12 @@ from kurrier.core.jetstream import (
     DISPATCH_STREAM,
     JOBS_STREAM,
     MESSAGES_STREAM,
+    OUTCOMES_STREAM,
     RESULTS_STREAM,
     SHAPING_BUCKET,
     dispatch_subject,
     job_subject,
+    outcome_subject,
     pull_batch,
     result_subject,
     when_answered,
@@ -303,7 +305,10 @@ class DeliveryWorker:
         result = DeliveryResult(
             queue_id=job.queue_id, dispatch=job.dispatch, outcomes=outcomes
         ).in_oldest_format()
-        subject = result_subject(job.queue_id)
+        if self._settings.batched_results:
+            subject, stream = outcome_subject(job.queue_id), OUTCOMES_STREAM
+        else:
+            subject, stream = result_subject(job.queue_id), RESULTS_STREAM
         with publishing(
             RESULTS_DESTINATION,
             subject,
@@ -312,5 +317,5 @@ class DeliveryWorker:
             attempt=job.dispatch,
         ) as headers:
             await self._js.publish(
-                subject, result.model_dump_json().encode(), stream=RESULTS_STREAM, headers=headers
+                subject, result.model_dump_json().encode(), stream=stream, headers=headers
             )

@@ -1,8 +1,11 @@
 """The queue's JetStream consumers: delivery results and due retries.
 
-Every queue process pulls from the same two durable consumers, so a result
-or a due goes to whichever process asks first; each is acknowledged only
-once the record reflects it.
+Every queue process pulls from the same durable consumers, so a result or a
+due goes to whichever process asks first; each is acknowledged only once the
+record reflects it. Results come from two streams: the outcomes stream,
+whose acknowledgements write nothing (queue/acked_cleanup.py removes them in
+batches), and the work queue that delivery stores into with
+--batched-results off, as delivery of an earlier release does.
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ from kurrier.core.jetstream import (
     DUE_CONSUMER,
     JOBS_STREAM,
     NATS_AWAY,
+    OUTCOMES_CONSUMER,
+    OUTCOMES_STREAM,
     RESULTS_CONSUMER,
     RESULTS_STREAM,
+    outcome_subject,
     pull_batch,
+    result_subject,
     when_answered,
 )
 from kurrier.core.message import DeliveryResult, MessageRecord
@@ -52,7 +59,10 @@ async def run_results(js: JetStreamContext, manager: QueueManager) -> None:
             change = apply_result(result, manager.schedule)
             await _settle(manager, message, result.queue_id, change)
 
-    await _consume(js, "kurrier.result.*", RESULTS_CONSUMER, RESULTS_STREAM, on_result)
+    await asyncio.gather(
+        _consume(js, outcome_subject("*"), OUTCOMES_CONSUMER, OUTCOMES_STREAM, on_result),
+        _consume(js, result_subject("*"), RESULTS_CONSUMER, RESULTS_STREAM, on_result),
+    )
 
 
 async def run_due(js: JetStreamContext, manager: QueueManager) -> None:

@@ -14,18 +14,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.grpc_tls import SERVER_OPTIONS, GrpcTls
 from kurrier.core.jetstream import (
+    DELIVERY_CONSUMER,
     DISPATCH_STREAM,
     LEASES_BUCKET,
     MESSAGES_STREAM,
+    OUTCOMES_CONSUMER,
+    OUTCOMES_STREAM,
     HistoryLimits,
 )
 from kurrier.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 from kurrier.core.records import RecordStore
 from kurrier.core.service import Connected, Hooks, Service, serve
 from kurrier.core.telemetry import grpc_server_interceptors
+from kurrier.queue.acked_cleanup import AckedCleanup
 from kurrier.queue.callers import CallerCheck
 from kurrier.queue.consumers import run_due, run_results
-from kurrier.queue.job_cleanup import JobCleanup
 from kurrier.queue.leadership import Lease
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
@@ -86,7 +89,8 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
         tasks=[
             lambda: run_results(js, manager),
             lambda: run_due(js, manager),
-            JobCleanup(js).run,
+            AckedCleanup(js, DISPATCH_STREAM, DELIVERY_CONSUMER).run,
+            AckedCleanup(js, OUTCOMES_STREAM, OUTCOMES_CONSUMER).run,
             lambda: sweeper_lease.run(Sweeper(js, manager).run),
         ],
         drain=[grpc_server.drain],

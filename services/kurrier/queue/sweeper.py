@@ -33,10 +33,12 @@ from kurrier.core.jetstream import (
     JOB_LEASE,
     JOBS_STREAM,
     NATS_AWAY,
+    OUTCOMES_STREAM,
     RESULTS_STREAM,
     body_subject,
     dispatch_subject,
     job_subject,
+    outcome_subject,
     result_subject,
 )
 from kurrier.core.message import BodyStore, MessageRecord
@@ -151,12 +153,13 @@ class Sweeper:
         """The candidates for which JetStream holds no job and no result.
 
         Read jobs first (an earlier release's, then those they are moved to),
-        then results, then (in mutate) the record: work moves in that order (a
-        job is moved before it is acked, acked only after its result is
-        stored, a result only after the record changed), so in-flight work is
-        seen in at least one of them. A job delivery acknowledged stays in its
-        stream until the queue purges below the ack floor: it counts as work
-        for a few seconds more, which only leaves a dispatch to its lease.
+        then results (of either stream), then (in mutate) the record: work
+        moves in that order (a job is moved before it is acked, acked only
+        after its result is stored, a result only after the record changed),
+        so in-flight work is seen in at least one of them. A job or an outcome
+        acknowledged stays in its stream until the queue purges below the ack
+        floor: it counts as work for a few seconds more, which only leaves a
+        dispatch to its lease.
         """
         if not candidates:
             return []
@@ -165,6 +168,7 @@ class Sweeper:
             (JOBS_STREAM, job_subject("*")),
             (DISPATCH_STREAM, dispatch_subject("*")),
             (RESULTS_STREAM, result_subject("*")),
+            (OUTCOMES_STREAM, outcome_subject("*")),
         )
         for stream, pattern in where:
             subjects = await self._subjects(stream, pattern)

@@ -1,5 +1,7 @@
 """Acknowledged jobs leave the jobs stream by the queue's purge below the ack floor.
 
+(The outcomes stream's purge: tests/queue/test_unreadable_results.py.)
+
 Against a real nats-server: the ack floor and the purge are JetStream's.
 """
 
@@ -13,7 +15,7 @@ from kurrier.core.jetstream import (
     dispatch_subject,
     ensure_layout,
 )
-from kurrier.queue.job_cleanup import JobCleanup
+from kurrier.queue.acked_cleanup import AckedCleanup
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import NotFoundError
@@ -48,7 +50,7 @@ async def test_acknowledged_jobs_are_purged_up_to_the_first_one_still_held(
         await ensure_layout(js)
         for queue_id in JOBS:
             await publish_job(js, queue_id)
-        cleanup = JobCleanup(js)
+        cleanup = AckedCleanup(js, DISPATCH_STREAM, DELIVERY_CONSUMER)
         # No delivery process has asked for a job: nothing is known to be done.
         assert await cleanup.once() == 0
         assert await _stored(js) == JOBS
