@@ -92,9 +92,8 @@ class Scene:
         return (await self.js.stream_info(stream)).state.messages
 
     @asynccontextmanager
-    async def delivering(self, batched_results: bool = True) -> AsyncIterator[None]:
-        settings = DeliverySettings(helo_name="relay.test", batched_results=batched_results)
-        worker = DeliveryWorker(self.js, self.tables, settings)
+    async def delivering(self) -> AsyncIterator[None]:
+        worker = DeliveryWorker(self.js, self.tables, DeliverySettings(helo_name="relay.test"))
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         try:
@@ -193,9 +192,11 @@ async def test_a_message_split_across_routes_reports_each_part_to_the_queue(
         queue_id = "SPLIT000000000000001"
         recipients = ["a@one.example", "b@two.example"]
         record, revision = await scene.queued(queue_id, recipients)
-        await publish_jobs(scene.job_writes(), scene.tables.table, record, recipients, revision)
+        await publish_jobs(
+            scene.job_writes(), scene.tables.table, record, recipients, revision, batched_results
+        )
         assert [job.record_revision for job in await scene.jobs()] == [None, None]
-        async with scene.delivering(batched_results):
+        async with scene.delivering():
             await _until(lambda: _jobs_done(scene.js), "both jobs to be acked")
         assert len(sink.messages) == 2
         assert await scene.results(stream) == 2

@@ -43,8 +43,8 @@ async def publish_job(
 ) -> None:
     """Its first dispatch's job to r@example.com. Without a body, one (Subject: the
     queue id) inside the job; with one, that body stored where the queue stores a
-    body too large for its record, and the job naming where. earlier_release: where
-    a queue of a release before the jobs stream puts it (JOBS_STREAM)."""
+    body too large for its record, and the job naming where. earlier_release: as a
+    queue of a release before the jobs stream makes it, and where it puts it (JOBS_STREAM)."""
     if body is None:
         body = f"Subject: {queue_id}\r\n\r\nbody\r\n".encode()
         where: BodyStore = "record"
@@ -60,6 +60,8 @@ async def publish_job(
         size=len(body),
         body_store=where,
         body=inside,
+        # As this release's queue says; an earlier one's job has no such field.
+        batched_results=not earlier_release,
     )
     subject, stream = (
         (job_subject(queue_id), JOBS_STREAM)

@@ -259,6 +259,7 @@ def _run_queue(args: argparse.Namespace) -> int:
         history=HistoryLimits(parse_duration(args.history_retention), args.history_max_bytes),
         grpc_tls=_grpc_tls(args),
         atomic_batch_min=args.atomic_batch_min,
+        batched_results=args.batched_results == "on",
     )
     run_service(serve_queue(settings))
     return 0
@@ -276,7 +277,6 @@ def _run_delivery(args: argparse.Namespace) -> int:
         mx_port=args.mx_port,
         dane=args.dane == "on",
         atomic_batch_min=args.atomic_batch_min,
-        batched_results=args.batched_results == "on",
     )
     run_service(serve_delivery(args.nats_url, args.nats_replicas, settings, args.metrics_listen))
     return 0

@@ -130,10 +130,10 @@ JOB_LEASE = 900.0
 # Due notices and retry schedules; also where an earlier release's queue puts
 # its jobs, which delivery takes from there too (delivery/worker.py).
 JOBS_STREAM = "KURRIER_JOBS"
-# Delivery's results, when they cannot finish the message themselves
+# Delivery's results, when a job cannot finish its message itself
 # (delivery/completion.py): a deferral, a bounce, a split. A work queue, where
 # each acknowledgement is a synced removal; queues of earlier releases read
-# only this one, so delivery stores here with --batched-results off.
+# only this one, so their jobs' results go here (DeliveryJob.batched_results).
 RESULTS_STREAM = "KURRIER_RESULTS"
 # The same results kept by limits retention, as the jobs are: the queue's
 # acknowledgement writes nothing, and the queue purges below its consumer's

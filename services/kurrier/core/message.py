@@ -217,6 +217,12 @@ class DeliveryJob(WireMessage):
     require_tls: bool = False
     # The namespace whose routes carry the message (core/tenancy.py).
     tenant: str = ""
+    # Where delivery stores this job's result: the outcomes stream, which the
+    # queue acknowledges in batches and which queues of earlier releases do not
+    # read, when the queue that dispatched it says so; else the work queue
+    # every release's queue reads (core/jetstream.py). A pod that does not
+    # know the field uses the work queue.
+    batched_results: bool = False
 
     @field_serializer("body_store")
     def _store_on_the_wire(self, where: BodyStore) -> str:

@@ -278,6 +278,18 @@ HISTORY_RETENTION = Setting(
 HISTORY_MAX_BYTES = Setting(
     "history_max_bytes", "cap on stored history; the oldest goes first", size, "1GiB"
 )
+# Where the results of the jobs a queue dispatches go (DeliveryJob.batched_results):
+# 'on', the outcomes stream, whose acknowledgements write nothing; 'off', the
+# work queue that queues of earlier releases read, for a roll back below the
+# release that brought the outcomes stream.
+BATCHED_RESULTS = Setting(
+    "batched_results",
+    "have delivery store the results of the jobs this queue dispatches where they are"
+    " acknowledged in batches (KURRIER_OUTCOMES); 'off': in KURRIER_RESULTS, which queues"
+    " of releases before it read too",
+    on_off,
+    "on",
+)
 QUEUE = (
     *COMMON,
     Setting("listen", "gRPC listen address (or unix:PATH)", default="0.0.0.0:7070"),
@@ -293,6 +305,7 @@ QUEUE = (
     HISTORY_RETENTION,
     HISTORY_MAX_BYTES,
     ATOMIC_BATCH_MIN,
+    BATCHED_RESULTS,
     *RETRIES,
 )
 
@@ -310,16 +323,6 @@ DANE = Setting(
     on_off,
     "off",
 )
-# Where results go (core/jetstream.py): 'on', the outcomes stream, whose
-# acknowledgements write nothing; 'off', the work queue that queues of earlier
-# releases read, for the roll back below the release that brought the other.
-BATCHED_RESULTS = Setting(
-    "batched_results",
-    "store results where the queue acknowledges them in batches (KURRIER_OUTCOMES); 'off' "
-    "stores them in KURRIER_RESULTS, which queues of releases before it read too",
-    on_off,
-    "on",
-)
 DELIVERY = (
     *COMMON,
     Setting("concurrency", "transactions in flight", int, "32"),
@@ -328,7 +331,6 @@ DELIVERY = (
     MX_PORT,
     DANE,
     ATOMIC_BATCH_MIN,
-    BATCHED_RESULTS,
 )
 
 # --- operator ----------------------------------------------------------------

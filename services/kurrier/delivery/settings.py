@@ -33,5 +33,3 @@ class DeliverySettings:
     # batch of at least this many (0: off; in-process tests have no NATS client
     # for batches, `kurrier delivery` passes the declared default).
     atomic_batch_min: int = 0
-    # Results into the outcomes stream (acknowledged in batches), else the work queue.
-    batched_results: bool = _declared("batched_results") == "on"

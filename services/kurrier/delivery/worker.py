@@ -305,7 +305,7 @@ class DeliveryWorker:
         result = DeliveryResult(
             queue_id=job.queue_id, dispatch=job.dispatch, outcomes=outcomes
         ).in_oldest_format()
-        if self._settings.batched_results:
+        if job.batched_results:
             subject, stream = outcome_subject(job.queue_id), OUTCOMES_STREAM
         else:
             subject, stream = result_subject(job.queue_id), RESULTS_STREAM

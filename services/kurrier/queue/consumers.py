@@ -2,10 +2,11 @@
 
 Every queue process pulls from the same durable consumers, so a result or a
 due goes to whichever process asks first; each is acknowledged only once the
-record reflects it. Results come from two streams: the outcomes stream,
-whose acknowledgements write nothing (queue/acked_cleanup.py removes them in
-batches), and the work queue that delivery stores into with
---batched-results off, as delivery of an earlier release does.
+record reflects it. Results come from two streams, as each job asks
+(DeliveryJob.batched_results): the outcomes stream, whose acknowledgements
+write nothing (queue/acked_cleanup.py removes them in batches), and the work
+queue, for the jobs of a queue of an earlier release or one run with
+--batched-results off.
 """
 
 from __future__ import annotations
@@ -59,10 +60,14 @@ async def run_results(js: JetStreamContext, manager: QueueManager) -> None:
             change = apply_result(result, manager.schedule)
             await _settle(manager, message, result.queue_id, change)
 
-    await asyncio.gather(
-        _consume(js, outcome_subject("*"), OUTCOMES_CONSUMER, OUTCOMES_STREAM, on_result),
-        _consume(js, result_subject("*"), RESULTS_CONSUMER, RESULTS_STREAM, on_result),
-    )
+    # A task group: one consumer failing stops the other too.
+    async with asyncio.TaskGroup() as consumers:
+        consumers.create_task(
+            _consume(js, outcome_subject("*"), OUTCOMES_CONSUMER, OUTCOMES_STREAM, on_result)
+        )
+        consumers.create_task(
+            _consume(js, result_subject("*"), RESULTS_CONSUMER, RESULTS_STREAM, on_result)
+        )
 
 
 async def run_due(js: JetStreamContext, manager: QueueManager) -> None:

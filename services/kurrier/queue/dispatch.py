@@ -53,12 +53,14 @@ async def publish_jobs(
     record: MessageRecord,
     recipients: list[str],
     revision: int,
+    batched_results: bool = True,
 ) -> None:
     """Publish the jobs of the record's latest dispatch; idempotent under JetStream dedup.
 
     revision is the record's as stored with this dispatch. A job that is all
     the message has left to do carries it, so that delivery can finish the
-    message without the queue.
+    message without the queue. batched_results: where the jobs' results go
+    (DeliveryJob.batched_results).
     """
     groups = group_by_route(table, record.mail_from, recipients, record.tenant)
     pending = {r.address for r in record.pending()}
@@ -86,6 +88,7 @@ async def publish_jobs(
             body=record.body,
             require_tls=record.require_tls,
             tenant=record.tenant,
+            batched_results=batched_results,
         ).in_oldest_format()
         subject = dispatch_subject(record.queue_id)
         with publishing(

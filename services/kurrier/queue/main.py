@@ -51,6 +51,8 @@ class QueueSettings:
     metrics_listen: str | None = None
     grpc_tls: GrpcTls | None = None
     atomic_batch_min: int = 0
+    # Results of the jobs it dispatches into the outcomes stream (DeliveryJob.batched_results).
+    batched_results: bool = True
 
 
 async def serve_queue(settings: QueueSettings) -> None:
@@ -79,6 +81,7 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
         settings.schedule,
         settings.hostname,
         AtomicBatches(js, DISPATCH_STREAM, least, nats.nc),
+        settings.batched_results,
     )
     sweeper_lease = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
     grpc_server = _GrpcServer(settings, QueueService(js, records, manager))

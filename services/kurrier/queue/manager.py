@@ -101,6 +101,7 @@ class QueueManager:
         schedule: RetrySchedule,
         hostname: str,
         jobs: AtomicBatches | None = None,
+        batched_results: bool = True,
     ) -> None:
         self._js = js
         self._tables = tables
@@ -109,7 +110,9 @@ class QueueManager:
         job_writes = jobs or AtomicBatches(js, DISPATCH_STREAM)
 
         async def publish(record: MessageRecord, recipients: list[str], revision: int) -> None:
-            await publish_jobs(job_writes, tables.table, record, recipients, revision)
+            await publish_jobs(
+                job_writes, tables.table, record, recipients, revision, batched_results
+            )
 
         self.store = MessageStore(js, records, publish)
         self.intake = Intake(self.store)
