@@ -11,10 +11,9 @@ when one below it is held longer.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from kurrier.core.jetstream import NATS_AWAY
+from kurrier.core.rounds import in_rounds
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -36,18 +35,9 @@ class AckedCleanup:
         self._purged_below = 0
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.once()
-            except NATS_AWAY as error:
-                log.warning(
-                    "acknowledged messages of %s stay until NATS is back: %r", self._stream, error
-                )
-            except Exception:
-                log.exception(
-                    "could not remove the acknowledged messages of %s; trying again", self._stream
-                )
-            await asyncio.sleep(self._interval)
+        await in_rounds(
+            self._interval, self.once, f"removing the acknowledged of {self._stream}", log
+        )
 
     async def once(self) -> int:
         """Purge below the ack floor; returns the sequence purged up to (0: none)."""

@@ -21,7 +21,6 @@ message goes into its history as `swept`, with what was done and why.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -32,7 +31,6 @@ from kurrier.core.jetstream import (
     DISPATCH_STREAM,
     JOB_LEASE,
     JOBS_STREAM,
-    NATS_AWAY,
     OUTCOMES_STREAM,
     RESULTS_STREAM,
     body_subject,
@@ -42,6 +40,7 @@ from kurrier.core.jetstream import (
     result_subject,
 )
 from kurrier.core.message import BodyStore, MessageRecord
+from kurrier.core.rounds import in_rounds
 from kurrier.queue.changes import UNCHANGED, Change, Edit, dispatching
 from kurrier.queue.dispatch import mark_dispatched
 from kurrier.queue.manager import QueueManager
@@ -68,14 +67,7 @@ class Sweeper:
         self._manager = manager
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.sweep()
-            except NATS_AWAY as error:
-                log.warning("sweep stopped, NATS or JetStream is away; next round: %r", error)
-            except Exception:
-                log.exception("sweep failed; trying again next round")
-            await asyncio.sleep(SWEEP_INTERVAL)
+        await in_rounds(SWEEP_INTERVAL, self.sweep, "sweeping", log)
 
     async def sweep(self, now: float | None = None) -> tuple[int, int]:
         """One round; returns (messages re-dispatched, orphaned bodies removed)."""
