@@ -527,12 +527,19 @@ async def ensure_layout(
 
 
 async def wait_for_layout(
-    js: JetStreamContext, streams: Collection[str], poll: float = 1.0
+    js: JetStreamContext, streams: Collection[str], poll: float = 0.1
 ) -> None:
     """Until these streams exist: those a component uses but may not create (the
     queue creates them). Not the history, which is best-effort and may be
-    missing for good (a store too small for its limit)."""
+    missing for good (a store too small for its limit).
+
+    Asked often: services start together, `kurrier up` says ready once the
+    queue serves (right after it created the layout), and mail accepted
+    until delivery starts waits for it. Logged only when what is missing
+    changes.
+    """
     missing = set(streams) - {HISTORY_STREAM}
+    logged: set[str] = set()
     while True:
         for stream in sorted(missing):
             try:
@@ -542,7 +549,9 @@ async def wait_for_layout(
                 pass
         if not missing:
             return
-        log.info("waiting for the queue to create %s", ", ".join(sorted(missing)))
+        if missing != logged:
+            log.info("waiting for the queue to create %s", ", ".join(sorted(missing)))
+            logged = set(missing)
         await asyncio.sleep(poll)
 
 
