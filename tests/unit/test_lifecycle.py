@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 
 import pytest
-from kurrier.core.lifecycle import cancel_and_wait, run_until
+from kurrier.core.lifecycle import (
+    YOUNGEST_GENERATION_THRESHOLD,
+    cancel_and_wait,
+    run_until,
+)
 
 
 class LosesFirstCancel:
@@ -73,3 +79,21 @@ async def test_a_failure_at_stop_is_taken_and_ends_nothing_else() -> None:
     await cancel_and_wait(failing, quiet)
     assert isinstance(failing.exception(), RuntimeError)
     assert quiet.cancelled()
+
+
+def test_a_service_process_collects_rarely_and_never_walks_its_start_up() -> None:
+    # In a process of its own: the test run's collector stays as it is.
+    script = (
+        "import gc\n"
+        "from kurrier.core.lifecycle import run_service\n"
+        "async def main():\n"
+        "    print(gc.get_threshold()[0], gc.get_freeze_count())\n"
+        "run_service(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    threshold, frozen = (int(word) for word in done.stdout.split())
+    assert threshold == YOUNGEST_GENERATION_THRESHOLD
+    # Everything imported by then (asyncio, uvloop, kurrier's modules) is left out.
+    assert frozen > 0
