@@ -23,6 +23,7 @@ from kurrier.core.table_store import TableFollower
 from kurrier.delivery.courier import Courier, HeldOutcome
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.site_shaping import Limits, SiteShaping
+from kurrier.delivery.site_states import site_states
 from kurrier.delivery.sites import site_of
 from kurrier.delivery.worker import DeliveryWorker
 from nats.js.errors import KeyNotFoundError
@@ -115,3 +116,18 @@ async def test_a_throttled_try_is_an_attempt_deferred_at_the_usual_backoff(
         assert sink.outage_replies == 1 and not sink.messages
     finally:
         await disconnect(nc)
+
+
+async def test_a_sites_description_follows_its_route_at_once(shaping_kv: KeyValue) -> None:
+    """`kurrier queue sites` shows a route's new shaping from its next message,
+    not only once the site's description is due to be written again."""
+    shaping = SiteShaping(shaping_kv)
+    for connections in (3, 7):
+        shaped = f"{{maxConnections: {connections}, messagesPerMinute: 1000}}"
+        routes = table(route("described", ["*"], 2525, shaping=shaped))
+        [compiled] = routes.routes
+        site = site_of(compiled, [])
+        await shaping.limits(site, compiled)
+        [state] = await site_states(shaping_kv)
+        assert state.name == site.name
+        assert state.configured == Limits(connections, 1000)

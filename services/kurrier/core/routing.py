@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 DEFAULT_MAX_MESSAGE_SIZE = 26214400
 DEFAULT_MAX_RECIPIENTS = 100
 DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 20
-_ROUTE_MEMO_LIMIT = 65536
+_MEMO_LIMIT = 65536
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -210,6 +210,8 @@ class RoutingTable(_Frozen):
     _route_memo: dict[tuple[str, str, str], CompiledRoute | None] = PrivateAttr(
         default_factory=dict
     )
+    # Asked several times per message (policy, limits, tenancy), for few clients.
+    _network_memo: dict[str, str | None] = PrivateAttr(default_factory=dict)
 
     def model_post_init(self, context: Any, /) -> None:
         self._domains_by_name = {entry.domain: entry for entry in self.domains}
@@ -238,11 +240,12 @@ class RoutingTable(_Frozen):
         """The first matching route of those governing tenant's mail; compile_table
         keeps them in priority order."""
         key = (recipient_domain, sender_domain, tenant)
-        if key not in self._route_memo:
-            if len(self._route_memo) > _ROUTE_MEMO_LIMIT:
-                self._route_memo.clear()
-            self._route_memo[key] = self._match(recipient_domain, sender_domain, tenant)
-        return self._route_memo[key]
+        memo = self._route_memo  # once: a pydantic private attribute costs a lookup each time
+        if key not in memo:
+            if len(memo) > _MEMO_LIMIT:
+                memo.clear()
+            memo[key] = self._match(recipient_domain, sender_domain, tenant)
+        return memo[key]
 
     def _match(
         self, recipient_domain: str, sender_domain: str, tenant: str
@@ -285,6 +288,14 @@ class RoutingTable(_Frozen):
 
     def trusted_network_of(self, client_ip: str) -> str | None:
         """The most specific trusted network client_ip is in, or None."""
+        memo = self._network_memo
+        if client_ip not in memo:
+            if len(memo) > _MEMO_LIMIT:
+                memo.clear()
+            memo[client_ip] = self._network_of(client_ip)
+        return memo[client_ip]
+
+    def _network_of(self, client_ip: str) -> str | None:
         try:
             address = ipaddress.ip_address(client_ip)
         except ValueError:

@@ -199,8 +199,9 @@ class SiteShaping:
         self._recovery_step = recovery_step
         # Per site key: the pace as last read (None: not slowed), and when it was read.
         self._paces: dict[str, tuple[Pace | None, float]] = {}
-        # Per site key: its description as last written, and when.
-        self._described: dict[str, tuple[bytes, float]] = {}
+        # Per site key: what its description was written from (the site and
+        # its route's connections), and when.
+        self._described: dict[str, tuple[Site, int, float]] = {}
         self._connections: set[Hold] = set()
 
     @staticmethod
@@ -217,13 +218,18 @@ class SiteShaping:
         return pace
 
     async def _describe(self, site: Site, route: CompiledRoute) -> None:
-        document = description(site, route.max_connections)
+        # Compared by what the document is made of: building it for every
+        # message would cost more than the rest of the check.
         written = self._described.get(site.key)
         now = time.monotonic()
-        if written is not None and written[0] == document and now - written[1] < DESCRIBE_EVERY:
+        if (
+            written is not None
+            and written[:2] == (site, route.max_connections)
+            and now - written[2] < DESCRIBE_EVERY
+        ):
             return
-        await self._kv.put(description_key(site.key), document)
-        self._described[site.key] = (document, now)
+        await self._kv.put(description_key(site.key), description(site, route.max_connections))
+        self._described[site.key] = (site, route.max_connections, now)
 
     async def limits(self, site: Site, route: CompiledRoute) -> Limits:
         """The site's limits now: its own, lowered while it is slowed down."""

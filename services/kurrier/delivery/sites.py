@@ -10,6 +10,7 @@ site, whatever the recipient domain.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -48,8 +49,14 @@ class Site:
     @property
     def key(self) -> str:
         """The site's name as a NATS KV key can spell it (letters, digits, '-', '_', '.')."""
-        digest = hashlib.sha256(self.name.encode()).hexdigest()[:16]
-        return f"site-{digest}"
+        return _site_key(self.name)
+
+
+# A site is made again for every message; its few names are hashed once each.
+@functools.lru_cache(maxsize=4096)
+def _site_key(name: str) -> str:
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"site-{digest}"
 
 
 def _provider(host_names: set[str]) -> Provider | None:
