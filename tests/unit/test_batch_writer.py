@@ -30,8 +30,16 @@ class Wire:
     def failed(self, unsent: list[str], error: BaseException) -> None:
         self.failures.append((unsent, error))
 
-    def writer(self, limit: int = 0) -> BatchWriter[str]:
-        return BatchWriter(self.write, self.failed, limit, len)
+    def writer(self, limit: int = 0, gather: float = 0.0) -> BatchWriter[str]:
+        return BatchWriter(self.write, self.failed, limit, len, gather)
+
+    async def written(self, count: int) -> None:
+        """Until count batches are written (at most 5 s: a test that waits longer fails)."""
+        async with asyncio.timeout(5):
+            while len(self.batches) < count:
+                self.started.clear()
+                await self.started.wait()
+                await asyncio.sleep(0)  # the write that started records its batch
 
 
 def test_items_added_in_one_turn_go_in_one_write() -> None:
@@ -139,3 +147,52 @@ def test_cancel_cuts_a_write_short_and_reports_it() -> None:
         return [unsent]
 
     assert asyncio.run(run()) == [["a"]]
+
+
+def test_a_gathering_batch_waits_for_as_many_as_the_last_carried() -> None:
+    async def run() -> list[list[str]]:
+        wire = Wire()
+        writer = wire.writer(gather=60)
+        for item in ("a", "b", "c"):
+            writer.add(item)
+        await wire.written(1)
+        writer.add("d")
+        for _ in range(10):  # turns in which a writer that does not gather would write
+            await asyncio.sleep(0)
+        writer.add("e")
+        await asyncio.sleep(0)
+        writer.add("f")
+        await wire.written(2)
+        await writer.close()
+        return wire.batches
+
+    assert asyncio.run(run()) == [["a", "b", "c"], ["d", "e", "f"]]
+
+
+def test_a_lone_writer_never_waits_for_company() -> None:
+    async def run() -> list[list[str]]:
+        wire = Wire()
+        writer = wire.writer(gather=60)
+        writer.add("a")
+        await wire.written(1)
+        writer.add("b")
+        await wire.written(2)
+        await writer.close()
+        return wire.batches
+
+    assert asyncio.run(run()) == [["a"], ["b"]]
+
+
+def test_a_batch_gathers_for_at_most_its_time() -> None:
+    async def run() -> list[list[str]]:
+        wire = Wire()
+        writer = wire.writer(gather=0.05)
+        writer.add("a")
+        writer.add("b")
+        await wire.written(1)
+        writer.add("c")
+        await wire.written(2)
+        await writer.close()
+        return wire.batches
+
+    assert asyncio.run(run()) == [["a", "b"], ["c"]]

@@ -20,6 +20,14 @@ from kurrier.v1 import queue_pb2, queue_pb2_grpc
 # Bytes of requests per batch: one message (up to 1 MiB of body) always goes,
 # and a batch stays well inside gRPC's default 4 MiB limit on a received message.
 BATCH_LIMIT = 2 * 1024 * 1024
+# How long a batch may wait for the messages of sessions moving in step with
+# the last batch's (core/batch_writer.py). A gRPC write costs ingress and the
+# queue about as much CPU as the rest of a 1 KB message's passage between
+# them; gathering 10 sessions' messages into one write instead of about
+# three takes 0.90x the CPU per message at 1 KB and 10 sessions
+# (bench/results/2026-12-06-enqueue-gather.md), and a message waits at most
+# this long more for its 250.
+GATHER = 0.003
 
 
 class StreamEnded(Exception):
@@ -45,7 +53,7 @@ class EnqueueStream:
         self._answered = asyncio.Event()  # set whenever no message waits
         self.ended: StreamEnded | None = None
         self._requests = BatchWriter[queue_pb2.EnqueueMessageRequest](
-            self._write, self._write_failed, BATCH_LIMIT, _request_size
+            self._write, self._write_failed, BATCH_LIMIT, _request_size, GATHER
         )
         self._reader = asyncio.create_task(self._read())
 
