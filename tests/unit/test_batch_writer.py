@@ -196,3 +196,19 @@ def test_a_batch_gathers_for_at_most_its_time() -> None:
         return wire.batches
 
     assert asyncio.run(run()) == [["a", "b"], ["c"]]
+
+
+def test_an_item_taken_back_while_its_batch_gathers_leaves_no_empty_write() -> None:
+    async def run() -> list[list[str]]:
+        wire = Wire()
+        writer = wire.writer(gather=60)
+        writer.add("a")
+        writer.add("b")
+        await wire.written(1)
+        writer.add("c")
+        await asyncio.sleep(0)  # the writer gathers
+        assert writer.take_back("c")
+        await writer.close()
+        return wire.batches
+
+    assert asyncio.run(run()) == [["a", "b"]]

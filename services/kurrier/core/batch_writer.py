@@ -95,6 +95,8 @@ class BatchWriter(Generic[T]):
                     continue
                 if self._gather:
                     await self._gathered()
+                    if not self._pending:
+                        continue  # all taken back while the batch gathered
                 self._writing = self._next_batch()
                 self._last_count = len(self._writing)
                 await self._write(self._writing)
