@@ -169,33 +169,26 @@ def test_a_gathering_batch_waits_for_as_many_as_the_last_carried() -> None:
     assert asyncio.run(run()) == [["a", "b", "c"], ["d", "e", "f"]]
 
 
-def test_a_lone_writer_never_waits_for_company() -> None:
-    async def run() -> list[list[str]]:
-        wire = Wire()
-        writer = wire.writer(gather=60)
-        writer.add("a")
-        await wire.written(1)
-        writer.add("b")
-        await wire.written(2)
-        await writer.close()
-        return wire.batches
+async def first_then_one_more(gather: float, first: list[str], then: str) -> list[list[str]]:
+    """The batches of a gathering writer given first in one turn, then one item alone."""
+    wire = Wire()
+    writer = wire.writer(gather=gather)
+    for item in first:
+        writer.add(item)
+    await wire.written(1)
+    writer.add(then)
+    await wire.written(2)
+    await writer.close()
+    return wire.batches
 
-    assert asyncio.run(run()) == [["a"], ["b"]]
+
+def test_a_lone_writer_never_waits_for_company() -> None:
+    # Were it to wait its whole 60 s, wire.written would give up after 5.
+    assert asyncio.run(first_then_one_more(60, ["a"], "b")) == [["a"], ["b"]]
 
 
 def test_a_batch_gathers_for_at_most_its_time() -> None:
-    async def run() -> list[list[str]]:
-        wire = Wire()
-        writer = wire.writer(gather=0.05)
-        writer.add("a")
-        writer.add("b")
-        await wire.written(1)
-        writer.add("c")
-        await wire.written(2)
-        await writer.close()
-        return wire.batches
-
-    assert asyncio.run(run()) == [["a", "b"], ["c"]]
+    assert asyncio.run(first_then_one_more(0.05, ["a", "b"], "c")) == [["a", "b"], ["c"]]
 
 
 def test_an_item_taken_back_while_its_batch_gathers_leaves_no_empty_write() -> None:

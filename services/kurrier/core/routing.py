@@ -7,8 +7,8 @@ result is published as JSON in NATS KV and every service swaps it in whole.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from kurrier.core.dkim_keys import DkimKeyError, signing_key
 from kurrier.core.domains import InvalidDomain, normalise_domain
@@ -30,6 +30,19 @@ DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 20
 _MEMO_LIMIT = 65536
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remembered(memo: dict[K, V], key: K, compute: Callable[[], V]) -> V:
+    """memo[key], computed once; a memo past _MEMO_LIMIT starts again (a table lives
+    for one revision, its lookups for the keys its traffic brings)."""
+    if key not in memo:
+        if len(memo) > _MEMO_LIMIT:
+            memo.clear()
+        memo[key] = compute()
+    return memo[key]
 
 
 class _Frozen(BaseModel):
@@ -240,12 +253,7 @@ class RoutingTable(_Frozen):
         """The first matching route of those governing tenant's mail; compile_table
         keeps them in priority order."""
         key = (recipient_domain, sender_domain, tenant)
-        memo = self._route_memo  # once: a pydantic private attribute costs a lookup each time
-        if key not in memo:
-            if len(memo) > _MEMO_LIMIT:
-                memo.clear()
-            memo[key] = self._match(recipient_domain, sender_domain, tenant)
-        return memo[key]
+        return _remembered(self._route_memo, key, lambda: self._match(*key))
 
     def _match(
         self, recipient_domain: str, sender_domain: str, tenant: str
@@ -288,12 +296,7 @@ class RoutingTable(_Frozen):
 
     def trusted_network_of(self, client_ip: str) -> str | None:
         """The most specific trusted network client_ip is in, or None."""
-        memo = self._network_memo
-        if client_ip not in memo:
-            if len(memo) > _MEMO_LIMIT:
-                memo.clear()
-            memo[client_ip] = self._network_of(client_ip)
-        return memo[client_ip]
+        return _remembered(self._network_memo, client_ip, lambda: self._network_of(client_ip))
 
     def _network_of(self, client_ip: str) -> str | None:
         try:
