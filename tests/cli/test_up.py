@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import smtplib
 import socket
 import subprocess
@@ -13,9 +14,10 @@ import nats
 import nats.errors
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kurrier.cli import nats_server
 from kurrier.cli.main import build_parser
 from kurrier.cli.nats_server import nats_server_env
-from kurrier.cli.up import NATS_USERS_DIR, UpSettings, metrics_ports
+from kurrier.cli.up import NATS_USERS_DIR, UpSettings, _LocalRelay, metrics_ports
 from kurrier.core.grpc_tls import QueueTls
 from kurrier.core.jetstream import BODIES_STREAM, connect, disconnect
 from kurrier.core.nats_access import COMPONENTS
@@ -128,6 +130,40 @@ def test_metrics_ports_follow_the_children_up_runs(monkeypatch: pytest.MonkeyPat
     assert metrics_ports(_up_settings("--config", here, "--metrics-base-port", "off")) == {}
     monkeypatch.setenv("KURRIER_METRICS_BASE_PORT", "off")
     assert metrics_ports(_up_settings("--config", here)) == {}
+
+
+class _OffersFirst:
+    """random, for free_port: offers these ports first, in this order, then any."""
+
+    def __init__(self, *ports: int) -> None:
+        self._offers = list(ports)
+
+    def randrange(self, start: int, stop: int) -> int:
+        return self._offers.pop(0) if self._offers else random.randrange(start, stop)
+
+
+def test_no_child_gets_a_port_up_was_asked_to_listen_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """up picks its children's ports before ingress binds SMTP: a pick of the SMTP
+    port would leave ingress unable to bind and up never ready."""
+    smtp, submission, metrics = free_ports(1), free_ports(1), free_ports(6)
+    monkeypatch.setattr(nats_server, "random", _OffersFirst(smtp, submission, metrics + 2))
+    # As in up's own process, which does not know what this one handed out.
+    monkeypatch.setattr(nats_server, "_handed_out", set())
+    settings = UpSettings(
+        config=Path(__file__),
+        kubeconfig=None,
+        namespaces=(),
+        data_dir=tmp_path,
+        nats_cluster=3,
+        passed_on={"smtp": f"127.0.0.1:{smtp}", "submission": f"127.0.0.1:{submission}"},
+        metrics_base_port=metrics,
+    )
+    relay = _LocalRelay(settings)
+    taken = {smtp, submission, *range(metrics, metrics + 5)}
+    picked = {int(listen.rsplit(":", 1)[1]) for listen in relay.queue_listens}
+    assert len(picked) == 2 and not picked & taken, (picked, taken)
 
 
 def test_up_runs_nats_with_a_login_per_component(tmp_path: Path, sink: Sink) -> None:

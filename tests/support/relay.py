@@ -305,10 +305,14 @@ class UpRelay:
         self.ready_line = self.process.stdout.readline().decode()
         if not self.ready_line.startswith("kurrier ready"):
             self.__exit__()  # stop whatever it did start
-            tail = (self.workdir / "up.log").read_text(errors="replace").splitlines()[-40:]
+            lines = (self.workdir / "up.log").read_text(errors="replace").splitlines()
+            # nats-server's own lines ("[pid] ...") would crowd out the services' at shutdown.
+            kurrier = [line for line in lines if not line.startswith("[")][-40:]
             raise AssertionError(
                 f"kurrier up did not become ready: {self.ready_line!r}; the end of up.log:\n"
-                + "\n".join(tail)
+                + "\n".join(lines[-10:])
+                + "\nthe last lines of up and its services:\n"
+                + "\n".join(kurrier)
             )
         return self
 

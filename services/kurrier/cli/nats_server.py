@@ -11,7 +11,7 @@ import re
 import shutil
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         _handed_out.add(port)
         return port
     raise OSError(f"no free port between {first} and {low} on {host}")
+
+
+def reserve_ports(ports: Iterable[int]) -> None:
+    """Ports this process's own listeners will bind later: free_port never hands them
+    out, though they look free until those listeners start."""
+    _handed_out.update(ports)
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

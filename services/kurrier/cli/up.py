@@ -32,6 +32,7 @@ from kurrier.cli.nats_server import (
     nats_server_argv,
     nats_server_env,
     port_is_free,
+    reserve_ports,
     wait_for_port,
     write_config,
 )
@@ -44,7 +45,7 @@ from kurrier.core.lifecycle import signal_event, stop_event
 from kurrier.core.loader import ResourceError, load_resources
 from kurrier.core.nats_access import streams_created
 from kurrier.core.routing import compile_table
-from kurrier.core.settings import SERVICES, SMTP, TABLE_KEYS, command_line
+from kurrier.core.settings import SERVICES, SMTP, SMTPS, SUBMISSION, TABLE_KEYS, command_line
 from kurrier.core.smtp_probe import wait_for_smtp_banner
 from kurrier.core.table_secrets import (
     DELIVERY,
@@ -248,6 +249,12 @@ def metrics_ports(settings: UpSettings) -> dict[str, int]:
     return {name: settings.metrics_base_port + offset for offset, name in enumerate(names)}
 
 
+def listener_ports(settings: UpSettings) -> set[int]:
+    """The ports of the SMTP listeners up was asked for."""
+    addresses = (settings.passed_on.get(setting.name) for setting in (SMTP, SUBMISSION, SMTPS))
+    return {parse_host_port(str(address))[1] for address in addresses if address}
+
+
 async def _check_start(settings: UpSettings) -> str | None:
     """Fail before starting anything: a resource file that does not load (it raises),
     a cluster the operator cannot serve, metrics ports taken (what to do is returned)."""
@@ -273,6 +280,8 @@ class _LocalRelay:
     def __init__(self, settings: UpSettings) -> None:
         self.settings = settings
         self.metrics_ports = metrics_ports(settings)
+        # The children's own ports are picked before ingress binds its listeners.
+        reserve_ports({*listener_ports(settings), *self.metrics_ports.values()})
         # The operator's /healthz says when it published; it is served even without metrics.
         self.operator_health = f"127.0.0.1:{self.metrics_ports.get('operator') or free_port()}"
         self.data_dir = settings.data_dir.resolve()
