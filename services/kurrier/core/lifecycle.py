@@ -9,6 +9,8 @@ import signal
 from collections.abc import Collection, Coroutine
 from typing import Any, NoReturn, TypeVar
 
+from kurrier.core.allocator import keep_freed_memory
+
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
@@ -117,9 +119,11 @@ async def run_until(
 def run_service(main: Coroutine[Any, Any, None]) -> None:
     """Run a service's main coroutine on uvloop: the same asyncio, less CPU per message
     (4-13 % in the benchmark cells of 2026-11-29: bench/results/2026-11-29-bench-a320154.md),
-    with the garbage collector tuned for it (settle_collector)."""
+    with the garbage collector and malloc tuned for it (settle_collector,
+    core/allocator.py)."""
     import uvloop
 
+    keep_freed_memory()
     settle_collector()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main)
