@@ -20,6 +20,7 @@ from typing import Any
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.durations import parse_duration
 from kurrier.core.http_endpoint import DEFAULT_METRICS_LISTEN
+from kurrier.core.message import BATCHED_RESULTS_BY_DEFAULT
 from kurrier.core.sizes import parse_size
 
 # --- how values are read (argparse types: a bad value is a usage error) -----
@@ -288,7 +289,7 @@ BATCHED_RESULTS = Setting(
     " acknowledged in batches (KURRIER_OUTCOMES); 'off': in KURRIER_RESULTS, which queues"
     " of releases before it read too",
     on_off,
-    "on",
+    "on" if BATCHED_RESULTS_BY_DEFAULT else "off",
 )
 QUEUE = (
     *COMMON,

@@ -5,7 +5,12 @@ from __future__ import annotations
 from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.jetstream import JOB_LEASE, dispatch_subject
-from kurrier.core.message import DeliveryJob, MessageRecord, RecipientDsn
+from kurrier.core.message import (
+    BATCHED_RESULTS_BY_DEFAULT,
+    DeliveryJob,
+    MessageRecord,
+    RecipientDsn,
+)
 from kurrier.core.routing import RoutingTable, domain_of
 from kurrier.core.telemetry import JOBS_DESTINATION, publishing
 
@@ -53,7 +58,7 @@ async def publish_jobs(
     record: MessageRecord,
     recipients: list[str],
     revision: int,
-    batched_results: bool = True,
+    batched_results: bool = BATCHED_RESULTS_BY_DEFAULT,
 ) -> None:
     """Publish the jobs of the record's latest dispatch; idempotent under JetStream dedup.
 

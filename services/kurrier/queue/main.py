@@ -22,6 +22,7 @@ from kurrier.core.jetstream import (
     OUTCOMES_STREAM,
     HistoryLimits,
 )
+from kurrier.core.message import BATCHED_RESULTS_BY_DEFAULT
 from kurrier.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 from kurrier.core.records import RecordStore
 from kurrier.core.service import Connected, Hooks, Service, serve
@@ -52,7 +53,7 @@ class QueueSettings:
     grpc_tls: GrpcTls | None = None
     atomic_batch_min: int = 0
     # Results of the jobs it dispatches into the outcomes stream (DeliveryJob.batched_results).
-    batched_results: bool = True
+    batched_results: bool = BATCHED_RESULTS_BY_DEFAULT
 
 
 async def serve_queue(settings: QueueSettings) -> None:

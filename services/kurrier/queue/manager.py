@@ -20,7 +20,13 @@ from kurrier.core.body_store import load_body
 from kurrier.core.dsn_parameters import notify_allows
 from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.jetstream import DISPATCH_STREAM
-from kurrier.core.message import FAILED_STATUSES, FINAL_STATUSES, MessageRecord, RecipientState
+from kurrier.core.message import (
+    BATCHED_RESULTS_BY_DEFAULT,
+    FAILED_STATUSES,
+    FINAL_STATUSES,
+    MessageRecord,
+    RecipientState,
+)
 from kurrier.core.message_store import MessageStore
 from kurrier.core.metrics import RECIPIENTS_DEFERRED, count_final, tenant_label
 from kurrier.core.records import RecordChanged, RecordStore
@@ -101,7 +107,7 @@ class QueueManager:
         schedule: RetrySchedule,
         hostname: str,
         jobs: AtomicBatches | None = None,
-        batched_results: bool = True,
+        batched_results: bool = BATCHED_RESULTS_BY_DEFAULT,
     ) -> None:
         self._js = js
         self._tables = tables
