@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kurrier.cli.nats_server import PORT_RANGE_VARIABLE, worker_port_range
 
 from tests.support.kube import TestCluster, start_test_cluster
 from tests.support.nats import NatsServer
 from tests.support.sink import Sink
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest worker, and whatever it starts (`kurrier up` picks its children's
+    ports), picks ports from a range of its own: a port one worker picked looks
+    free to the other until its listener binds."""
+    worker, count = (
+        os.environ.get("PYTEST_XDIST_WORKER"),
+        os.environ.get("PYTEST_XDIST_WORKER_COUNT"),
+    )
+    if worker and count:
+        low, high = worker_port_range(int(worker.removeprefix("gw")), int(count))
+        os.environ[PORT_RANGE_VARIABLE] = f"{low}-{high}"
 
 
 @pytest.fixture

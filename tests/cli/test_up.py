@@ -166,6 +166,19 @@ def test_no_child_gets_a_port_up_was_asked_to_listen_on(
     assert len(picked) == 2 and not picked & taken, (picked, taken)
 
 
+def test_ports_are_picked_from_the_range_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(nats_server.PORT_RANGE_VARIABLE, "20000-20010")
+    monkeypatch.setattr(nats_server, "_handed_out", set())
+    picked = {nats_server.free_port() for _ in range(5)}
+    assert len(picked) == 5 and all(20000 <= port < 20010 for port in picked), picked
+    # Two workers' ranges do not overlap and together stay within the range.
+    assert nats_server.worker_port_range(0, 2) == (20000, 20005)
+    assert nats_server.worker_port_range(1, 2) == (20005, 20010)
+    monkeypatch.setenv(nats_server.PORT_RANGE_VARIABLE, "20010-20000")
+    with pytest.raises(ValueError, match="is not LOW-HIGH"):
+        nats_server.free_port()
+
+
 def test_up_runs_nats_with_a_login_per_component(tmp_path: Path, sink: Sink) -> None:
     """Each child logs in as its own component with a password only up's user can read;
     without one NATS is closed, and ingress's login reaches no message body."""

@@ -40,6 +40,33 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+# Where free_port picks, as LOW-HIGH (HIGH not included): for processes that
+# pick ports side by side, each from its own range, since a port one of them
+# picked looks free to the others until its listener binds.
+PORT_RANGE_VARIABLE = "KURRIER_PORT_RANGE"
+
+
+def _port_range() -> tuple[int, int]:
+    """PORT_RANGE_VARIABLE's range, else from 10000 up to the kernel's ephemeral range."""
+    given = os.environ.get(PORT_RANGE_VARIABLE)
+    if given:
+        first, dash, last = given.partition("-")
+        if not (
+            dash and first.isdigit() and last.isdigit() and 0 < int(first) < int(last) <= 65536
+        ):
+            raise ValueError(f"{PORT_RANGE_VARIABLE}={given!r} is not LOW-HIGH")
+        return int(first), int(last)
+    ephemeral, _ = _ephemeral_range()
+    return (10000 if ephemeral > 12000 else 1024), ephemeral
+
+
+def worker_port_range(index: int, count: int) -> tuple[int, int]:
+    """The index-th of count equal parts of free_port's range, for PORT_RANGE_VARIABLE."""
+    first, last = _port_range()
+    size = (last - first) // count
+    return first + index * size, first + (index + 1) * size
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on, for a listener that starts a moment later.
 
@@ -48,15 +75,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     the moment before the listener binds (nats-server's route port, picked
     before the node that uses it starts, is the usual victim).
     """
-    low, _ = _ephemeral_range()
-    first = 10000 if low > 12000 else 1024
+    first, last = _port_range()
     for _ in range(1000):
-        port = random.randrange(first, low)
+        port = random.randrange(first, last)
         if port in _handed_out or not port_is_free(port, host):
             continue
         _handed_out.add(port)
         return port
-    raise OSError(f"no free port between {first} and {low} on {host}")
+    raise OSError(f"no free port between {first} and {last} on {host}")
 
 
 def reserve_ports(ports: Iterable[int]) -> None:
