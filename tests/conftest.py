@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kurrier.cli.nats_server import PORT_RANGE_VARIABLE, worker_port_range
+from kurrier.cli.nats_server import PORT_RANGE_VARIABLE
 
 from tests.support.kube import TestCluster, start_test_cluster
 from tests.support.nats import NatsServer
+from tests.support.processes import worker_port_range
 from tests.support.sink import Sink
 
 

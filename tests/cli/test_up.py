@@ -24,7 +24,7 @@ from kurrier.core.nats_access import COMPONENTS
 from kurrier.core.settings import NATS_PASSWORD_FILE, NATS_USER
 
 from tests.support.metrics import value
-from tests.support.processes import free_ports, kurrier_argv, wait_until
+from tests.support.processes import free_ports, kurrier_argv, wait_until, worker_port_range
 from tests.support.relay import UpRelay, documents, inbound_domain, route, trusting
 from tests.support.sink import Sink
 
@@ -172,8 +172,8 @@ def test_ports_are_picked_from_the_range_given(monkeypatch: pytest.MonkeyPatch) 
     picked = {nats_server.free_port() for _ in range(5)}
     assert len(picked) == 5 and all(20000 <= port < 20010 for port in picked), picked
     # Two workers' ranges do not overlap and together stay within the range.
-    assert nats_server.worker_port_range(0, 2) == (20000, 20005)
-    assert nats_server.worker_port_range(1, 2) == (20005, 20010)
+    assert worker_port_range(0, 2) == (20000, 20005)
+    assert worker_port_range(1, 2) == (20005, 20010)
     monkeypatch.setenv(nats_server.PORT_RANGE_VARIABLE, "20010-20000")
     with pytest.raises(ValueError, match="is not LOW-HIGH"):
         nats_server.free_port()

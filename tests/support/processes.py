@@ -13,7 +13,14 @@ from pathlib import Path
 
 # The product's own (`kurrier up` picks ports with it): one free_port for everyone.
 from kurrier.cli.nats_server import free_port as free_port
-from kurrier.cli.nats_server import port_is_free
+from kurrier.cli.nats_server import port_is_free, port_range
+
+
+def worker_port_range(index: int, count: int) -> tuple[int, int]:
+    """The index-th of count equal parts of free_port's range (KURRIER_PORT_RANGE)."""
+    first, last = port_range()
+    size = (last - first) // count
+    return first + index * size, first + (index + 1) * size
 
 
 def free_ports(count: int) -> int:

@@ -46,7 +46,7 @@ def _ephemeral_range() -> tuple[int, int]:
 PORT_RANGE_VARIABLE = "KURRIER_PORT_RANGE"
 
 
-def _port_range() -> tuple[int, int]:
+def port_range() -> tuple[int, int]:
     """PORT_RANGE_VARIABLE's range, else from 10000 up to the kernel's ephemeral range."""
     given = os.environ.get(PORT_RANGE_VARIABLE)
     if given:
@@ -60,13 +60,6 @@ def _port_range() -> tuple[int, int]:
     return (10000 if ephemeral > 12000 else 1024), ephemeral
 
 
-def worker_port_range(index: int, count: int) -> tuple[int, int]:
-    """The index-th of count equal parts of free_port's range, for PORT_RANGE_VARIABLE."""
-    first, last = _port_range()
-    size = (last - first) // count
-    return first + index * size, first + (index + 1) * size
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing listens on, for a listener that starts a moment later.
 
@@ -75,7 +68,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     the moment before the listener binds (nats-server's route port, picked
     before the node that uses it starts, is the usual victim).
     """
-    first, last = _port_range()
+    first, last = port_range()
     for _ in range(1000):
         port = random.randrange(first, last)
         if port in _handed_out or not port_is_free(port, host):
