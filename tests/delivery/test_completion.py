@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import yaml
@@ -35,6 +36,7 @@ from kurrier.core.message import (
     DeliveryJob,
     DeliveryResult,
     MessageRecord,
+    RecipientOutcome,
     RecipientState,
 )
 from kurrier.core.records import RecordStore
@@ -43,6 +45,7 @@ from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.worker import DeliveryWorker
 from kurrier.queue.dispatch import mark_dispatched, publish_jobs
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from tests.support.nats import NatsServer
@@ -92,8 +95,10 @@ class Scene:
         return (await self.js.stream_info(stream)).state.messages
 
     @asynccontextmanager
-    async def delivering(self) -> AsyncIterator[None]:
-        worker = DeliveryWorker(self.js, self.tables, DeliverySettings(helo_name="relay.test"))
+    async def delivering(self, worker: DeliveryWorker | None = None) -> AsyncIterator[None]:
+        worker = worker or DeliveryWorker(
+            self.js, self.tables, DeliverySettings(helo_name="relay.test")
+        )
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         try:
@@ -151,6 +156,50 @@ async def test_a_job_that_delivers_all_that_was_left_removes_record_and_body(
         # Nothing for the queue to do: no result was stored.
         assert await scene.results() == 0
         assert await scene.results(RESULTS_STREAM) == 0
+
+
+class _GatedRecording(DeliveryWorker):
+    """A worker whose attempts, once sent, are recorded only when the gate opens."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+
+    async def _hand_over(
+        self, job: DeliveryJob, message: Msg, outcomes: list[RecipientOutcome]
+    ) -> None:
+        await self.gate.wait()
+        await super()._hand_over(job, message, outcomes)
+
+
+async def test_a_sent_job_frees_its_slot_before_its_attempt_is_recorded(
+    nats_server: NatsServer, sink: Sink
+) -> None:
+    async with _scene(nats_server, sink) as scene:
+        ids = ["SLOTFREED00000000001", "SLOTFREED00000000002"]
+        for queue_id in ids:
+            record, revision = await scene.queued(queue_id, ["r@example.com"])
+            await publish_jobs(
+                scene.job_writes(), scene.tables.table, record, ["r@example.com"], revision
+            )
+        worker = _GatedRecording(
+            scene.js, scene.tables, DeliverySettings(helo_name="relay.test", concurrency=1)
+        )
+
+        async def both_sent() -> bool:
+            return len(sink.messages) == 2
+
+        async with scene.delivering(worker):
+            # One slot: the second message goes out while the first one's
+            # record is still there, its removal not yet begun.
+            await _until(both_sent, "both messages to reach the next hop")
+            for queue_id in ids:
+                assert await scene.records.get(queue_id, fresh=True) is not None
+            worker.gate.set()
+            await _until(lambda: _jobs_done(scene.js), "both jobs to be acknowledged")
+        for queue_id in ids:
+            assert await scene.records.get(queue_id, fresh=True) is None
+        assert await scene.results() == 0
 
 
 async def test_a_record_changed_since_dispatch_is_left_to_the_queue(

@@ -79,8 +79,12 @@ class DeliveryWorker:
         self._tables = tables
         self._settings = settings
         self.courier = Courier(settings)
-        # Each job being handled, by the task handling it.
+        # Each job being handled, by the task handling it: its transaction
+        # takes one of the concurrency's slots.
         self._in_flight: dict[asyncio.Task[None], Msg] = {}
+        # Jobs whose attempt is over, by the task recording it and then
+        # acknowledging the job (_hand_over): they take no slot.
+        self._handing_over: dict[asyncio.Task[None], Msg] = {}
         self._store: MessageStore | None = None
         self._stopping = asyncio.Event()
 
@@ -113,6 +117,8 @@ class DeliveryWorker:
             if self._in_flight:
                 log.info("taking no more jobs; finishing the %d in flight", len(self._in_flight))
                 await asyncio.wait(self._in_flight)
+            if self._handing_over:
+                await asyncio.wait(self._handing_over)
             await self.courier.pool.close_idle(everything=True)
             heartbeat.cancel()
             renewal.cancel()
@@ -176,7 +182,7 @@ class DeliveryWorker:
         """
         while True:
             await asyncio.sleep(self._ack_wait / 3)
-            for message in list(self._in_flight.values()):
+            for message in [*self._in_flight.values(), *self._handing_over.values()]:
                 # A job finishing meanwhile makes its heartbeat fail: harmless.
                 with contextlib.suppress(Exception):
                     await message.in_progress()
@@ -209,7 +215,13 @@ class DeliveryWorker:
             return
         if await self._held_back(job, message, outcomes):
             return
-        await self._hand_over(job, message, outcomes)
+        # The transaction is over: its slot goes to the next job while the
+        # attempt is recorded (the record's removal or the result, the job's
+        # acknowledgement, a larger body's removal). Held through that, every
+        # slot can end up waiting on JetStream while jobs queue behind them.
+        handing_over = asyncio.create_task(self._hand_over(job, message, outcomes))
+        self._handing_over[handing_over] = message
+        handing_over.add_done_callback(self._handing_over.pop)
 
     async def _held_back(
         self, job: DeliveryJob, message: Msg, outcomes: list[RecipientOutcome]
