@@ -62,6 +62,19 @@ ACK_WAIT = 30.0
 HOLD_BUDGET = 300.0
 
 
+def free_slots(concurrency: int, transactions: int, recordings: int) -> int:
+    """How many more jobs to take: one per transaction slot, and none while more
+    sent attempts wait to be recorded than transactions may run.
+
+    Recording stalls when JetStream does (a stream electing its leader);
+    taking jobs regardless would pile up messages sent but not recorded,
+    each sent again if delivery crashed before recording it.
+    """
+    if recordings > concurrency:
+        return 0
+    return concurrency - transactions
+
+
 class DeliveryWorker:
     def __init__(
         self,
@@ -132,12 +145,18 @@ class DeliveryWorker:
     ) -> None:
         """Pull up to `most` jobs at a time from one consumer while slots are free."""
         while not stop.is_set():
-            free = min(most, self._settings.concurrency - len(self._in_flight))
+            free = min(
+                most,
+                free_slots(
+                    self._settings.concurrency, len(self._in_flight), len(self._handing_over)
+                ),
+            )
             if free <= 0:
                 # Or for the stop: the drain starts then, not when a slow
                 # next hop next finishes a transaction.
                 await asyncio.wait(
-                    [*self._in_flight, stopping], return_when=asyncio.FIRST_COMPLETED
+                    [*self._in_flight, *self._handing_over, stopping],
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 continue
             for message in await pull_batch(subscription, batch=free, timeout=1):
