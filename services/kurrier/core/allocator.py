@@ -27,15 +27,13 @@ MMAP_THRESHOLD = 1 << 20
 TRIM_THRESHOLD = 8 << 20
 
 
-def keep_freed_memory() -> bool:
-    """Set MMAP_THRESHOLD and TRIM_THRESHOLD; False where the C library has no
-    mallopt (not glibc), which then keeps its own defaults."""
+def keep_freed_memory() -> None:
+    """Set MMAP_THRESHOLD and TRIM_THRESHOLD where the C library has mallopt
+    (glibc); another keeps its own defaults."""
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError):
-        return False
+        return
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    # mallopt returns 1 on success, 0 on error.
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
+    mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)

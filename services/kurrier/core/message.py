@@ -185,12 +185,6 @@ class RecipientDsn(_Tolerant):
     orcpt: str = ""
 
 
-# Whether a queue has the results of the jobs it dispatches stored in the
-# outcomes stream when its settings do not say (--batched-results, chart
-# queue.batchedResults): DeliveryJob.batched_results.
-BATCHED_RESULTS_BY_DEFAULT = True
-
-
 class DeliveryJob(WireMessage):
     """One delivery attempt of a message to a group of its recipients."""
 

@@ -20,7 +20,6 @@ from typing import Any
 from kurrier.core.addresses import parse_host_port
 from kurrier.core.durations import parse_duration
 from kurrier.core.http_endpoint import DEFAULT_METRICS_LISTEN
-from kurrier.core.message import BATCHED_RESULTS_BY_DEFAULT
 from kurrier.core.sizes import parse_size
 
 # --- how values are read (argparse types: a bad value is a usage error) -----
@@ -279,6 +278,11 @@ HISTORY_RETENTION = Setting(
 HISTORY_MAX_BYTES = Setting(
     "history_max_bytes", "cap on stored history; the oldest goes first", size, "1GiB"
 )
+# Whether a queue has the results of the jobs it dispatches stored in the
+# outcomes stream when nothing says otherwise (BATCHED_RESULTS, chart
+# queue.batchedResults): also the default of the queue's code that takes it.
+BATCHED_RESULTS_BY_DEFAULT = True
+
 # Where the results of the jobs a queue dispatches go (DeliveryJob.batched_results):
 # 'on', the outcomes stream, whose acknowledgements write nothing; 'off', the
 # work queue that queues of earlier releases read, for a roll back below the

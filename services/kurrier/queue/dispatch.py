@@ -5,13 +5,9 @@ from __future__ import annotations
 from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.jetstream import JOB_LEASE, dispatch_subject
-from kurrier.core.message import (
-    BATCHED_RESULTS_BY_DEFAULT,
-    DeliveryJob,
-    MessageRecord,
-    RecipientDsn,
-)
+from kurrier.core.message import DeliveryJob, MessageRecord, RecipientDsn
 from kurrier.core.routing import RoutingTable, domain_of
+from kurrier.core.settings import BATCHED_RESULTS_BY_DEFAULT
 from kurrier.core.telemetry import JOBS_DESTINATION, publishing
 
 

@@ -22,10 +22,10 @@ from kurrier.core.jetstream import (
     OUTCOMES_STREAM,
     HistoryLimits,
 )
-from kurrier.core.message import BATCHED_RESULTS_BY_DEFAULT
 from kurrier.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 from kurrier.core.records import RecordStore
 from kurrier.core.service import Connected, Hooks, Service, serve
+from kurrier.core.settings import BATCHED_RESULTS_BY_DEFAULT
 from kurrier.core.telemetry import grpc_server_interceptors
 from kurrier.queue.acked_cleanup import AckedCleanup
 from kurrier.queue.callers import CallerCheck

@@ -20,16 +20,11 @@ from kurrier.core.body_store import load_body
 from kurrier.core.dsn_parameters import notify_allows
 from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.jetstream import DISPATCH_STREAM
-from kurrier.core.message import (
-    BATCHED_RESULTS_BY_DEFAULT,
-    FAILED_STATUSES,
-    FINAL_STATUSES,
-    MessageRecord,
-    RecipientState,
-)
+from kurrier.core.message import FAILED_STATUSES, FINAL_STATUSES, MessageRecord, RecipientState
 from kurrier.core.message_store import MessageStore
 from kurrier.core.metrics import RECIPIENTS_DEFERRED, count_final, tenant_label
 from kurrier.core.records import RecordChanged, RecordStore
+from kurrier.core.settings import BATCHED_RESULTS_BY_DEFAULT
 from kurrier.core.table_store import TableFollower
 from kurrier.queue.changes import Change
 from kurrier.queue.dispatch import publish_jobs, report_dispatch
