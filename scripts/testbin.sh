@@ -6,7 +6,8 @@
 # fsync; prometheus, whose server and promtool check the metrics and alert
 # rules; unbound and ldnsutils, a validating resolver and the tools that
 # sign the DANE tests' zone; iptables, for the nemesis's one-way and per-port
-# cuts between test hosts). A second run is instant; a cold one builds for
+# cuts between test hosts; postfix, a submitting client and an older next hop
+# in the DSN tests). A second run is instant; a cold one builds for
 # minutes (jaeger alone took 6.5 min on 2 cores).
 #
 #   scripts/testbin.sh            # builds what is missing, prints the bin dir
@@ -215,6 +216,16 @@ ensure_package() {
     "$package" >&2
 }
 
+# Postfix, asked to configure nothing: the tests run private instances of it
+# (tests/support/postfix.py), never the system's.
+ensure_postfix() {
+  command -v postconf >/dev/null 2>&1 && return
+  local sudo=""
+  [[ $(id -u) -eq 0 ]] || sudo=sudo
+  echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
+  ensure_package postfix postconf
+}
+
 mkdir -p "$BIN" "$SRC"
 # Serialise concurrent runs (parallel test workers, CI steps).
 exec 9>"$CACHE/.lock"
@@ -229,5 +240,6 @@ ensure_package prometheus promtool
 ensure_package unbound unbound
 ensure_package ldnsutils ldns-signzone
 ensure_package iptables iptables
+ensure_postfix
 
 printf '%s\n' "$BIN"
