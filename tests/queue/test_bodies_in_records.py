@@ -67,6 +67,7 @@ async def _accept(nats_url: str, queue_id: str, body: bytes) -> tuple[MessageRec
         records = await RecordStore.open(js)
         manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
         await manager.intake.accept(_template(queue_id), io.BytesIO(body), len(body))
+        await manager.store.first_jobs_sent()
         found = await records.get(queue_id, fresh=True)
         assert found is not None
         job = await js.get_last_msg(DISPATCH_STREAM, dispatch_subject(queue_id))

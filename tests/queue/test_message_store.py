@@ -74,6 +74,7 @@ async def _delete_a_deferred_message(nats_url: str) -> dict[str, int]:
         # Too large for its record: the body is a message of its own to remove.
         body = b"x" * (RECORD_BODY_LIMIT + 1)
         await manager.intake.accept(_template(queue_id), io.BytesIO(body), len(body))
+        await manager.store.first_jobs_sent()
         deferral = DeliveryResult(
             queue_id=queue_id,
             dispatch=1,
@@ -152,6 +153,7 @@ async def _enqueue_twice(nats_url: str) -> tuple[bool, bool, int, int, int]:
         first = await manager.intake.accept(_template(queue_id), io.BytesIO(b"x\r\n"), 3)
         # The client's retry after a reply it never saw: the same queue id again.
         second = await manager.intake.accept(_template(queue_id), io.BytesIO(b"x\r\n"), 3)
+        await manager.store.first_jobs_sent()
         found = await manager.records.get(queue_id, fresh=True)
         assert found is not None
         return (
@@ -238,6 +240,8 @@ async def _bounce_in_a_crashing_process(
         monkeypatch.setattr(first.store, "finish", crash_after_record)
     with pytest.raises(Crash):
         await first.mutate(queue_id, apply_result(_bounce(queue_id), first.schedule))
+    # What it had sent on its way before dying is out, as when the crash came later.
+    await first.store.first_jobs_sent()
 
 
 async def _crash_while_bouncing(
@@ -257,6 +261,7 @@ async def _crash_while_bouncing(
         js = survivor.jetstream()
         second = await _manager(js)
         await second.mutate(queue_id, apply_result(_bounce(queue_id), second.schedule))
+        await second.store.first_jobs_sent()
         return (
             await _notifications(js, queue_id),
             await second.records.get(queue_id, fresh=True) is not None,
@@ -301,6 +306,7 @@ async def _bounce_again_once_the_notice_was_delivered(
         await second.store.finish(notice, found[1], "stream", scheduled=False)
 
         await second.mutate(queue_id, apply_result(_bounce(queue_id), second.schedule))
+        await second.store.first_jobs_sent()
         applied_again = await _notifications(js, queue_id)
         # The sweeper's round once the notification's lease has long run out.
         await Sweeper(js, second).sweep(now=time.time() + JOB_LEASE + 2 * DISPATCH_GRACE)

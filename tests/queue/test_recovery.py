@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import smtplib
 import time
 from pathlib import Path
@@ -112,54 +113,88 @@ async def _accept_without_a_jobs_stream(nats_url: str) -> tuple[bool, bool]:
         await ensure_layout(js)
         await js.delete_stream(DISPATCH_STREAM)  # the job publish must fail
         records = await RecordStore.open(js)
-        template = _record("TAKEBACK000000000001", 0.0, 0)
-        try:
-            manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
-            await manager.intake.accept(template, io.BytesIO(b"x\r\n"), 3)
-        except nats.errors.Error:
-            failed = True
-        else:
-            failed = False
-        return failed, await records.get(template.queue_id, fresh=True) is None
+        template = _record("KEPTRECORD0000000001", 0.0, 0)
+        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+        accepted = await manager.intake.accept(template, io.BytesIO(b"x\r\n"), 3)
+        await manager.store.first_jobs_sent()
+        return accepted is not None, await records.get(template.queue_id, fresh=True) is not None
     finally:
         await disconnect(nc)
 
 
-def test_a_failed_job_publish_takes_the_record_back(nats_server: NatsServer) -> None:
-    # The client hears 451 and retries: an orphaned record would be delivered again later.
-    failed, record_gone = asyncio.run(_accept_without_a_jobs_stream(nats_server.url))
-    assert failed
-    assert record_gone
+def test_a_refused_first_job_leaves_the_accepted_message_to_the_sweeper(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client has its 250 once the record is stored: taking the record back
+    # would lose the message. The sweeper dispatches it again
+    # (test_a_dispatch_whose_job_was_never_published_is_redone_before_its_lease).
+    with caplog.at_level(logging.WARNING, logger="kurrier.core.message_store"):
+        accepted, kept = asyncio.run(_accept_without_a_jobs_stream(nats_server.url))
+    assert accepted
+    assert kept
+    assert "first jobs not published; the sweeper dispatches the message again" in caplog.text
+
+
+async def _create_while_its_jobs_wait(nats_url: str) -> tuple[list[str], list[str]]:
+    nc = await connect(nats_url, "test-intake")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        records = await RecordStore.open(js)
+        released = asyncio.Event()
+        published: list[str] = []
+
+        async def publish_once_released(
+            record: MessageRecord, recipients: list[str], revision: int
+        ) -> None:
+            await released.wait()
+            published.append(record.queue_id)
+
+        store = MessageStore(js, records, publish_once_released)
+        record = _record("JOBSAFTER00000000001", time.time(), 3)
+        # A create that waited for its jobs would never return here.
+        await asyncio.wait_for(store.create(record, io.BytesIO(b"x\r\n"), 3), 30)
+        on_return = list(published)
+        released.set()
+        await store.first_jobs_sent()
+        return on_return, published
+    finally:
+        await disconnect(nc)
+
+
+def test_a_message_is_accepted_once_stored_and_its_first_jobs_follow(
+    nats_server: NatsServer,
+) -> None:
+    on_return, after_drain = asyncio.run(_create_while_its_jobs_wait(nats_server.url))
+    assert on_return == []
+    # A draining queue waits for them: its last messages do not wait for the sweeper.
+    assert after_drain == ["JOBSAFTER00000000001"]
 
 
 async def _accept_as_the_connection_drops(server: NatsServer) -> tuple[bool, bool]:
-    """An Enqueue whose record is stored just before its NATS server restarts: the job
-    and, at first, the take-back are refused at once (nothing is buffered while the
-    client is disconnected)."""
+    """An Enqueue whose record is stored just before its NATS server restarts: the
+    record's acknowledgement is lost with the connection and, at first, the take-back
+    is refused at once (nothing is buffered while the client is disconnected)."""
     nc = await connect(server.url, "test-intake")
     restarted: asyncio.Future[None] | None = None
     try:
         js = nc.jetstream()
         await ensure_layout(js)
         records = await RecordStore.open(js)
+        create_record = records.create
 
-        async def publish_as_the_server_restarts(
-            record: MessageRecord, recipients: list[str], revision: int
-        ) -> None:
+        async def create_as_the_server_restarts(record: MessageRecord) -> int | None:
             nonlocal restarted
+            await create_record(record)
             server.stop(kill=True)
             await eventually(lambda: not nc.is_connected, 10, "the client to see it gone")
             restarted = asyncio.get_running_loop().run_in_executor(None, server.start)
-            await publish_jobs(
-                AtomicBatches(js, DISPATCH_STREAM),
-                TableFollower().table,
-                record,
-                recipients,
-                revision,
-            )
+            # What the caller sees of a publish whose acknowledgement never came.
+            raise nats.errors.TimeoutError
 
+        records.create = create_as_the_server_restarts  # type: ignore[method-assign]
         record = _record("TAKEBACK000000000002", time.time(), 3)
-        store = MessageStore(js, records, publish_as_the_server_restarts)
+        store = MessageStore(js, records)
         try:
             await store.create(record, io.BytesIO(b"x\r\n"), 3)
         except NATS_AWAY:

@@ -85,6 +85,7 @@ async def _retry_after_another_process_deferred(nats_url: str) -> tuple[int, int
         )
         accepted = await first.intake.accept(template, io.BytesIO(b"Subject: x\r\n\r\nx\r\n"), 17)
         assert accepted is not None
+        await first.store.first_jobs_sent()
         queue_id = accepted.queue_id
         # Attempt 1 deferred, handled by the first process; its due dispatches
         # attempt 2 in the first process too, which now holds that copy.
@@ -125,6 +126,7 @@ async def _early_due(nats_url: str) -> int:
         )
         accepted = await queue.intake.accept(template, io.BytesIO(b"x\r\n"), 3)
         assert accepted is not None
+        await queue.store.first_jobs_sent()
         queue_id = accepted.queue_id
         await queue.mutate(queue_id, apply_result(_deferral(queue_id, 1), schedule))
         await js.purge_stream(JOBS_STREAM, subject=schedule_subject(queue_id))
@@ -166,6 +168,7 @@ async def _delay_warnings_from_two_processes(nats_url: str) -> tuple[list[str], 
         )
         accepted = await first.intake.accept(template, io.BytesIO(b"Subject: x\r\n\r\nx\r\n"), 17)
         assert accepted is not None
+        await first.store.first_jobs_sent()
         queue_id = accepted.queue_id
         result = apply_result(_deferral(queue_id, 1), schedule)
         await asyncio.gather(first.mutate(queue_id, result), second.mutate(queue_id, result))

@@ -13,8 +13,10 @@ and none that loses an accepted message:
    so both are one write: a crash cannot separate them.
 2. The record before its jobs (`create`, `update`). A job always has its
    record; a record whose job was lost is dispatched again by the sweeper.
-   When the jobs of a new message cannot be published the client hears 451,
-   so the record and body are taken back.
+   A new message is accepted once its record is stored: its first jobs go
+   out after the client's answer, and a crash or a refusal before they are
+   stored leaves it to the sweeper. When the record cannot be stored the
+   client hears 451, so what may be stored of it is taken back.
 3. A record changes only at the revision it was read at (`update`,
    `finish`); a writer that lost the race reads again and re-applies.
 4. The retry schedule after the record (`update`). A schedule always finds
@@ -79,16 +81,21 @@ class MessageStore:
         self._js = js
         self.records = records
         self._publish_jobs = publish_jobs
+        self._first_jobs_in_flight: set[asyncio.Task[None]] = set()
 
     async def create(
         self, record: MessageRecord, body: IO[bytes], size: int
     ) -> tuple[MessageRecord, int] | None:
-        """Store a new message and publish the jobs of its first dispatch.
+        """Store a new message and send the jobs of its first dispatch on their way.
 
         record is complete but for where the body goes, and already marked
-        dispatched. Idempotent per queue id: a body outside the record is
-        deduplicated by JetStream, the record is created only once (and not
-        again within JetStream's duplicate window once the message finished:
+        dispatched. Returns once body and record are stored, which is when the
+        message is accepted; its first jobs are published without the caller
+        waiting for them (`first_jobs_sent` does, at shutdown), since a job
+        lost to a crash or a refusal is the sweeper's to dispatch again.
+        Idempotent per queue id: a body outside the record is deduplicated by
+        JetStream, the record is created only once (and not again within
+        JetStream's duplicate window once the message finished:
         RecordStore.create), and the first jobs carry the same dedup ids on
         every retry. Returns the record as stored and its revision, or None if
         a retry found the message already past its first dispatch or finished.
@@ -107,13 +114,33 @@ class MessageStore:
                 if found is None or found[0].dispatches != 1:
                     return None
                 record, revision = found
-            await self._publish_jobs(record, dispatch, revision)
         except BaseException:
             # The caller answers 451 and the client keeps the message: take back
             # what was stored, or the sweeper would deliver it a second time.
             await self._take_back(record)
             raise
+        sending = asyncio.create_task(self._first_jobs(record, dispatch, revision))
+        self._first_jobs_in_flight.add(sending)
+        sending.add_done_callback(self._first_jobs_in_flight.discard)
         return record, revision
+
+    async def _first_jobs(
+        self, record: MessageRecord, recipients: list[str], revision: int
+    ) -> None:
+        try:
+            await self._publish_jobs(record, recipients, revision)
+        except Exception as error:
+            log.warning(
+                "first jobs not published; the sweeper dispatches the message again: %r",
+                error,
+                extra={"queue_id": record.queue_id},
+            )
+
+    async def first_jobs_sent(self) -> None:
+        """Wait until the first jobs of every message created so far are published or
+        given up (a draining queue, so its last messages do not wait for the sweeper)."""
+        while self._first_jobs_in_flight:
+            await asyncio.wait(set(self._first_jobs_in_flight))
 
     async def _take_back(self, record: MessageRecord) -> None:
         """Remove the record and body of a message the client is told 451 about.

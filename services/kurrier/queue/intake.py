@@ -57,7 +57,7 @@ class Intake:
             record.queue_id,
             "queued",
             trace_id=trace_id_of(record.traceparent),
-            # When it was taken in: its first jobs went out before the store returned.
+            # When it was taken in, so it comes before the first dispatch's events.
             at=record.received_at,
             sender=f"<{record.mail_from}>",
             recipients=", ".join(r.address for r in record.recipients),

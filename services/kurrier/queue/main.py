@@ -97,7 +97,8 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
             AckedCleanup(js, OUTCOMES_STREAM, OUTCOMES_CONSUMER).run,
             lambda: sweeper_lease.run(Sweeper(js, manager).run),
         ],
-        drain=[grpc_server.drain],
+        # The first jobs of the last messages taken in go out before NATS is left.
+        drain=[grpc_server.drain, manager.store.first_jobs_sent],
         healthy=grpc_server.serving,
     )
 

@@ -5,7 +5,8 @@ Every SWEEP_INTERVAL it reads every record once and
   ran out, or its retry schedule was lost);
 - re-dispatches, sooner, a dispatch older than DISPATCH_GRACE for which
   JetStream holds neither a job nor a result: the process that stored the
-  record died before publishing its job (its client was told 451);
+  record died, or lost NATS, before the dispatch's job was stored (a new
+  message's client has its 250 by then);
 - removes a stored body (in the bodies stream or the object store) older
   than DISPATCH_GRACE that no record refers to:
   the message was finished or never stored whole, and a crash (of a queue
@@ -53,8 +54,9 @@ SWEEP_INTERVAL = 60.0
 # How late a due recipient must be before the sweeper (not its schedule or its
 # job) is assumed to be the one that will act.
 SWEEP_SLACK = 60.0
-# Longer than any Enqueue (its deadline is 20 s) or dispatch takes: work this
-# old that JetStream does not hold was never published, and will not be.
+# Longer than any Enqueue (its deadline is 20 s) and the publish of its first
+# jobs, or any dispatch, take: work this old that JetStream does not hold was
+# never published, and will not be.
 DISPATCH_GRACE = 120.0
 # A stream holding more messages than this is not listed by subject; what the
 # listing would find then waits for the lease (dispatches) or a later round.
