@@ -8,7 +8,10 @@ import io
 import time
 from typing import Any
 
+import nats.errors
 import pytest
+from kurrier.core import message_store
+from kurrier.core.body_store import store_body
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     DISPATCH_STREAM,
@@ -172,6 +175,74 @@ def test_the_same_queue_id_enqueued_twice_is_stored_and_dispatched_once(
 ) -> None:
     # The body is small enough to be inside the record: the bodies stream has none.
     assert asyncio.run(_enqueue_twice(nats_server.url)) == (True, True, 1, 1, 0)
+
+
+async def _store_a_body_that_waits_for_its_record(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> tuple[bool, int]:
+    nc = await connect(nats_url, "test-message-store")
+    try:
+        js = nc.jetstream()
+        manager = await _manager(js)
+        queue_id = "SIDEBYSIDE0000000001"
+        create_record = manager.records.create
+        record_stored = asyncio.Event()
+
+        async def create_and_tell(record: MessageRecord) -> int | None:
+            revision = await create_record(record)
+            record_stored.set()
+            return revision
+
+        async def store_once_the_record_is_stored(*args: Any) -> Any:
+            # Written one after the other, the record would wait for this body forever.
+            async with asyncio.timeout(10):
+                await record_stored.wait()
+            return await store_body(*args)
+
+        monkeypatch.setattr(manager.records, "create", create_and_tell)
+        monkeypatch.setattr(message_store, "store_body", store_once_the_record_is_stored)
+        body = b"x" * (RECORD_BODY_LIMIT + 1)
+        accepted = await manager.intake.accept(_template(queue_id), io.BytesIO(body), len(body))
+        return accepted is not None, await _messages(js, BODIES_STREAM, body_subject(queue_id))
+    finally:
+        await disconnect(nc)
+
+
+def test_a_larger_body_is_written_beside_its_record_not_before_it(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two synced writes side by side: the client's 250 waits for the slower, not the sum.
+    assert asyncio.run(_store_a_body_that_waits_for_its_record(nats_server.url, monkeypatch)) == (
+        True,
+        1,
+    )
+
+
+async def _accept_without_a_bodies_stream(nats_url: str) -> tuple[bool, bool]:
+    nc = await connect(nats_url, "test-message-store")
+    try:
+        js = nc.jetstream()
+        manager = await _manager(js)
+        await js.delete_stream(BODIES_STREAM)  # the body's write must fail
+        queue_id = "BODYREFUSED000000001"
+        body = b"x" * (RECORD_BODY_LIMIT + 1)
+        try:
+            await manager.intake.accept(_template(queue_id), io.BytesIO(body), len(body))
+        except nats.errors.Error:
+            refused = True
+        else:
+            refused = False
+        return refused, await manager.records.get(queue_id, fresh=True) is None
+    finally:
+        await disconnect(nc)
+
+
+def test_a_refused_body_takes_back_the_record_written_beside_it(nats_server: NatsServer) -> None:
+    # The client hears 451 and sends again: a record left would be removed by the
+    # sweeper only minutes later, and a retry within them would find it and no body.
+    refused, record_gone = asyncio.run(_accept_without_a_bodies_stream(nats_server.url))
+    assert refused
+    assert record_gone
 
 
 class Crash(BaseException):

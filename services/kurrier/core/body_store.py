@@ -17,10 +17,15 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 
+def body_store_for(size: int) -> BodyStore:
+    """Where store_body puts a body of this size (one too large for its record)."""
+    return "stream" if size <= INLINE_BODY_LIMIT else "object"
+
+
 async def store_body(js: JetStreamContext, queue_id: str, body: IO[bytes], size: int) -> BodyStore:
     """Store a body too large for its record durably (acknowledged by JetStream);
     the queue id makes a retry a no-op."""
-    if size <= INLINE_BODY_LIMIT:
+    if body_store_for(size) == "stream":
         body.seek(0)
         await js.publish(
             body_subject(queue_id),

@@ -7,10 +7,14 @@ KURRIER_JOBS). A crash can stop any sequence of writes half way; the order
 below makes each half-way state one that the sweeper repairs (queue/sweeper.py)
 and none that loses an accepted message:
 
-1. The body before the record (`create`). A live record always has its body;
-   a record without one was never accepted, and the sweeper removes it. A
-   body of at most RECORD_BODY_LIMIT is inside its record (core/message.py),
-   so both are one write: a crash cannot separate them.
+1. The body with the record (`create`): both are acknowledged before the
+   client's answer and before any job, so a job always finds its body. A
+   larger body is written beside its record, not before it: a record whose
+   body never came was never accepted (its client heard 451, or nothing),
+   and the sweeper, finding the body gone at the stream's leader once the
+   record's dispatch is old, removes it. A body of at most RECORD_BODY_LIMIT
+   is inside its record (core/message.py), so both are one write: a crash
+   cannot separate them.
 2. The record before its jobs (`create`, `update`). A job always has its
    record; a record whose job was lost is dispatched again by the sweeper.
    A new message is accepted once its record is stored: its first jobs go
@@ -41,7 +45,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import IO
 
-from kurrier.core.body_store import body_exists, delete_body, object_stored_at, store_body
+from kurrier.core.body_store import (
+    body_exists,
+    body_store_for,
+    delete_body,
+    object_stored_at,
+    store_body,
+)
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     DISPATCH_STREAM,
@@ -104,11 +114,10 @@ class MessageStore:
             body.seek(0)
             record = record.model_copy(update={"body_store": "record", "body": body.read()})
         else:
-            where = await store_body(self._js, record.queue_id, body, size)
-            record = record.model_copy(update={"body_store": where})
+            record = record.model_copy(update={"body_store": body_store_for(size)})
         dispatch = [r.address for r in record.recipients if r.status == "queued"]
         try:
-            revision = await self.records.create(record)
+            revision = await self._create_record(record, body, size)
             if revision is None:
                 found = await self.records.get(record.queue_id, fresh=True)
                 if found is None or found[0].dispatches != 1:
@@ -123,6 +132,21 @@ class MessageStore:
         self._first_jobs_in_flight.add(sending)
         sending.add_done_callback(self._first_jobs_in_flight.discard)
         return record, revision
+
+    async def _create_record(self, record: MessageRecord, body: IO[bytes], size: int) -> int | None:
+        """RecordStore.create, with a body outside the record written at the same time:
+        two synced writes side by side, not one after the other, before the answer."""
+        if record.body_store == "record":
+            return await self.records.create(record)
+        storing = asyncio.ensure_future(store_body(self._js, record.queue_id, body, size))
+        try:
+            revision = await self.records.create(record)
+        except BaseException:
+            # What is taken back next must not be written after the take-back.
+            await asyncio.wait([storing])
+            raise
+        await storing
+        return revision
 
     async def _first_jobs(
         self, record: MessageRecord, recipients: list[str], revision: int
@@ -240,10 +264,11 @@ class MessageStore:
     ) -> bool:
         """Delete a stored body that no record refers to, if it was stored before then.
 
-        A body is stored before its record, so one stored after the caller read
-        the records may be a message being accepted: it is left alone. A
-        stream body is deleted by its sequence, so one stored again since (a
-        client retrying with the same queue id) is not touched. An object has
+        A body is stored beside its record, the two within an Enqueue's
+        deadline of each other, so one stored after stored_before may be a
+        message being accepted: it is left alone. A stream body is deleted by
+        its sequence, so one stored again since (a client retrying with the
+        same queue id) is not touched. An object has
         no sequence; its upload time is read again just before the delete, and
         a retry with the same queue id comes within an Enqueue's deadline,
         long before stored_before.

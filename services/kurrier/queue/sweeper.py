@@ -12,9 +12,10 @@ Every SWEEP_INTERVAL it reads every record once and
   the message was finished or never stored whole, and a crash (of a queue
   process, or of nats-server before it persisted a purge) left the body;
 - removes, instead of re-dispatching, a record whose body is gone. A live
-  record always has its body (stored first, purged last), so such a record
-  was never accepted: an Enqueue that failed and could not take its record
-  back. (A body inside its record cannot be gone while the record is there.)
+  record always has its body (both stored before the answer, the body purged
+  last), so such a record was never accepted: an Enqueue that failed and
+  could not take its record back, or whose process died between the two
+  writes. (A body inside its record cannot be gone while the record is there.)
 
 Re-dispatching may duplicate a message, never lose one. Each repair of a
 message goes into its history as `swept`, with what was done and why.
