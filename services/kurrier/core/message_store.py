@@ -268,10 +268,9 @@ class MessageStore:
         deadline of each other, so one stored after stored_before may be a
         message being accepted: it is left alone. A stream body is deleted by
         its sequence, so one stored again since (a client retrying with the
-        same queue id) is not touched. An object has
-        no sequence; its upload time is read again just before the delete, and
-        a retry with the same queue id comes within an Enqueue's deadline,
-        long before stored_before.
+        same queue id) is not touched. An object has no sequence; its upload
+        time is read again just before the delete, and a retry with the same
+        queue id comes within an Enqueue's deadline, long before stored_before.
         """
         if where == "object":
             began = await object_stored_at(self._js, queue_id)
