@@ -278,6 +278,9 @@ class TestNetwork:
         ip("link", "set", host.veth, "up")
         ip("-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", "eth0")
         ip("-n", host.namespace, "link", "set", "eth0", "up")
+        # As when a cable is plugged back in (Host.set_link): the carrier comes
+        # in the background, and a connection tried before it is lost.
+        wait_until(host._link_is_up, 30, f"{host.name}'s link to come up")
 
     def __exit__(self, *exc: object) -> None:
         # Links first: deleting a namespace frees its veth pair only later, in the background.
