@@ -142,8 +142,9 @@ class MessageStore:
         try:
             revision = await self.records.create(record)
         except BaseException:
-            # What is taken back next must not be written after the take-back.
-            await asyncio.wait([storing])
+            # What is taken back next must not be written after the take-back;
+            # the record's error is the one raised, the body's is only collected.
+            await asyncio.gather(storing, return_exceptions=True)
             raise
         await storing
         return revision
