@@ -5,9 +5,10 @@ The method: nats-server runs under strace (a wrapper first on the PATH of
 JetStream block file (with the start of what was written, which names the
 subject) and every fsync/fdatasync. For each message the test sends, it
 finds the write of its record (`$KV.kurrier-messages.<id>`, which holds a
-body this small, and whose storing is the acceptance: the jobs follow the
-answer) and requires an fsync of the same file after it and before the
-client saw 250.
+body of up to 4 KiB, and whose storing is the acceptance: the jobs follow
+the answer) and, for a larger body, the write of the body beside it
+(`kurrier.body.<id>`), and requires an fsync of the same file after each
+and before the client saw 250.
 
 With atomic batches (`--atomic-batch-min`) a batch is first staged in a
 store of its own (`<stream>/batches/`), synced too; only the writes to the
@@ -43,43 +44,57 @@ SESSIONS = 10
 Sent = list[tuple[str, float, float]]
 
 
-def _send(port: int, messages: int = MESSAGES) -> Sent:
-    """Messages one at a time on one session."""
+# Past the record's 4 KiB: a body of its own, written beside the record.
+LARGER_BODY = "x" * 70 + "\r\n"
+LARGER_LINES = 80
+
+
+def _send(port: int, messages: int = MESSAGES, lines: int = 1) -> Sent:
+    """Messages one at a time on one session, of so many lines of text."""
     sent = []
+    text = "x\r\n" if lines == 1 else LARGER_BODY * lines
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
         smtp.ehlo()
         for number in range(messages):
             smtp.mail("a@client.test")
             smtp.rcpt("r@example.com")
             began = time.time()
-            code, reply = smtp.data(f"Subject: durable {number}\r\n\r\nx\r\n".encode())
+            code, reply = smtp.data(f"Subject: durable {number}\r\n\r\n{text}".encode())
             answered = time.time()
             assert code == 250, reply
             sent.append((reply.decode().rsplit(" ", 1)[-1], began, answered))
     return sent
 
 
-def _unsynced(events: list[Event], sent: Sent) -> list[str]:
-    """What was acknowledged before a sync covered it; [] when every 250 followed one."""
+def _unsynced(events: list[Event], sent: Sent, bodies: bool = False) -> list[str]:
+    """What was acknowledged before a sync covered it; [] when every 250 followed one.
+
+    The record is the acceptance (its jobs follow the answer: the sweeper
+    dispatches a record whose job was lost); with bodies, the body stored
+    beside it must be synced too."""
     problems = []
     for queue_id, began, answered in sent:
-        # The record is the acceptance (its jobs follow the answer: the sweeper
-        # dispatches a record whose job was lost).
-        subject = f"$KV.kurrier-messages.{queue_id}"
-        writes = [
-            e for e in events if e.call == "pwrite64" and subject in e.written and not _staged(e)
-        ]
-        if not writes or not began <= writes[0].at <= answered:
-            problems.append(f"{subject}: no write seen between DATA and 250")
-            continue
-        write = writes[0]
-        synced = any(
-            e.call != "pwrite64" and e.path == write.path and write.at <= e.at <= answered
-            for e in events
-        )
-        if not synced:
-            problems.append(f"{subject}: written at {write.at:.6f}, 250 at {answered:.6f}")
+        subjects = [f"$KV.kurrier-messages.{queue_id}"]
+        if bodies:
+            subjects.append(f"kurrier.body.{queue_id}")
+        for subject in subjects:
+            problems += _unsynced_write(events, subject, began, answered)
     return problems
+
+
+def _unsynced_write(events: list[Event], subject: str, began: float, answered: float) -> list[str]:
+    """[] when subject was written between began and answered and synced before answered."""
+    writes = [e for e in events if e.call == "pwrite64" and subject in e.written and not _staged(e)]
+    if not writes or not began <= writes[0].at <= answered:
+        return [f"{subject}: no write seen between DATA and 250"]
+    write = writes[0]
+    synced = any(
+        e.call != "pwrite64" and e.path == write.path and write.at <= e.at <= answered
+        for e in events
+    )
+    if not synced:
+        return [f"{subject}: written at {write.at:.6f}, 250 at {answered:.6f}"]
+    return []
 
 
 def _staged(event: Event) -> bool:
@@ -95,7 +110,11 @@ def _send_side_by_side(port: int) -> Sent:
 
 
 def _run(
-    tmp_path: Path, sink: Sink, *flags: str, send: Callable[[int], Sent] = _send
+    tmp_path: Path,
+    sink: Sink,
+    *flags: str,
+    send: Callable[[int], Sent] = _send,
+    bodies: bool = False,
 ) -> tuple[list[str], list[Event]]:
     bindir, trace = tmp_path / "bin", tmp_path / "nats.strace"
     bindir.mkdir()
@@ -107,11 +126,20 @@ def _run(
         with UpRelay(tmp_path, config, *flags) as relay:
             sent = send(relay.smtp_port)
     events = block_file_events(trace)
-    return _unsynced(events, sent), events
+    return _unsynced(events, sent, bodies), events
 
 
 def test_every_250_follows_a_sync_of_its_record(tmp_path: Path, sink: Sink) -> None:
     assert _run(tmp_path, sink)[0] == []
+
+
+def test_every_250_follows_a_sync_of_its_record_and_the_body_beside_it(
+    tmp_path: Path, sink: Sink
+) -> None:
+    problems, _ = _run(
+        tmp_path, sink, send=lambda port: _send(port, lines=LARGER_LINES), bodies=True
+    )
+    assert problems == []
 
 
 def test_every_250_follows_a_sync_when_messages_share_atomic_batches(
@@ -125,6 +153,14 @@ def test_every_250_follows_a_sync_when_messages_share_atomic_batches(
 def test_with_syncing_relaxed_the_same_check_finds_unsynced_250s(
     tmp_path: Path, sink: Sink
 ) -> None:
-    # Relaxed past the test's length: the check must see what syncing protects against.
-    problems, _ = _run(tmp_path, sink, "--nats-sync", "1h")
-    assert len(problems) == MESSAGES, problems
+    # Relaxed past the test's length: the check must see what syncing protects
+    # against, for records and for the bodies written beside them.
+    problems, _ = _run(
+        tmp_path,
+        sink,
+        "--nats-sync",
+        "1h",
+        send=lambda port: _send(port, lines=LARGER_LINES),
+        bodies=True,
+    )
+    assert len(problems) == 2 * MESSAGES, problems
