@@ -123,16 +123,57 @@ async def _accept_without_a_jobs_stream(nats_url: str) -> tuple[bool, bool]:
 
 
 def test_a_refused_first_job_leaves_the_accepted_message_to_the_sweeper(
-    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The client has its 250 once the record is stored: taking the record back
     # would lose the message. The sweeper dispatches it again
     # (test_a_dispatch_whose_job_was_never_published_is_redone_before_its_lease).
+    # No stream answers the publish for longer than the (narrowed) window.
+    monkeypatch.setattr(message_store, "FIRST_JOBS_WINDOW", 0.5)
     with caplog.at_level(logging.WARNING, logger="kurrier.core.message_store"):
         accepted, kept = asyncio.run(_accept_without_a_jobs_stream(nats_server.url))
     assert accepted
     assert kept
     assert "first jobs not published; the sweeper dispatches the message again" in caplog.text
+
+
+async def _accept_while_the_jobs_stream_is_away(nats_url: str) -> tuple[int, int]:
+    """A message accepted while no stream answers its job's publish (a leader being
+    elected after a node was lost), the stream answering again within the window."""
+    nc = await connect(nats_url, "test-intake")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        await js.delete_stream(DISPATCH_STREAM)
+        records = await RecordStore.open(js)
+        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+        tries = 0
+        publish = manager.store._publish_jobs
+
+        async def counted(record: MessageRecord, recipients: list[str], revision: int) -> None:
+            nonlocal tries
+            tries += 1
+            await publish(record, recipients, revision)
+
+        manager.store._publish_jobs = counted
+        template = _record("JOBSAGAIN00000000001", 0.0, 0)
+        assert await manager.intake.accept(template, io.BytesIO(b"x\r\n"), 3) is not None
+        await eventually(lambda: tries >= 2, 10, "the publish to be refused and tried again")
+        await ensure_layout(js, streams=[DISPATCH_STREAM])
+        await manager.store.first_jobs_sent()
+        return tries, (await js.stream_info(DISPATCH_STREAM)).state.messages
+    finally:
+        await disconnect(nc)
+
+
+def test_a_first_job_is_published_again_while_its_stream_does_not_answer(
+    nats_server: NatsServer,
+) -> None:
+    # Left to the sweeper, the message would wait minutes (DISPATCH_GRACE) after a
+    # node loss that heals in seconds.
+    tries, jobs = asyncio.run(_accept_while_the_jobs_stream_is_away(nats_server.url))
+    assert tries > 2
+    assert jobs == 1
 
 
 async def _create_while_its_jobs_wait(nats_url: str) -> tuple[list[str], list[str]]:

@@ -57,6 +57,7 @@ from nats.js.errors import (
     APIError,
     BadRequestError,
     FetchTimeoutError,
+    NoStreamResponseError,
     NotFoundError,
     ServiceUnavailableError,
 )
@@ -65,7 +66,14 @@ log = logging.getLogger(__name__)
 
 # JetStream did not answer, as opposed to answering no: a cluster electing a
 # stream's leader, a node still catching up after a restart. Worth asking again.
-JETSTREAM_UNANSWERED = (TimeoutError, NoRespondersError, ServiceUnavailableError)
+# A publish that nobody answers raises NoStreamResponseError (a stream with no
+# leader yet: kurrier's streams are made before anything publishes to them).
+JETSTREAM_UNANSWERED = (
+    TimeoutError,
+    NoRespondersError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+)
 # What a request meets while its server is away and the client reconnects
 # (nothing is buffered meanwhile: connect's pending_size=0): a passing state
 # to wait out, not a fault of the request.

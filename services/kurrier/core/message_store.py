@@ -18,8 +18,9 @@ and none that loses an accepted message:
 2. The record before its jobs (`create`, `update`). A job always has its
    record; a record whose job was lost is dispatched again by the sweeper.
    A new message is accepted once its record is stored: its first jobs go
-   out after the client's answer, and a crash or a refusal before they are
-   stored leaves it to the sweeper. When the record cannot be stored the
+   out after the client's answer, published again while NATS is away for
+   FIRST_JOBS_WINDOW, and a crash or a refusal before they are stored
+   leaves it to the sweeper. When the record cannot be stored the
    client hears 451, so what may be stored of it is taken back.
 3. A record changes only at the revision it was read at (`update`,
    `finish`); a writer that lost the race reads again and re-applies.
@@ -76,12 +77,36 @@ log = logging.getLogger(__name__)
 # connection's reconnect wait is 1 s), and the client waits for its 451.
 TAKE_BACK_WINDOW = 5.0
 
+# How long the first jobs of an accepted message are published again while NATS is
+# away, before the sweeper is left to dispatch it (DISPATCH_GRACE, minutes later):
+# a node restarting and its streams electing leaders take seconds. Their dedup ids
+# make a job that was stored unanswered count once, well inside the dispatch
+# stream's duplicate window (2 minutes). A draining queue waits for them, and with
+# gRPC's grace (queue/main.py) it stays inside the pod's 30 s termination grace.
+FIRST_JOBS_WINDOW = 15.0
+
 # Publishes the jobs for these recipients of the record stored at this revision.
 JobPublisher = Callable[[MessageRecord, list[str], int], Awaitable[None]]
 
 
 async def _no_jobs(record: MessageRecord, recipients: list[str], revision: int) -> None:
     raise RuntimeError("this MessageStore does not dispatch")
+
+
+async def _while_away(window: float, attempt: Callable[[], Awaitable[None]]) -> None:
+    """attempt(), tried again while NATS is away (NATS_AWAY) for up to window seconds.
+    Raises the last such error once the window is over, any other error at once."""
+    deadline = time.monotonic() + window
+    pause = 0.1
+    while True:
+        try:
+            return await attempt()
+        except NATS_AWAY:
+            if time.monotonic() + pause > deadline:
+                raise
+        # A back-off between tries, not a wait for something to happen.
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
 
 
 class MessageStore:
@@ -153,7 +178,9 @@ class MessageStore:
         self, record: MessageRecord, recipients: list[str], revision: int
     ) -> None:
         try:
-            await self._publish_jobs(record, recipients, revision)
+            await _while_away(
+                FIRST_JOBS_WINDOW, lambda: self._publish_jobs(record, recipients, revision)
+            )
         except Exception as error:
             log.warning(
                 "first jobs not published; the sweeper dispatches the message again: %r",
@@ -176,34 +203,28 @@ class MessageStore:
         to reconnect to another node. What is still stored then is left to the
         sweeper, which delivers it: a duplicate once the client sends it again.
         """
-        deadline = time.monotonic() + TAKE_BACK_WINDOW
-        pause = 0.1
-        while True:
-            try:
-                await self.records.delete(record.queue_id)
-                await delete_body(self._js, record.queue_id, record.body_store)
-                return
-            except NATS_AWAY as error:
-                if time.monotonic() + pause > deadline:
-                    log.warning(
-                        "could not take back what may be stored of a refused message; "
-                        "the sweeper delivers a record left: %r",
-                        error,
-                        extra={"queue_id": record.queue_id},
-                    )
-                    return
-            except Exception as error:
-                # Refused, not away: a full store refuses the removal's marker as it
-                # refused the record. The sweeper is behind whatever remains.
-                log.info(
-                    "take-back refused, the sweeper is behind what remains: %r",
-                    error,
-                    extra={"queue_id": record.queue_id},
-                )
-                return
-            # A back-off between tries, not a wait for something to happen.
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
+
+        async def remove() -> None:
+            await self.records.delete(record.queue_id)
+            await delete_body(self._js, record.queue_id, record.body_store)
+
+        try:
+            await _while_away(TAKE_BACK_WINDOW, remove)
+        except NATS_AWAY as error:
+            log.warning(
+                "could not take back what may be stored of a refused message; "
+                "the sweeper delivers a record left: %r",
+                error,
+                extra={"queue_id": record.queue_id},
+            )
+        except Exception as error:
+            # Refused, not away: a full store refuses the removal's marker as it
+            # refused the record. The sweeper is behind whatever remains.
+            log.info(
+                "take-back refused, the sweeper is behind what remains: %r",
+                error,
+                extra={"queue_id": record.queue_id},
+            )
 
     async def update(self, record: MessageRecord, revision: int, dispatch: list[str]) -> int:
         """Write a changed record at its revision (else RecordChanged), then publish the
