@@ -90,6 +90,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
+from kurrier.core.background import Background
 from kurrier.core.jetstream import LIMITS_BUCKET, ensure_layout, kv_stream
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
@@ -349,7 +350,7 @@ class ClusterLeases:
         self._held: Counter[str] = Counter()
         # Keys whose stored share may differ from _held (a write failed).
         self._unwritten: set[str] = set()
-        self._writes: set[asyncio.Task[None]] = set()
+        self._writes = Background()
 
     @classmethod
     async def open(cls, js: JetStreamContext, scope: str, replicas: int) -> ClusterLeases:
@@ -377,14 +378,11 @@ class ClusterLeases:
     def release(self, key: str) -> None:
         """One fewer of key; written in the background (refresh retries a failed write)."""
         self._drop(key)
-        task = asyncio.get_running_loop().create_task(self._write_truth(key))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        self._writes.start(self._write_truth(key))
 
     async def flush(self) -> None:
         """Until the releases in flight are written (or failed): before disconnecting."""
-        while self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._writes.finished()
 
     async def refresh(self) -> None:
         """Forever: every LEASE / 3, rewrite each share this process holds or owes."""

@@ -46,6 +46,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import IO
 
+from kurrier.core.background import Background
 from kurrier.core.body_store import (
     body_exists,
     body_store_for,
@@ -116,7 +117,7 @@ class MessageStore:
         self._js = js
         self.records = records
         self._publish_jobs = publish_jobs
-        self._first_jobs_in_flight: set[asyncio.Task[None]] = set()
+        self._first_jobs = Background()
 
     async def create(
         self, record: MessageRecord, body: IO[bytes], size: int
@@ -153,9 +154,7 @@ class MessageStore:
             # what was stored, or the sweeper would deliver it a second time.
             await self._take_back(record)
             raise
-        sending = asyncio.create_task(self._first_jobs(record, dispatch, revision))
-        self._first_jobs_in_flight.add(sending)
-        sending.add_done_callback(self._first_jobs_in_flight.discard)
+        self._first_jobs.start(self._publish_first_jobs(record, dispatch, revision))
         return record, revision
 
     async def _create_record(self, record: MessageRecord, body: IO[bytes], size: int) -> int | None:
@@ -174,7 +173,7 @@ class MessageStore:
         await storing
         return revision
 
-    async def _first_jobs(
+    async def _publish_first_jobs(
         self, record: MessageRecord, recipients: list[str], revision: int
     ) -> None:
         try:
@@ -191,8 +190,7 @@ class MessageStore:
     async def first_jobs_sent(self) -> None:
         """Wait until the first jobs of every message created so far are published or
         given up (a draining queue, so its last messages do not wait for the sweeper)."""
-        while self._first_jobs_in_flight:
-            await asyncio.wait(set(self._first_jobs_in_flight))
+        await self._first_jobs.finished()
 
     async def _take_back(self, record: MessageRecord) -> None:
         """Remove the record and body of a message the client is told 451 about.

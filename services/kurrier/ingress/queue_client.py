@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
+from kurrier.core.background import Background
 from kurrier.core.grpc_tls import QueueTls, queue_channel
 from kurrier.core.telemetry import grpc_metadata, inject_headers
 from kurrier.ingress.enqueue_stream import EnqueueStream, StreamEnded
@@ -59,7 +60,7 @@ class QueueClient:
         )
         self._stub = queue_pb2_grpc.QueueServiceStub(self._channel)
         self._stream: EnqueueStream | None = None
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring = Background()
 
     async def follow_certificate(self) -> None:
         """Take a renewed client certificate into a new channel for the messages that come
@@ -76,9 +77,7 @@ class QueueClient:
             self._channel = self._tls.channel(self._address, pair=pair)
             self._stub = queue_pb2_grpc.QueueServiceStub(self._channel)
             self._stream = None
-            retiring = asyncio.create_task(self._retire(old_channel, old_stream))
-            self._retiring.add(retiring)
-            retiring.add_done_callback(self._retiring.discard)
+            self._retiring.start(self._retire(old_channel, old_stream))
 
     async def _retire(self, channel: grpc.aio.Channel, stream: EnqueueStream | None) -> None:
         try:
@@ -137,9 +136,8 @@ class QueueClient:
         return self._stream
 
     async def close(self) -> None:
-        for retiring in list(self._retiring):
-            retiring.cancel()
-        await asyncio.gather(*self._retiring, return_exceptions=True)
+        self._retiring.cancel()
+        await self._retiring.finished()
         if self._stream is not None:
             await self._stream.close()
         await self._channel.close()

@@ -17,6 +17,7 @@ import grpc
 import nats.errors
 import nats.js.errors
 from google.protobuf.unknown_fields import UnknownFieldSet
+from kurrier.core.background import Background
 from kurrier.core.batch_writer import BatchWriter
 from kurrier.core.body_store import load_body
 from kurrier.core.domains import InvalidDomain, canonical_address, normalise_domain
@@ -269,7 +270,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
         request read after that is left unanswered (and unstored), which the
         OK end tells the client.
         """
-        answering: set[asyncio.Task[None]] = set()
+        answering = Background()
         room = asyncio.Semaphore(STREAM_IN_FLIGHT)
 
         async def write(results: list[queue_pb2.EnqueueResult]) -> None:
@@ -306,9 +307,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
                     await room.acquire()
                     if self._closing.is_set():
                         return
-                    task = asyncio.create_task(answer(request))
-                    answering.add(task)
-                    task.add_done_callback(answering.discard)
+                    answering.start(answer(request))
 
         reading = asyncio.create_task(read())
         closing = asyncio.create_task(self._closing.wait())
@@ -316,8 +315,7 @@ class QueueService(queue_pb2_grpc.QueueServiceServicer):
             await asyncio.wait((reading, closing), return_when=asyncio.FIRST_COMPLETED)
         finally:
             closing.cancel()
-            if answering:
-                await asyncio.wait(answering)
+            await answering.finished()
             await answers.close()
             if reading.done():
                 reading.result()  # a broken call ends with its error
