@@ -127,8 +127,13 @@ class DeliveryWorker:
             await cancel_and_wait(*takers)
             stopping.cancel()
             self._stopping.set()
+            if self._in_flight or self._handing_over:
+                log.info(
+                    "taking no more jobs; finishing the %d in flight, recording %d finished",
+                    len(self._in_flight),
+                    len(self._handing_over),
+                )
             if self._in_flight:
-                log.info("taking no more jobs; finishing the %d in flight", len(self._in_flight))
                 await asyncio.wait(self._in_flight)
             if self._handing_over:
                 await asyncio.wait(self._handing_over)
