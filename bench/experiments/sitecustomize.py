@@ -16,3 +16,44 @@ _CHOSEN = {name for name in os.environ.get("KURRIER_BENCH_EXPERIMENTS", "").spli
 
 if "uvloop" in _CHOSEN:
     importlib.import_module("uvloop").install()
+
+if "lean-requests" in _CHOSEN:
+    # nats-py's request: a NUID and os.urandom per token, asyncio.wait_for, a done
+    # callback; here a counter, asyncio.timeout and a finally.
+    import asyncio
+    import itertools
+    from typing import Any
+
+    from nats import errors
+    from nats.aio.client import Client
+    from nats.aio.msg import Msg
+
+    _tokens = itertools.count()
+
+    async def _lean_request(
+        self: Client,
+        subject: str,
+        payload: bytes,
+        timeout: float = 1,
+        headers: dict[str, Any] | None = None,
+    ) -> Msg:
+        if self.is_draining_pubs:
+            raise errors.ConnectionDrainingError
+        if not self._resp_sub_prefix:
+            await self._init_request_sub()
+        assert self._resp_sub_prefix is not None
+        token = str(next(_tokens))
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._resp_map[token] = future
+        try:
+            await self.publish(
+                subject, payload, reply=self._resp_sub_prefix.decode() + token, headers=headers
+            )
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError as error:
+            raise errors.TimeoutError from error
+        finally:
+            self._resp_map.pop(token, None)
+
+    Client._request_new_style = _lean_request  # type: ignore[method-assign]
