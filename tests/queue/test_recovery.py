@@ -176,6 +176,38 @@ def test_a_first_job_is_published_again_while_its_stream_does_not_answer(
     assert jobs == 1
 
 
+async def _stop_while_the_jobs_stream_is_away(nats_url: str) -> tuple[float, bool]:
+    """How long a stopping queue waits for a first job that no stream takes, and whether
+    the accepted message's record is still there for the sweeper."""
+    nc = await connect(nats_url, "test-intake")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        await js.delete_stream(DISPATCH_STREAM)
+        records = await RecordStore.open(js)
+        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+        template = _record("JOBSATSTOP0000000001", 0.0, 0)
+        assert await manager.intake.accept(template, io.BytesIO(b"x\r\n"), 3) is not None
+        started = time.monotonic()
+        await manager.store.first_jobs_sent(within=1.0)
+        waited = time.monotonic() - started
+        return waited, await records.get(template.queue_id, fresh=True) is not None
+    finally:
+        await disconnect(nc)
+
+
+def test_a_stopping_queue_waits_for_unpublished_first_jobs_only_so_long(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without the bound it would wait out FIRST_JOBS_WINDOW (a minute), past the
+    # pod's termination grace; the message stays the sweeper's either way.
+    with caplog.at_level(logging.WARNING, logger="kurrier.core.message_store"):
+        waited, kept = asyncio.run(_stop_while_the_jobs_stream_is_away(nats_server.url))
+    assert 1.0 <= waited < message_store.FIRST_JOBS_WINDOW / 2
+    assert kept
+    assert "stopping with the first jobs of 1 message(s) not published" in caplog.text
+
+
 async def _create_while_its_jobs_wait(nats_url: str) -> tuple[list[str], list[str]]:
     nc = await connect(nats_url, "test-intake")
     try:

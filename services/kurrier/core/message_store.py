@@ -80,11 +80,11 @@ TAKE_BACK_WINDOW = 5.0
 
 # How long the first jobs of an accepted message are published again while NATS is
 # away, before the sweeper is left to dispatch it (DISPATCH_GRACE, minutes later):
-# a node restarting and its streams electing leaders take seconds. Their dedup ids
-# make a job that was stored unanswered count once, well inside the dispatch
-# stream's duplicate window (2 minutes). A draining queue waits for them, and with
-# gRPC's grace (queue/main.py) it stays inside the pod's 30 s termination grace.
-FIRST_JOBS_WINDOW = 15.0
+# a node restarting and its streams electing leaders take seconds, a frozen node is
+# left for another after about 15 s of silence (jetstream.PING_INTERVAL). Their
+# dedup ids make a job that was stored unanswered count once, inside the dispatch
+# stream's duplicate window (2 minutes).
+FIRST_JOBS_WINDOW = 60.0
 
 # Publishes the jobs for these recipients of the record stored at this revision.
 JobPublisher = Callable[[MessageRecord, list[str], int], Awaitable[None]]
@@ -187,10 +187,20 @@ class MessageStore:
                 extra={"queue_id": record.queue_id},
             )
 
-    async def first_jobs_sent(self) -> None:
+    async def first_jobs_sent(self, within: float | None = None) -> None:
         """Wait until the first jobs of every message created so far are published or
-        given up (a draining queue, so its last messages do not wait for the sweeper)."""
-        await self._first_jobs.finished()
+        given up (a draining queue, so its last messages do not wait for the sweeper);
+        at most `within` seconds, after which what is still being published is left to
+        the sweeper, as a process that stops leaves it."""
+        try:
+            async with asyncio.timeout(within):
+                await self._first_jobs.finished()
+        except TimeoutError:
+            log.warning(
+                "stopping with the first jobs of %d message(s) not published; "
+                "the sweeper dispatches them",
+                len(self._first_jobs),
+            )
 
     async def _take_back(self, record: MessageRecord) -> None:
         """Remove the record and body of a message the client is told 451 about.

@@ -39,6 +39,12 @@ from kurrier.v1 import queue_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# What a stopping queue gives the Enqueue calls in flight, and then the first jobs
+# of the last messages it took in while NATS is away: together well inside the
+# pod's termination grace (30 s, charts/kurrier/values.yaml), with room to close.
+ENQUEUE_GRACE = 10.0
+FIRST_JOBS_AT_STOP = 10.0
+
 
 @dataclass(frozen=True)
 class QueueSettings:
@@ -97,8 +103,9 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
             AckedCleanup(js, OUTCOMES_STREAM, OUTCOMES_CONSUMER).run,
             lambda: sweeper_lease.run(Sweeper(js, manager).run),
         ],
-        # The first jobs of the last messages taken in go out before NATS is left.
-        drain=[grpc_server.drain, manager.store.first_jobs_sent],
+        # The first jobs of the last messages taken in go out before NATS is left,
+        # unless NATS is away: then within what the pod's grace leaves.
+        drain=[grpc_server.drain, lambda: manager.store.first_jobs_sent(FIRST_JOBS_AT_STOP)],
         healthy=grpc_server.serving,
     )
 
@@ -155,4 +162,4 @@ class _GrpcServer:
         # Let Enqueue calls in flight finish: their clients are waiting for a 250.
         # Streams end once what they read is stored, so they need not use the grace.
         self._service.close_streams()
-        await self._server.stop(grace=10)
+        await self._server.stop(grace=ENQUEUE_GRACE)
