@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import smtplib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats.errors
@@ -106,20 +108,38 @@ def test_a_record_whose_job_was_lost_is_swept_and_delivered(
     assert delivered.content == body
 
 
-async def _accept_without_a_jobs_stream(nats_url: str) -> tuple[bool, bool]:
+@contextlib.asynccontextmanager
+async def _intake_without_a_jobs_stream(
+    nats_url: str,
+) -> AsyncIterator[tuple[JetStreamContext, QueueManager]]:
+    """A queue's intake whose first jobs no stream takes: the dispatch stream is gone,
+    as it is to a publish while its stream elects a leader."""
     nc = await connect(nats_url, "test-intake")
     try:
         js = nc.jetstream()
         await ensure_layout(js)
-        await js.delete_stream(DISPATCH_STREAM)  # the job publish must fail
+        await js.delete_stream(DISPATCH_STREAM)
         records = await RecordStore.open(js)
-        template = _record("KEPTRECORD0000000001", 0.0, 0)
-        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
-        accepted = await manager.intake.accept(template, io.BytesIO(b"x\r\n"), 3)
-        await manager.store.first_jobs_sent()
-        return accepted is not None, await records.get(template.queue_id, fresh=True) is not None
+        yield js, QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
     finally:
         await disconnect(nc)
+
+
+async def _accept(manager: QueueManager, queue_id: str) -> bool:
+    """Whether the intake accepts a 3-octet message under queue_id."""
+    accepted = await manager.intake.accept(_record(queue_id, 0.0, 0), io.BytesIO(b"x\r\n"), 3)
+    return accepted is not None
+
+
+async def _kept(manager: QueueManager, queue_id: str) -> bool:
+    return await manager.store.records.get(queue_id, fresh=True) is not None
+
+
+async def _accept_without_a_jobs_stream(nats_url: str) -> tuple[bool, bool]:
+    async with _intake_without_a_jobs_stream(nats_url) as (_, manager):
+        accepted = await _accept(manager, "KEPTRECORD0000000001")
+        await manager.store.first_jobs_sent()
+        return accepted, await _kept(manager, "KEPTRECORD0000000001")
 
 
 def test_a_refused_first_job_leaves_the_accepted_message_to_the_sweeper(
@@ -140,13 +160,7 @@ def test_a_refused_first_job_leaves_the_accepted_message_to_the_sweeper(
 async def _accept_while_the_jobs_stream_is_away(nats_url: str) -> tuple[int, int]:
     """A message accepted while no stream answers its job's publish (a leader being
     elected after a node was lost), the stream answering again within the window."""
-    nc = await connect(nats_url, "test-intake")
-    try:
-        js = nc.jetstream()
-        await ensure_layout(js)
-        await js.delete_stream(DISPATCH_STREAM)
-        records = await RecordStore.open(js)
-        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+    async with _intake_without_a_jobs_stream(nats_url) as (js, manager):
         tries = 0
         publish = manager.store._publish_jobs
 
@@ -156,14 +170,11 @@ async def _accept_while_the_jobs_stream_is_away(nats_url: str) -> tuple[int, int
             await publish(record, recipients, revision)
 
         manager.store._publish_jobs = counted
-        template = _record("JOBSAGAIN00000000001", 0.0, 0)
-        assert await manager.intake.accept(template, io.BytesIO(b"x\r\n"), 3) is not None
+        assert await _accept(manager, "JOBSAGAIN00000000001")
         await eventually(lambda: tries >= 2, 10, "the publish to be refused and tried again")
         await ensure_layout(js, streams=[DISPATCH_STREAM])
         await manager.store.first_jobs_sent()
         return tries, (await js.stream_info(DISPATCH_STREAM)).state.messages
-    finally:
-        await disconnect(nc)
 
 
 def test_a_first_job_is_published_again_while_its_stream_does_not_answer(
@@ -179,21 +190,12 @@ def test_a_first_job_is_published_again_while_its_stream_does_not_answer(
 async def _stop_while_the_jobs_stream_is_away(nats_url: str) -> tuple[float, bool]:
     """How long a stopping queue waits for a first job that no stream takes, and whether
     the accepted message's record is still there for the sweeper."""
-    nc = await connect(nats_url, "test-intake")
-    try:
-        js = nc.jetstream()
-        await ensure_layout(js)
-        await js.delete_stream(DISPATCH_STREAM)
-        records = await RecordStore.open(js)
-        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
-        template = _record("JOBSATSTOP0000000001", 0.0, 0)
-        assert await manager.intake.accept(template, io.BytesIO(b"x\r\n"), 3) is not None
+    async with _intake_without_a_jobs_stream(nats_url) as (_, manager):
+        assert await _accept(manager, "JOBSATSTOP0000000001")
         started = time.monotonic()
         await manager.store.first_jobs_sent(within=1.0)
         waited = time.monotonic() - started
-        return waited, await records.get(template.queue_id, fresh=True) is not None
-    finally:
-        await disconnect(nc)
+        return waited, await _kept(manager, "JOBSATSTOP0000000001")
 
 
 def test_a_stopping_queue_waits_for_unpublished_first_jobs_only_so_long(
