@@ -45,6 +45,7 @@ from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.worker import DeliveryWorker
 from kurrier.queue.dispatch import mark_dispatched, publish_jobs
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -58,6 +59,7 @@ BODY = b"Subject: finish\r\n\r\nfinished by delivery\r\n"
 
 @dataclass
 class Scene:
+    nc: NATS
     js: JetStreamContext
     records: RecordStore
     tables: TableFollower
@@ -97,7 +99,7 @@ class Scene:
     @asynccontextmanager
     async def delivering(self, worker: DeliveryWorker | None = None) -> AsyncIterator[None]:
         worker = worker or DeliveryWorker(
-            self.js, self.tables, DeliverySettings(helo_name="relay.test")
+            self.js, self.tables, DeliverySettings(helo_name="relay.test"), nc=self.nc
         )
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
@@ -126,7 +128,7 @@ async def _scene(nats_server: NatsServer, sink: Sink, *routes: str) -> AsyncIter
         table, problems = compile_table(parse_documents(documents, "test"))
         assert not problems
         tables.table = table
-        yield Scene(js, await RecordStore.open(js), tables)
+        yield Scene(nc, js, await RecordStore.open(js), tables)
     finally:
         await disconnect(nc)
 
@@ -183,7 +185,10 @@ async def test_a_sent_job_frees_its_slot_before_its_attempt_is_recorded(
                 scene.job_writes(), scene.tables.table, record, ["r@example.com"], revision
             )
         worker = _GatedRecording(
-            scene.js, scene.tables, DeliverySettings(helo_name="relay.test", concurrency=1)
+            scene.js,
+            scene.tables,
+            DeliverySettings(helo_name="relay.test", concurrency=1),
+            nc=scene.nc,
         )
 
         async def both_sent() -> bool:

@@ -43,7 +43,7 @@ async def test_a_job_in_the_earlier_releases_stream_is_delivered_and_acknowledge
 
         tables = TableFollower()
         tables.table = table(route("r", ["example.com"], sink.port))
-        worker = DeliveryWorker(js, tables, DeliverySettings(helo_name="relay.test"))
+        worker = DeliveryWorker(js, tables, DeliverySettings(helo_name="relay.test"), nc=nc)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         try:
@@ -80,14 +80,14 @@ async def test_a_failing_pull_loop_ends_the_worker_with_the_other_one(
         js = nc.jetstream()
         await ensure_layout(js)
         worker = DeliveryWorker(
-            js, TableFollower(), DeliverySettings(helo_name="relay.test", concurrency=4)
+            js, TableFollower(), DeliverySettings(helo_name="relay.test", concurrency=4), nc=nc
         )
         with pytest.raises(RuntimeError, match="earlier jobs' consumer broke"):
             await asyncio.wait_for(worker.run(asyncio.Event()), timeout=30)
         still_taking = [
             task
             for task in asyncio.all_tasks()
-            if "_take" in getattr(task.get_coro(), "__qualname__", "")
+            if getattr(task.get_coro(), "__qualname__", "").endswith(("._take", "JobFeed.run"))
         ]
         assert still_taking == []
     finally:

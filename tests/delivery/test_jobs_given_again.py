@@ -72,6 +72,7 @@ async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
             tables,
             DeliverySettings(helo_name="relay.test", concurrency=CONCURRENCY),
             ack_wait=ACK_WAIT,
+            nc=nc,
         )
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))

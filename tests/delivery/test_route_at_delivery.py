@@ -110,7 +110,7 @@ async def _scenario(nats_url: str, sink: Sink) -> tuple[list[tuple[str, str, int
             body_store="stream",
         )
         assert await manager.intake.accept(template, io.BytesIO(BODY), len(BODY))
-        worker = DeliveryWorker(js, tables, DeliverySettings(helo_name="relay.test"))
+        worker = DeliveryWorker(js, tables, DeliverySettings(helo_name="relay.test"), nc=nc)
         tasks += [
             asyncio.create_task(worker.run(stop)),
             asyncio.create_task(run_results(js, manager)),

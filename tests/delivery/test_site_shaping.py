@@ -95,7 +95,7 @@ async def test_a_throttled_try_is_an_attempt_deferred_at_the_usual_backoff(
         tables = TableFollower()
         tables.table = table(route("r", ["example.com"], sink.port))
         worker = DeliveryWorker(
-            js, tables, DeliverySettings(helo_name="relay.test"), shaping=SiteShaping
+            js, tables, DeliverySettings(helo_name="relay.test"), shaping=SiteShaping, nc=nc
         )
         await publish_job(js, "THROTTLED0000001")
         stop = asyncio.Event()

@@ -57,7 +57,7 @@ async def _deliver(nats_url: str, port: int, sink: Sink, logged: LogCounter) -> 
         await publish_job(js, queue_id, body)
         tables = TableFollower()
         tables.table = table(route("r", ["example.com"], port))
-        worker = DeliveryWorker(js, tables, DeliverySettings(helo_name="relay.test"))
+        worker = DeliveryWorker(js, tables, DeliverySettings(helo_name="relay.test"), nc=nc)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         try:

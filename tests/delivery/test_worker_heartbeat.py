@@ -51,7 +51,11 @@ async def test_a_slow_delivery_keeps_its_job_and_is_sent_once(
         tables = TableFollower()
         tables.table = table(route("r", ["example.com"], sink.port))
         worker = DeliveryWorker(
-            js, tables, DeliverySettings(helo_name="relay.test", concurrency=4), ack_wait=ACK_WAIT
+            js,
+            tables,
+            DeliverySettings(helo_name="relay.test", concurrency=4),
+            ack_wait=ACK_WAIT,
+            nc=nc,
         )
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.body_store import load_body
@@ -40,6 +41,7 @@ from kurrier.core.telemetry import (
 from kurrier.core.wire_intake import read_wire
 from kurrier.delivery.completion import finish_delivered
 from kurrier.delivery.courier import Courier, HeldOutcome
+from kurrier.delivery.job_feed import JobFeed
 from kurrier.delivery.settings import DeliverySettings
 from kurrier.delivery.site_shaping import SiteShaping
 from nats.aio.client import Client as NATS
@@ -83,7 +85,8 @@ class DeliveryWorker:
         settings: DeliverySettings,
         ack_wait: float = ACK_WAIT,
         shaping: Callable[[KeyValue], SiteShaping] = SiteShaping,
-        nc: NATS | None = None,
+        *,
+        nc: NATS,
     ) -> None:
         self._js = js
         self._nc = nc
@@ -100,22 +103,30 @@ class DeliveryWorker:
         self._handing_over: dict[asyncio.Task[None], Msg] = {}
         self._store: MessageStore | None = None
         self._stopping = asyncio.Event()
+        self._feed = JobFeed(
+            nc,
+            DISPATCH_STREAM,
+            DELIVERY_CONSUMER,
+            self._room,
+            self._start,
+            settings.concurrency,
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pull jobs while free slots remain; on stop, finish what is in flight."""
-        subscriptions = await unless_stopped(
+        earlier_jobs = await unless_stopped(
             stop, when_answered(self._subscribe, f"the {DELIVERY_CONSUMER} consumers")
         )
-        if subscriptions is None:
+        if earlier_jobs is None:
             return
-        jobs, earlier_jobs = subscriptions
         shaping = self.courier.shaping
         assert shaping is not None  # _subscribe made it
         heartbeat = asyncio.create_task(self._heartbeat())
         renewal = asyncio.create_task(shaping.run_renewal())
         stopping = asyncio.create_task(stop.wait())
+        stopping.add_done_callback(lambda _: self._feed.stop())
         takers = [
-            asyncio.create_task(self._take(jobs, self._settings.concurrency, stop, stopping)),
+            asyncio.create_task(self._feed.run()),
             # An earlier release's jobs one at a time: two pulls for free slots
             # at once could take up to twice the concurrency.
             asyncio.create_task(self._take(earlier_jobs, 1, stop, stopping)),
@@ -141,6 +152,25 @@ class DeliveryWorker:
             heartbeat.cancel()
             renewal.cancel()
 
+    def _room(self) -> int:
+        return free_slots(self._settings.concurrency, len(self._in_flight), len(self._handing_over))
+
+    def _start(self, message: Msg) -> None:
+        handling = self._handle(message)
+        task = asyncio.create_task(
+            traced_processing(JOBS_DESTINATION, message.subject, message.headers, handling)
+        )
+        self._in_flight[task] = message
+        task.add_done_callback(self._transaction_over)
+
+    def _transaction_over(self, task: asyncio.Task[None]) -> None:
+        del self._in_flight[task]
+        self._feed.room_freed()
+
+    def _recorded(self, task: asyncio.Task[None]) -> None:
+        del self._handing_over[task]
+        self._feed.room_freed()
+
     async def _take(
         self,
         subscription: JetStreamContext.PullSubscription,
@@ -150,12 +180,7 @@ class DeliveryWorker:
     ) -> None:
         """Pull up to `most` jobs at a time from one consumer while slots are free."""
         while not stop.is_set():
-            free = min(
-                most,
-                free_slots(
-                    self._settings.concurrency, len(self._in_flight), len(self._handing_over)
-                ),
-            )
+            free = min(most, self._room())
             if free <= 0:
                 # Or for the stop: the drain starts then, not when a slow
                 # next hop next finishes a transaction.
@@ -165,20 +190,14 @@ class DeliveryWorker:
                 )
                 continue
             for message in await pull_batch(subscription, batch=free, timeout=1):
-                handling = self._handle(message)
-                task = asyncio.create_task(
-                    traced_processing(JOBS_DESTINATION, message.subject, message.headers, handling)
-                )
-                self._in_flight[task] = message
-                task.add_done_callback(self._in_flight.pop)
+                self._start(message)
 
-    async def _subscribe(
-        self,
-    ) -> tuple[JetStreamContext.PullSubscription, JetStreamContext.PullSubscription]:
-        """The consumer of the jobs stream, and the one of the stream where an earlier
-        release's queue puts its jobs (JOBS_STREAM): delivery rolls first in an
-        upgrade (docs/deploy.md), so it takes the jobs of both releases' queues.
-        The earlier release's delivery processes share that second consumer."""
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        """The consumer of the jobs stream (the feed's), and the one of the stream
+        where an earlier release's queue puts its jobs (JOBS_STREAM): delivery
+        rolls first in an upgrade (docs/deploy.md), so it takes the jobs of both
+        releases' queues. The earlier release's delivery processes share that
+        second consumer."""
         removals = AtomicBatches(
             self._js, MESSAGES_STREAM, self._settings.atomic_batch_min, self._nc
         )
@@ -190,13 +209,17 @@ class DeliveryWorker:
             max_deliver=-1,
             max_ack_pending=max(1000, self._settings.concurrency * 4),
         )
-        jobs = await self._js.pull_subscribe(
-            dispatch_subject("*"), durable=DELIVERY_CONSUMER, stream=DISPATCH_STREAM, config=config
-        )
-        earlier_jobs = await self._js.pull_subscribe(
+        try:
+            await self._js.consumer_info(DISPATCH_STREAM, DELIVERY_CONSUMER)
+        except NotFoundError:
+            # One that exists keeps the config it was created with.
+            jobs = replace(
+                config, durable_name=DELIVERY_CONSUMER, filter_subject=dispatch_subject("*")
+            )
+            await self._js.add_consumer(DISPATCH_STREAM, jobs)
+        return await self._js.pull_subscribe(
             job_subject("*"), durable=DELIVERY_CONSUMER, stream=JOBS_STREAM, config=config
         )
-        return jobs, earlier_jobs
 
     async def _heartbeat(self) -> None:
         """Tell JetStream every job in flight is still being worked on.
@@ -206,7 +229,8 @@ class DeliveryWorker:
         """
         while True:
             await asyncio.sleep(self._ack_wait / 3)
-            for message in [*self._in_flight.values(), *self._handing_over.values()]:
+            held = [*self._in_flight.values(), *self._handing_over.values(), *self._feed.backlog]
+            for message in held:
                 # A job finishing meanwhile makes its heartbeat fail: harmless.
                 with contextlib.suppress(Exception):
                     await message.in_progress()
@@ -245,7 +269,7 @@ class DeliveryWorker:
         # slot can end up waiting on JetStream while jobs queue behind them.
         handing_over = asyncio.create_task(self._hand_over(job, message, outcomes))
         self._handing_over[handing_over] = message
-        handing_over.add_done_callback(self._handing_over.pop)
+        handing_over.add_done_callback(self._recorded)
 
     async def _held_back(
         self, job: DeliveryJob, message: Msg, outcomes: list[RecipientOutcome]
