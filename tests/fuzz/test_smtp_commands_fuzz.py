@@ -107,6 +107,7 @@ def live_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         started.set()
         async with server:
             await stop.wait()
+        await clients.flush()  # the sessions' releases, as ingress does before disconnecting
         await disconnect(nc)
 
     thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
