@@ -57,3 +57,13 @@ if "lean-requests" in _CHOSEN:
             self._resp_map.pop(token, None)
 
     Client._request_new_style = _lean_request  # type: ignore[method-assign]
+
+if "grpc-window" in _CHOSEN:
+    # A stream window of 4 MiB from the start on both sides of ingress -> queue, so
+    # a 100 KB request never waits for a WINDOW_UPDATE mid-message (gRPC's own
+    # starts at 64 KiB and grows by probing the bandwidth-delay product).
+    from kurrier.core import grpc_tls
+
+    _WINDOW = (("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),)
+    grpc_tls.CHANNEL_OPTIONS = (*grpc_tls.CHANNEL_OPTIONS, *_WINDOW)
+    grpc_tls.SERVER_OPTIONS = (*grpc_tls.SERVER_OPTIONS, *_WINDOW)

@@ -21,6 +21,7 @@ import yaml
 from kurrier.core.atomic_batches import AtomicBatches
 from kurrier.core.body_store import body_exists, store_body
 from kurrier.core.jetstream import (
+    DELIVERY_CONSUMER,
     DISPATCH_STREAM,
     OUTCOMES_STREAM,
     RESULTS_STREAM,
@@ -205,6 +206,42 @@ async def test_a_sent_job_frees_its_slot_before_its_attempt_is_recorded(
         for queue_id in ids:
             assert await scene.records.get(queue_id, fresh=True) is None
         assert await scene.results() == 0
+
+
+async def test_no_job_is_taken_while_more_attempts_wait_to_be_recorded_than_may_run(
+    nats_server: NatsServer, sink: Sink
+) -> None:
+    """Recording stalls when JetStream does: jobs taken meanwhile would pile up
+    sent but unrecorded, each sent again if delivery crashed. With one slot,
+    one attempt may wait to be recorded while a second runs; after that the
+    worker asks for nothing until a recording is done."""
+    async with _scene(nats_server, sink) as scene:
+        ids = [f"STALLED0000000000{index:03d}" for index in range(4)]
+        for queue_id in ids:
+            record, revision = await scene.queued(queue_id, ["r@example.com"])
+            await publish_jobs(
+                scene.job_writes(), scene.tables.table, record, ["r@example.com"], revision
+            )
+        worker = _GatedRecording(
+            scene.js,
+            scene.tables,
+            DeliverySettings(helo_name="relay.test", concurrency=1),
+            nc=scene.nc,
+        )
+
+        async def two_sent() -> bool:
+            return len(sink.messages) == 2
+
+        async with scene.delivering(worker):
+            await _until(two_sent, "two messages to reach the next hop")
+            # The second job's transaction holds the slot from its start: from
+            # then on the room is nil, so no pull request may be open.
+            consumer = await scene.js.consumer_info(DISPATCH_STREAM, DELIVERY_CONSUMER)
+            assert (consumer.num_ack_pending, consumer.num_pending) == (2, 2)
+            assert consumer.num_waiting == 0
+            worker.gate.set()
+            await _until(lambda: _jobs_done(scene.js), "every job to be acknowledged")
+        assert len(sink.messages) == len(ids)
 
 
 async def test_a_record_changed_since_dispatch_is_left_to_the_queue(
