@@ -175,22 +175,28 @@ class _GatedRecording(DeliveryWorker):
         await super()._hand_over(job, message, outcomes)
 
 
+async def _one_slot_gated(scene: Scene, ids: list[str]) -> _GatedRecording:
+    """Messages queued with their jobs out, and a worker of one slot whose
+    attempts are recorded only once its gate opens."""
+    for queue_id in ids:
+        record, revision = await scene.queued(queue_id, ["r@example.com"])
+        await publish_jobs(
+            scene.job_writes(), scene.tables.table, record, ["r@example.com"], revision
+        )
+    return _GatedRecording(
+        scene.js,
+        scene.tables,
+        DeliverySettings(helo_name="relay.test", concurrency=1),
+        nc=scene.nc,
+    )
+
+
 async def test_a_sent_job_frees_its_slot_before_its_attempt_is_recorded(
     nats_server: NatsServer, sink: Sink
 ) -> None:
     async with _scene(nats_server, sink) as scene:
         ids = ["SLOTFREED00000000001", "SLOTFREED00000000002"]
-        for queue_id in ids:
-            record, revision = await scene.queued(queue_id, ["r@example.com"])
-            await publish_jobs(
-                scene.job_writes(), scene.tables.table, record, ["r@example.com"], revision
-            )
-        worker = _GatedRecording(
-            scene.js,
-            scene.tables,
-            DeliverySettings(helo_name="relay.test", concurrency=1),
-            nc=scene.nc,
-        )
+        worker = await _one_slot_gated(scene, ids)
 
         async def both_sent() -> bool:
             return len(sink.messages) == 2
@@ -217,17 +223,7 @@ async def test_no_job_is_taken_while_more_attempts_wait_to_be_recorded_than_may_
     worker asks for nothing until a recording is done."""
     async with _scene(nats_server, sink) as scene:
         ids = [f"STALLED0000000000{index:03d}" for index in range(4)]
-        for queue_id in ids:
-            record, revision = await scene.queued(queue_id, ["r@example.com"])
-            await publish_jobs(
-                scene.job_writes(), scene.tables.table, record, ["r@example.com"], revision
-            )
-        worker = _GatedRecording(
-            scene.js,
-            scene.tables,
-            DeliverySettings(helo_name="relay.test", concurrency=1),
-            nc=scene.nc,
-        )
+        worker = await _one_slot_gated(scene, ids)
 
         async def two_sent() -> bool:
             return len(sink.messages) == 2

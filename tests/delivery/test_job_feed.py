@@ -94,6 +94,15 @@ async def _until(condition: Callable[[], bool], what: str, within: float = 15.0)
         await asyncio.sleep(0.02)
 
 
+async def _until_async(
+    count: Callable[[], Awaitable[int]], what: str, at_least: int = 1, within: float = 15.0
+) -> None:
+    deadline = time.monotonic() + within
+    while await count() < at_least:
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 async def _holds(hands: Hands, count: int) -> None:
     await _until(lambda: len(hands.held) == count, f"{count} job(s) held")
 
@@ -108,134 +117,121 @@ async def _publish(js: JetStreamContext, *names: str) -> None:
 
 
 @pytest.fixture
+async def feed_nats(nats_server: NatsServer) -> AsyncIterator[tuple[NATS, JetStreamContext]]:
+    """A connection to the server, and its JetStream with the test's stream and consumer."""
+    nc = await connect(nats_server.url, "test-job-feed")
+    try:
+        js = nc.jetstream()
+        await _stream(js)
+        yield nc, js
+    finally:
+        await disconnect(nc)
+
+
+@pytest.fixture
 def lost_lines(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[[], int]]:
     caplog.set_level(logging.INFO, logger="kurrier.delivery.job_feed")
     yield lambda: sum(LOST in record.getMessage() for record in caplog.records)
 
 
-async def test_jobs_come_as_room_frees_and_never_beyond_it(nats_server: NatsServer) -> None:
-    nc = await connect(nats_server.url, "test-feed-room")
-    try:
-        js = nc.jetstream()
-        await _stream(js)
-        hands = Hands(capacity=3)
-        names = [f"job{index}" for index in range(8)]
-        await _publish(js, *names)
-        async with _feeding(nc, hands) as feed:
-            await _until(lambda: len(hands.held) == 3, "the first three jobs")
-            while len(hands.taken) < len(names):
-                await hands.finish(1)
-                await _holds(hands, min(3, len(hands.held) + len(names) - len(hands.taken)))
-            assert not feed.backlog
-        assert sorted(hands.taken) == sorted(name.encode() for name in names)
-        assert not hands.overfull
-    finally:
-        await disconnect(nc)
+async def test_jobs_come_as_room_frees_and_never_beyond_it(
+    feed_nats: tuple[NATS, JetStreamContext],
+) -> None:
+    nc, js = feed_nats
+    hands = Hands(capacity=3)
+    names = [f"job{index}" for index in range(8)]
+    await _publish(js, *names)
+    async with _feeding(nc, hands) as feed:
+        await _until(lambda: len(hands.held) == 3, "the first three jobs")
+        while len(hands.taken) < len(names):
+            await hands.finish(1)
+            await _holds(hands, min(3, len(hands.held) + len(names) - len(hands.taken)))
+        assert not feed.backlog
+    assert sorted(hands.taken) == sorted(name.encode() for name in names)
+    assert not hands.overfull
 
 
-async def test_jobs_beyond_the_room_wait_in_the_backlog(nats_server: NatsServer) -> None:
+async def test_jobs_beyond_the_room_wait_in_the_backlog(
+    feed_nats: tuple[NATS, JetStreamContext],
+) -> None:
     """Room shrinks after the feed asked (another loop took slots): what comes
     beyond it waits, and starts once room frees."""
-    nc = await connect(nats_server.url, "test-feed-backlog")
-    try:
-        js = nc.jetstream()
-        await _stream(js)
-        hands = Hands(capacity=4)
-        async with _feeding(nc, hands) as feed:
-            await _until_async(lambda: _waiting_requests(js), "the feed to ask")
-            hands.capacity = 1
-            await _publish(js, "a", "b", "c", "d")
-            await _until(lambda: len(feed.backlog) == 3, "three jobs in the backlog")
-            assert len(hands.held) == 1
-            hands.capacity = 4
-            feed.room_freed()
-            assert len(hands.held) == 4 and not feed.backlog
-        assert not hands.overfull
-    finally:
-        await disconnect(nc)
+    nc, js = feed_nats
+    hands = Hands(capacity=4)
+    async with _feeding(nc, hands) as feed:
+        await _until_async(lambda: _waiting_requests(js), "the feed to ask")
+        hands.capacity = 1
+        await _publish(js, "a", "b", "c", "d")
+        await _until(lambda: len(feed.backlog) == 3, "three jobs in the backlog")
+        assert len(hands.held) == 1
+        hands.capacity = 4
+        feed.room_freed()
+        assert len(hands.held) == 4 and not feed.backlog
+    assert not hands.overfull
 
 
 async def test_an_expired_request_is_asked_again_at_once(
-    nats_server: NatsServer, lost_lines: Callable[[], int]
+    feed_nats: tuple[NATS, JetStreamContext], lost_lines: Callable[[], int]
 ) -> None:
     """The 408 that ends an expired request says how much of it went unused, so
     the feed asks again without waiting for its heartbeats to fall silent."""
-    nc = await connect(nats_server.url, "test-feed-expiry")
-    try:
-        js = nc.jetstream()
-        await _stream(js)
-        hands = Hands(capacity=3)
-        async with _feeding(nc, hands, expires=1.0, heartbeat=0.5):
-            await _publish(js, "early")
-            await _until(lambda: len(hands.taken) == 1, "the first job")
-            # The scenario itself: time passes over two expiries of the open request.
-            await asyncio.sleep(2.5)
-            await _publish(js, "late")
-            await _until(lambda: len(hands.taken) == 2, "a job after the expiries")
-        assert lost_lines() == 0
-    finally:
-        await disconnect(nc)
+    nc, js = feed_nats
+    hands = Hands(capacity=3)
+    async with _feeding(nc, hands, expires=1.0, heartbeat=0.5):
+        await _publish(js, "early")
+        await _until(lambda: len(hands.taken) == 1, "the first job")
+        # The scenario itself: time passes over two expiries of the open request.
+        await asyncio.sleep(2.5)
+        await _publish(js, "late")
+        await _until(lambda: len(hands.taken) == 2, "a job after the expiries")
+    assert lost_lines() == 0
 
 
 async def test_a_request_ended_by_the_server_is_asked_again(
-    nats_server: NatsServer, lost_lines: Callable[[], int]
+    feed_nats: tuple[NATS, JetStreamContext], lost_lines: Callable[[], int]
 ) -> None:
     """A consumer deleted and made again ends the open requests with a 409 that
     counts nothing: the feed starts its count over."""
-    nc = await connect(nats_server.url, "test-feed-409")
-    try:
-        js = nc.jetstream()
-        await _stream(js)
-        hands = Hands(capacity=3)
-        async with _feeding(nc, hands):
-            await _until_async(lambda: _waiting_requests(js), "the feed to ask")
-            await js.delete_consumer(STREAM, CONSUMER)
-            await js.add_consumer(
-                STREAM,
-                ConsumerConfig(
-                    durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT
-                ),
-            )
-            await _publish(js, "after")
-            await _until(lambda: len(hands.taken) == 1, "the job after the new consumer")
-        assert lost_lines() == 0
-    finally:
-        await disconnect(nc)
+    nc, js = feed_nats
+    hands = Hands(capacity=3)
+    async with _feeding(nc, hands):
+        await _until_async(lambda: _waiting_requests(js), "the feed to ask")
+        await js.delete_consumer(STREAM, CONSUMER)
+        await js.add_consumer(
+            STREAM,
+            ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT),
+        )
+        await _publish(js, "after")
+        await _until(lambda: len(hands.taken) == 1, "the job after the new consumer")
+    assert lost_lines() == 0
 
 
 async def test_requests_lost_with_a_crashed_server_are_asked_again(
-    nats_server: NatsServer, lost_lines: Callable[[], int]
+    feed_nats: tuple[NATS, JetStreamContext], nats_server: NatsServer, lost_lines: Callable[[], int]
 ) -> None:
-    nc = await connect(nats_server.url, "test-feed-restart")
-    try:
-        js = nc.jetstream()
-        await _stream(js)
-        hands = Hands(capacity=3)
-        async with _feeding(nc, hands):
-            await _until_async(lambda: _waiting_requests(js), "the feed to ask")
-            reconnects = nc.stats["reconnects"]
-            nats_server.stop(kill=True)  # no word to the open requests, as a crash
-            nats_server.start()
-            await _until(lambda: nc.stats["reconnects"] > reconnects, "the client to reconnect")
-            await when_answered(lambda: _publish(js, "after"), "the stream")
-            await _until(lambda: len(hands.taken) == 1, "the job after the restart")
-        assert lost_lines() == 0  # the reconnect said so: no silence waited for
-    finally:
-        await disconnect(nc)
+    nc, js = feed_nats
+    hands = Hands(capacity=3)
+    async with _feeding(nc, hands):
+        await _until_async(lambda: _waiting_requests(js), "the feed to ask")
+        reconnects = nc.stats["reconnects"]
+        nats_server.stop(kill=True)  # no word to the open requests, as a crash
+        nats_server.start()
+        await _until(lambda: nc.stats["reconnects"] > reconnects, "the client to reconnect")
+        await when_answered(lambda: _publish(js, "after"), "the stream")
+        await _until(lambda: len(hands.taken) == 1, "the job after the restart")
+    assert lost_lines() == 0  # the reconnect said so: no silence waited for
 
 
 async def test_a_stopped_feed_leaves_its_jobs_to_the_other_workers(
-    nats_server: NatsServer,
+    feed_nats: tuple[NATS, JetStreamContext], nats_server: NatsServer
 ) -> None:
     """A stopped worker's open requests must not take jobs it will not run, and
     what waited in its backlog goes back: all of it reaches the other worker
     long before an ack wait. (A job the server routes to the stopping worker
     in the instant it lets go comes to another one after its ack wait.)"""
+    other_nc, js = feed_nats
     stopping_nc = await connect(nats_server.url, "test-feed-stopping")
-    other_nc = await connect(nats_server.url, "test-feed-other")
     try:
-        js = other_nc.jetstream()
-        await _stream(js)
         stopping, other = Hands(capacity=4), Hands(capacity=8)
         async with _feeding(stopping_nc, stopping) as feed:
             await _until_async(lambda: _waiting_requests(js), "the first feed to ask")
@@ -257,7 +253,6 @@ async def test_a_stopped_feed_leaves_its_jobs_to_the_other_workers(
         assert stopping.taken == []
     finally:
         await disconnect(stopping_nc)
-        await disconnect(other_nc)
 
 
 @pytest.mark.slow
@@ -298,21 +293,9 @@ async def test_requests_lost_with_the_consumers_leader_are_asked_again(
         cluster.stop_all()
 
 
-async def _until_async(
-    count: Callable[[], Awaitable[int]], what: str, at_least: int = 1, within: float = 15.0
-) -> None:
-    deadline = time.monotonic() + within
-    while await count() < at_least:
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def test_a_heartbeat_the_server_would_refuse_is_refused_here(
-    nats_server: NatsServer,
+    feed_nats: tuple[NATS, JetStreamContext],
 ) -> None:
-    nc = await connect(nats_server.url, "test-feed-settings")
-    try:
-        with pytest.raises(ValueError, match="more than half"):
-            JobFeed(nc, STREAM, CONSUMER, lambda: 1, lambda _: None, 1, expires=1.0, heartbeat=0.6)
-    finally:
-        await disconnect(nc)
+    nc, _ = feed_nats
+    with pytest.raises(ValueError, match="more than half"):
+        JobFeed(nc, STREAM, CONSUMER, lambda: 1, lambda _: None, 1, expires=1.0, heartbeat=0.6)
