@@ -193,11 +193,11 @@ class DeliveryWorker:
                 self._start(message)
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
-        """The consumer of the jobs stream (the feed's), and the one of the stream
-        where an earlier release's queue puts its jobs (JOBS_STREAM): delivery
-        rolls first in an upgrade (docs/deploy.md), so it takes the jobs of both
-        releases' queues. The earlier release's delivery processes share that
-        second consumer."""
+        """Make sure the jobs stream's consumer (the feed's) exists, and subscribe to
+        the one of the stream where an earlier release's queue puts its jobs
+        (JOBS_STREAM): delivery rolls first in an upgrade (docs/deploy.md), so
+        it takes the jobs of both releases' queues. The earlier release's
+        delivery processes share that second consumer."""
         removals = AtomicBatches(
             self._js, MESSAGES_STREAM, self._settings.atomic_batch_min, self._nc
         )
