@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from tests.support.nats import NatsCluster, NatsServer
+from tests.support.processes import eventually
 
 STREAM, CONSUMER = "FEED", "workers"
 # Far beyond every wait below: a job that comes only after it was lost.
@@ -87,13 +88,6 @@ async def _feeding(
         await asyncio.wait_for(running, timeout=10)
 
 
-async def _until(condition: Callable[[], bool], what: str, within: float = 15.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def _until_async(
     count: Callable[[], Awaitable[int]], what: str, at_least: int = 1, within: float = 15.0
 ) -> None:
@@ -104,7 +98,7 @@ async def _until_async(
 
 
 async def _holds(hands: Hands, count: int) -> None:
-    await _until(lambda: len(hands.held) == count, f"{count} job(s) held")
+    await eventually(lambda: len(hands.held) == count, 15, f"{count} job(s) held")
 
 
 async def _waiting_requests(js: JetStreamContext) -> int:
@@ -142,7 +136,7 @@ async def test_jobs_come_as_room_frees_and_never_beyond_it(
     names = [f"job{index}" for index in range(8)]
     await _publish(js, *names)
     async with _feeding(nc, hands) as feed:
-        await _until(lambda: len(hands.held) == 3, "the first three jobs")
+        await eventually(lambda: len(hands.held) == 3, 15, "the first three jobs")
         while len(hands.taken) < len(names):
             await hands.finish(1)
             await _holds(hands, min(3, len(hands.held) + len(names) - len(hands.taken)))
@@ -162,7 +156,7 @@ async def test_jobs_beyond_the_room_wait_in_the_backlog(
         await _until_async(lambda: _waiting_requests(js), "the feed to ask")
         hands.capacity = 1
         await _publish(js, "a", "b", "c", "d")
-        await _until(lambda: len(feed.backlog) == 3, "three jobs in the backlog")
+        await eventually(lambda: len(feed.backlog) == 3, 15, "three jobs in the backlog")
         assert len(hands.held) == 1
         hands.capacity = 4
         feed.room_freed()
@@ -179,11 +173,11 @@ async def test_an_expired_request_is_asked_again_at_once(
     hands = Hands(capacity=3)
     async with _feeding(nc, hands, expires=1.0, heartbeat=0.5):
         await _publish(js, "early")
-        await _until(lambda: len(hands.taken) == 1, "the first job")
+        await eventually(lambda: len(hands.taken) == 1, 15, "the first job")
         # The scenario itself: time passes over two expiries of the open request.
         await asyncio.sleep(2.5)
         await _publish(js, "late")
-        await _until(lambda: len(hands.taken) == 2, "a job after the expiries")
+        await eventually(lambda: len(hands.taken) == 2, 15, "a job after the expiries")
     assert lost_lines() == 0
 
 
@@ -202,7 +196,7 @@ async def test_a_request_ended_by_the_server_is_asked_again(
             ConsumerConfig(durable_name=CONSUMER, ack_policy=AckPolicy.EXPLICIT, ack_wait=ACK_WAIT),
         )
         await _publish(js, "after")
-        await _until(lambda: len(hands.taken) == 1, "the job after the new consumer")
+        await eventually(lambda: len(hands.taken) == 1, 15, "the job after the new consumer")
     assert lost_lines() == 0
 
 
@@ -216,9 +210,9 @@ async def test_requests_lost_with_a_crashed_server_are_asked_again(
         reconnects = nc.stats["reconnects"]
         nats_server.stop(kill=True)  # no word to the open requests, as a crash
         nats_server.start()
-        await _until(lambda: nc.stats["reconnects"] > reconnects, "the client to reconnect")
+        await eventually(lambda: nc.stats["reconnects"] > reconnects, 15, "the client to reconnect")
         await when_answered(lambda: _publish(js, "after"), "the stream")
-        await _until(lambda: len(hands.taken) == 1, "the job after the restart")
+        await eventually(lambda: len(hands.taken) == 1, 15, "the job after the restart")
     assert lost_lines() == 0  # the reconnect said so: no silence waited for
 
 
@@ -237,7 +231,7 @@ async def test_a_stopped_feed_leaves_its_jobs_to_the_other_workers(
             await _until_async(lambda: _waiting_requests(js), "the first feed to ask")
             stopping.capacity = 0
             await _publish(js, "waited")
-            await _until(lambda: len(feed.backlog) == 1, "a job in the backlog")
+            await eventually(lambda: len(feed.backlog) == 1, 15, "a job in the backlog")
             async with _feeding(other_nc, other):
                 await _until_async(lambda: _waiting_requests(js), "both feeds to ask", at_least=2)
                 feed.stop()
@@ -247,7 +241,7 @@ async def test_a_stopped_feed_leaves_its_jobs_to_the_other_workers(
                 # server (it expires in 30 s), but nobody listens to it any more.
                 received = stopping_nc.stats["in_msgs"]
                 await _publish(js, "after1", "after2")
-                await _until(lambda: len(other.taken) == 3, "every job at the other worker")
+                await eventually(lambda: len(other.taken) == 3, 15, "every job at the other worker")
                 assert stopping_nc.stats["in_msgs"] == received
         assert sorted(other.taken) == [b"after1", b"after2", b"waited"]
         assert stopping.taken == []
@@ -283,9 +277,9 @@ async def test_requests_lost_with_the_consumers_leader_are_asked_again(
             await _until_async(lambda: _waiting_requests(js), "the feed to ask")
             reconnects = nc.stats["reconnects"]
             cluster.kill(leader)
-            await _until(lambda: lost_lines() > 0, "the feed to miss its heartbeats", 30)
+            await eventually(lambda: lost_lines() > 0, 30, "the feed to miss its heartbeats")
             await when_answered(lambda: _publish(js, "after"), "the stream")
-            await _until(lambda: len(hands.taken) == 1, "the job after the leader's loss", 30)
+            await eventually(lambda: len(hands.taken) == 1, 30, "the job after the leader's loss")
             assert nc.stats["reconnects"] == reconnects
     finally:
         if nc is not None:

@@ -118,10 +118,12 @@ class JobFeed:
                 await _give_back(self.backlog.popleft())
 
     def room_freed(self) -> None:
-        """Start what waits in the backlog while there is room, and ask for more."""
+        """Start what waits in the backlog while there is room, and ask for more once
+        that is worth a request (called as each job ends: most end without one)."""
         while self.backlog and not self._stopping and self._room() > 0:
             self._start(self.backlog.popleft())
-        self._wake.set()
+        if self._wanted():
+            self._wake.set()
 
     def stop(self) -> None:
         """Take no more jobs: run() ends, and jobs that still come are given back."""
@@ -168,9 +170,16 @@ class JobFeed:
             log.info("no word on %d job(s) asked for; asking again", self._asked)
             self._asked = 0
 
-    async def _ask(self) -> None:
+    def _wanted(self) -> int:
+        """How many jobs to ask for now; 0 while that would be too few for a request."""
         want = self._room() - len(self.backlog) - self._asked
         if want <= 0 or (self._asked and want < self._least):
+            return 0
+        return want
+
+    async def _ask(self) -> None:
+        want = self._wanted()
+        if not want:
             return
         request = {
             "batch": want,
