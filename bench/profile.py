@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import proc
+from bench.interpreter import INTERPRETERS, describe, kurrier_python
 from bench.loadgen import LoadSpec, run_load
 from bench.loop import install_fast_loop
 from bench.report import size_label
@@ -147,7 +148,9 @@ def service_report(
 async def profile_size(
     args: argparse.Namespace, sink: SinkProcess, size: int, out: Path, py_spy: str
 ) -> str:
-    system = Kurrier(args.workdir / "kurrier-profile", sink.port, env=args.kurrier_env)
+    system = Kurrier(
+        args.workdir / "kurrier-profile", sink.port, env=args.kurrier_env, python=args.python
+    )
     await system.start()
     try:
         pids = {
@@ -229,9 +232,11 @@ async def run(args: argparse.Namespace) -> Path:
     out: Path = args.out or RESULTS / f"profile-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     commit, args.kurrier_env = kurrier_snapshot(args.kurrier_rev, args.workdir)
+    args.python = kurrier_python(args.kurrier_python)
     sink = await SinkProcess.start()
     sections = [
-        f"# kurrier CPU profile, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, kurrier at {commit}",
+        f"# kurrier CPU profile, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, kurrier at {commit} "
+        f"on {describe(args.python)}",
         "",
         f"py-spy (`record --rate {args.rate} {'--native' if args.native else '--nonblocking'}`) "
         "on each service of `kurrier up`; "
@@ -262,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--native", action="store_true", help="include C frames (slower)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/kurrier-bench"))
     parser.add_argument("--kurrier-rev", default="HEAD", help="git revision, or 'working'")
+    parser.add_argument(
+        "--kurrier-python",
+        choices=INTERPRETERS,
+        default="optimised",
+        help="what runs kurrier (as bench.run's option of that name)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     ensure_python_dependencies()

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from bench import report
 from bench.haraka import Haraka, install_haraka
+from bench.interpreter import INTERPRETERS, REPO, describe, kurrier_python
 from bench.loadgen import LoadSpec, run_load
 from bench.loop import install_fast_loop
 from bench.measure import CellResult, measure_cell
 from bench.sink import SinkProcess
 from bench.systems import (
-    REPO,
     Kurrier,
     KurrierVariant,
     Postfix,
@@ -71,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="HEAD",
         help="git revision of kurrier to run (default HEAD; 'working' = the work tree as is)",
     )
+    parser.add_argument(
+        "--kurrier-python",
+        choices=INTERPRETERS,
+        default="optimised",
+        help="what runs kurrier: 'optimised' (Debian's python3.11, PGO and LTO, as the image's "
+        "CPython is built; the default) or 'running' (this interpreter); bench/interpreter.py",
+    )
     parser.add_argument("--per-session", type=int, default=100, help="messages per connection")
     parser.add_argument("--max-messages", type=int, default=200_000, help="cap per cell")
     parser.add_argument("--drain-timeout", type=float, default=90.0, help="seconds after load")
@@ -80,8 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="kurrier, postfix, haraka, kurrier@REV (another git revision, measured beside the "
         "first), kurrier+EXPERIMENT[+...] variants (bench/experiments: uvloop), and any kurrier "
         "with /cluster=N (`kurrier up --nats-cluster N`), /sync=INTERVAL (its NATS's "
-        "sync_interval, e.g. kurrier/sync=2m) or /batch=N (`--atomic-batch-min N`), each "
-        "measured like the others",
+        "sync_interval, e.g. kurrier/sync=2m), /batch=N (`--atomic-batch-min N`) or "
+        "/python=NAME (as --kurrier-python), each measured like the others",
     )
     parser.add_argument(
         "--workdir", type=Path, default=Path("/var/tmp/kurrier-bench"), help="relay state (disk)"
@@ -129,19 +136,21 @@ def machine_header(
     loop: str,
     commit: str,
     env: dict[str, str],
+    pythons: dict[str, str],
 ) -> str:
     kurrier = subprocess.run(
-        [*kurrier_command(), "--help"],
+        [*kurrier_command(pythons[args.kurrier_python]), "--help"],
         capture_output=True,
         text=True,
         check=False,
         env={**os.environ, **env},
     )
+    interpreters = "; ".join(f"{describe(path)} as {choice}" for choice, path in pythons.items())
     return (
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {platform.node()} "
         f"({os.cpu_count()} cores, {platform.python_implementation()} "
         f"{platform.python_version()}, tooling on {loop}); kurrier at {commit}"
-        f"{'' if kurrier.returncode == 0 else ' (kurrier --help failed!)'}, "
+        f"{'' if kurrier.returncode == 0 else ' (kurrier --help failed!)'} on {interpreters}, "
         f"{peers}. {args.duration:g} s of load per cell, "
         f"{args.repeats} repeat(s), {args.per_session} messages per SMTP session. "
         f"Load average before: {os.getloadavg()[0]:.2f}."
@@ -163,7 +172,13 @@ async def run(args: argparse.Namespace) -> int:
     dumps.mkdir(exist_ok=True)
     commit, env = kurrier_snapshot(args.kurrier_rev, args.workdir)
     args.kurrier_env = env
-    header = machine_header(args, peers, loop_name, commit, env)
+    choices = {args.kurrier_python} | {
+        KurrierVariant.parse(name).python or args.kurrier_python
+        for name in systems
+        if name.startswith("kurrier")
+    }
+    args.pythons = {choice: kurrier_python(choice) for choice in sorted(choices)}
+    header = machine_header(args, peers, loop_name, commit, env, args.pythons)
     print(header, flush=True)
     started = time.monotonic()
 
@@ -268,6 +283,7 @@ async def run_one(
             env=experiment_env(code, variant.experiments),
             variant=variant,
             name=name,
+            python=args.pythons[variant.python or args.kurrier_python],
         )
     elif name == "postfix":
         system = Postfix(workdir, sink.port)

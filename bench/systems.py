@@ -25,8 +25,8 @@ from kurrier.cli.nats_server import default_sync_interval
 from kurrier.core.smtp_probe import wait_for_smtp_banner
 
 from bench import proc
+from bench.interpreter import INTERPRETERS, REPO
 
-REPO = Path(__file__).resolve().parent.parent
 DESTINATION_CONCURRENCY = 20
 # How long a relay may take to drain and exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 20.0
@@ -101,8 +101,8 @@ spec:
 """
 
 
-def kurrier_command() -> list[str]:
-    return [sys.executable, "-m", "kurrier.cli"]
+def kurrier_command(python: str = sys.executable) -> list[str]:
+    return [python, "-m", "kurrier.cli"]
 
 
 def kurrier_snapshot(revision: str, cache: Path) -> tuple[str, dict[str, str]]:
@@ -162,13 +162,14 @@ def experiment_env(base: dict[str, str], experiments: list[str]) -> dict[str, st
 @dataclass(frozen=True)
 class KurrierVariant:
     """A kurrier system name:
-    `kurrier[@REV][+EXPERIMENT...][/cluster=N][/sync=INTERVAL][/batch=N]`."""
+    `kurrier[@REV][+EXPERIMENT...][/cluster=N][/sync=INTERVAL][/batch=N][/python=NAME]`."""
 
     revision: str | None  # None: the run's --kurrier-rev
     experiments: list[str]
     nodes: int
     sync: str | None  # None: `kurrier up`'s default for the nodes
     batch: str | None = None  # --atomic-batch-min; None: `kurrier up`'s default
+    python: str | None = None  # bench/interpreter.py's choice; None: the run's --kurrier-python
 
     @classmethod
     def parse(cls, name: str) -> KurrierVariant:
@@ -178,15 +179,20 @@ class KurrierVariant:
         found: dict[str, str] = {}
         for option in options:
             key, equals, value = option.partition("=")
-            if key not in ("cluster", "sync", "batch") or not equals or key in found:
-                raise ValueError(f"{name!r}: options are /cluster=N, /sync=INTERVAL and /batch=N")
+            if key not in ("cluster", "sync", "batch", "python") or not equals or key in found:
+                raise ValueError(
+                    f"{name!r}: options are /cluster=N, /sync=INTERVAL, /batch=N and /python=NAME"
+                )
             found[key] = value
+        if found.get("python", INTERPRETERS[0]) not in INTERPRETERS:
+            raise ValueError(f"{name!r}: /python= is one of {', '.join(INTERPRETERS)}")
         return cls(
             revision if at else None,
             experiments,
             int(found.get("cluster", 1)),
             found.get("sync"),
             found.get("batch"),
+            found.get("python"),
         )
 
     def up_args(self) -> list[str]:
@@ -275,9 +281,11 @@ class Kurrier(PeerProcess):
         env: dict[str, str] | None = None,
         variant: KurrierVariant | None = None,
         name: str = "kurrier",
+        python: str = sys.executable,
     ) -> None:
         super().__init__(workdir, sink_port)
         self.name = name
+        self.python = python
         self.env = env or {}
         self.variant = variant or KurrierVariant(None, [], 1, None)
         self.durability = self.variant.durability
@@ -291,7 +299,7 @@ class Kurrier(PeerProcess):
         )
         await self._launch(
             [
-                *kurrier_command(),
+                *kurrier_command(self.python),
                 "up",
                 "--config",
                 str(config),

@@ -27,6 +27,7 @@ from bench.systems import KurrierVariant
         ),
         ("kurrier@abc123", [], "abc123's default"),
         ("kurrier/batch=16", ["--atomic-batch-min", "16"], "power cut (fsync before 250)"),
+        ("kurrier/python=running", [], "power cut (fsync before 250)"),
     ],
 )
 def test_a_kurrier_name_says_how_it_runs_and_what_its_250_survives(
@@ -38,8 +39,15 @@ def test_a_kurrier_name_says_how_it_runs_and_what_its_250_survives(
 
 
 def test_an_unknown_option_is_refused() -> None:
-    with pytest.raises(ValueError, match="/cluster=N, /sync=INTERVAL and /batch=N"):
+    with pytest.raises(ValueError, match="/cluster=N, /sync=INTERVAL, /batch=N and /python=NAME"):
         KurrierVariant.parse("kurrier/replicas=3")
+
+
+def test_the_interpreter_is_named_not_given_as_a_path() -> None:
+    assert KurrierVariant.parse("kurrier/python=running/cluster=3").python == "running"
+    assert KurrierVariant.parse("kurrier").python is None  # the run's --kurrier-python
+    with pytest.raises(ValueError, match="one of optimised, running"):
+        KurrierVariant.parse("kurrier/python=pypy")
 
 
 def test_the_table_shows_durability_and_each_kurrier_against_each_peer() -> None:
