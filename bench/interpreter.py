@@ -12,7 +12,8 @@ compiled by Debian.
 "optimised" is a virtual environment made from Debian's python3.11 (installed
 from Debian's packages when missing, as Postfix is), with kurrier installed
 editable from this checkout and every package at the version the running
-interpreter has, kept in ~/.cache/kurrier. "running" is the interpreter
+interpreter has, kept in ~/.cache/kurrier (one at a time: a new one, made
+when the versions change, replaces the last). "running" is the interpreter
 running the benchmark.
 """
 
@@ -70,6 +71,10 @@ def optimised_venv() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (venv / _COMPLETE).exists():
             _make_venv(venv, pins)
+            # One made for other versions is not used again: 150 MB each.
+            for earlier in CACHE.glob("bench-python-*"):
+                if earlier != venv:
+                    shutil.rmtree(earlier, ignore_errors=True)
     return venv
 
 
