@@ -67,3 +67,11 @@ if "grpc-window" in _CHOSEN:
     _WINDOW = (("grpc.http2.lookahead_bytes", 4 * 1024 * 1024),)
     grpc_tls.CHANNEL_OPTIONS = (*grpc_tls.CHANNEL_OPTIONS, *_WINDOW)
     grpc_tls.SERVER_OPTIONS = (*grpc_tls.SERVER_OPTIONS, *_WINDOW)
+
+if "nats-buffer" in _CHOSEN:
+    # nats-py reads 32 KiB at a time into a StreamReader limited to 32 KiB, which
+    # pauses the socket past 64 KiB: a 100 KB body's direct get is read in pieces,
+    # with a pause and a resume between them. 1 MiB holds any inline body whole.
+    import nats.aio.client
+
+    nats.aio.client.DEFAULT_BUFFER_SIZE = 1 << 20
