@@ -101,7 +101,7 @@ spec:
 """
 
 
-def kurrier_command(python: str = sys.executable) -> list[str]:
+def kurrier_command(python: str) -> list[str]:
     return [python, "-m", "kurrier.cli"]
 
 
