@@ -75,3 +75,26 @@ if "nats-buffer" in _CHOSEN:
     import nats.aio.client
 
     nats.aio.client.DEFAULT_BUFFER_SIZE = 1 << 20
+
+if "grpc-plaintext" in _CHOSEN:
+    # The ingress -> queue hop without TLS, to price its encryption and the handshake's
+    # framing; the queue then checks no caller identity (no client certificate).
+    import grpc
+    import grpc.aio._server
+    from kurrier.core import grpc_tls
+
+    def _plain_channel(
+        self: grpc_tls.QueueTls,
+        address: str,
+        options: grpc_tls.ChannelOptions = (),
+        pair: object = None,
+    ) -> grpc.aio.Channel:
+        return grpc.aio.insecure_channel(address, options=[*grpc_tls.CHANNEL_OPTIONS, *options])
+
+    def _plain_port(self: grpc.aio._server.Server, address: str, credentials: object) -> int:
+        port: int = self.add_insecure_port(address)
+        return port
+
+    grpc_tls.QueueTls.channel = _plain_channel  # type: ignore[method-assign]
+    grpc_tls.GrpcTls.knows_clients = property(lambda self: False)  # type: ignore[assignment,method-assign]
+    grpc.aio._server.Server.add_secure_port = _plain_port
