@@ -147,7 +147,15 @@ def experiment_env(base: dict[str, str], experiments: list[str]) -> dict[str, st
     """base, plus what makes kurrier's processes apply bench/experiments/<names>."""
     if not experiments:
         return dict(base)
-    known = {"uvloop", "lean-requests", "grpc-window", "nats-buffer", "grpc-plaintext"}
+    known = {
+        "uvloop",
+        "lean-requests",
+        "grpc-window",
+        "nats-buffer",
+        "grpc-plaintext",
+        "grpc-frames",
+        "grpc-reads",
+    }
     unknown = set(experiments) - known
     if unknown:
         raise ValueError(f"unknown experiment(s) {sorted(unknown)}; known: {sorted(known)}")

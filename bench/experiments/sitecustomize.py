@@ -98,3 +98,24 @@ if "grpc-plaintext" in _CHOSEN:
     grpc_tls.QueueTls.channel = _plain_channel  # type: ignore[method-assign]
     grpc_tls.GrpcTls.knows_clients = property(lambda self: False)  # type: ignore[assignment,method-assign]
     grpc.aio._server.Server.add_secure_port = _plain_port
+
+if "grpc-frames" in _CHOSEN:
+    # A 100 KB request in one HTTP/2 DATA frame: each side advertises 1 MiB as the
+    # largest frame it takes (gRPC's own is 16 KiB).
+    from kurrier.core import grpc_tls
+
+    _FRAMES = (("grpc.http2.max_frame_size", 1 << 20),)
+    grpc_tls.CHANNEL_OPTIONS = (*grpc_tls.CHANNEL_OPTIONS, *_FRAMES)
+    grpc_tls.SERVER_OPTIONS = (*grpc_tls.SERVER_OPTIONS, *_FRAMES)
+
+if "grpc-reads" in _CHOSEN:
+    # gRPC's socket reads from 64 KiB up, starting at 256 KiB (its own start at
+    # 8 KiB, may shrink to 256 bytes, and grow as reads fill).
+    from kurrier.core import grpc_tls
+
+    _READS = (
+        ("grpc.experimental.tcp_read_chunk_size", 256 * 1024),
+        ("grpc.experimental.tcp_min_read_chunk_size", 64 * 1024),
+    )
+    grpc_tls.CHANNEL_OPTIONS = (*grpc_tls.CHANNEL_OPTIONS, *_READS)
+    grpc_tls.SERVER_OPTIONS = (*grpc_tls.SERVER_OPTIONS, *_READS)
