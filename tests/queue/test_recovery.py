@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import io
 import logging
+import signal
 import smtplib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import nats.errors
 import pytest
 from kurrier.core import message_store
@@ -42,12 +44,20 @@ from kurrier.queue.history_search import search_history
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
 from kurrier.queue.sweeper import DISPATCH_GRACE, Sweeper
+from kurrier.v1 import queue_pb2, queue_pb2_grpc
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 
 from tests.support.nats import NatsServer
-from tests.support.processes import eventually
-from tests.support.relay import ServiceRelay, documents, route, trusting, wait_until_drained
+from tests.support.processes import eventually, port_open, wait_until
+from tests.support.relay import (
+    ServiceRelay,
+    documents,
+    route,
+    stored_jobs,
+    trusting,
+    wait_until_drained,
+)
 from tests.support.sink import Sink
 
 
@@ -244,6 +254,66 @@ def test_a_message_is_accepted_once_stored_and_its_first_jobs_follow(
     assert on_return == []
     # A draining queue waits for them: its last messages do not wait for the sweeper.
     assert after_drain == ["JOBSAFTER00000000001"]
+
+
+async def _enqueue_one(address: str, queue_id: str) -> int:
+    """The queue's answer code (0: stored) to one small message sent on EnqueueMessages."""
+    request = queue_pb2.EnqueueMessageRequest(
+        envelope=queue_pb2.Envelope(
+            queue_id=queue_id, mail_from="a@client.test", recipients=["r@example.com"], size=3
+        ),
+        body=b"x\r\n",
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = queue_pb2_grpc.QueueServiceStub(channel).EnqueueMessages(
+            timeout=30, wait_for_ready=True
+        )
+        await call.write(queue_pb2.EnqueueBatch(messages=[request]))
+        await call.done_writing()
+        response = await call.read()
+        assert response is not grpc.aio.EOF
+        [result] = response.results
+        code: int = result.code
+        return code
+
+
+async def _without_the_jobs_stream(nats_url: str, restored: bool) -> None:
+    nc = await connect(nats_url, "test-intake")
+    try:
+        js = nc.jetstream()
+        if restored:
+            await ensure_layout(js, streams=[DISPATCH_STREAM])
+        else:
+            await js.delete_stream(DISPATCH_STREAM)
+    finally:
+        await disconnect(nc)
+
+
+def test_a_stopping_queue_process_publishes_the_first_jobs_it_still_owes(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    # The drain wiring of the queue's process (queue/main.py), not only
+    # MessageStore.first_jobs_sent: a queue that left NATS at once would leave
+    # its last message to the sweeper, minutes later (DISPATCH_GRACE).
+    relay = ServiceRelay(tmp_path, nats_server.url)
+    relay.start("queue")
+    queue = relay.processes["queue"]
+    try:
+        asyncio.run(_without_the_jobs_stream(nats_server.url, restored=False))
+        assert asyncio.run(_enqueue_one(relay.queue_address, "JOBSOWED000000000001")) == 0
+        # Accepted, and its first job is being published again and again: no stream
+        # takes it.
+        queue.send_signal(signal.SIGTERM)
+        queue_port = int(relay.queue_address.rsplit(":", 1)[1])
+        wait_until(lambda: not port_open(queue_port), 30, "the queue to close its gRPC port")
+        assert queue.poll() is None, "the queue left with a first job unpublished"
+        asyncio.run(_without_the_jobs_stream(nats_server.url, restored=True))
+        assert queue.wait(timeout=30) == 0
+    finally:
+        relay.__exit__()
+    assert stored_jobs(nats_server.url) == 1
+    log = (tmp_path / "queue.log").read_text(errors="replace")
+    assert "first jobs of" not in log and "first jobs not published" not in log
 
 
 async def _accept_as_the_connection_drops(server: NatsServer) -> tuple[bool, bool]:
