@@ -77,8 +77,8 @@ if "nats-buffer" in _CHOSEN:
     nats.aio.client.DEFAULT_BUFFER_SIZE = 1 << 20
 
 if "grpc-plaintext" in _CHOSEN:
-    # The ingress -> queue hop without TLS, to price its encryption and the handshake's
-    # framing; the queue then checks no caller identity (no client certificate).
+    # The ingress -> queue hop without TLS, to price its encryption and record framing
+    # both ways; the queue then checks no caller identity (no client certificate).
     import grpc
     import grpc.aio._server
     from kurrier.core import grpc_tls
