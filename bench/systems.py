@@ -155,7 +155,6 @@ def experiment_env(base: dict[str, str], experiments: list[str]) -> dict[str, st
         "grpc-plaintext",
         "grpc-frames",
         "grpc-reads",
-        "jobs-async",
     }
     unknown = set(experiments) - known
     if unknown:

@@ -119,21 +119,3 @@ if "grpc-reads" in _CHOSEN:
     )
     grpc_tls.CHANNEL_OPTIONS = (*grpc_tls.CHANNEL_OPTIONS, *_READS)
     grpc_tls.SERVER_OPTIONS = (*grpc_tls.SERVER_OPTIONS, *_READS)
-
-if "jobs-async" in _CHOSEN:
-    # The jobs stream of one node in nats-server's async persist mode: a job's publish
-    # is answered before its write is synced (a job lost to a power cut is dispatched
-    # again by the sweeper from its synced record). nats-server refuses atomic batches
-    # on such a stream, so its writes go one at a time.
-    from kurrier.core import jetstream
-    from nats.js import JetStreamContext
-    from nats.js.api import PersistMode, StreamConfig
-
-    _ensure = jetstream._ensure_stream
-
-    async def _jobs_async(js: JetStreamContext, config: StreamConfig, owner: bool) -> None:
-        if config.name == jetstream.DISPATCH_STREAM and config.num_replicas == 1:
-            config = config.evolve(persist_mode=PersistMode.ASYNC, allow_atomic=False)
-        await _ensure(js, config, owner)
-
-    jetstream._ensure_stream = _jobs_async

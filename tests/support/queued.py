@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 
 from kurrier.core.body_store import store_body
 from kurrier.core.jetstream import (
@@ -11,7 +12,6 @@ from kurrier.core.jetstream import (
     DISPATCH_STREAM,
     JOBS_STREAM,
     dispatch_subject,
-    job_subject,
 )
 from kurrier.core.message import BodyStore, DeliveryJob, MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
@@ -39,12 +39,15 @@ async def store_record(js: JetStreamContext, queue_id: str) -> None:
 
 
 async def publish_job(
-    js: JetStreamContext, queue_id: str, body: bytes | None = None, earlier_release: bool = False
+    js: JetStreamContext,
+    queue_id: str,
+    body: bytes | None = None,
+    earlier: tuple[str, Callable[[str], str]] | None = None,
 ) -> None:
     """Its first dispatch's job to r@example.com. Without a body, one (Subject: the
     queue id) inside the job; with one, that body stored where the queue stores a
-    body too large for its record, and the job naming where. earlier_release: as a
-    queue of a release before the jobs stream makes it, and where it puts it (JOBS_STREAM)."""
+    body too large for its record, and the job naming where. earlier: the stream
+    and subject where an earlier release's queue puts it (EARLIER_JOBS)."""
     if body is None:
         body = f"Subject: {queue_id}\r\n\r\nbody\r\n".encode()
         where: BodyStore = "record"
@@ -60,15 +63,11 @@ async def publish_job(
         size=len(body),
         body_store=where,
         body=inside,
-        # As this release's queue says; an earlier one's job has no such field.
-        batched_results=not earlier_release,
+        # As the queue says since KURRIER_DISPATCH; the one before had no such field.
+        batched_results=earlier is None or earlier[0] != JOBS_STREAM,
     )
-    subject, stream = (
-        (job_subject(queue_id), JOBS_STREAM)
-        if earlier_release
-        else (dispatch_subject(queue_id), DISPATCH_STREAM)
-    )
-    await js.publish(subject, job.model_dump_json().encode(), stream=stream)
+    stream, subject = earlier or (DISPATCH_STREAM, dispatch_subject)
+    await js.publish(subject(queue_id), job.model_dump_json().encode(), stream=stream)
 
 
 async def jobs_left(js: JetStreamContext) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
+from kurrier.core.jetstream import dispatch_subject
 
 from tests.support.certs import TestCA
 from tests.support.chart import CHART
@@ -237,7 +238,7 @@ def test_jaeger_holds_the_deferred_message_as_one_trace_with_both_attempts(
     ]
     for job in jobs:
         assert job.tags["messaging.system"] == "nats"
-        assert job.tags["messaging.destination.name"] == f"kurrier.dispatch.{queue_id}"
+        assert job.tags["messaging.destination.name"] == dispatch_subject(queue_id)
         [taken] = [s for s in spans if s.parent_id == job.span_id]
         assert (taken.name, taken.service) == ("process kurrier.dispatch", "kurrier-delivery")
         assert taken.tags["kurrier.attempt"] == job.tags["kurrier.attempt"]

@@ -49,6 +49,7 @@ from nats.js.api import (
     DiscardPolicy,
     KeyValueConfig,
     ObjectStoreConfig,
+    PersistMode,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -119,6 +120,8 @@ async def when_answered(request: Callable[[], Awaitable[T]], what: str) -> T:
 
 # JetStream's error code for a stream whose limits the store cannot reserve.
 _INSUFFICIENT_STORAGE = 10047
+# And for a stream configuration it refuses, a change of persist mode among them.
+_INVALID_STREAM_CONFIG = 10052
 
 # Bodies up to this size are one stream message; larger ones go to the object
 # store in chunks. It stays under NATS's default 1 MiB max_payload.
@@ -129,14 +132,19 @@ BODIES_STREAM = "KURRIER_BODIES"
 # consumer's state, which nats-server writes about ten times a second, where
 # removing the job would be one more synced write per message. The queue
 # purges what lies below the consumer's ack floor (queue/acked_cleanup.py).
-DISPATCH_STREAM = "KURRIER_DISPATCH"
+# On one node its writes are not synced one by one (unsynced_jobs).
+DISPATCH_STREAM = "KURRIER_DELIVERY_JOBS"
+# Where an earlier release's queue puts its jobs (kurrier.dispatch.<id>, synced
+# on one node too); delivery takes them from there too (delivery/worker.py).
+EARLIER_DISPATCH_STREAM = "KURRIER_DISPATCH"
 # How long a dispatched recipient may go without a result before the queue
 # dispatches it again (queue/sweeper.py). It covers a job lost in a crash
 # between storing a record and publishing its job; it must exceed the longest
 # backlog wait. A job is kept no longer: past it, it would only go out twice.
 JOB_LEASE = 900.0
-# Due notices and retry schedules; also where an earlier release's queue puts
-# its jobs, which delivery takes from there too (delivery/worker.py).
+# Due notices and retry schedules; also where the queue of a release before
+# EARLIER_DISPATCH_STREAM's puts its jobs (kurrier.job.<id>), which delivery
+# takes from there too.
 JOBS_STREAM = "KURRIER_JOBS"
 # Delivery's results, when a job cannot finish its message itself
 # (delivery/completion.py): a deferral, a bounce, a split. A work queue, where
@@ -193,6 +201,7 @@ def inbox_prefix(user: str) -> str:
 LAYOUT = (
     BODIES_STREAM,
     DISPATCH_STREAM,
+    EARLIER_DISPATCH_STREAM,
     JOBS_STREAM,
     RESULTS_STREAM,
     OUTCOMES_STREAM,
@@ -225,12 +234,39 @@ def body_subject(queue_id: str) -> str:
 
 def dispatch_subject(queue_id: str) -> str:
     """Where the queue puts a message's delivery jobs."""
+    return f"kurrier.deliver.{queue_id}"
+
+
+def earlier_dispatch_subject(queue_id: str) -> str:
+    """Where an earlier release's queue puts delivery jobs (in EARLIER_DISPATCH_STREAM)."""
     return f"kurrier.dispatch.{queue_id}"
 
 
 def job_subject(queue_id: str) -> str:
-    """Where an earlier release's queue put delivery jobs (in JOBS_STREAM)."""
+    """Where the release before that put delivery jobs (in JOBS_STREAM)."""
     return f"kurrier.job.{queue_id}"
+
+
+# Where earlier releases' queues put their jobs, oldest first; delivery takes
+# jobs from each while such a queue may still run.
+EARLIER_JOBS: tuple[tuple[str, Callable[[str], str]], ...] = (
+    (JOBS_STREAM, job_subject),
+    (EARLIER_DISPATCH_STREAM, earlier_dispatch_subject),
+)
+
+
+def unsynced_jobs(replicas: int) -> bool:
+    """Whether the jobs stream is stored without a sync per write: on one node.
+
+    A job is derived from its record, which is synced before the message is
+    accepted: a job a power cut takes is dispatched again from the record by
+    the sweeper (DISPATCH_GRACE). On one node the jobs' own syncs cost a
+    sixth of the throughput at 1 KB (bench/results/2026-12-07-jobs-stream-
+    async-again.md). nats-server takes such a stream (its async persist mode)
+    neither replicated nor with atomic batches. With replicas every write of
+    every stream is on a majority before it is acknowledged.
+    """
+    return replicas == 1
 
 
 def result_subject(queue_id: str) -> str:
@@ -342,6 +378,30 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, owner: bool
             await js.update_stream(config)
 
 
+async def _ensure_jobs_stream(js: JetStreamContext, config: StreamConfig, owner: bool) -> None:
+    """The jobs stream, whose persist mode nats-server fixes when it is created.
+
+    A change of replicas that needs another persist mode (one node to three)
+    is refused: the stream stays as it is, which is said once at start with
+    what to do, rather than keep the queue from starting.
+    """
+    try:
+        await _ensure_stream(js, config, owner)
+    except APIError as refused:
+        if refused.err_code != _INVALID_STREAM_CONFIG:
+            raise
+        log.error(
+            "%s keeps its configuration (%s): its persist mode is fixed when it is "
+            "created. To have it made for %d replicas, remove it (`nats stream rm %s`) "
+            "and restart the queue, then delivery; the sweeper dispatches its jobs "
+            "again from their records within minutes",
+            config.name,
+            refused.description,
+            config.num_replicas,
+            config.name,
+        )
+
+
 async def _converge_replicas(
     js: JetStreamContext, stream: str, replicas: int, allow_atomic: bool = False
 ) -> None:
@@ -412,11 +472,26 @@ async def ensure_layout(
             owner,
         )
     if DISPATCH_STREAM in wanted:
-        await _ensure_stream(
+        unsynced = unsynced_jobs(replicas)
+        await _ensure_jobs_stream(
             js,
             StreamConfig(
                 name=DISPATCH_STREAM,
                 subjects=[dispatch_subject("*")],
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+                max_age=JOB_LEASE,
+                allow_atomic=not unsynced,
+                persist_mode=PersistMode.ASYNC if unsynced else None,
+            ),
+            owner,
+        )
+    if EARLIER_DISPATCH_STREAM in wanted:
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=EARLIER_DISPATCH_STREAM,
+                subjects=[earlier_dispatch_subject("*")],
                 storage=StorageType.FILE,
                 num_replicas=replicas,
                 max_age=JOB_LEASE,

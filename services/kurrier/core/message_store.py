@@ -2,7 +2,7 @@
 
 A message is four kinds of thing: its body (the bodies stream or the object
 store), its record (the kurrier-messages KV bucket), its jobs (one per route
-and dispatch, in KURRIER_DISPATCH) and at most one retry schedule (in
+and dispatch, in KURRIER_DELIVERY_JOBS) and at most one retry schedule (in
 KURRIER_JOBS). A crash can stop any sequence of writes half way; the order
 below makes each half-way state one that the sweeper repairs (queue/sweeper.py)
 and none that loses an accepted message:
@@ -57,12 +57,12 @@ from kurrier.core.body_store import (
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     DISPATCH_STREAM,
+    EARLIER_JOBS,
     JOBS_STREAM,
     NATS_AWAY,
     body_subject,
     dispatch_subject,
     due_subject,
-    job_subject,
     schedule_subject,
 )
 from kurrier.core.message import RECORD_BODY_LIMIT, BodyStore, MessageRecord
@@ -282,7 +282,8 @@ class MessageStore:
             except RecordChanged:
                 continue
             await self._js.purge_stream(DISPATCH_STREAM, subject=dispatch_subject(queue_id))
-            await self._js.purge_stream(JOBS_STREAM, subject=job_subject(queue_id))
+            for stream, subject in EARLIER_JOBS:
+                await self._js.purge_stream(stream, subject=subject(queue_id))
             await self._remove_leftovers(queue_id, record.body_store, record.scheduled)
             return record
 

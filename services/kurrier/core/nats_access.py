@@ -25,6 +25,7 @@ from kurrier.core.jetstream import (
     BODIES_STREAM,
     CONFIG_BUCKET,
     DISPATCH_STREAM,
+    EARLIER_DISPATCH_STREAM,
     HISTORY_STREAM,
     JOBS_STREAM,
     LEASES_BUCKET,
@@ -37,6 +38,7 @@ from kurrier.core.jetstream import (
     ROUTING_TABLE_KEY,
     SHAPING_BUCKET,
     dispatch_subject,
+    earlier_dispatch_subject,
     history_subjects,
     inbox_prefix,
     kv_stream,
@@ -82,6 +84,7 @@ _QUEUE_STATE = (
     Use(OBJECT_STREAM, (f"$O.{OBJECT_BUCKET}.>",), remove=True, create=True, find=True),
     Use(MESSAGES_STREAM, (f"$KV.{MESSAGES_BUCKET}.>",), remove=True, create=True),
     Use(DISPATCH_STREAM, (dispatch_subject("*"),), remove=True, create=True),
+    Use(EARLIER_DISPATCH_STREAM, (earlier_dispatch_subject("*"),), remove=True, create=True),
     Use(JOBS_STREAM, ("kurrier.job.*", "kurrier.due.*", "kurrier.schedule.*"), True, True, True),
     Use(RESULTS_STREAM, ("kurrier.result.*",), remove=True, create=True),
     Use(OUTCOMES_STREAM, (outcome_subject("*"),), remove=True, create=True),
@@ -111,12 +114,13 @@ COMPONENTS: dict[str, tuple[Use, ...]] = {
     # Takes jobs, reads bodies and records, reports results, and ends a
     # message it delivered completely: its record and body. It creates the
     # jobs and outcomes streams when an earlier release's queue, which has
-    # neither, still runs (delivery rolls first), and takes that queue's jobs
-    # from JOBS_STREAM.
+    # not, still runs (delivery rolls first), and takes earlier queues' jobs
+    # from where they put them (EARLIER_JOBS).
     # Each component keeps what its earlier release may do, so that pods of
     # that release run under these permissions while an upgrade rolls.
     "delivery": (
         Use(DISPATCH_STREAM, create=True),
+        Use(EARLIER_DISPATCH_STREAM, create=True),
         Use(JOBS_STREAM, remove=True),
         Use(RESULTS_STREAM, ("kurrier.result.*",), read=False),
         Use(OUTCOMES_STREAM, (outcome_subject("*"),), read=False, create=True),

@@ -14,13 +14,12 @@ from kurrier.core.body_store import load_body
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     DISPATCH_STREAM,
-    JOBS_STREAM,
+    EARLIER_JOBS,
     MESSAGES_STREAM,
     OUTCOMES_STREAM,
     RESULTS_STREAM,
     SHAPING_BUCKET,
     dispatch_subject,
-    job_subject,
     outcome_subject,
     pull_batch,
     result_subject,
@@ -127,9 +126,9 @@ class DeliveryWorker:
         stopping.add_done_callback(lambda _: self._feed.stop())
         takers = [
             asyncio.create_task(self._feed.run()),
-            # An earlier release's jobs one at a time: two pulls for free slots
-            # at once could take up to twice the concurrency.
-            asyncio.create_task(self._take(earlier_jobs, 1, stop, stopping)),
+            # Earlier releases' jobs one at a time: pulls for free slots side by
+            # side could each take up to the concurrency.
+            *(asyncio.create_task(self._take(jobs, 1, stop, stopping)) for jobs in earlier_jobs),
         ]
         try:
             await asyncio.gather(*takers)
@@ -192,12 +191,12 @@ class DeliveryWorker:
             for message in await pull_batch(subscription, batch=free, timeout=1):
                 self._start(message)
 
-    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+    async def _subscribe(self) -> list[JetStreamContext.PullSubscription]:
         """Make sure the jobs stream's consumer (the feed's) exists, and subscribe to
-        the one of the stream where an earlier release's queue puts its jobs
-        (JOBS_STREAM): delivery rolls first in an upgrade (docs/deploy.md), so
-        it takes the jobs of both releases' queues. The earlier release's
-        delivery processes share that second consumer."""
+        those of the streams where earlier releases' queues put their jobs
+        (EARLIER_JOBS): delivery rolls first in an upgrade (docs/deploy.md), so
+        it takes the jobs of both releases' queues. An earlier release's
+        delivery processes share those consumers."""
         removals = AtomicBatches(
             self._js, MESSAGES_STREAM, self._settings.atomic_batch_min, self._nc
         )
@@ -217,9 +216,12 @@ class DeliveryWorker:
                 config, durable_name=DELIVERY_CONSUMER, filter_subject=dispatch_subject("*")
             )
             await self._js.add_consumer(DISPATCH_STREAM, jobs)
-        return await self._js.pull_subscribe(
-            job_subject("*"), durable=DELIVERY_CONSUMER, stream=JOBS_STREAM, config=config
-        )
+        return [
+            await self._js.pull_subscribe(
+                subject("*"), durable=DELIVERY_CONSUMER, stream=stream, config=config
+            )
+            for stream, subject in EARLIER_JOBS
+        ]
 
     async def _heartbeat(self) -> None:
         """Tell JetStream every job in flight is still being worked on.

@@ -16,11 +16,13 @@ from kurrier.core.grpc_tls import SERVER_OPTIONS, GrpcTls
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     DISPATCH_STREAM,
+    EARLIER_DISPATCH_STREAM,
     LEASES_BUCKET,
     MESSAGES_STREAM,
     OUTCOMES_CONSUMER,
     OUTCOMES_STREAM,
     HistoryLimits,
+    unsynced_jobs,
 )
 from kurrier.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 from kurrier.core.records import RecordStore
@@ -80,6 +82,8 @@ async def serve_queue(settings: QueueSettings) -> None:
 async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
     js = nats.js
     least = settings.atomic_batch_min
+    # nats-server takes no atomic batches into an unsynced stream (unsynced_jobs).
+    jobs_least = 0 if unsynced_jobs(settings.replicas) else least
     records = await RecordStore.open(js, AtomicBatches(js, MESSAGES_STREAM, least, nats.nc))
     manager = QueueManager(
         js,
@@ -87,7 +91,7 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
         nats.tables,
         settings.schedule,
         settings.hostname,
-        AtomicBatches(js, DISPATCH_STREAM, least, nats.nc),
+        AtomicBatches(js, DISPATCH_STREAM, jobs_least, nats.nc),
         settings.batched_results,
     )
     sweeper_lease = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
@@ -100,6 +104,7 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
             lambda: run_results(js, manager),
             lambda: run_due(js, manager),
             AckedCleanup(js, DISPATCH_STREAM, DELIVERY_CONSUMER).run,
+            AckedCleanup(js, EARLIER_DISPATCH_STREAM, DELIVERY_CONSUMER).run,
             AckedCleanup(js, OUTCOMES_STREAM, OUTCOMES_CONSUMER).run,
             lambda: sweeper_lease.run(Sweeper(js, manager).run),
         ],

@@ -31,13 +31,12 @@ from kurrier.core.history import HISTORY, trace_id_of
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     DISPATCH_STREAM,
+    EARLIER_JOBS,
     JOB_LEASE,
-    JOBS_STREAM,
     OUTCOMES_STREAM,
     RESULTS_STREAM,
     body_subject,
     dispatch_subject,
-    job_subject,
     outcome_subject,
     result_subject,
 )
@@ -147,7 +146,7 @@ class Sweeper:
     async def _without_work(self, candidates: dict[str, int]) -> list[str]:
         """The candidates for which JetStream holds no job and no result.
 
-        Read jobs first (an earlier release's, then those they are moved to),
+        Read jobs first (earlier releases', then this one's),
         then results (of either stream), then (in mutate) the record: work
         moves in that order (a job is moved before it is acked, acked only
         after its result is stored, a result only after the record changed),
@@ -160,13 +159,13 @@ class Sweeper:
             return []
         busy: set[str] = set()
         where = (
-            (JOBS_STREAM, job_subject("*")),
-            (DISPATCH_STREAM, dispatch_subject("*")),
-            (RESULTS_STREAM, result_subject("*")),
-            (OUTCOMES_STREAM, outcome_subject("*")),
+            *EARLIER_JOBS,
+            (DISPATCH_STREAM, dispatch_subject),
+            (RESULTS_STREAM, result_subject),
+            (OUTCOMES_STREAM, outcome_subject),
         )
-        for stream, pattern in where:
-            subjects = await self._subjects(stream, pattern)
+        for stream, subject in where:
+            subjects = await self._subjects(stream, subject("*"))
             if subjects is None:
                 return []
             busy.update(subject.rsplit(".", 1)[-1] for subject in subjects)
