@@ -1,4 +1,4 @@
-"""A job JetStream gives again is not sent again once its message has finished.
+"""A job JetStream gives again, or first gives late, is not sent once its message finished.
 
 The first taker of a job may have sent the message and lost the
 acknowledgement (an ack is not confirmed; one sent while a stream elects its
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from kurrier.core.jetstream import (
     DELIVERY_CONSUMER,
     DISPATCH_STREAM,
@@ -88,6 +89,48 @@ async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
         assert reported.subject.endswith("LIVE000000000001")
         assert [m.content.split(b"\r\n")[0] for m in sink.messages] == [
             b"Subject: LIVE000000000001"
+        ]
+    finally:
+        await disconnect(nc)
+
+
+FINISHED, LIVE = "FINISHED00000002", "LIVE000000000002"
+
+
+@pytest.mark.parametrize(("stale_after", "sent"), [(0.0, [LIVE]), (3600.0, [FINISHED, LIVE])])
+async def test_a_job_first_given_late_is_sent_only_while_its_message_is_queued(
+    nats_server: NatsServer, sink: Sink, stale_after: float, sent: list[str]
+) -> None:
+    """On one node a power cut can bring back a job whose message finished as one
+    never given (STALE_JOB, delivery/worker.py). With stale_after 0 every job
+    counts as late; with an hour none does, and a job's record is not read."""
+    nc = await connect(nats_server.url, "test-late-job")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        await store_record(js, LIVE)
+        for queue_id in (FINISHED, LIVE):
+            await publish_job(js, queue_id)
+        tables = TableFollower()
+        tables.table = table(route("r", ["example.com"], sink.port))
+        worker = DeliveryWorker(
+            js,
+            tables,
+            DeliverySettings(helo_name="relay.test", concurrency=CONCURRENCY),
+            stale_after=stale_after,
+            nc=nc,
+        )
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        deadline = time.monotonic() + 30
+        while await jobs_left(js) or len(sink.messages) < len(sent):
+            assert time.monotonic() < deadline, "the jobs were not handled"
+            assert not running.done(), "the worker ended"
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.wait_for(running, timeout=30)
+        assert sorted(m.content.split(b"\r\n")[0] for m in sink.messages) == [
+            f"Subject: {queue_id}".encode() for queue_id in sent
         ]
     finally:
         await disconnect(nc)

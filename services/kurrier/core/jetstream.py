@@ -260,9 +260,11 @@ def unsynced_jobs(replicas: int) -> bool:
 
     A job is derived from its record, which is synced before the message is
     accepted: a job a power cut takes is dispatched again from the record by
-    the sweeper (DISPATCH_GRACE). On one node the jobs' own syncs cost a
-    sixth of the throughput at 1 KB (bench/results/2026-12-07-jobs-stream-
-    async-again.md). nats-server takes such a stream (its async persist mode)
+    the sweeper (DISPATCH_GRACE), and one it brings back after its message
+    finished is recognised by delivery (STALE_JOB, delivery/worker.py). The
+    jobs' own syncs, and their consumer's, cost CPU and disk: without them
+    0.89x-0.97x the CPU per message (bench/results/2026-12-07-jobs-stream-
+    unsynced.md). nats-server takes such a stream (its async persist mode)
     neither replicated nor with atomic batches. With replicas every write of
     every stream is on a majority before it is acknowledged.
     """

@@ -61,6 +61,13 @@ ACK_WAIT = 30.0
 # recipients are deferred like any temporary failure. Well within the queue's
 # JOB_LEASE, which must not run out while the job waits in the stream.
 HOLD_BUDGET = 300.0
+# A job older than this when JetStream first gives it may be one a power cut
+# brought back: on one node the jobs stream and its consumer's state are not
+# synced per write (unsynced_jobs, core/jetstream.py) and return from disk as
+# they were at moments apart, so a job delivered and finished can come again as
+# new. Its record says whether it is. Well above a job's wait for a free slot
+# without a backlog, well below a machine's restart.
+STALE_JOB = 10.0
 
 
 def free_slots(concurrency: int, transactions: int, recordings: int) -> int:
@@ -83,6 +90,7 @@ class DeliveryWorker:
         tables: TableFollower,
         settings: DeliverySettings,
         ack_wait: float = ACK_WAIT,
+        stale_after: float = STALE_JOB,
         shaping: Callable[[KeyValue], SiteShaping] = SiteShaping,
         *,
         nc: NATS,
@@ -91,6 +99,7 @@ class DeliveryWorker:
         self._nc = nc
         self._shaping = shaping
         self._ack_wait = ack_wait
+        self._stale_after = stale_after
         self._tables = tables
         self._settings = settings
         self.courier = Courier(settings)
@@ -242,9 +251,9 @@ class DeliveryWorker:
         if job is None:
             return
         annotate(job.queue_id, attempt=job.dispatch)
-        if message.metadata.num_delivered > 1 and await self._finished(job):
+        if self._may_have_been_sent(message) and await self._finished(job):
             log.info(
-                "job given again for a finished message; not sent again",
+                "job given again or late for a finished message; not sent again",
                 extra={"queue_id": job.queue_id},
             )
             await message.ack()
@@ -297,14 +306,25 @@ class DeliveryWorker:
             log.warning("could not give a held job back: %r", error)
         return True
 
+    def _may_have_been_sent(self, message: Msg) -> bool:
+        """A job JetStream gives again, or first gives when older than stale_after.
+
+        A job given again: its first taker may have sent it and lost the
+        acknowledgement (an ack is not confirmed, and one sent while a stream
+        elects its leader is lost). An old one: see STALE_JOB. Checking every
+        job would cost a record read per message.
+        """
+        metadata = message.metadata
+        if metadata.num_delivered > 1:
+            return True
+        return time.time() - metadata.timestamp.timestamp() > self._stale_after
+
     async def _finished(self, job: DeliveryJob) -> bool:
         """Whether the job's message has no record any more (delivered, bounced or deleted).
 
-        Asked only of a job JetStream gives again: its first taker may have
-        sent it and lost the acknowledgement (an ack is not confirmed, and one
-        sent while a stream elects its leader is lost). A body inside the job
-        would otherwise go out again. When the record cannot be read, the job
-        is sent: a duplicate rather than a loss.
+        Asked of a job that may have been sent (_may_have_been_sent): a body
+        inside the job would otherwise go out again. When the record cannot
+        be read, the job is sent: a duplicate rather than a loss.
         """
         assert self._store is not None  # run() opened it before taking jobs
         try:
