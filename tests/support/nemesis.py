@@ -6,9 +6,9 @@ The faults, each healed before the next:
   hosts and they drop what they send to it (blackhole routes in each
   namespace); clients and services still reach it, it no longer reaches its
   peers.
-- isolate-leader: the host of the jobs stream's leader loses its link (its
+- isolate-leader: the host of KURRIER_JOBS's leader loses its link (its
   veth down): nothing reaches it or leaves it, also the services beside it.
-- one-way: the host of the jobs stream's leader receives nothing from the
+- one-way: the host of KURRIER_JOBS's leader receives nothing from the
   other NATS hosts, which still receive what it sends (iptables in its
   namespace): a leader whose heartbeats arrive but which hears no answer.
 - cut-queue-path: one ingress's host and the queue it uses first drop the
