@@ -22,6 +22,7 @@ from kurrier.core.history import HISTORY, history_subject
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     DISPATCH_STREAM,
+    EARLIER_JOBS,
     INLINE_BODY_LIMIT,
     JOB_LEASE,
     MESSAGES_BUCKET,
@@ -441,6 +442,35 @@ def test_a_dispatch_whose_job_was_never_published_is_redone_before_its_lease(
     assert (dispatched["attempt"], dispatched["recipients"]) == ("2", "r@example.com")
     assert swept["action"] == "re-dispatched"
     assert swept["reason"] == "JetStream held no job and no result of dispatch 1"
+
+
+async def _sweep_with_an_earlier_releases_job(nats_url: str, stream: str, subject: str) -> int:
+    """A dispatch two graces old whose job an earlier release's queue stored."""
+    nc = await connect(nats_url, "test-sweep-earlier")
+    try:
+        js = nc.jetstream()
+        records, sweeper = await _sweeper(js)
+        queue_id = "EARLIERJOB0000000001"
+        body = b"Subject: earlier\r\n\r\njob\r\n"
+        dispatched = time.time() - 2 * DISPATCH_GRACE
+        record = _record(queue_id, dispatched, len(body), body_store="record", body=body)
+        mark_dispatched(record, ["r@example.com"], dispatched)
+        assert await records.create(record)
+        await js.publish(subject.replace("*", queue_id), b"{}", stream=stream)
+        redispatched, _ = await sweeper.sweep()
+        return redispatched
+    finally:
+        await disconnect(nc)
+
+
+@pytest.mark.parametrize("stream", [stream for stream, _ in EARLIER_JOBS])
+def test_a_job_an_earlier_releases_queue_stored_is_work_in_flight(
+    nats_server: NatsServer, stream: str
+) -> None:
+    """During an upgrade delivery takes those jobs too: the sweeper must not dispatch
+    such a message again as if JetStream held no job for it."""
+    [subject] = [subject("*") for name, subject in EARLIER_JOBS if name == stream]
+    assert asyncio.run(_sweep_with_an_earlier_releases_job(nats_server.url, stream, subject)) == 0
 
 
 async def _sweep_records_without_bodies(
