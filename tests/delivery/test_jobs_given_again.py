@@ -28,7 +28,8 @@ from kurrier.core.jetstream import (
 )
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
-from kurrier.delivery.worker import DeliveryWorker
+from kurrier.delivery.worker import STALE_JOB, DeliveryWorker
+from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from tests.delivery.attempts import table
@@ -39,6 +40,16 @@ from tests.support.sink import Sink
 
 ACK_WAIT = 2.0
 CONCURRENCY = 4
+
+
+def _worker(nc: NATS, sink: Sink, stale_after: float = STALE_JOB) -> DeliveryWorker:
+    """A worker whose one route leads to the sink."""
+    tables = TableFollower()
+    tables.table = table(route("r", ["example.com"], sink.port))
+    settings = DeliverySettings(helo_name="relay.test", concurrency=CONCURRENCY)
+    return DeliveryWorker(
+        nc.jetstream(), tables, settings, ack_wait=ACK_WAIT, stale_after=stale_after, nc=nc
+    )
 
 
 async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
@@ -66,15 +77,7 @@ async def test_a_job_given_again_is_sent_only_while_its_message_is_queued(
         taken = await first_taker.fetch(2, timeout=10)
         assert len(taken) == 2  # and never acknowledged
 
-        tables = TableFollower()
-        tables.table = table(route("r", ["example.com"], sink.port))
-        worker = DeliveryWorker(
-            js,
-            tables,
-            DeliverySettings(helo_name="relay.test", concurrency=CONCURRENCY),
-            ack_wait=ACK_WAIT,
-            nc=nc,
-        )
+        worker = _worker(nc, sink)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         results = await js.pull_subscribe(outcome_subject("*"), stream=OUTCOMES_STREAM)
@@ -111,15 +114,7 @@ async def test_a_job_first_given_late_is_sent_only_while_its_message_is_queued(
         await store_record(js, LIVE)
         for queue_id in (FINISHED, LIVE):
             await publish_job(js, queue_id)
-        tables = TableFollower()
-        tables.table = table(route("r", ["example.com"], sink.port))
-        worker = DeliveryWorker(
-            js,
-            tables,
-            DeliverySettings(helo_name="relay.test", concurrency=CONCURRENCY),
-            stale_after=stale_after,
-            nc=nc,
-        )
+        worker = _worker(nc, sink, stale_after)
         stop = asyncio.Event()
         running = asyncio.create_task(worker.run(stop))
         deadline = time.monotonic() + 30
