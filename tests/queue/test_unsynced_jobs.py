@@ -33,7 +33,7 @@ from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.delivery.settings import DeliverySettings
-from kurrier.delivery.worker import DeliveryWorker
+from kurrier.delivery.worker import STALE_JOB, DeliveryWorker
 from kurrier.queue.dispatch import mark_dispatched, publish_jobs
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
@@ -113,7 +113,7 @@ async def _after_the_moment(url: str, sink: Sink) -> None:
     try:
         js = nc.jetstream()
         await ensure_layout(js, 1, owner=True)  # the buckets kept in memory, as services do
-        await _deliver(nc, sink, 1, stale_after=10.0)  # FINISHED, as it goes without a cut
+        await _deliver(nc, sink, 1, stale_after=STALE_JOB)  # FINISHED, as it goes without a cut
         await _accept(js, ACCEPTED)
     finally:
         await disconnect(nc)

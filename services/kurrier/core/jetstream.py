@@ -385,23 +385,33 @@ async def _ensure_jobs_stream(js: JetStreamContext, config: StreamConfig, owner:
 
     A change of replicas that needs another persist mode (one node to three)
     is refused: the stream stays as it is, which is said once at start with
-    what to do, rather than keep the queue from starting.
+    what to do, rather than keep the queue from starting. A stream that could
+    not be made at all is an error like any other: no job could be stored.
     """
+    name = str(config.name)
     try:
         await _ensure_stream(js, config, owner)
     except APIError as refused:
-        if refused.err_code != _INVALID_STREAM_CONFIG:
+        if refused.err_code != _INVALID_STREAM_CONFIG or not await _exists(js, name):
             raise
         log.error(
             "%s keeps its configuration (%s): its persist mode is fixed when it is "
             "created. To have it made for %d replicas, remove it (`nats stream rm %s`) "
             "and restart the queue, then delivery; the sweeper dispatches its jobs "
             "again from their records within minutes",
-            config.name,
+            name,
             refused.description,
             config.num_replicas,
-            config.name,
+            name,
         )
+
+
+async def _exists(js: JetStreamContext, stream: str) -> bool:
+    try:
+        await js.stream_info(stream)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def _converge_replicas(

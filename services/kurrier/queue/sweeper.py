@@ -168,7 +168,7 @@ class Sweeper:
             subjects = await self._subjects(stream, subject("*"))
             if subjects is None:
                 return []
-            busy.update(subject.rsplit(".", 1)[-1] for subject in subjects)
+            busy.update(name.rsplit(".", 1)[-1] for name in subjects)
         return [queue_id for queue_id in candidates if queue_id not in busy]
 
     async def _remove_orphaned_bodies(self, live: set[str], now: float) -> int:
