@@ -1,6 +1,6 @@
 """How many JetStream writes and syncs one accepted message costs, stream by stream.
 
-`python -m bench.stored_writes --messages 200` runs `kurrier up` (one node,
+`python -m bench.stored_writes --messages 200 [--size 102400]` runs `kurrier up` (one node,
 its default sync setting unless --nats-sync is given) with nats-server under
 strace, sends the messages one at a time to a `kurrier sink`, waits until
 each has arrived, and counts nats-server's pwrite64 and fsync/fdatasync
@@ -32,6 +32,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP as SMTPServer
 from aiosmtpd.smtp import Envelope, Session
 
+from bench.report import size_label
 from bench.traced_nats import block_file_events, install_traced_nats_server
 
 _STREAM = re.compile(r"/streams/(?P<stream>[^/]+)/")
@@ -88,8 +89,14 @@ def _settled(trace: Path, quiet: float = 2.0, limit: float = 60.0) -> Counter[tu
     return counts
 
 
+def message_of(size: int) -> bytes:
+    """A message of size octets or the next line's end past it: lines of 72."""
+    head = b"Subject: count\r\n\r\n"
+    return head + (b"x" * 70 + b"\r\n") * max(1, -(-(size - len(head)) // 72))
+
+
 def measure(
-    messages: int, sync: str | None, workdir: Path, deferred: bool = False
+    messages: int, sync: str | None, workdir: Path, deferred: bool = False, size: int = 1024
 ) -> Counter[tuple[str, str]]:
     bindir, trace, mail = workdir / "bin", workdir / "nats.strace", workdir / "mail"
     bindir.mkdir()
@@ -136,7 +143,7 @@ def measure(
         if not up.stdout.readline().startswith(b"kurrier ready"):
             raise SystemExit(f"kurrier up did not start; see {workdir / 'up.log'}")
         before = _count(trace)
-        body = b"Subject: count\r\n\r\n" + (b"x" * 70 + b"\r\n") * 14
+        body = message_of(size)
         with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as smtp:
             for _ in range(messages):
                 smtp.sendmail("a@client.test", ["r@example.com"], body)
@@ -165,11 +172,13 @@ def main() -> None:
     parser.add_argument(
         "--deferred", action="store_true", help="a next hop that defers every recipient"
     )
+    parser.add_argument("--size", type=int, default=1024, help="octets per message")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kurrier-writes-") as scratch:
-        counts = measure(args.messages, args.nats_sync, Path(scratch), args.deferred)
+        counts = measure(args.messages, args.nats_sync, Path(scratch), args.deferred, args.size)
     fate = "deferred once" if args.deferred else "delivered"
-    print(f"per accepted 1 KB message, {fate} ({args.messages} messages, one at a time):")
+    label = size_label(len(message_of(args.size)))
+    print(f"per accepted {label} message, {fate} ({args.messages} messages, one at a time):")
     print(f"{'stream':<28} {'writes':>7} {'syncs':>7}")
     for stream in sorted({s for s, _ in counts}):
         writes = counts[(stream, "write")] / args.messages

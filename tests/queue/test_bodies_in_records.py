@@ -1,5 +1,7 @@
-"""Where a body lives: a small one inside its record and each job, a larger one in
-the bodies stream; both survive a deferral and a restart of the queue."""
+"""Where a body lives: a small one inside its record and each job, a larger one
+attached to its record until the record first changes, then in the bodies
+stream, as is one too large to share a stream message with its record; all
+survive a deferral and a restart of the queue."""
 
 from __future__ import annotations
 
@@ -8,9 +10,13 @@ import io
 import smtplib
 from pathlib import Path
 
+from kurrier.core.body_store import load_body
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     DISPATCH_STREAM,
+    INLINE_BODY_LIMIT,
+    MESSAGES_STREAM,
+    RECORDS_PREFIX,
     body_subject,
     connect,
     disconnect,
@@ -18,16 +24,20 @@ from kurrier.core.jetstream import (
     ensure_layout,
 )
 from kurrier.core.message import (
+    BODY_IN_RECORD_WIRE_VERSION,
     BODY_WIRE_VERSION,
-    RECORD_BODY_LIMIT,
+    CARRIED_BODY_LIMIT,
     DeliveryJob,
     MessageRecord,
     RecipientState,
 )
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
+from kurrier.queue.admin import hold
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from tests.support.nats import NatsServer
 from tests.support.processes import stop_process, wait_until
@@ -44,7 +54,8 @@ from tests.support.sink import Sink
 
 # 8-bit bytes that are not UTF-8: the body must cross JSON intact.
 SMALL = b"Subject: small\r\n\r\n\xe9t\xe9 \xff\r\n" + b"x" * 100 + b"\r\n"
-LARGE = b"Subject: large\r\n\r\n" + (b"y" * 78 + b"\r\n") * (RECORD_BODY_LIMIT // 80 + 1)
+LARGE = b"Subject: large\r\n\r\n\xe9" + (b"y" * 78 + b"\r\n") * (CARRIED_BODY_LIMIT // 80 + 1)
+TOO_LARGE = b"Subject: too large\r\n\r\n" + b"z" * (INLINE_BODY_LIMIT - 40) + b"\r\n"
 
 
 def _template(queue_id: str) -> MessageRecord:
@@ -56,6 +67,13 @@ def _template(queue_id: str) -> MessageRecord:
         size=0,
         body_store="stream",
     )
+
+
+async def _in_bodies_stream(js: JetStreamContext, queue_id: str) -> int:
+    subjects = (
+        await js.stream_info(BODIES_STREAM, subjects_filter=body_subject(queue_id))
+    ).state.subjects or {}
+    return subjects.get(body_subject(queue_id), 0)
 
 
 async def _accept(nats_url: str, queue_id: str, body: bytes) -> tuple[MessageRecord, bytes, int]:
@@ -71,10 +89,16 @@ async def _accept(nats_url: str, queue_id: str, body: bytes) -> tuple[MessageRec
         found = await records.get(queue_id, fresh=True)
         assert found is not None
         job = await js.get_last_msg(DISPATCH_STREAM, dispatch_subject(queue_id))
-        subjects = (
-            await js.stream_info(BODIES_STREAM, subjects_filter=body_subject(queue_id))
-        ).state.subjects or {}
-        return found[0], job.data or b"", subjects.get(body_subject(queue_id), 0)
+        return found[0], job.data or b"", await _in_bodies_stream(js, queue_id)
+    finally:
+        await disconnect(nc)
+
+
+async def _stored_record(nats_url: str, queue_id: str) -> bytes:
+    nc = await connect(nats_url, "test-bodies")
+    try:
+        stored = await nc.jetstream().get_last_msg(MESSAGES_STREAM, RECORDS_PREFIX + queue_id)
+        return stored.data or b""
     finally:
         await disconnect(nc)
 
@@ -90,13 +114,65 @@ def test_a_small_body_is_stored_in_its_record_and_carried_by_its_job(
     assert b'"body_store":"stream"' in wire
 
 
-def test_a_body_over_the_limit_goes_to_the_bodies_stream_as_before(
+def test_a_larger_body_is_attached_to_its_record_and_left_there_by_its_job(
     nats_server: NatsServer,
 ) -> None:
-    record, wire, in_stream = asyncio.run(_accept(nats_server.url, "LARGEBODY00000000001", LARGE))
+    queue_id = "LARGEBODY00000000001"
+    record, wire, in_stream = asyncio.run(_accept(nats_server.url, queue_id, LARGE))
+    assert (record.body_store, record.body, in_stream) == ("record", LARGE, 0)
+    # As it is, after the record's JSON: no base64 of it to write and read back.
+    assert asyncio.run(_stored_record(nats_server.url, queue_id)).endswith(b"\x00" + LARGE)
+    job = DeliveryJob.model_validate_json(wire)
+    assert (job.version, job.body_store, job.body) == (BODY_IN_RECORD_WIRE_VERSION, "record", None)
+
+
+def test_a_body_too_large_to_share_a_stream_message_with_its_record_goes_to_the_stream(
+    nats_server: NatsServer,
+) -> None:
+    queue_id = "TOOLARGEBODY00000001"
+    record, wire, in_stream = asyncio.run(_accept(nats_server.url, queue_id, TOO_LARGE))
     assert (record.body_store, record.body, in_stream) == ("stream", None, 1)
     job = DeliveryJob.model_validate_json(wire)
     assert (job.version, job.body_store, job.body) == (1, "stream", None)
+
+
+async def _load_as_the_record_changes(nats_url: str) -> tuple[bytes, int, bytes, bool]:
+    """The body a job that leaves it in the record loads: while it is attached, once a
+    change stored it on its own (a hold, as any change), and once the message is gone."""
+    nc = await connect(nats_url, "test-bodies")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        records = await RecordStore.open(js)
+        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+        queue_id = "MOVEDBODY00000000001"
+        await manager.intake.accept(_template(queue_id), io.BytesIO(LARGE), len(LARGE))
+        await manager.store.first_jobs_sent()
+        stored = await js.get_last_msg(DISPATCH_STREAM, dispatch_subject(queue_id))
+        job = DeliveryJob.model_validate_json(stored.data or b"")
+        attached = await load_body(js, job)
+        held = await manager.mutate(queue_id, hold)
+        assert held is not None and (held.body_store, held.body) == ("stream", None)
+        moved = await load_body(js, job)
+        await manager.delete(queue_id)
+        try:
+            await load_body(js, job)
+        except NotFoundError:
+            gone = True
+        else:
+            gone = False
+        return attached, await _in_bodies_stream(js, queue_id), moved, gone
+    finally:
+        await disconnect(nc)
+
+
+def test_a_job_finds_its_body_where_the_record_put_it(nats_server: NatsServer) -> None:
+    attached, in_stream_after_delete, moved, gone = asyncio.run(
+        _load_as_the_record_changes(nats_server.url)
+    )
+    assert attached == LARGE
+    assert moved == LARGE
+    assert (in_stream_after_delete, gone) == (0, True)
 
 
 def test_small_and_large_bodies_survive_a_deferral_and_a_queue_restart(
@@ -120,6 +196,7 @@ def test_small_and_large_bodies_survive_a_deferral_and_a_queue_restart(
 
         wait_until(deferred, 60, "both messages to be deferred")
         stores = sorted((r.size, r.body_store, r.body is not None) for r in records)
+        # The deferral stored the large body on its own, before the record changed.
         assert [(store, carried) for _, store, carried in stores] == [
             ("record", True),
             ("stream", False),

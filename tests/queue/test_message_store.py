@@ -15,6 +15,7 @@ from kurrier.core.body_store import store_body
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     DISPATCH_STREAM,
+    INLINE_BODY_LIMIT,
     JOB_LEASE,
     JOBS_STREAM,
     body_subject,
@@ -25,7 +26,7 @@ from kurrier.core.jetstream import (
     schedule_subject,
 )
 from kurrier.core.message import (
-    RECORD_BODY_LIMIT,
+    CARRIED_BODY_LIMIT,
     DeliveryResult,
     MessageRecord,
     RecipientOutcome,
@@ -41,6 +42,9 @@ from kurrier.queue.sweeper import DISPATCH_GRACE, Sweeper
 from nats.js import JetStreamContext
 
 from tests.support.nats import NatsServer
+
+# One stream message at most, but not with its record as well: the bodies stream.
+TOO_LARGE_FOR_ITS_RECORD = b"x" * INLINE_BODY_LIMIT
 
 
 def _template(queue_id: str) -> MessageRecord:
@@ -74,8 +78,9 @@ async def _delete_a_deferred_message(nats_url: str) -> dict[str, int]:
         js = nc.jetstream()
         manager = await _manager(js)
         queue_id = "DELETEDEFERRED000001"
-        # Too large for its record: the body is a message of its own to remove.
-        body = b"x" * (RECORD_BODY_LIMIT + 1)
+        # Attached to its record, then stored on its own by the deferral: a
+        # message of its own to remove.
+        body = b"x" * (CARRIED_BODY_LIMIT + 1)
         await manager.intake.accept(_template(queue_id), io.BytesIO(body), len(body))
         await manager.store.first_jobs_sent()
         deferral = DeliveryResult(
@@ -201,7 +206,7 @@ async def _store_a_body_that_waits_for_its_record(
 
         monkeypatch.setattr(manager.records, "create", create_and_tell)
         monkeypatch.setattr(message_store, "store_body", store_once_the_record_is_stored)
-        body = b"x" * (RECORD_BODY_LIMIT + 1)
+        body = TOO_LARGE_FOR_ITS_RECORD
         accepted = await manager.intake.accept(_template(queue_id), io.BytesIO(body), len(body))
         return accepted is not None, await _messages(js, BODIES_STREAM, body_subject(queue_id))
     finally:
@@ -225,7 +230,7 @@ async def _accept_without_a_bodies_stream(nats_url: str) -> tuple[bool, bool]:
         manager = await _manager(js)
         await js.delete_stream(BODIES_STREAM)  # the body's write must fail
         queue_id = "BODYREFUSED000000001"
-        body = b"x" * (RECORD_BODY_LIMIT + 1)
+        body = TOO_LARGE_FOR_ITS_RECORD
         try:
             await manager.intake.accept(_template(queue_id), io.BytesIO(body), len(body))
         except nats.errors.Error:

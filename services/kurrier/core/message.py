@@ -11,19 +11,20 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_serialize
 RecipientStatus = Literal["queued", "deferred", "delivered", "bounced", "expired"]
 FAILED_STATUSES: frozenset[str] = frozenset({"bounced", "expired"})
 FINAL_STATUSES: frozenset[str] = FAILED_STATUSES | {"delivered"}
-# Where a message's body is: in its record (and each job) when it is at most
-# RECORD_BODY_LIMIT, else one message of the bodies stream or, when larger than
-# INLINE_BODY_LIMIT (core/jetstream.py), the object store.
+# Where a message's body is: in its record (core/body_store.py, place_body),
+# else one message of the bodies stream or, when larger than INLINE_BODY_LIMIT
+# (core/jetstream.py), the object store.
 BodyStore = Literal["record", "stream", "object"]
 
-# A body this small is kept in the record and carried by each job, so storing
-# a message is one synced write (the record) and removing it another, rather
-# than two each, and delivery reads nothing to send it. Bounded because every
-# record is read by each sweeper round and up to RECENT_LIMIT of them
-# (core/records.py) are cached by each queue process: 4 KiB, base64 in JSON,
-# keeps a record under about 6 KB, covering notifications and plain-text
-# mail while a message with attachments goes to the bodies stream.
-RECORD_BODY_LIMIT = 4 * 1024
+# A body this small is part of its record's JSON (base64) and carried by each
+# job, so delivery reads nothing to send it. A larger body in the record is
+# attached to its JSON, as it is (MessageRecord.document), and delivery reads
+# the record for it: base64 of 100 KB in both record and job, both ways,
+# costs more than the write it saves (bench/results/2026-12-07-syncs-and-go-processors.md).
+CARRIED_BODY_LIMIT = 4 * 1024
+# What separates a record's JSON from the body attached to it: JSON never holds
+# a raw NUL octet (it escapes every control character in a string).
+_ATTACHMENT = b"\0"
 
 
 class _Model(BaseModel):
@@ -111,11 +112,31 @@ class MessageRecord(_Model):
     body: bytes | None = None
 
     def document(self) -> bytes:
-        """The record as stored. Fields at their defaults are left out, so a field
-        added later is written only when a message uses it: a record that does
-        not stays readable by queue pods of the version before, whose strict
-        model refuses fields it does not know."""
-        return self.model_dump_json(exclude_defaults=True).encode()
+        """The record as stored: its JSON and, when it holds a body larger than
+        CARRIED_BODY_LIMIT, a NUL and that body as it is. Fields at their
+        defaults are left out, so a field added later is written only when a
+        message uses it: a record that does not stays readable by queue pods of
+        the version before, whose strict model refuses fields it does not know
+        (and, as such a field, a body attached)."""
+        if not self.body_attached:
+            return self.model_dump_json(exclude_defaults=True).encode()
+        head = self.model_dump_json(exclude_defaults=True, exclude={"body"}).encode()
+        return b"".join((head, _ATTACHMENT, self.body or b""))
+
+    @classmethod
+    def from_document(cls, document: bytes) -> MessageRecord:
+        """The record that document() stored."""
+        end = document.find(_ATTACHMENT)
+        if end < 0:
+            return cls.model_validate_json(document)
+        record = cls.model_validate_json(document[:end])
+        record.body = document[end + 1 :]
+        return record
+
+    @property
+    def body_attached(self) -> bool:
+        """Whether the record holds its body outside its JSON (document)."""
+        return self.body is not None and len(self.body) > CARRIED_BODY_LIMIT
 
     def pending(self) -> list[RecipientState]:
         return [r for r in self.recipients if r.status not in FINAL_STATUSES]
@@ -141,12 +162,14 @@ class MessageRecord(_Model):
 # and drop the job as a deleted message's. Version 4 jobs may ask for
 # REQUIRETLS: a version 3 pod would send them over any TLS or none. Version 5
 # jobs carry their tenant: a version 4 pod would route them by every
-# namespace's routes.
-WIRE_VERSION = 5
+# namespace's routes. Version 6 jobs may leave their body in the record
+# (body_store "record" without a body): a version 5 pod would send it empty.
+WIRE_VERSION = 6
 DSN_WIRE_VERSION = 2
 BODY_WIRE_VERSION = 3
 REQUIRE_TLS_WIRE_VERSION = 4
 TENANT_WIRE_VERSION = 5
+BODY_IN_RECORD_WIRE_VERSION = 6
 
 
 class _Tolerant(BaseModel):
@@ -211,7 +234,8 @@ class DeliveryJob(WireMessage):
     dsn_ret: str = ""
     dsn_envid: str = ""
     recipient_dsn: dict[str, RecipientDsn] = {}
-    # The body, when the record holds it (body_store "record").
+    # The body, when the record holds it as part of its JSON (body_store
+    # "record", CARRIED_BODY_LIMIT); None there: delivery reads the record.
     body: bytes | None = None
     # REQUIRETLS (RFC 8689; MessageRecord.require_tls).
     require_tls: bool = False
@@ -227,9 +251,11 @@ class DeliveryJob(WireMessage):
     @field_serializer("body_store")
     def _store_on_the_wire(self, where: BodyStore) -> str:
         # A pod of wire version 2 refuses a store it does not know as unreadable
-        # and terminates the job; told "stream", it reads the job, sees version
-        # 3 and leaves it for a pod that reads it.
-        return "stream" if where == "record" else where
+        # and terminates the job; told "stream", it reads a job that carries its
+        # body, sees version 3 and leaves it for a pod that reads it. (One that
+        # leaves its body in the record says "record": a version 2 pod
+        # terminates it, and the sweeper dispatches the message again.)
+        return "stream" if where == "record" and self.body is not None else where
 
     @model_validator(mode="after")
     def _carried_body_is_the_records(self) -> Self:
@@ -238,6 +264,8 @@ class DeliveryJob(WireMessage):
         return self
 
     def _version_needed(self) -> int:
+        if self.body_store == "record" and self.body is None:
+            return BODY_IN_RECORD_WIRE_VERSION
         if self.tenant:
             return TENANT_WIRE_VERSION
         if self.require_tls:

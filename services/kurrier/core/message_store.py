@@ -9,12 +9,12 @@ and none that loses an accepted message:
 
 1. The body with the record (`create`): both are acknowledged before the
    client's answer and before any job, so a job always finds its body. A
-   larger body is written beside its record, not before it: a record whose
-   body never came was never accepted (its client heard 451, or nothing),
-   and the sweeper, finding the body gone at the stream's leader once the
-   record's dispatch is old, removes it. A body of at most RECORD_BODY_LIMIT
-   is inside its record (core/message.py), so both are one write: a crash
-   cannot separate them.
+   body that fits is inside its record (core/body_store.py, place_body), so
+   both are one write: a crash cannot separate them. A larger body is
+   written beside its record, not before it: a record whose body never came
+   was never accepted (its client heard 451, or nothing), and the sweeper,
+   finding the body gone at the stream's leader once the record's dispatch
+   is old, removes it.
 2. The record before its jobs (`create`, `update`). A job always has its
    record; a record whose job was lost is dispatched again by the sweeper.
    A new message is accepted once its record is stored: its first jobs go
@@ -23,7 +23,10 @@ and none that loses an accepted message:
    leaves it to the sweeper. When the record cannot be stored the
    client hears 451, so what may be stored of it is taken back.
 3. A record changes only at the revision it was read at (`update`,
-   `finish`); a writer that lost the race reads again and re-applies.
+   `finish`); a writer that lost the race reads again and re-applies. A
+   body attached to the record is stored on its own before the record's
+   first change drops it (`update`): a crash in between leaves a copy that
+   nothing refers to once the message is over, which the sweeper removes.
 4. The retry schedule after the record (`update`). A schedule always finds
    its record as it was written; a record whose schedule was lost is
    overdue, and the sweeper dispatches it.
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import io
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -49,9 +53,9 @@ from typing import IO
 from kurrier.core.background import Background
 from kurrier.core.body_store import (
     body_exists,
-    body_store_for,
     delete_body,
     object_stored_at,
+    place_body,
     store_body,
 )
 from kurrier.core.jetstream import (
@@ -65,7 +69,7 @@ from kurrier.core.jetstream import (
     due_subject,
     schedule_subject,
 )
-from kurrier.core.message import RECORD_BODY_LIMIT, BodyStore, MessageRecord
+from kurrier.core.message import BodyStore, MessageRecord
 from kurrier.core.records import RecordChanged, RecordStore
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -94,6 +98,10 @@ async def _no_jobs(record: MessageRecord, recipients: list[str], revision: int) 
     raise RuntimeError("this MessageStore does not dispatch")
 
 
+def _always() -> bool:
+    return True
+
+
 async def _while_away(window: float, attempt: Callable[[], Awaitable[None]]) -> None:
     """attempt(), tried again while NATS is away (NATS_AWAY) for up to window seconds.
     Raises the last such error once the window is over, any other error at once."""
@@ -112,11 +120,18 @@ async def _while_away(window: float, attempt: Callable[[], Awaitable[None]]) -> 
 
 class MessageStore:
     def __init__(
-        self, js: JetStreamContext, records: RecordStore, publish_jobs: JobPublisher = _no_jobs
+        self,
+        js: JetStreamContext,
+        records: RecordStore,
+        publish_jobs: JobPublisher = _no_jobs,
+        bodies_in_records: Callable[[], bool] = _always,
     ) -> None:
+        """bodies_in_records: whether a new message's body may be kept in its record
+        now (queue/job_backlog.py); else only one of CARRIED_BODY_LIMIT or less is."""
         self._js = js
         self.records = records
         self._publish_jobs = publish_jobs
+        self._bodies_in_records = bodies_in_records
         self._first_jobs = Background()
 
     async def create(
@@ -136,11 +151,7 @@ class MessageStore:
         every retry. Returns the record as stored and its revision, or None if
         a retry found the message already past its first dispatch or finished.
         """
-        if size <= RECORD_BODY_LIMIT:
-            body.seek(0)
-            record = record.model_copy(update={"body_store": "record", "body": body.read()})
-        else:
-            record = record.model_copy(update={"body_store": body_store_for(size)})
+        record = place_body(record, body, size, self._bodies_in_records())
         dispatch = [r.address for r in record.recipients if r.status == "queued"]
         try:
             revision = await self._create_record(record, body, size)
@@ -238,11 +249,25 @@ class MessageStore:
         """Write a changed record at its revision (else RecordChanged), then publish the
         jobs for dispatch, then arrange its next retry. Returns the new revision."""
         record.scheduled = any(r.status == "deferred" for r in record.pending())
+        if record.body_attached:
+            await self._detach_body(record)
         revision = await self.records.update(record, revision)
         if dispatch:
             await self._publish_jobs(record, dispatch, revision)
         await self._schedule_next(record)
         return revision
+
+    async def _detach_body(self, record: MessageRecord) -> None:
+        """Store the body attached to record on its own, and record without it.
+
+        Stored before the record changes (rule 3): a job still out that leaves
+        its body in the record then finds where it went (core/body_store.py).
+        A change read again after losing a race stores it again, which its
+        dedup id, or the bodies stream's one message per subject, makes one.
+        """
+        body = record.body or b""
+        where = await store_body(self._js, record.queue_id, io.BytesIO(body), len(body))
+        record.body_store, record.body = where, None
 
     async def finish(
         self,

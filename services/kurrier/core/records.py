@@ -90,7 +90,7 @@ class RecordStore:
         The second case is a message taken in again after its first copy
         finished (ingress sending it again after a broken stream, a result
         applied again after its notification was delivered): its body may be
-        inside the record (RECORD_BODY_LIMIT), so a record created again would
+        inside the record (core/body_store.py), so a record created again would
         be delivered again. Deduplicated, it is not created at all.
         """
         subject = RECORDS_PREFIX + record.queue_id
@@ -136,13 +136,13 @@ class RecordStore:
         """
         recent = None if fresh or at_leader else self._recent.get(queue_id)
         if recent is not None:
-            return MessageRecord.model_validate_json(recent[0]), recent[1]
+            return MessageRecord.from_document(recent[0]), recent[1]
         entry = None if at_leader else await self._read(self._kv, queue_id)
         if entry is None:
             entry = await self._read(self._at_leader, queue_id)
         if entry is None:
             return None
-        return MessageRecord.model_validate_json(entry.value or b""), entry.revision or 0
+        return MessageRecord.from_document(entry.value or b""), entry.revision or 0
 
     @staticmethod
     async def _read(kv: KeyValue, queue_id: str) -> KeyValue.Entry | None:
@@ -193,4 +193,4 @@ class RecordStore:
         )
         async for message in passing:
             if message.data:  # a removal's purge marker is empty
-                yield MessageRecord.model_validate_json(message.data)
+                yield MessageRecord.from_document(message.data)

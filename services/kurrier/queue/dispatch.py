@@ -86,7 +86,8 @@ async def publish_jobs(
                 for r in record.recipients
                 if r.address in members and (r.notify or r.orcpt)
             },
-            body=record.body,
+            # A body attached to the record stays there: delivery reads the record.
+            body=None if record.body_attached else record.body,
             require_tls=record.require_tls,
             tenant=record.tenant,
             batched_results=batched_results,

@@ -32,6 +32,7 @@ from kurrier.core.telemetry import grpc_server_interceptors
 from kurrier.queue.acked_cleanup import AckedCleanup
 from kurrier.queue.callers import CallerCheck
 from kurrier.queue.consumers import run_due, run_results
+from kurrier.queue.job_backlog import JobBacklog
 from kurrier.queue.leadership import Lease
 from kurrier.queue.manager import QueueManager
 from kurrier.queue.retry_schedule import RetrySchedule
@@ -85,6 +86,7 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
     # nats-server takes no atomic batches into an unsynced stream (unsynced_jobs).
     jobs_least = 0 if unsynced_jobs(settings.replicas) else least
     records = await RecordStore.open(js, AtomicBatches(js, MESSAGES_STREAM, least, nats.nc))
+    backlog = JobBacklog(js)
     manager = QueueManager(
         js,
         records,
@@ -93,6 +95,7 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
         settings.hostname,
         AtomicBatches(js, DISPATCH_STREAM, jobs_least, nats.nc),
         settings.batched_results,
+        backlog.small,
     )
     sweeper_lease = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
     grpc_server = _GrpcServer(settings, QueueService(js, records, manager))
@@ -106,6 +109,7 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
             AckedCleanup(js, DISPATCH_STREAM, DELIVERY_CONSUMER).run,
             AckedCleanup(js, EARLIER_DISPATCH_STREAM, DELIVERY_CONSUMER).run,
             AckedCleanup(js, OUTCOMES_STREAM, OUTCOMES_CONSUMER).run,
+            backlog.run,
             lambda: sweeper_lease.run(Sweeper(js, manager).run),
         ],
         # The first jobs of the last messages taken in go out before NATS is left,

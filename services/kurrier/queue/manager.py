@@ -12,7 +12,7 @@ import datetime
 import io
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from kurrier.core.atomic_batches import AtomicBatches
@@ -103,6 +103,7 @@ class QueueManager:
         hostname: str,
         jobs: AtomicBatches | None = None,
         batched_results: bool = BATCHED_RESULTS_BY_DEFAULT,
+        bodies_in_records: Callable[[], bool] = lambda: True,
     ) -> None:
         self._js = js
         self._tables = tables
@@ -115,7 +116,7 @@ class QueueManager:
                 job_writes, tables.table, record, recipients, revision, batched_results
             )
 
-        self.store = MessageStore(js, records, publish)
+        self.store = MessageStore(js, records, publish, bodies_in_records)
         self.intake = Intake(self.store)
 
     @property
