@@ -5,7 +5,7 @@ The method: nats-server runs under strace (a wrapper first on the PATH of
 JetStream block file (with the start of what was written, which names the
 subject) and every fsync/fdatasync. For each message the test sends, it
 finds the write of its record (`$KV.kurrier-messages.<id>`, which holds a
-body of up to 4 KiB, and whose storing is the acceptance: the jobs follow
+body of up to 256 KiB, and whose storing is the acceptance: the jobs follow
 the answer) and, for a larger body, the write of the body beside it
 (`kurrier.body.<id>`), and requires an fsync of the same file after each
 and before the client saw 250.
@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from kurrier.core.body_store import ATTACHED_BODY_LIMIT
 
 from bench.traced_nats import Event, block_file_events, install_traced_nats_server
 from tests.support.relay import UpRelay, documents, route, trusting
@@ -44,9 +45,10 @@ SESSIONS = 10
 Sent = list[tuple[str, float, float]]
 
 
-# Past the record's 4 KiB: a body of its own, written beside the record.
+# Past what a record keeps (ATTACHED_BODY_LIMIT): a body of its own, written
+# beside the record.
 LARGER_BODY = "x" * 70 + "\r\n"
-LARGER_LINES = 80
+LARGER_LINES = ATTACHED_BODY_LIMIT // len(LARGER_BODY) + 1
 
 
 def _send(port: int, messages: int = MESSAGES, lines: int = 1) -> Sent:

@@ -175,6 +175,35 @@ def test_a_job_finds_its_body_where_the_record_put_it(nats_server: NatsServer) -
     assert (in_stream_after_delete, gone) == (0, True)
 
 
+async def _hold_with_no_room_for_the_body(nats_url: str) -> tuple[MessageRecord, bytes]:
+    nc = await connect(nats_url, "test-bodies")
+    try:
+        js = nc.jetstream()
+        await ensure_layout(js)
+        records = await RecordStore.open(js)
+        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
+        queue_id = "NOROOMFORBODY0000001"
+        await manager.intake.accept(_template(queue_id), io.BytesIO(LARGE), len(LARGE))
+        await manager.store.first_jobs_sent()
+        # A bodies stream capped below the body: its store is refused for want of room.
+        await js.delete_stream(BODIES_STREAM)
+        await ensure_layout(js, body_store_limit=1024)
+        held = await manager.mutate(queue_id, hold)
+        assert held is not None
+        stored = await js.get_last_msg(MESSAGES_STREAM, RECORDS_PREFIX + queue_id)
+        return held, stored.data or b""
+    finally:
+        await disconnect(nc)
+
+
+def test_a_change_with_no_room_for_the_body_keeps_it_in_the_record(
+    nats_server: NatsServer,
+) -> None:
+    held, stored = asyncio.run(_hold_with_no_room_for_the_body(nats_server.url))
+    assert (held.held, held.body_store, held.body) == (True, "record", LARGE)
+    assert stored.endswith(b"\x00" + LARGE)
+
+
 def test_small_and_large_bodies_survive_a_deferral_and_a_queue_restart(
     tmp_path: Path, sink: Sink, nats_server: NatsServer
 ) -> None:

@@ -97,6 +97,14 @@ MAX_OUTSTANDING_PINGS = 2
 T = TypeVar("T")
 
 
+def storage_full(error: BaseException) -> bool:
+    """Whether JetStream refused a write for want of room: its storage, or a stream's
+    byte limit (`--body-store-limit`)."""
+    return isinstance(error, APIError) and (
+        error.err_code == _INSUFFICIENT_RESOURCES or "exceeded" in (error.description or "")
+    )
+
+
 async def when_answered(request: Callable[[], Awaitable[T]], what: str) -> T:
     """request()'s result, asked again while JetStream does not answer
     (JETSTREAM_UNANSWERED), doubling the pause from ASK_AGAIN_FIRST to
@@ -120,6 +128,8 @@ async def when_answered(request: Callable[[], Awaitable[T]], what: str) -> T:
 
 # JetStream's error code for a stream whose limits the store cannot reserve.
 _INSUFFICIENT_STORAGE = 10047
+# And for a write its storage has no room for.
+_INSUFFICIENT_RESOURCES = 10023
 # And for a stream configuration it refuses, a change of persist mode among them.
 _INVALID_STREAM_CONFIG = 10052
 

@@ -68,12 +68,13 @@ from kurrier.core.jetstream import (
     dispatch_subject,
     due_subject,
     schedule_subject,
+    storage_full,
 )
 from kurrier.core.message import BodyStore, MessageRecord
 from kurrier.core.records import RecordChanged, RecordStore
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +265,21 @@ class MessageStore:
         its body in the record then finds where it went (core/body_store.py).
         A change read again after losing a race stores it again, which its
         dedup id, or the bodies stream's one message per subject, makes one.
+        When there is no room for it the body stays in the record, which keeps
+        the change (a deferral, say) from waiting for room.
         """
         body = record.body or b""
-        where = await store_body(self._js, record.queue_id, io.BytesIO(body), len(body))
+        try:
+            where = await store_body(self._js, record.queue_id, io.BytesIO(body), len(body))
+        except APIError as error:
+            if not storage_full(error):
+                raise
+            log.warning(
+                "no room to store the body on its own; it stays in the record: %r",
+                error,
+                extra={"queue_id": record.queue_id},
+            )
+            return
         record.body_store, record.body = where, None
 
     async def finish(

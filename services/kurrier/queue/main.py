@@ -87,6 +87,9 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
     jobs_least = 0 if unsynced_jobs(settings.replicas) else least
     records = await RecordStore.open(js, AtomicBatches(js, MESSAGES_STREAM, least, nats.nc))
     backlog = JobBacklog(js)
+    # A body kept in its record is outside the bodies stream's cap: with a cap,
+    # every body over CARRIED_BODY_LIMIT goes where the cap holds it.
+    bodies_in_records = backlog.small if settings.body_store_limit is None else _never
     manager = QueueManager(
         js,
         records,
@@ -95,7 +98,7 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
         settings.hostname,
         AtomicBatches(js, DISPATCH_STREAM, jobs_least, nats.nc),
         settings.batched_results,
-        backlog.small,
+        bodies_in_records,
     )
     sweeper_lease = Lease(await js.key_value(LEASES_BUCKET), "queue-sweeper")
     grpc_server = _GrpcServer(settings, QueueService(js, records, manager))
@@ -117,6 +120,10 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
         drain=[grpc_server.drain, lambda: manager.store.first_jobs_sent(FIRST_JOBS_AT_STOP)],
         healthy=grpc_server.serving,
     )
+
+
+def _never() -> bool:
+    return False
 
 
 async def measure_queue(records: RecordStore) -> None:

@@ -23,7 +23,7 @@ from kurrier.core.body_store import load_body
 from kurrier.core.domains import InvalidDomain, canonical_address, normalise_domain
 from kurrier.core.dsn_parameters import dsn_problem
 from kurrier.core.history import HISTORY, trace_id_of
-from kurrier.core.jetstream import INLINE_BODY_LIMIT, SHAPING_BUCKET
+from kurrier.core.jetstream import INLINE_BODY_LIMIT, SHAPING_BUCKET, storage_full
 from kurrier.core.message import MessageRecord, RecipientState
 from kurrier.core.records import RecordStore
 from kurrier.core.routing import domain_of
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 # Queue ids become NATS subject tokens and KV keys: keep them to a safe alphabet.
 QUEUE_ID_RE = re.compile(r"^[A-Za-z0-9]{8,64}$")
 NATS_FAILURES = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
-INSUFFICIENT_RESOURCES = 10023  # JetStream's error code when its storage is full
 STATES = ("active", "deferred", "held")
 # What an administrator's change of a message is in its history (a delete: QueueManager).
 ADMIN_EVENTS = {
@@ -71,12 +70,6 @@ class Refused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def storage_full(error: Exception) -> bool:
-    return isinstance(error, nats.js.errors.APIError) and (
-        error.err_code == INSUFFICIENT_RESOURCES or "exceeded" in (error.description or "")
-    )
 
 
 def check_envelope(envelope: queue_pb2.Envelope) -> None:
