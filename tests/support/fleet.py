@@ -55,7 +55,7 @@ SMTP_PORT = 2525
 RECIPIENT = "r@example.com"
 # The release this one upgrades from (there are no release tags yet); moved on
 # with each release, so each upgrade path is tried once.
-PREVIOUS_RELEASE = "ac69b84"
+PREVIOUS_RELEASE = "fffb44a"
 # The load's sender; its domain routes to the sink too, so a bounce (DSN) arrives there.
 SENDER_DOMAIN = "client.test"
 
