@@ -99,10 +99,6 @@ async def _no_jobs(record: MessageRecord, recipients: list[str], revision: int) 
     raise RuntimeError("this MessageStore does not dispatch")
 
 
-def _always() -> bool:
-    return True
-
-
 async def _while_away(window: float, attempt: Callable[[], Awaitable[None]]) -> None:
     """attempt(), tried again while NATS is away (NATS_AWAY) for up to window seconds.
     Raises the last such error once the window is over, any other error at once."""
@@ -125,10 +121,11 @@ class MessageStore:
         js: JetStreamContext,
         records: RecordStore,
         publish_jobs: JobPublisher = _no_jobs,
-        bodies_in_records: Callable[[], bool] = _always,
+        bodies_in_records: Callable[[], bool] | None = None,
     ) -> None:
         """bodies_in_records: whether a new message's body may be kept in its record
-        now (queue/job_backlog.py); else only one of CARRIED_BODY_LIMIT or less is."""
+        now (queue/job_backlog.py; None: always); else only one of CARRIED_BODY_LIMIT
+        or less is."""
         self._js = js
         self.records = records
         self._publish_jobs = publish_jobs
@@ -152,7 +149,8 @@ class MessageStore:
         every retry. Returns the record as stored and its revision, or None if
         a retry found the message already past its first dispatch or finished.
         """
-        record = place_body(record, body, size, self._bodies_in_records())
+        in_record = self._bodies_in_records is None or self._bodies_in_records()
+        record = place_body(record, body, size, in_record)
         dispatch = [r.address for r in record.recipients if r.status == "queued"]
         try:
             revision = await self._create_record(record, body, size)

@@ -103,7 +103,7 @@ class QueueManager:
         hostname: str,
         jobs: AtomicBatches | None = None,
         batched_results: bool = BATCHED_RESULTS_BY_DEFAULT,
-        bodies_in_records: Callable[[], bool] = lambda: True,
+        bodies_in_records: Callable[[], bool] | None = None,
     ) -> None:
         self._js = js
         self._tables = tables
