@@ -1,6 +1,6 @@
 """Where a body lives: a small one inside its record and each job, a larger one
 attached to its record until the record first changes, then in the bodies
-stream, as is one too large to share a stream message with its record; all
+stream, as is one larger than a record keeps (ATTACHED_BODY_LIMIT); all
 survive a deferral and a restart of the queue."""
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import io
 import smtplib
 from pathlib import Path
 
-from kurrier.core.body_store import load_body
+from kurrier.core.body_store import ATTACHED_BODY_LIMIT, load_body
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     DISPATCH_STREAM,
-    INLINE_BODY_LIMIT,
     MESSAGES_STREAM,
     RECORDS_PREFIX,
     body_subject,
@@ -55,7 +54,7 @@ from tests.support.sink import Sink
 # 8-bit bytes that are not UTF-8: the body must cross JSON intact.
 SMALL = b"Subject: small\r\n\r\n\xe9t\xe9 \xff\r\n" + b"x" * 100 + b"\r\n"
 LARGE = b"Subject: large\r\n\r\n\xe9" + (b"y" * 78 + b"\r\n") * (CARRIED_BODY_LIMIT // 80 + 1)
-TOO_LARGE = b"Subject: too large\r\n\r\n" + b"z" * (INLINE_BODY_LIMIT - 40) + b"\r\n"
+TOO_LARGE = b"Subject: too large\r\n\r\n" + (b"z" * 78 + b"\r\n") * (ATTACHED_BODY_LIMIT // 80 + 1)
 
 
 def _template(queue_id: str) -> MessageRecord:
@@ -126,7 +125,7 @@ def test_a_larger_body_is_attached_to_its_record_and_left_there_by_its_job(
     assert (job.version, job.body_store, job.body) == (BODY_IN_RECORD_WIRE_VERSION, "record", None)
 
 
-def test_a_body_too_large_to_share_a_stream_message_with_its_record_goes_to_the_stream(
+def test_a_body_larger_than_a_record_keeps_goes_to_the_bodies_stream(
     nats_server: NatsServer,
 ) -> None:
     queue_id = "TOOLARGEBODY00000001"

@@ -11,11 +11,10 @@ from typing import Any
 import nats.errors
 import pytest
 from kurrier.core import message_store
-from kurrier.core.body_store import store_body
+from kurrier.core.body_store import ATTACHED_BODY_LIMIT, store_body
 from kurrier.core.jetstream import (
     BODIES_STREAM,
     DISPATCH_STREAM,
-    INLINE_BODY_LIMIT,
     JOB_LEASE,
     JOBS_STREAM,
     body_subject,
@@ -43,8 +42,8 @@ from nats.js import JetStreamContext
 
 from tests.support.nats import NatsServer
 
-# One stream message at most, but not with its record as well: the bodies stream.
-TOO_LARGE_FOR_ITS_RECORD = b"x" * INLINE_BODY_LIMIT
+# Larger than a record keeps: a message of the bodies stream of its own.
+TOO_LARGE_FOR_ITS_RECORD = b"x" * (ATTACHED_BODY_LIMIT + 1)
 
 
 def _template(queue_id: str) -> MessageRecord:
