@@ -28,7 +28,6 @@ from kurrier.core.message import (
     CARRIED_BODY_LIMIT,
     DeliveryJob,
     MessageRecord,
-    RecipientState,
 )
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
@@ -40,6 +39,7 @@ from nats.js.errors import NotFoundError
 
 from tests.support.nats import NatsServer
 from tests.support.processes import stop_process, wait_until
+from tests.support.queued import template
 from tests.support.relay import (
     ServiceRelay,
     documents,
@@ -57,17 +57,6 @@ LARGE = b"Subject: large\r\n\r\n\xe9" + (b"y" * 78 + b"\r\n") * (CARRIED_BODY_LI
 TOO_LARGE = b"Subject: too large\r\n\r\n" + (b"z" * 78 + b"\r\n") * (ATTACHED_BODY_LIMIT // 80 + 1)
 
 
-def _template(queue_id: str) -> MessageRecord:
-    return MessageRecord(
-        queue_id=queue_id,
-        mail_from="a@client.test",
-        recipients=[RecipientState(address="r@example.com")],
-        received_at=0.0,
-        size=0,
-        body_store="stream",
-    )
-
-
 async def _in_bodies_stream(js: JetStreamContext, queue_id: str) -> int:
     subjects = (
         await js.stream_info(BODIES_STREAM, subjects_filter=body_subject(queue_id))
@@ -75,17 +64,24 @@ async def _in_bodies_stream(js: JetStreamContext, queue_id: str) -> int:
     return subjects.get(body_subject(queue_id), 0)
 
 
+async def _accepted(js: JetStreamContext, queue_id: str, body: bytes) -> QueueManager:
+    """A queue manager that took body in as queue_id and published its first jobs."""
+    await ensure_layout(js)
+    manager = QueueManager(
+        js, await RecordStore.open(js), TableFollower(), RetrySchedule(), "relay.test"
+    )
+    await manager.intake.accept(template(queue_id), io.BytesIO(body), len(body))
+    await manager.store.first_jobs_sent()
+    return manager
+
+
 async def _accept(nats_url: str, queue_id: str, body: bytes) -> tuple[MessageRecord, bytes, int]:
     """Accept body; (its record as stored, its job as on the wire, bodies-stream messages)."""
     nc = await connect(nats_url, "test-bodies")
     try:
         js = nc.jetstream()
-        await ensure_layout(js)
-        records = await RecordStore.open(js)
-        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
-        await manager.intake.accept(_template(queue_id), io.BytesIO(body), len(body))
-        await manager.store.first_jobs_sent()
-        found = await records.get(queue_id, fresh=True)
+        manager = await _accepted(js, queue_id, body)
+        found = await manager.records.get(queue_id, fresh=True)
         assert found is not None
         job = await js.get_last_msg(DISPATCH_STREAM, dispatch_subject(queue_id))
         return found[0], job.data or b"", await _in_bodies_stream(js, queue_id)
@@ -141,12 +137,8 @@ async def _load_as_the_record_changes(nats_url: str) -> tuple[bytes, int, bytes,
     nc = await connect(nats_url, "test-bodies")
     try:
         js = nc.jetstream()
-        await ensure_layout(js)
-        records = await RecordStore.open(js)
-        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
         queue_id = "MOVEDBODY00000000001"
-        await manager.intake.accept(_template(queue_id), io.BytesIO(LARGE), len(LARGE))
-        await manager.store.first_jobs_sent()
+        manager = await _accepted(js, queue_id, LARGE)
         stored = await js.get_last_msg(DISPATCH_STREAM, dispatch_subject(queue_id))
         job = DeliveryJob.model_validate_json(stored.data or b"")
         attached = await load_body(js, job)
@@ -178,12 +170,8 @@ async def _hold_with_no_room_for_the_body(nats_url: str) -> tuple[MessageRecord,
     nc = await connect(nats_url, "test-bodies")
     try:
         js = nc.jetstream()
-        await ensure_layout(js)
-        records = await RecordStore.open(js)
-        manager = QueueManager(js, records, TableFollower(), RetrySchedule(), "relay.test")
         queue_id = "NOROOMFORBODY0000001"
-        await manager.intake.accept(_template(queue_id), io.BytesIO(LARGE), len(LARGE))
-        await manager.store.first_jobs_sent()
+        manager = await _accepted(js, queue_id, LARGE)
         # A bodies stream capped below the body: its store is refused for want of room.
         await js.delete_stream(BODIES_STREAM)
         await ensure_layout(js, body_store_limit=1024)

@@ -17,7 +17,7 @@ from kurrier.core.jetstream import (
     dispatch_subject,
     ensure_layout,
 )
-from kurrier.core.message import CARRIED_BODY_LIMIT, MessageRecord, RecipientState
+from kurrier.core.message import CARRIED_BODY_LIMIT
 from kurrier.core.records import RecordStore
 from kurrier.core.table_store import TableFollower
 from kurrier.queue import job_backlog
@@ -27,20 +27,9 @@ from kurrier.queue.retry_schedule import RetrySchedule
 from nats.js.api import AckPolicy, ConsumerConfig
 
 from tests.support.nats import NatsServer
-from tests.support.queued import publish_job
+from tests.support.queued import publish_job, template
 
 BODY = b"x" * (CARRIED_BODY_LIMIT + 1)
-
-
-def _template(queue_id: str) -> MessageRecord:
-    return MessageRecord(
-        queue_id=queue_id,
-        mail_from="a@client.test",
-        recipients=[RecipientState(address="r@example.com")],
-        received_at=0.0,
-        size=0,
-        body_store="stream",
-    )
 
 
 async def test_bodies_leave_records_once_as_many_jobs_wait_as_the_limit(
@@ -64,7 +53,7 @@ async def test_bodies_leave_records_once_as_many_jobs_wait_as_the_limit(
 
         async def accepted_where(queue_id: str) -> str:
             await backlog.measure()
-            record = await manager.intake.accept(_template(queue_id), io.BytesIO(BODY), len(BODY))
+            record = await manager.intake.accept(template(queue_id), io.BytesIO(BODY), len(BODY))
             assert record is not None
             return record.body_store
 

@@ -32,6 +32,18 @@ def queued_record(queue_id: str) -> MessageRecord:
     )
 
 
+def template(queue_id: str) -> MessageRecord:
+    """An envelope to r@example.com as Enqueue gives it to the intake (no body yet)."""
+    return MessageRecord(
+        queue_id=queue_id,
+        mail_from="a@client.test",
+        recipients=[RecipientState(address="r@example.com")],
+        received_at=0.0,
+        size=0,
+        body_store="stream",
+    )
+
+
 async def store_record(js: JetStreamContext, queue_id: str) -> None:
     """A queued record to r@example.com (a job given again for a message with no record
     is taken as finished)."""
