@@ -25,6 +25,7 @@ from kurrier.cli.nats_server import default_sync_interval
 from kurrier.core.smtp_probe import wait_for_smtp_banner
 
 from bench import proc
+from bench.experiments.sitecustomize import KNOWN as KNOWN_EXPERIMENTS
 from bench.interpreter import INTERPRETERS, REPO
 
 DESTINATION_CONCURRENCY = 20
@@ -147,18 +148,11 @@ def experiment_env(base: dict[str, str], experiments: list[str]) -> dict[str, st
     """base, plus what makes kurrier's processes apply bench/experiments/<names>."""
     if not experiments:
         return dict(base)
-    known = {
-        "uvloop",
-        "lean-requests",
-        "grpc-window",
-        "nats-buffer",
-        "grpc-plaintext",
-        "grpc-frames",
-        "grpc-reads",
-    }
-    unknown = set(experiments) - known
+    unknown = set(experiments) - KNOWN_EXPERIMENTS
     if unknown:
-        raise ValueError(f"unknown experiment(s) {sorted(unknown)}; known: {sorted(known)}")
+        raise ValueError(
+            f"unknown experiment(s) {sorted(unknown)}; known: {sorted(KNOWN_EXPERIMENTS)}"
+        )
     path = base.get("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     return {
         **base,
