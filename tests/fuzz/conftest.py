@@ -1,6 +1,8 @@
 """Hypothesis profiles: 'ci' (bounded, the default) and 'long' (run by hand).
 
-HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/fuzz -p no:cacheprovider
+HYPOTHESIS_PROFILE=long .venv/bin/pytest tests/fuzz -p no:cacheprovider --timeout 0
+
+(A long run of one test outlasts the suite's 300 s per test.)
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from kurrier.delivery.smtp_client import to_wire_body
 from kurrier.ingress.data_reader import LINE_TOO_LONG, DataLimits, DataReader
 from kurrier.ingress.data_stream import read_data
+from kurrier.ingress.line_endings import has_bare_line_end
 
 # Bytes that matter to the reader, mixed with a few ordinary ones.
 _INTERESTING = st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b".\r\n", b"x", b"\x00"])
@@ -37,6 +38,11 @@ def feed_in_chunks(wire: bytes, cuts: list[int], limits: DataLimits) -> tuple[in
         consumed += reader.feed(wire[start:cut])
         start = cut
     return consumed, reader
+
+
+@given(wire=WIRE)
+def test_a_bare_line_end_is_found_exactly_where_the_reference_finds_one(wire: bytes) -> None:
+    assert has_bare_line_end(wire) == bool(re.search(rb"\r(?!\n)|(?<!\r)\n", wire))
 
 
 @given(wire=WIRE, tail=st.binary(max_size=20), cuts=st.lists(st.integers(0, 400), max_size=20))

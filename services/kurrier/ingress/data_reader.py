@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kurrier.ingress.line_endings import normalise_line_endings
+from kurrier.ingress.line_endings import has_bare_line_end, normalise_line_endings
 
 TERMINATOR = b"\r\n.\r\n"
 # What both the terminator and a dot-stuffed line start with.
@@ -181,14 +181,15 @@ class DataReader:
         """Measure the runs between line-ending octets against the line length
         limit, and note any bare CR or LF. Contiguous with what came before.
 
-        One splitlines (which breaks at CR, LF and CRLF alike: the runs) settles
-        both: the runs' lengths give the longest, and the octets between them
-        are all CRLF exactly when there are two per break. A CR ending raw may
-        pair with an LF starting the next, so it is left for then.
-
         Each run is one stored line, sent with at most one dot more or less than
         it came with: a run of the limit or more is refused here, before it is
         held; one within two octets of it has its line measured when stored.
+        A CR ending raw may pair with an LF starting the next, so it is left
+        for then.
+
+        Searches that skip ahead in C settle both: splitting a page of prose
+        into its lines costs several times as much, so the runs are split only
+        when one may be long enough to matter.
         """
         limit = self._limits.max_line_length
         lead_lf = self._after_cr and raw.startswith(b"\n")
@@ -201,22 +202,24 @@ class DataReader:
             if tail_cr:
                 self._run = 0
             return
-        runs = core.splitlines()
-        longest = max(self._run + len(runs[0]), max(map(len, runs)))
+        first = _first_line_end(core)
+        if first < 0:
+            longest = self._run + len(core)  # no break at all: the run goes on
+            self._run = 0 if tail_cr else longest
+        else:
+            longest = self._run + first
+            # Runs shorter than this change nothing below.
+            near = limit - len(b".") - len(_NEWLINE_OCTETS) + 1
+            if longest < limit and _has_run_of(core, near):
+                longest = max(longest, max(map(len, core.splitlines())))
+            last = max(core.rfind(b"\r"), core.rfind(b"\n"))
+            self._run = 0 if tail_cr else len(core) - 1 - last
         if longest >= limit:
             self._refuse(LINE_TOO_LONG.format(limit=limit))
             return
         if longest + len(b".") + len(_NEWLINE_OCTETS) > limit:
             self._near_limit = True
-        open_end = core[-1] not in _NEWLINE_OCTETS
-        breaks = len(runs) - open_end
-        if tail_cr or not open_end:
-            self._run = 0
-        elif breaks:
-            self._run = len(runs[-1])
-        else:
-            self._run += len(core)  # no break at all: the run goes on
-        if not self._bare and len(core) - len(b"".join(runs)) != 2 * breaks:
+        if not self._bare and has_bare_line_end(core):
             self._bare = True
 
     def _store(self, complete: bytes) -> None:
@@ -267,3 +270,28 @@ class DataReader:
             self._refuse(HEADER_TOO_BIG.format(limit=limits.max_header_size))
         elif self._headers > limits.max_headers:
             self._refuse(TOO_MANY_HEADERS.format(limit=limits.max_headers))
+
+
+def _first_line_end(octets: bytes) -> int:
+    """Where the first CR or LF in octets is, or -1."""
+    cr, lf = octets.find(b"\r"), octets.find(b"\n")
+    return lf if cr < 0 else cr if lf < 0 else min(cr, lf)
+
+
+def _has_run_of(octets: bytes, length: int) -> bool:
+    """Whether octets hold a run of length or more octets without CR or LF.
+
+    From each run's start, the window of the next `length` octets either holds
+    a line end, and the next run starts after the last one in it, or is a run
+    that long: a handful of searches per window, not one per line.
+    """
+    start = 0
+    while len(octets) - start >= length:
+        window_end = start + length
+        last = octets.rfind(b"\n", start, window_end)
+        if last < 0:
+            last = octets.rfind(b"\r", start, window_end)
+            if last < 0:
+                return True
+        start = last + 1
+    return False
