@@ -7,7 +7,9 @@ documented order (docs/deploy.md, Upgrades), as Kubernetes replaces a pod
 (SIGTERM, at most 30 s to finish, then a new process); the NATS nodes are
 then restarted one by one on their stores, as the StatefulSet rolls; this
 release's publisher meanwhile replaces the previous one's routing table with
-one of its own. Then back again, in the reverse order.
+one of its own. Then back again: first this release's queues with bodies kept
+out of records (the setting for a roll back below wire version 6) until what
+was accepted before has been delivered, then the reverse order.
 
 Mail flows after every step; no client hears a 5xx, and a 4xx only within
 TEMPORARY_WINDOW of a pod being told to stop; nothing acknowledged is lost or
@@ -135,6 +137,9 @@ def test_rolling_upgrade_from_the_previous_release_loses_nothing(tmp_path: Path)
                     raise AssertionError(f"{ingress} stalled after {after}: {error}") from None
             wait_until(lambda: len(sink.messages) >= delivered + 30, 90, f"delivery after {after}")
 
+        def delivered_so_far() -> set[str]:
+            return set(outcome(list(sink.messages), RECIPIENT, SENDER, set()).delivered)
+
         def taken_by_all(config: str, revision: int, what: str) -> None:
             publish_config(fleet.control_url, config)
             wait_until(
@@ -163,6 +168,15 @@ def test_rolling_upgrade_from_the_previous_release_loses_nothing(tmp_path: Path)
         taken_by_all(_config(fleet, policy=new_fields), 3, "a table with this release's fields")
         # Back: first a table the previous release reads, then the reverse order.
         taken_by_all(_config(fleet), 4, "the table without them")
+        # And queues that keep no body in a record (docs/deploy.md, wire version 6),
+        # until what they accepted before has left the queue.
+        roll(("queue",), {"KURRIER_BODIES_IN_RECORDS": "off"}, "keeping bodies out of records")
+        accepted = set().union(*(load.acknowledged() for load in loads.values()))
+        wait_until(
+            lambda: accepted <= delivered_so_far(),
+            180,
+            "what the queue accepted with bodies in records to reach the sink",
+        )
         roll(ROLL_ORDER[::-1], previous, "rolling back")
 
         ledger = combined(load.stop() for load in loads.values())

@@ -226,3 +226,45 @@ def test_small_and_large_bodies_survive_a_deferral_and_a_queue_restart(
         wait_until(lambda: stored_bodies(nats_server.url) == 0, 30, "the large body's removal")
     assert sorted(m.content.endswith(SMALL) for m in delivered) == [False, True]
     assert sorted(m.content.endswith(LARGE) for m in delivered) == [False, True]
+
+
+def test_with_bodies_in_records_off_a_larger_body_is_stored_on_its_own(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """The setting for a roll back below wire version 6 (docs/deploy.md): the record
+    keeps no body and its job is one a delivery pod of version 5 reads. No delivery
+    runs, so the record and the job stay as the queue wrote them."""
+    relay = ServiceRelay(tmp_path, nats_server.url, env={"KURRIER_BODIES_IN_RECORDS": "off"})
+    relay.publish(documents(route("r", ["example.com"], 9), trusting("127.0.0.0/8")))
+    try:
+        relay.start("queue")
+        relay.start("ingress")
+        with smtplib.SMTP("127.0.0.1", relay.smtp_port, timeout=30) as smtp:
+            smtp.sendmail("a@client.test", ["r@example.com"], LARGE, mail_options=["BODY=8BITMIME"])
+        [record] = message_records(nats_server.url)
+        assert (record.body_store, record.body) == ("stream", None)
+        assert stored_bodies(nats_server.url) == 1
+        wire = b""
+
+        def first_job() -> bool:  # it follows the 250
+            nonlocal wire
+            wire = asyncio.run(_last_job(nats_server.url, record.queue_id))
+            return bool(wire)
+
+        wait_until(first_job, 30, "the message's first job")
+        job = DeliveryJob.model_validate_json(wire)
+        assert (job.body_store, job.body) == ("stream", None)
+        assert job.version < BODY_IN_RECORD_WIRE_VERSION
+    finally:
+        relay.__exit__()
+
+
+async def _last_job(nats_url: str, queue_id: str) -> bytes:
+    nc = await connect(nats_url, "test-bodies")
+    try:
+        job = await nc.jetstream().get_last_msg(DISPATCH_STREAM, dispatch_subject(queue_id))
+        return job.data or b""
+    except NotFoundError:
+        return b""
+    finally:
+        await disconnect(nc)

@@ -142,6 +142,11 @@ class SteadyLoad:
             thread.join(timeout=60)
         return self.ledger
 
+    def acknowledged(self) -> set[str]:
+        """The markers acknowledged so far (the load may run on)."""
+        with self.ledger.lock:
+            return set(self.ledger.acknowledged)
+
     def wait_for_acknowledged(self, count: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while len(self.ledger.acknowledged) < count:

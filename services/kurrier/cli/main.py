@@ -260,6 +260,7 @@ def _run_queue(args: argparse.Namespace) -> int:
         grpc_tls=_grpc_tls(args),
         atomic_batch_min=args.atomic_batch_min,
         batched_results=args.batched_results == "on",
+        bodies_in_records=args.bodies_in_records == "on",
     )
     run_service(serve_queue(settings))
     return 0

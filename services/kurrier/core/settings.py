@@ -295,6 +295,17 @@ BATCHED_RESULTS = Setting(
     on_off,
     "on" if BATCHED_RESULTS_BY_DEFAULT else "off",
 )
+# Whether a queue keeps a body of up to 256 KiB inside its message's record
+# until the record first changes (core/body_store.py, wire version 6); 'off'
+# stores every body over 4 KiB on its own, as pods of releases before it read
+# them, for a roll back below the release that brought it (docs/deploy.md).
+BODIES_IN_RECORDS = Setting(
+    "bodies_in_records",
+    "keep a body of up to 256 KiB inside its message's record until the record first"
+    " changes; 'off': store it on its own, which pods of releases before it read",
+    on_off,
+    "on",
+)
 QUEUE = (
     *COMMON,
     Setting("listen", "gRPC listen address (or unix:PATH)", default="0.0.0.0:7070"),
@@ -311,6 +322,7 @@ QUEUE = (
     HISTORY_MAX_BYTES,
     ATOMIC_BATCH_MIN,
     BATCHED_RESULTS,
+    BODIES_IN_RECORDS,
     *RETRIES,
 )
 

@@ -63,6 +63,8 @@ class QueueSettings:
     atomic_batch_min: int = 0
     # Results of the jobs it dispatches into the outcomes stream (DeliveryJob.batched_results).
     batched_results: bool = BATCHED_RESULTS_BY_DEFAULT
+    # Bodies of up to 256 KiB kept inside their records (core/body_store.py).
+    bodies_in_records: bool = True
 
 
 async def serve_queue(settings: QueueSettings) -> None:
@@ -89,7 +91,8 @@ async def _start(settings: QueueSettings, nats: Connected) -> Hooks:
     backlog = JobBacklog(js)
     # A body kept in its record is outside the bodies stream's cap: with a cap,
     # every body over CARRIED_BODY_LIMIT goes where the cap holds it.
-    bodies_in_records = backlog.small if settings.body_store_limit is None else _never
+    keeps_bodies = settings.bodies_in_records and settings.body_store_limit is None
+    bodies_in_records = backlog.small if keeps_bodies else _never
     manager = QueueManager(
         js,
         records,
