@@ -29,7 +29,6 @@ from kurrier.core.message import (
     DeliveryResult,
     MessageRecord,
     RecipientOutcome,
-    RecipientState,
 )
 from kurrier.core.records import RecordChanged, RecordStore
 from kurrier.core.table_store import TableFollower
@@ -41,21 +40,15 @@ from kurrier.queue.sweeper import DISPATCH_GRACE, Sweeper
 from nats.js import JetStreamContext
 
 from tests.support.nats import NatsServer
+from tests.support.queued import template
 
 # Larger than a record keeps: a message of the bodies stream of its own.
 TOO_LARGE_FOR_ITS_RECORD = b"x" * (ATTACHED_BODY_LIMIT + 1)
 
 
 def _template(queue_id: str) -> MessageRecord:
-    return MessageRecord(
-        queue_id=queue_id,
-        mail_from="a@client.test",
-        recipients=[RecipientState(address="r@example.com")],
-        received_at=0.0,
-        size=0,
-        body_store="stream",
-        client_trusted=True,  # its sender gets notifications under any policy
-    )
+    # Its sender gets notifications under any policy.
+    return template(queue_id).model_copy(update={"client_trusted": True})
 
 
 async def _messages(js: JetStreamContext, stream: str, subject: str) -> int:
