@@ -73,6 +73,7 @@ class JobFeed:
             raise ValueError(f"heartbeat {heartbeat}s is more than half of expires {expires}s")
         self._nc = nc
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._info_subject = f"$JS.API.CONSUMER.INFO.{stream}.{consumer}"
         self._room = room
         self._start = start
         # A request for fewer jobs than this waits until more room has freed
@@ -99,6 +100,11 @@ class JobFeed:
         are given back too; one that the server routes here in the instant it
         takes the unsubscription goes to another worker after its ack wait, as
         any job of a worker that went away does.
+
+        nats-py's drain writes its PING straight to the socket, ahead of the
+        UNSUB it only buffered, so its PONG does not mean the server has let go
+        of the requests. A request written after the UNSUB does: once it is
+        answered, no job can come to them, and run() returns only then.
         """
         self._inbox = self._nc.new_inbox()
         self._subscription = await self._nc.subscribe(self._inbox, cb=self._received)
@@ -114,6 +120,7 @@ class JobFeed:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(DRAIN_WITHIN):
                     await self._subscription.drain()  # type: ignore[no-untyped-call]
+                    await self._nc.request(self._info_subject, b"", timeout=DRAIN_WITHIN)
             while self.backlog:
                 await _give_back(self.backlog.popleft())
 
