@@ -296,6 +296,10 @@ BATCHED_RESULTS = Setting(
     "on" if BATCHED_RESULTS_BY_DEFAULT else "off",
 )
 # Whether a queue keeps a body of up to 256 KiB inside its message's record
+# when nothing says otherwise (BODIES_IN_RECORDS, chart queue.bodiesInRecords):
+# also the default of the queue's code that takes it.
+BODIES_IN_RECORDS_BY_DEFAULT = True
+# Whether a queue keeps a body of up to 256 KiB inside its message's record
 # until the record first changes (core/body_store.py, wire version 6); 'off'
 # stores every body over 4 KiB on its own, as pods of releases before it read
 # them, for a roll back below the release that brought it (docs/deploy.md).
@@ -304,7 +308,7 @@ BODIES_IN_RECORDS = Setting(
     "keep a body of up to 256 KiB inside its message's record until the record first"
     " changes; 'off': store it on its own, which pods of releases before it read",
     on_off,
-    "on",
+    "on" if BODIES_IN_RECORDS_BY_DEFAULT else "off",
 )
 QUEUE = (
     *COMMON,

@@ -27,7 +27,7 @@ from kurrier.core.jetstream import (
 from kurrier.core.metrics import QUEUE_DEPTH, QUEUE_OLDEST_AGE
 from kurrier.core.records import RecordStore
 from kurrier.core.service import Connected, Hooks, Service, serve
-from kurrier.core.settings import BATCHED_RESULTS_BY_DEFAULT
+from kurrier.core.settings import BATCHED_RESULTS_BY_DEFAULT, BODIES_IN_RECORDS_BY_DEFAULT
 from kurrier.core.telemetry import grpc_server_interceptors
 from kurrier.queue.acked_cleanup import AckedCleanup
 from kurrier.queue.callers import CallerCheck
@@ -64,7 +64,7 @@ class QueueSettings:
     # Results of the jobs it dispatches into the outcomes stream (DeliveryJob.batched_results).
     batched_results: bool = BATCHED_RESULTS_BY_DEFAULT
     # Bodies of up to 256 KiB kept inside their records (core/body_store.py).
-    bodies_in_records: bool = True
+    bodies_in_records: bool = BODIES_IN_RECORDS_BY_DEFAULT
 
 
 async def serve_queue(settings: QueueSettings) -> None:
